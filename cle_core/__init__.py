@@ -1,0 +1,70 @@
+"""Framework-agnostic cross-layer equalization.
+
+The core holds the layer-graph IR, a NumPy reference executor, the CLE math as pure
+functions, the passes, the report and the plugin host. Backends (``cle_torch``,
+``cle_onnx`` and third-party plugins) translate models to and from the IR.
+"""
+
+from . import hookspecs
+from ._backend import (
+    BUILTIN_BACKENDS,
+    ENTRY_POINT_GROUP,
+    Backend,
+    equalize_model,
+    get_backend,
+    get_plugin_manager,
+)
+from ._equalize import equalize
+from ._errors import (
+    CLEError,
+    ExecutionError,
+    InvalidGraphError,
+    NonFiniteError,
+    UnsupportedModelError,
+)
+from ._executor import run_graph
+from ._ir import Graph, Node, Value
+from ._math import Layout
+from ._report import (
+    EqualizeOptions,
+    EqualizeResult,
+    FoldRecord,
+    HighBiasRecord,
+    LayerRecord,
+    RegionRecord,
+    Report,
+    SkipRecord,
+)
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_BACKENDS",
+    "ENTRY_POINT_GROUP",
+    "Backend",
+    "CLEError",
+    "EqualizeOptions",
+    "EqualizeResult",
+    "ExecutionError",
+    "FoldRecord",
+    "Graph",
+    "HighBiasRecord",
+    "InvalidGraphError",
+    "LayerRecord",
+    "Layout",
+    "Node",
+    "NonFiniteError",
+    "RegionRecord",
+    "Report",
+    "SkipRecord",
+    "UnsupportedModelError",
+    "Value",
+    "equalize",
+    "equalize_model",
+    "get_backend",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspecs",
+    "run_graph",
+]

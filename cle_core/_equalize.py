@@ -1,0 +1,113 @@
+"""The entry point: fold, scale, absorb, report."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._bias import absorb_high_biases
+from ._errors import NonFiniteError
+from ._fold import fold_batch_norms, shared_param_owners
+from ._ir import Graph
+from ._math import weight_stats
+from ._regions import find_regions
+from ._report import EqualizeOptions, EqualizeResult, LayerRecord, RegionRecord, Report
+from ._scale import scale_regions
+
+
+def check_finite(graph: Graph) -> None:
+    """Raise :class:`NonFiniteError` naming the node and parameter holding NaN or Inf.
+
+    Clip bounds may be infinite (an unbounded side) but not NaN.
+    """
+    for node in graph.nodes:
+        for key, arr in node.params.items():
+            if arr is None or arr.dtype.kind not in "fc":
+                continue
+            bad = np.isnan(arr) if node.op == "clip" else ~np.isfinite(arr)
+            if np.any(bad):
+                where = "NaN" if np.any(np.isnan(arr)) else "Inf"
+                raise NonFiniteError(f"node {node.name!r} ({node.op}): {where} in {key}")
+        if node.op == "batchnorm":
+            eps = float(node.attrs.get("eps", 0.0))
+            if np.any(node.params["var"].astype(np.float64) + eps <= 0):
+                raise NonFiniteError(f"node {node.name!r} (batchnorm): var + eps is not positive")
+
+
+def equalize(graph: Graph, options: EqualizeOptions | None = None) -> EqualizeResult:
+    """Run batch-norm folding, cross-layer scaling and high-bias absorption on ``graph``.
+
+    The graph is modified in place and returned in the result, with the report and the
+    names of the nodes a backend must write back. Every check (structure, channel
+    counts, NaN / Inf) runs before the first change, so on error the graph is
+    unchanged.
+
+    Raises:
+        InvalidGraphError: a cycle, a dangling value or a channel mismatch.
+        NonFiniteError: NaN or Inf in a weight, bias or BN statistic.
+    """
+    options = options or EqualizeOptions()
+    graph.validate()
+    check_finite(graph)
+
+    shared = shared_param_owners(graph)
+    folds, skips, changed, removed = [], [], set(), []
+    if options.fold_bn:
+        folds, fold_skips, fold_changed, removed = fold_batch_norms(graph, shared)
+        skips += fold_skips
+        changed |= fold_changed
+
+    layers = [n for n in graph.nodes if n.is_layer]
+    before = {id(n): weight_stats(n.weight, n.layout) for n in layers}
+
+    region_records: list[RegionRecord] = []
+    triples: list[tuple[str, str, str]] = []
+    sweeps, converged, max_change = 0, True, 0.0
+    if options.scale:
+        regions, region_skips = find_regions(graph, shared)
+        skips += region_skips
+        outcome = scale_regions(regions, options.max_sweeps, options.tolerance)
+        changed |= outcome.changed
+        sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
+        triples = outcome.triples
+        region_records = [
+            RegionRecord(
+                id=r.id,
+                kind=r.kind,
+                sources=tuple(n.name for n, _ in r.sources),
+                sinks=tuple(n.name for n, *_ in r.sinks),
+                through=tuple(n.name for n in r.through),
+                channels=r.size,
+                scales=outcome.scales[r.id],
+            )
+            for r in regions
+        ]
+
+    bias_records = []
+    if options.high_bias:
+        bias_records, bias_skips, bias_changed = absorb_high_biases(graph, options, shared)
+        skips += bias_skips
+        changed |= bias_changed
+
+    layer_records = []
+    for node in layers:
+        ranges_before, sqnr_before = before[id(node)]
+        ranges_after, sqnr_after = (
+            weight_stats(node.weight, node.layout) if node.name in changed else before[id(node)]
+        )
+        layer_records.append(
+            LayerRecord(node.name, ranges_before, ranges_after, sqnr_before, sqnr_after)
+        )
+
+    report = Report(
+        options=options,
+        folds=tuple(folds),
+        regions=tuple(region_records),
+        triples=tuple(triples),
+        high_bias=tuple(bias_records),
+        skipped=tuple(skips),
+        layers=tuple(layer_records),
+        sweeps=sweeps,
+        converged=converged,
+        max_change=max_change,
+    )
+    return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))

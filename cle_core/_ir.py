@@ -1,0 +1,362 @@
+"""The layer-graph IR: nodes over named values, kept in topological order.
+
+Every value knows its producer and its uses. Node parameters are NumPy arrays; layer
+weights keep the layout of the framework they came from and a :class:`Layout` says where
+the channels are. Mutations go through a few methods on :class:`Graph` so the use lists
+never go stale.
+
+Tensors are channel-first: the channel axis is axis 1 (``N, C, *spatial``), and a Linear
+layer takes ``(N, features)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._errors import InvalidGraphError
+from ._math import Layout
+
+LAYER_OPS = frozenset({"conv", "conv_transpose", "linear"})
+"""Weighted layers: attrs ``layout`` (:class:`Layout`), conv attrs ``stride``, ``pads``
+(begins then ends, one per spatial axis), ``dilation``, ``output_padding``; params
+``weight`` and ``bias`` (may be None)."""
+
+SCALABLE_ACTIVATIONS = frozenset({"relu", "leaky_relu", "prelu", "clip"})
+"""Activations ``f`` with ``f(x / s) == f(x) / s`` per channel for ``s > 0`` (Clip once
+its bounds are carried). ``leaky_relu``: attr ``alpha``; ``prelu``: param ``slope``
+(one value or one per channel); ``clip``: params ``lo`` and ``hi`` (scalars or one per
+channel; ``hi`` may be +inf)."""
+
+PASSTHROUGH_OPS = frozenset({"identity", "dropout", "pad", "maxpool", "avgpool", "global_avgpool"})
+"""Per-channel, positively homogeneous ops. ``pad``: zero padding of spatial axes, attr
+``pads``. Pools: attrs ``kernel``, ``stride``, ``pads``, and for ``avgpool``
+``count_include_pad``."""
+
+STRUCTURAL_OPS = frozenset({"batchnorm", "add", "concat", "flatten", "opaque"})
+"""``batchnorm``: params ``mean``, ``var``, ``gamma``/``beta`` (None without affine), attr
+``eps``. ``add``: elementwise sum of its inputs. ``concat``: along the channel axis.
+``flatten``: ``(N, C, *s) -> (N, C * prod(s))``, channel-major. ``opaque``: anything
+else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it blocks
+equalization."""
+
+ALL_OPS = LAYER_OPS | SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS | STRUCTURAL_OPS
+
+
+class Value:
+    """A tensor edge. ``producer`` is None for graph inputs."""
+
+    __slots__ = ("name", "producer", "uses", "channels")
+
+    def __init__(self, name: str, channels: int | None = None):
+        self.name = name
+        self.producer: Node | None = None
+        self.uses: list[tuple[Node, int]] = []
+        self.channels = channels
+
+    @property
+    def consumers(self) -> list[Node]:
+        seen: list[Node] = []
+        for node, _ in self.uses:
+            if not any(node is s for s in seen):
+                seen.append(node)
+        return seen
+
+    def __repr__(self) -> str:
+        return f"Value({self.name!r}, channels={self.channels})"
+
+
+class Node:
+    """One operation. ``handle`` is the backend's stable reference to where the node
+    came from (a module name, an ONNX node name ...). ``param_ids`` maps a param name to
+    the backend's storage id; two nodes with the same id share that tensor."""
+
+    __slots__ = ("name", "op", "inputs", "outputs", "params", "attrs", "handle", "param_ids")
+
+    def __init__(
+        self,
+        name: str,
+        op: str,
+        params: dict[str, np.ndarray | None] | None = None,
+        attrs: dict[str, Any] | None = None,
+        handle: Any = None,
+        param_ids: dict[str, str] | None = None,
+    ):
+        self.name = name
+        self.op = op
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.params = dict(params or {})
+        self.attrs = dict(attrs or {})
+        self.handle = handle
+        self.param_ids = dict(param_ids or {})
+
+    @property
+    def is_layer(self) -> bool:
+        return self.op in LAYER_OPS
+
+    @property
+    def layout(self) -> Layout:
+        return self.attrs["layout"]
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.params.get("bias")
+
+    @property
+    def out_channels(self) -> int:
+        return self.layout.out_channels(self.weight.shape)
+
+    @property
+    def in_channels(self) -> int:
+        return self.layout.in_channels(self.weight.shape)
+
+    def pads_input(self) -> bool:
+        """True when the layer zero-pads its input (a Conv with non-zero pads)."""
+        return self.op == "conv" and any(int(p) != 0 for p in self.attrs.get("pads", ()))
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {self.op})"
+
+
+class Graph:
+    """A topologically ordered graph of :class:`Node` over :class:`Value`."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.nodes: list[Node] = []
+        self.inputs: list[Value] = []
+        self.outputs: list[Value] = []
+        self.values: dict[str, Value] = {}
+        self.metadata: dict[str, Any] = {}
+
+    # --- construction -------------------------------------------------------------
+    def _value(self, ref: Value | str) -> Value:
+        if isinstance(ref, Value):
+            if self.values.get(ref.name) is not ref:
+                raise InvalidGraphError(f"value {ref.name!r} does not belong to this graph")
+            return ref
+        if ref not in self.values:
+            self.values[ref] = Value(ref)
+        return self.values[ref]
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.values:
+            name = f"{base}_{i}"
+            i += 1
+        return name
+
+    def add_input(self, name: str, channels: int | None = None) -> Value:
+        value = self._value(name)
+        if value.producer is not None or value in self.inputs:
+            raise InvalidGraphError(f"value {name!r} is already produced")
+        value.channels = channels
+        self.inputs.append(value)
+        return value
+
+    def add_node(
+        self,
+        op: str,
+        inputs: Sequence[Value | str],
+        *,
+        name: str,
+        outputs: Sequence[str] | int = 1,
+        params: dict[str, np.ndarray | None] | None = None,
+        attrs: dict[str, Any] | None = None,
+        handle: Any = None,
+        param_ids: dict[str, str] | None = None,
+    ) -> Node:
+        """Append a node. ``outputs`` is a list of value names or a count (names are
+        derived from the node's). Inputs may name values produced later; call
+        :meth:`toposort` once the graph is built."""
+        if op not in ALL_OPS:
+            raise InvalidGraphError(f"node {name!r}: unknown op {op!r}")
+        if op in LAYER_OPS and "layout" not in (attrs or {}):
+            attrs = {**(attrs or {}), "layout": Layout()}
+        node = Node(name, op, params, attrs, handle, param_ids)
+        for k, v in list(node.params.items()):
+            if v is not None:
+                node.params[k] = np.ascontiguousarray(v)
+        names = [f"{name}:{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
+        for i, ref in enumerate(inputs):
+            value = self._value(ref)
+            node.inputs.append(value)
+            value.uses.append((node, i))
+        for out_name in names:
+            value = self._value(out_name)
+            if value.producer is not None or value in self.inputs:
+                raise InvalidGraphError(f"node {name!r}: value {out_name!r} has two producers")
+            value.producer = node
+            node.outputs.append(value)
+        self.nodes.append(node)
+        return node
+
+    def set_outputs(self, outputs: Iterable[Value | str]) -> None:
+        self.outputs = [self._value(v) for v in outputs]
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    # --- mutation -----------------------------------------------------------------
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        """Make every consumer of ``old`` (graph outputs included) read ``new``."""
+        for node, i in old.uses:
+            node.inputs[i] = new
+            new.uses.append((node, i))
+        old.uses = []
+        self.outputs = [new if v is old else v for v in self.outputs]
+
+    def remove_node(self, node: Node) -> None:
+        """Remove a node whose outputs are no longer used."""
+        for out in node.outputs:
+            if out.uses or any(v is out for v in self.outputs):
+                raise InvalidGraphError(f"cannot remove {node.name!r}: {out.name!r} still used")
+        for value in node.inputs:
+            value.uses = [(n, i) for n, i in value.uses if n is not node]
+        for out in node.outputs:
+            del self.values[out.name]
+        self.nodes = [n for n in self.nodes if n is not node]
+
+    def bypass_node(self, node: Node) -> None:
+        """Remove a single-input, single-output node, wiring its consumers to its input."""
+        self.replace_all_uses(node.outputs[0], node.inputs[0])
+        self.remove_node(node)
+
+    # --- checks -------------------------------------------------------------------
+    def toposort(self) -> None:
+        """Order the nodes topologically (stable); raise on a cycle or a dangling value."""
+        available = {id(v) for v in self.inputs}
+        pending = list(self.nodes)
+        ordered: list[Node] = []
+        for value in self.values.values():
+            if value.producer is None and id(value) not in available and value.uses:
+                users = ", ".join(n.name for n, _ in value.uses)
+                raise InvalidGraphError(
+                    f"value {value.name!r} (used by {users}) has no producer and is not a "
+                    "graph input"
+                )
+        while pending:
+            rest = []
+            for node in pending:
+                if all(id(v) in available for v in node.inputs):
+                    ordered.append(node)
+                    available.update(id(v) for v in node.outputs)
+                else:
+                    rest.append(node)
+            if len(rest) == len(pending):
+                names = ", ".join(n.name for n in rest[:5])
+                raise InvalidGraphError(f"the graph has a cycle through: {names}")
+            pending = rest
+        self.nodes = ordered
+        for value in self.outputs:
+            if value.producer is None and id(value) not in {id(v) for v in self.inputs}:
+                raise InvalidGraphError(f"graph output {value.name!r} is never produced")
+
+    def validate(self) -> None:
+        """Check order, wiring and channel counts; fill in ``Value.channels``.
+
+        Raises :class:`InvalidGraphError` naming the node at fault.
+        """
+        self.toposort()
+        for node in self.nodes:
+            _infer_channels(node)
+
+    def clone(self) -> Graph:
+        """A copy with copied arrays; handles are shared (they are references)."""
+        g = Graph(self.name)
+        g.metadata = dict(self.metadata)
+        for v in self.inputs:
+            g.add_input(v.name, v.channels)
+        for n in self.nodes:
+            g.add_node(
+                n.op,
+                [v.name for v in n.inputs],
+                name=n.name,
+                outputs=[v.name for v in n.outputs],
+                params={k: (None if a is None else np.array(a)) for k, a in n.params.items()},
+                attrs=dict(n.attrs),
+                handle=n.handle,
+                param_ids=n.param_ids,
+            )
+            for old, new in zip(n.outputs, g.nodes[-1].outputs, strict=True):
+                new.channels = old.channels
+        g.set_outputs(v.name for v in self.outputs)
+        return g
+
+    def __repr__(self) -> str:
+        return f"Graph({self.name!r}, {len(self.nodes)} nodes)"
+
+
+def _per_channel_size(node: Node, key: str, channels: int | None) -> None:
+    arr = node.params.get(key)
+    if arr is None or arr.size == 1 or channels is None:
+        return
+    if arr.size != channels:
+        raise InvalidGraphError(
+            f"node {node.name!r} ({node.op}): {key} has {arr.size} values for {channels} channels"
+        )
+
+
+def _infer_channels(node: Node) -> None:
+    ins = [v.channels for v in node.inputs]
+    where = f"node {node.name!r} ({node.op})"
+    if node.op in LAYER_OPS:
+        if len(node.inputs) != 1:
+            raise InvalidGraphError(f"{where}: a layer takes exactly one data input")
+        w = node.params.get("weight")
+        if w is None or w.ndim < 2:
+            raise InvalidGraphError(f"{where}: missing or malformed weight")
+        try:
+            cin, cout = node.in_channels, node.out_channels
+        except (ValueError, IndexError) as exc:
+            raise InvalidGraphError(f"{where}: {exc}") from None
+        if w.shape[0] % node.layout.groups:
+            raise InvalidGraphError(f"{where}: weight {w.shape} does not split into groups")
+        src = node.inputs[0].producer
+        from_flatten = src is not None and src.op == "flatten"
+        if ins[0] is not None and not from_flatten and ins[0] != cin:
+            raise InvalidGraphError(
+                f"{where}: expects {cin} input channels but {node.inputs[0].name!r} has {ins[0]}"
+            )
+        bias = node.params.get("bias")
+        if bias is not None and bias.size != cout:
+            raise InvalidGraphError(f"{where}: bias has {bias.size} values for {cout} channels")
+        out = cout
+    elif node.op == "batchnorm":
+        out = node.params["mean"].size
+        for key in ("var", "gamma", "beta"):
+            arr = node.params.get(key)
+            if arr is not None and arr.size != out:
+                raise InvalidGraphError(f"{where}: {key} has {arr.size} values, mean has {out}")
+        if ins[0] is not None and ins[0] != out:
+            raise InvalidGraphError(f"{where}: has {out} channels, its input {ins[0]}")
+    elif node.op in SCALABLE_ACTIVATIONS or node.op in PASSTHROUGH_OPS:
+        if len(node.inputs) != 1:
+            raise InvalidGraphError(f"{where}: takes exactly one input")
+        out = ins[0]
+        for key in ("slope", "lo", "hi"):
+            _per_channel_size(node, key, out)
+    elif node.op == "add":
+        known = {c for c in ins if c is not None}
+        if len(known) > 1:
+            raise InvalidGraphError(f"{where}: inputs have different channel counts {ins}")
+        out = known.pop() if known else None
+    elif node.op == "concat":
+        out = None if any(c is None for c in ins) else sum(ins)
+    elif node.op == "flatten":
+        out = None
+    else:
+        out = node.attrs.get("channels")
+    for value in node.outputs:
+        if node.op != "opaque" or value.channels is None:
+            value.channels = out

@@ -1,0 +1,413 @@
+"""The CLE math: pure functions on NumPy arrays.
+
+Nothing here knows the graph. Every function takes arrays (and a :class:`Layout` that
+says which weight axis holds output and input channels) and returns new arrays; the
+inputs are never modified. Scales and statistics are computed in float64; weights keep
+their dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._errors import NonFiniteError
+
+__all__ = [
+    "Layout",
+    "grouped_view",
+    "bn_affine",
+    "fold_bn",
+    "fold_bn_output",
+    "fold_bn_input",
+    "out_channel_ranges",
+    "in_channel_ranges",
+    "pair_scales",
+    "triple_scales",
+    "region_scales",
+    "scale_layer",
+    "scale_bounds",
+    "high_bias_amount",
+    "absorb_high_bias",
+    "shift_bounds",
+    "classic_hba_error",
+    "int8_sqnr_estimate",
+    "weight_stats",
+    "RangeSummary",
+]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the channels of a weight tensor live.
+
+    ``out_axis`` and ``in_axis`` are 0 and 1 in some order. Axis 0 is the full-size
+    axis that also carries the group index (PyTorch and ONNX both store grouped
+    weights so): a Conv weight is ``(C_out, C_in / groups, *k)`` with ``out_axis=0``;
+    a ConvTranspose weight is ``(C_in, C_out / groups, *k)`` with ``out_axis=1``; a
+    Linear weight is ``(out, in)``, or ``(in, out)`` for an ONNX Gemm with
+    ``transB=0``.
+    """
+
+    out_axis: int = 0
+    in_axis: int = 1
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        if {self.out_axis, self.in_axis} != {0, 1}:
+            raise ValueError("out_axis and in_axis must be 0 and 1 in some order")
+        if self.groups < 1:
+            raise ValueError("groups must be >= 1")
+
+    def out_channels(self, shape: tuple[int, ...]) -> int:
+        return shape[self.out_axis] * (self.groups if self.out_axis == 1 else 1)
+
+    def in_channels(self, shape: tuple[int, ...]) -> int:
+        return shape[self.in_axis] * (self.groups if self.in_axis == 1 else 1)
+
+
+def grouped_view(w: np.ndarray, layout: Layout) -> np.ndarray:
+    """View ``w`` as ``(groups, out/groups, in/groups, kernel)``.
+
+    Output channel ``o`` is ``[o // (out/groups), o % (out/groups)]`` and input channel
+    ``i`` likewise, so one code path serves Conv, ConvTranspose, Linear and every
+    grouping. The result is a view when ``w`` is C-contiguous.
+    """
+    g = layout.groups
+    if w.ndim < 2:
+        raise ValueError(f"weight must have at least 2 dimensions, got shape {w.shape}")
+    if w.shape[0] % g:
+        raise ValueError(f"axis 0 of weight {w.shape} is not divisible by groups={g}")
+    k = int(np.prod(w.shape[2:], dtype=np.int64))
+    v = w.reshape(g, w.shape[0] // g, w.shape[1], k)
+    return v if layout.out_axis == 0 else v.swapaxes(1, 2)
+
+
+def _check_finite(name: str, *arrays: np.ndarray | None) -> None:
+    for a in arrays:
+        if a is not None and not np.all(np.isfinite(a)):
+            raise NonFiniteError(f"{name}: NaN or Inf in input")
+
+
+def _factor(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast a float64 per-channel factor to the weight dtype (keeps temporaries small)."""
+    return np.asarray(values, dtype=np.float64).astype(dtype if dtype.kind == "f" else np.float64)
+
+
+def _rescale(w: np.ndarray, layout: Layout, out_factor=None, in_factor=None) -> np.ndarray:
+    """New weight with output channel o multiplied by out_factor[o] and input channel i by
+    in_factor[i] (either may be None), in the weight's own layout and dtype."""
+    v = grouped_view(w, layout)
+    g = layout.groups
+    scaled = v.copy() if out_factor is None and in_factor is None else v
+    if out_factor is not None:
+        scaled = scaled * _factor(out_factor, w.dtype).reshape(g, -1)[:, :, None, None]
+    if in_factor is not None:
+        scaled = scaled * _factor(in_factor, w.dtype).reshape(g, -1)[:, None, :, None]
+    back = scaled.swapaxes(1, 2) if layout.out_axis == 1 else scaled
+    return np.ascontiguousarray(back).reshape(w.shape)
+
+
+def _bias_dtype(w: np.ndarray):
+    return w.dtype if w.dtype.kind == "f" else np.float64
+
+
+def bn_affine(mean, var, eps, gamma=None, beta=None) -> tuple[np.ndarray, np.ndarray]:
+    """Batch norm as ``y = k * x + t`` per channel: ``k = gamma / sqrt(var + eps)``,
+    ``t = beta - mean * k``. A BN without affine parameters has gamma 1 and beta 0."""
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    gamma = np.ones_like(mean) if gamma is None else np.asarray(gamma, dtype=np.float64)
+    beta = np.zeros_like(mean) if beta is None else np.asarray(beta, dtype=np.float64)
+    _check_finite("batch norm statistics", mean, var, gamma, beta)
+    denom = var + float(eps)
+    if np.any(denom <= 0):
+        raise NonFiniteError("batch norm: var + eps must be positive")
+    k = gamma / np.sqrt(denom)
+    return k, beta - mean * k
+
+
+def fold_bn_output(w, b, layout: Layout, k, t) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``y = k * layer(x) + t`` into the layer: ``W[o] *= k[o]``, ``b = b * k + t``."""
+    w = np.asarray(w)
+    b64 = np.zeros(len(k)) if b is None else np.asarray(b, dtype=np.float64)
+    return _rescale(w, layout, out_factor=k), (b64 * k + t).astype(_bias_dtype(w))
+
+
+def fold_bn(w, b, mean, var, eps, gamma=None, beta=None, layout: Layout = Layout()):
+    """Fold a batch norm that follows a Conv / ConvTranspose / Linear into it."""
+    k, t = bn_affine(mean, var, eps, gamma, beta)
+    return fold_bn_output(w, b, layout, k, t)
+
+
+def fold_bn_input(w, b, layout: Layout, k, t) -> tuple[np.ndarray, np.ndarray]:
+    """Fold ``x' = k * x + t`` feeding the layer into its input channels.
+
+    ``W[:, i] *= k[i]`` and ``b += sum_{i, kernel} W[:, i] * t[i]``. Exact only for a
+    layer that does not zero-pad its input and maps a constant input to a constant
+    output (so not a ConvTranspose); the caller checks that.
+    """
+    w = np.asarray(w)
+    b64 = np.zeros(layout.out_channels(w.shape)) if b is None else np.asarray(b, np.float64)
+    new_b = (b64 + _input_sum(w, layout, t)).astype(_bias_dtype(w))
+    return _rescale(w, layout, in_factor=k), new_b
+
+
+def _input_sum(w: np.ndarray, layout: Layout, c, repeat: int = 1) -> np.ndarray:
+    """``sum_{i, kernel} W[o, i] * c[i // repeat]``: the layer's response to a constant
+    per-channel input ``c``, before bias. float64."""
+    v = grouped_view(w, layout)
+    c_in = np.repeat(np.asarray(c, dtype=np.float64), repeat).reshape(layout.groups, -1)
+    return np.einsum("goi,gi->go", v.sum(axis=3, dtype=np.float64), c_in).reshape(-1)
+
+
+def out_channel_ranges(w, layout: Layout) -> np.ndarray:
+    """``max |W|`` over everything but the output channel: one value per output channel."""
+    v = grouped_view(np.asarray(w), layout)
+    return np.abs(v).max(axis=(2, 3)).reshape(-1).astype(np.float64)
+
+
+def in_channel_ranges(w, layout: Layout) -> np.ndarray:
+    """``max |W|`` over everything but the input channel: one value per input channel."""
+    v = grouped_view(np.asarray(w), layout)
+    return np.abs(v).max(axis=(1, 3)).reshape(-1).astype(np.float64)
+
+
+def _ratio_sqrt(num: np.ndarray, den: np.ndarray, what: str) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    _check_finite(what, num, den)
+    if np.any(num < 0) or np.any(den < 0):
+        raise ValueError(f"{what}: ranges must be non-negative")
+    s = np.ones(np.broadcast(num, den).shape)
+    ok = (num > 0) & (den > 0)
+    s[ok] = np.sqrt(num[ok] / den[ok])
+    return s
+
+
+def pair_scales(r1, r2) -> np.ndarray:
+    """Scales for layer 1 (output ranges ``r1``) feeding layer 2 (input ranges ``r2``).
+
+    ``s = sqrt(r1 / r2)``: dividing layer 1's channel by ``s`` and multiplying layer 2's
+    by ``s`` leaves both ranges at ``sqrt(r1 * r2)``. A zero range gives scale 1; NaN or
+    Inf raises :class:`NonFiniteError`.
+    """
+    return _ratio_sqrt(r1, r2, "pair scales")
+
+
+def triple_scales(r0, r1, r2) -> tuple[np.ndarray, np.ndarray]:
+    """Closed form for Conv -> depthwise Conv -> Conv (channel multiplier 1).
+
+    ``r0``: output ranges of the first layer, ``r1``: ranges of the depthwise filters,
+    ``r2``: input ranges of the last layer. With ``g = cbrt(r0 * r1 * r2)`` the scales
+    ``s12 = r0 / g`` and ``s23 = g / r2`` set all three ranges to ``g``. Channels with a
+    zero range get scale 1.
+    """
+    r0, r1, r2 = (np.asarray(r, dtype=np.float64) for r in (r0, r1, r2))
+    _check_finite("triple scales", r0, r1, r2)
+    g = np.cbrt(r0 * r1 * r2)
+    ok = g > 0
+    s12 = np.ones_like(g)
+    s23 = np.ones_like(g)
+    s12[ok] = r0[ok] / g[ok]
+    s23[ok] = g[ok] / r2[ok]
+    return s12, s23
+
+
+def region_scales(source_ranges, sink_ranges) -> np.ndarray:
+    """One shared scale per channel for several sources and sinks.
+
+    ``source_ranges`` and ``sink_ranges`` are sequences of per-channel range vectors of
+    equal length (use 0 where a layer does not touch a channel). The scale balances the
+    largest source range against the largest sink range: ``sqrt(max src / max sink)``.
+    With one source and one sink this is :func:`pair_scales`.
+    """
+    src = np.max(np.stack([np.asarray(r, dtype=np.float64) for r in source_ranges]), axis=0)
+    snk = np.max(np.stack([np.asarray(r, dtype=np.float64) for r in sink_ranges]), axis=0)
+    return _ratio_sqrt(src, snk, "region scales")
+
+
+def scale_layer(w, b, layout: Layout, s_in=None, s_out=None):
+    """Multiply input channel ``i`` by ``s_in[i]`` and divide output channel ``o`` (and
+    its bias) by ``s_out[o]``. Either vector may be None. Returns new ``(w, b)``."""
+    w = np.asarray(w)
+    inv_out = None if s_out is None else 1.0 / np.asarray(s_out, np.float64)
+    new_w = _rescale(w, layout, out_factor=inv_out, in_factor=s_in)
+    new_b = None
+    if b is not None:
+        b = np.asarray(b)
+        new_b = b.copy() if inv_out is None else (b * inv_out).astype(b.dtype)
+    return new_w, new_b
+
+
+def scale_bounds(lo, hi, s) -> tuple[np.ndarray, np.ndarray]:
+    """Carry a scale through ``clip(x, lo, hi)``: ``clip(x, lo, hi) / s == clip(x / s,
+    lo / s, hi / s)`` for ``s > 0``, so the bounds become per-channel."""
+    s = np.asarray(s, dtype=np.float64)
+    return np.asarray(lo, np.float64) / s, np.asarray(hi, np.float64) / s
+
+
+def high_bias_amount(beta, gamma, lo=0.0, hi=np.inf, sigmas: float = 3.0) -> np.ndarray:
+    """The shift ``c = max(lo, beta - sigmas * |gamma|)`` per channel, capped at ``hi``.
+
+    ``beta`` and ``gamma`` are the (scaled) statistics of the folded BN that fed the
+    activation: its pre-activations are roughly ``N(beta, gamma^2)``.
+    """
+    beta = np.asarray(beta, dtype=np.float64)
+    gamma = np.asarray(gamma, dtype=np.float64)
+    c = np.maximum(np.asarray(lo, np.float64), beta - sigmas * np.abs(gamma))
+    return np.minimum(c, np.asarray(hi, np.float64))
+
+
+def absorb_high_bias(b1, c, following) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Move ``c`` out of layer 1's bias into the layers that read its activation.
+
+    ``b1 -= c`` and, for each following layer, ``b2 += sum_{i, kernel} W2[:, i] * c[i]``.
+    ``following`` is a sequence of ``(w2, b2, layout2, repeat)``; ``repeat`` maps channel
+    ``j`` to the input features ``j * repeat ... (j + 1) * repeat - 1`` (a Flatten before
+    a Linear). Returns ``(new b1, [new b2, ...])``.
+    """
+    c = np.asarray(c, dtype=np.float64)
+    b1 = np.asarray(b1)
+    new_b1 = (b1.astype(np.float64) - c).astype(b1.dtype)
+    new_b2 = []
+    for w2, b2, layout2, repeat in following:
+        w2 = np.asarray(w2)
+        base = (
+            np.zeros(layout2.out_channels(w2.shape)) if b2 is None else np.asarray(b2, np.float64)
+        )
+        new_b2.append((base + _input_sum(w2, layout2, c, repeat)).astype(_bias_dtype(w2)))
+    return new_b1, new_b2
+
+
+def shift_bounds(lo, hi, c, exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds of the activation after its input is shifted down by ``c``.
+
+    ``clip(x, lo, hi) == clip(x - c, lo - c, hi - c) + c``: the exact form moves both
+    bounds. The classic form keeps the lower bound, so values below ``c`` change.
+    """
+    c = np.asarray(c, dtype=np.float64)
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
+    return (lo - c if exact else lo + 0 * c), hi - c
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _phi_cdf(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)).astype(np.float64))
+
+
+def _phi_pdf(z: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+
+
+def classic_hba_error(beta, gamma, c) -> tuple[np.ndarray, np.ndarray]:
+    """Expected FP32 error of classic high-bias absorption, per channel.
+
+    Classic absorption computes ``relu(x - c) + c`` where the model had ``relu(x)``; they
+    differ by ``c - relu(x)`` wherever ``x < c``. Under the BN model ``x ~ N(beta,
+    gamma^2)`` returns ``(E[error], E[relu(x)])``.
+    """
+    beta = np.asarray(beta, dtype=np.float64)
+    sd = np.abs(np.asarray(gamma, dtype=np.float64))
+    c = np.asarray(c, dtype=np.float64)
+    safe = np.where(sd > 0, sd, 1.0)
+    z0 = -beta / safe
+    zc = (c - beta) / safe
+    p0, pc = _phi_cdf(z0), _phi_cdf(zc)
+    # E[(c - x) 1{0 <= x < c}] = (c - beta)(P(c) - P(0)) - sd (pdf(zc) - pdf(z0))
+    middle = (c - beta) * (pc - p0) - sd * (_phi_pdf(zc) - _phi_pdf(z0))
+    err = c * p0 + middle
+    mean_act = beta * (1.0 - p0) + sd * _phi_pdf(z0)
+    # A zero-width distribution is deterministic: x == beta.
+    det = sd == 0
+    err = np.where(det, np.where(beta < c, c - np.maximum(beta, 0.0), 0.0), err)
+    mean_act = np.where(det, np.maximum(beta, 0.0), mean_act)
+    return np.maximum(err, 0.0), np.maximum(mean_act, 0.0)
+
+
+def int8_sqnr_estimate(w) -> float:
+    """Estimated SQNR in dB of one asymmetric 8-bit min/max grid over the whole tensor.
+
+    The grid spans ``[min(w, 0), max(w, 0)]`` in 255 steps ``d``; the noise is taken as
+    uniform, ``d^2 / 12``. Returns ``inf`` for an all-zero tensor.
+    """
+    w = np.asarray(w)
+    if w.size == 0:
+        return math.inf
+    flat = w.reshape(-1)
+    return _sqnr_from_stats(
+        float(flat.min()), float(flat.max()), float(np.dot(flat, flat)), flat.size
+    )
+
+
+def _sqnr_from_stats(lo: float, hi: float, sumsq: float, size: int) -> float:
+    step = (max(hi, 0.0) - min(lo, 0.0)) / 255.0
+    if step == 0.0:
+        return math.inf
+    power = sumsq / size
+    if power == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(power * 12.0 / (step * step))
+
+
+def weight_stats(w, layout: Layout) -> tuple[np.ndarray, float]:
+    """``(per-output-channel ranges, estimated INT8 SQNR)`` of a weight in three passes
+    and no full-size temporary (what the report needs, before and after)."""
+    w = np.asarray(w)
+    v = grouped_view(w, layout)
+    mx = v.max(axis=(2, 3))
+    mn = v.min(axis=(2, 3))
+    ranges = np.maximum(mx, -mn).reshape(-1).astype(np.float64)
+    flat = w.reshape(-1)
+    sqnr = _sqnr_from_stats(float(mn.min()), float(mx.max()), float(np.dot(flat, flat)), flat.size)
+    return ranges, sqnr
+
+
+class RangeSummary:
+    """Per-(output, input) channel ``max |W|`` of one layer, for cheap iteration.
+
+    The scale iteration never touches the weights: it asks this summary for the ranges
+    the layer would have under given input and output scales. For kernels of size 1 the
+    summary is a view of the weight itself, so it costs no memory.
+    """
+
+    _BLOCK = 1 << 18
+
+    def __init__(self, w: np.ndarray, layout: Layout):
+        v = grouped_view(np.asarray(w), layout)
+        if v.shape[3] == 1:
+            self._m = v[..., 0]
+            self._abs_needed = True
+        else:
+            self._m = np.abs(v).max(axis=3)
+            self._abs_needed = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self._m.shape
+
+    def ranges(self, s_in=None, s_out=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(output ranges, input ranges)`` of ``W[o, i] * s_in[i] / s_out[o]``."""
+        g, og, ig = self._m.shape
+        si = None if s_in is None else np.asarray(s_in, np.float64).reshape(g, 1, ig)
+        inv_so = None if s_out is None else (1.0 / np.asarray(s_out, np.float64)).reshape(g, og, 1)
+        out = np.empty((g, og))
+        inn = np.zeros((g, ig))
+        step = max(1, self._BLOCK // max(1, g * ig))
+        for start in range(0, og, step):
+            stop = min(og, start + step)
+            t = self._m[:, start:stop, :]
+            t = np.abs(t) if self._abs_needed else t
+            t = t.astype(np.float64)
+            if si is not None:
+                t *= si
+            if inv_so is not None:
+                t *= inv_so[:, start:stop]
+            out[:, start:stop] = t.max(axis=2)
+            np.maximum(inn, t.max(axis=1), out=inn)
+        return out.reshape(-1), inn.reshape(-1)

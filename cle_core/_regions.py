@@ -1,0 +1,232 @@
+"""Pass: find equalization regions.
+
+A region is a channel space shared by source layers (whose output channels get divided
+by the scale) and sink layers (whose input channels get multiplied by it), connected only
+through scalable activations, passthroughs, residual Adds and channel Concats. Values are
+joined with a union-find that records each value's channel offset in its region, so a
+Concat places its inputs side by side and an Add lays its inputs on top of each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph, Node, Value
+from ._report import SkipRecord
+
+_UNARY = SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS
+_TRANSPARENT = frozenset({"identity", "dropout"})
+
+
+@dataclass
+class Region:
+    """Sources ``(layer, offset)``, sinks ``(layer, offset, repeat)``, and the nodes in
+    between; ``clips`` are bounded activations ``(node, offset)`` whose bounds must be
+    carried."""
+
+    id: int
+    size: int
+    kind: str
+    sources: list[tuple[Node, int]] = field(default_factory=list)
+    sinks: list[tuple[Node, int, int]] = field(default_factory=list)
+    clips: list[tuple[Node, int]] = field(default_factory=list)
+    through: list[Node] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return _describe([n for n, _ in self.sources], [n for n, *_ in self.sinks])
+
+
+def _describe(sources, sinks) -> str:
+    def names(nodes):
+        return ", ".join(n.name for n in nodes) or "?"
+
+    return f"{names(sources)} -> {names(sinks)}"
+
+
+class _OffsetUnionFind:
+    """Union-find over values where each value sits at an offset within its root."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.offset: dict[int, int] = {}
+        self.conflict: set[int] = set()
+
+    def find(self, key: int) -> tuple[int, int]:
+        if key not in self.parent:
+            self.parent[key], self.offset[key] = key, 0
+            return key, 0
+        path = []
+        while self.parent[key] != key:
+            path.append(key)
+            key = self.parent[key]
+        root, total = key, 0
+        for k in reversed(path):  # compress, accumulating offsets from the root down
+            total += self.offset[k]
+            self.parent[k], self.offset[k] = root, total
+        return root, (self.offset[path[0]] if path else 0)
+
+    def union(self, a: int, b: int, shift: int) -> None:
+        """Channel ``j`` of ``a`` is channel ``j + shift`` of ``b``."""
+        ra, oa = self.find(a)
+        rb, ob = self.find(b)
+        if ra == rb:
+            if oa != ob + shift:
+                self.conflict.add(ra)
+            return
+        self.parent[ra], self.offset[ra] = rb, ob + shift - oa
+        if ra in self.conflict:
+            self.conflict.add(rb)
+
+
+def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], list[SkipRecord]]:
+    """All valid regions, and a skip record for every invalid candidate that touches a
+    layer (with the reason that breaks it)."""
+    uf = _OffsetUnionFind()
+    values: dict[int, Value] = {id(v): v for v in graph.values.values()}
+    for node in graph.nodes:
+        if node.op in _UNARY:
+            uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
+        elif node.op == "add":
+            for v in node.inputs:
+                uf.union(id(v), id(node.outputs[0]), 0)
+        elif node.op == "concat" and all(v.channels is not None for v in node.inputs):
+            offset = 0
+            for v in node.inputs:
+                uf.union(id(v), id(node.outputs[0]), offset)
+                offset += v.channels
+    components: dict[int, list[tuple[Value, int]]] = {}
+    for key, value in values.items():
+        root, off = uf.find(key)
+        components.setdefault(root, []).append((value, off))
+
+    outputs = {id(v) for v in graph.outputs}
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    regions: list[Region] = []
+    skips: list[SkipRecord] = []
+    for root, members in components.items():
+        region, reason = _build(members, outputs, shared, root in uf.conflict)
+        if region is None:
+            continue
+        if reason is not None:
+            skips.append(SkipRecord("scale", region.describe(), reason))
+            continue
+        regions.append(region)
+    regions.sort(key=lambda r: min(order[id(n)] for n, _ in r.sources))
+    for i, region in enumerate(regions):
+        region.id = i
+    return regions, skips
+
+
+def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | None]:
+    """Assemble one component. Returns ``(None, None)`` when it touches no layer."""
+    base = min(off for _, off in members)
+    region = Region(id=-1, size=0, kind="pair")
+    reasons: list[str] = []
+    seen_nodes: set[int] = set()
+    touches_layer = False
+    for value, off in members:
+        off -= base
+        if value.channels is None:
+            reasons.append(f"the channel count of {value.name!r} is unknown")
+            continue
+        region.size = max(region.size, off + value.channels)
+        producer = value.producer
+        if producer is None:
+            reasons.append(f"it reaches graph input {value.name!r}")
+        elif producer.is_layer:
+            touches_layer = True
+            blocker = shared.get(id(producer))
+            if blocker:
+                reasons.append(blocker)
+            region.sources.append((producer, off))
+        elif producer.op in _UNARY or producer.op in ("add", "concat"):
+            if id(producer) not in seen_nodes:
+                seen_nodes.add(id(producer))
+                region.through.append(producer)
+                if producer.op == "clip":
+                    region.clips.append((producer, off))
+        else:
+            reasons.append(f"it is produced by {producer.name} ({producer.op})")
+        if id(value) in outputs:
+            reasons.append(f"{value.name!r} is a graph output")
+        for reader, index in value.uses:
+            if reader.op == "concat" and any(v.channels is None for v in reader.inputs):
+                reasons.append(f"{reader.name} concatenates values of unknown width")
+            elif reader.is_layer and index == 0:
+                touches_layer = True
+                blocker = shared.get(id(reader))
+                if blocker:
+                    reasons.append(blocker)
+                region.sinks.append((reader, off, 1))
+            elif reader.op in _UNARY or reader.op in ("add", "concat"):
+                continue
+            elif reader.op == "flatten":
+                touches_layer = True
+                reasons.extend(_flatten_sinks(reader, value, off, region, shared))
+            else:
+                reasons.append(f"{value.name!r} is read by {reader.name} ({reader.op})")
+    if not touches_layer:
+        return None, None
+    if conflict:
+        reasons.append("a value appears at two different channel offsets")
+    if not reasons:
+        reasons.extend(_coverage_gaps(region))
+    ops = {n.op for n in region.through}
+    if "concat" in ops:
+        region.kind = "concat"
+    elif "add" in ops:
+        region.kind = "residual"
+    elif len(region.sources) == 1 and len(region.sinks) == 1:
+        region.kind = "pair"
+    else:
+        region.kind = "fan-out"
+    if not region.sources:
+        reasons.append("no layer produces it")
+    if not region.sinks:
+        reasons.append("no layer reads it")
+    return region, (reasons[0] if reasons else None)
+
+
+def _flatten_sinks(flatten: Node, value: Value, off: int, region: Region, shared) -> list[str]:
+    """Linear layers behind a Flatten read channel ``c`` as ``repeat`` features."""
+    reasons = []
+    stack = [flatten.outputs[0]]
+    while stack:
+        v = stack.pop()
+        if v.producer is not None and v.producer.op in _TRANSPARENT:
+            region.through.append(v.producer)
+        for reader, index in v.uses:
+            if reader.op in _TRANSPARENT:
+                stack.append(reader.outputs[0])
+            elif reader.op == "linear" and index == 0:
+                blocker = shared.get(id(reader))
+                features = reader.in_channels
+                if blocker:
+                    reasons.append(blocker)
+                elif features % value.channels:
+                    reasons.append(
+                        f"{reader.name} has {features} inputs, not a multiple of "
+                        f"{value.channels} channels"
+                    )
+                else:
+                    region.sinks.append((reader, off, features // value.channels))
+            else:
+                reasons.append(f"flattened {value.name!r} is read by {reader.name} ({reader.op})")
+    region.through.append(flatten)
+    return reasons
+
+
+def _coverage_gaps(region: Region) -> list[str]:
+    has_src = [False] * region.size
+    has_sink = [False] * region.size
+    for node, off in region.sources:
+        for i in range(off, off + node.out_channels):
+            has_src[i] = True
+    for node, off, repeat in region.sinks:
+        for i in range(off, off + node.in_channels // repeat):
+            has_sink[i] = True
+    if not all(has_src):
+        return [f"channel {has_src.index(False)} has no source layer"]
+    if not all(has_sink):
+        return [f"channel {has_sink.index(False)} has no sink layer"]
+    return []

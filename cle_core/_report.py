@@ -1,0 +1,209 @@
+"""Options, the report, and the result of :func:`cle_core.equalize`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+
+from ._errors import CLEError
+
+
+@dataclass(frozen=True)
+class EqualizeOptions:
+    """What :func:`cle_core.equalize` does. The defaults are exact: the FP32 function
+    is unchanged up to float rounding.
+
+    Attributes:
+        fold_bn: fold batch norms into adjacent layers first.
+        scale: run cross-layer scaling.
+        max_sweeps: the most sweeps over all regions.
+        tolerance: stop once no scale changes by more than this, relatively, in a sweep.
+        high_bias: run high-bias absorption after scaling.
+        high_bias_form: ``"exact"`` moves the shift into the activation's lower bound
+            (exact); ``"classic"`` keeps the lower bound at 0, as in the paper and AIMET
+            (inexact where a pre-activation falls below the shift; the report gives the
+            expected error).
+        high_bias_through_padding: also absorb into layers that zero-pad the activation
+            (inexact at the borders). Off by default.
+        high_bias_sigmas: the shift is ``max(0, beta - sigmas * |gamma|)``.
+    """
+
+    fold_bn: bool = True
+    scale: bool = True
+    max_sweeps: int = 100
+    tolerance: float = 1e-4
+    high_bias: bool = True
+    high_bias_form: Literal["exact", "classic"] = "exact"
+    high_bias_through_padding: bool = False
+    high_bias_sigmas: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.max_sweeps < 1:
+            raise CLEError("max_sweeps must be at least 1")
+        if not (self.tolerance > 0):
+            raise CLEError("tolerance must be positive")
+        if self.high_bias_form not in ("exact", "classic"):
+            raise CLEError("high_bias_form must be 'exact' or 'classic'")
+        if not (self.high_bias_sigmas >= 0):
+            raise CLEError("high_bias_sigmas must be >= 0")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> tuple[EqualizeOptions, dict[str, Any]]:
+        """Split keyword arguments into options and the rest (for a backend)."""
+        names = {f.name for f in fields(cls)}
+        mine = {k: v for k, v in kwargs.items() if k in names}
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        return cls(**mine), rest
+
+
+@dataclass(frozen=True)
+class FoldRecord:
+    """A batch norm folded into ``layers``, on their output side or their input side."""
+
+    bn: str
+    layers: tuple[str, ...]
+    side: Literal["output", "input"]
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """A candidate that was not transformed, and why."""
+
+    stage: Literal["fold", "scale", "high_bias"]
+    candidate: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class RegionRecord:
+    """One equalization region: sources' output channels are divided by ``scales``,
+    sinks' input channels multiplied. ``kind`` is ``pair``, ``fan-out``, ``residual`` or
+    ``concat``."""
+
+    id: int
+    kind: str
+    sources: tuple[str, ...]
+    sinks: tuple[str, ...]
+    through: tuple[str, ...]
+    channels: int
+    scales: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True, eq=False)
+class HighBiasRecord:
+    """High-bias absorption out of ``layer`` through ``activation`` into ``into``.
+
+    ``exact`` is False for the classic form and for placements across zero padding;
+    ``expected_error`` is then the mean expected absolute error per channel at the
+    activation output under the BN statistics (classic form), and ``relative_error`` that
+    error over the mean activation. They are None where no estimate exists."""
+
+    layer: str
+    activation: str
+    into: tuple[str, ...]
+    form: str
+    exact: bool
+    inexact_because: tuple[str, ...]
+    absorbed: np.ndarray = field(repr=False)
+    expected_error: float | None = None
+    relative_error: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRecord:
+    """Per-output-channel weight ranges and estimated per-tensor INT8 weight SQNR (dB),
+    before CLE (after BN folding) and after."""
+
+    name: str
+    ranges_before: np.ndarray = field(repr=False)
+    ranges_after: np.ndarray = field(repr=False)
+    sqnr_before: float
+    sqnr_after: float
+
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    """Everything :func:`cle_core.equalize` did and did not do."""
+
+    options: EqualizeOptions
+    folds: tuple[FoldRecord, ...]
+    regions: tuple[RegionRecord, ...]
+    triples: tuple[tuple[str, str, str], ...]
+    high_bias: tuple[HighBiasRecord, ...]
+    skipped: tuple[SkipRecord, ...]
+    layers: tuple[LayerRecord, ...]
+    sweeps: int
+    converged: bool
+    max_change: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (arrays become lists, non-finite floats strings)."""
+        return _jsonable(asdict(self))
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def mean_sqnr(self) -> tuple[float, float]:
+        """Mean estimated INT8 weight SQNR over the layers, before and after."""
+        fin = [
+            (r.sqnr_before, r.sqnr_after)
+            for r in self.layers
+            if math.isfinite(r.sqnr_before) and math.isfinite(r.sqnr_after)
+        ]
+        if not fin:
+            return math.nan, math.nan
+        return (sum(b for b, _ in fin) / len(fin), sum(a for _, a in fin) / len(fin))
+
+    def summary(self) -> str:
+        """A few lines for a terminal."""
+        before, after = self.mean_sqnr()
+        lines = [
+            f"batch norms folded: {len(self.folds)}",
+            f"regions equalized:  {len(self.regions)} "
+            f"({', '.join(f'{k} {n}' for k, n in _counts(r.kind for r in self.regions))})",
+            f"sweeps:             {self.sweeps} "
+            f"({'converged' if self.converged else 'not converged'}, "
+            f"max change {self.max_change:.2e})",
+            f"high-bias absorbed: {len(self.high_bias)} layers",
+            f"skipped:            {len(self.skipped)}",
+            f"mean est. INT8 weight SQNR: {before:.2f} dB -> {after:.2f} dB",
+        ]
+        return "\n".join(lines)
+
+
+def _counts(items):
+    out: dict[str, int] = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return sorted(out.items())
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else str(f)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+@dataclass(frozen=True, eq=False)
+class EqualizeResult:
+    """The equalized graph (the same object that was passed in), the report, and what
+    a backend must write back: ``changed`` nodes (params, op or attrs changed) and
+    ``removed`` nodes (folded batch norms, whose consumers now read their input)."""
+
+    graph: Any
+    report: Report
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]

@@ -1,0 +1,36 @@
+"""The hooks a CLE backend plugin implements.
+
+A backend is a pluggy plugin: a module or object with functions marked
+``@cle_core.hookimpl``. Built-in backends are registered by module name; third-party
+ones announce themselves in the ``cle.backends`` entry-point group::
+
+    [project.entry-points."cle.backends"]
+    mybackend = "my_package.cle_plugin"
+
+Every hook name starts with ``cle_``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ._backend import Backend
+
+PROJECT_NAME = "cle"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec(firstresult=True)
+def cle_backend_for(model: Any) -> Backend | None:
+    """Return a :class:`cle_core.Backend` for ``model`` if this plugin owns its type,
+    else None.
+
+    Called for every model until one plugin answers, so it must be cheap and must not
+    import a heavy framework just to say no (check ``sys.modules`` first: a model of a
+    framework that was never imported cannot be one of its objects).
+    """
