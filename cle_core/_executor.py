@@ -18,8 +18,9 @@ from ._ir import Graph, Node
 __all__ = ["run_graph"]
 
 _OPAQUE_KINDS = {
-    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    # exp(-logaddexp(0, -x)) is the sigmoid without overflow for large |x|.
+    "sigmoid": lambda x: np.exp(-np.logaddexp(0.0, -x)),
+    "silu": lambda x: x * np.exp(-np.logaddexp(0.0, -x)),
     "tanh": np.tanh,
     "hardswish": lambda x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
     "gelu": lambda x: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))),

@@ -202,17 +202,18 @@ def triple_scales(r0, r1, r2) -> tuple[np.ndarray, np.ndarray]:
 
     ``r0``: output ranges of the first layer, ``r1``: ranges of the depthwise filters,
     ``r2``: input ranges of the last layer. With ``g = cbrt(r0 * r1 * r2)`` the scales
-    ``s12 = r0 / g`` and ``s23 = g / r2`` set all three ranges to ``g``. Channels with a
-    zero range get scale 1.
+    ``s12 = r0 / g`` and ``s23 = g / r2`` set all three ranges to ``g``. Where an outer
+    range is zero the other pair is balanced alone (:func:`pair_scales`); where the
+    depthwise range is zero both scales are 1.
     """
     r0, r1, r2 = (np.asarray(r, dtype=np.float64) for r in (r0, r1, r2))
     _check_finite("triple scales", r0, r1, r2)
-    g = np.cbrt(r0 * r1 * r2)
-    ok = g > 0
-    s12 = np.ones_like(g)
-    s23 = np.ones_like(g)
-    s12[ok] = r0[ok] / g[ok]
-    s23[ok] = g[ok] / r2[ok]
+    s12 = pair_scales(r0, r1)
+    s23 = pair_scales(r1, r2)
+    ok = (r0 > 0) & (r1 > 0) & (r2 > 0)
+    g = np.cbrt(r0[ok] * r1[ok] * r2[ok])
+    s12[ok] = r0[ok] / g
+    s23[ok] = g / r2[ok]
     return s12, s23
 
 
@@ -319,8 +320,8 @@ def classic_hba_error(beta, gamma, c) -> tuple[np.ndarray, np.ndarray]:
     z0 = -beta / safe
     zc = (c - beta) / safe
     p0, pc = _phi_cdf(z0), _phi_cdf(zc)
-    # E[(c - x) 1{0 <= x < c}] = (c - beta)(P(c) - P(0)) - sd (pdf(zc) - pdf(z0))
-    middle = (c - beta) * (pc - p0) - sd * (_phi_pdf(zc) - _phi_pdf(z0))
+    # E[(c - x) 1{0 <= x < c}] = (c - beta)(P(c) - P(0)) + sd (pdf(zc) - pdf(z0))
+    middle = (c - beta) * (pc - p0) + sd * (_phi_pdf(zc) - _phi_pdf(z0))
     err = c * p0 + middle
     mean_act = beta * (1.0 - p0) + sd * _phi_pdf(z0)
     # A zero-width distribution is deterministic: x == beta.
@@ -373,41 +374,59 @@ class RangeSummary:
 
     The scale iteration never touches the weights: it asks this summary for the ranges
     the layer would have under given input and output scales. For kernels of size 1 the
-    summary is a view of the weight itself, so it costs no memory.
+    summary is a view of the weight itself, so it costs no memory; its absolute value is
+    taken block by block. Products are formed in float32 (float64 for float64 weights):
+    they only steer the scales, whose tolerance is far coarser.
     """
 
-    _BLOCK = 1 << 18
+    _BLOCK = 1 << 16
 
     def __init__(self, w: np.ndarray, layout: Layout):
         v = grouped_view(np.asarray(w), layout)
-        if v.shape[3] == 1:
-            self._m = v[..., 0]
-            self._abs_needed = True
-        else:
-            self._m = np.abs(v).max(axis=3)
-            self._abs_needed = False
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return self._m.shape
-
-    def ranges(self, s_in=None, s_out=None) -> tuple[np.ndarray, np.ndarray]:
-        """``(output ranges, input ranges)`` of ``W[o, i] * s_in[i] / s_out[o]``."""
+        self._abs_needed = v.shape[3] == 1
+        self._m = v[..., 0] if self._abs_needed else np.abs(v).max(axis=3)
+        self._dtype = np.float64 if self._m.dtype == np.float64 else np.float32
         g, og, ig = self._m.shape
-        si = None if s_in is None else np.asarray(s_in, np.float64).reshape(g, 1, ig)
-        inv_so = None if s_out is None else (1.0 / np.asarray(s_out, np.float64)).reshape(g, og, 1)
-        out = np.empty((g, og))
-        inn = np.zeros((g, ig))
+        raw_out = np.empty((g, og))
+        raw_in = np.zeros((g, ig))
+        for rows, block in self._blocks():
+            raw_out[:, rows] = block.max(axis=2)
+            np.maximum(raw_in, block.max(axis=1), out=raw_in)
+        self.raw_out = raw_out.reshape(-1)
+        self.raw_in = raw_in.reshape(-1)
+
+    def _blocks(self):
+        """``(row slice, |M| block)`` over blocks of output channels, in the work dtype."""
+        g, og, ig = self._m.shape
         step = max(1, self._BLOCK // max(1, g * ig))
         for start in range(0, og, step):
-            stop = min(og, start + step)
-            t = self._m[:, start:stop, :]
-            t = np.abs(t) if self._abs_needed else t
-            t = t.astype(np.float64)
-            if si is not None:
-                t *= si
-            if inv_so is not None:
-                t *= inv_so[:, start:stop]
-            out[:, start:stop] = t.max(axis=2)
-            np.maximum(inn, t.max(axis=1), out=inn)
-        return out.reshape(-1), inn.reshape(-1)
+            rows = slice(start, min(og, start + step))
+            block = self._m[:, rows, :]
+            block = np.abs(block) if self._abs_needed else block
+            yield rows, block.astype(self._dtype, copy=False)
+
+    def out_ranges(self, s_in=None, s_out=None) -> np.ndarray:
+        """Output-channel ranges of ``W[o, i] * s_in[i] / s_out[o]``."""
+        if s_in is None:
+            r = self.raw_out
+        else:
+            g, og, ig = self._m.shape
+            si = np.asarray(s_in, dtype=self._dtype).reshape(g, 1, ig)
+            out = np.empty((g, og))
+            for rows, block in self._blocks():
+                out[:, rows] = (block * si).max(axis=2)
+            r = out.reshape(-1)
+        return r if s_out is None else r / np.asarray(s_out, np.float64)
+
+    def in_ranges(self, s_in=None, s_out=None) -> np.ndarray:
+        """Input-channel ranges of ``W[o, i] * s_in[i] / s_out[o]``."""
+        if s_out is None:
+            r = self.raw_in
+        else:
+            g, og, ig = self._m.shape
+            inv = (1.0 / np.asarray(s_out, np.float64)).astype(self._dtype).reshape(g, og, 1)
+            acc = np.zeros((g, ig), dtype=self._dtype)
+            for rows, block in self._blocks():
+                np.maximum(acc, (block * inv[:, rows]).max(axis=1), out=acc)
+            r = acc.reshape(-1).astype(np.float64)
+        return r if s_in is None else r * np.asarray(s_in, np.float64)

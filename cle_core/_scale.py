@@ -16,6 +16,9 @@ from ._ir import Node
 from ._math import RangeSummary, region_scales, scale_bounds, scale_layer, triple_scales
 from ._regions import Region
 
+_HISTORY = 5
+ANDERSON = True
+
 
 @dataclass
 class ScaleOutcome:
@@ -75,7 +78,12 @@ def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
             continue
         middle = first.sinks[0][0]
         second = by_source.get(id(middle))
-        if second is not None and _is_depthwise(middle) and first.sinks[0][2] == 1:
+        if (
+            second is not None
+            and _is_depthwise(middle)
+            and first.sinks[0][2] == 1
+            and second.sinks[0][2] == 1
+        ):
             found.append((first, second))
     return found
 
@@ -86,40 +94,80 @@ def scale_regions(regions: list[Region], max_sweeps: int, tolerance: float) -> S
     summaries = {key: RangeSummary(node.weight, node.layout) for key, node in links.nodes.items()}
     scales = {r.id: np.ones(r.size) for r in regions}
 
-    def ranges(node, s_in, s_out):
-        return summaries[id(node)].ranges(s_in, s_out)
+    def balance(region: Region) -> np.ndarray:
+        src = np.zeros(region.size)
+        snk = np.zeros(region.size)
+        for node, off in region.sources:
+            out_r = summaries[id(node)].out_ranges(links.s_in(node, scales))
+            window = src[off : off + len(out_r)]
+            np.maximum(window, out_r, out=window)
+        for node, off, repeat in region.sinks:
+            in_r = summaries[id(node)].in_ranges(None, links.s_out(node, scales))
+            per_channel = in_r.reshape(-1, repeat).max(axis=1)
+            window = snk[off : off + len(per_channel)]
+            np.maximum(window, per_channel, out=window)
+        return region_scales([src], [snk])
+
+    def balance_triple(first: Region, second: Region) -> tuple[np.ndarray, np.ndarray]:
+        # Both regions of a Conv -> depthwise -> Conv at once: a block step that the
+        # pairwise sweep would need many rounds to reach.
+        head, middle, tail = first.sources[0][0], first.sinks[0][0], second.sinks[0][0]
+        r0 = summaries[id(head)].out_ranges(links.s_in(head, scales))
+        r1 = summaries[id(middle)].raw_out
+        r2 = summaries[id(tail)].in_ranges(None, links.s_out(tail, scales))
+        return triple_scales(r0, r1, r2)
 
     triples = _triples(regions)
-    for first, second in triples:  # closed-form start; exact when the triple is isolated
-        head, middle, tail = first.sources[0][0], first.sinks[0][0], second.sinks[0][0]
-        r0, _ = ranges(head, links.s_in(head, scales), None)
-        r1, _ = ranges(middle, None, None)
-        _, r2 = ranges(tail, None, links.s_out(tail, scales))
-        if second.sinks[0][2] == 1:
-            scales[first.id], scales[second.id] = triple_scales(r0, r1, r2)
+    partner = {first.id: second for first, second in triples}
+    seconds = {second.id for _, second in triples}
+
+    def sweep() -> None:
+        for region in regions:
+            if region.id in seconds:
+                continue
+            if region.id in partner:
+                second = partner[region.id]
+                updates = zip((region, second), balance_triple(region, second), strict=True)
+            else:
+                updates = ((region, balance(region)),)
+            for target, new in updates:
+                scales[target.id] = new
+
+    ids = [r.id for r in regions]
+
+    def pack() -> np.ndarray:
+        return np.log(np.concatenate([scales[i] for i in ids])) if ids else np.zeros(0)
+
+    def unpack(x: np.ndarray) -> None:
+        pos = 0
+        for i in ids:
+            n = len(scales[i])
+            scales[i] = np.exp(x[pos : pos + n])
+            pos += n
 
     sweeps, max_change, converged = 0, 0.0, not regions
+    xs: list[np.ndarray] = []
+    gs: list[np.ndarray] = []
     while regions and sweeps < max_sweeps:
         sweeps += 1
-        max_change = 0.0
-        for region in regions:
-            src = np.zeros(region.size)
-            snk = np.zeros(region.size)
-            for node, off in region.sources:
-                out_r, _ = ranges(node, links.s_in(node, scales), None)
-                np.maximum(src[off : off + len(out_r)], out_r, out=src[off : off + len(out_r)])
-            for node, off, repeat in region.sinks:
-                _, in_r = ranges(node, None, links.s_out(node, scales))
-                per_channel = in_r.reshape(-1, repeat).max(axis=1)
-                window = snk[off : off + len(per_channel)]
-                np.maximum(window, per_channel, out=window)
-            new = region_scales([src], [snk])
-            old = scales[region.id]
-            max_change = max(max_change, float(np.max(np.abs(new / old - 1.0))))
-            scales[region.id] = new
+        x = pack()
+        sweep()
+        gx = pack()
+        max_change = float(np.max(np.abs(np.expm1(gx - x))))
         if max_change <= tolerance:
             converged = True
             break
+        xs.append(x)
+        gs.append(gx)
+        if len(xs) > _HISTORY + 1:
+            xs.pop(0)
+            gs.pop(0)
+        if ANDERSON and len(xs) > 1:
+            res = [g - x for g, x in zip(gs, xs, strict=True)]
+            d_res = np.stack([b - a for a, b in zip(res[:-1], res[1:], strict=True)], axis=1)
+            d_g = np.stack([b - a for a, b in zip(gs[:-1], gs[1:], strict=True)], axis=1)
+            gamma, *_ = np.linalg.lstsq(d_res, res[-1], rcond=None)
+            unpack(gx - d_g @ gamma)
     summaries.clear()  # they may view the old weights; drop them before writing new ones
 
     changed: set[str] = set()

@@ -1,0 +1,33 @@
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s bench``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+# torch is pinned before the project so that pip takes the local CPU build.
+INSTALL = ("torch==2.13.0", "-e", ".[torch,onnx,dev]")
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """The test suite, with the derandomized hypothesis CI profile."""
+    session.install(*INSTALL)
+    session.run("python", "-m", "pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting check."""
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """The benchmarks; each prints its figures."""
+    session.install(*INSTALL)
+    session.run("python", "benchmarks/bench_core.py", *session.posargs)

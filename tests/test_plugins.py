@@ -1,0 +1,106 @@
+"""The plugin host: built-in registration, entry-point discovery, dispatch and errors."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from toy_backend import ToyBackend, ToyMLP
+
+import cle_core
+from cle_core import UnsupportedModelError, equalize_model, get_plugin_manager
+
+
+@pytest.fixture
+def toy_installed(tmp_path, monkeypatch):
+    """Install the toy backend the way a third-party package would: a distribution on
+    sys.path whose metadata declares an entry point in the ``cle.backends`` group."""
+    dist = tmp_path / "toy_cle_backend-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-cle-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cle.backends]\ntoy = toy_backend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    get_plugin_manager(reload=True)
+    yield
+    monkeypatch.undo()
+    get_plugin_manager(reload=True)
+
+
+def make_mlp(seed: int = 0) -> ToyMLP:
+    rng = np.random.default_rng(seed)
+    return ToyMLP(
+        [
+            {
+                "op": "dense",
+                "w": rng.normal(size=(6, 4)) * [[10], [1], [0.1], [1], [5], [0.01]],
+                "b": rng.normal(size=6),
+            },
+            {
+                "op": "bn",
+                "mean": rng.normal(size=6),
+                "var": rng.uniform(0.5, 2, 6),
+                "gamma": rng.normal(size=6) * 3,
+                "beta": rng.normal(size=6) + 4,
+                "eps": 1e-5,
+            },
+            {"op": "clip", "lo": 0.0, "hi": 6.0},
+            {"op": "dense", "w": rng.normal(size=(3, 6)), "b": rng.normal(size=3)},
+        ]
+    )
+
+
+def test_builtin_backends_registered_by_module_name():
+    names = {name for name, _ in get_plugin_manager().list_name_plugin()}
+    assert set(cle_core.BUILTIN_BACKENDS) <= names
+
+
+def test_hook_names_are_prefixed():
+    from cle_core import hookspecs
+
+    hooks = [n for n in dir(hookspecs) if callable(getattr(hookspecs, n)) and n.startswith("cle_")]
+    assert hooks == ["cle_backend_for"]
+    assert all(n.startswith("cle_") for n in get_plugin_manager().hook.__dict__)
+
+
+def test_unknown_model_names_its_type():
+    with pytest.raises(UnsupportedModelError, match=r"builtins\.dict"):
+        equalize_model({"not": "a model"})
+
+
+def test_toy_model_not_claimed_without_its_plugin():
+    get_plugin_manager(reload=True)
+    with pytest.raises(UnsupportedModelError, match="toy_backend.ToyMLP"):
+        equalize_model(make_mlp())
+
+
+def test_entry_point_backend_dispatch(toy_installed):
+    assert "toy" in {name for name, _ in get_plugin_manager().list_name_plugin()}
+    model = make_mlp()
+    original = [dict(s) for s in model.steps]
+    x = np.random.default_rng(1).normal(size=(64, 4)) * 3
+    y0 = model(x)
+    new, report = equalize_model(model, max_sweeps=10)
+    assert new is not model
+    # The caller's model is untouched.
+    assert all(a.keys() == b.keys() for a, b in zip(model.steps, original, strict=True))
+    np.testing.assert_array_equal(model.steps[0]["w"], original[0]["w"])
+    # BN folded away, ReLU6 carried as a per-channel clip, function unchanged.
+    assert [s["op"] for s in new.steps] == ["dense", "clip", "dense"]
+    assert np.asarray(new.steps[1]["hi"]).shape == (6,)
+    np.testing.assert_allclose(new(x), y0, rtol=1e-9, atol=1e-9 * np.abs(y0).max())
+    assert len(report.folds) == 1 and len(report.regions) == 1
+    first = report.layers[0]
+    spread_before = first.ranges_before.min() / first.ranges_before.max()
+    spread_after = first.ranges_after.min() / first.ranges_after.max()
+    assert spread_after > 10 * spread_before
+
+
+def test_backend_options_reach_the_backend(toy_installed):
+    with pytest.raises(TypeError, match="unexpected options"):
+        equalize_model(make_mlp(), bogus=1)
+
+
+def test_toy_backend_is_a_backend():
+    assert isinstance(ToyBackend(), cle_core.Backend)
+    assert "toy_backend" in sys.modules
