@@ -414,7 +414,9 @@ class RangeSummary:
             si = np.asarray(s_in, dtype=self._dtype).reshape(g, 1, ig)
             out = np.empty((g, og))
             for rows, block in self._blocks():
-                out[:, rows] = (block * si).max(axis=2)
+                out[:, rows] = np.multiply(block, si, out=block if self._abs_needed else None).max(
+                    axis=2
+                )
             r = out.reshape(-1)
         return r if s_out is None else r / np.asarray(s_out, np.float64)
 
@@ -427,6 +429,7 @@ class RangeSummary:
             inv = (1.0 / np.asarray(s_out, np.float64)).astype(self._dtype).reshape(g, og, 1)
             acc = np.zeros((g, ig), dtype=self._dtype)
             for rows, block in self._blocks():
-                np.maximum(acc, (block * inv[:, rows]).max(axis=1), out=acc)
+                scaled = np.multiply(block, inv[:, rows], out=block if self._abs_needed else None)
+                np.maximum(acc, scaled.max(axis=1), out=acc)
             r = acc.reshape(-1).astype(np.float64)
         return r if s_in is None else r * np.asarray(s_in, np.float64)
