@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ._bias import absorb_high_biases
@@ -33,7 +35,11 @@ def check_finite(graph: Graph) -> None:
                 raise NonFiniteError(f"node {node.name!r} (batchnorm): var + eps is not positive")
 
 
-def equalize(graph: Graph, options: EqualizeOptions | None = None) -> EqualizeResult:
+def equalize(
+    graph: Graph,
+    options: EqualizeOptions | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> EqualizeResult:
     """Run batch-norm folding, cross-layer scaling and high-bias absorption on ``graph``.
 
     The graph is modified in place and returned in the result, with the report and the
@@ -41,17 +47,27 @@ def equalize(graph: Graph, options: EqualizeOptions | None = None) -> EqualizeRe
     counts, NaN / Inf) runs before the first change, so on error the graph is
     unchanged.
 
+    ``progress``, if given, is called with a stage name and the fraction of the work
+    done (0 to 1), for a progress bar.
+
     Raises:
         InvalidGraphError: a cycle, a dangling value or a channel mismatch.
         NonFiniteError: NaN or Inf in a weight, bias or BN statistic.
     """
     options = options or EqualizeOptions()
+
+    def report_progress(stage: str, fraction: float) -> None:
+        if progress is not None:
+            progress(stage, fraction)
+
+    report_progress("checking", 0.0)
     graph.validate()
     check_finite(graph)
 
     shared = shared_param_owners(graph)
     folds, skips, changed, removed = [], [], set(), []
     if options.fold_bn:
+        report_progress("folding batch norms", 0.05)
         folds, fold_skips, fold_changed, removed = fold_batch_norms(graph, shared)
         skips += fold_skips
         changed |= fold_changed
@@ -65,7 +81,13 @@ def equalize(graph: Graph, options: EqualizeOptions | None = None) -> EqualizeRe
     if options.scale:
         regions, region_skips = find_regions(graph, shared)
         skips += region_skips
-        outcome = scale_regions(regions, options.max_sweeps, options.tolerance)
+        report_progress("scaling", 0.2)
+        outcome = scale_regions(
+            regions,
+            options.max_sweeps,
+            options.tolerance,
+            lambda sweep: report_progress("scaling", 0.2 + 0.6 * sweep / options.max_sweeps),
+        )
         changed |= outcome.changed
         sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
         triples = outcome.triples
@@ -84,10 +106,12 @@ def equalize(graph: Graph, options: EqualizeOptions | None = None) -> EqualizeRe
 
     bias_records = []
     if options.high_bias:
+        report_progress("absorbing high biases", 0.85)
         bias_records, bias_skips, bias_changed = absorb_high_biases(graph, options, shared)
         skips += bias_skips
         changed |= bias_changed
 
+    report_progress("reporting", 0.95)
     layer_records = []
     for node in layers:
         ranges_before, sqnr_before = before[id(node)]
@@ -110,4 +134,5 @@ def equalize(graph: Graph, options: EqualizeOptions | None = None) -> EqualizeRe
         converged=converged,
         max_change=max_change,
     )
+    report_progress("done", 1.0)
     return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))

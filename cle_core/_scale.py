@@ -88,7 +88,9 @@ def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
     return found
 
 
-def scale_regions(regions: list[Region], max_sweeps: int, tolerance: float) -> ScaleOutcome:
+def scale_regions(
+    regions: list[Region], max_sweeps: int, tolerance: float, on_sweep=None
+) -> ScaleOutcome:
     """Compute the scales of every region and apply them to the graph."""
     links = _Links(regions)
     summaries = {key: RangeSummary(node.weight, node.layout) for key, node in links.nodes.items()}
@@ -150,6 +152,8 @@ def scale_regions(regions: list[Region], max_sweeps: int, tolerance: float) -> S
     gs: list[np.ndarray] = []
     while regions and sweeps < max_sweeps:
         sweeps += 1
+        if on_sweep is not None:
+            on_sweep(sweeps)
         x = pack()
         sweep()
         gx = pack()

@@ -1,7 +1,11 @@
-"""The onnx backend for cross-layer equalization (a cle_core plugin).
+"""The ONNX backend for cross-layer equalization (a cle_core plugin).
 
-The translation to and from the IR arrives with its own issue; until then this package
-registers a plugin that claims no model.
+``equalize_model`` equalizes a ``ModelProto`` or an ``.onnx`` file; ``equalize_file``
+goes file to file with external data streamed. ``cle_core.equalize_model`` dispatches
+``ModelProto`` objects here.
 """
 
-__all__: list[str] = []
+from ._backend import OnnxBackend, equalize_file, equalize_model
+from ._io import ModelFileError, load, save
+
+__all__ = ["ModelFileError", "OnnxBackend", "equalize_file", "equalize_model", "load", "save"]

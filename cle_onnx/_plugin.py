@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from cle_core import hookimpl
@@ -9,5 +10,10 @@ from cle_core import hookimpl
 
 @hookimpl
 def cle_backend_for(model: Any):
-    # The onnx translation is not implemented yet: claim nothing.
-    return None
+    # A model can only be a ModelProto if onnx was imported already.
+    onnx = sys.modules.get("onnx")
+    if onnx is None or not isinstance(model, onnx.ModelProto):
+        return None
+    from ._backend import OnnxBackend
+
+    return OnnxBackend()

@@ -1,0 +1,398 @@
+"""The ``cle`` command line.
+
+Exit status: 0 on success, 2 on bad usage or bad input (one line on stderr, no
+traceback unless ``--debug``), 1 on an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ._errors import CLEError
+from ._report import EqualizeOptions, Report
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(CLEError):
+    """Bad command-line usage that argparse cannot see."""
+
+
+class Progress:
+    """A progress bar on stderr, shown only on a terminal and only once the work has
+    taken longer than ``delay`` seconds."""
+
+    def __init__(self, enabled: bool | None = None, delay: float = 2.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.delay = delay
+        self.stage, self.fraction = "starting", 0.0
+        self.start = time.monotonic()
+        self.shown = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def update(self, stage: str, fraction: float) -> None:
+        self.stage, self.fraction = stage, max(self.fraction, min(1.0, fraction))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            elapsed = time.monotonic() - self.start
+            if elapsed < self.delay:
+                continue
+            width = 30
+            filled = int(round(self.fraction * width))
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(
+                f"\r[{bar}] {self.fraction * 100:3.0f}% {self.stage} ({elapsed:.0f} s)\x1b[K"
+            )
+            self.stream.flush()
+            self.shown = True
+
+
+def _add_cle_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("equalization")
+    g.add_argument("--no-fold", action="store_true", help="do not fold batch norms")
+    g.add_argument("--no-scale", action="store_true", help="do not run cross-layer scaling")
+    g.add_argument("--no-high-bias", action="store_true", help="turn off high-bias absorption")
+    g.add_argument(
+        "--high-bias-form",
+        choices=("exact", "classic"),
+        default="exact",
+        help="exact (default) moves the shift into the activation's lower bound; "
+        "classic keeps it at 0 and changes FP32 outputs (the report says how much)",
+    )
+    g.add_argument(
+        "--high-bias-through-padding",
+        action="store_true",
+        help="also absorb into layers that zero-pad the activation (inexact at borders)",
+    )
+    g.add_argument(
+        "--max-sweeps",
+        type=int,
+        default=EqualizeOptions.max_sweeps,
+        metavar="N",
+        help="most sweeps over all regions (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=EqualizeOptions.tolerance,
+        metavar="T",
+        help="stop when no scale changes by more than T relatively (default: %(default)s)",
+    )
+
+
+def _options(args) -> EqualizeOptions:
+    return EqualizeOptions(
+        fold_bn=not args.no_fold,
+        scale=not args.no_scale,
+        high_bias=not args.no_high_bias,
+        high_bias_form=args.high_bias_form,
+        high_bias_through_padding=args.high_bias_through_padding,
+        max_sweeps=args.max_sweeps,
+        tolerance=args.tolerance,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cle",
+        description="Exact cross-layer equalization: fold batch norms, balance per-channel "
+        "weight ranges across layers, absorb high biases, and report what was done.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    eq = sub.add_parser(
+        "equalize",
+        help="equalize an ONNX file",
+        description="Equalize IN.onnx and write the result to OUT.onnx "
+        "(atomically). Prints a summary.",
+    )
+    eq.add_argument("input", metavar="IN.onnx")
+    eq.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT.onnx",
+        help="where to write the equalized model (required unless --in-place)",
+    )
+    eq.add_argument("--in-place", action="store_true", help="overwrite IN.onnx")
+    eq.add_argument("--report", metavar="FILE", help="write the full JSON report to FILE")
+    eq.add_argument(
+        "--check",
+        action="store_true",
+        help="run original and result in onnxruntime on random inputs and print "
+        "the max absolute and relative output error",
+    )
+    eq.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help="size of a dynamic input dimension for --check (repeatable)",
+    )
+    eq.add_argument("--quiet", action="store_true", help="print only errors")
+    _add_cle_options(eq)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="show what CLE would do, write nothing",
+        description="Print the regions CLE would equalize in IN.onnx and the "
+        "candidates it would skip, with reasons. Writes nothing.",
+    )
+    ins.add_argument("input", metavar="IN.onnx")
+    _add_cle_options(ins)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "equalize":
+            return _equalize(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        parser.error(f"unknown command {args.command}")
+    except CLEError as exc:
+        if args.debug:
+            raise
+        print(f"cle: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("cle: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line, traceback on request
+        if args.debug:
+            raise
+        print(
+            f"cle: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+def _onnx():
+    try:
+        import cle_onnx
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            f"the ONNX backend needs {exc.name}: pip install 'crosslayer-eq[onnx]'"
+        ) from None
+    return cle_onnx
+
+
+def _equalize(args) -> int:
+    src = Path(args.input)
+    if args.in_place and args.output and Path(args.output).resolve() != src.resolve():
+        raise UsageError("give either -o OUT.onnx or --in-place, not both")
+    if not args.in_place:
+        if not args.output:
+            raise UsageError("missing -o OUT.onnx (or --in-place to overwrite the input)")
+        if Path(args.output).resolve() == src.resolve():
+            raise UsageError("the output is the input; pass --in-place to overwrite it")
+    dst = src if args.in_place else Path(args.output)
+    dims = _parse_dims(args.dim)
+    cle_onnx = _onnx()
+    options = _options(args)
+    check_src = src
+    if args.check and args.in_place:
+        raise UsageError("--check compares with the input file, which --in-place overwrites")
+    if args.report:
+        _check_writable(Path(args.report))
+    _check_writable(dst)
+    with Progress() as progress:
+        progress.update("loading", 0.0)
+        report, _ = cle_onnx.equalize_file(
+            src, dst, options, progress=lambda s, f: progress.update(s, 0.1 + 0.8 * f)
+        )
+    if args.report:
+        _write_text_atomic(Path(args.report), report.to_json(indent=1))
+    if not args.quiet:
+        print(format_summary(report))
+        print(f"wrote {dst}" + (f" and report {args.report}" if args.report else ""))
+    if args.check:
+        max_abs, max_rel = check_outputs(check_src, dst, dims)
+        print(f"check: max abs output error {max_abs:.3e}, max relative error {max_rel:.3e}")
+    return EXIT_OK
+
+
+def _inspect(args) -> int:
+    cle_onnx = _onnx()
+    from cle_onnx._translate import to_ir
+
+    from ._equalize import equalize as core_equalize
+
+    model = cle_onnx.load(args.input)
+    graph, _ = to_ir(model, base_dir=str(Path(args.input).parent))
+    report = core_equalize(graph, _options(args)).report
+    print(format_inspection(report))
+    return EXIT_OK
+
+
+def _parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--dim expects NAME=SIZE with SIZE >= 1, got {item!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{path}: directory {parent} is not writable")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from tempfile import NamedTemporaryFile
+
+    parent = path.parent if str(path.parent) else Path(".")
+    with NamedTemporaryFile("w", dir=parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def check_outputs(original: Path, equalized: Path, dims: dict[str, int], seed: int = 0):
+    """Run both files in onnxruntime on the same random inputs; return the max absolute
+    and relative (to the largest original output) error over all outputs."""
+    import numpy as np
+
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError:
+        raise UsageError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    a = ort.InferenceSession(str(original), opts, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(equalized), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in a.get_inputs():
+        shape = []
+        for d in inp.shape:
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif isinstance(d, str) and d in dims:
+                shape.append(dims[d])
+            else:
+                raise UsageError(
+                    f"input {inp.name!r} has a dynamic dimension {d!r}; give its size with "
+                    f"--dim {d}=SIZE"
+                    if isinstance(d, str)
+                    else f"input {inp.name!r} has an unnamed dynamic dimension; cannot --check it"
+                )
+        kind = inp.type
+        if "float16" in kind:
+            dtype = np.float16
+        elif "double" in kind:
+            dtype = np.float64
+        elif "float" in kind:
+            dtype = np.float32
+        else:
+            raise UsageError(f"input {inp.name!r} has type {kind}; --check feeds floats only")
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    max_abs, max_rel = 0.0, 0.0
+    for ya, yb in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
+        ya = np.asarray(ya, np.float64)
+        yb = np.asarray(yb, np.float64)
+        err = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
+        scale = float(np.max(np.abs(ya))) if ya.size else 0.0
+        max_abs = max(max_abs, err)
+        max_rel = max(max_rel, err / scale if scale > 0 else (0.0 if err == 0 else math.inf))
+    return max_abs, max_rel
+
+
+def _fmt_db(x: float) -> str:
+    return f"{x:7.2f}" if math.isfinite(x) else f"{'inf' if x > 0 else '-inf':>7}"
+
+
+def format_summary(report: Report) -> str:
+    """The text ``cle equalize`` prints."""
+    lines = [
+        f"batch norms folded: {len(report.folds)}",
+        f"regions equalized:  {len(report.regions)}"
+        + (f" ({', '.join(f'{n} {k}' for k, n in _kinds(report))})" if report.regions else ""),
+        f"sweeps:             {report.sweeps} ("
+        + ("converged" if report.converged else "not converged")
+        + f", max change {report.max_change:.1e})",
+        f"high-bias absorbed: {len(report.high_bias)} layers"
+        + (
+            ""
+            if all(r.exact for r in report.high_bias)
+            else f" ({sum(not r.exact for r in report.high_bias)} inexact, see the report)"
+        ),
+    ]
+    lines.append(f"skipped:            {len(report.skipped)}")
+    for s in report.skipped:
+        lines.append(f"  [{s.stage}] {s.candidate}: {s.reason}")
+    lines.append("estimated INT8 weight SQNR per layer (dB):")
+    width = max([len(r.name) for r in report.layers] + [5])
+    lines.append(f"  {'layer':<{width}}  {'before':>7}  {'after':>7}")
+    for r in report.layers:
+        lines.append(f"  {r.name:<{width}}  {_fmt_db(r.sqnr_before)}  {_fmt_db(r.sqnr_after)}")
+    before, after = report.mean_sqnr()
+    lines.append(f"  {'mean':<{width}}  {_fmt_db(before)}  {_fmt_db(after)}")
+    return "\n".join(lines)
+
+
+def _kinds(report: Report):
+    counts: dict[str, int] = {}
+    for r in report.regions:
+        counts[r.kind] = counts.get(r.kind, 0) + 1
+    return sorted(counts.items())
+
+
+def format_inspection(report: Report) -> str:
+    """The text ``cle inspect`` prints."""
+    lines = [f"{len(report.folds)} batch norms would be folded:"]
+    lines += [f"  {f.bn} into {', '.join(f.layers)} ({f.side} side)" for f in report.folds]
+    lines.append(f"{len(report.regions)} regions would be equalized:")
+    for r in report.regions:
+        lines.append(
+            f"  #{r.id} {r.kind}, {r.channels} channels: {', '.join(r.sources)} -> "
+            f"{', '.join(r.sinks)}"
+        )
+    if report.triples:
+        lines.append(f"{len(report.triples)} Conv -> depthwise -> Conv triples:")
+        lines += [f"  {a} -> {b} -> {c}" for a, b, c in report.triples]
+    lines.append(f"{len(report.high_bias)} high biases would be absorbed:")
+    lines += [
+        f"  {h.layer} -> {', '.join(h.into)} ({'exact' if h.exact else 'inexact'})"
+        for h in report.high_bias
+    ]
+    lines.append(f"{len(report.skipped)} candidates would be skipped:")
+    lines += [f"  [{s.stage}] {s.candidate}: {s.reason}" for s in report.skipped]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Write an equalization result back into an ONNX model (in place on the proto given)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from cle_core import EqualizeResult, Node
+
+from ._translate import Translation
+
+
+class _Writer:
+    def __init__(self, model: onnx.ModelProto, tr: Translation, result: EqualizeResult):
+        self.model = model
+        self.g = model.graph
+        self.tr = tr
+        self.result = result
+        self.nodes: list[onnx.NodeProto] = list(self.g.node)
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.replacements: dict[int, list[onnx.NodeProto]] = {}
+        self.removed: set[int] = set()
+        self.reader_renames: dict[str, str] = {}
+        self.output_renames: dict[str, str] = {}
+        self.taken_names = {n for n in self.inits} | {o for n in self.nodes for o in n.output}
+        self.taken_names |= {v.name for v in self.g.input} | {v.name for v in self.g.output}
+        self.pending: dict[str, np.ndarray] = {}  # external tensors: written when saving
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken_names:
+            name = f"{base}_{i}"
+            i += 1
+        self.taken_names.add(name)
+        return name
+
+    def put(self, name: str, arr: np.ndarray, owners: set[int], dims=None) -> str:
+        """Store ``arr`` under initializer ``name``; clone it first when a node outside
+        ``owners`` also reads it (so no other node's numbers change). Returns the name."""
+        if set(self.tr.users.get(name, [])) - owners:
+            name = self.fresh(f"{name}_cle")
+            tensor = onnx.TensorProto()
+            self.g.initializer.append(tensor)
+            self.inits[name] = tensor
+        tensor = self.inits[name]
+        dtype = (
+            onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            if tensor.data_type
+            else arr.dtype
+        )
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+        if dims is not None:
+            arr = arr.reshape(dims)
+        self.tr.owned.pop(name, None)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            self.pending[name] = arr
+            return name
+        tensor.CopyFrom(numpy_helper.from_array(arr, name))
+        return name
+
+    def new_tensor(self, base: str, arr: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+    # --- layers --------------------------------------------------------------------
+    def layer(self, node: Node) -> None:
+        handle = node.handle
+        indices = set(handle) if isinstance(handle, tuple) else {handle}
+        if node.op == "linear" and isinstance(handle, tuple):
+            self.matmul(node, handle)
+            return
+        onnx_node = self.nodes[handle]
+        onnx_node.input[1] = self.put(onnx_node.input[1], node.weight, indices)
+        bias = node.bias
+        if bias is None:
+            return
+        if len(onnx_node.input) > 2 and onnx_node.input[2]:
+            onnx_node.input[2] = self.put(onnx_node.input[2], bias, indices, dims=(bias.size,))
+        else:
+            name = self.new_tensor(
+                f"{onnx_node.name or node.name}_bias", bias.astype(node.weight.dtype)
+            )
+            while len(onnx_node.input) < 2:
+                onnx_node.input.append("")
+            onnx_node.input.append(name)
+        if onnx_node.op_type == "Gemm":
+            for attr in onnx_node.attribute:  # the IR holds effective values
+                if attr.name in ("alpha", "beta"):
+                    attr.f = 1.0
+
+    def matmul(self, node: Node, handle: tuple) -> None:
+        mm = self.nodes[handle[0]]
+        indices = set(handle)
+        mm.input[1] = self.put(mm.input[1], node.weight, indices)
+        if node.bias is None:
+            return
+        if len(handle) == 2:
+            add = self.nodes[handle[1]]
+            slot = 0 if add.input[0] in self.inits else 1
+            dims = tuple(self.inits[add.input[slot]].dims)
+            add.input[slot] = self.put(add.input[slot], node.bias, indices, dims=dims)
+            return
+        bias = self.new_tensor(f"{mm.name or node.name}_bias", node.bias.astype(node.weight.dtype))
+        out = mm.output[0]
+        mid = self.fresh(f"{out}_matmul")
+        mm.output[0] = mid
+        add = helper.make_node(
+            "Add", [mid, bias], [out], name=self.fresh(f"{mm.name or node.name}_bias_add")
+        )
+        self.replacements[handle[0]] = [mm, add]
+
+    # --- activations ----------------------------------------------------------------
+    def clip(self, node: Node) -> None:
+        index = node.handle
+        old = self.nodes[index]
+        x, out = old.input[0], old.output[0]
+        lo = np.asarray(node.params["lo"], np.float64)
+        hi = np.asarray(node.params["hi"], np.float64)
+        dtype = self.float_type(x)
+        base = old.name or node.name
+        if lo.size == 1 and hi.size == 1:
+            self.replacements[index] = [self.scalar_clip(old, float(lo), float(hi), dtype)]
+            return
+        rank = self.tr.ranks.get(x)
+        if rank is None:
+            rank = 4  # per-channel bounds arise behind layers; conv outputs are NC...
+        shape = (-1,) + (1,) * (rank - 2)
+        channels = max(lo.size, hi.size)
+        lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape).astype(dtype)
+        hi = np.broadcast_to(hi.reshape(-1), (channels,)).reshape(shape).astype(dtype)
+        made: list[onnx.NodeProto] = []
+        current = x
+        need_hi = bool(np.any(np.isfinite(hi)))
+        if np.all(lo == 0):
+            nxt = self.fresh(f"{out}_relu") if need_hi else out
+            made.append(helper.make_node("Relu", [current], [nxt], name=self.fresh(f"{base}_relu")))
+            current = nxt
+        elif np.any(np.isfinite(lo)):
+            nxt = self.fresh(f"{out}_max") if need_hi else out
+            lo_name = self.new_tensor(f"{base}_lo", lo)
+            made.append(
+                helper.make_node("Max", [current, lo_name], [nxt], name=self.fresh(f"{base}_max"))
+            )
+            current = nxt
+        if need_hi:
+            hi_name = self.new_tensor(f"{base}_hi", hi)
+            made.append(
+                helper.make_node("Min", [current, hi_name], [out], name=self.fresh(f"{base}_min"))
+            )
+        if not made:
+            made.append(helper.make_node("Identity", [x], [out], name=self.fresh(base)))
+        self.replacements[index] = made
+
+    def scalar_clip(self, old: onnx.NodeProto, lo: float, hi: float, dtype) -> onnx.NodeProto:
+        name = old.name or self.fresh("clip")
+        if self.tr.opset < 11:
+            return helper.make_node(
+                "Clip", [old.input[0]], [old.output[0]], name=name, min=lo, max=hi
+            )
+        inputs = [old.input[0]]
+        inputs.append(
+            self.new_tensor(f"{name}_min", np.array(lo, dtype)) if np.isfinite(lo) else ""
+        )
+        if np.isfinite(hi):
+            inputs.append(self.new_tensor(f"{name}_max", np.array(hi, dtype)))
+        return helper.make_node("Clip", inputs, [old.output[0]], name=name)
+
+    def float_type(self, value: str):
+        for vi in list(self.g.value_info) + list(self.g.input) + list(self.g.output):
+            if vi.name == value and vi.type.tensor_type.elem_type:
+                return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        return np.float32
+
+    # --- folded batch norms -----------------------------------------------------------
+    def remove_bn(self, index: int) -> None:
+        bn = self.nodes[index]
+        x, y = bn.input[0], bn.output[0]
+        self.removed.add(index)
+        if y in {o.name for o in self.g.output}:
+            self.output_renames[x] = y  # keep the graph output's name
+        else:
+            self.reader_renames[y] = x
+
+    # --- driver -----------------------------------------------------------------------
+    def run(self) -> None:
+        graph = self.result.graph
+        for name in self.result.changed:
+            node = graph.node(name)
+            if node.is_layer:
+                self.layer(node)
+            elif node.op == "clip":
+                self.clip(node)
+        handles = self.tr.node_names
+        by_name = {v: k for k, v in handles.items()}
+        for name in self.result.removed:
+            self.remove_bn(by_name[name])
+        for name, arr in list(self.tr.owned.items()):  # owned but unchanged: put back
+            self.inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.tr.owned.clear()
+        final: list[onnx.NodeProto] = []
+        for i, node in enumerate(self.nodes):
+            if i in self.removed:
+                continue
+            final.extend(self.replacements.get(i, [node]))
+        for node in final:
+            for k, name in enumerate(node.input):
+                name = self.reader_renames.get(name, name)
+                node.input[k] = self.output_renames.get(name, name)
+            for k, name in enumerate(node.output):
+                node.output[k] = self.output_renames.get(name, name)
+        del self.g.node[:]
+        self.g.node.extend(final)
+        self.prune()
+
+    def prune(self) -> None:
+        used = {n for node in self.g.node for n in node.input} | {o.name for o in self.g.output}
+        # Constant nodes that fed a replaced Clip are dead now.
+        live = [
+            n for n in self.g.node if n.op_type != "Constant" or any(o in used for o in n.output)
+        ]
+        if len(live) != len(self.g.node):
+            del self.g.node[:]
+            self.g.node.extend(live)
+        keep = [t for t in self.g.initializer if t.name in used]
+        dropped = {t.name for t in self.g.initializer} - {t.name for t in keep}
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+        inputs = [v for v in self.g.input if v.name not in dropped]
+        del self.g.input[:]
+        self.g.input.extend(inputs)
+        alive = used | {o for node in self.g.node for o in node.output}
+        infos = [v for v in self.g.value_info if v.name in alive]
+        del self.g.value_info[:]
+        self.g.value_info.extend(infos)
+        for name in list(self.pending):
+            if name in dropped:
+                del self.pending[name]
+
+
+def apply(model: onnx.ModelProto, tr: Translation, result: EqualizeResult) -> dict[str, np.ndarray]:
+    """Write ``result`` into ``model`` (in place). Returns the arrays of externally stored
+    tensors that changed; the saver streams them into the new external data file."""
+    writer = _Writer(model, tr, result)
+    writer.run()
+    return writer.pending
+
+
+def restore(model: onnx.ModelProto, tr: Translation) -> None:
+    """Put back weight bytes taken by ``to_ir(take_ownership=True)`` (after a failure)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, arr in tr.owned.items():
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    tr.owned.clear()

@@ -1,0 +1,523 @@
+"""ONNX -> IR translation. Reads the model; never modifies it (unless told to take
+ownership of weight bytes, see :func:`to_ir`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from cle_core import Graph, Layout, UnsupportedModelError
+
+MIN_OPSET = 7
+
+
+@dataclass
+class Translation:
+    """What :func:`to_ir` learned about the model, for writing results back."""
+
+    initializers: dict[str, onnx.TensorProto]
+    users: dict[str, list[int]]  # value name -> indices of nodes reading it
+    ranks: dict[str, int]
+    opset: int
+    base_dir: str | None
+    owned: dict[str, np.ndarray] = field(default_factory=dict)  # bytes taken out of the proto
+    node_names: dict[int, str] = field(default_factory=dict)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise UnsupportedModelError("the model imports no default-domain (ai.onnx) opset")
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _tensor_array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
+    """The tensor's values, without copying where possible: external data is memory-
+    mapped, raw data viewed (read-only; the core never writes into its arrays)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in t.external_data}
+        path = os.path.join(base_dir or "", info["location"])
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        shape = tuple(t.dims)
+        offset = int(info.get("offset", 0))
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    if t.HasField("raw_data") and t.data_type in (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+    ):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is a help, not a requirement
+        inferred = model
+    ranks: dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
+
+
+def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
+    g = model.graph
+    out = {}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+            )
+    return out
+
+
+class _Reader:
+    """Translates one node at a time; anything unsupported becomes ``opaque``."""
+
+    def __init__(self, model: onnx.ModelProto, take_ownership: bool, base_dir: str | None):
+        self.model = model
+        g = model.graph
+        self.opset = default_opset(model)
+        if self.opset < MIN_OPSET or self.opset > onnx.defs.onnx_opset_version():
+            raise UnsupportedModelError(
+                f"unsupported opset {self.opset} (supported: {MIN_OPSET} to "
+                f"{onnx.defs.onnx_opset_version()})"
+            )
+        self.take_ownership = take_ownership
+        self.base_dir = base_dir
+        self.inits = {t.name: t for t in g.initializer}
+        self.constants: dict[str, np.ndarray] = {}
+        for node in g.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = _attrs(node).get("value")
+                if isinstance(value, onnx.TensorProto):
+                    self.constants[node.output[0]] = numpy_helper.to_array(value)
+        self.users: dict[str, list[int]] = {}
+        for i, node in enumerate(g.node):
+            for name in node.input:
+                if name:
+                    self.users.setdefault(name, []).append(i)
+        try:
+            inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        except Exception:
+            inferred = model
+        self.dims = _dims(inferred)
+        self.translation = Translation(
+            self.inits, self.users, {k: len(v) for k, v in self.dims.items()}, self.opset, base_dir
+        )
+        self.graph = Graph(g.name or "onnx")
+        self.consumed_adds: set[int] = set()
+
+    # --- helpers ----------------------------------------------------------------------
+    def const(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        return self.constants.get(name)
+
+    def param(self, name: str) -> np.ndarray:
+        """A layer parameter; with ``take_ownership`` the proto's copy is released."""
+        t = self.inits[name]
+        arr = _tensor_array(t, self.base_dir)
+        if self.take_ownership and t.data_location != onnx.TensorProto.EXTERNAL:
+            self.translation.owned[name] = arr
+            t.ClearField("raw_data")
+            for f in ("float_data", "double_data", "int32_data"):
+                t.ClearField(f)
+        return arr
+
+    def rank(self, name: str) -> int | None:
+        d = self.dims.get(name)
+        return None if d is None else len(d)
+
+    def channels(self, name: str) -> int | None:
+        d = self.dims.get(name)
+        return d[1] if d is not None and len(d) >= 2 else None
+
+    def is_init(self, name: str) -> bool:
+        return bool(name) and name in self.inits
+
+    # --- translation ------------------------------------------------------------------
+    def run(self) -> tuple[Graph, Translation]:
+        g = self.model.graph
+        init_names = set(self.inits)
+        for vi in g.input:
+            if vi.name not in init_names:
+                self.graph.add_input(vi.name, self.channels(vi.name))
+        names_seen: set[str] = set()
+        for i, node in enumerate(g.node):
+            name = node.name if node.name and node.name not in names_seen else f"{node.op_type}_{i}"
+            names_seen.add(name)
+            self.translation.node_names[i] = name
+        for i, node in enumerate(g.node):
+            if i in self.consumed_adds:
+                continue
+            self.translate(i, node, self.translation.node_names[i])
+        self.graph.set_outputs([o.name for o in g.output])
+        return self.graph, self.translation
+
+    def add(self, op, inputs, name, index, outputs=None, **kw):
+        node = self.model.graph.node[index]
+        outs = list(outputs if outputs is not None else [o for o in node.output])
+        return self.graph.add_node(op, inputs, name=name, outputs=outs, handle=index, **kw)
+
+    def opaque(self, index: int, node: onnx.NodeProto, name: str, why: str = "") -> None:
+        data_inputs = [
+            n for n in node.input if n and not self.is_init(n) and n not in self.constants
+        ]
+        outs = [o for o in node.output if o]
+        channels = self.channels(outs[0]) if outs else None
+        self.add(
+            "opaque",
+            data_inputs,
+            name,
+            index,
+            outputs=outs,
+            attrs={"kind": node.op_type, "channels": channels, "why": why},
+        )
+
+    def translate(self, index: int, node: onnx.NodeProto, name: str) -> None:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        handler = getattr(self, f"op_{op}", None)
+        if handler is None or handler(index, node, name) is False:
+            self.opaque(index, node, name)
+
+    def _conv_attrs(self, a: dict, nd: int) -> dict | None:
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return None
+        return {
+            "stride": tuple(a.get("strides", (1,) * nd)),
+            "pads": tuple(a.get("pads", (0,) * (2 * nd))),
+            "dilation": tuple(a.get("dilations", (1,) * nd)),
+        }
+
+    def op_Conv(self, index, node, name):
+        if len(node.input) < 2 or not self.is_init(node.input[1]):
+            return False
+        if len(node.input) > 2 and node.input[2] and not self.is_init(node.input[2]):
+            return False
+        w = self.param(node.input[1])
+        a = _attrs(node)
+        attrs = self._conv_attrs(a, w.ndim - 2)
+        if attrs is None or w.ndim < 3:
+            return False
+        bias = self.param(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        ids = {"weight": node.input[1]}
+        if bias is not None:
+            ids["bias"] = node.input[2]
+        self.add(
+            "conv",
+            [node.input[0]],
+            name,
+            index,
+            params={"weight": w, "bias": bias},
+            attrs={**attrs, "layout": Layout(0, 1, int(a.get("group", 1)))},
+            param_ids=ids,
+        )
+
+    def op_ConvTranspose(self, index, node, name):
+        if len(node.input) < 2 or not self.is_init(node.input[1]):
+            return False
+        if len(node.input) > 2 and node.input[2] and not self.is_init(node.input[2]):
+            return False
+        a = _attrs(node)
+        if "output_shape" in a:
+            return False
+        w = self.param(node.input[1])
+        attrs = self._conv_attrs(a, w.ndim - 2)
+        if attrs is None or w.ndim < 3:
+            return False
+        attrs["output_padding"] = tuple(a.get("output_padding", (0,) * (w.ndim - 2)))
+        bias = self.param(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        ids = {"weight": node.input[1]}
+        if bias is not None:
+            ids["bias"] = node.input[2]
+        self.add(
+            "conv_transpose",
+            [node.input[0]],
+            name,
+            index,
+            params={"weight": w, "bias": bias},
+            attrs={**attrs, "layout": Layout(1, 0, int(a.get("group", 1)))},
+            param_ids=ids,
+        )
+
+    def op_Gemm(self, index, node, name):
+        a = _attrs(node)
+        if int(a.get("transA", 0)) != 0 or not self.is_init(node.input[1]):
+            return False
+        has_c = len(node.input) > 2 and bool(node.input[2])
+        if has_c and not self.is_init(node.input[2]):
+            return False
+        w = self.param(node.input[1])
+        if w.ndim != 2:
+            return False
+        trans_b = int(a.get("transB", 0))
+        layout = Layout(0, 1) if trans_b else Layout(1, 0)
+        out = w.shape[0] if trans_b else w.shape[1]
+        alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+        bias = None
+        if has_c:
+            c = self.param(node.input[2])
+            if c.size not in (1, out):
+                return False
+            bias = np.broadcast_to(c.reshape(-1), (out,))
+        # The IR holds the effective weight and bias; apply() writes them with alpha = beta = 1.
+        if alpha != 1.0:
+            w = w * np.asarray(alpha, w.dtype)
+        if bias is not None and beta != 1.0:
+            bias = bias * np.asarray(beta, bias.dtype)
+        ids = {"weight": node.input[1]}
+        if has_c:
+            ids["bias"] = node.input[2]
+        self.add(
+            "linear",
+            [node.input[0]],
+            name,
+            index,
+            params={"weight": w, "bias": bias},
+            attrs={"layout": layout},
+            param_ids=ids,
+        )
+
+    def op_MatMul(self, index, node, name):
+        if not self.is_init(node.input[1]) or self.rank(node.input[0]) != 2:
+            return False
+        w = self.param(node.input[1])
+        if w.ndim != 2:
+            return False
+        bias, outputs, ids = None, list(node.output), {"weight": node.input[1]}
+        readers = self.users.get(node.output[0], [])
+        graph_outputs = {o.name for o in self.model.graph.output}
+        if len(readers) == 1 and node.output[0] not in graph_outputs:
+            add_index = readers[0]
+            add = self.model.graph.node[add_index]
+            other = [n for n in add.input if n != node.output[0]]
+            if (
+                add.op_type == "Add"
+                and len(other) == 1
+                and self.is_init(other[0])
+                and add_index > index
+            ):
+                b = self.const(other[0])
+                if b is not None and b.size == w.shape[1] and b.ndim <= 2:
+                    bias = self.param(other[0]).reshape(-1)
+                    outputs = list(add.output)
+                    ids["bias"] = other[0]
+                    self.consumed_adds.add(add_index)
+                    index = (index, add_index)
+        node_index = index if isinstance(index, tuple) else (index,)
+        self.graph.add_node(
+            "linear",
+            [node.input[0]],
+            name=name,
+            outputs=outputs,
+            params={"weight": w, "bias": bias},
+            attrs={"layout": Layout(1, 0)},
+            handle=node_index,
+            param_ids=ids,
+        )
+
+    def op_BatchNormalization(self, index, node, name):
+        a = _attrs(node)
+        if int(a.get("training_mode", 0)) or len([o for o in node.output if o]) != 1:
+            return False
+        if not all(self.is_init(n) for n in node.input[1:5]):
+            return False
+        gamma, beta, mean, var = (self.const(n) for n in node.input[1:5])
+        self.add(
+            "batchnorm",
+            [node.input[0]],
+            name,
+            index,
+            params={"mean": mean, "var": var, "gamma": gamma, "beta": beta},
+            attrs={"eps": float(a.get("epsilon", 1e-5))},
+            param_ids={
+                k: n for k, n in zip(("gamma", "beta", "mean", "var"), node.input[1:5], strict=True)
+            },
+        )
+
+    def op_Relu(self, index, node, name):
+        self.add("relu", [node.input[0]], name, index)
+
+    def op_LeakyRelu(self, index, node, name):
+        self.add(
+            "leaky_relu",
+            [node.input[0]],
+            name,
+            index,
+            attrs={"alpha": float(_attrs(node).get("alpha", 0.01))},
+        )
+
+    def op_PRelu(self, index, node, name):
+        slope = self.const(node.input[1])
+        if slope is None:
+            return False
+        c, rank = self.channels(node.input[0]), self.rank(node.input[0])
+        if slope.size != 1:
+            # Per channel means broadcasting along axis 1 only: (1, C, 1, ..., 1) once
+            # padded to the data's rank.
+            if c is None or rank is None or slope.ndim > rank:
+                return False
+            padded = (1,) * (rank - slope.ndim) + slope.shape
+            if padded[1] != c or any(d != 1 for i, d in enumerate(padded) if i != 1):
+                return False
+        self.add("prelu", [node.input[0]], name, index, params={"slope": slope.reshape(-1)})
+
+    def op_Clip(self, index, node, name):
+        if self.opset < 11:
+            a = _attrs(node)
+            lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+        else:
+            lo = hi = None
+            names = list(node.input) + ["", ""]
+            for which, ref in (("lo", names[1]), ("hi", names[2])):
+                if not ref:
+                    value = -np.inf if which == "lo" else np.inf
+                else:
+                    value = self.const(ref)
+                    if value is None or value.size != 1:
+                        return False
+                    value = float(value.reshape(-1)[0])
+                if which == "lo":
+                    lo = value
+                else:
+                    hi = value
+        self.add(
+            "clip",
+            [node.input[0]],
+            name,
+            index,
+            params={"lo": np.array(float(lo)), "hi": np.array(float(hi))},
+        )
+
+    def op_Identity(self, index, node, name):
+        self.add("identity", [node.input[0]], name, index)
+
+    def op_Dropout(self, index, node, name):
+        if len([o for o in node.output if o]) != 1:
+            return False
+        self.add("dropout", [node.input[0]], name, index, outputs=[node.output[0]])
+
+    def op_Pad(self, index, node, name):
+        a = _attrs(node)
+        mode = a.get("mode", b"constant")
+        if mode not in (b"constant", "constant"):
+            return False
+        if self.opset < 11:
+            pads, value = list(a.get("pads", [])), float(a.get("value", 0.0))
+        else:
+            pads_arr = self.const(node.input[1]) if len(node.input) > 1 else None
+            if pads_arr is None:
+                return False
+            pads = [int(p) for p in pads_arr.reshape(-1)]
+            cv = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            value = 0.0 if cv is None else float(np.asarray(cv).reshape(-1)[0])
+            if len(node.input) > 2 and node.input[2] and cv is None:
+                return False
+            if len(node.input) > 3 and node.input[3]:
+                return False  # explicit axes (opset 18): left opaque
+        rank = len(pads) // 2
+        if value != 0.0 or rank < 3 or any(pads[i] for i in (0, 1, rank, rank + 1)):
+            return False
+        spatial = pads[2:rank] + pads[rank + 2 :]
+        if any(p < 0 for p in spatial):
+            return False
+        self.add("pad", [node.input[0]], name, index, attrs={"pads": tuple(spatial)})
+
+    def _pool_attrs(self, node) -> dict | None:
+        a = _attrs(node)
+        if int(a.get("ceil_mode", 0)) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return None
+        kernel = tuple(a["kernel_shape"])
+        nd = len(kernel)
+        return {
+            "kernel": kernel,
+            "stride": tuple(a.get("strides", (1,) * nd)),
+            "pads": tuple(a.get("pads", (0,) * (2 * nd))),
+            "dilation": tuple(a.get("dilations", (1,) * nd)),
+            "count_include_pad": bool(a.get("count_include_pad", 0)),
+        }
+
+    def op_MaxPool(self, index, node, name):
+        attrs = self._pool_attrs(node)
+        if attrs is None or len([o for o in node.output if o]) != 1:
+            return False
+        self.add("maxpool", [node.input[0]], name, index, outputs=[node.output[0]], attrs=attrs)
+
+    def op_AveragePool(self, index, node, name):
+        attrs = self._pool_attrs(node)
+        if attrs is None:
+            return False
+        self.add("avgpool", [node.input[0]], name, index, attrs=attrs)
+
+    def op_GlobalAveragePool(self, index, node, name):
+        self.add("global_avgpool", [node.input[0]], name, index)
+
+    def op_Add(self, index, node, name):
+        if len(node.input) != 2 or any(self.is_init(n) or n in self.constants for n in node.input):
+            return False
+        ranks = {self.rank(n) for n in node.input}
+        if None in ranks or len(ranks) != 1:
+            return False  # broadcasting adds are not residual adds
+        dims = [self.dims[n] for n in node.input]
+        if dims[0] != dims[1]:
+            return False
+        self.add("add", list(node.input), name, index)
+
+    def op_Concat(self, index, node, name):
+        axis = int(_attrs(node).get("axis", 0))
+        rank = self.rank(node.output[0])
+        if rank is None or axis % rank != 1 or any(self.is_init(n) for n in node.input):
+            return False
+        self.add("concat", list(node.input), name, index)
+
+    def op_Flatten(self, index, node, name):
+        axis = int(_attrs(node).get("axis", 1))
+        rank = self.rank(node.input[0])
+        if rank is None or rank < 2 or axis % rank != 1:
+            return False
+        self.add("flatten", [node.input[0]], name, index)
+
+    def op_Reshape(self, index, node, name):
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or len(src) < 2:
+            return False
+        flat = None
+        if dst is not None and len(dst) == 2 and None not in src[1:] and dst[1] is not None:
+            flat = dst[1] == int(np.prod(src[1:]))
+        shape = self.const(node.input[1])
+        if flat is None and shape is not None and shape.size == 2:
+            flat = int(shape[1]) == -1 and (int(shape[0]) == 0 or int(shape[0]) == src[0])
+        if not flat:
+            return False
+        self.add("flatten", [node.input[0]], name, index)
+
+
+def to_ir(
+    model: onnx.ModelProto, take_ownership: bool = False, base_dir: str | None = None
+) -> tuple[Graph, Translation]:
+    """Translate ``model`` into an IR graph.
+
+    With ``take_ownership`` the layer weights' bytes move from the proto into the
+    graph's arrays (one copy in memory); :func:`cle_onnx._apply.apply` puts them back.
+    """
+    return _Reader(model, take_ownership, base_dir).run()
