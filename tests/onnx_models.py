@@ -1,0 +1,212 @@
+"""Small ONNX models built with onnx.helper, one per pattern the backend must handle."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+class OnnxBuilder:
+    """Collects nodes and float32 initializers with random, channel-spread values."""
+
+    def __init__(self, seed: int = 0, opset: int = 13):
+        self.rng = np.random.default_rng(seed)
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}{self.count}"
+
+    def init(self, arr, base: str = "w") -> str:
+        name = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+        return name
+
+    def spread(self, shape, axis: int = 0) -> np.ndarray:
+        w = self.rng.normal(size=shape)
+        scale = 10.0 ** self.rng.uniform(-1.5, 1.5, shape[axis])
+        return w * np.expand_dims(scale, tuple(i for i in range(len(shape)) if i != axis))
+
+    def node(self, op: str, inputs, n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [self.name(f"{op.lower()}_out") for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.name(op), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x, cin, cout, k=1, group=1, pad=0, bias=True, stride=1, set_group=True):
+        w = self.init(self.spread((cout, cin // group, k, k)))
+        inputs = [x, w] + ([self.init(self.rng.normal(size=cout), "b")] if bias else [])
+        attrs = {"kernel_shape": [k, k], "pads": [pad] * 4, "strides": [stride, stride]}
+        if set_group:
+            attrs["group"] = group
+        return self.node("Conv", inputs, **attrs)
+
+    def bn(self, x, c, beta_shift=0.0):
+        rng = self.rng
+        ins = [self.init(rng.normal(size=c) * 10.0 ** rng.uniform(-1, 1, c), "gamma"),
+               self.init(rng.normal(size=c) + beta_shift, "beta"),
+               self.init(rng.normal(size=c), "mean"), self.init(rng.uniform(0.2, 2.0, c), "var")]
+        return self.node("BatchNormalization", [x] + ins, epsilon=1e-5)
+
+    def relu6(self, x, how: str = "init"):
+        if self.opset < 11:
+            return self.node("Clip", [x], min=0.0, max=6.0)
+        if how == "init":
+            return self.node("Clip", [x, self.init(np.array(0.0), "lo"), self.init(np.array(6.0), "hi")])
+        lo = self.node("Constant", [], value=numpy_helper.from_array(np.array(0.0, np.float32)))
+        hi = self.node("Constant", [], value=numpy_helper.from_array(np.array(6.0, np.float32)))
+        return self.node("Clip", [x, lo, hi])
+
+    def act(self, x, kind: str, c: int):
+        if kind == "relu":
+            return self.node("Relu", [x])
+        if kind == "leaky":
+            return self.node("LeakyRelu", [x], alpha=0.1)
+        if kind == "prelu":
+            return self.node("PRelu", [x, self.init(self.rng.uniform(0, 0.3, (c, 1, 1)), "slope")])
+        if kind == "relu6":
+            return self.relu6(x)
+        if kind == "relu6_const":
+            return self.relu6(x, how="const")
+        if kind == "hardtanh":
+            return self.node("Clip", [x, self.init(np.array(-1.0), "lo"), self.init(np.array(1.0), "hi")])
+        if kind == "sigmoid":
+            return self.node("Sigmoid", [x])
+        raise ValueError(kind)
+
+    def model(self, x_shape=(2, 3, 8, 8), outputs=None) -> onnx.ModelProto:
+        outputs = outputs or [self.nodes[-1].output[0]]
+        graph = helper.make_graph(
+            self.nodes, "test",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            self.inits,
+        )
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
+                              producer_name="tests", producer_version="1")
+        m.ir_version = 7 if self.opset < 15 else 8
+        m.metadata_props.add(key="origin", value="unit test")
+        g = onnx.shape_inference.infer_shapes(m).graph
+        inferred = {v.name: v for v in list(g.value_info) + list(g.output)}
+        for out in m.graph.output:
+            out.CopyFrom(inferred[out.name])
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+def conv_pair(act: str, opset: int = 13) -> onnx.ModelProto:
+    b = OnnxBuilder(1, opset)
+    h = b.bn(b.conv("x", 3, 6, 3, pad=1), 6)
+    h = b.act(h, act, 6)
+    b.conv(h, 6, 4, 1)
+    return b.model()
+
+
+def depthwise_triple() -> onnx.ModelProto:
+    b = OnnxBuilder(2)
+    h = b.relu6(b.bn(b.conv("x", 3, 4, 3, pad=1), 4))
+    h = b.relu6(b.bn(b.conv(h, 4, 12, 1), 12))
+    h = b.relu6(b.bn(b.conv(h, 12, 12, 3, group=12, pad=1), 12))
+    b.conv(h, 12, 5, 1)
+    return b.model()
+
+
+def residual_and_concat() -> onnx.ModelProto:
+    b = OnnxBuilder(3)
+    h = b.node("Relu", [b.bn(b.conv("x", 3, 6, 3, pad=1), 6)])
+    t = b.node("Relu", [b.bn(b.conv(h, 6, 6, 1), 6)])
+    t = b.bn(b.conv(t, 6, 6, 1), 6)
+    h = b.node("Add", [h, t])
+    left = b.node("Relu", [b.conv(h, 6, 4, 1)])
+    right = b.node("Relu", [b.conv(h, 6, 3, 3, pad=1)])
+    cat = b.node("Concat", [left, right], axis=1)
+    b.conv(cat, 7, 2, 1)
+    return b.model()
+
+
+def gemm_head(trans_b: int, alpha: float = 1.0, beta: float = 1.0, reshape: bool = False):
+    b = OnnxBuilder(4)
+    h = b.node("Relu", [b.bn(b.conv("x", 3, 4, 3), 4)])  # 8x8 -> 6x6
+    if reshape:
+        shape = b.init(np.array([0, -1]), "shape")
+        b.inits[-1] = numpy_helper.from_array(np.array([0, -1], np.int64), shape)
+        flat = b.node("Reshape", [h, shape])
+    else:
+        flat = b.node("Flatten", [h], axis=1)
+    w = b.spread((5, 4 * 36), axis=0)
+    w = w if trans_b else w.T
+    g = b.node("Gemm", [flat, b.init(w), b.init(b.rng.normal(size=5), "c")], transB=trans_b,
+               alpha=alpha, beta=beta)
+    g = b.node("Relu", [g])
+    b.node("Gemm", [g, b.init(b.spread((3, 5))), b.init(np.zeros(3), "c")], transB=1)
+    return b.model()
+
+
+def matmul_mlp(with_add: bool = True) -> onnx.ModelProto:
+    b = OnnxBuilder(5)
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [b.conv("x", 3, 6, 3, pad=1)])], axis=1)
+    h = b.node("MatMul", [h, b.init(b.spread((6, 8), axis=1))])
+    if with_add:
+        h = b.node("Add", [h, b.init(b.rng.normal(size=8), "bias")])
+    h = b.node("Relu", [b.bn(h, 8)])  # folding gives a bare MatMul a bias
+    b.node("MatMul", [h, b.init(b.spread((8, 3), axis=1))])
+    return b.model()
+
+
+def conv_without_group() -> onnx.ModelProto:
+    b = OnnxBuilder(6)
+    h = b.node("Relu", [b.conv("x", 3, 5, 3, pad=1, set_group=False)])
+    b.conv(h, 5, 2, 1, set_group=False)
+    return b.model()
+
+
+def conv_transpose(depthwise: bool) -> onnx.ModelProto:
+    b = OnnxBuilder(7)
+    h = b.node("Relu", [b.bn(b.conv("x", 3, 4, 3, pad=1), 4)])
+    group, cout = (4, 4) if depthwise else (2, 6)
+    w = b.init(b.spread((4, cout // group, 2, 2), axis=1))
+    h = b.node("ConvTranspose", [h, w, b.init(b.rng.normal(size=cout), "b")], group=group,
+               strides=[2, 2], kernel_shape=[2, 2])
+    h = b.node("Relu", [b.bn(h, cout)])
+    b.conv(h, cout, 2, 3, pad=1)
+    return b.model()
+
+
+def bn_before_padded_conv() -> onnx.ModelProto:
+    b = OnnxBuilder(8)
+    h = b.bn("x", 3)
+    b.conv(h, 3, 4, 3, pad=1)
+    return b.model()
+
+
+def shared_initializer() -> onnx.ModelProto:
+    """Two convs share one weight; a third conv's weight is also read by a Mul."""
+    b = OnnxBuilder(9)
+    h = b.node("Relu", [b.conv("x", 3, 4, 3, pad=1)])
+    w = b.init(b.spread((4, 4, 1, 1)))
+    h1 = b.node("Relu", [b.node("Conv", [h, w], kernel_shape=[1, 1])])
+    h2 = b.node("Conv", [h1, w], kernel_shape=[1, 1])
+    w3 = b.init(b.spread((4, 4, 1, 1)))
+    h3 = b.node("Relu", [b.node("Conv", [b.node("Relu", [h2]), w3], kernel_shape=[1, 1])])
+    out = b.conv(h3, 4, 2, 1)
+    side = b.node("Mul", [w3, w3])
+    return b.model(outputs=[out, side])
+
+
+def clip_with_second_consumer() -> onnx.ModelProto:
+    b = OnnxBuilder(10)
+    h = b.bn(b.conv("x", 3, 4, 3, pad=1), 4)
+    act = b.relu6(h)
+    out = b.conv(act, 4, 2, 1)
+    side = b.node("Sigmoid", [h])  # the conv output is read outside the region too
+    return b.model(outputs=[out, side])
+
+
+def high_bias_chain() -> onnx.ModelProto:
+    b = OnnxBuilder(11)
+    h = b.relu6(b.bn(b.conv("x", 3, 6, 3, pad=1), 6, beta_shift=8.0))
+    b.conv(h, 6, 3, 1)
+    return b.model()

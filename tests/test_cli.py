@@ -1,0 +1,160 @@
+"""The ``cle`` command: exit codes, messages, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx_models as om  # noqa: E402
+
+from cle_core._cli import main  # noqa: E402
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(om.depthwise_triple(), str(path))
+    return path
+
+
+def test_equalize_writes_model_report_and_summary(model_file, tmp_path, capsys):
+    out, rep = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert main(["equalize", str(model_file), "-o", str(out), "--report", str(rep), "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "batch norms folded: 3" in text and "regions equalized:" in text
+    assert "estimated INT8 weight SQNR per layer" in text and "mean" in text
+    assert "check: max abs output error" in text
+    onnx.checker.check_model(str(out), full_check=True)
+    data = json.loads(rep.read_text())
+    assert len(data["folds"]) == 3 and data["regions"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx", "report.json"]
+
+
+def test_check_reports_small_error(model_file, tmp_path, capsys):
+    main(["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--check", "--quiet"])
+    line = capsys.readouterr().out.strip()
+    rel = float(line.rsplit(" ", 1)[1])
+    assert rel < 1e-5
+
+
+def test_options_reach_the_core(model_file, tmp_path, capsys):
+    rep = tmp_path / "r.json"
+    main(["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--no-high-bias",
+          "--max-sweeps", "1", "--report", str(rep), "--quiet"])
+    data = json.loads(rep.read_text())
+    assert data["options"]["high_bias"] is False and data["sweeps"] == 1
+
+
+def test_dynamic_dimension_needs_a_flag(tmp_path, capsys):
+    model = om.depthwise_triple()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    src = tmp_path / "dyn.onnx"
+    onnx.save(model, str(src))
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check"]) == 2
+    assert "--dim batch=SIZE" in capsys.readouterr().err
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check",
+                 "--dim", "batch=3"]) == 0
+
+
+def error_of(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_missing_file(tmp_path, capsys):
+    assert main(["equalize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "no such file" in error_of(capsys)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("content", [b"not a model at all", b"\x08\x07\x12\x03abc\xff\xff"])
+def test_corrupt_file_writes_nothing(tmp_path, capsys, content):
+    src = tmp_path / "bad.onnx"
+    src.write_bytes(content)
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "not" in error_of(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_unsupported_opset(tmp_path, capsys):
+    model = om.conv_pair("relu")
+    model.opset_import[0].version = 3
+    src = tmp_path / "old.onnx"
+    onnx.save(model, str(src))
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "opset 3" in error_of(capsys)
+
+
+def test_never_overwrites_the_input_without_in_place(model_file, capsys):
+    before = model_file.read_bytes()
+    assert main(["equalize", str(model_file), "-o", str(model_file)]) == 2
+    assert "--in-place" in error_of(capsys)
+    assert model_file.read_bytes() == before
+    assert main(["equalize", str(model_file)]) == 2
+    assert "missing -o" in error_of(capsys)
+
+
+def test_in_place(model_file, capsys):
+    before = model_file.read_bytes()
+    assert main(["equalize", str(model_file), "--in-place", "--quiet"]) == 0
+    assert model_file.read_bytes() != before
+    onnx.checker.check_model(str(model_file), full_check=True)
+
+
+def test_write_is_atomic(model_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous contents")
+    import cle_onnx._io as io
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "replace", broken_replace)
+    assert main(["equalize", str(model_file), "-o", str(out)]) == 1
+    assert out.read_bytes() == b"previous contents"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]
+
+
+def test_inspect_writes_nothing(model_file, tmp_path, capsys):
+    assert main(["inspect", str(model_file)]) == 0
+    text = capsys.readouterr().out
+    assert "regions would be equalized" in text and "triples" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["equalize", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--output", "--in-place", "--report", "--check", "--dim", "--no-high-bias",
+                 "--high-bias-form", "--high-bias-through-padding", "--max-sweeps",
+                 "--tolerance", "--no-fold", "--no-scale", "--quiet"):
+        assert flag in text
+
+
+def test_bad_usage_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["equalize"])
+    assert exc.value.code == 2
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cle_core._cli", "--debug", "equalize",
+                           str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_console_script_runs(model_file, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cle_core._cli", "equalize", str(model_file),
+                           "-o", str(tmp_path / "o.onnx"), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
