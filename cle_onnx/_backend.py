@@ -67,8 +67,9 @@ def equalize_model(
 
     ``model_or_path`` is a ``ModelProto`` or the path of an ``.onnx`` file (whose
     external data, if any, is loaded into the returned proto; use :func:`equalize_file`
-    to stream it instead). A given proto is not modified unless ``inplace=True``. Keyword options are
-    :class:`cle_core.EqualizeOptions` fields (``max_sweeps``, ``high_bias`` ...).
+    to stream it instead). A given proto is not modified unless ``inplace=True``.
+    Keyword options are :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
+    ``high_bias`` ...).
 
     Raises :class:`cle_core.CLEError` subclasses on bad input; the model is then
     unchanged.

@@ -98,10 +98,27 @@ class _Dim:
         return f"{self.value}[{self.index}]"
 
 
-_FOLDABLE = frozenset({
-    "Cast", "Concat", "ConstantOfShape", "Gather", "Reshape", "Slice", "Transpose",
-    "Unsqueeze", "Squeeze", "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Range", "Expand",
-})
+_FOLDABLE = frozenset(
+    {
+        "Cast",
+        "Concat",
+        "ConstantOfShape",
+        "Gather",
+        "Reshape",
+        "Slice",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Neg",
+        "Range",
+        "Expand",
+    }
+)
 _FOLD_LIMIT = 1 << 16
 
 
@@ -130,8 +147,9 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
             return [np.expand_dims(data, axes)]
         return [np.squeeze(data, axes)]
     if op == "Concat":
-        return [np.concatenate([np.asarray(x, dtype=object) for x in args],
-                               axis=int(a.get("axis", 0)))]
+        return [
+            np.concatenate([np.asarray(x, dtype=object) for x in args], axis=int(a.get("axis", 0)))
+        ]
     raise ValueError(f"cannot fold {op} over symbolic dims")
 
 
@@ -186,9 +204,11 @@ class _Reader:
                 dims = self.dims.get(node.input[0])
                 if dims is not None:
                     a = _attrs(node)
-                    sym = [d if isinstance(d, int) else _Dim(node.input[0], i)
-                           for i, d in enumerate(dims)]
-                    sym = sym[a.get("start", 0): a.get("end", len(sym))]
+                    sym = [
+                        d if isinstance(d, int) else _Dim(node.input[0], i)
+                        for i, d in enumerate(dims)
+                    ]
+                    sym = sym[a.get("start", 0) : a.get("end", len(sym))]
                     self.constants[node.output[0]] = np.array(sym, dtype=object)
                 continue
             if op not in _FOLDABLE:

@@ -39,7 +39,12 @@ def export_onnx(model, path: str | os.PathLike, size: int = 224, opset: int = 13
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, dummy, str(path), opset_version=opset, input_names=["input"],
-            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            model,
+            dummy,
+            str(path),
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=False,
         )

@@ -46,16 +46,21 @@ class OnnxBuilder:
 
     def bn(self, x, c, beta_shift=0.0):
         rng = self.rng
-        ins = [self.init(rng.normal(size=c) * 10.0 ** rng.uniform(-1, 1, c), "gamma"),
-               self.init(rng.normal(size=c) + beta_shift, "beta"),
-               self.init(rng.normal(size=c), "mean"), self.init(rng.uniform(0.2, 2.0, c), "var")]
+        ins = [
+            self.init(rng.normal(size=c) * 10.0 ** rng.uniform(-1, 1, c), "gamma"),
+            self.init(rng.normal(size=c) + beta_shift, "beta"),
+            self.init(rng.normal(size=c), "mean"),
+            self.init(rng.uniform(0.2, 2.0, c), "var"),
+        ]
         return self.node("BatchNormalization", [x] + ins, epsilon=1e-5)
 
     def relu6(self, x, how: str = "init"):
         if self.opset < 11:
             return self.node("Clip", [x], min=0.0, max=6.0)
         if how == "init":
-            return self.node("Clip", [x, self.init(np.array(0.0), "lo"), self.init(np.array(6.0), "hi")])
+            return self.node(
+                "Clip", [x, self.init(np.array(0.0), "lo"), self.init(np.array(6.0), "hi")]
+            )
         lo = self.node("Constant", [], value=numpy_helper.from_array(np.array(0.0, np.float32)))
         hi = self.node("Constant", [], value=numpy_helper.from_array(np.array(6.0, np.float32)))
         return self.node("Clip", [x, lo, hi])
@@ -72,7 +77,9 @@ class OnnxBuilder:
         if kind == "relu6_const":
             return self.relu6(x, how="const")
         if kind == "hardtanh":
-            return self.node("Clip", [x, self.init(np.array(-1.0), "lo"), self.init(np.array(1.0), "hi")])
+            return self.node(
+                "Clip", [x, self.init(np.array(-1.0), "lo"), self.init(np.array(1.0), "hi")]
+            )
         if kind == "sigmoid":
             return self.node("Sigmoid", [x])
         raise ValueError(kind)
@@ -80,13 +87,18 @@ class OnnxBuilder:
     def model(self, x_shape=(2, 3, 8, 8), outputs=None) -> onnx.ModelProto:
         outputs = outputs or [self.nodes[-1].output[0]]
         graph = helper.make_graph(
-            self.nodes, "test",
+            self.nodes,
+            "test",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
             [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
             self.inits,
         )
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                              producer_name="tests", producer_version="1")
+        m = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", self.opset)],
+            producer_name="tests",
+            producer_version="1",
+        )
         m.ir_version = 7 if self.opset < 15 else 8
         m.metadata_props.add(key="origin", value="unit test")
         g = onnx.shape_inference.infer_shapes(m).graph
@@ -138,8 +150,13 @@ def gemm_head(trans_b: int, alpha: float = 1.0, beta: float = 1.0, reshape: bool
         flat = b.node("Flatten", [h], axis=1)
     w = b.spread((5, 4 * 36), axis=0)
     w = w if trans_b else w.T
-    g = b.node("Gemm", [flat, b.init(w), b.init(b.rng.normal(size=5), "c")], transB=trans_b,
-               alpha=alpha, beta=beta)
+    g = b.node(
+        "Gemm",
+        [flat, b.init(w), b.init(b.rng.normal(size=5), "c")],
+        transB=trans_b,
+        alpha=alpha,
+        beta=beta,
+    )
     g = b.node("Relu", [g])
     b.node("Gemm", [g, b.init(b.spread((3, 5))), b.init(np.zeros(3), "c")], transB=1)
     return b.model()
@@ -168,8 +185,13 @@ def conv_transpose(depthwise: bool) -> onnx.ModelProto:
     h = b.node("Relu", [b.bn(b.conv("x", 3, 4, 3, pad=1), 4)])
     group, cout = (4, 4) if depthwise else (2, 6)
     w = b.init(b.spread((4, cout // group, 2, 2), axis=1))
-    h = b.node("ConvTranspose", [h, w, b.init(b.rng.normal(size=cout), "b")], group=group,
-               strides=[2, 2], kernel_shape=[2, 2])
+    h = b.node(
+        "ConvTranspose",
+        [h, w, b.init(b.rng.normal(size=cout), "b")],
+        group=group,
+        strides=[2, 2],
+        kernel_shape=[2, 2],
+    )
     h = b.node("Relu", [b.bn(h, cout)])
     b.conv(h, cout, 2, 3, pad=1)
     return b.model()

@@ -45,8 +45,20 @@ def test_check_reports_small_error(model_file, tmp_path, capsys):
 
 def test_options_reach_the_core(model_file, tmp_path, capsys):
     rep = tmp_path / "r.json"
-    main(["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--no-high-bias",
-          "--max-sweeps", "1", "--report", str(rep), "--quiet"])
+    main(
+        [
+            "equalize",
+            str(model_file),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--no-high-bias",
+            "--max-sweeps",
+            "1",
+            "--report",
+            str(rep),
+            "--quiet",
+        ]
+    )
     data = json.loads(rep.read_text())
     assert data["options"]["high_bias"] is False and data["sweeps"] == 1
 
@@ -58,8 +70,10 @@ def test_dynamic_dimension_needs_a_flag(tmp_path, capsys):
     onnx.save(model, str(src))
     assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check"]) == 2
     assert "--dim batch=SIZE" in capsys.readouterr().err
-    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check",
-                 "--dim", "batch=3"]) == 0
+    assert (
+        main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check", "--dim", "batch=3"])
+        == 0
+    )
 
 
 def error_of(capsys):
@@ -134,9 +148,21 @@ def test_help_lists_every_option(capsys):
         main(["equalize", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--output", "--in-place", "--report", "--check", "--dim", "--no-high-bias",
-                 "--high-bias-form", "--high-bias-through-padding", "--max-sweeps",
-                 "--tolerance", "--no-fold", "--no-scale", "--quiet"):
+    for flag in (
+        "--output",
+        "--in-place",
+        "--report",
+        "--check",
+        "--dim",
+        "--no-high-bias",
+        "--high-bias-form",
+        "--high-bias-through-padding",
+        "--max-sweeps",
+        "--tolerance",
+        "--no-fold",
+        "--no-scale",
+        "--quiet",
+    ):
         assert flag in text
 
 
@@ -147,14 +173,37 @@ def test_bad_usage_exits_2(capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cle_core._cli", "--debug", "equalize",
-                           str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "o.onnx")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cle_core._cli",
+            "--debug",
+            "equalize",
+            str(tmp_path / "nope.onnx"),
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
 def test_console_script_runs(model_file, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cle_core._cli", "equalize", str(model_file),
-                           "-o", str(tmp_path / "o.onnx"), "--quiet"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cle_core._cli",
+            "equalize",
+            str(model_file),
+            "-o",
+            str(tmp_path / "o.onnx"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal

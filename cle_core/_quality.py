@@ -1,0 +1,277 @@
+"""Quantization-quality measurements: SQNR, top-1 agreement, a fixed image set, fake quantization.
+
+Pure measurement, shared by the backends' quantization simulators and the benchmarks. It
+knows nothing about CLE. Only NumPy is needed at import time; scikit-image (for the image
+set) is imported when the images are first asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+__all__ = [
+    "NATURAL_IMAGE_NAMES",
+    "natural_images",
+    "quantization_grid",
+    "quantize_array",
+    "sqnr_db",
+    "top1_agreement",
+]
+
+# The sample images of ``skimage.data`` that load offline (no pooch download) and are a
+# photograph or a grey or colour picture: 13 grey (2-D) and 7 colour (RGB, or RGBA for
+# ``logo``). Left out: ``cat`` (the same picture as ``chelsea``), ``checkerboard`` (a
+# synthetic pattern), the binary masks (``binary_blobs``, ``horse``), the float phantom
+# (``shepp_logan_phantom``) and the stacks (``lfw_subset``, ``stereo_motorcycle``).
+NATURAL_IMAGE_NAMES: tuple[str, ...] = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "coins",
+    "brick",
+    "cell",
+    "clock",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "text",
+)
+
+# Centre squares, as fractions of the image's short side.
+_CROP_FRACTIONS: tuple[float, ...] = (1.0, 0.8, 0.6)
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sqnr_db(reference, test) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB.
+
+    ``10 * log10(sum(reference**2) / sum((reference - test)**2))`` over all elements,
+    computed in float64. Returns ``+inf`` when the two are equal (no noise) and ``-inf``
+    when the reference is all zeros but the test is not.
+
+    >>> sqnr_db([3.0, 4.0], [3.0, 4.5])  # 25 / 0.25
+    20.0
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    tst = np.asarray(test, dtype=np.float64)
+    if ref.shape != tst.shape:
+        raise ValueError(f"sqnr_db: shapes differ: {ref.shape} vs {tst.shape}")
+    noise = float(np.sum(np.square(ref - tst)))
+    signal = float(np.sum(np.square(ref)))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal / noise))
+
+
+def top1_agreement(reference, test) -> float:
+    """Fraction of rows whose argmax agrees between ``reference`` and ``test``.
+
+    Axis 0 is the batch; the logits are in axis 1 (any further axes are flattened into
+    the class axis). A 1-D input is one row.
+
+    >>> top1_agreement([[0, 1], [1, 0]], [[0, 2], [0, 1]])
+    0.5
+    """
+    ref = np.asarray(reference)
+    tst = np.asarray(test)
+    if ref.shape != tst.shape:
+        raise ValueError(f"top1_agreement: shapes differ: {ref.shape} vs {tst.shape}")
+    if ref.ndim == 0:
+        raise ValueError("top1_agreement: needs at least one axis of logits")
+    if ref.ndim == 1:
+        ref, tst = ref[None], tst[None]
+    ref = ref.reshape(ref.shape[0], -1)
+    tst = tst.reshape(tst.shape[0], -1)
+    if ref.shape[0] == 0:
+        raise ValueError("top1_agreement: empty batch")
+    return float(np.mean(np.argmax(ref, axis=1) == np.argmax(tst, axis=1)))
+
+
+def quantization_grid(lo, hi, bits: int = 8, symmetric: bool = False):
+    """The min/max quantization grid for the ranges ``[lo, hi]`` (arrays broadcast).
+
+    Returns ``(scale, zero_point, qmin, qmax)``: float64 ``scale`` and integer-valued
+    float64 ``zero_point`` arrays of the broadcast shape of ``lo`` and ``hi``, and the
+    integer bounds. A value ``x`` maps to ``clip(round(x / scale) + zero_point, qmin,
+    qmax)`` and back to ``(q - zero_point) * scale``.
+
+    Asymmetric (``symmetric=False``): the grid spans ``[min(lo, 0), max(hi, 0)]`` with
+    ``2**bits - 1`` steps, ``qmin, qmax = 0, 2**bits - 1`` (the uint8 grid for 8 bits)
+    and the zero point is an integer, so 0 is exactly representable. Symmetric: the
+    scale is ``max(|lo|, |hi|) / (2**(bits-1) - 1)``, the zero point is 0 and
+    ``qmin, qmax = -(2**(bits-1) - 1), 2**(bits-1) - 1`` (int8 without -128).
+
+    A zero range (only possible for all-zero data, since the range includes 0) gets
+    scale 1 and zero point 0, which maps 0 to 0.
+    """
+    if int(bits) != bits or bits < 2:
+        raise ValueError(f"bits must be an integer >= 2, got {bits!r}")
+    bits = int(bits)
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError("quantization range is not finite (NaN or Inf in the data)")
+    lo, hi = np.broadcast_arrays(lo, hi)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax
+        span = np.maximum(-lo, hi)
+        scale = span / qmax
+        zero_point = np.zeros_like(scale)
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        scale = (hi - lo) / qmax
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_point = np.clip(np.round(-lo / scale), qmin, qmax)
+    empty = scale == 0.0
+    scale = np.where(empty, 1.0, scale)
+    zero_point = np.where(empty, 0.0, zero_point)
+    return scale, zero_point, qmin, qmax
+
+
+def quantize_array(w, bits: int = 8, symmetric: bool = False, axis: int | None = None):
+    """Fake-quantize ``w``: quantize to a ``bits``-bit min/max grid and dequantize.
+
+    ``axis=None`` uses one grid for the whole tensor; an integer ``axis`` uses one grid
+    per slice along that axis (per output channel for a weight). The grids are those of
+    :func:`quantization_grid`: asymmetric over ``[min(w, 0), max(w, 0)]`` with
+    ``2**bits - 1`` steps and an integer zero point, or symmetric over ``max|w|`` with
+    ``2**(bits-1) - 1`` levels on each side. Rounding is half to even (as ONNX
+    QuantizeLinear and ``torch.round``). Float64 data is computed in float64, any other
+    float dtype in float32 with the scale rounded to float32 (as onnxruntime does).
+    Returns a new array of the same shape and dtype; all-zero channels (zero range) stay
+    zero.
+
+    >>> quantize_array(np.array([-1.0, 0.1, 2.0]), bits=2)  # grid -1, 0, 1, 2
+    array([-1.,  0.,  2.])
+    """
+    arr = np.asarray(w)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"quantize_array needs a floating-point array, got {arr.dtype}")
+    if arr.size == 0:
+        return arr.copy()
+    # float32 data is quantized in float32 with the scale rounded to float32, which is what
+    # onnxruntime's QuantizeLinear/DequantizeLinear and a float32 torch model compute, so
+    # the backends' simulations agree bit for bit.
+    work = np.float64 if arr.dtype == np.float64 else np.float32
+    x = arr.astype(work)
+    if axis is None:
+        lo, hi = x.min(), x.max()
+    else:
+        axis = axis % x.ndim
+        reduce = tuple(i for i in range(x.ndim) if i != axis)
+        lo = x.min(axis=reduce, keepdims=True)
+        hi = x.max(axis=reduce, keepdims=True)
+    scale, zero_point, qmin, qmax = quantization_grid(lo, hi, bits, symmetric)
+    scale = scale.astype(work)
+    zero_point = zero_point.astype(work)
+    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).astype(arr.dtype)
+
+
+def _load_skimage():
+    try:
+        import skimage.data
+        import skimage.transform
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("natural_images() needs scikit-image: pip install scikit-image") from exc
+    return skimage
+
+
+def _as_rgb01(img: np.ndarray, name: str) -> np.ndarray:
+    """A sample image as float64 RGB in [0, 1], shape (H, W, 3)."""
+    if img.dtype == np.uint8:
+        x = img.astype(np.float64) / 255.0
+    elif img.dtype == np.bool_:
+        x = img.astype(np.float64)
+    else:
+        x = np.clip(img.astype(np.float64), 0.0, 1.0)
+    if x.ndim == 2:
+        x = np.repeat(x[:, :, None], 3, axis=2)
+    elif x.ndim == 3 and x.shape[2] == 4:
+        x = x[:, :, :3]
+    elif not (x.ndim == 3 and x.shape[2] == 3):
+        raise ValueError(f"skimage.data.{name}() is not a grey, RGB or RGBA image: {img.shape}")
+    return x
+
+
+@functools.lru_cache(maxsize=4)
+def _natural_images_cached(
+    size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> np.ndarray:
+    skimage = _load_skimage()
+    out = np.empty((len(NATURAL_IMAGE_NAMES) * len(_CROP_FRACTIONS) * 2, 3, *size), np.float32)
+    m = np.asarray(mean, dtype=np.float64)[:, None, None]
+    s = np.asarray(std, dtype=np.float64)[:, None, None]
+    k = 0
+    for name in NATURAL_IMAGE_NAMES:
+        img = _as_rgb01(getattr(skimage.data, name)(), name)
+        h, w = img.shape[:2]
+        short = min(h, w)
+        for frac in _CROP_FRACTIONS:
+            c = max(1, int(round(frac * short)))
+            top, left = (h - c) // 2, (w - c) // 2
+            crop = img[top : top + c, left : left + c]
+            resized = skimage.transform.resize(
+                crop, size, order=1, mode="reflect", anti_aliasing=True
+            )
+            chw = (np.clip(resized, 0.0, 1.0).transpose(2, 0, 1) - m) / s
+            out[k] = chw
+            # Mirror after resizing so the pair are exact mirrors of each other.
+            out[k + 1] = chw[:, :, ::-1]
+            k += 2
+    out.setflags(write=False)
+    return out
+
+
+def natural_images(
+    size: int | tuple[int, int] = 224,
+    mean: tuple[float, float, float] = _IMAGENET_MEAN,
+    std: tuple[float, float, float] = _IMAGENET_STD,
+) -> np.ndarray:
+    """The fixed evaluation set: 120 natural images as a float32 NCHW batch.
+
+    The 20 sample images of scikit-image listed in :data:`NATURAL_IMAGE_NAMES` (they
+    ship with the package and load offline); grey images become three identical
+    channels and RGBA drops alpha. From each, centre squares of 100 %, 80 % and 60 % of
+    the short side are resized to ``size x size`` (``size`` may also be ``(height,
+    width)``) with anti-aliasing, and each is followed by its horizontal mirror: image
+    ``i``, crop ``j``, mirror ``m`` sits at index ``6 * i + 2 * j + m``. Pixels are
+    scaled to [0, 1] and then normalized with ``mean`` and ``std`` per channel (ImageNet
+    statistics by default).
+
+    Returns an array of shape ``(120, 3, H, W)``. The result is computed once per
+    argument set and cached; the cached array is read-only (``.copy()`` it to modify).
+
+    Raises ImportError when scikit-image is not installed.
+    """
+    if isinstance(size, (int, np.integer)):
+        hw = (int(size), int(size))
+    else:
+        hw = tuple(int(v) for v in size)
+        if len(hw) != 2:
+            raise ValueError(f"size must be an int or (height, width), got {size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"size must be positive, got {size!r}")
+    mean_t = tuple(float(v) for v in mean)
+    std_t = tuple(float(v) for v in std)
+    if len(mean_t) != 3 or len(std_t) != 3:
+        raise ValueError("mean and std need three values (R, G, B)")
+    if any(v == 0.0 for v in std_t):
+        raise ValueError("std must not contain zeros")
+    return _natural_images_cached(hw, mean_t, std_t)

@@ -1,0 +1,194 @@
+"""Simulated quantization of PyTorch models, measured against the FP32 model.
+
+Weights: every ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and ``nn.Linear`` (and
+subclasses, such as EfficientNet's ``Conv2dStaticSamePadding``) gets its weight
+fake-quantized in a deep copy of the model. Activations: forward pre-hooks on the same
+modules fake-quantize their input 0 with one grid per module, calibrated by min/max in a
+first pass. The grids are those of :mod:`cle_core._quality`, computed in float32 like the
+ONNX simulation. Pure measurement: nothing here knows about CLE.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from cle_core._quality import (
+    natural_images,
+    quantization_grid,
+    quantize_array,
+    sqnr_db,
+    top1_agreement,
+)
+
+__all__ = ["evaluate_torch"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LAYERS = _CONV + _CONV_TRANSPOSE + (nn.Linear,)
+
+
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYERS):
+            yield name, module
+
+
+def _weight_axis(module: nn.Module) -> int:
+    return 1 if isinstance(module, _CONV_TRANSPOSE) else 0
+
+
+def _prepared_copy(model: nn.Module) -> nn.Module:
+    """A float32 deep copy in eval mode: the caller's model keeps its dtype and mode."""
+    return copy.deepcopy(model).float().eval()
+
+
+def _quantize_weights(model: nn.Module, bits: int, per_channel: bool, symmetric: bool) -> None:
+    seen: set[int] = set()
+    for _, module in _layers(model):
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        seen.add(id(weight))  # a weight shared by several layers is quantized once
+        axis = _weight_axis(module) if per_channel else None
+        q = quantize_array(weight.detach().cpu().numpy(), bits, symmetric, axis)
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy(q).to(weight.device))
+
+
+def _fake_quant(x: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool):
+    scale, zero_point, qmin, qmax = quantization_grid(lo, hi, bits, symmetric)
+    s = torch.tensor(np.float32(scale), device=x.device)
+    z = float(zero_point)
+    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)) and out:
+        return _first_tensor(out[0])
+    raise TypeError(f"the model returned {type(out).__name__}, not a tensor")
+
+
+def _run(model: nn.Module, inputs: torch.Tensor, batch: int) -> np.ndarray:
+    device = _device(model)
+    parts = []
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch):
+            out = _first_tensor(model(inputs[start : start + batch].to(device)))
+            parts.append(out.detach().float().cpu().numpy())
+    return np.concatenate(parts, axis=0)
+
+
+def _with_pre_hooks(model: nn.Module, make_hook: Callable[[str], Callable]) -> list:
+    return [module.register_forward_pre_hook(make_hook(name)) for name, module in _layers(model)]
+
+
+def _activation_quantized_run(
+    model: nn.Module, inputs: torch.Tensor, bits: int, symmetric: bool, batch: int
+) -> np.ndarray:
+    ranges: dict[str, list[float]] = {}
+
+    def recorder(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].numel():
+                x = args[0].detach()
+                lo, hi = float(x.min()), float(x.max())
+                r = ranges.setdefault(name, [lo, hi])
+                r[0], r[1] = min(r[0], lo), max(r[1], hi)
+
+        return hook
+
+    def quantizer(name):
+        def hook(module, args):
+            if name in ranges and args and isinstance(args[0], torch.Tensor):
+                lo, hi = ranges[name]
+                return (_fake_quant(args[0], lo, hi, bits, symmetric), *args[1:])
+            return None
+
+        return hook
+
+    handles = _with_pre_hooks(model, recorder)
+    try:
+        _run(model, inputs, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    handles = _with_pre_hooks(model, quantizer)
+    try:
+        return _run(model, inputs, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def evaluate_torch(
+    fp32_model: nn.Module,
+    candidate_model: nn.Module | None = None,
+    inputs: np.ndarray | torch.Tensor | None = None,
+    bits: int = 8,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    activations: bool = True,
+    batch: int = 16,
+) -> dict[str, float]:
+    """Measure what simulated quantization does to the logits, against the FP32 model.
+
+    The candidate (``fp32_model`` itself when ``candidate_model`` is None) is copied and
+    its Conv/ConvTranspose/Linear weights are fake-quantized with min/max grids (per
+    tensor, or per output channel with ``per_channel``: axis 0, 1 for ConvTranspose;
+    asymmetric unless ``symmetric``). With ``activations``, input 0 of each such module is
+    also fake-quantized per tensor by a forward pre-hook, with ranges calibrated in a
+    first pass over ``inputs`` on the weight-quantized copy. Everything runs on float32
+    deep copies in eval mode under ``torch.no_grad()``, in batches of ``batch``; the
+    models passed in are not modified. ``inputs`` default to ``natural_images(224)``.
+
+    Returns, for ``bits = N``, the first output compared with the FP32 ``fp32_model``'s:
+
+    - ``fp32_sqnr``, ``fp32_top1``: candidate in FP32 (inf and 1.0 without a candidate);
+    - ``wN_sqnr``, ``wN_top1``: SQNR in dB and top-1 agreement with N-bit weights;
+    - ``wNaN_sqnr``, ``wNaN_top1``: with N-bit activations too (only when ``activations``).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be positive, got {batch}")
+    if inputs is None:
+        inputs = natural_images(224)
+    x = torch.as_tensor(np.array(inputs) if isinstance(inputs, np.ndarray) else inputs)
+    x = x.detach().float()
+
+    reference = _run(_prepared_copy(fp32_model), x, batch)
+    result: dict[str, float] = {}
+    if candidate_model is None:
+        result["fp32_sqnr"] = float("inf")
+        result["fp32_top1"] = 1.0
+        source = fp32_model
+    else:
+        source = candidate_model
+        out = _run(_prepared_copy(candidate_model), x, batch)
+        result["fp32_sqnr"] = sqnr_db(reference, out)
+        result["fp32_top1"] = top1_agreement(reference, out)
+
+    wq = _prepared_copy(source)
+    _quantize_weights(wq, bits, per_channel, symmetric)
+    out = _run(wq, x, batch)
+    result[f"w{bits}_sqnr"] = sqnr_db(reference, out)
+    result[f"w{bits}_top1"] = top1_agreement(reference, out)
+    if activations:
+        out = _activation_quantized_run(wq, x, bits, symmetric, batch)
+        result[f"w{bits}a{bits}_sqnr"] = sqnr_db(reference, out)
+        result[f"w{bits}a{bits}_top1"] = top1_agreement(reference, out)
+    return result
