@@ -175,16 +175,23 @@ def in_channel_ranges(w, layout: Layout) -> np.ndarray:
     return np.abs(v).max(axis=(1, 3)).reshape(-1).astype(np.float64)
 
 
+def _check_ranges(what: str, *ranges: np.ndarray) -> None:
+    # One reduction per array: NaN or Inf makes the sum non-finite, a negative the min.
+    for r in ranges:
+        if r.size and not (np.isfinite(r.sum()) and r.min() >= 0):
+            if not np.all(np.isfinite(r)):
+                raise NonFiniteError(f"{what}: NaN or Inf in input")
+            if np.any(r < 0):
+                raise ValueError(f"{what}: ranges must be non-negative")
+
+
 def _ratio_sqrt(num: np.ndarray, den: np.ndarray, what: str) -> np.ndarray:
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
-    _check_finite(what, num, den)
-    if np.any(num < 0) or np.any(den < 0):
-        raise ValueError(f"{what}: ranges must be non-negative")
-    s = np.ones(np.broadcast(num, den).shape)
+    _check_ranges(what, num, den)
     ok = (num > 0) & (den > 0)
-    s[ok] = np.sqrt(num[ok] / den[ok])
-    return s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, np.sqrt(num / den), 1.0)
 
 
 def pair_scales(r1, r2) -> np.ndarray:
@@ -207,14 +214,12 @@ def triple_scales(r0, r1, r2) -> tuple[np.ndarray, np.ndarray]:
     depthwise range is zero both scales are 1.
     """
     r0, r1, r2 = (np.asarray(r, dtype=np.float64) for r in (r0, r1, r2))
-    _check_finite("triple scales", r0, r1, r2)
-    s12 = pair_scales(r0, r1)
-    s23 = pair_scales(r1, r2)
+    s12 = _ratio_sqrt(r0, r1, "triple scales")
+    s23 = _ratio_sqrt(r1, r2, "triple scales")
     ok = (r0 > 0) & (r1 > 0) & (r2 > 0)
-    g = np.cbrt(r0[ok] * r1[ok] * r2[ok])
-    s12[ok] = r0[ok] / g
-    s23[ok] = g / r2[ok]
-    return s12, s23
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = np.cbrt(r0 * r1 * r2)
+        return np.where(ok, r0 / g, s12), np.where(ok, g / r2, s23)
 
 
 def region_scales(source_ranges, sink_ranges) -> np.ndarray:

@@ -1,0 +1,66 @@
+"""ONNX pipeline benchmark on the pretrained EfficientNet-Lite0.
+
+Exports the model as its packages ship it (``torch.onnx.export``, opset 13; the exporter
+folds the batch norms), equalizes the file with ``cle equalize`` in-process, and prints:
+
+- the wall time of ``cle equalize IN -o OUT`` (file to file, imports done), median of
+  ``--repeat`` runs (target: under 1 s);
+- on the 120 natural images (scikit-image samples, see DESIGN.md section 4): the FP32
+  logits SQNR of the equalized model against the original (target: >= 80 dB), and
+  simulated per-tensor asymmetric W8 and W8A8 logits SQNR and top-1 agreement, before
+  (BN folded) and after CLE (target: W8 >= 14 dB).
+
+Run: ``python benchmarks/bench_onnx.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+from cle_core._cli import main as cle
+from cle_core._quality import natural_images
+from cle_onnx._quantsim import evaluate
+from cle_torch._examples import efficientnet_lite0, export_onnx
+
+
+def row(name: str, r: dict) -> str:
+    return (
+        f"{name:<28} {r['fp32_sqnr']:>9.1f} {r['w8_sqnr']:>8.2f} {r['w8_top1']:>8.3f} "
+        f"{r['w8a8_sqnr']:>9.2f} {r['w8a8_top1']:>9.3f}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "effnet_lite0.onnx", Path(tmp) / "effnet_lite0_cle.onnx"
+        export_onnx(efficientnet_lite0(), src)
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            rc = cle(["equalize", str(src), "-o", str(dst), "--quiet"])
+            times.append(time.perf_counter() - t0)
+            assert rc == 0
+        original, equalized = onnx.load(str(src)), onnx.load(str(dst))
+        images = natural_images()
+        before = evaluate(original, None, images)
+        after = evaluate(original, equalized, images)
+    print(f"cle equalize, file to file: median {statistics.median(times):.3f} s "
+          f"over {args.repeat} runs (target < 1 s)")
+    print(f"{'EfficientNet-Lite0, ONNX':<28} {'FP32 dB':>9} {'W8 dB':>8} {'W8 top1':>8} "
+          f"{'W8A8 dB':>9} {'W8A8 top1':>9}")
+    print(row("BN folded, no CLE", before))
+    print(row("cle equalize (defaults)", after))
+    print("targets: FP32 >= 80 dB, W8 >= 14 dB")
+
+
+if __name__ == "__main__":
+    main()
