@@ -34,7 +34,7 @@ class EqualizeOptions:
 
     fold_bn: bool = True
     scale: bool = True
-    max_sweeps: int = 100
+    max_sweeps: int = 200
     tolerance: float = 1e-4
     high_bias: bool = True
     high_bias_form: Literal["exact", "classic"] = "exact"

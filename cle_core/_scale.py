@@ -16,7 +16,7 @@ from ._ir import Node
 from ._math import RangeSummary, region_scales, scale_bounds, scale_layer, triple_scales
 from ._regions import Region
 
-_HISTORY = 5
+_HISTORY = 3
 ANDERSON = True
 
 
