@@ -8,7 +8,7 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 # torch is pinned before the project so that pip takes the local CPU build.
-INSTALL = ("torch==2.13.0", "-e", ".[torch,onnx,dev]")
+INSTALL = ("torch==2.13.0", "-e", ".[torch,onnx,examples,dev]")
 
 
 @nox.session(python="3.11")
@@ -31,3 +31,4 @@ def bench(session: nox.Session) -> None:
     """The benchmarks; each prints its figures."""
     session.install(*INSTALL)
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
+    session.run("python", "benchmarks/bench_onnx.py")
