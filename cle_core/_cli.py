@@ -153,8 +153,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=SIZE",
         help="size of a dynamic input dimension for --check (repeatable)",
     )
+    eq.add_argument(
+        "--plot",
+        metavar="DIR",
+        help="draw per-channel weight ranges (worst layers) and per-layer SQNR "
+        "into DIR (needs matplotlib)",
+    )
     eq.add_argument("--quiet", action="store_true", help="print only errors")
     _add_cle_options(eq)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure what simulated quantization does to an ONNX model",
+        description="Quantize ORIGINAL.onnx (and EQUALIZED.onnx, if given) with "
+        "QuantizeLinear/DequantizeLinear pairs in onnxruntime and print the "
+        "output SQNR and top-1 agreement against the FP32 ORIGINAL.onnx.",
+    )
+    ev.add_argument("original", metavar="ORIGINAL.onnx")
+    ev.add_argument("equalized", metavar="EQUALIZED.onnx", nargs="?")
+    ev.add_argument(
+        "--inputs",
+        metavar="DIR|FILE.npy",
+        help="a folder of images or a .npy array of inputs (default: the 120 "
+        "sample images of scikit-image at the model's input size)",
+    )
+    ev.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        help="bits for weights and activations (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--per-channel",
+        action="store_true",
+        help="one weight grid per output channel instead of per tensor",
+    )
+    ev.add_argument("--symmetric", action="store_true", help="symmetric grids (default asymmetric)")
+    ev.add_argument("--weights-only", action="store_true", help="do not quantize activations")
+    ev.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
 
     ins = sub.add_parser(
         "inspect",
@@ -175,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return _equalize(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
         parser.error(f"unknown command {args.command}")
     except CLEError as exc:
         if args.debug:
@@ -231,13 +269,119 @@ def _equalize(args) -> int:
         )
     if args.report:
         _write_text_atomic(Path(args.report), report.to_json(indent=1))
+    plots = _plots(report, args.plot) if args.plot else []
     if not args.quiet:
         print(format_summary(report))
         print(f"wrote {dst}" + (f" and report {args.report}" if args.report else ""))
+        for path in plots:
+            print(f"wrote {path}")
     if args.check:
         max_abs, max_rel = check_outputs(check_src, dst, dims)
         print(f"check: max abs output error {max_abs:.3e}, max relative error {max_rel:.3e}")
     return EXIT_OK
+
+
+def _plots(report: Report, directory: str) -> list[Path]:
+    from ._plots import write_plots
+
+    try:
+        return write_plots(report, directory)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _evaluate(args) -> int:
+    import numpy as np
+
+    _onnx()
+    from cle_onnx import _quantsim
+
+    from . import _quality
+
+    if args.bits < 2 or args.bits > 16:
+        raise UsageError("--bits must be between 2 and 16")
+    paths = [p for p in (args.original, args.equalized) if p]
+    loaded = [_onnx().load(p, external_data=True) for p in paths]
+    inputs = None
+    if args.inputs:
+        src = Path(args.inputs)
+        if src.is_dir():
+            dims = loaded[0].graph.input[0].type.tensor_type.shape.dim
+            hw = tuple(d.dim_value if d.dim_value > 0 else 224 for d in dims[2:4]) or (224, 224)
+            try:
+                inputs = _quality.images_from_folder(src, hw)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        elif src.suffix == ".npy" and src.is_file():
+            inputs = np.load(src)
+        else:
+            raise UsageError(f"{src}: --inputs takes a folder of images or a .npy file")
+    try:
+        rows = [
+            (
+                "original",
+                _quantsim.evaluate(
+                    loaded[0],
+                    None,
+                    inputs,
+                    args.bits,
+                    args.per_channel,
+                    args.symmetric,
+                    not args.weights_only,
+                    args.batch,
+                ),
+            )
+        ]
+        if len(loaded) > 1:
+            rows.append(
+                (
+                    "equalized",
+                    _quantsim.evaluate(
+                        loaded[0],
+                        loaded[1],
+                        inputs,
+                        args.bits,
+                        args.per_channel,
+                        args.symmetric,
+                        not args.weights_only,
+                        args.batch,
+                    ),
+                )
+            )
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    print(format_evaluation(rows, args.bits, classifier=_is_classifier(loaded[0])))
+    return EXIT_OK
+
+
+def _is_classifier(model) -> bool:
+    out = model.graph.output[0].type.tensor_type
+    return out.HasField("shape") and len(out.shape.dim) == 2
+
+
+def format_evaluation(rows, bits: int, classifier: bool = True) -> str:
+    """The table ``cle evaluate`` prints: one row per model, SQNR in dB against FP32."""
+    w, wa = f"w{bits}", f"w{bits}a{bits}"
+    activations = all(wa + "_sqnr" in r for _, r in rows)
+    columns = [("FP32 dB", "fp32_sqnr", 9), (f"W{bits} dB", w + "_sqnr", 8)]
+    if classifier:
+        columns.append((f"W{bits} top1", w + "_top1", 9))
+    if activations:
+        columns.append((f"W{bits}A{bits} dB", wa + "_sqnr", 10))
+        if classifier:
+            columns.append((f"W{bits}A{bits} top1", wa + "_top1", 11))
+    lines = [f"{'model':<10}" + "".join(f" {title:>{width}}" for title, _, width in columns)]
+    for name, r in rows:
+        cells = [
+            _fmt_db(r[key]) if key.endswith("sqnr") else f"{r[key]:.3f}" for _, key, _ in columns
+        ]
+        lines.append(
+            f"{name:<10}"
+            + "".join(
+                f" {c.strip():>{width}}" for c, (_, _, width) in zip(cells, columns, strict=True)
+            )
+        )
+    return "\n".join(lines)
 
 
 def _inspect(args) -> int:

@@ -275,3 +275,39 @@ def natural_images(
     if any(v == 0.0 for v in std_t):
         raise ValueError("std must not contain zeros")
     return _natural_images_cached(hw, mean_t, std_t)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+def images_from_folder(
+    folder,
+    size: int | tuple[int, int] = 224,
+    mean: tuple[float, float, float] = _IMAGENET_MEAN,
+    std: tuple[float, float, float] = _IMAGENET_STD,
+) -> np.ndarray:
+    """Every image file in ``folder`` (sorted by name) as a float32 NCHW batch: the
+    centre square of the short side resized to ``size`` with anti-aliasing, scaled to
+    [0, 1] and normalized like :func:`natural_images`. Raises ValueError when the folder
+    holds no image."""
+    from pathlib import Path
+
+    _load_skimage()
+    import skimage.io
+    import skimage.transform
+
+    hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(size)
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no image files ({', '.join(_IMAGE_SUFFIXES)})")
+    m = np.asarray(mean, dtype=np.float64)[:, None, None]
+    s = np.asarray(std, dtype=np.float64)[:, None, None]
+    out = np.empty((len(files), 3, *hw), np.float32)
+    for k, path in enumerate(files):
+        img = _as_rgb01(skimage.io.imread(str(path)), path.name)
+        h, w = img.shape[:2]
+        c = min(h, w)
+        crop = img[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+        resized = skimage.transform.resize(crop, hw, order=1, mode="reflect", anti_aliasing=True)
+        out[k] = (np.clip(resized, 0.0, 1.0).transpose(2, 0, 1) - m) / s
+    return out

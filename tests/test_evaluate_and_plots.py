@@ -1,0 +1,112 @@
+"""``cle evaluate``, ``--plot`` and the plot helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import onnx_models as om  # noqa: E402
+
+from cle_core._cli import main  # noqa: E402
+
+
+@pytest.fixture
+def files(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(om.gemm_head(1), str(src))  # a classifier: (N, 3) logits
+    dst = tmp_path / "m_cle.onnx"
+    assert main(["equalize", str(src), "-o", str(dst), "--quiet"]) == 0
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    npy = tmp_path / "x.npy"
+    np.save(npy, x)
+    return src, dst, npy
+
+
+def table(text):
+    rows = [line.split() for line in text.strip().splitlines()]
+    return rows[0], {r[0]: [float(v) for v in r[1:]] for r in rows[1:]}
+
+
+def test_evaluate_original_and_equalized(files, capsys):
+    src, dst, npy = files
+    assert main(["evaluate", str(src), str(dst), "--inputs", str(npy)]) == 0
+    header, rows = table(capsys.readouterr().out)
+    assert set(rows) == {"original", "equalized"}
+    assert rows["original"][0] == float("inf")  # FP32 original against itself
+    assert rows["equalized"][0] > 80  # FP32 equalized against original, dB
+    assert all(np.isfinite(rows["equalized"][1:]))
+    assert " ".join(header) == "model FP32 dB W8 dB W8 top1 W8A8 dB W8A8 top1"
+
+
+def test_evaluate_weights_only_other_bits(files, capsys):
+    src, _, npy = files
+    assert (
+        main(
+            [
+                "evaluate",
+                str(src),
+                "--inputs",
+                str(npy),
+                "--bits",
+                "4",
+                "--weights-only",
+                "--per-channel",
+                "--symmetric",
+            ]
+        )
+        == 0
+    )
+    header, rows = table(capsys.readouterr().out)
+    assert " ".join(header) == "model FP32 dB W4 dB W4 top1"
+    assert list(rows) == ["original"]
+
+
+def test_evaluate_bad_inputs(files, capsys, tmp_path):
+    src, _, _ = files
+    assert main(["evaluate", str(src), "--inputs", str(tmp_path / "nope.txt")]) == 2
+    assert "--inputs takes" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["evaluate", str(src), "--inputs", str(empty)]) == 2
+    assert "no image files" in capsys.readouterr().err
+
+
+def test_evaluate_image_folder(tmp_path, capsys):
+    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.io
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    skimage.io.imsave(str(folder / "a.png"), skimage_data.astronaut()[::8, ::8])
+    skimage.io.imsave(str(folder / "b.png"), skimage_data.camera()[::8, ::8])
+    src = tmp_path / "m.onnx"
+    onnx.save(om.gemm_head(1), str(src))
+    assert main(["evaluate", str(src), "--inputs", str(folder), "--weights-only"]) == 0
+    _, rows = table(capsys.readouterr().out)
+    assert np.isfinite(rows["original"][1])
+
+
+def test_equalize_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "m.onnx"
+    onnx.save(om.depthwise_triple(), str(src))
+    plots = tmp_path / "plots"
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--plot", str(plots)]) == 0
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == ["channel_ranges.png", "sqnr_per_layer.png"]
+    for p in plots.iterdir():
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+    assert "channel_ranges.png" in capsys.readouterr().out
+
+
+def test_plots_skip_when_nothing_changed(tmp_path):
+    pytest.importorskip("matplotlib")
+    import cle_onnx
+    from cle_core._plots import worst_layers, write_plots
+
+    _, report = cle_onnx.equalize_model(om.conv_pair("sigmoid"), fold_bn=False)
+    assert worst_layers(report, 8) == []
+    assert [p.name for p in write_plots(report, tmp_path)] == ["sqnr_per_layer.png"]
