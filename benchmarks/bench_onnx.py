@@ -53,10 +53,14 @@ def main() -> None:
         images = natural_images()
         before = evaluate(original, None, images)
         after = evaluate(original, equalized, images)
-    print(f"cle equalize, file to file: median {statistics.median(times):.3f} s "
-          f"over {args.repeat} runs (target < 1 s)")
-    print(f"{'EfficientNet-Lite0, ONNX':<28} {'FP32 dB':>9} {'W8 dB':>8} {'W8 top1':>8} "
-          f"{'W8A8 dB':>9} {'W8A8 top1':>9}")
+    print(
+        f"cle equalize, file to file: median {statistics.median(times):.3f} s "
+        f"over {args.repeat} runs (target < 1 s)"
+    )
+    print(
+        f"{'EfficientNet-Lite0, ONNX':<28} {'FP32 dB':>9} {'W8 dB':>8} {'W8 top1':>8} "
+        f"{'W8A8 dB':>9} {'W8A8 top1':>9}"
+    )
     print(row("BN folded, no CLE", before))
     print(row("cle equalize (defaults)", after))
     print("targets: FP32 >= 80 dB, W8 >= 14 dB")
