@@ -192,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights-only", action="store_true", help="do not quantize activations")
     ev.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
 
+    demo = sub.add_parser(
+        "demo",
+        help="the whole story on the pretrained EfficientNet-Lite0",
+        description="Equalize the pretrained EfficientNet-Lite0 with the PyTorch and the "
+        "ONNX backend, verify FP32 equivalence, print simulated INT8 results before and "
+        "after on the natural-image set, and write the equalized ONNX model, the JSON "
+        "reports and the plots into a folder.",
+    )
+    demo.add_argument(
+        "--out",
+        metavar="DIR",
+        default="cle-demo",
+        help="folder for the results (default: %(default)s)",
+    )
+
     ins = sub.add_parser(
         "inspect",
         help="show what CLE would do, write nothing",
@@ -213,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "demo":
+            return _demo(args)
         parser.error(f"unknown command {args.command}")
     except CLEError as exc:
         if args.debug:
@@ -288,6 +305,17 @@ def _plots(report: Report, directory: str) -> list[Path]:
         return write_plots(report, directory)
     except ImportError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _demo(args) -> int:
+    from ._demo import run_demo
+
+    out = Path(args.out)
+    _check_writable(out / "results.txt" if out.is_dir() else out)
+    with Progress() as progress:
+        text = run_demo(args.out, progress.update)
+    print(text)
+    return EXIT_OK
 
 
 def _evaluate(args) -> int:

@@ -461,13 +461,15 @@ def activation_ranges(
     model: onnx.ModelProto,
     inputs: Mapping[str, np.ndarray] | np.ndarray | None = None,
     batch: int = 16,
-) -> dict[str, tuple[float, float]]:
+    with_output: bool = False,
+):
     """Min and max of the data input (input 0) of every layer, over ``inputs``.
 
     The layers are Conv, ConvTranspose, Gemm, and MatMul with a constant second input. The
     values are read with onnxruntime from a copy of the model in which they are extra
     graph outputs, run in batches of ``batch``. Returns ``{value name: (min, max)}`` in
-    graph order. ``inputs`` as for :func:`run`.
+    graph order. ``inputs`` as for :func:`run`. With ``with_output`` returns ``(ranges,
+    first graph output)`` from the same pass (saves a run when both are needed).
     """
     feeds = _feeds(model, inputs)
     wanted = _layer_inputs(model.graph)
@@ -496,18 +498,24 @@ def activation_ranges(
             if name not in existing_outputs:
                 elem = elem_types.get(name) or TensorProto.FLOAT
                 probe.graph.output.append(helper.make_tensor_value_info(name, elem, None))
-    if exposed:
+    first = model.graph.output[0].name
+    collected: list[np.ndarray] = []
+    if exposed or with_output:
         session = _session(probe)
         lo = dict.fromkeys(exposed, np.inf)
         hi = dict.fromkeys(exposed, -np.inf)
-        for outs, _ in _batches(probe, session, feeds, exposed, batch):
-            for name, arr in zip(exposed, outs, strict=True):
+        fetch = exposed + ([first] if with_output else [])
+        for outs, real in _batches(probe, session, feeds, fetch, batch):
+            for name, arr in zip(exposed, outs, strict=False):
                 if arr.size:
                     lo[name] = min(lo[name], float(np.min(arr)))
                     hi[name] = max(hi[name], float(np.max(arr)))
+            if with_output:
+                collected.append(outs[-1][:real])
         for name in exposed:
             ranges[name] = (lo[name], hi[name]) if lo[name] <= hi[name] else (0.0, 0.0)
-    return {name: ranges[name] for name in wanted}
+    ranges = {name: ranges[name] for name in wanted}
+    return (ranges, np.concatenate(collected)) if with_output else ranges
 
 
 def activation_quantized(

@@ -1,7 +1,57 @@
-"""The torch backend for cross-layer equalization (a cle_core plugin).
+"""The PyTorch backend for cross-layer equalization (a cle_core plugin).
 
-The translation to and from the IR arrives with its own issue; until then this package
-registers a plugin that claims no model.
+``equalize_model`` and ``fold_all_batch_norms`` have AIMET's names and leading
+arguments. The model's forward is captured with torch.fx symbolic tracing; the result is
+written onto the model's own modules when possible, else returned as a rewritten
+``torch.fx.GraphModule`` (see ``docs/torch.rst``). ``cle_core.equalize_model``
+dispatches ``torch.nn.Module`` objects here.
+
+The names below are imported on first use, so that ``cle_core`` can register this
+package's plugin without importing torch.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._backend import TorchBackend, equalize_model, fold_all_batch_norms
+    from ._modules import (
+        NotInPlaceError,
+        PerChannelClamp,
+        TrainingModeError,
+        UntraceableModelError,
+    )
+
+_WHERE = {
+    "TorchBackend": "._backend",
+    "equalize_model": "._backend",
+    "fold_all_batch_norms": "._backend",
+    "NotInPlaceError": "._modules",
+    "PerChannelClamp": "._modules",
+    "TrainingModeError": "._modules",
+    "UntraceableModelError": "._modules",
+}
+
+__all__ = [
+    "NotInPlaceError",
+    "PerChannelClamp",
+    "TorchBackend",
+    "TrainingModeError",
+    "UntraceableModelError",
+    "equalize_model",
+    "fold_all_batch_norms",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

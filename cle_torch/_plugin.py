@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from cle_core import hookimpl
@@ -9,5 +10,10 @@ from cle_core import hookimpl
 
 @hookimpl
 def cle_backend_for(model: Any):
-    # The torch translation is not implemented yet: claim nothing.
-    return None
+    # A model can only be an nn.Module if torch was imported already.
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.nn.Module):
+        return None
+    from ._backend import TorchBackend
+
+    return TorchBackend()

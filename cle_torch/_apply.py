@@ -1,0 +1,537 @@
+"""Write an equalization result back into a torch model.
+
+In place on the user's module tree when every change can live there: parameters are
+updated (their device, dtype, ``requires_grad`` and identity kept), a bias created by BN
+folding becomes a new ``nn.Parameter`` on the layer's module, folded BNs are replaced
+by ``nn.Identity`` and a bounded activation module that needs per-channel bounds by a
+:class:`~cle_torch.PerChannelClamp`. Otherwise (a bounded activation that is a function
+call, one module instance called at places that need different bounds, a folded BN
+module that is also called where it was not folded, a layer whose ``forward`` passes no
+bias to its convolution) a rewritten ``torch.fx.GraphModule`` is built from the traced
+graph and copies of the parameters; the user's model is not touched.
+
+Everything is planned and checked (shapes, module paths) before the first write; the
+in-place writes keep an undo log and are rolled back if anything fails midway.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from cle_core import CLEError, EqualizeResult, Node
+
+from ._modules import NotInPlaceError, PerChannelClamp
+from ._translate import Capture, Site
+
+log = logging.getLogger("cle_torch")
+
+
+@dataclass
+class Plan:
+    """What the write-back does; ``reasons`` say why it cannot be in place."""
+
+    params: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    new_biases: list[tuple[Site, np.ndarray]] = field(default_factory=list)
+    bn_sites: list[Site] = field(default_factory=list)
+    clips: list[tuple[Site, np.ndarray, np.ndarray, str]] = field(default_factory=list)
+    like: dict[str, str] = field(default_factory=dict)  # clip fx node -> a nearby weight
+    reasons: list[str] = field(default_factory=list)
+
+
+def _resolve(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split(".") if target else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fn_name(site: Site) -> str:
+    if site.kind == "method":
+        return f"Tensor.{site.target}"
+    return getattr(site.target, "__name__", str(site.target))
+
+
+def _nearby_weight(cap: Capture, node: Node) -> str | None:
+    """The weight of the closest layer upstream of ``node``: new modules take its dtype
+    and device."""
+    seen: set[int] = set()
+    stack = [v.producer for v in node.inputs if v.producer is not None]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if n.is_layer:
+            return cap.sites[n.handle].weight
+        stack.extend(v.producer for v in n.inputs if v.producer is not None)
+    return None
+
+
+def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
+    plan = Plan()
+    nodes = {n.name: n for n in result.graph.nodes}
+    for name in result.changed:
+        node = nodes.get(name)
+        if node is None or node.handle not in cap.sites:
+            raise CLEError(f"node {name!r} was changed but does not come from the model")
+        site = cap.sites[node.handle]
+        if node.is_layer:
+            plan.params.append((site.weight, node.weight))
+            if node.bias is None:
+                continue
+            if site.bias is not None and not site.bias_is_new:
+                plan.params.append((site.bias, node.bias))
+                continue
+            plan.new_biases.append((site, node.bias))
+            if not site.bias_slot:
+                plan.reasons.append(
+                    f"BN folding gives {name} a bias, but its forward passes no bias to "
+                    f"{_fn_name(site)}"
+                )
+        elif node.op == "clip":
+            lo = np.asarray(node.params["lo"], np.float64)
+            hi = np.asarray(node.params["hi"], np.float64)
+            plan.clips.append((site, lo, hi, name))
+            plan.like[site.fx] = _nearby_weight(cap, node) or ""
+        else:
+            raise CLEError(f"cannot write back node {name!r} ({node.op})")
+    for name in result.removed:
+        fx_name = cap.ir_names.get(name)
+        site = cap.sites.get(fx_name) if fx_name else None
+        if site is None or site.op != "batchnorm":
+            raise CLEError(f"node {name!r} was removed but is not a batch norm of the model")
+        plan.bn_sites.append(site)
+    _check_in_place(cap, plan)
+    return plan
+
+
+def _check_in_place(cap: Capture, plan: Plan) -> None:
+    removed = {s.fx for s in plan.bn_sites}
+    for module in dict.fromkeys(s.module for s in plan.bn_sites):
+        calls = cap.module_calls[module]
+        if not set(calls) <= removed:
+            plan.reasons.append(
+                f"batch norm {module} is called at {len(calls)} places and only "
+                f"{len(set(calls) & removed)} of them were folded"
+            )
+    by_module: dict[str, list[tuple[Site, np.ndarray, np.ndarray]]] = {}
+    for site, lo, hi, name in plan.clips:
+        if site.kind != "module":
+            plan.reasons.append(
+                f"{name} is a function call ({_fn_name(site)}) and needs per-channel bounds"
+            )
+            continue
+        by_module.setdefault(site.module, []).append((site, lo, hi))
+    for module, sites in by_module.items():
+        calls = cap.module_calls[module]
+        first = sites[0]
+        same = len(sites) == len(calls) and all(
+            np.array_equal(lo, first[1]) and np.array_equal(hi, first[2]) for _, lo, hi in sites
+        )
+        if not same:
+            plan.reasons.append(
+                f"activation module {module} is called at {len(calls)} places that need "
+                "different bounds"
+            )
+
+
+# --- helpers shared by both ways of writing ----------------------------------------------
+
+
+def _like_tensor(model: nn.Module, qualname: str | None) -> torch.Tensor | None:
+    if qualname:
+        try:
+            t = _resolve(model, qualname)
+        except AttributeError:
+            t = None
+        if isinstance(t, torch.Tensor):
+            return t
+    for t in model.parameters():
+        return t
+    return None
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def _new_tensor(arr: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
+    """``arr`` as a tensor with ``like``'s shape, dtype, device and memory format
+    (computed in float32 / float64, cast back here)."""
+    arr = np.asarray(arr)
+    if arr.size != like.numel():
+        raise CLEError(f"{what}: new value has shape {arr.shape}, not {tuple(like.shape)}")
+    arr = arr.reshape(tuple(like.shape))
+    np_dtype = _NUMPY_DTYPES.get(like.dtype)
+    if np_dtype is not None:
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np_dtype))
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(like.dtype)
+    if (
+        like.dim() == 4
+        and not like.is_contiguous()
+        and like.is_contiguous(memory_format=torch.channels_last)
+    ):
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.to(like.device) if like.device.type != "cpu" else t
+
+
+def _host_view(t: torch.Tensor) -> np.ndarray | None:
+    """A NumPy view of a CPU tensor's storage. Writes go through NumPy: torch's
+    parallel copy is far slower for many small tensors on a busy machine."""
+    if t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES:
+        return None
+    return t.detach().numpy()
+
+
+def _new_param(arr: np.ndarray, weight: torch.Tensor) -> nn.Parameter:
+    """A new bias for the layer of ``weight``: its dtype, device and ``requires_grad``."""
+    arr = np.asarray(arr).reshape(-1)
+    np_dtype = _NUMPY_DTYPES.get(weight.dtype)
+    if np_dtype is not None:
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np_dtype))
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(weight.dtype)
+    return nn.Parameter(t.to(weight.device), requires_grad=weight.requires_grad)
+
+
+def _clamp_module(
+    model: nn.Module, site: Site, lo: np.ndarray, hi: np.ndarray, like_q: str | None
+) -> PerChannelClamp:
+    like = _like_tensor(model, like_q)
+    source = (
+        type(model.get_submodule(site.module)).__name__ if site.kind == "module" else _fn_name(site)
+    )
+    return PerChannelClamp.from_bounds(
+        lo,
+        hi,
+        spatial_dims=(site.rank - 2) if site.rank is not None else 0,
+        dtype=like.dtype if like is not None and like.is_floating_point() else torch.float32,
+        device=like.device if like is not None else None,
+        source=source,
+    )
+
+
+def _module_paths(model: nn.Module) -> dict[int, list[str]]:
+    paths: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(name)
+    return paths
+
+
+# --- in place ------------------------------------------------------------------------------
+
+
+def write_in_place(cap: Capture, plan: Plan) -> dict[str, int]:
+    model = cap.model
+    # Prepare every new tensor and module first: a failure here changes nothing.
+    updates: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for q, arr in plan.params:
+        p = _resolve(model, q)
+        updates.append((p, _new_tensor(arr, p, q)))
+    biases: list[tuple[nn.Module, nn.Parameter]] = []
+    for site, arr in plan.new_biases:
+        owner = model.get_submodule(site.module or site.owner or "")
+        biases.append((owner, _new_param(arr, _resolve(model, site.weight))))
+    paths = _module_paths(model)
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def swap_everywhere(old: nn.Module, new: nn.Module) -> None:
+        new.train(old.training)
+        for path in paths[id(old)]:
+            parent, _, attr = path.rpartition(".")
+            swaps.append((model.get_submodule(parent), attr, new))
+
+    for module in dict.fromkeys(s.module for s in plan.bn_sites):
+        swap_everywhere(model.get_submodule(module), nn.Identity())
+    done: set[str] = set()
+    for site, lo, hi, _ in plan.clips:
+        if site.module in done:
+            continue
+        done.add(site.module)
+        new = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
+        swap_everywhere(model.get_submodule(site.module), new)
+
+    undo: list = []
+    try:
+        with torch.no_grad():
+            for p, new in updates:
+                view = _host_view(p)
+                if view is not None:
+                    undo.append(("numpy", view, view.copy()))
+                    view[...] = new.numpy()
+                    # what p.copy_ would do: autograd then notices the change
+                    torch.autograd.graph.increment_version(p)
+                else:
+                    undo.append(("copy", p, p.detach().clone()))
+                    p.copy_(new)
+        for owner, param in biases:
+            undo.append(("bias", owner, owner._parameters.get("bias")))
+            owner.bias = param
+        for parent, attr, new in swaps:
+            undo.append(("module", parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, new)
+    except BaseException:
+        for entry in reversed(undo):
+            if entry[0] == "numpy":
+                entry[1][...] = entry[2]
+            elif entry[0] == "copy":
+                with torch.no_grad():
+                    entry[1].copy_(entry[2])
+            elif entry[0] == "bias":
+                entry[1]._parameters["bias"] = entry[2]
+            else:
+                setattr(entry[1], entry[2], entry[3])
+        raise
+    return {
+        "parameters": len(updates),
+        "new biases": len(biases),
+        "batch norms -> Identity": len({s.module for s in plan.bn_sites}),
+        "activations -> PerChannelClamp": len(done),
+    }
+
+
+# --- as a GraphModule ---------------------------------------------------------------------
+
+
+def _fresh(taken: set[str], base: str) -> str:
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
+_BIAS_POSITION = 2  # F.conv*d, F.conv_transpose*d and F.linear take (input, weight, bias, ...)
+
+
+def _set_bias_arg(node: fx.Node, value: Any) -> None:
+    pos = _BIAS_POSITION
+    if len(node.args) > pos:
+        args = list(node.args)
+        args[pos] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, "bias": value}
+
+
+def _reads_as_bias(user: fx.Node, attr: fx.Node) -> bool:
+    pos = _BIAS_POSITION
+    in_args = len(user.args) > pos and user.args[pos] is attr
+    others = [a for i, a in enumerate(user.args) if i != pos and a is attr]
+    return (in_args or user.kwargs.get("bias") is attr) and not others
+
+
+def _scopes(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+
+
+def _collapse_layer_modules(
+    g: fx.Graph, cap: Capture, plan: Plan
+) -> tuple[set[str], dict[str, fx.Node]]:
+    """Put the calls of traced-through layer modules back.
+
+    Tracing inlines a custom Conv's forward (pad, then ``F.conv2d`` on ``get_attr``
+    weights). Where nothing inside such a call is edited, the GraphModule calls (a copy
+    of) the module itself instead, so that module-based tools (quantization simulators,
+    hooks) still find a Conv2d there. Returns the modules collapsed, and the module call
+    that replaces each erased region's output."""
+    edited = {s.fx for s in plan.bn_sites} | {s.fx for s, *_ in plan.clips}
+    edited |= {s.fx for s, _ in plan.new_biases if not s.bias_slot}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    nodes = list(g.nodes)
+    collapsed: set[str] = set()
+    replaced: dict[str, fx.Node] = {}
+    for site in cap.sites.values():
+        owner = site.owner
+        if (
+            site.kind == "module"
+            or site.op not in ("conv", "conv_transpose", "linear")
+            or not owner
+        ):
+            continue
+        n = next((x for x in g.nodes if x.name == site.fx), None)
+        if n is None or site.scope != owner:
+            continue  # the call did not come from the owner's own forward
+        start = end = order[n]
+        while start > 0 and owner in _scopes(nodes[start - 1]):
+            start -= 1
+        while end + 1 < len(nodes) and owner in _scopes(nodes[end + 1]):
+            end += 1
+        region = nodes[start : end + 1]
+        inside = set(region)
+        if any(x.name in edited or x.op in ("placeholder", "output") for x in region):
+            continue
+        inputs = {a for x in region for a in x.all_input_nodes if a not in inside}
+        outputs = [x for x in region if any(u not in inside for u in x.users)]
+        if len(inputs) != 1 or len(outputs) != 1 or next(iter(inputs)).op == "get_attr":
+            continue
+        (inp,), (out,) = inputs, outputs
+        with g.inserting_after(out):
+            call = g.call_module(owner, (inp,))
+        call.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
+        out.replace_all_uses_with(call)
+        for x in reversed(region):
+            g.erase_node(x)
+        collapsed.add(owner)
+        replaced[out.name] = call
+        order = {x: i for i, x in enumerate(g.nodes)}
+        nodes = list(g.nodes)
+    return collapsed, replaced
+
+
+def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
+    model = cap.model
+    g = copy.deepcopy(cap.fx_graph)
+    collapsed, redirect = _collapse_layer_modules(g, cap, plan)
+    nodes = {n.name: n for n in g.nodes}
+    taken = {name for name, _ in model.named_modules()}
+    taken |= {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    taken |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    taken |= {n.target for n in g.nodes if n.op in ("get_attr", "call_module")}
+    new_attrs: dict[str, Any] = {}
+
+    def live(name: str) -> fx.Node:
+        while name in redirect:
+            name = redirect[name].name
+        return nodes[name]
+
+    for site in plan.bn_sites:
+        n = nodes[site.fx]
+        redirect[n.name] = n.args[0]
+        n.replace_all_uses_with(n.args[0])
+        g.erase_node(n)
+
+    for site, lo, hi, _ in plan.clips:
+        n = nodes[site.fx]
+        if site.kind == "module":
+            base = f"{site.module}_cle{site.call_index}"
+        else:
+            base = f"{site.scope}.{site.fx}_clamp" if site.scope else f"{site.fx}_clamp"
+        target = _fresh(taken, base)
+        new_attrs[target] = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
+        with g.inserting_before(n):
+            new = g.call_module(target, (live(site.input),))
+        n.replace_all_uses_with(new)
+        g.erase_node(n)
+
+    module_biases: dict[str, nn.Parameter] = {}
+    for site, arr in plan.new_biases:
+        param = _new_param(arr, _resolve(model, site.weight))
+        if site.kind == "module":
+            module_biases[site.module] = param
+        elif site.owner in collapsed:
+            module_biases[site.owner] = param
+        elif site.bias_slot:
+            new_attrs[site.bias] = param
+        else:
+            target = _fresh(taken, f"{site.owner}.bias" if site.owner else "bias")
+            new_attrs[target] = param
+            n = nodes[site.fx]
+            with g.inserting_before(n):
+                _set_bias_arg(n, g.get_attr(target))
+
+    # Temporary zero biases (see _translate.trace) that nothing filled: drop them.
+    for n in list(g.nodes):
+        if n.op != "get_attr" or n.target not in cap.temp_biases or n.target in new_attrs:
+            continue
+        if all(_reads_as_bias(u, n) for u in n.users):
+            for u in list(n.users):
+                _set_bias_arg(u, None)
+            g.erase_node(n)
+        else:
+            owner = n.target.rpartition(".")[0]
+            like = _like_tensor(model, f"{owner}.weight" if owner else "weight")
+            new_attrs[n.target] = nn.Parameter(
+                torch.zeros(
+                    cap.temp_biases[n.target],
+                    dtype=like.dtype if like is not None else torch.float32,
+                    device=like.device if like is not None else None,
+                ),
+                requires_grad=False,
+            )
+
+    # Changed parameters are made anew (not copied, then overwritten): pre-seeding the
+    # deepcopy memo puts them wherever the copies would have gone, ties included.
+    memo: dict[int, Any] = {}
+    for q, arr in plan.params:
+        orig = _resolve(model, q)
+        if id(orig) not in memo:
+            new = _new_tensor(arr, orig, q)
+            memo[id(orig)] = (
+                nn.Parameter(new, requires_grad=orig.requires_grad)
+                if isinstance(orig, nn.Parameter)
+                else new
+            )
+    root: dict[str, Any] = {}
+    for n in g.nodes:
+        if n.op == "call_module" and n.target not in root:
+            if n.target in new_attrs:
+                root[n.target] = new_attrs[n.target]
+            else:
+                root[n.target] = copy.deepcopy(model.get_submodule(n.target), memo)
+    for n in g.nodes:
+        if n.op != "get_attr" or n.target in root:
+            continue
+        if n.target in new_attrs:
+            root[n.target] = new_attrs[n.target]
+        elif n.target in cap.constants:
+            root[n.target] = copy.deepcopy(cap.constants[n.target], memo)
+        else:
+            root[n.target] = copy.deepcopy(_resolve(model, n.target), memo)
+
+    for module, param in module_biases.items():
+        root[module].bias = param
+
+    g.lint()
+    gm = fx.GraphModule(root, g, class_name=f"{type(model).__name__}Equalized")
+    originals = dict(model.named_modules())
+    for name, m in gm.named_modules():
+        probe = name
+        while probe not in originals:  # a new module: its parent's flag
+            probe = probe.rpartition(".")[0]
+        m.training = originals[probe].training
+    return gm
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def apply(cap: Capture, result: EqualizeResult, allow_graph_module: bool = True) -> nn.Module:
+    """Write ``result`` back; returns ``cap.model`` (in place) or a new GraphModule."""
+    plan = make_plan(cap, result)
+    what = type(cap.model).__name__
+    if not plan.reasons:
+        counts = write_in_place(cap, plan)
+        log.info(
+            "equalized %s in place: %s",
+            what,
+            ", ".join(f"{v} {k}" for k, v in counts.items()),
+        )
+        return cap.model
+    shown = "; ".join(plan.reasons[:3])
+    more = f" (and {len(plan.reasons) - 3} more)" if len(plan.reasons) > 3 else ""
+    if not allow_graph_module:
+        raise NotInPlaceError(
+            f"the result cannot be written onto {what}'s module tree: {shown}{more}. Nothing "
+            "was changed; allow a rewritten torch.fx.GraphModule (allow_graph_module=True) "
+            "to get it."
+        )
+    gm = build_graph_module(cap, plan)
+    log.warning(
+        "the result cannot be written onto %s's module tree (%s%s); returning a rewritten "
+        "torch.fx.GraphModule and leaving the model unchanged: use the returned model",
+        what,
+        shown,
+        more,
+    )
+    return gm

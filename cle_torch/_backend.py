@@ -1,0 +1,159 @@
+"""The torch backend: Python API (AIMET-compatible names) and the cle_core plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from cle_core import Backend, EqualizeOptions, EqualizeResult, Graph, Report, equalize
+
+from ._apply import apply, make_plan, write_in_place
+from ._modules import NotInPlaceError
+from ._translate import Capture, capture
+
+_META = "torch_capture"
+_BACKEND_OPTIONS = ("leaf_modules", "allow_training_mode", "allow_graph_module")
+
+
+class TorchBackend(Backend):
+    """Translates ``torch.nn.Module`` to the IR and writes results back.
+
+    Options (keyword arguments of :func:`cle_core.equalize_model` that are not
+    :class:`cle_core.EqualizeOptions` fields): ``input_shapes``, ``dummy_input``,
+    ``leaf_modules``, ``allow_training_mode``, ``allow_graph_module``; see
+    :func:`cle_torch.equalize_model`.
+    """
+
+    name = "torch"
+
+    def to_ir(
+        self,
+        model: nn.Module,
+        input_shapes: Any = None,
+        dummy_input: Any = None,
+        leaf_modules: Iterable[type | str] = (),
+        allow_training_mode: bool = False,
+        allow_graph_module: bool = True,
+        **options: Any,
+    ) -> Graph:
+        _no_options(options)
+        cap = capture(model, input_shapes, dummy_input, leaf_modules, allow_training_mode)
+        cap.ir.metadata[_META] = cap
+        return cap.ir
+
+    def apply(
+        self,
+        model: nn.Module,
+        result: EqualizeResult,
+        input_shapes: Any = None,
+        dummy_input: Any = None,
+        leaf_modules: Iterable[type | str] = (),
+        allow_training_mode: bool = False,
+        allow_graph_module: bool = True,
+        **options: Any,
+    ) -> nn.Module:
+        _no_options(options)
+        cap: Capture = result.graph.metadata[_META]
+        if cap.model is not model:
+            raise ValueError("apply() got a different model than to_ir()")
+        return apply(cap, result, allow_graph_module)
+
+
+def _no_options(options: dict) -> None:
+    if options:
+        raise TypeError(f"unexpected options for the torch backend: {', '.join(sorted(options))}")
+
+
+def equalize_model(
+    model: nn.Module,
+    input_shapes: Any = None,
+    dummy_input: Any = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    allow_training_mode: bool = False,
+    allow_graph_module: bool = True,
+    **options: Any,
+) -> tuple[nn.Module, Report]:
+    """Cross-layer equalization of a PyTorch model: fold batch norms, scale, absorb high
+    biases. The FP32 function is kept (up to float rounding). Returns
+    ``(equalized model, report)``.
+
+    The same name and leading arguments as AIMET's ``equalize_model``. The model is
+    equalized **in place** when every change can be written onto its module tree, and
+    then the returned model *is* ``model``. Otherwise (a bounded activation such as
+    ``F.relu6`` that is a function call and needs per-channel bounds, one activation
+    module called at places that need different bounds, ...) ``model`` is left untouched
+    and the returned model is a rewritten ``torch.fx.GraphModule``; a warning on the
+    ``cle_torch`` logger says why. AIMET's function returns None: code that ignores the
+    return value keeps working whenever the work is done in place; use
+    ``model, report = equalize_model(...)``, or ``allow_graph_module=False`` to get an
+    error instead of a GraphModule.
+
+    Args:
+        model: a ``torch.nn.Module`` in eval mode.
+        input_shapes: shape of the input (a tuple), or a list of shapes for several
+            inputs, as in AIMET. Only ranks and channel counts are used; no forward pass
+            is run.
+        dummy_input: a tensor or a tuple of tensors; an alternative to ``input_shapes``.
+            Needed when a Linear reads a graph input (an MLP): the IR takes Linear inputs
+            as ``(N, features)`` and the rank must be known.
+        leaf_modules: module types or qualified names not to trace into; each is kept as
+            is and blocks equalization around it (for code that cannot be traced).
+        allow_training_mode: equalize a model in training mode as if it were in eval
+            mode (the training flags are kept). Otherwise :class:`TrainingModeError`.
+        allow_graph_module: if False, raise :class:`NotInPlaceError` (before changing
+            anything) where a GraphModule would be returned.
+        **options: :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
+            ``high_bias``, ``high_bias_form`` ...).
+
+    Raises:
+        UntraceableModelError: torch.fx cannot trace the forward (the message says where
+            and what to try).
+        TrainingModeError, NotInPlaceError, and other :class:`cle_core.CLEError`
+        subclasses; the model is then unchanged.
+    """
+    cle_options, rest = EqualizeOptions.from_kwargs(**options)
+    _no_options(rest)
+    cap = capture(model, input_shapes, dummy_input, leaf_modules, allow_training_mode)
+    result = equalize(cap.ir, cle_options)
+    return apply(cap, result, allow_graph_module), result.report
+
+
+def fold_all_batch_norms(
+    model: nn.Module,
+    input_shapes: Any = None,
+    dummy_input: Any = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    allow_training_mode: bool = False,
+) -> list[tuple[nn.Module, nn.Module]]:
+    """Fold every batch norm that can be folded exactly into its Conv / ConvTranspose /
+    Linear, in place (AIMET's name and arguments). Folded BNs become ``nn.Identity``; a
+    layer without a bias gets one. Returns the folded ``(layer, batch norm)`` module
+    pairs (a BN folded into the inputs of several layers gives one pair per layer).
+
+    Raises :class:`NotInPlaceError`, changing nothing, when a fold cannot be written
+    onto the module tree (a BN module called at several places of which only some can
+    be folded, or a layer whose ``forward`` passes no bias); ``equalize_model(model,
+    scale=False, high_bias=False)`` then returns a rewritten GraphModule instead.
+    """
+    cap = capture(model, input_shapes, dummy_input, leaf_modules, allow_training_mode)
+    result = equalize(cap.ir, EqualizeOptions(scale=False, high_bias=False))
+    plan = make_plan(cap, result)
+    if plan.reasons:
+        raise NotInPlaceError(
+            f"cannot fold the batch norms of {type(model).__name__} in place: "
+            f"{'; '.join(plan.reasons)}. Nothing was changed; "
+            "equalize_model(model, scale=False, high_bias=False) returns a rewritten "
+            "torch.fx.GraphModule instead."
+        )
+    pairs = []
+    for fold in result.report.folds:
+        bn = model.get_submodule(cap.sites[cap.ir_names[fold.bn]].module)
+        for layer in fold.layers:
+            site = cap.sites[cap.ir_names[layer]]
+            pairs.append((model.get_submodule(site.module or site.owner or ""), bn))
+    write_in_place(cap, plan)
+    return pairs
