@@ -32,3 +32,4 @@ def bench(session: nox.Session) -> None:
     session.install(*INSTALL)
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_onnx.py")
+    session.run("python", "benchmarks/bench_torch.py")
