@@ -23,7 +23,7 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._executor import run_graph
-from ._ir import Graph, Node, Value
+from ._ir import Graph, Node, Value, unique_name
 from ._math import Layout
 from ._report import (
     EqualizeOptions,
@@ -67,4 +67,5 @@ __all__ = [
     "hookimpl",
     "hookspecs",
     "run_graph",
+    "unique_name",
 ]

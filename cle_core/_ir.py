@@ -45,6 +45,17 @@ equalization."""
 ALL_OPS = LAYER_OPS | SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS | STRUCTURAL_OPS
 
 
+def unique_name(base: str, taken: set[str], sep: str = "_") -> str:
+    """``base``, or ``base{sep}1``, ``base{sep}2`` ... whichever is not in ``taken``; the
+    name is added to ``taken``. For backends that add nodes or tensors to a model."""
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}{sep}{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
 class Value:
     """A tensor edge. ``producer`` is None for graph inputs."""
 
@@ -145,13 +156,6 @@ class Graph:
         if ref not in self.values:
             self.values[ref] = Value(ref)
         return self.values[ref]
-
-    def _unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.values:
-            name = f"{base}_{i}"
-            i += 1
-        return name
 
     def add_input(self, name: str, channels: int | None = None) -> Value:
         value = self._value(name)

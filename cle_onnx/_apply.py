@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from cle_core import EqualizeResult, Node
+from cle_core import EqualizeResult, Node, unique_name
 
 from ._translate import Translation
 
@@ -28,12 +28,7 @@ class _Writer:
         self.pending: dict[str, np.ndarray] = {}  # external tensors: written when saving
 
     def fresh(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken_names:
-            name = f"{base}_{i}"
-            i += 1
-        self.taken_names.add(name)
-        return name
+        return unique_name(base, self.taken_names)
 
     def put(self, name: str, arr: np.ndarray, owners: set[int], dims=None) -> str:
         """Store ``arr`` under initializer ``name``; clone it first when a node outside

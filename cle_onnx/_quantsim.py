@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from cle_core import unique_name
 from cle_core._quality import (
     natural_images,
     quantization_grid,
@@ -128,12 +129,7 @@ class _Names:
         self._used = used
 
     def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._used:
-            name = f"{base}_{k}"
-            k += 1
-        self._used.add(name)
-        return name
+        return unique_name(base, self._used)
 
 
 def _add_initializer(model: onnx.ModelProto, array: np.ndarray, name: str) -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.padding import _ConstantPadNd
 
-from cle_core import Graph, Layout
+from cle_core import Graph, Layout, unique_name
 
 from ._modules import PerChannelClamp
 from ._trace import (
@@ -291,12 +291,7 @@ class _Translator:
         raise _Opaque("its input is not a tensor of the graph")
 
     def unique(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used_names:
-            name = f"{base}#{k}"
-            k += 1
-        self.used_names.add(name)
-        return name
+        return unique_name(base, self.used_names, sep="#")
 
     def is_shape_only(self, node: fx.Node) -> bool:
         """Nodes that only read shapes (``x.size(0)``, ``x.shape[0] * 2``): scaling never
