@@ -88,6 +88,14 @@ def _add_cle_options(p: argparse.ArgumentParser) -> None:
         help="also absorb into layers that zero-pad the activation (inexact at borders)",
     )
     g.add_argument(
+        "--activation-weight",
+        type=float,
+        default=EqualizeOptions.activation_weight,
+        metavar="W",
+        help="weight of activation ranges (clip bounds, BN statistics) in the scale choice; "
+        "0 is pure weight-range balance (default: %(default)s; 0.2 helps W8A8, see docs)",
+    )
+    g.add_argument(
         "--max-sweeps",
         type=int,
         default=EqualizeOptions.max_sweeps,
@@ -112,6 +120,7 @@ def _options(args) -> EqualizeOptions:
         high_bias_through_padding=args.high_bias_through_padding,
         max_sweeps=args.max_sweeps,
         tolerance=args.tolerance,
+        activation_weight=args.activation_weight,
     )
 
 

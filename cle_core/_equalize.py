@@ -87,6 +87,7 @@ def equalize(
             options.max_sweeps,
             options.tolerance,
             lambda sweep: report_progress("scaling", 0.2 + 0.6 * sweep / options.max_sweeps),
+            options.activation_weight,
         )
         changed |= outcome.changed
         sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change

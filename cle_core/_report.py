@@ -30,6 +30,11 @@ class EqualizeOptions:
         high_bias_through_padding: also absorb into layers that zero-pad the activation
             (inexact at the borders). Off by default.
         high_bias_sigmas: the shift is ``max(0, beta - sigmas * |gamma|)``.
+        activation_weight: weight of the activation ranges in the scale choice (0, the
+            default, is the paper's pure weight-range balance). Positive values treat a
+            bounded activation's estimated range (its clip bound, or ``|beta| + 3|gamma|``
+            of the folded BN) as one more source of its region, so scaling no longer
+            blows up the per-tensor activation grid. Exact for any value.
     """
 
     fold_bn: bool = True
@@ -40,6 +45,7 @@ class EqualizeOptions:
     high_bias_form: Literal["exact", "classic"] = "exact"
     high_bias_through_padding: bool = False
     high_bias_sigmas: float = 3.0
+    activation_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_sweeps < 1:
@@ -50,6 +56,8 @@ class EqualizeOptions:
             raise CLEError("high_bias_form must be 'exact' or 'classic'")
         if not (self.high_bias_sigmas >= 0):
             raise CLEError("high_bias_sigmas must be >= 0")
+        if not (self.activation_weight >= 0) or self.activation_weight == float("inf"):
+            raise CLEError("activation_weight must be finite and >= 0")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> tuple[EqualizeOptions, dict[str, Any]]:

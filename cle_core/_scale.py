@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._ir import Node
+from ._ir import SCALABLE_ACTIVATIONS, Node
 from ._math import RangeSummary, region_scales, scale_bounds, scale_layer, triple_scales
 from ._regions import Region
 
@@ -88,13 +88,50 @@ def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
     return found
 
 
+def activation_floors(regions: list[Region], weight: float, summaries) -> dict:
+    """Per region with an activation: ``weight * kappa * a`` per channel, where
+    ``a`` estimates the activation's range (the clip bound, or ``|beta| + 3 |gamma|`` of
+    the folded BN that feeds it if smaller) and ``kappa`` puts it on the scale of the
+    sources' weight ranges (largest over largest, before scaling). The balance then
+    treats a channel's activation like one more source: after scaling, a channel whose
+    activation would dominate the per-tensor activation grid is held back."""
+    floors: dict[int, np.ndarray] = {}
+    if weight <= 0:
+        return floors
+    for region in regions:
+        if not any(n.op in SCALABLE_ACTIVATIONS for n in region.through):
+            continue
+        a = np.full(region.size, np.inf)
+        for clip, off in region.clips:
+            n = clip.inputs[0].channels
+            bound = np.maximum(np.abs(clip.params["lo"]), np.abs(clip.params["hi"]))
+            a[off : off + n] = np.minimum(a[off : off + n], np.broadcast_to(bound, (n,)))
+        src = np.zeros(region.size)
+        for node, off in region.sources:
+            raw = summaries[id(node)].raw_out
+            src[off : off + len(raw)] = np.maximum(src[off : off + len(raw)], raw)
+            stats = node.attrs.get("bn_stats")
+            if stats is not None:
+                estimate = np.abs(stats["beta"]) + 3.0 * np.abs(stats["gamma"])
+                a[off : off + len(raw)] = np.minimum(a[off : off + len(raw)], estimate)
+        a = np.where(np.isfinite(a), a, 0.0)
+        if a.max() > 0 and src.max() > 0:
+            floors[region.id] = weight * (src.max() / a.max()) * a
+    return floors
+
+
 def scale_regions(
-    regions: list[Region], max_sweeps: int, tolerance: float, on_sweep=None
+    regions: list[Region],
+    max_sweeps: int,
+    tolerance: float,
+    on_sweep=None,
+    activation_weight: float = 0.0,
 ) -> ScaleOutcome:
     """Compute the scales of every region and apply them to the graph."""
     links = _Links(regions)
     summaries = {key: RangeSummary(node.weight, node.layout) for key, node in links.nodes.items()}
     scales = {r.id: np.ones(r.size) for r in regions}
+    floors = activation_floors(regions, activation_weight, summaries)
 
     def balance(region: Region) -> np.ndarray:
         src = np.zeros(region.size)
@@ -108,6 +145,8 @@ def scale_regions(
             per_channel = in_r.reshape(-1, repeat).max(axis=1)
             window = snk[off : off + len(per_channel)]
             np.maximum(window, per_channel, out=window)
+        if region.id in floors:
+            np.maximum(src, floors[region.id], out=src)
         return region_scales([src], [snk])
 
     def balance_triple(first: Region, second: Region) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +158,8 @@ def scale_regions(
         r2 = summaries[id(tail)].in_ranges(None, links.s_out(tail, scales))
         return triple_scales(r0, r1, r2)
 
-    triples = _triples(regions)
+    # The closed form knows no activation floors: such triples are swept pairwise.
+    triples = [t for t in _triples(regions) if t[0].id not in floors and t[1].id not in floors]
     partner = {first.id: second for first, second in triples}
     seconds = {second.id for _, second in triples}
 

@@ -312,6 +312,18 @@ def test_conv_transpose_regions_are_exact():
     assert_same_function(g, before)
 
 
+def test_activation_weight_holds_back_channels_with_large_activations():
+    # conv -> BN -> ReLU6 -> conv: with a positive weight, a channel whose activation
+    # range (BN statistics, capped by the clip) is large relative to its weight range
+    # gets a larger scale than plain balance gives it, so its activation shrinks less.
+    g_plain, g_act = high_bias_graph(), high_bias_graph()
+    plain = equalize(g_plain, EqualizeOptions(high_bias=False)).report.regions[0].scales
+    act = equalize(g_act, EqualizeOptions(high_bias=False, activation_weight=1.0)).report
+    scales = act.regions[0].scales
+    assert np.all(scales >= plain * (1 - 1e-9)) and np.any(scales > plain * 1.01)
+    assert act.options.activation_weight == 1.0
+
+
 def test_not_converged_is_reported():
     g = mobilenet_like()
     report = equalize(g, EqualizeOptions(max_sweeps=1, tolerance=1e-12)).report

@@ -41,6 +41,14 @@ def test_equalize_preserves_the_function(graph, high_bias):
     assert rel_err(before, outputs(graph, x)) < 1e-9
 
 
+@given(graphs(), st.sampled_from([0.2, 1.0, 5.0]))
+def test_activation_weight_keeps_the_function(graph, weight):
+    x = feed(graph)
+    before = outputs(graph, x)
+    equalize(graph, EqualizeOptions(activation_weight=weight))
+    assert rel_err(before, outputs(graph, x)) < 1e-9
+
+
 @given(graphs())
 def test_fold_and_carry_alone_are_exact(graph):
     x = feed(graph)
