@@ -73,12 +73,16 @@ def main() -> None:
     capture_s, core_s, write_s = (statistics.median(p) for p in zip(*parts, strict=True))
 
     no_hba, _ = cle_torch.equalize_model(copy.deepcopy(model), input_shapes=SHAPE, high_bias=False)
+    act_w, _ = cle_torch.equalize_model(
+        copy.deepcopy(model), input_shapes=SHAPE, activation_weight=0.2
+    )
     folded = copy.deepcopy(model)
     cle_torch.fold_all_batch_norms(folded, input_shapes=SHAPE)
     images = natural_images()
     before = evaluate_torch(model, folded, images)
     after = evaluate_torch(model, equalized, images)
     after_no_hba = evaluate_torch(model, no_hba, images)
+    after_act_w = evaluate_torch(model, act_w, images)
 
     print(
         f"cle_torch.equalize_model: median {statistics.median(times):.3f} s over "
@@ -100,6 +104,7 @@ def main() -> None:
     print(row("BN folded, no CLE", before))
     print(row("cle_torch.equalize_model", after))
     print(row("  same, high_bias=False", after_no_hba))
+    print(row("  same, activation_weight=0.2", after_act_w))
     print("targets: FP32 >= 80 dB, W8 >= 14 dB, time < 0.25 s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
