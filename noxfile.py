@@ -33,3 +33,4 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_core.py", *session.posargs)
     session.run("python", "benchmarks/bench_onnx.py")
     session.run("python", "benchmarks/bench_torch.py")
+    session.run("python", "benchmarks/bench_other_networks.py")
