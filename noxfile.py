@@ -1,10 +1,10 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s bench``."""
+"""Developer sessions: ``nox -s tests``, ``lint``, ``docs``, ``bench``."""
 
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 # torch is pinned before the project so that pip takes the local CPU build.
@@ -34,3 +34,11 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_onnx.py")
     session.run("python", "benchmarks/bench_torch.py")
     session.run("python", "benchmarks/bench_other_networks.py")
+
+
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """The documentation, warnings as errors; its code examples run as doctests."""
+    session.install(*INSTALL)
+    session.run("sphinx-build", "-W", "-b", "html", "docs", "docs/_build/html")
+    session.run("sphinx-build", "-W", "-b", "doctest", "docs", "docs/_build/doctest")

@@ -111,8 +111,9 @@ def equalize_model(
     Raises:
         UntraceableModelError: torch.fx cannot trace the forward (the message says where
             and what to try).
-        TrainingModeError, NotInPlaceError, and other :class:`cle_core.CLEError`
-        subclasses; the model is then unchanged.
+        TrainingModeError: the model is in training mode (see ``allow_training_mode``).
+        NotInPlaceError: ``allow_graph_module=False`` and the result needs a GraphModule.
+        CLEError: any other bad input; the model is then unchanged.
     """
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
