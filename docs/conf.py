@@ -7,6 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The docs' examples use the test suite's small models and its toy plugin backend.
+sys.path.insert(0, str(ROOT / "tests"))
 
 project = "crosslayer-eq"
 author = "the crosslayer-eq developers"
