@@ -223,6 +223,9 @@ class _Reader:
             except Exception:  # not foldable after all: the node stays opaque
                 continue
             for name, value in zip(node.output, outs, strict=False):
+                value = np.asarray(value)
+                if value.dtype == object and not any(isinstance(v, _Dim) for v in value.flat):
+                    value = value.astype(np.int64)  # the symbolic dims were sliced away
                 self.constants[name] = value
 
     # --- helpers ----------------------------------------------------------------------

@@ -28,9 +28,14 @@ def efficientnet_lite0():
     return model.eval()
 
 
-def export_onnx(model, path: str | os.PathLike, size: int = 224, opset: int = 13) -> None:
+def export_onnx(
+    model, path: str | os.PathLike, size: int = 224, opset: int = 13, keep_batchnorm: bool = False
+) -> None:
     """Export a torch image classifier to ONNX with a dynamic batch axis (input
-    ``input``, output ``logits``), with the TorchScript exporter."""
+    ``input``, output ``logits``), with the TorchScript exporter. By default the exporter
+    folds batch norms into the convolutions; ``keep_batchnorm=True`` keeps them as
+    BatchNormalization nodes (no constant folding), so the ONNX backend folds them itself
+    and keeps their statistics for high-bias absorption and activation estimates."""
     import warnings
 
     import torch
@@ -47,4 +52,9 @@ def export_onnx(model, path: str | os.PathLike, size: int = 224, opset: int = 13
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=False,
+            **(
+                {"do_constant_folding": False, "training": torch.onnx.TrainingMode.PRESERVE}
+                if keep_batchnorm
+                else {}
+            ),
         )

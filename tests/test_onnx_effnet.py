@@ -47,3 +47,18 @@ def test_effnet_lite0_onnx_is_equalized_exactly(effnet_onnx):
     assert sum(n.op_type == "Min" for n in eq.graph.node) == 33
     before, after = report.mean_sqnr()
     assert after > before + 3
+
+
+def test_effnet_lite0_onnx_with_batchnorm_nodes(tmp_path):
+    # Without constant folding the exporter keeps the BNs and computes Pad's pads from
+    # Shape(input): the symbolic batch dimension is sliced away and the pads still fold.
+    path = tmp_path / "effnet_bn.onnx"
+    export_onnx(efficientnet_lite0(), path, keep_batchnorm=True)
+    model = onnx.load(str(path))
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 49
+    eq, report = cle_onnx.equalize_model(model)
+    assert len(report.folds) == 49 and len(report.regions) >= 40
+    assert len(report.high_bias) == 16 and all(h.exact for h in report.high_bias)
+    x = np.random.default_rng(1).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    a, b = logits(model, x), logits(eq, x)
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
