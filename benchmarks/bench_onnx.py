@@ -27,16 +27,9 @@ import onnx
 
 import cle_onnx
 from cle_core._cli import main as cle
-from cle_core._quality import natural_images
+from cle_core._quality import natural_images, quality_table
 from cle_onnx._quantsim import evaluate
 from cle_torch._examples import efficientnet_lite0, export_onnx
-
-
-def row(name: str, r: dict) -> str:
-    return (
-        f"{name:<28} {r['fp32_sqnr']:>9.1f} {r['w8_sqnr']:>8.2f} {r['w8_top1']:>8.3f} "
-        f"{r['w8a8_sqnr']:>9.2f} {r['w8a8_top1']:>9.3f}"
-    )
 
 
 def main() -> None:
@@ -76,16 +69,14 @@ def main() -> None:
         f"cle equalize, file to file: median {statistics.median(times):.3f} s "
         f"over {args.repeat} runs (target < 1 s)"
     )
-    print(
-        f"{'EfficientNet-Lite0, ONNX':<28} {'FP32 dB':>9} {'W8 dB':>8} {'W8 top1':>8} "
-        f"{'W8A8 dB':>9} {'W8A8 top1':>9}"
-    )
-    print(row("BN folded, no CLE", before))
-    print(row("cle equalize (defaults)", after))
-    print(row("  activation_weight=0.2", after_weighted))
+    rows = [
+        ("BN folded, no CLE", before),
+        ("cle equalize (defaults)", after),
+        ("  activation_weight=0.2", after_weighted),
+    ]
+    print(quality_table(rows, "EfficientNet-Lite0, ONNX"))
     print("exported with its BatchNormalization nodes (keep_batchnorm=True):")
-    for name, r in bn_rows:
-        print(row(name, r))
+    print(quality_table(bn_rows, "EfficientNet-Lite0, ONNX + BN"))
     print("targets: FP32 >= 80 dB, W8 >= 14 dB")
 
 

@@ -26,20 +26,13 @@ import torch
 
 import cle_torch
 from cle_core import EqualizeOptions, equalize
-from cle_core._quality import natural_images
+from cle_core._quality import natural_images, quality_table
 from cle_torch._apply import apply
 from cle_torch._examples import efficientnet_lite0
 from cle_torch._quantsim import evaluate_torch
 from cle_torch._translate import capture
 
 SHAPE = (1, 3, 224, 224)
-
-
-def row(name: str, r: dict) -> str:
-    return (
-        f"{name:<30} {r['fp32_sqnr']:>9.1f} {r['w8_sqnr']:>8.2f} {r['w8_top1']:>8.3f} "
-        f"{r['w8a8_sqnr']:>9.2f} {r['w8a8_top1']:>9.3f}"
-    )
 
 
 def main() -> None:
@@ -97,14 +90,13 @@ def main() -> None:
         f"{len(report.folds)} BNs folded, {report.sweeps} sweeps, "
         f"{len(report.high_bias)} high biases absorbed"
     )
-    print(
-        f"{'EfficientNet-Lite0, torch':<30} {'FP32 dB':>9} {'W8 dB':>8} {'W8 top1':>8} "
-        f"{'W8A8 dB':>9} {'W8A8 top1':>9}"
-    )
-    print(row("BN folded, no CLE", before))
-    print(row("cle_torch.equalize_model", after))
-    print(row("  same, high_bias=False", after_no_hba))
-    print(row("  same, activation_weight=0.2", after_act_w))
+    rows = [
+        ("BN folded, no CLE", before),
+        ("cle_torch.equalize_model", after),
+        ("  same, high_bias=False", after_no_hba),
+        ("  same, activation_weight=0.2", after_act_w),
+    ]
+    print(quality_table(rows, "EfficientNet-Lite0, torch"))
     print("targets: FP32 >= 80 dB, W8 >= 14 dB, time < 0.25 s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 

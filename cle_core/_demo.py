@@ -130,33 +130,26 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
 
 
 def _format(rows, torch_report, onnx_report, torch_fp32, n_images, out, plot_note) -> str:
-    def db(v: float) -> str:
-        return f"{v:8.1f}" if v != float("inf") else f"{'exact':>8}"
+    from ._quality import quality_table
 
-    lines = [
-        "EfficientNet-Lite0 (ImageNet, pretrained), cross-layer equalization",
-        f"  PyTorch backend: {len(torch_report.folds)} BNs folded, {len(torch_report.regions)} "
-        f"regions, {len(torch_report.high_bias)} high biases absorbed (exact); FP32 logits "
-        f"SQNR vs original {torch_fp32:.1f} dB on 16 images",
-        f"  ONNX backend:    {len(onnx_report.folds)} BNs folded, {len(onnx_report.regions)} "
-        f"regions, {len(onnx_report.high_bias)} high biases absorbed (exact), on an export "
-        "that keeps the BatchNormalization nodes",
-        "",
-        f"Simulated per-tensor INT8 on {n_images} natural images (onnxruntime, QDQ), logits "
-        "against the FP32 model:",
-        f"  {'pipeline':<24} {'FP32 dB':>8} {'W8 dB':>7} {'W8 top1':>8} {'W8A8 dB':>8} "
-        f"{'W8A8 top1':>9}",
-    ]
-    for name, r in rows:
-        lines.append(
-            f"  {name:<24} {db(r['fp32_sqnr'])} {r['w8_sqnr']:7.2f} {r['w8_top1']:8.3f} "
-            f"{r['w8a8_sqnr']:8.2f} {r['w8a8_top1']:9.3f}"
-        )
-    lines += [
-        "",
-        f"wrote {out}: effnet_lite0.onnx (export, BNs folded), effnet_lite0_bn.onnx (export "
-        "with BNs), effnet_lite0_cle.onnx (equalized), report_onnx.json, report_torch.json, "
-        "results.txt, results.json",
-        plot_note,
-    ]
-    return "\n".join(lines)
+    table = quality_table([("  " + name, r) for name, r in rows], "  pipeline", 26)
+    return "\n".join(
+        [
+            "EfficientNet-Lite0 (ImageNet, pretrained), cross-layer equalization",
+            f"  PyTorch backend: {len(torch_report.folds)} BNs folded, "
+            f"{len(torch_report.regions)} regions, {len(torch_report.high_bias)} high biases "
+            f"absorbed (exact); FP32 logits SQNR vs original {torch_fp32:.1f} dB on 16 images",
+            f"  ONNX backend:    {len(onnx_report.folds)} BNs folded, "
+            f"{len(onnx_report.regions)} regions, {len(onnx_report.high_bias)} high biases "
+            "absorbed (exact), on an export that keeps the BatchNormalization nodes",
+            "",
+            f"Simulated per-tensor INT8 on {n_images} natural images (onnxruntime, QDQ), "
+            "logits against the FP32 model:",
+            table,
+            "",
+            f"wrote {out}: effnet_lite0.onnx (export, BNs folded), effnet_lite0_bn.onnx (export "
+            "with BNs), effnet_lite0_cle.onnx (equalized), report_onnx.json, report_torch.json, "
+            "results.txt, results.json",
+            plot_note,
+        ]
+    )

@@ -311,3 +311,20 @@ def images_from_folder(
         resized = skimage.transform.resize(crop, hw, order=1, mode="reflect", anti_aliasing=True)
         out[k] = (np.clip(resized, 0.0, 1.0).transpose(2, 0, 1) - m) / s
     return out
+
+
+def quality_table(rows, label: str = "pipeline", width: int = 30) -> str:
+    """``(name, result)`` rows, each result holding ``fp32_sqnr``, ``w8_sqnr``,
+    ``w8_top1``, ``w8a8_sqnr`` and ``w8a8_top1``, as the table the demo and the
+    benchmarks print. An infinite FP32 SQNR reads ``exact``."""
+    lines = [
+        f"{label:<{width}} {'FP32 dB':>8} {'W8 dB':>7} {'W8 top1':>8} {'W8A8 dB':>8} "
+        f"{'W8A8 top1':>9}"
+    ]
+    for name, r in rows:
+        fp32 = "exact" if r["fp32_sqnr"] == float("inf") else f"{r['fp32_sqnr']:.1f}"
+        lines.append(
+            f"{name:<{width}} {fp32:>8} {r['w8_sqnr']:7.2f} {r['w8_top1']:8.3f} "
+            f"{r['w8a8_sqnr']:8.2f} {r['w8a8_top1']:9.3f}"
+        )
+    return "\n".join(lines)

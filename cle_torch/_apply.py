@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from cle_core import CLEError, EqualizeResult, Node
+from cle_core import CLEError, EqualizeResult, Node, unique_name
 
 from ._modules import NotInPlaceError, PerChannelClamp
 from ._translate import Capture, Site
@@ -301,15 +301,6 @@ def write_in_place(cap: Capture, plan: Plan) -> dict[str, int]:
 # --- as a GraphModule ---------------------------------------------------------------------
 
 
-def _fresh(taken: set[str], base: str) -> str:
-    name, k = base, 1
-    while name in taken:
-        name = f"{base}_{k}"
-        k += 1
-    taken.add(name)
-    return name
-
-
 _BIAS_POSITION = 2  # F.conv*d, F.conv_transpose*d and F.linear take (input, weight, bias, ...)
 
 
@@ -417,7 +408,7 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
             base = f"{site.module}_cle{site.call_index}"
         else:
             base = f"{site.scope}.{site.fx}_clamp" if site.scope else f"{site.fx}_clamp"
-        target = _fresh(taken, base)
+        target = unique_name(base, taken)
         new_attrs[target] = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
         with g.inserting_before(n):
             new = g.call_module(target, (live(site.input),))
@@ -434,7 +425,7 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
         elif site.bias_slot:
             new_attrs[site.bias] = param
         else:
-            target = _fresh(taken, f"{site.owner}.bias" if site.owner else "bias")
+            target = unique_name(f"{site.owner}.bias" if site.owner else "bias", taken)
             new_attrs[target] = param
             n = nodes[site.fx]
             with g.inserting_before(n):

@@ -208,3 +208,21 @@ def test_natural_images_without_skimage(monkeypatch):
     _quality._natural_images_cached.cache_clear()
     with pytest.raises(ImportError, match="pip install scikit-image"):
         natural_images(7)
+
+
+def test_quality_table_formats_rows():
+    from cle_core._quality import quality_table
+
+    r = {
+        "fp32_sqnr": float("inf"),
+        "w8_sqnr": 6.18,
+        "w8_top1": 0.558,
+        "w8a8_sqnr": 5.74,
+        "w8a8_top1": 0.533,
+    }
+    text = quality_table([("base", r), ("cle", {**r, "fp32_sqnr": 113.64})], "model", 6)
+    assert text.splitlines() == [
+        "model   FP32 dB   W8 dB  W8 top1  W8A8 dB W8A8 top1",
+        "base      exact    6.18    0.558     5.74     0.533",
+        "cle       113.6    6.18    0.558     5.74     0.533",
+    ]
