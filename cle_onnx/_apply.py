@@ -11,6 +11,19 @@ from cle_core import EqualizeResult, Node, unique_name
 from ._translate import Translation
 
 
+def _rank_from_layer(node: Node) -> int:
+    """The rank of an activation's input, from the layer that produces it (shape
+    inference could not tell): a Conv's weight rank, 2 for a Linear. Per-channel bounds
+    only arise inside regions, which start at a layer."""
+    value = node.inputs[0]
+    while value.producer is not None:
+        producer = value.producer
+        if producer.is_layer:
+            return 2 if producer.op == "linear" else producer.weight.ndim
+        value = producer.inputs[0]
+    raise ValueError(f"cannot tell the rank of the input of {node.name!r}")
+
+
 class _Writer:
     def __init__(self, model: onnx.ModelProto, tr: Translation, result: EqualizeResult):
         self.model = model
@@ -117,9 +130,7 @@ class _Writer:
         if lo.size == 1 and hi.size == 1:
             self.replacements[index] = [self.scalar_clip(old, float(lo), float(hi), dtype)]
             return
-        rank = self.tr.ranks.get(x)
-        if rank is None:
-            rank = 4  # per-channel bounds arise behind layers; conv outputs are NC...
+        rank = self.tr.ranks.get(x) or _rank_from_layer(node)
         shape = (-1,) + (1,) * (rank - 2)
         channels = max(lo.size, hi.size)
         lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape).astype(dtype)

@@ -245,3 +245,12 @@ def test_taking_ownership_restores_on_error(tmp_path):
         cle_onnx.equalize_file(src, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_rank_of_a_clip_input_comes_from_its_layer_when_shapes_are_unknown():
+    from cle_onnx._apply import _rank_from_layer
+    from cle_onnx._translate import to_ir
+
+    graph, _ = to_ir(om.gemm_head(1))
+    ranks = {n.name: _rank_from_layer(n) for n in graph.nodes if n.op == "relu"}
+    assert sorted(ranks.values()) == [2, 4]  # behind the Conv, behind the Gemm
