@@ -313,53 +313,39 @@ class _Reader:
         }
 
     def op_Conv(self, index, node, name):
-        if len(node.input) < 2 or not self.is_init(node.input[1]):
-            return False
-        if len(node.input) > 2 and node.input[2] and not self.is_init(node.input[2]):
-            return False
-        w = self.param(node.input[1])
-        a = _attrs(node)
-        attrs = self._conv_attrs(a, w.ndim - 2)
-        if attrs is None or w.ndim < 3:
-            return False
-        bias = self.param(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        ids = {"weight": node.input[1]}
-        if bias is not None:
-            ids["bias"] = node.input[2]
-        self.add(
-            "conv",
-            [node.input[0]],
-            name,
-            index,
-            params={"weight": w, "bias": bias},
-            attrs={**attrs, "layout": Layout(0, 1, int(a.get("group", 1)))},
-            param_ids=ids,
-        )
+        return self._conv_like(index, node, name, "conv")
 
     def op_ConvTranspose(self, index, node, name):
+        return self._conv_like(index, node, name, "conv_transpose")
+
+    def _conv_like(self, index, node, name, op: str):
+        """Conv and ConvTranspose: weight (and bias) initializers, explicit pads."""
+        has_bias = len(node.input) > 2 and bool(node.input[2])
         if len(node.input) < 2 or not self.is_init(node.input[1]):
             return False
-        if len(node.input) > 2 and node.input[2] and not self.is_init(node.input[2]):
+        if has_bias and not self.is_init(node.input[2]):
             return False
         a = _attrs(node)
-        if "output_shape" in a:
+        transposed = op == "conv_transpose"
+        if transposed and "output_shape" in a:
             return False
         w = self.param(node.input[1])
         attrs = self._conv_attrs(a, w.ndim - 2)
         if attrs is None or w.ndim < 3:
             return False
-        attrs["output_padding"] = tuple(a.get("output_padding", (0,) * (w.ndim - 2)))
-        bias = self.param(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if transposed:
+            attrs["output_padding"] = tuple(a.get("output_padding", (0,) * (w.ndim - 2)))
         ids = {"weight": node.input[1]}
-        if bias is not None:
+        if has_bias:
             ids["bias"] = node.input[2]
+        group = int(a.get("group", 1))
         self.add(
-            "conv_transpose",
+            op,
             [node.input[0]],
             name,
             index,
-            params={"weight": w, "bias": bias},
-            attrs={**attrs, "layout": Layout(1, 0, int(a.get("group", 1)))},
+            params={"weight": w, "bias": self.param(node.input[2]) if has_bias else None},
+            attrs={**attrs, "layout": Layout(1, 0, group) if transposed else Layout(0, 1, group)},
             param_ids=ids,
         )
 
