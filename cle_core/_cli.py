@@ -330,7 +330,7 @@ def _demo(args) -> int:
 def _evaluate(args) -> int:
     import numpy as np
 
-    _onnx()
+    cle_onnx = _onnx()
     from cle_onnx import _quantsim
 
     from . import _quality
@@ -338,7 +338,7 @@ def _evaluate(args) -> int:
     if args.bits < 2 or args.bits > 16:
         raise UsageError("--bits must be between 2 and 16")
     paths = [p for p in (args.original, args.equalized) if p]
-    loaded = [_onnx().load(p, external_data=True) for p in paths]
+    loaded = [cle_onnx.load(p, external_data=True) for p in paths]
     inputs = None
     if args.inputs:
         src = Path(args.inputs)

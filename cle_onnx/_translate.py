@@ -20,11 +20,9 @@ MIN_OPSET = 7
 class Translation:
     """What :func:`to_ir` learned about the model, for writing results back."""
 
-    initializers: dict[str, onnx.TensorProto]
     users: dict[str, list[int]]  # value name -> indices of nodes reading it
     ranks: dict[str, int]
     opset: int
-    base_dir: str | None
     owned: dict[str, np.ndarray] = field(default_factory=dict)  # bytes taken out of the proto
     node_names: dict[int, str] = field(default_factory=dict)
 
@@ -60,20 +58,6 @@ def _tensor_array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
     return numpy_helper.to_array(t)
-
-
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is a help, not a requirement
-        inferred = model
-    ranks: dict[str, int] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            ranks[vi.name] = len(t.shape.dim)
-    return ranks
 
 
 def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -185,7 +169,7 @@ class _Reader:
             inferred = model
         self.dims = _dims(inferred)
         self.translation = Translation(
-            self.inits, self.users, {k: len(v) for k, v in self.dims.items()}, self.opset, base_dir
+            self.users, {k: len(v) for k, v in self.dims.items()}, self.opset
         )
         self.graph = Graph(g.name or "onnx")
         self.consumed_adds: set[int] = set()
