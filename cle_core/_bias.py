@@ -39,7 +39,7 @@ def _activation_after(graph: Graph, layer: Node) -> tuple[Node | None, str]:
             return reader, ""
         if reader.op == "clip" and np.all(np.asarray(reader.params["lo"]) == 0):
             return reader, ""
-        return None, f"{layer.name} feeds {reader.name} ({reader.op}), not a ReLU-like activation"
+        return None, f"{layer.name} feeds {reader.describe()}, not a ReLU-like activation"
 
 
 def _following_layers(graph: Graph, act: Node, shared: dict[int, str]):
@@ -82,7 +82,7 @@ def _following_layers(graph: Graph, act: Node, shared: dict[int, str]):
             elif op == "flatten" and repeat == 1 and channels:
                 stack.append((reader.outputs[0], -1))
             else:
-                return [], [], f"the activation is read by {reader.name} ({op})"
+                return [], [], f"the activation is read by {reader.describe()}"
     resolved = []
     for layer, repeat in found:
         if repeat == -1:  # behind a Flatten: channel c is in_features / channels features

@@ -43,16 +43,18 @@ def equalize(
     """Run batch-norm folding, cross-layer scaling and high-bias absorption on ``graph``.
 
     The graph is modified in place and returned in the result, with the report and the
-    names of the nodes a backend must write back. Every check (structure, channel
-    counts, NaN / Inf) runs before the first change, so on error the graph is
-    unchanged.
+    names of the nodes a backend must write back. Inputs are checked (structure, channel
+    counts, NaN / Inf) before the first change, and results (a folded or scaled
+    parameter that overflows its dtype) before returning; on any error the graph is
+    put back as it was.
 
     ``progress``, if given, is called with a stage name and the fraction of the work
     done (0 to 1), for a progress bar.
 
     Raises:
         InvalidGraphError: a cycle, a dangling value or a channel mismatch.
-        NonFiniteError: NaN or Inf in a weight, bias or BN statistic.
+        NonFiniteError: NaN or Inf in a weight, bias or BN statistic, or a result that
+            does not fit the parameter's dtype.
     """
     options = options or EqualizeOptions()
 
@@ -63,7 +65,35 @@ def equalize(
     report_progress("checking", 0.0)
     graph.validate()
     check_finite(graph)
+    restore = graph.checkpoint()
+    try:
+        result = _passes(graph, options, report_progress)
+        check_results_finite(graph, result.changed)
+    except BaseException:
+        restore()
+        raise
+    report_progress("done", 1.0)
+    return result
 
+
+def check_results_finite(graph: Graph, changed) -> None:
+    """Raise :class:`NonFiniteError` naming the node whose new parameters overflowed
+    their dtype (a BN with a tiny variance folded into float16 weights, say)."""
+    by_name = {n.name: n for n in graph.nodes}
+    for name in changed:
+        node = by_name[name]
+        for key, arr in node.params.items():
+            if arr is None or arr.dtype.kind != "f":
+                continue
+            bad = np.isnan(arr) if node.op == "clip" else ~np.isfinite(arr)
+            if np.any(bad):
+                raise NonFiniteError(
+                    f"node {node.name!r} ({node.op}): the equalized {key} does not fit "
+                    f"{arr.dtype} (NaN or Inf after folding or scaling); nothing was changed"
+                )
+
+
+def _passes(graph: Graph, options: EqualizeOptions, report_progress) -> EqualizeResult:
     shared = shared_param_owners(graph)
     folds, skips, changed, removed = [], [], set(), []
     if options.fold_bn:
@@ -135,5 +165,4 @@ def equalize(
         converged=converged,
         max_change=max_change,
     )
-    report_progress("done", 1.0)
     return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))

@@ -88,7 +88,7 @@ def _output_side_blocker(graph: Graph, bn: Node, shared: dict[int, str]) -> str 
     src = bn.inputs[0]
     producer = src.producer
     if producer is None or not producer.is_layer:
-        what = "a graph input" if producer is None else f"{producer.name} ({producer.op})"
+        what = "a graph input" if producer is None else f"{producer.describe()}"
         return f"its input comes from {what}, not a layer"
     if id(producer) in shared:
         return shared[id(producer)]
@@ -103,7 +103,7 @@ def _input_side_blocker(graph: Graph, bn: Node, shared: dict[int, str]) -> str |
         return "its output is a graph output"
     for reader, index in out.uses:
         if not reader.is_layer or index != 0:
-            return f"it feeds {reader.name} ({reader.op}), not a layer"
+            return f"it feeds {reader.describe()}, not a layer"
         if id(reader) in shared:
             return shared[id(reader)]
         if reader.op == "conv_transpose":

@@ -11,7 +11,7 @@ layer takes ``(N, features)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -131,6 +131,16 @@ class Node:
     def pads_input(self) -> bool:
         """True when the layer zero-pads its input (a Conv with non-zero pads)."""
         return self.op == "conv" and any(int(p) != 0 for p in self.attrs.get("pads", ()))
+
+    def describe(self) -> str:
+        """``name (op)`` for messages; an opaque node says what it is and, where the
+        backend gave one, why it was not translated."""
+        if self.op != "opaque":
+            return f"{self.name} ({self.op})"
+        kind = self.attrs.get("kind")
+        why = self.attrs.get("why")
+        what = f"opaque {kind}" if kind else "opaque"
+        return f"{self.name} ({what}: {why})" if why else f"{self.name} ({what})"
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, {self.op})"
@@ -274,6 +284,30 @@ class Graph:
         self.toposort()
         for node in self.nodes:
             _infer_channels(node)
+
+    def checkpoint(self) -> Callable[[], None]:
+        """Remember the structure and parameters; the returned function puts them back.
+
+        Cheap (no array is copied): passes replace parameter arrays and attribute values
+        instead of writing into them, so references are enough. ``equalize`` uses it to
+        leave the graph unchanged when any step fails."""
+        nodes, values = list(self.nodes), dict(self.values)
+        inputs, outputs = list(self.inputs), list(self.outputs)
+        value_state = [(v, v.producer, list(v.uses), v.channels) for v in values.values()]
+        node_state = [
+            (n, n.op, list(n.inputs), list(n.outputs), dict(n.params), dict(n.attrs)) for n in nodes
+        ]
+
+        def restore() -> None:
+            self.nodes, self.values = list(nodes), dict(values)
+            self.inputs, self.outputs = list(inputs), list(outputs)
+            for v, producer, uses, channels in value_state:
+                v.producer, v.uses, v.channels = producer, list(uses), channels
+            for n, op, ins, outs, params, attrs in node_state:
+                n.op, n.inputs, n.outputs = op, list(ins), list(outs)
+                n.params, n.attrs = dict(params), dict(attrs)
+
+        return restore
 
     def clone(self) -> Graph:
         """A copy with copied arrays; handles are shared (they are references)."""

@@ -91,9 +91,17 @@ def _check_finite(name: str, *arrays: np.ndarray | None) -> None:
             raise NonFiniteError(f"{name}: NaN or Inf in input")
 
 
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    """float32 or float64: the precision weight arithmetic is done in. Half-precision
+    weights are computed in float32 and cast back once, so a large factor cannot
+    overflow a temporary (only a result that does not fit the dtype is Inf)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype in (np.float32, np.float64) else np.dtype(np.float32)
+
+
 def _factor(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Cast a float64 per-channel factor to the weight dtype (keeps temporaries small)."""
-    return np.asarray(values, dtype=np.float64).astype(dtype if dtype.kind == "f" else np.float64)
+    """Cast a float64 per-channel factor to the work dtype (keeps temporaries small)."""
+    return np.asarray(values, dtype=np.float64).astype(_work_dtype(dtype))
 
 
 def _rescale(w: np.ndarray, layout: Layout, out_factor=None, in_factor=None) -> np.ndarray:
@@ -101,13 +109,16 @@ def _rescale(w: np.ndarray, layout: Layout, out_factor=None, in_factor=None) -> 
     in_factor[i] (either may be None), in the weight's own layout and dtype."""
     v = grouped_view(w, layout)
     g = layout.groups
-    scaled = v.copy() if out_factor is None and in_factor is None else v
+    scaled = v.astype(_work_dtype(w.dtype), copy=out_factor is None and in_factor is None)
     if out_factor is not None:
         scaled = scaled * _factor(out_factor, w.dtype).reshape(g, -1)[:, :, None, None]
     if in_factor is not None:
         scaled = scaled * _factor(in_factor, w.dtype).reshape(g, -1)[:, None, :, None]
     back = scaled.swapaxes(1, 2) if layout.out_axis == 1 else scaled
-    return np.ascontiguousarray(back).reshape(w.shape)
+    with np.errstate(over="ignore"):  # overflow is reported by the caller, with a name
+        return np.ascontiguousarray(back, dtype=w.dtype if w.dtype.kind == "f" else None).reshape(
+            w.shape
+        )
 
 
 def _bias_dtype(w: np.ndarray):

@@ -146,7 +146,7 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                 if producer.op == "clip":
                     region.clips.append((producer, off))
         else:
-            reasons.append(f"it is produced by {producer.name} ({producer.op})")
+            reasons.append(f"it is produced by {producer.describe()}")
         if id(value) in outputs:
             reasons.append(f"{value.name!r} is a graph output")
         for reader, index in value.uses:
@@ -164,7 +164,7 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                 touches_layer = True
                 reasons.extend(_flatten_sinks(reader, value, off, region, shared))
             else:
-                reasons.append(f"{value.name!r} is read by {reader.name} ({reader.op})")
+                reasons.append(f"{value.name!r} is read by {reader.describe()}")
     if not touches_layer:
         return None, None
     if conflict:
@@ -211,7 +211,7 @@ def _flatten_sinks(flatten: Node, value: Value, off: int, region: Region, shared
                 else:
                     region.sinks.append((reader, off, features // value.channels))
             else:
-                reasons.append(f"flattened {value.name!r} is read by {reader.name} ({reader.op})")
+                reasons.append(f"flattened {value.name!r} is read by {reader.describe()}")
     region.through.append(flatten)
     return reasons
 

@@ -6,9 +6,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from cle_core import EqualizeResult, Node, unique_name
+from cle_core import EqualizeResult, Node, NonFiniteError, unique_name
 
-from ._translate import Translation
+from ._translate import Translation, np_dtype, outer_reads, subgraphs
+
+
+def _layer_upstream(node: Node) -> Node | None:
+    """The layer that produces ``node``'s input through single-input ops."""
+    value = node.inputs[0]
+    while value.producer is not None:
+        producer = value.producer
+        if producer.is_layer:
+            return producer
+        value = producer.inputs[0]
+    return None
 
 
 def _rank_from_layer(node: Node) -> int:
@@ -45,19 +56,15 @@ class _Writer:
 
     def put(self, name: str, arr: np.ndarray, owners: set[int], dims=None) -> str:
         """Store ``arr`` under initializer ``name``; clone it first when a node outside
-        ``owners`` also reads it (so no other node's numbers change). Returns the name."""
-        if set(self.tr.users.get(name, [])) - owners:
-            name = self.fresh(f"{name}_cle")
-            self.inits[name] = self.g.initializer.add()
-        tensor = self.inits[name]
-        dtype = (
-            onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            if tensor.data_type
-            else arr.dtype
-        )
-        arr = np.ascontiguousarray(arr, dtype=dtype)
+        ``owners`` (a subgraph included) also reads it, so no other node's numbers
+        change. Returns the name."""
+        dtype = np_dtype(self.inits[name].data_type) or arr.dtype
+        arr = _fitted(arr, dtype, name)
         if dims is not None:
             arr = arr.reshape(dims)
+        if set(self.tr.users.get(name, [])) - owners:
+            return self.new_tensor(f"{name}_cle", arr)
+        tensor = self.inits[name]
         self.tr.owned.pop(name, None)
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             self.pending[name] = arr
@@ -65,10 +72,16 @@ class _Writer:
         tensor.CopyFrom(numpy_helper.from_array(arr, name))
         return name
 
-    def new_tensor(self, base: str, arr: np.ndarray) -> str:
+    def new_tensor(self, base: str, arr: np.ndarray, dtype=None) -> str:
+        """Add an initializer (in ``dtype``, default ``arr``'s); declared as a graph input
+        too where the model's IR version (< 4) requires it."""
         name = self.fresh(base)
-        self.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = _fitted(arr, dtype or np.asarray(arr).dtype, name)
+        tensor = numpy_helper.from_array(arr, name)
+        self.g.initializer.append(tensor)
         self.inits[name] = self.g.initializer[-1]
+        if self.tr.ir_version < 4:
+            self.g.input.append(helper.make_tensor_value_info(name, tensor.data_type, arr.shape))
         return name
 
     # --- layers --------------------------------------------------------------------
@@ -87,7 +100,7 @@ class _Writer:
             onnx_node.input[2] = self.put(onnx_node.input[2], bias, indices, dims=(bias.size,))
         else:
             name = self.new_tensor(
-                f"{onnx_node.name or node.name}_bias", bias.astype(node.weight.dtype)
+                f"{onnx_node.name or node.name}_bias", bias, self.weight_dtype(onnx_node)
             )
             while len(onnx_node.input) < 2:
                 onnx_node.input.append("")
@@ -109,7 +122,7 @@ class _Writer:
             dims = tuple(self.inits[add.input[slot]].dims)
             add.input[slot] = self.put(add.input[slot], node.bias, indices, dims=dims)
             return
-        bias = self.new_tensor(f"{mm.name or node.name}_bias", node.bias.astype(node.weight.dtype))
+        bias = self.new_tensor(f"{mm.name or node.name}_bias", node.bias, self.weight_dtype(mm))
         out = mm.output[0]
         mid = self.fresh(f"{out}_matmul")
         mm.output[0] = mid
@@ -118,6 +131,9 @@ class _Writer:
         )
         self.replacements[handle[0]] = [mm, add]
 
+    def weight_dtype(self, onnx_node: onnx.NodeProto):
+        return np_dtype(self.inits[onnx_node.input[1]].data_type) or np.float32
+
     # --- activations ----------------------------------------------------------------
     def clip(self, node: Node) -> None:
         index = node.handle
@@ -125,37 +141,57 @@ class _Writer:
         x, out = old.input[0], old.output[0]
         lo = np.asarray(node.params["lo"], np.float64)
         hi = np.asarray(node.params["hi"], np.float64)
-        dtype = self.float_type(x)
+        dtype = self.float_type(x, node)
         base = old.name or node.name
         if lo.size == 1 and hi.size == 1:
             self.replacements[index] = [self.scalar_clip(old, float(lo), float(hi), dtype)]
             return
         rank = self.tr.ranks.get(x) or _rank_from_layer(node)
-        shape = (-1,) + (1,) * (rank - 2)
+        shape = (1, -1) + (1,) * (rank - 2)
         channels = max(lo.size, hi.size)
-        lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape).astype(dtype)
-        hi = np.broadcast_to(hi.reshape(-1), (channels,)).reshape(shape).astype(dtype)
+        lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape)
+        hi = np.broadcast_to(hi.reshape(-1), (channels,)).reshape(shape)
         made: list[onnx.NodeProto] = []
         current = x
         need_hi = bool(np.any(np.isfinite(hi)))
+        repeats = None
+        if self.tr.opset < 8:
+            # Max and Min do not broadcast before opset 8: tile each bound to the shape
+            # of x (repeats = shape(x) / (1, C, 1, ...)), which keeps the clip exact.
+            shape_name = self.fresh(f"{out}_shape")
+            divisor = self.new_tensor(f"{base}_channels", np.array(lo.shape, np.int64))
+            repeats = self.fresh(f"{out}_repeats")
+            made.append(helper.make_node("Shape", [x], [shape_name], name=self.fresh(base)))
+            made.append(
+                helper.make_node("Div", [shape_name, divisor], [repeats], name=self.fresh(base))
+            )
+
+        def bound(arr: np.ndarray, tag: str) -> str:
+            name = self.new_tensor(f"{base}_{tag}", arr, dtype)
+            if repeats is None:
+                return name
+            tiled = self.fresh(f"{out}_{tag}_tiled")
+            made.append(helper.make_node("Tile", [name, repeats], [tiled], name=self.fresh(base)))
+            return tiled
+
         if np.all(lo == 0):
             nxt = self.fresh(f"{out}_relu") if need_hi else out
             made.append(helper.make_node("Relu", [current], [nxt], name=self.fresh(f"{base}_relu")))
             current = nxt
         elif np.any(np.isfinite(lo)):
             nxt = self.fresh(f"{out}_max") if need_hi else out
-            lo_name = self.new_tensor(f"{base}_lo", lo)
+            lo_name = bound(lo, "lo")
             made.append(
                 helper.make_node("Max", [current, lo_name], [nxt], name=self.fresh(f"{base}_max"))
             )
             current = nxt
         if need_hi:
-            hi_name = self.new_tensor(f"{base}_hi", hi)
+            hi_name = bound(hi, "hi")
             made.append(
                 helper.make_node("Min", [current, hi_name], [out], name=self.fresh(f"{base}_min"))
             )
-        if not made:
-            made.append(helper.make_node("Identity", [x], [out], name=self.fresh(base)))
+        if current == x and not need_hi:
+            made = [helper.make_node("Identity", [x], [out], name=self.fresh(base))]
         self.replacements[index] = made
 
     def scalar_clip(self, old: onnx.NodeProto, lo: float, hi: float, dtype) -> onnx.NodeProto:
@@ -166,16 +202,20 @@ class _Writer:
             )
         inputs = [old.input[0]]
         inputs.append(
-            self.new_tensor(f"{name}_min", np.array(lo, dtype)) if np.isfinite(lo) else ""
+            self.new_tensor(f"{name}_min", np.array(lo), dtype) if np.isfinite(lo) else ""
         )
         if np.isfinite(hi):
-            inputs.append(self.new_tensor(f"{name}_max", np.array(hi, dtype)))
+            inputs.append(self.new_tensor(f"{name}_max", np.array(hi), dtype))
         return helper.make_node("Clip", inputs, [old.output[0]], name=name)
 
-    def float_type(self, value: str):
-        for vi in list(self.g.value_info) + list(self.g.input) + list(self.g.output):
-            if vi.name == value and vi.type.tensor_type.elem_type:
-                return onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+    def float_type(self, value: str, node: Node):
+        """The element type of ``value``: from shape inference, else the weights of the
+        layer that produces it (bounds must match the tensor they clip)."""
+        if value in self.tr.dtypes:
+            return self.tr.dtypes[value]
+        layer = _layer_upstream(node)
+        if layer is not None and layer.weight.dtype.kind == "f":
+            return layer.weight.dtype
         return np.float32
 
     # --- folded batch norms -----------------------------------------------------------
@@ -183,8 +223,11 @@ class _Writer:
         bn = self.nodes[index]
         x, y = bn.input[0], bn.output[0]
         self.removed.add(index)
-        if y in {o.name for o in self.g.output}:
-            self.output_renames[x] = y  # keep the graph output's name
+        if y in {o.name for o in self.g.output} or y in self.tr.subgraph_reads:
+            # Keep the name that a graph output or a subgraph refers to: the layer's
+            # output takes it (the layer's output had no other reader, or the BN could
+            # not have been folded on its output side).
+            self.output_renames[x] = y
         else:
             self.reader_renames[y] = x
 
@@ -221,6 +264,9 @@ class _Writer:
 
     def prune(self) -> None:
         used = {n for node in self.g.node for n in node.input} | {o.name for o in self.g.output}
+        for node in self.g.node:  # what If / Loop bodies read from outside is live too
+            for sub in subgraphs(node):
+                used |= outer_reads(sub)
         # Constant nodes that fed a replaced Clip are dead now.
         live = [
             n for n in self.g.node if n.op_type != "Constant" or any(o in used for o in n.output)
@@ -244,17 +290,22 @@ class _Writer:
                 del self.pending[name]
 
 
+def _fitted(arr: np.ndarray, dtype, name: str) -> np.ndarray:
+    """``arr`` in ``dtype``; :class:`NonFiniteError` if a finite value overflows it."""
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+        if np.all(np.isfinite(np.asarray(arr))):
+            raise NonFiniteError(
+                f"tensor {name!r}: the equalized values do not fit {out.dtype} "
+                f"(largest magnitude {float(np.max(np.abs(arr))):.3g})"
+            )
+    return out
+
+
 def apply(model: onnx.ModelProto, tr: Translation, result: EqualizeResult) -> dict[str, np.ndarray]:
     """Write ``result`` into ``model`` (in place). Returns the arrays of externally stored
     tensors that changed; the saver streams them into the new external data file."""
     writer = _Writer(model, tr, result)
     writer.run()
     return writer.pending
-
-
-def restore(model: onnx.ModelProto, tr: Translation) -> None:
-    """Put back weight bytes taken by ``to_ir(take_ownership=True)`` (after a failure)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for name, arr in tr.owned.items():
-        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-    tr.owned.clear()

@@ -9,11 +9,12 @@ from typing import Any
 import onnx
 from onnx import numpy_helper
 
-from cle_core import Backend, EqualizeOptions, EqualizeResult, Graph, Report, equalize
+from cle_core import Backend, CLEError, EqualizeOptions, EqualizeResult, Graph, Report, equalize
+from cle_core._files import check_output_path
 
 from . import _io
-from ._apply import apply, restore
-from ._translate import Translation, to_ir
+from ._apply import apply
+from ._translate import Translation, restore, to_ir
 
 _META = "onnx_translation"
 
@@ -32,27 +33,57 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _check_external(model: onnx.ModelProto, base_dir: str | os.PathLike | None) -> None:
+    """A proto whose tensors still live in external files needs the folder they are
+    relative to (the model file's, never the working directory)."""
+    if not _io.has_external_data(model):
+        return
+    if base_dir is None:
+        raise _io.ModelFileError(
+            "the model's tensors are stored in external data files that were not loaded; "
+            "pass base_dir= (the folder of the model file), pass the file's path instead of "
+            "the proto, or load it with cle_onnx.load(path, external_data=True)"
+        )
+    _io.external_files(model, base_dir)
+
+
 class OnnxBackend(Backend):
     """Translates ``onnx.ModelProto`` to the IR and writes results back.
 
-    Options: ``inplace`` (write into the given proto instead of a copy).
+    Options: ``inplace`` (write into the given proto instead of a copy, once everything
+    succeeded), ``base_dir`` (the folder external data is relative to).
     """
 
     name = "onnx"
 
-    def to_ir(self, model: onnx.ModelProto, inplace: bool = False, **options: Any) -> Graph:
+    def to_ir(
+        self,
+        model: onnx.ModelProto,
+        inplace: bool = False,
+        base_dir: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> Graph:
         _no_options(options)
-        graph, tr = to_ir(model)
+        _check_external(model, base_dir)
+        graph, tr = to_ir(model, base_dir=None if base_dir is None else str(base_dir))
         graph.metadata[_META] = tr
         return graph
 
     def apply(
-        self, model: onnx.ModelProto, result: EqualizeResult, inplace: bool = False, **options: Any
+        self,
+        model: onnx.ModelProto,
+        result: EqualizeResult,
+        inplace: bool = False,
+        base_dir: str | os.PathLike | None = None,
+        **options: Any,
     ) -> onnx.ModelProto:
         _no_options(options)
-        target = model if inplace else _copy(model)
+        target = _copy(model)
         _inline(target, apply(target, result.graph.metadata[_META], result))
-        return target
+        if not inplace:
+            return target
+        model.CopyFrom(target)  # every check passed: only now is the caller's proto touched
+        return model
 
 
 def _no_options(options: dict) -> None:
@@ -61,41 +92,52 @@ def _no_options(options: dict) -> None:
 
 
 def equalize_model(
-    model_or_path: onnx.ModelProto | str | os.PathLike, *, inplace: bool = False, **options: Any
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    *,
+    inplace: bool = False,
+    base_dir: str | os.PathLike | None = None,
+    **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Equalize an ONNX model. Returns ``(equalized ModelProto, report)``.
 
     ``model_or_path`` is a ``ModelProto`` or the path of an ``.onnx`` file (whose
     external data, if any, is loaded into the returned proto; use :func:`equalize_file`
-    to stream it instead). A given proto is not modified unless ``inplace=True``.
-    Keyword options are :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
-    ``high_bias`` ...).
+    to stream it instead). A given proto is never modified, unless ``inplace=True``,
+    and then only once everything has succeeded. A proto whose tensors are still in
+    external files needs ``base_dir``, the folder of its model file. Keyword options
+    are :class:`cle_core.EqualizeOptions` fields (``max_sweeps``, ``high_bias`` ...).
 
-    Raises :class:`cle_core.CLEError` subclasses on bad input; the model is then
-    unchanged.
+    Raises :class:`cle_core.CLEError` subclasses on bad input (:class:`ModelFileError`
+    for files and external data); the model is then unchanged.
     """
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
-        model, base_dir, own = _io.load(path, external_data=True), str(path.parent), True
+        work = _io.load(path, external_data=True)
+        base = str(path.parent)
     else:
-        model, base_dir, own = model_or_path, None, inplace
-    result, tr = _equalize(model, cle_options, own, base_dir)
-    target = model if (own or inplace) else _copy(model)
-    _inline(target, apply(target, tr, result))
-    return target, result.report
+        _check_external(model_or_path, base_dir)
+        work, base = _copy(model_or_path), None if base_dir is None else str(base_dir)
+    # `work` is ours: the translation may move its weight bytes instead of copying them.
+    result, tr = _equalize(work, cle_options, base)
+    _inline(work, apply(work, tr, result))
+    if inplace and not isinstance(model_or_path, (str, os.PathLike)):
+        model_or_path.CopyFrom(work)
+        return model_or_path, result.report
+    return work, result.report
 
 
 def _equalize(
-    model, options: EqualizeOptions, own: bool, base_dir: str | None, progress=None
+    model, options: EqualizeOptions, base_dir: str | None, progress=None
 ) -> tuple[EqualizeResult, Translation]:
-    graph, tr = to_ir(model, take_ownership=own, base_dir=base_dir)
+    """Translate (taking ownership of ``model``'s weight bytes) and equalize; on failure
+    the bytes are put back."""
+    graph, tr = to_ir(model, take_ownership=True, base_dir=base_dir)
     try:
         return equalize(graph, options, progress), tr
     except BaseException:
-        if own:
-            restore(model, tr)
+        restore(model, tr)
         raise
 
 
@@ -105,16 +147,34 @@ def equalize_file(
     options: EqualizeOptions | None = None,
     progress=None,
 ) -> tuple[Report, list[Path]]:
-    """Equalize the ONNX file ``src`` into ``dst``, atomically.
+    """Equalize the ONNX file ``src`` into ``dst`` (``dst`` may be ``src``: in place).
 
     Weights are held once in memory: external data is memory-mapped from ``src`` and
-    streamed into ``<dst>.data``; changed tensors are written from the equalized arrays.
-    Nothing is written when anything fails. ``progress(stage, fraction)`` is called as
-    work proceeds. Returns the report and the files written.
+    streamed into a data file beside ``dst``; changed tensors are written from the
+    equalized arrays. Everything is checked before the first byte is written; the
+    write is crash-safe (see ``docs/safety.rst``): a kill at any moment leaves the old
+    ``dst`` or the new one, both loadable, and never touches a file ``src`` reads
+    (unless ``dst`` is ``src``). ``progress(stage, fraction)`` is called as work
+    proceeds. Returns the report and the files written.
+
+    Raises:
+        ModelFileError: ``src`` or its external data is missing, corrupt or unsafe.
+        OutputPathError: ``dst`` is a folder, or its folder is missing or read-only.
+        CLEError: ``dst`` would overwrite a data file that ``src`` reads; any other
+            bad input.
     """
     src, dst = Path(src), Path(dst)
     model = _io.load(src)
-    result, tr = _equalize(model, options or EqualizeOptions(), True, str(src.parent), progress)
+    reads = _io.files_read(model, src)
+    check_output_path(dst)
+    same = os.path.realpath(dst) == os.path.realpath(src)
+    if not same and Path(os.path.realpath(dst)) in reads:
+        raise CLEError(
+            f"{dst} is an external data file of {src}; writing it would destroy the input"
+        )
+    result, tr = _equalize(model, options or EqualizeOptions(), str(src.parent), progress)
     pending = apply(model, tr, result)
-    files = _io.save(model, dst, source_dir=str(src.parent), pending=pending)
+    files = _io.save(
+        model, dst, str(src.parent), pending, avoid=reads, keep=set() if same else reads
+    )
     return result.report, files

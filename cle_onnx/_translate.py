@@ -20,11 +20,58 @@ MIN_OPSET = 7
 class Translation:
     """What :func:`to_ir` learned about the model, for writing results back."""
 
-    users: dict[str, list[int]]  # value name -> indices of nodes reading it
+    users: dict[str, list[int]]  # value name -> indices of nodes reading it (subgraphs too)
     ranks: dict[str, int]
     opset: int
+    ir_version: int = 8
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # element type of each value
+    subgraph_reads: set[str] = field(default_factory=set)  # outer names read in subgraphs
     owned: dict[str, np.ndarray] = field(default_factory=dict)  # bytes taken out of the proto
     node_names: dict[int, str] = field(default_factory=dict)
+
+
+def subgraphs(node: onnx.NodeProto):
+    """The graphs held in ``node``'s attributes (If branches, Loop and Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names that ``graph`` (a subgraph) reads from enclosing scopes, nested ones too."""
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined |= {o for n in graph.node for o in n.output if o}
+    reads: set[str] = set()
+    for n in graph.node:
+        reads.update(name for name in n.input if name)
+        for sub in subgraphs(n):
+            reads |= outer_reads(sub)
+    return reads - defined
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every name ``node`` reads: its inputs, then what its subgraphs read from outside."""
+    names = [n for n in node.input if n]
+    for sub in subgraphs(node):
+        names += sorted(outer_reads(sub) - set(names))
+    return names
+
+
+# Default-domain ops whose output is not a function of their inputs alone.
+_NONDETERMINISTIC = frozenset(
+    {
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
+)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -58,6 +105,26 @@ def _tensor_array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
         return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
     return numpy_helper.to_array(t)
+
+
+def _dtypes(model: onnx.ModelProto) -> dict[str, np.dtype]:
+    g = model.graph
+    out: dict[str, np.dtype] = {}
+    for t in g.initializer:
+        out[t.name] = np_dtype(t.data_type)
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        elem = vi.type.tensor_type.elem_type
+        if elem:
+            out[vi.name] = np_dtype(elem)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def np_dtype(elem: int) -> np.dtype | None:
+    """The NumPy dtype of an ONNX element type; None if it has none."""
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -151,7 +218,16 @@ class _Reader:
             )
         self.take_ownership = take_ownership
         self.base_dir = base_dir
-        self.inits = {t.name: t for t in g.initializer}
+        ir_version = int(model.ir_version) if model.ir_version else 8
+        graph_inputs = {v.name for v in g.input}
+        # From IR 4 on, an initializer that is also a graph input is only a default: a
+        # caller may feed another value, so it is not a constant. Before IR 4 every
+        # initializer had to be listed as an input, and onnxruntime treats them as
+        # constants.
+        self.overridable = (
+            {t.name for t in g.initializer} & graph_inputs if ir_version >= 4 else set()
+        )
+        self.inits = {t.name: t for t in g.initializer if t.name not in self.overridable}
         self.constants: dict[str, np.ndarray] = {}
         for node in g.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -159,31 +235,50 @@ class _Reader:
                 if isinstance(value, onnx.TensorProto):
                     self.constants[node.output[0]] = numpy_helper.to_array(value)
         self.users: dict[str, list[int]] = {}
+        self.reads: list[list[str]] = []
+        subgraph_reads: set[str] = set()
         for i, node in enumerate(g.node):
-            for name in node.input:
-                if name:
-                    self.users.setdefault(name, []).append(i)
+            names = node_reads(node)
+            self.reads.append(names)
+            subgraph_reads.update(names[len([n for n in node.input if n]) :])
+            for name in names:
+                self.users.setdefault(name, []).append(i)
         try:
             inferred = shape_inference.infer_shapes(model, strict_mode=False)
         except Exception:
             inferred = model
         self.dims = _dims(inferred)
         self.translation = Translation(
-            self.users, {k: len(v) for k, v in self.dims.items()}, self.opset
+            self.users,
+            {k: len(v) for k, v in self.dims.items()},
+            self.opset,
+            ir_version,
+            _dtypes(inferred),
+            subgraph_reads,
         )
         self.graph = Graph(g.name or "onnx")
         self.consumed_adds: set[int] = set()
+        self.params: dict[str, np.ndarray] = {}
+        self.fixed: set[str] = set()
         self._fold_constants()
 
     def _fold_constants(self) -> None:
-        """Evaluate small constant subgraphs (exporters compute Pad's pads and Reshape's
-        shape with chains of Concat / Slice / Cast ...). ``Shape`` yields the inferred
-        dims, unknown ones as :class:`_Dim` symbols, so ``x.view(x.size(0), -1)`` is
-        recognised. Only reads; the model is not changed."""
-        for node in self.model.graph.node:
+        """Find the values equalization cannot change (``fixed``: computed from
+        constants and shapes alone) and evaluate the small ones (exporters compute
+        Pad's pads and Reshape's shape with chains of Concat / Slice / Cast ...).
+        ``Shape`` yields the inferred dims, unknown ones as :class:`_Dim` symbols, so
+        ``x.view(x.size(0), -1)`` is recognised. Only reads; the model is not changed."""
+        self.fixed = set(self.inits) | set(self.constants)
+        for i, node in enumerate(self.model.graph.node):
             if node.domain not in ("", "ai.onnx") or not node.output:
                 continue
             op = node.op_type
+            if op in ("Shape", "Size") or (
+                op not in _NONDETERMINISTIC
+                and not any(True for _ in subgraphs(node))
+                and all(n in self.fixed for n in self.reads[i])
+            ):
+                self.fixed.update(o for o in node.output if o)
             if op == "Shape":
                 dims = self.dims.get(node.input[0])
                 if dims is not None:
@@ -221,7 +316,10 @@ class _Reader:
         return self.constants.get(name)
 
     def param(self, name: str) -> np.ndarray:
-        """A layer parameter; with ``take_ownership`` the proto's copy is released."""
+        """A layer parameter; with ``take_ownership`` the proto's copy is released. Read
+        once per tensor: layers sharing an initializer get the same array."""
+        if name in self.params:
+            return self.params[name]
         t = self.inits[name]
         arr = _tensor_array(t, self.base_dir)
         if self.take_ownership and t.data_location != onnx.TensorProto.EXTERNAL:
@@ -229,7 +327,16 @@ class _Reader:
             t.ClearField("raw_data")
             for f in ("float_data", "double_data", "int32_data"):
                 t.ClearField(f)
+        self.params[name] = arr
         return arr
+
+    def weight_blocker(self, name: str) -> str | None:
+        """Why the tensor ``name`` cannot be a layer parameter, or None if it can."""
+        if name in self.inits:
+            return None
+        if name in self.overridable:
+            return f"{name!r} is a graph input a caller may override, not a constant"
+        return f"{name!r} is not an initializer"
 
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
@@ -258,7 +365,8 @@ class _Reader:
             if i in self.consumed_adds:
                 continue
             self.translate(i, node, self.translation.node_names[i])
-        self.graph.set_outputs([o.name for o in g.output])
+        # Outputs computed from constants alone are not in the IR (nothing changes them).
+        self.graph.set_outputs([o.name for o in g.output if o.name not in self.fixed])
         return self.graph, self.translation
 
     def add(self, op, inputs, name, index, outputs=None, **kw):
@@ -267,9 +375,9 @@ class _Reader:
         return self.graph.add_node(op, inputs, name=name, outputs=outs, handle=index, **kw)
 
     def opaque(self, index: int, node: onnx.NodeProto, name: str, why: str = "") -> None:
-        data_inputs = [
-            n for n in node.input if n and not self.is_init(n) and n not in self.constants
-        ]
+        # Values read inside If / Loop bodies are inputs too: scaling them would change
+        # what the subgraph computes.
+        data_inputs = list(dict.fromkeys(n for n in self.reads[index] if n not in self.fixed))
         outs = [o for o in node.output if o]
         channels = self.channels(outs[0]) if outs else None
         self.add(
@@ -282,10 +390,17 @@ class _Reader:
         )
 
     def translate(self, index: int, node: onnx.NodeProto, name: str) -> None:
+        outs = [o for o in node.output if o]
+        if outs and all(o in self.fixed for o in outs):
+            return  # computes constants or shapes: nothing equalization can change
+        if any(True for _ in subgraphs(node)):
+            self.opaque(index, node, name, "holds a subgraph")
+            return
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         handler = getattr(self, f"op_{op}", None)
-        if handler is None or handler(index, node, name) is False:
-            self.opaque(index, node, name)
+        outcome = False if handler is None else handler(index, node, name)
+        if outcome is False or isinstance(outcome, str):
+            self.opaque(index, node, name, outcome or "")
 
     def _conv_attrs(self, a: dict, nd: int) -> dict | None:
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
@@ -305,10 +420,12 @@ class _Reader:
     def _conv_like(self, index, node, name, op: str):
         """Conv and ConvTranspose: weight (and bias) initializers, explicit pads."""
         has_bias = len(node.input) > 2 and bool(node.input[2])
-        if len(node.input) < 2 or not self.is_init(node.input[1]):
+        if len(node.input) < 2:
             return False
-        if has_bias and not self.is_init(node.input[2]):
-            return False
+        for ref in node.input[1:3] if has_bias else node.input[1:2]:
+            blocker = self.weight_blocker(ref)
+            if blocker:
+                return blocker
         a = _attrs(node)
         transposed = op == "conv_transpose"
         if transposed and "output_shape" in a:
@@ -335,11 +452,13 @@ class _Reader:
 
     def op_Gemm(self, index, node, name):
         a = _attrs(node)
-        if int(a.get("transA", 0)) != 0 or not self.is_init(node.input[1]):
+        if int(a.get("transA", 0)) != 0:
             return False
         has_c = len(node.input) > 2 and bool(node.input[2])
-        if has_c and not self.is_init(node.input[2]):
-            return False
+        for ref in node.input[1:3] if has_c else node.input[1:2]:
+            blocker = self.weight_blocker(ref)
+            if blocker:
+                return blocker
         w = self.param(node.input[1])
         if w.ndim != 2:
             return False
@@ -372,7 +491,10 @@ class _Reader:
         )
 
     def op_MatMul(self, index, node, name):
-        if not self.is_init(node.input[1]) or self.rank(node.input[0]) != 2:
+        blocker = self.weight_blocker(node.input[1])
+        if blocker:
+            return blocker
+        if self.rank(node.input[0]) != 2:
             return False
         w = self.param(node.input[1])
         if w.ndim != 2:
@@ -413,8 +535,10 @@ class _Reader:
         a = _attrs(node)
         if int(a.get("training_mode", 0)) or len([o for o in node.output if o]) != 1:
             return False
-        if not all(self.is_init(n) for n in node.input[1:5]):
-            return False
+        for ref in node.input[1:5]:
+            blocker = self.weight_blocker(ref)
+            if blocker:
+                return blocker
         gamma, beta, mean, var = (self.const(n) for n in node.input[1:5])
         self.add(
             "batchnorm",
@@ -546,7 +670,7 @@ class _Reader:
         self.add("global_avgpool", [node.input[0]], name, index)
 
     def op_Add(self, index, node, name):
-        if len(node.input) != 2 or any(self.is_init(n) or n in self.constants for n in node.input):
+        if len(node.input) != 2 or any(n in self.fixed for n in node.input):
             return False
         ranks = {self.rank(n) for n in node.input}
         if None in ranks or len(ranks) != 1:
@@ -559,7 +683,7 @@ class _Reader:
     def op_Concat(self, index, node, name):
         axis = int(_attrs(node).get("axis", 0))
         rank = self.rank(node.output[0])
-        if rank is None or axis % rank != 1 or any(self.is_init(n) for n in node.input):
+        if rank is None or axis % rank != 1 or any(n in self.fixed for n in node.input):
             return False
         self.add("concat", list(node.input), name, index)
 
@@ -616,6 +740,20 @@ def to_ir(
     """Translate ``model`` into an IR graph.
 
     With ``take_ownership`` the layer weights' bytes move from the proto into the
-    graph's arrays (one copy in memory); :func:`cle_onnx._apply.apply` puts them back.
+    graph's arrays (one copy in memory); :func:`cle_onnx._apply.apply` puts them back,
+    and so does this function if the translation fails.
     """
-    return _Reader(model, take_ownership, base_dir).run()
+    reader = _Reader(model, take_ownership, base_dir)
+    try:
+        return reader.run()
+    except BaseException:
+        restore(model, reader.translation)
+        raise
+
+
+def restore(model: onnx.ModelProto, tr: Translation) -> None:
+    """Put back weight bytes taken by ``to_ir(take_ownership=True)`` (after a failure)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, arr in tr.owned.items():
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    tr.owned.clear()

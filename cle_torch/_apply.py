@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from cle_core import CLEError, EqualizeResult, Node, unique_name
+from cle_core import CLEError, EqualizeResult, Node, NonFiniteError, unique_name
 
 from ._modules import NotInPlaceError, PerChannelClamp
 from ._translate import Capture, Site
@@ -168,12 +168,7 @@ def _new_tensor(arr: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
     arr = np.asarray(arr)
     if arr.size != like.numel():
         raise CLEError(f"{what}: new value has shape {arr.shape}, not {tuple(like.shape)}")
-    arr = arr.reshape(tuple(like.shape))
-    np_dtype = _NUMPY_DTYPES.get(like.dtype)
-    if np_dtype is not None:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np_dtype))
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(like.dtype)
+    t = _cast(arr.reshape(tuple(like.shape)), like.dtype, what)
     if (
         like.dim() == 4
         and not like.is_contiguous()
@@ -181,6 +176,25 @@ def _new_tensor(arr: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
     ):
         t = t.contiguous(memory_format=torch.channels_last)
     return t.to(like.device) if like.device.type != "cpu" else t
+
+
+def _cast(arr: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """A CPU tensor of ``dtype``. The math runs in float32 / float64; a value that
+    overflows the model's own dtype (float16 after folding a BN with a tiny variance,
+    say) raises :class:`NonFiniteError` naming ``what`` instead of becoming Inf."""
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    with np.errstate(over="ignore"):
+        if np_dtype is not None:
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np_dtype))
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dtype)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if np.all(np.isfinite(arr)):
+            raise NonFiniteError(
+                f"{what}: the equalized values do not fit {t.dtype} (largest magnitude "
+                f"{float(np.max(np.abs(arr))):.3g}); nothing was changed"
+            )
+    return t
 
 
 def _host_view(t: torch.Tensor) -> np.ndarray | None:
@@ -191,14 +205,9 @@ def _host_view(t: torch.Tensor) -> np.ndarray | None:
     return t.detach().numpy()
 
 
-def _new_param(arr: np.ndarray, weight: torch.Tensor) -> nn.Parameter:
+def _new_param(arr: np.ndarray, weight: torch.Tensor, what: str) -> nn.Parameter:
     """A new bias for the layer of ``weight``: its dtype, device and ``requires_grad``."""
-    arr = np.asarray(arr).reshape(-1)
-    np_dtype = _NUMPY_DTYPES.get(weight.dtype)
-    if np_dtype is not None:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np_dtype))
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(weight.dtype)
+    t = _cast(np.asarray(arr).reshape(-1), weight.dtype, what)
     return nn.Parameter(t.to(weight.device), requires_grad=weight.requires_grad)
 
 
@@ -239,7 +248,8 @@ def write_in_place(cap: Capture, plan: Plan) -> dict[str, int]:
     biases: list[tuple[nn.Module, nn.Parameter]] = []
     for site, arr in plan.new_biases:
         owner = model.get_submodule(site.module or site.owner or "")
-        biases.append((owner, _new_param(arr, _resolve(model, site.weight))))
+        what = f"{site.module or site.owner}.bias"
+        biases.append((owner, _new_param(arr, _resolve(model, site.weight), what)))
     paths = _module_paths(model)
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
 
@@ -417,7 +427,7 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
 
     module_biases: dict[str, nn.Parameter] = {}
     for site, arr in plan.new_biases:
-        param = _new_param(arr, _resolve(model, site.weight))
+        param = _new_param(arr, _resolve(model, site.weight), f"{site.weight} (new bias)")
         if site.kind == "module":
             module_biases[site.module] = param
         elif site.owner in collapsed:

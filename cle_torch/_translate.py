@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.padding import _ConstantPadNd
 
-from cle_core import Graph, Layout, unique_name
+from cle_core import CLEError, Graph, Layout, unique_name
 
 from ._modules import PerChannelClamp
 from ._trace import (
@@ -174,20 +174,36 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
+def _is_shape(s: Any) -> bool:
+    return isinstance(s, torch.Size) or (
+        isinstance(s, (tuple, list))
+        and len(s) > 0
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
+    )
+
+
 def _input_shapes(n: int, input_shapes: Any, dummy_input: Any) -> list[tuple | None]:
-    """The shape of each graph input, where the caller gave one."""
+    """The shape of each graph input, where the caller gave one. Raises
+    :class:`CLEError` for anything that is not a shape or a list of shapes."""
     shapes: list[tuple | None] = []
     if dummy_input is not None:
         items = dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in items]
     elif input_shapes is not None:
         s = input_shapes
-        if isinstance(s, torch.Size) or (
-            isinstance(s, (tuple, list)) and all(isinstance(d, int) for d in s)
-        ):
+        if _is_shape(s):
             shapes = [tuple(s)]
-        else:
+        elif isinstance(s, (tuple, list)) and all(x is None or _is_shape(x) for x in s):
             shapes = [None if x is None else tuple(x) for x in s]
+        else:
+            raise CLEError(
+                f"input_shapes must be a shape such as (1, 3, 224, 224), or a list of shapes "
+                f"for a model with several inputs; got {input_shapes!r}"
+            )
+    if len(shapes) > n:
+        raise CLEError(
+            f"{len(shapes)} input shapes given, but the model's forward takes {n} input(s)"
+        )
     return (shapes + [None] * n)[:n]
 
 
@@ -255,6 +271,7 @@ class _Translator:
         self.values: set[str] = set()  # FX nodes that have an IR value
         self.shape_only: set[str] = set()
         self.used_names: set[str] = set()
+        self.given: dict[str, tuple] = {}  # graph inputs whose shape the caller gave
 
     # --- helpers -------------------------------------------------------------------------
     def attr(self, target: str) -> Any:
@@ -446,6 +463,8 @@ class _Translator:
             placeholders, _input_shapes(len(placeholders), *self.shapes), strict=True
         ):
             channels = shape[1] if shape is not None and len(shape) >= 2 else None
+            if shape is not None:
+                self.given[node.name] = shape
             self.ir.add_input(node.name, channels)
             self.values.add(node.name)
             self.rank[node.name] = len(shape) if shape is not None else self.batched_rank(node)
@@ -625,11 +644,14 @@ class _Translator:
         if weight.dim() != nd + 2:
             raise _Opaque("unexpected weight")
         rank = self.rank.get(x.name)
-        if rank is not None and rank != nd + 2:
-            raise _Opaque(f"input of rank {rank} (the IR takes batched (N, C, ...) inputs)")
         groups = a["groups"]
         if not isinstance(groups, int) or groups < 1:
             raise _Opaque("groups is not a static int")
+        self.check_given(
+            x, layer, nd + 2, weight.shape[0] if transpose else weight.shape[1] * groups
+        )
+        if rank is not None and rank != nd + 2:
+            raise _Opaque(f"input of rank {rank} (the IR takes batched (N, C, ...) inputs)")
         stride, dilation = _ints(a["stride"], nd, "stride"), _ints(a["dilation"], nd, "dilation")
         padding = a["padding"]
         if padding == "valid":
@@ -652,10 +674,29 @@ class _Translator:
         op = "conv_transpose" if transpose else "conv"
         self.emit_layer(op, node, x, layer, rank=nd + 2, channels=cout, attrs=attrs)
 
+    def check_given(self, x: fx.Node, layer: dict, rank: int, channels: Any) -> None:
+        """A layer that reads a graph input whose shape the caller gave must agree with
+        it: a mismatch is the caller's mistake, not a layer to skip silently."""
+        shape = self.given.get(x.name)
+        if shape is None or not isinstance(channels, int):
+            return
+        where = f"layer {layer['owner'] or layer['weight_q']!r}"
+        if len(shape) != rank:
+            raise CLEError(
+                f"input_shapes gives input {x.name!r} the shape {shape}, but {where} reads "
+                f"it as a rank-{rank} tensor (batch first: (N, C, ...) or (N, features))"
+            )
+        if shape[1] != channels:
+            raise CLEError(
+                f"input_shapes gives input {x.name!r} {shape[1]} channels (shape {shape}), "
+                f"but {where} expects {channels}"
+            )
+
     def linear(self, node, x, layer: dict) -> None:
         weight = layer["weight"]
         if weight.dim() != 2:
             raise _Opaque("unexpected weight")
+        self.check_given(x, layer, 2, weight.shape[1])
         rank = self.rank.get(x.name)
         if rank != 2:
             self.cap.opaque_layers.append(layer["owner"] or layer["weight_q"])
@@ -1027,6 +1068,12 @@ def capture(
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     check_eval(model, allow_training_mode)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CLEError(
+                f"{name} is on the meta device (it has a shape but no values); load the "
+                "weights first, e.g. model.to_empty(device='cpu') and load_state_dict"
+            )
     graph, constants, temps = trace(model, leaf_modules, allow_training_mode)
     cap = Capture(model, graph, Graph(type(model).__name__), temp_biases=temps, constants=constants)
     _Translator(cap, (input_shapes, dummy_input)).run()
