@@ -24,7 +24,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CHECK_FAILED = 1
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
-CHECK_DB = {"float16": 40.0, "bfloat16": 30.0}
+CHECK_DB = {"float16": 30.0, "bfloat16": 20.0}
 """Default ``--check`` threshold per output dtype (SQNR in dB); 80 dB for every other
 float type. Float32 rounding leaves 110-140 dB on real models; half precision rounds
 every equalized weight to 11 bits."""

@@ -357,9 +357,7 @@ def int8_sqnr_estimate(w) -> float:
     if w.size == 0:
         return math.inf
     flat = w.reshape(-1)
-    return _sqnr_from_stats(
-        float(flat.min()), float(flat.max()), float(np.dot(flat, flat)), flat.size
-    )
+    return _sqnr_from_stats(float(flat.min()), float(flat.max()), _sumsq(flat), flat.size)
 
 
 def _sqnr_from_stats(lo: float, hi: float, sumsq: float, size: int) -> float:
@@ -380,9 +378,15 @@ def weight_stats(w, layout: Layout) -> tuple[np.ndarray, float]:
     mx = v.max(axis=(2, 3))
     mn = v.min(axis=(2, 3))
     ranges = np.maximum(mx, -mn).reshape(-1).astype(np.float64)
-    flat = w.reshape(-1)
-    sqnr = _sqnr_from_stats(float(mn.min()), float(mx.max()), float(np.dot(flat, flat)), flat.size)
+    sqnr = _sqnr_from_stats(float(mn.min()), float(mx.max()), _sumsq(w.reshape(-1)), w.size)
     return ranges, sqnr
+
+
+def _sumsq(flat: np.ndarray) -> float:
+    """``sum(flat ** 2)``; half precision is widened first (its sum overflows)."""
+    if flat.dtype.kind == "f" and flat.dtype.itemsize < 4:
+        flat = flat.astype(np.float32)
+    return float(np.dot(flat, flat))
 
 
 class RangeSummary:

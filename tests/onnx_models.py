@@ -77,6 +77,8 @@ class OnnxBuilder:
         if kind == "relu6_const":
             return self.relu6(x, how="const")
         if kind == "hardtanh":
+            if self.opset < 11:
+                return self.node("Clip", [x], min=-1.0, max=1.0)
             return self.node(
                 "Clip", [x, self.init(np.array(-1.0), "lo"), self.init(np.array(1.0), "hi")]
             )
@@ -232,3 +234,262 @@ def high_bias_chain() -> onnx.ModelProto:
     h = b.relu6(b.bn(b.conv("x", 3, 6, 3, pad=1), 6, beta_shift=8.0))
     b.conv(h, 6, 3, 1)
     return b.model()
+
+
+# --- models for the safety tests ----------------------------------------------------------
+
+
+def _finish(b: OnnxBuilder, outputs, ir_version: int = 7, x_shape=(2, 3, 8, 8)):
+    """A model whose outputs are rank-4 float tensors of unknown size (shape inference
+    cannot see through every subgraph)."""
+    graph = helper.make_graph(
+        b.nodes,
+        "test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [
+            helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", "c", "h", "w"])
+            for o in outputs
+        ],
+        b.inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", b.opset)])
+    m.ir_version = ir_version
+    if ir_version < 4:  # IR 3 lists every initializer as a graph input
+        for t in m.graph.initializer:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _any_shape(name: str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n", "c", "h", "w"])
+
+
+def loop_reads_activation() -> onnx.ModelProto:
+    """Conv -> BN -> ReLU -> Conv, and a Loop whose body adds the ReLU output (read from
+    the outer scope) to an accumulator twice."""
+    b = OnnxBuilder(21)
+    h = b.node("Relu", [b.bn(b.conv("x", 3, 6, 3, pad=1), 6)])
+    y = b.conv(h, 6, 4, 1)
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["acc_in", h], ["acc_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            _any_shape("acc_in"),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _any_shape("acc_out")],
+    )
+    b.inits.append(numpy_helper.from_array(np.array(2, np.int64), "trip"))
+    b.inits.append(numpy_helper.from_array(np.array(True), "keep_going"))
+    acc = b.init(np.zeros((2, 6, 8, 8)), "acc")
+    out = b.node("Loop", ["trip", "keep_going", acc], body=body)
+    return _finish(b, [y, out])
+
+
+def if_reads_bn_output() -> onnx.ModelProto:
+    """An If whose branches read a BN output (the BN is folded on its output side), a
+    Constant and an initializer that nothing outside the branches reads, and the weight
+    of an equalized Conv."""
+    b = OnnxBuilder(22)
+    w = b.init(b.spread((6, 3, 3, 3)))
+    bn = b.bn(b.node("Conv", ["x", w], pads=[1, 1, 1, 1]), 6)
+    y = b.conv(b.node("Relu", [bn]), 6, 4, 1)
+    only_in_branch = b.init(np.full((1, 6, 1, 1), 0.5), "only_in_branch")
+    const = b.node("Constant", [], value=numpy_helper.from_array(np.float32(2.0), "two"))
+    then = helper.make_graph(
+        [
+            helper.make_node("Mul", [bn, only_in_branch], ["t_mul"]),
+            helper.make_node("Mul", ["t_mul", const], ["t_out"]),
+        ],
+        "then",
+        [],
+        [_any_shape("t_out")],
+    )
+    # The else branch reads the first Conv's weight as data (through a ReduceSum).
+    els = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", [w], ["w_sum"], keepdims=1),
+            helper.make_node("Add", [bn, "w_sum"], ["e_out"]),
+        ],
+        "else",
+        [],
+        [_any_shape("e_out")],
+    )
+    b.inits.append(numpy_helper.from_array(np.array(True), "cond_then"))
+    b.inits.append(numpy_helper.from_array(np.array(False), "cond_else"))
+    t_out = b.node("If", ["cond_then"], then_branch=then, else_branch=els)
+    e_out = b.node("If", ["cond_else"], then_branch=then, else_branch=els)
+    return _finish(b, [y, t_out, e_out])
+
+
+def relu6_chain(opset: int, ir_version: int = 7) -> onnx.ModelProto:
+    """Conv -> BN -> ReLU6 -> Conv, in any opset from 7 (Clip bounds as attributes below
+    11): equalizing it needs per-channel clip bounds."""
+    b = OnnxBuilder(23, opset)
+    h = b.relu6(b.bn(b.conv("x", 3, 6, 3, pad=1), 6, beta_shift=4.0))
+    h = b.relu6(b.bn(b.conv(h, 6, 6, 1), 6))
+    return _finish(b, [b.conv(h, 6, 4, 1)], ir_version)
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model in float16: every float32 initializer, Constant and value type,
+    in subgraphs too."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+
+    def half(t: onnx.TensorProto) -> None:
+        if t.data_type == TensorProto.FLOAT:
+            arr = numpy_helper.to_array(t).astype(np.float16)
+            t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+    def convert(g: onnx.GraphProto) -> None:
+        for t in g.initializer:
+            half(t)
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+                vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    half(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    convert(a.g)
+
+    convert(out.graph)
+    return out
+
+
+_IR_OF_OPSET = {7: 3, 8: 3, 9: 4, 10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8}
+
+
+def from_spec(spec: dict) -> onnx.ModelProto:
+    """The model a spec of ``strategies.onnx_specs`` describes (valid: it passes the
+    full checker). Activations keep the 8 x 8 spatial size; the batch is 2."""
+    opset = spec["opset"]
+    b = OnnxBuilder(spec["seed"], opset)
+    weights: dict[tuple, str] = {}  # shape -> a weight initializer, for sharing
+    values: list[str] = []  # activations a subgraph may read
+    conv_weights: list[str] = []
+
+    def weight(shape, how: str) -> str:
+        if how == "shared" and tuple(shape) in weights:
+            return weights[tuple(shape)]
+        name = b.init(b.spread(shape))
+        weights.setdefault(tuple(shape), name)
+        if how == "identity":
+            return b.node("Identity", [name])
+        conv_weights.append(name)
+        return name
+
+    def conv(x, cin, p) -> tuple[str, int]:
+        k, group = p["k"], (cin if p["depthwise"] else 1)
+        cout = cin if p["depthwise"] else p["out"]
+        inputs = [x, weight((cout, cin // group, k, k), p["weight"])]
+        if p["bias"]:
+            inputs.append(b.init(b.rng.normal(size=cout), "b"))
+        pads = [k // 2] * 4
+        h = b.node("Conv", inputs, kernel_shape=[k, k], pads=pads, group=group)
+        if p["bn"]:
+            h = b.bn(h, cout, beta_shift=float(b.rng.uniform(-1, 3)))
+        if p["act"] != "none":
+            h = b.act(h, p["act"], cout)
+        values.append(h)
+        return h, cout
+
+    stem = {"k": 3, "out": 4, "depthwise": False, "bias": True, "bn": True, "act": "relu"}
+    h, c = conv("x", 3, {**stem, "weight": "init"})
+    for block in spec["blocks"]:
+        kind = block["kind"]
+        if kind == "conv":
+            h, c = conv(h, c, block)
+        elif kind == "residual":
+            t, _ = conv(h, c, {**block, "depthwise": False, "out": c})
+            h = b.node("Add", [h, t])
+        elif kind == "concat":
+            left, cl = conv(h, c, {**stem, "k": 1, "out": block["outs"][0], "weight": "init"})
+            right, cr = conv(h, c, {**stem, "k": 3, "out": block["outs"][1], "weight": "init"})
+            h, c = b.node("Concat", [left, right], axis=1), cl + cr
+        else:
+            attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+            h = b.node("MaxPool" if kind == "maxpool" else "AveragePool", [h], **attrs)
+        values.append(h)
+    outputs = []
+    if spec["head"] != "none":
+        flat = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+        h = b.node("Gemm", [flat, b.init(b.spread((5, c))), b.init(b.rng.normal(size=5))], transB=1)
+        if spec["head"] == "gemm2":
+            h = b.node(
+                "Gemm",
+                [b.node("Relu", [h]), b.init(b.spread((3, 5))), b.init(np.zeros(3))],
+                transB=1,
+            )
+        graph_out = helper.make_tensor_value_info(h, TensorProto.FLOAT, [2, None])
+    else:
+        graph_out = _any_shape(h)
+    outputs.append(graph_out)
+    if spec["subgraph"]:
+        read = conv_weights if spec["subgraph"] == "if_weight" else values
+        read = read[spec["reads"] % len(read)] if read else values[0]
+        outputs.append(_any_shape(_read_in_subgraph(b, spec["subgraph"], read)))
+    graph = helper.make_graph(
+        b.nodes,
+        "fuzz",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        outputs,
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    ir = _IR_OF_OPSET.get(opset, 10 if opset >= 21 else 9)
+    model.ir_version = 3 if spec["ir3"] else max(4, ir)
+    if spec["dtype"] == "float16":
+        model = to_float16(model)
+    g = model.graph
+    if spec["ir3"]:
+        for t in g.initializer:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    elif spec["overridable"] and conv_weights:
+        t = next(t for t in g.initializer if t.name == conv_weights[-1])
+        g.input.append(helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _read_in_subgraph(b: OnnxBuilder, kind: str, outer: str) -> str:
+    """An If or a Loop whose body reads ``outer`` from the enclosing graph."""
+    if kind == "loop":
+        body = helper.make_graph(
+            [
+                helper.make_node("Add", ["acc_in", outer], ["acc_out"]),
+                helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            ],
+            "body",
+            [
+                helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                _any_shape("acc_in"),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                _any_shape("acc_out"),
+            ],
+        )
+        trip = b.name("trip")
+        b.inits.append(numpy_helper.from_array(np.array(2, np.int64), trip))
+        cond = b.name("cond")
+        b.inits.append(numpy_helper.from_array(np.array(True), cond))
+        zero = b.node("Sub", [outer, outer])  # zeros of the right shape and type
+        return b.node("Loop", [trip, cond, zero], body=body)
+    then = helper.make_graph(
+        [helper.make_node("Identity", [outer], ["t_out"])], "then", [], [_any_shape("t_out")]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", [outer], ["e_out"])], "else", [], [_any_shape("e_out")]
+    )
+    cond = b.name("cond")
+    b.inits.append(numpy_helper.from_array(np.array(bool(b.rng.integers(2))), cond))
+    return b.node("If", [cond], then_branch=then, else_branch=other)

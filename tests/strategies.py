@@ -256,3 +256,47 @@ def graphs(draw, max_blocks: int = 3, zero_channels: bool = True, acts=ACTS, kin
 def feed(graph: Graph, seed: int = 0, batch: int = 2) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"x": rng.normal(size=(batch, 3, SPATIAL, SPATIAL)) * 3.0}
+
+
+# --- random ONNX model specs (built by onnx_models.from_spec) ------------------------------
+
+_CONV = {
+    "k": st.sampled_from([1, 3]),
+    "out": st.integers(2, 6),
+    "depthwise": st.booleans(),
+    "bias": st.booleans(),
+    "bn": st.booleans(),
+    "act": st.sampled_from(["relu", "relu6", "hardtanh", "leaky", "none"]),
+    "weight": st.sampled_from(["init", "init", "identity", "shared"]),
+}
+
+ONNX_BLOCKS = st.one_of(
+    st.fixed_dictionaries({"kind": st.just("conv"), **_CONV}),
+    st.fixed_dictionaries({"kind": st.just("residual"), **_CONV}),
+    st.fixed_dictionaries(
+        {"kind": st.just("concat"), "outs": st.tuples(st.integers(1, 4), st.integers(1, 4))}
+    ),
+    st.fixed_dictionaries({"kind": st.sampled_from(["maxpool", "avgpool"])}),
+)
+
+
+@st.composite
+def onnx_specs(draw):
+    """What :func:`onnx_models.from_spec` builds: opset 7 to 21 (IR 3 for some old ones),
+    float32 or float16, a stem conv and 1 to 5 random blocks (conv with optional BN and
+    every carried activation, residual, concat, pools; weights as initializers, through
+    Identity, or shared), an optional Gemm head, optionally a subgraph (If / Loop) that
+    reads an activation or a weight from outside, optionally a weight that is also a
+    graph input."""
+    opset = draw(st.integers(7, 21))
+    return {
+        "opset": opset,
+        "ir3": opset < 9 and draw(st.booleans()),
+        "dtype": draw(st.sampled_from(["float32", "float16"])),
+        "blocks": draw(st.lists(ONNX_BLOCKS, min_size=1, max_size=5)),
+        "head": draw(st.sampled_from(["none", "gemm", "gemm2"])),
+        "subgraph": draw(st.sampled_from([None, None, "if_activation", "if_weight", "loop"])),
+        "reads": draw(st.integers(0, 100)),  # which value the subgraph reads
+        "overridable": draw(st.sampled_from([False, False, False, True])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
