@@ -23,6 +23,7 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._executor import run_graph
+from ._files import OutputPathError
 from ._ir import Graph, Node, Value, unique_name
 from ._math import Layout
 from ._report import (
@@ -55,6 +56,7 @@ __all__ = [
     "Layout",
     "Node",
     "NonFiniteError",
+    "OutputPathError",
     "RegionRecord",
     "Report",
     "SkipRecord",

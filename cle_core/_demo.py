@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from ._errors import CLEError
+from ._files import write_atomic
 
 
 class DemoUnavailable(CLEError):
@@ -115,8 +116,8 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
     torch_as_onnx.unlink()
 
     step("writing the report and plots", 0.95)
-    (out / "report_onnx.json").write_text(onnx_report.to_json(indent=1))
-    (out / "report_torch.json").write_text(torch_report.to_json(indent=1))
+    write_atomic(out / "report_onnx.json", onnx_report.to_json(indent=1))
+    write_atomic(out / "report_torch.json", torch_report.to_json(indent=1))
     try:
         plots = write_plots(onnx_report, out / "plots")
     except ImportError as exc:
@@ -124,8 +125,8 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
     else:
         plot_note = f"plots: {', '.join(str(p) for p in plots)}"
     text = _format(rows, torch_report, onnx_report, torch_fp32, len(images), out, plot_note)
-    (out / "results.txt").write_text(text + "\n")
-    (out / "results.json").write_text(json.dumps({name: r for name, r in rows}, indent=1))
+    write_atomic(out / "results.txt", text + "\n")
+    write_atomic(out / "results.json", json.dumps({name: r for name, r in rows}, indent=1))
     return text
 
 

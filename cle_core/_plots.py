@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import write_atomic
 from ._report import LayerRecord, Report
 
 __all__ = ["write_plots", "plot_channel_ranges", "plot_sqnr"]
@@ -75,10 +76,7 @@ def plot_channel_ranges(report: Report, path: str | Path, worst: int = 8) -> Pat
     axes.flat[0].legend(loc="upper right", fontsize=8)
     fig.suptitle("Per-channel weight ranges before and after cross-layer equalization")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sqnr(report: Report, path: str | Path) -> Path | None:
@@ -104,10 +102,17 @@ def plot_sqnr(report: Report, path: str | Path) -> Path | None:
         ax.set_xticks(x)
         ax.set_xticklabels([r.name[-28:] for r in layers], rotation=90, fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Save a figure as PNG atomically (a temporary file, then a rename)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_plots(report: Report, directory: str | Path, worst: int = 8) -> list[Path]:

