@@ -74,14 +74,7 @@ def setup(tmp_path_factory):
     model = om.depthwise_triple()
     original = base / "original"
     original.mkdir()
-    onnx.save_model(
-        model,
-        str(original / "m.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="m.onnx.data",
-        size_threshold=0,
-    )
+    om.save_external(model, original / "m.onnx", "m.onnx.data")
     done = base / "done"
     shutil.copytree(original, done)
     proc = child(done / "m.onnx")

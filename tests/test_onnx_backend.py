@@ -205,16 +205,7 @@ def test_unsupported_opset_is_refused():
 def test_path_roundtrip_with_external_data(tmp_path):
     model = om.depthwise_triple()
     src = tmp_path / "m.onnx"
-    to_save = onnx.ModelProto()
-    to_save.CopyFrom(model)
-    onnx.save_model(
-        to_save,
-        str(src),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="m.onnx.data",
-        size_threshold=0,
-    )
+    om.save_external(model, src, "m.onnx.data")
     dst = tmp_path / "out" / "eq.onnx"
     dst.parent.mkdir()
     report, files = cle_onnx.equalize_file(src, dst)

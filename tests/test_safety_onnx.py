@@ -214,24 +214,11 @@ def test_torch_export_of_tied_conv_weights(tmp_path):
 # --- 6-8, 10. external data --------------------------------------------------------------
 
 
-def save_external(model, path, location):
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=location,
-        size_threshold=0,
-    )
-
-
 def test_output_data_file_never_overwrites_the_inputs_data(tmp_path, capsys):
     # backup.onnx keeps its weights in model.onnx.data: the name model.onnx's data
     # would get by default.
     model = om.depthwise_triple()
-    save_external(model, tmp_path / "backup.onnx", "model.onnx.data")
+    om.save_external(model, tmp_path / "backup.onnx", "model.onnx.data")
     data_before = (tmp_path / "model.onnx.data").read_bytes()
     assert (
         main(["equalize", str(tmp_path / "backup.onnx"), "-o", str(tmp_path / "model.onnx")]) == 0
@@ -242,7 +229,7 @@ def test_output_data_file_never_overwrites_the_inputs_data(tmp_path, capsys):
 
 
 def test_output_onto_the_inputs_data_file_is_refused(tmp_path, capsys):
-    save_external(om.depthwise_triple(), tmp_path / "m.onnx", "m.data")
+    om.save_external(om.depthwise_triple(), tmp_path / "m.onnx", "m.data")
     before = (tmp_path / "m.data").read_bytes()
     assert main(["equalize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.data")]) == 2
     assert "external data file" in capsys.readouterr().err
@@ -252,7 +239,7 @@ def test_output_onto_the_inputs_data_file_is_refused(tmp_path, capsys):
 def test_in_place_with_external_data_switches_data_files(tmp_path, capsys):
     model = om.depthwise_triple()
     src = tmp_path / "m.onnx"
-    save_external(model, src, "m.onnx.data")
+    om.save_external(model, src, "m.onnx.data")
     for expected in ("m.onnx.1.data", "m.onnx.data", "m.onnx.1.data"):
         assert main(["equalize", str(src), "--in-place", "--quiet"]) == 0
         assert sorted(os.listdir(tmp_path)) == sorted(["m.onnx", expected])
@@ -265,7 +252,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys, how
     secret.write_bytes(np.arange(1000, dtype=np.float32).tobytes())
     sub = tmp_path / "sub"
     sub.mkdir()
-    save_external(om.depthwise_triple(), sub / "m.onnx", "m.data")
+    om.save_external(om.depthwise_triple(), sub / "m.onnx", "m.data")
     model = onnx.load(str(sub / "m.onnx"), load_external_data=False)
     t = model.graph.initializer[0]
     for e in t.external_data:
@@ -290,7 +277,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys, how
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_missing_or_truncated_external_data(tmp_path, capsys, damage):
     src = tmp_path / "ext.onnx"
-    save_external(om.depthwise_triple(), src, "ext.data")
+    om.save_external(om.depthwise_triple(), src, "ext.data")
     data = tmp_path / "ext.data"
     if damage == "missing":
         data.unlink()
@@ -307,7 +294,7 @@ def test_external_data_resolves_next_to_the_model_not_the_working_directory(tmp_
     model = om.depthwise_triple()
     (tmp_path / "models").mkdir()
     src = tmp_path / "models" / "ext.onnx"
-    save_external(model, src, "ext.data")
+    om.save_external(model, src, "ext.data")
     monkeypatch.chdir(tmp_path)
     eq, _ = cle_onnx.equalize_model(src)
     assert_same_function(model, eq)
@@ -450,7 +437,7 @@ _SIGTERM_CHILD = textwrap.dedent(
 
 def test_sigterm_cleans_up_and_exits_143(tmp_path):
     src = tmp_path / "m.onnx"
-    save_external(om.depthwise_triple(), src, "m.onnx.data")
+    om.save_external(om.depthwise_triple(), src, "m.onnx.data")
     before = {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-c", _SIGTERM_CHILD, str(src)], capture_output=True, text=True
