@@ -107,12 +107,34 @@ def _add_cle_options(p: argparse.ArgumentParser) -> None:
         help="also absorb into layers that zero-pad the activation (inexact at borders)",
     )
     g.add_argument(
+        "--objective",
+        choices=("noise", "balance"),
+        default="noise",
+        help="noise (default): scales that minimize the estimated quantization noise of "
+        "the deployment below; balance: the paper's and AIMET's equal weight ranges",
+    )
+    g.add_argument(
+        "--weight-bits",
+        type=int,
+        default=EqualizeOptions.weight_bits,
+        metavar="N",
+        help="bits of the per-tensor weight grids you deploy with (default: %(default)s)",
+    )
+    g.add_argument(
+        "--activation-bits",
+        type=_bits_or_none,
+        default=EqualizeOptions.activation_bits,
+        metavar="N|none",
+        help="bits of the per-tensor activation grids, or 'none' for weights-only "
+        "quantization (default: %(default)s)",
+    )
+    g.add_argument(
         "--activation-weight",
         type=float,
         default=EqualizeOptions.activation_weight,
         metavar="W",
-        help="weight of activation ranges (clip bounds, BN statistics) in the scale choice; "
-        "0 is pure weight-range balance (default: %(default)s; 0.2 helps W8A8, see docs)",
+        help="--objective balance only (deprecated): weight of estimated activation ranges "
+        "as extra sources (default: %(default)s)",
     )
     g.add_argument(
         "--max-sweeps",
@@ -124,9 +146,11 @@ def _add_cle_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tolerance",
         type=float,
-        default=EqualizeOptions.tolerance,
+        default=None,
         metavar="T",
-        help="stop when no scale changes by more than T relatively (default: %(default)s)",
+        help="stop when a sweep lowers the noise estimate by less than the fraction T "
+        "(default 0.02), or, with --objective balance, when no scale changes by more "
+        "than T (default 1e-4)",
     )
 
 
@@ -137,10 +161,24 @@ def _options(args) -> EqualizeOptions:
         high_bias=not args.no_high_bias,
         high_bias_form=args.high_bias_form,
         high_bias_through_padding=args.high_bias_through_padding,
+        objective=args.objective,
+        weight_bits=args.weight_bits,
+        activation_bits=args.activation_bits,
         max_sweeps=args.max_sweeps,
         tolerance=args.tolerance,
         activation_weight=args.activation_weight,
     )
+
+
+def _bits_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of bits or 'none', got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
         "into DIR (needs matplotlib)",
     )
     eq.add_argument("--quiet", action="store_true", help="print only errors")
+    eq.add_argument(
+        "--calibration",
+        metavar="DIR|FILE.npy",
+        help="measure the noise objective's statistics on these inputs (a folder of "
+        "images, resized to the model's input, or a .npy array) instead of estimating "
+        "them from the batch norms; a few dozen are enough",
+    )
     _add_cle_options(eq)
 
     ev = sub.add_parser(
@@ -334,10 +379,19 @@ def _equalize(args) -> int:
     if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise UsageError(f"--plot {args.plot} exists and is not a directory")
     feeds = check_feeds(cle_onnx.load(src), dims) if args.check else None
+    calibration = None
+    if args.calibration:
+        if options.objective != "noise":
+            raise UsageError("--calibration needs --objective noise")
+        calibration = load_inputs(args.calibration, cle_onnx.load(src), "--calibration")
     with Progress() as progress:
         progress.update("loading", 0.0)
         report, files = cle_onnx.equalize_file(
-            src, dst, options, progress=lambda s, f: progress.update(s, 0.1 + 0.8 * f)
+            src,
+            dst,
+            options,
+            progress=lambda s, f: progress.update(s, 0.1 + 0.8 * f),
+            calibration=calibration,
         )
     if args.report:
         write_atomic(args.report, report.to_json(indent=1))
@@ -397,31 +451,14 @@ def _demo(args) -> int:
 
 
 def _evaluate(args) -> int:
-    import numpy as np
-
     cle_onnx = _onnx()
     from cle_onnx import _quantsim
-
-    from . import _quality
 
     if args.bits < 2 or args.bits > 16:
         raise UsageError("--bits must be between 2 and 16")
     paths = [p for p in (args.original, args.equalized) if p]
     loaded = [cle_onnx.load(p, external_data=True) for p in paths]
-    inputs = None
-    if args.inputs:
-        src = Path(args.inputs)
-        if src.is_dir():
-            dims = loaded[0].graph.input[0].type.tensor_type.shape.dim
-            hw = tuple(d.dim_value if d.dim_value > 0 else 224 for d in dims[2:4]) or (224, 224)
-            try:
-                inputs = _quality.images_from_folder(src, hw)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-        elif src.suffix == ".npy" and src.is_file():
-            inputs = np.load(src)
-        else:
-            raise UsageError(f"{src}: --inputs takes a folder of images or a .npy file")
+    inputs = load_inputs(args.inputs, loaded[0], "--inputs") if args.inputs else None
     try:
         rows = [
             (
@@ -458,6 +495,30 @@ def _evaluate(args) -> int:
         raise UsageError(str(exc)) from None
     print(format_evaluation(rows, args.bits, classifier=_is_classifier(loaded[0])))
     return EXIT_OK
+
+
+def load_inputs(path: str, model, flag: str):
+    """Inputs for ``model`` from ``path``: a folder of images (centre squares resized to
+    the model's input size, 224 x 224 where it is dynamic; ImageNet normalization) or a
+    ``.npy`` array."""
+    import numpy as np
+
+    from . import _quality
+
+    src = Path(path)
+    if src.is_dir():
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        hw = tuple(d.dim_value if d.dim_value > 0 else 224 for d in dims[2:4]) or (224, 224)
+        try:
+            return _quality.images_from_folder(src, hw)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(str(exc)) from None
+    if src.suffix == ".npy" and src.is_file():
+        try:
+            return np.load(src, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"{src}: not a readable .npy array ({exc})") from None
+    raise UsageError(f"{src}: {flag} takes a folder of images or a .npy file")
 
 
 def _is_classifier(model) -> bool:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from ._bias import absorb_high_biases
 from ._errors import NonFiniteError
 from ._fold import fold_batch_norms, shared_param_owners
+from ._gains import propagate as propagate_gains
 from ._ir import Graph
 from ._math import weight_stats
+from ._objective import noise_scales
 from ._regions import find_regions
-from ._report import EqualizeOptions, EqualizeResult, LayerRecord, RegionRecord, Report
-from ._scale import scale_regions
+from ._report import (
+    EqualizeOptions,
+    EqualizeResult,
+    LayerRecord,
+    NoiseEstimate,
+    RegionRecord,
+    Report,
+)
+from ._scale import apply_scales, scale_regions, triple_names
+from ._stats import ChannelStats, counts_known, positions
+from ._stats import estimate as estimate_stats
 
 
 def check_finite(graph: Graph) -> None:
@@ -39,6 +50,7 @@ def equalize(
     graph: Graph,
     options: EqualizeOptions | None = None,
     progress: Callable[[str, float], None] | None = None,
+    statistics: Mapping[str, ChannelStats] | None = None,
 ) -> EqualizeResult:
     """Run batch-norm folding, cross-layer scaling and high-bias absorption on ``graph``.
 
@@ -67,7 +79,7 @@ def equalize(
     check_finite(graph)
     restore = graph.checkpoint()
     try:
-        result = _passes(graph, options, report_progress)
+        result = _passes(graph, options, report_progress, statistics)
         check_results_finite(graph, result.changed)
     except BaseException:
         restore()
@@ -93,9 +105,12 @@ def check_results_finite(graph: Graph, changed) -> None:
                 )
 
 
-def _passes(graph: Graph, options: EqualizeOptions, report_progress) -> EqualizeResult:
+def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics) -> EqualizeResult:
     shared = shared_param_owners(graph)
     folds, skips, changed, removed = [], [], set(), []
+    bn_values = {
+        n.name: (n.inputs[0].name, n.outputs[0].name) for n in graph.nodes if n.op == "batchnorm"
+    }
     if options.fold_bn:
         report_progress("folding batch norms", 0.05)
         folds, fold_skips, fold_changed, removed = fold_batch_norms(graph, shared)
@@ -106,22 +121,60 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress) -> Equalize
     before = {id(n): weight_stats(n.weight, n.layout) for n in layers}
 
     region_records: list[RegionRecord] = []
+    estimate: NoiseEstimate | None = None
     triples: list[tuple[str, str, str]] = []
     sweeps, converged, max_change = 0, True, 0.0
     if options.scale:
         regions, region_skips = find_regions(graph, shared)
         skips += region_skips
         report_progress("scaling", 0.2)
-        outcome = scale_regions(
-            regions,
-            options.max_sweeps,
-            options.tolerance,
-            lambda sweep: report_progress("scaling", 0.2 + 0.6 * sweep / options.max_sweeps),
-            options.activation_weight,
+        on_sweep = lambda sweep: report_progress(  # noqa: E731
+            "scaling", 0.2 + 0.6 * sweep / options.max_sweeps
         )
-        changed |= outcome.changed
-        sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
-        triples = outcome.triples
+        if options.objective == "balance":
+            outcome = scale_regions(
+                regions,
+                options.max_sweeps,
+                options.stop_tolerance,
+                on_sweep,
+                options.activation_weight,
+            )
+            changed |= outcome.changed
+            sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
+            triples = outcome.triples
+        else:
+            # Calibrated statistics were measured on the model as given: after an
+            # output-side fold the layer's output is what the BN's output was.
+            measured = dict(statistics or {})
+            for fold in folds:
+                x, y = bn_values[fold.bn]
+                if fold.side == "output" and y in measured:
+                    measured[x] = measured[y]
+            stats, derivatives = estimate_stats(graph, measured)
+            counts = positions(graph)
+            power = {
+                v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
+                for v in graph.outputs
+                if v.name in stats
+            }
+            gains = propagate_gains(graph, counts, derivatives, power)
+            noise = noise_scales(
+                graph,
+                regions,
+                stats,
+                gains,
+                counts,
+                options.weight_bits,
+                options.activation_bits,
+                options.max_sweeps,
+                options.stop_tolerance,
+                on_sweep,
+            )
+            changed |= apply_scales(regions, noise.scales)
+            sweeps, converged, max_change = noise.sweeps, noise.converged, noise.max_change
+            triples = triple_names(regions)
+            outcome = noise
+            estimate = NoiseEstimate(noise.before, noise.after, noise.history, counts_known(graph))
         region_records = [
             RegionRecord(
                 id=r.id,
@@ -131,6 +184,8 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress) -> Equalize
                 through=tuple(n.name for n in r.through),
                 channels=r.size,
                 scales=outcome.scales[r.id],
+                noise_before=None if estimate is None else outcome.region_before[r.id],
+                noise_after=None if estimate is None else outcome.region_after[r.id],
             )
             for r in regions
         ]
@@ -164,5 +219,6 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress) -> Equalize
         sweeps=sweeps,
         converged=converged,
         max_change=max_change,
+        noise=estimate,
     )
     return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))

@@ -59,13 +59,16 @@ def unique_name(base: str, taken: set[str], sep: str = "_") -> str:
 class Value:
     """A tensor edge. ``producer`` is None for graph inputs."""
 
-    __slots__ = ("name", "producer", "uses", "channels")
+    __slots__ = ("name", "producer", "uses", "channels", "spatial")
 
     def __init__(self, name: str, channels: int | None = None):
         self.name = name
         self.producer: Node | None = None
         self.uses: list[tuple[Node, int]] = []
         self.channels = channels
+        # Sizes of the spatial axes (H, W ...), where the backend knows them: () for a
+        # (N, features) tensor. The noise objective uses them; nothing else does.
+        self.spatial: tuple[int, ...] | None = None
 
     @property
     def consumers(self) -> list[Node]:
@@ -327,7 +330,9 @@ class Graph:
                 param_ids=n.param_ids,
             )
             for old, new in zip(n.outputs, g.nodes[-1].outputs, strict=True):
-                new.channels = old.channels
+                new.channels, new.spatial = old.channels, old.spatial
+        for old, new in zip(self.inputs, g.inputs, strict=True):
+            new.spatial = old.spatial
         g.set_outputs(v.name for v in self.outputs)
         return g
 

@@ -11,17 +11,31 @@ import numpy as np
 
 from ._errors import CLEError
 
+NOISE_TOLERANCE = 0.02
+BALANCE_TOLERANCE = 1e-4
+
 
 @dataclass(frozen=True)
 class EqualizeOptions:
     """What :func:`cle_core.equalize` does. The defaults are exact: the FP32 function
-    is unchanged up to float rounding.
+    is unchanged up to float rounding, whatever the objective.
 
     Attributes:
         fold_bn: fold batch norms into adjacent layers first.
         scale: run cross-layer scaling.
+        objective: how scales are chosen. ``"noise"`` (the default) minimizes the
+            estimated quantization noise at the outputs for the deployment below
+            (``docs/core.rst``); ``"balance"`` is the paper's and AIMET's rule, equal
+            per-channel weight ranges, iterated to convergence.
+        weight_bits: bits of the per-tensor weight grids the model will be deployed with
+            (noise objective).
+        activation_bits: bits of the per-tensor activation grids, or None for a
+            weights-only deployment (noise objective).
         max_sweeps: the most sweeps over all regions.
-        tolerance: stop once no scale changes by more than this, relatively, in a sweep.
+        tolerance: when to stop sweeping. Noise objective: once a sweep lowers the
+            estimate by less than this fraction (default 0.02, about 0.1 dB: the
+            estimate is not more accurate). Balance: once no scale changes by more than
+            this, relatively (default 1e-4).
         high_bias: run high-bias absorption after scaling.
         high_bias_form: ``"exact"`` moves the shift into the activation's lower bound
             (exact); ``"classic"`` keeps the lower bound at 0, as in the paper and AIMET
@@ -30,17 +44,19 @@ class EqualizeOptions:
         high_bias_through_padding: also absorb into layers that zero-pad the activation
             (inexact at the borders). Off by default.
         high_bias_sigmas: the shift is ``max(0, beta - sigmas * |gamma|)``.
-        activation_weight: weight of the activation ranges in the scale choice (0, the
-            default, is the paper's pure weight-range balance). Positive values treat a
-            bounded activation's estimated range (its clip bound, or ``|beta| + 3|gamma|``
-            of the folded BN) as one more source of its region, so scaling no longer
-            blows up the per-tensor activation grid. Exact for any value.
+        activation_weight: balance objective only (deprecated: the noise objective
+            weighs activations by what they cost at ``activation_bits``). The weight of
+            estimated activation ranges (a clip bound, or ``|beta| + 3|gamma|`` of the
+            folded BN) as extra sources of their region; 0 is the pure balance.
     """
 
     fold_bn: bool = True
     scale: bool = True
+    objective: Literal["noise", "balance"] = "noise"
+    weight_bits: int = 8
+    activation_bits: int | None = 8
     max_sweeps: int = 200
-    tolerance: float = 1e-4
+    tolerance: float | None = None
     high_bias: bool = True
     high_bias_form: Literal["exact", "classic"] = "exact"
     high_bias_through_padding: bool = False
@@ -48,16 +64,37 @@ class EqualizeOptions:
     activation_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.objective not in ("noise", "balance"):
+            raise CLEError("objective must be 'noise' or 'balance'")
+        if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 16:
+            raise CLEError("weight_bits must be an integer from 2 to 16")
+        if self.activation_bits is not None and (
+            not isinstance(self.activation_bits, int) or not 2 <= self.activation_bits <= 16
+        ):
+            raise CLEError("activation_bits must be an integer from 2 to 16, or None")
         if self.max_sweeps < 1:
             raise CLEError("max_sweeps must be at least 1")
-        if not (self.tolerance > 0):
+        if self.tolerance is not None and not (self.tolerance > 0):
             raise CLEError("tolerance must be positive")
+        if self.activation_weight and self.objective == "noise":
+            raise CLEError(
+                "activation_weight applies to objective='balance'; the noise objective "
+                "weighs activations by activation_bits (set activation_bits=None for a "
+                "weights-only deployment)"
+            )
         if self.high_bias_form not in ("exact", "classic"):
             raise CLEError("high_bias_form must be 'exact' or 'classic'")
         if not (self.high_bias_sigmas >= 0):
             raise CLEError("high_bias_sigmas must be >= 0")
         if not (self.activation_weight >= 0) or self.activation_weight == float("inf"):
             raise CLEError("activation_weight must be finite and >= 0")
+
+    @property
+    def stop_tolerance(self) -> float:
+        """``tolerance``, or the objective's default."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return NOISE_TOLERANCE if self.objective == "noise" else BALANCE_TOLERANCE
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> tuple[EqualizeOptions, dict[str, Any]]:
@@ -90,7 +127,10 @@ class SkipRecord:
 class RegionRecord:
     """One equalization region: sources' output channels are divided by ``scales``,
     sinks' input channels multiplied. ``kind`` is ``pair``, ``fan-out``, ``residual`` or
-    ``concat``."""
+    ``concat``. With the noise objective, ``noise_before`` and ``noise_after`` are the
+    estimated output noise (a fraction of the output power) of every term that touches
+    the region: its sources' and sinks' weight grids and its quantized activations, at
+    scales 1 and at the chosen scales."""
 
     id: int
     kind: str
@@ -99,6 +139,8 @@ class RegionRecord:
     through: tuple[str, ...]
     channels: int
     scales: np.ndarray = field(repr=False)
+    noise_before: float | None = None
+    noise_after: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,6 +176,35 @@ class LayerRecord:
 
 
 @dataclass(frozen=True, eq=False)
+class NoiseEstimate:
+    """What the noise objective estimated: the output noise-to-signal ratio of the
+    deployment (``EqualizeOptions.weight_bits`` / ``activation_bits``, per-tensor grids)
+    before CLE and after, and after each sweep (``history``, the part scales change).
+    ``positions_known`` is False when a spatial size had to be assumed."""
+
+    before: float
+    after: float
+    history: tuple[float, ...]
+    positions_known: bool = True
+
+    @property
+    def sqnr_before(self) -> float:
+        """Estimated output SQNR before CLE, in dB."""
+        return _db(self.before)
+
+    @property
+    def sqnr_after(self) -> float:
+        """Estimated output SQNR after CLE, in dB."""
+        return _db(self.after)
+
+
+def _db(nsr: float) -> float:
+    if nsr <= 0:
+        return math.inf
+    return -10.0 * math.log10(nsr) if math.isfinite(nsr) else -math.inf
+
+
+@dataclass(frozen=True, eq=False)
 class Report:
     """Everything :func:`cle_core.equalize` did and did not do."""
 
@@ -147,6 +218,7 @@ class Report:
     sweeps: int
     converged: bool
     max_change: float
+    noise: NoiseEstimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (arrays become lists, non-finite floats strings)."""
@@ -180,7 +252,17 @@ class Report:
             f"skipped:            {len(self.skipped)}",
             f"mean est. INT8 weight SQNR: {before:.2f} dB -> {after:.2f} dB",
         ]
+        if self.noise is not None:
+            lines.append(
+                f"est. output SQNR ({_deployment(self.options)}): "
+                f"{self.noise.sqnr_before:.2f} dB -> {self.noise.sqnr_after:.2f} dB"
+            )
         return "\n".join(lines)
+
+
+def _deployment(options: EqualizeOptions) -> str:
+    a = options.activation_bits
+    return f"W{options.weight_bits}" + (f"A{a}" if a is not None else "")
 
 
 def _counts(items):

@@ -88,6 +88,13 @@ def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
     return found
 
 
+def triple_names(regions: list[Region]) -> list[tuple[str, str, str]]:
+    """The Conv -> depthwise Conv -> Conv chains among ``regions``, by layer names."""
+    return [
+        (a.sources[0][0].name, a.sinks[0][0].name, b.sinks[0][0].name) for a, b in _triples(regions)
+    ]
+
+
 def activation_floors(regions: list[Region], weight: float, summaries) -> dict:
     """Per region with an activation: ``weight * kappa * a`` per channel, where
     ``a`` estimates the activation's range (the clip bound, or ``|beta| + 3 |gamma|`` of
@@ -126,8 +133,10 @@ def scale_regions(
     tolerance: float,
     on_sweep=None,
     activation_weight: float = 0.0,
+    apply: bool = True,
 ) -> ScaleOutcome:
-    """Compute the scales of every region and apply them to the graph."""
+    """Compute the scales of every region and (unless ``apply`` is False) apply them to
+    the graph."""
     links = _Links(regions)
     summaries = {key: RangeSummary(node.weight, node.layout) for key, node in links.nodes.items()}
     scales = {r.id: np.ones(r.size) for r in regions}
@@ -213,7 +222,16 @@ def scale_regions(
             gamma, *_ = np.linalg.lstsq(d_res, res[-1], rcond=None)
             unpack(gx - d_g @ gamma)
     summaries.clear()  # they may view the old weights; drop them before writing new ones
+    changed = apply_scales(regions, scales, links) if apply else set()
+    names = [(a.sources[0][0].name, a.sinks[0][0].name, b.sinks[0][0].name) for a, b in triples]
+    return ScaleOutcome(scales, sweeps, converged, max_change, names, changed)
 
+
+def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=None) -> set[str]:
+    """Divide every source's output channels by its region's scales and multiply every
+    sink's input channels; carry the scales into clip bounds and folded-BN statistics.
+    Returns the names of the nodes changed."""
+    links = links or _Links(regions)
     changed: set[str] = set()
     for node in links.nodes.values():
         w, b = scale_layer(
@@ -234,5 +252,4 @@ def scale_regions(
             )
             clip.params["lo"], clip.params["hi"] = lo, hi
             changed.add(clip.name)
-    names = [(a.sources[0][0].name, a.sinks[0][0].name, b.sinks[0][0].name) for a, b in triples]
-    return ScaleOutcome(scales, sweeps, converged, max_change, names, changed)
+    return changed

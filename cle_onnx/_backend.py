@@ -14,6 +14,7 @@ from cle_core._files import check_output_path
 
 from . import _io
 from ._apply import apply
+from ._calibrate import calibration_stats
 from ._translate import Translation, restore, to_ir
 
 _META = "onnx_translation"
@@ -96,6 +97,7 @@ def equalize_model(
     *,
     inplace: bool = False,
     base_dir: str | os.PathLike | None = None,
+    calibration: Any = None,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Equalize an ONNX model. Returns ``(equalized ModelProto, report)``.
@@ -104,8 +106,12 @@ def equalize_model(
     external data, if any, is loaded into the returned proto; use :func:`equalize_file`
     to stream it instead). A given proto is never modified, unless ``inplace=True``,
     and then only once everything has succeeded. A proto whose tensors are still in
-    external files needs ``base_dir``, the folder of its model file. Keyword options
-    are :class:`cle_core.EqualizeOptions` fields (``max_sweeps``, ``high_bias`` ...).
+    external files needs ``base_dir``, the folder of its model file. ``calibration``:
+    optional inputs (an array ``(N, ...)``, or a dict of arrays by input name) on which
+    the noise objective's statistics are measured in onnxruntime instead of estimated
+    from the batch norms; a few dozen suffice. Keyword options are
+    :class:`cle_core.EqualizeOptions` fields (``objective``, ``activation_bits``,
+    ``high_bias`` ...).
 
     Raises :class:`cle_core.CLEError` subclasses on bad input (:class:`ModelFileError`
     for files and external data); the model is then unchanged.
@@ -119,8 +125,15 @@ def equalize_model(
     else:
         _check_external(model_or_path, base_dir)
         work, base = _copy(model_or_path), None if base_dir is None else str(base_dir)
+    stats = None
+    if calibration is not None:
+        full = work
+        if _io.has_external_data(work):
+            full = _copy(work)
+            onnx.external_data_helper.load_external_data_for_model(full, base)
+        stats = calibration_stats(full, calibration)
     # `work` is ours: the translation may move its weight bytes instead of copying them.
-    result, tr = _equalize(work, cle_options, base)
+    result, tr = _equalize(work, cle_options, base, statistics=stats)
     _inline(work, apply(work, tr, result))
     if inplace and not isinstance(model_or_path, (str, os.PathLike)):
         model_or_path.CopyFrom(work)
@@ -129,13 +142,13 @@ def equalize_model(
 
 
 def _equalize(
-    model, options: EqualizeOptions, base_dir: str | None, progress=None
+    model, options: EqualizeOptions, base_dir: str | None, progress=None, statistics=None
 ) -> tuple[EqualizeResult, Translation]:
     """Translate (taking ownership of ``model``'s weight bytes) and equalize; on failure
     the bytes are put back."""
     graph, tr = to_ir(model, take_ownership=True, base_dir=base_dir)
     try:
-        return equalize(graph, options, progress), tr
+        return equalize(graph, options, progress, statistics), tr
     except BaseException:
         restore(model, tr)
         raise
@@ -146,6 +159,7 @@ def equalize_file(
     dst: str | os.PathLike,
     options: EqualizeOptions | None = None,
     progress=None,
+    calibration: Any = None,
 ) -> tuple[Report, list[Path]]:
     """Equalize the ONNX file ``src`` into ``dst`` (``dst`` may be ``src``: in place).
 
@@ -155,7 +169,8 @@ def equalize_file(
     write is crash-safe (see ``docs/safety.rst``): a kill at any moment leaves the old
     ``dst`` or the new one, both loadable, and never touches a file ``src`` reads
     (unless ``dst`` is ``src``). ``progress(stage, fraction)`` is called as work
-    proceeds. Returns the report and the files written.
+    proceeds. ``calibration``: as in :func:`equalize_model` (the model is then also
+    loaded whole, once, to run it). Returns the report and the files written.
 
     Raises:
         ModelFileError: ``src`` or its external data is missing, corrupt or unsafe.
@@ -172,7 +187,10 @@ def equalize_file(
         raise CLEError(
             f"{dst} is an external data file of {src}; writing it would destroy the input"
         )
-    result, tr = _equalize(model, options or EqualizeOptions(), str(src.parent), progress)
+    stats = None
+    if calibration is not None:
+        stats = calibration_stats(_io.load(src, external_data=True), calibration)
+    result, tr = _equalize(model, options or EqualizeOptions(), str(src.parent), progress, stats)
     pending = apply(model, tr, result)
     files = _io.save(
         model, dst, str(src.parent), pending, avoid=reads, keep=set() if same else reads

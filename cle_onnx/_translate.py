@@ -367,6 +367,10 @@ class _Reader:
             self.translate(i, node, self.translation.node_names[i])
         # Outputs computed from constants alone are not in the IR (nothing changes them).
         self.graph.set_outputs([o.name for o in g.output if o.name not in self.fixed])
+        for name, value in self.graph.values.items():  # spatial sizes, where inferred
+            dims = self.dims.get(name)
+            if dims is not None and len(dims) >= 2 and all(isinstance(d, int) for d in dims[2:]):
+                value.spatial = tuple(dims[2:])
         return self.graph, self.translation
 
     def add(self, op, inputs, name, index, outputs=None, **kw):

@@ -10,6 +10,7 @@ from torch import nn
 from cle_core import Backend, EqualizeOptions, EqualizeResult, Graph, Report, equalize
 
 from ._apply import apply, make_plan, write_in_place
+from ._calibrate import calibration_stats
 from ._modules import NotInPlaceError
 from ._translate import Capture, capture
 
@@ -74,6 +75,7 @@ def equalize_model(
     leaf_modules: Iterable[type | str] = (),
     allow_training_mode: bool = False,
     allow_graph_module: bool = True,
+    calibration: Any = None,
     **options: Any,
 ) -> tuple[nn.Module, Report]:
     """Cross-layer equalization of a PyTorch model: fold batch norms, scale, absorb high
@@ -105,6 +107,9 @@ def equalize_model(
             mode (the training flags are kept). Otherwise :class:`TrainingModeError`.
         allow_graph_module: if False, raise :class:`NotInPlaceError` (before changing
             anything) where a GraphModule would be returned.
+        calibration: optional inputs (a tensor or array ``(N, ...)``, or an iterable of
+            batches) on which the per-channel statistics of the noise objective are
+            measured instead of estimated from the batch norms; a few dozen suffice.
         **options: :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
             ``high_bias``, ``high_bias_form`` ...).
 
@@ -118,7 +123,8 @@ def equalize_model(
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
     cap = capture(model, input_shapes, dummy_input, leaf_modules, allow_training_mode)
-    result = equalize(cap.ir, cle_options)
+    stats = None if calibration is None else calibration_stats(cap, calibration)
+    result = equalize(cap.ir, cle_options, statistics=stats)
     return apply(cap, result, allow_graph_module), result.report
 
 

@@ -254,6 +254,21 @@ class Capture:
     opaque_layers: list[str] = field(default_factory=list)
 
 
+def _resolve_attr(cap: Capture, target: str) -> Any:
+    """What a ``get_attr`` node of the captured graph reads: a tensor constant the
+    tracer made, a temporary zero bias (see ``_trace.trace``), or an attribute."""
+    if target in cap.constants:
+        return cap.constants[target]
+    if target in cap.temp_biases:
+        owner = cap.model.get_submodule(target.rpartition(".")[0])
+        w = owner.weight
+        return torch.zeros(cap.temp_biases[target], dtype=w.dtype, device=w.device)
+    obj: Any = cap.model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 # --- translation ---------------------------------------------------------------------
 
 
@@ -465,7 +480,9 @@ class _Translator:
             channels = shape[1] if shape is not None and len(shape) >= 2 else None
             if shape is not None:
                 self.given[node.name] = shape
-            self.ir.add_input(node.name, channels)
+            value = self.ir.add_input(node.name, channels)
+            if shape is not None and len(shape) >= 2:
+                value.spatial = tuple(int(d) for d in shape[2:])
             self.values.add(node.name)
             self.rank[node.name] = len(shape) if shape is not None else self.batched_rank(node)
             self.chan[node.name] = channels

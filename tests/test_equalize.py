@@ -6,6 +6,7 @@ Exactness tolerance: relative error 1e-9 of the float64 executor outputs.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -317,17 +318,25 @@ def test_activation_weight_holds_back_channels_with_large_activations():
     # range (BN statistics, capped by the clip) is large relative to its weight range
     # gets a larger scale than plain balance gives it, so its activation shrinks less.
     g_plain, g_act = high_bias_graph(), high_bias_graph()
-    plain = equalize(g_plain, EqualizeOptions(high_bias=False)).report.regions[0].scales
-    act = equalize(g_act, EqualizeOptions(high_bias=False, activation_weight=1.0)).report
+    balance = EqualizeOptions(objective="balance", high_bias=False)
+    plain = equalize(g_plain, balance).report.regions[0].scales
+    act = equalize(g_act, replace(balance, activation_weight=1.0)).report
     scales = act.regions[0].scales
     assert np.all(scales >= plain * (1 - 1e-9)) and np.any(scales > plain * 1.01)
     assert act.options.activation_weight == 1.0
 
 
-def test_not_converged_is_reported():
+@pytest.mark.parametrize("objective", ["noise", "balance"])
+def test_not_converged_is_reported(objective):
     g = mobilenet_like()
-    report = equalize(g, EqualizeOptions(max_sweeps=1, tolerance=1e-12)).report
+    options = EqualizeOptions(objective=objective, max_sweeps=1, tolerance=1e-12)
+    report = equalize(g, options).report
     assert report.sweeps == 1 and not report.converged and report.max_change > 1e-12
+
+
+def test_activation_weight_is_for_the_balance_objective():
+    with pytest.raises(CLEError, match="objective='balance'"):
+        EqualizeOptions(activation_weight=0.2)
 
 
 @pytest.mark.parametrize(

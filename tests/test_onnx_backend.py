@@ -1,7 +1,8 @@
 """The ONNX backend on small models built with onnx.helper.
 
-Tolerance: onnxruntime outputs before and after agree to a relative error (max abs
-difference over max abs output) of 1e-5 (float32 models).
+Tolerance: onnxruntime outputs before and after agree to an SQNR of 100 dB and a
+relative error (max abs difference over max abs output) of 1e-4 (float32 models; float
+rounding leaves 114-135 dB on these models).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import onnx_models as om  # noqa: E402
 
 import cle_core  # noqa: E402
 import cle_onnx  # noqa: E402
+from cle_core._quality import sqnr_db  # noqa: E402
 
-RTOL = 1e-5
+RTOL = 1e-4
+MIN_DB = 100.0
 
 
 def run(model, x):
@@ -40,6 +43,7 @@ def check(model, **options):
     x = inputs()
     for a, b in zip(run(original, x), run(eq, x), strict=True):
         assert np.max(np.abs(a - b)) <= RTOL * np.max(np.abs(a)), report.summary()
+        assert sqnr_db(a, b) >= MIN_DB, report.summary()
     assert [o.name for o in eq.graph.output] == [o.name for o in original.graph.output]
     assert [i.name for i in eq.graph.input] == [i.name for i in original.graph.input]
     assert eq.opset_import == original.opset_import

@@ -1,12 +1,17 @@
 """Property tests over random IR graphs (see strategies.py).
 
 Stated tolerances:
-- exactness: the executor's outputs before and after ``equalize`` agree to a relative
-  error (max abs difference over max abs output) of 1e-9 (float64 graphs);
-- balance: after convergence at tolerance 1e-12, every channel of every region has its
-  largest source range equal to its largest sink range within 1e-6, relatively;
-- idempotence: a second ``equalize`` moves no scale by more than 1e-6 and no weight by
-  more than 1e-6 relatively.
+- exactness, for either objective: the executor's outputs before and after
+  ``equalize`` agree to a relative error (max abs difference over max abs output) of
+  1e-9 (float64 graphs);
+- balance objective: after convergence at tolerance 1e-12, every channel of every
+  region has its largest source range equal to its largest sink range within 1e-6,
+  relatively; a second ``equalize`` moves no scale by more than 1e-6 and no weight by
+  more than 1e-6 relatively;
+- noise objective: the estimate never rises from one sweep to the next (monotone
+  descent, up to 1e-12 relative rounding), and sweeping stops at the first sweep that
+  gains less than the stated tolerance (or at max_sweeps);
+- the region solver (test_noise.py) agrees with an independent optimizer.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from cle_core._fold import shared_param_owners
 from cle_core._math import in_channel_ranges, out_channel_ranges
 from cle_core._regions import find_regions
 
-TIGHT = EqualizeOptions(tolerance=1e-12, max_sweeps=5000)
+TIGHT = EqualizeOptions(objective="balance", tolerance=1e-12, max_sweeps=5000)
 
 
 def outputs(graph, x):
@@ -32,20 +37,41 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-300))
 
 
-@given(graphs(), st.sampled_from(["exact", "none"]))
-def test_equalize_preserves_the_function(graph, high_bias):
+@given(graphs(), st.sampled_from(["exact", "none"]), st.sampled_from(["noise", "balance"]))
+def test_equalize_preserves_the_function(graph, high_bias, objective):
     x = feed(graph)
     before = outputs(graph, x)
-    options = EqualizeOptions(high_bias=high_bias == "exact")
+    options = EqualizeOptions(high_bias=high_bias == "exact", objective=objective)
     equalize(graph, options)
     assert rel_err(before, outputs(graph, x)) < 1e-9
+
+
+@given(graphs(), st.sampled_from([8, 4]), st.sampled_from([8, None]), st.sampled_from([1e-3, 0.02]))
+def test_noise_sweeps_descend_and_stop_at_the_tolerance(graph, wbits, abits, tol):
+    x = feed(graph)
+    before = outputs(graph, x)
+    options = EqualizeOptions(
+        weight_bits=wbits, activation_bits=abits, tolerance=tol, max_sweeps=50
+    )
+    report = equalize(graph, options).report
+    assert rel_err(before, outputs(graph, x)) < 1e-9
+    if not report.regions:
+        return
+    h = np.asarray(report.noise.history)
+    assert np.all(np.diff(h) <= 1e-12 * h[:-1])  # never increases
+    assert report.noise.after <= report.noise.before * (1 + 1e-12)
+    gains = (h[:-1] - h[1:]) / np.maximum(h[:-1], 1e-300)
+    # stops at the first sweep that gains less than the tolerance, not before
+    assert np.all(gains[: report.sweeps - 1] > tol)
+    assert report.converged == bool(gains[report.sweeps - 1] <= tol)
+    assert report.converged or report.sweeps == 50
 
 
 @given(graphs(), st.sampled_from([0.2, 1.0, 5.0]))
 def test_activation_weight_keeps_the_function(graph, weight):
     x = feed(graph)
     before = outputs(graph, x)
-    equalize(graph, EqualizeOptions(activation_weight=weight))
+    equalize(graph, EqualizeOptions(objective="balance", activation_weight=weight))
     assert rel_err(before, outputs(graph, x)) < 1e-9
 
 
@@ -78,7 +104,8 @@ def region_balance(graph):
 @given(graphs())
 def test_converged_regions_are_balanced(graph):
     report = equalize(
-        graph, EqualizeOptions(tolerance=1e-12, max_sweeps=5000, high_bias=False)
+        graph,
+        EqualizeOptions(objective="balance", tolerance=1e-12, max_sweeps=5000, high_bias=False),
     ).report
     assert report.converged
     for region, src, snk in region_balance(graph):

@@ -2,8 +2,8 @@
 
 Each test reproduces one fault and fails on the code before the fix. Tolerances: float32
 models agree with the original to a relative error (max abs difference over max abs
-output) of 1e-5 in onnxruntime; float16 models to 1e-2 (every equalized weight is
-rounded to 11 significant bits).
+output) of 1e-4 in onnxruntime and an SQNR of 100 dB; float16 models to 1e-2 (every
+equalized weight is rounded to 11 significant bits).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import cle_onnx  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 from cle_core._files import TEMP_MARK  # noqa: E402
 
-RTOL = {np.float32: 1e-5, np.float16: 1e-2}
+RTOL = {np.float32: 1e-4, np.float16: 1e-2}
 
 
 def session(model_or_path, **overrides):
@@ -91,8 +91,8 @@ def test_check_fails_with_exit_1_when_the_output_differs(tmp_path, monkeypatch, 
     onnx.save(om.conv_pair("relu"), str(src))
     real = cle_onnx.equalize_file
 
-    def wrong(src_, dst_, options=None, progress=None):
-        report, files = real(src_, dst_, options, progress)
+    def wrong(src_, dst_, options=None, **kwargs):
+        report, files = real(src_, dst_, options, **kwargs)
         model = onnx.load(str(dst_))
         w = model.graph.initializer[0]
         w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))

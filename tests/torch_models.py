@@ -189,6 +189,40 @@ def decoder(seed=0):
     return randomize(model, seed), (2, 8, 5, 5)
 
 
+class UNet(nn.Module):
+    """A U-Net-style encoder-decoder: two downsampling stages, ConvTranspose upsampling,
+    skip connections joined with ``torch.cat``, a 1x1 output conv."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+            )
+
+        self.enc1, self.enc2, self.mid = block(3, 8), block(8, 16), block(16, 24)
+        self.pool = nn.MaxPool2d(2)
+        self.up2 = nn.ConvTranspose2d(24, 16, 2, stride=2)
+        self.dec2 = block(32, 16)
+        self.up1 = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec1 = block(16, 8)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        m = self.mid(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return self.out(d1)
+
+
+def unet(seed=0):
+    torch.manual_seed(seed)
+    return randomize(UNet(), seed), (2, 3, 16, 16)
+
+
 def grouped(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(

@@ -1,0 +1,165 @@
+"""How much noise added at each channel of each value reaches the graph outputs,
+estimated from the weights alone.
+
+Noise added at a channel has two parts that travel differently. A part that is the same
+at every position (what a weight error does to a layer's output: a per-channel offset
+wherever the input is active) passes through pooling and the network like a signal; it
+is tracked as the Jacobian of the outputs with respect to a uniform offset of the
+channel, projected on ``R`` random output directions (``J``, an ``R x C`` matrix per
+value, whose squared column norms estimate the gain). A part that changes from position
+to position (rounding noise of activations, the gating of a ReLU) is tracked as a sum
+of squared derivatives over positions (``G``), propagated as if independent. Both start
+at the outputs, where every element counts once, and go backwards:
+
+- a layer maps ``J`` through the kernel sums and ``G`` through the squared weights;
+- an activation multiplies ``J`` by the mean of its derivative and ``G`` by its mean
+  square, and turns the uniform part's fluctuating gating into ``G``
+  (``d(1 - d) |J|^2 / positions`` for a 0/1 derivative);
+- a global average pool divides ``G`` by the positions it averages;
+- a residual Add sends both to every summand; a value read twice sums them.
+
+The gain of channel ``c`` of value ``v`` is then ``|J_c|^2 / positions + G_c`` for noise
+that is independent between positions and ``|J_c|^2 + G_c`` for a layer's weight noise
+(uniform over positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._ir import PASSTHROUGH_OPS, Graph
+from ._math import grouped_view
+from ._stats import Derivative
+
+PROJECTIONS = 16
+"""Random output directions of ``J``: gains are estimated to about ``1/sqrt(16)``."""
+
+
+@dataclass(frozen=True, eq=False)
+class Gains:
+    """Per value name: ``uniform`` (``|J_c|^2``) and ``fluctuating`` (``G_c``) gains."""
+
+    uniform: dict[str, np.ndarray]
+    fluctuating: dict[str, np.ndarray]
+
+    def weight_gain(self, name: str, channels: int) -> np.ndarray:
+        """Gain of noise that is uniform over positions (a layer's weight noise)."""
+        u = self.uniform.get(name)
+        if u is None or u.shape[0] != channels:
+            return np.ones(channels)
+        return floored(u + self.fluctuating[name])
+
+    def rounding_gain(self, name: str, channels: int, positions: int) -> np.ndarray:
+        """Gain of noise independent between positions (activation rounding)."""
+        u = self.uniform.get(name)
+        if u is None or u.shape[0] != channels:
+            return np.ones(channels)
+        return floored(u / max(positions, 1) + self.fluctuating[name])
+
+
+FLOOR = 0.1
+"""Every channel keeps at least this fraction of its tensor's mean gain (or energy). The
+estimates are linearizations: a channel whose activation is saturated or dead passes no
+small noise, but 8-bit rounding is not small for a channel scaled far below the rest,
+and such a channel must not be given away."""
+
+
+def floored(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x + FLOOR * float(x.mean()) if x.size else x
+
+
+def propagate(
+    graph: Graph,
+    positions: Mapping[str, int],
+    derivatives: Mapping[str, Derivative],
+    output_power: Mapping[str, float] | None = None,
+    projections: int = PROJECTIONS,
+    seed: int = 0,
+) -> Gains:
+    """Gains of every value of ``graph`` (after BN folding). ``output_power`` weighs each
+    graph output by ``1 / power`` (so that the total is a noise-to-signal ratio summed
+    over outputs); default 1."""
+    rng = np.random.default_rng(seed)
+    jac: dict[str, np.ndarray] = {}
+    fluct: dict[str, np.ndarray] = {}
+
+    def add(name: str, j: np.ndarray, g: np.ndarray) -> None:
+        if name in jac and jac[name].shape == j.shape:
+            jac[name] = jac[name] + j
+            fluct[name] = fluct[name] + g
+        else:
+            jac[name], fluct[name] = j, g
+
+    for out in graph.outputs:
+        c = out.channels
+        if not c:
+            continue
+        p = positions.get(out.name, 1)
+        w = 1.0 / max((output_power or {}).get(out.name, 1.0), 1e-300)
+        # every output element counts once: a uniform offset moves p elements
+        j = rng.standard_normal((projections, c)) * np.sqrt(w * p / projections)
+        add(out.name, j, np.full(c, w * (p - 1.0)))
+
+    for node in reversed(graph.nodes):
+        out = node.outputs[0] if node.outputs else None
+        if out is None or out.name not in jac or not node.inputs:
+            continue
+        j, g = jac[out.name], fluct[out.name]
+        x = node.inputs[0]
+        op = node.op
+        if node.is_layer:
+            v = grouped_view(np.asarray(node.weight), node.layout)
+            groups, og, ig, _ = v.shape
+            ksum = v.sum(axis=3, dtype=np.float64)
+            ksq = np.square(v, dtype=np.float64).sum(axis=3)
+            jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)
+            gin = np.einsum("go,goi->gi", g.reshape(groups, og), ksq).reshape(-1)
+            if x.channels and x.channels != jin.shape[1] and jin.shape[1] % x.channels == 0:
+                rep = jin.shape[1] // x.channels  # Flatten -> Linear: features to channels
+                jin = jin.reshape(j.shape[0], x.channels, rep).sum(axis=2)
+                gin = gin.reshape(x.channels, rep).sum(axis=1)
+            add(x.name, jin, gin)
+        elif node.name in derivatives:
+            d = derivatives[node.name]
+            made = np.maximum(d.meansq - d.mean**2, 0.0) * (j * j).sum(axis=0)
+            add(x.name, j * d.mean, g * d.meansq + made / max(positions.get(out.name, 1), 1))
+        elif op in ("relu", "clip", "leaky_relu", "prelu"):
+            add(x.name, j * 0.5, g * 0.5)  # nothing known: half the inputs pass
+        elif op == "batchnorm":
+            p = node.params
+            k = (1.0 if p.get("gamma") is None else p["gamma"]) / np.sqrt(
+                p["var"] + node.attrs["eps"]
+            )
+            add(x.name, j * k, g * k * k)
+        elif op == "add":
+            for v in node.inputs:
+                add(v.name, j, g)
+        elif op == "concat":
+            off = 0
+            for v in node.inputs:
+                c = v.channels or 0
+                add(v.name, j[:, off : off + c], g[off : off + c])
+                off += c
+        elif op == "global_avgpool":
+            add(x.name, j, g / max(positions.get(x.name, 1), 1))
+        elif op == "avgpool":
+            kernel = int(np.prod(node.attrs.get("kernel", (1,))))
+            add(x.name, j, g / max(kernel, 1))
+        elif op == "flatten" and x.channels and j.shape[1] % x.channels == 0:
+            rep = j.shape[1] // x.channels  # channel-major: features to channels
+            add(
+                x.name,
+                j.reshape(j.shape[0], x.channels, rep).sum(axis=2),
+                g.reshape(x.channels, rep).sum(axis=1),
+            )
+        elif op in PASSTHROUGH_OPS or op == "flatten":
+            add(x.name, j, g)
+        else:  # opaque: assume it passes what it gets, channel for channel
+            for v in node.inputs:
+                if v.channels == j.shape[1]:
+                    add(v.name, j, g)
+    return Gains({k: (v * v).sum(axis=0) for k, v in jac.items()}, fluct)
