@@ -73,11 +73,11 @@ def objective(terms: Terms, t: np.ndarray) -> float:
     return float(np.sum(term_values(terms, t)))
 
 
-def solve(terms: Terms, t0: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
+def solve(terms: Terms, t0: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
     """Log-scales minimizing ``objective(terms, t)``; ``t0`` is the start and fixes the
-    gauge (the channels the terms touch keep their mean). Stops when the duality gap, a bound on the
-    distance to the optimum, is below ``tolerance`` times the objective. Channels no
-    term touches keep ``t0``; the result is never worse than ``t0``.
+    gauge (the channels the terms touch keep their mean). Stops when the duality gap, a
+    bound on the distance to the optimum, is below ``tolerance`` times the objective.
+    Channels no term touches keep ``t0``; the result is never worse than ``t0``.
 
     Method: the epigraph form (one variable ``mu_k`` per term bounding its max) is a
     sum of exponentials under linear constraints, solved by a primal-dual interior-point
@@ -85,162 +85,238 @@ def solve(terms: Terms, t0: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
     with one term, so every Newton system reduces to ``K x K`` (a Schur complement over
     the diagonal channel block): a step costs ``O(K n + K^3)``.
     """
-    t0 = np.asarray(t0, dtype=np.float64)
-    # A term with no range or no noise on the region adds nothing here.
-    keep = np.any(np.isfinite(terms.alpha), axis=1) & np.any(np.isfinite(terms.logc), axis=1)
-    terms = Terms(terms.sign[keep], terms.logw[keep], terms.alpha[keep], terms.logc[keep])
-    active = np.any(np.isfinite(terms.alpha), axis=0) | np.any(np.isfinite(terms.logc), axis=0)
-    if terms.alpha.shape[0] == 0 or not np.any(active):
-        return t0.copy()
-    idx = np.flatnonzero(active)
-    sub = Terms(
-        np.asarray(terms.sign, np.float64),
-        np.asarray(terms.logw, np.float64),
-        np.asarray(terms.alpha, np.float64)[:, idx],
-        np.asarray(terms.logc, np.float64)[:, idx],
-    )
-    f0 = objective(sub, t0[idx])
-    if not np.isfinite(f0) or f0 <= 0:
-        return t0.copy()
-    with np.errstate(all="ignore"):  # a degenerate step is caught below, not warned about
-        t = _interior_point(sub, t0[idx], f0, tolerance)
-    result = t0.copy()
-    result[idx] = t - (np.mean(t) - np.mean(t0[idx]))  # the same gauge as the start
-    if not np.all(np.isfinite(result)) or not objective(terms, result) <= objective(terms, t0):
-        return t0.copy()
-    return result
+    return solve_many([terms], [t0], tolerance)[0]
 
 
-def _interior_point(terms: Terms, t0: np.ndarray, f0: float, tolerance: float) -> np.ndarray:
-    return _PrimalDual(terms, t0, f0).run(tolerance)
+def solve_many(
+    problems: list[Terms], starts: list[np.ndarray], tolerance: float = 1e-5
+) -> list[np.ndarray]:
+    """:func:`solve` for several independent regions at once: one interior-point run
+    over all of them, each with its own step lengths and stopping test, so that many
+    small regions cost about as much as one."""
+    results = [np.asarray(t0, dtype=np.float64).copy() for t0 in starts]
+    batch = []
+    for i, (terms, t0) in enumerate(zip(problems, results, strict=True)):
+        # A term with no range or no noise on the region adds nothing.
+        keep = np.any(np.isfinite(terms.alpha), axis=1) & np.any(np.isfinite(terms.logc), axis=1)
+        terms = Terms(terms.sign[keep], terms.logw[keep], terms.alpha[keep], terms.logc[keep])
+        active = np.any(np.isfinite(terms.alpha), axis=0) | np.any(np.isfinite(terms.logc), axis=0)
+        if terms.alpha.shape[0] == 0 or not np.any(active):
+            continue
+        idx = np.flatnonzero(active)
+        sub = Terms(
+            np.asarray(terms.sign, np.float64),
+            np.asarray(terms.logw, np.float64),
+            np.asarray(terms.alpha, np.float64)[:, idx],
+            np.asarray(terms.logc, np.float64)[:, idx],
+        )
+        f0 = objective(sub, t0[idx])
+        if np.isfinite(f0) and f0 > 0:
+            batch.append((i, terms, sub, idx, f0))
+    if not batch:
+        return results
+    # Regions with few terms are not padded to the many-term ones: one run per size.
+    solved: dict[int, np.ndarray] = {}
+    for bucket in _buckets([b[2].alpha.shape[0] for b in batch]):
+        group = [batch[j] for j in bucket]
+        with np.errstate(all="ignore"):  # a degenerate step is caught below, not warned about
+            ts = _PrimalDual(
+                [b[2] for b in group], [results[b[0]][b[3]] for b in group], [b[4] for b in group]
+            ).run(tolerance)
+        solved.update(zip(bucket, ts, strict=True))
+    for j, (i, terms, _sub, idx, _f0) in enumerate(batch):
+        t = solved[j]
+        t0 = results[i]
+        candidate = t0.copy()
+        candidate[idx] = t - (np.mean(t) - np.mean(t0[idx]))  # the same gauge as the start
+        if np.all(np.isfinite(candidate)) and objective(terms, candidate) <= objective(terms, t0):
+            results[i] = candidate
+    return results
 
 
-def _ratio(x: np.ndarray, dx: np.ndarray) -> float:
-    """The largest ``a`` with ``x + a dx >= 0`` everywhere (``x > 0``)."""
-    return float(np.min(np.where(dx < 0, x / -np.minimum(dx, -1e-300), np.inf)))
+def _buckets(terms_per_region: list[int]) -> list[list[int]]:
+    """Indices grouped by term count: up to 3, 4 to 6, more."""
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(terms_per_region):
+        groups.setdefault(0 if k <= 3 else 1 if k <= 6 else 2, []).append(i)
+    return [groups[g] for g in sorted(groups)]
+
+
+def _ratio(x: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Per entry, the largest ``a`` with ``x + a dx >= 0`` (``x > 0``); inf where free."""
+    return np.where(dx < 0, x / -np.minimum(dx, -1e-300), np.inf)
 
 
 class _PrimalDual:
     """A primal-dual interior-point method (Mehrotra's predictor-corrector) for the
-    epigraph form: minimize ``sum_kj exp(logwc_kj + 2 mu_k - 2 sigma_k t_j)`` subject to
-    ``alpha_kj + sigma_k t_j <= mu_k`` (where supported) and a box on ``t``."""
+    epigraph form of several regions at once: minimize ``sum_kj exp(logwc_kj + 2 mu_k -
+    2 sigma_k t_j)`` subject to ``alpha_kj + sigma_k t_j <= mu_k`` (where supported) and
+    a box on ``t``. Channels of all regions sit side by side (``N`` columns, region ``r``
+    in a contiguous block); term ``k`` of every region is row ``k`` (``K`` rows, the
+    most terms a region has; missing ones are empty)."""
 
-    def __init__(self, terms: Terms, t0: np.ndarray, f0: float):
-        self.sk = terms.sign[:, None]
-        k, n = terms.alpha.shape
-        self.sup = np.isfinite(terms.alpha)
-        self.alpha = np.where(self.sup, terms.alpha, 0.0)
-        has_c = np.isfinite(terms.logc)
-        # log(w_k c_kj), scaled so that the objective is about 1 at the start
-        self.logwc = np.where(
-            has_c, terms.logw[:, None] + np.where(has_c, terms.logc, 0.0) - math.log(f0), -np.inf
-        )
+    def __init__(self, problems: list[Terms], starts: list[np.ndarray], scales: list[float]):
+        kmax = max(p.alpha.shape[0] for p in problems)
+        sizes = [p.alpha.shape[1] for p in problems]
+        self.starts = np.cumsum([0] + sizes[:-1])
+        self.region = np.repeat(np.arange(len(problems)), sizes)
+        n = int(sum(sizes))
+        self.alpha = np.full((kmax, n), -np.inf)
+        self.logwc = np.full((kmax, n), -np.inf)
+        sign = np.zeros((kmax, len(problems)))
+        self.fixed = np.ones((kmax, len(problems)), bool)  # mu_0 and empty rows are held
+        for r, (p, f0) in enumerate(zip(problems, scales, strict=True)):
+            k = p.alpha.shape[0]
+            cols = slice(self.starts[r], self.starts[r] + sizes[r])
+            self.alpha[:k, cols] = p.alpha
+            # log(w_k c_kj), scaled so that each region's objective is about 1 at the start
+            self.logwc[:k, cols] = p.logw[:, None] + p.logc - math.log(f0)
+            sign[:k, r] = p.sign
+            self.fixed[1:k, r] = False  # the objective is flat along a common shift
+        self.sup = np.isfinite(self.alpha)
+        self.alpha = np.where(self.sup, self.alpha, 0.0)
+        self.sk = sign[:, self.region]
+        self.sign = sign
+        t0 = np.concatenate(starts)
         self.lo_box, self.hi_box = t0 - _T_BOUND, t0 + _T_BOUND
-        self.fixed = np.zeros(k, bool)
-        self.fixed[0] = True  # the objective is flat along a common shift of all scales
-        self.m = int(self.sup.sum()) + 2 * n
-        self.t = t0.copy()
-        mu = np.max(np.where(self.sup, self.alpha + self.sk * self.t, -np.inf), axis=1)
+        self.m = self.per_region(self.sup.astype(float)).sum(axis=0) + 2.0 * np.asarray(sizes)
+        self.t = t0
+        mu = np.full((kmax, len(problems)), -np.inf)
+        np.maximum.at(
+            mu, (slice(None), self.region), np.where(self.sup, self.alpha + self.sk * t0, -np.inf)
+        )
         self.mu = np.where(np.isfinite(mu), mu, 0.0) + 0.1
         self.e, self.s, self.sl, self.sh = self.state(self.t, self.mu)
-        nu = max(float(self.e.sum()), 1e-3) / self.m
-        self.lam = np.where(self.sup, nu / self.s, 0.0)
-        self.lam_l, self.lam_h = nu / self.sl, nu / self.sh
+        nu = np.maximum(self.per_region(self.e).sum(axis=0), 1e-3) / self.m
+        nu_c = nu[self.region]
+        self.lam = np.where(self.sup, nu_c / self.s, 0.0)
+        self.lam_l, self.lam_h = nu_c / self.sl, nu_c / self.sh
+        self.sizes = sizes
+
+    def per_region(self, x: np.ndarray) -> np.ndarray:
+        """Sums over each region's channels: (..., N) -> (..., R)."""
+        return np.add.reduceat(x, self.starts, axis=-1)
 
     def state(self, t, mu):
         """Exponentials and slacks at ``(t, mu)``."""
-        e = np.exp(np.minimum(self.logwc + 2.0 * mu[:, None] - 2.0 * self.sk * t, 700.0))
+        mu_c = mu[:, self.region]
+        e = np.exp(np.minimum(self.logwc + 2.0 * mu_c - 2.0 * self.sk * t, 700.0))
         # slacks stay positive in exact arithmetic; rounding must not make them 0
-        s = np.where(self.sup, np.maximum(mu[:, None] - self.sk * t - self.alpha, 1e-300), np.inf)
+        s = np.where(self.sup, np.maximum(mu_c - self.sk * t - self.alpha, 1e-300), np.inf)
         return e, s, np.maximum(t - self.lo_box, 1e-300), np.maximum(self.hi_box - t, 1e-300)
 
-    def run(self, tolerance: float) -> np.ndarray:
-        sup, sk = self.sup, self.sk
+    def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> np.ndarray:
+        comp = (lam * np.where(self.sup, s, 0.0)).sum(axis=0) + lam_l * sl + lam_h * sh
+        return np.add.reduceat(comp, self.starts)
+
+    def run(self, tolerance: float) -> list[np.ndarray]:
+        sup, sk, region = self.sup, self.sk, self.region
+        done = np.zeros(len(self.sizes), bool)
         for _ in range(80):
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
-            f = float(e.sum())
-            if not np.isfinite(f):
-                break
-            gap = float(
-                (self.lam * np.where(sup, s, 0.0)).sum()
-                + (self.lam_l * sl).sum()
-                + (self.lam_h * sh).sum()
-            )
+            f = self.per_region(e).sum(axis=0)
+            gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
             self.grad_t = -2.0 * (sk * e).sum(axis=0)
-            self.grad_mu = 2.0 * e.sum(axis=1)
-            if gap <= tolerance * f and self.stationary(f):
+            self.grad_mu = 2.0 * self.per_region(e)
+            done |= ~np.isfinite(f) | ((gap <= tolerance * f) & self.stationary(f))
+            if np.all(done):
                 break
             self.factor()
             pred = self.direction(0.0, 0.0, 0.0, 0.0)
             d_t, ds, a = pred[0], pred[2], pred[6]
-            gap_aff = float(
-                ((self.lam + a * pred[3]) * np.where(sup, s + a * ds, 0.0)).sum()
-                + ((self.lam_l + a * pred[4]) * (sl + a * d_t)).sum()
-                + ((self.lam_h + a * pred[5]) * (sh - a * d_t)).sum()
+            a_c = a[region]
+            gap_aff = self.gaps(
+                self.lam + a_c * pred[3],
+                s + a_c * ds,
+                self.lam_l + a_c * pred[4],
+                sl + a_c * d_t,
+                self.lam_h + a_c * pred[5],
+                sh - a_c * d_t,
             )
-            sigma = min(1.0, (gap_aff / gap) ** 3)
+            sigma = np.minimum(1.0, (gap_aff / gap) ** 3)
+            target = (sigma * gap / self.m)[region]
             d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(
-                sigma * gap / self.m,
-                np.where(sup, ds * pred[3], 0.0),
-                d_t * pred[4],
-                -d_t * pred[5],
+                target, np.where(sup, ds * pred[3], 0.0), d_t * pred[4], -d_t * pred[5]
             )
-            a *= 0.99
+            a = np.where(done, 0.0, 0.99 * a)
             # The objective is not quadratic: shorten a step whose linearization is poor.
-            while a > 1e-12:
-                new = self.state(self.t + a * d_t, self.mu + a * d_mu)
-                if float(new[0].sum()) <= f + 2.0 * gap + 1e-12:
+            for _ in range(45):
+                new = self.state(self.t + a[region] * d_t, self.mu + a * d_mu)
+                bad = self.per_region(new[0]).sum(axis=0) > f + 2.0 * gap + 1e-12
+                bad &= a > 0
+                if not np.any(bad):
                     break
-                a *= 0.5
+                a = np.where(bad, 0.5 * a, a)
             else:
-                break
-            self.t, self.mu = self.t + a * d_t, self.mu + a * d_mu
+                a = np.where(bad, 0.0, a)
+                new = self.state(self.t + a[region] * d_t, self.mu + a * d_mu)
+            done |= a <= 1e-12
+            a_c = a[region]
+            self.t, self.mu = self.t + a_c * d_t, self.mu + a * d_mu
             self.e, self.s, self.sl, self.sh = new
-            self.lam = np.where(sup, np.maximum(self.lam + a * dlam, 1e-300), 0.0)
-            self.lam_l = np.maximum(self.lam_l + a * dlam_l, 1e-300)
-            self.lam_h = np.maximum(self.lam_h + a * dlam_h, 1e-300)
-        return self.t
+            self.lam = np.where(sup, np.maximum(self.lam + a_c * dlam, 1e-300), 0.0)
+            self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
+            self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
+        return np.split(self.t, self.starts[1:])
 
-    def stationary(self, f: float) -> bool:
+    def stationary(self, f: np.ndarray) -> np.ndarray:
         r_t = self.grad_t + (self.sk * self.lam).sum(axis=0) - self.lam_l + self.lam_h
-        r_mu = np.where(self.fixed, 0.0, self.grad_mu - self.lam.sum(axis=1))
-        return float(r_t @ r_t + r_mu @ r_mu) <= 1e-12 * max(1.0, f * f)
+        r_mu = np.where(self.fixed, 0.0, self.grad_mu - self.per_region(self.lam))
+        res = self.per_region(r_t * r_t) + (r_mu * r_mu).sum(axis=0)
+        return res <= 1e-12 * np.maximum(1.0, f * f)
 
     def factor(self) -> None:
-        """The Newton matrix, reduced to the term variables (a Schur complement over the
-        diagonal channel block)."""
+        """Per region, the Newton matrix reduced to the term variables (a Schur
+        complement over the diagonal channel block)."""
         self.d = self.lam / self.s  # 0 where unsupported (s = inf)
         w = 4.0 * self.e + self.d
         self.d_l, self.d_h = self.lam_l / self.sl, self.lam_h / self.sh
         self.h_tt = w.sum(axis=0) + self.d_l + self.d_h
-        self.h_tm = np.where(self.fixed[:, None], 0.0, -self.sk * w)  # d2 / (dmu_k dt_j)
+        self.h_tm = np.where(self.fixed[:, self.region], 0.0, -self.sk * w)  # d2/(dmu dt)
         self.scaled = self.h_tm / self.h_tt
-        self.schur = np.diag(np.where(self.fixed, 1.0, w.sum(axis=1))) - self.scaled @ self.h_tm.T
+        k = w.shape[0]
+        outer = self.per_region(self.scaled[:, None, :] * self.h_tm[None, :, :])  # (K, K, R)
+        diag = np.where(self.fixed, 1.0, self.per_region(w))  # (K, R)
+        schur = -outer.transpose(2, 0, 1)
+        schur[:, np.arange(k), np.arange(k)] += diag.T
+        fixed = self.fixed.T  # (R, K)
+        schur = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, schur)
+        schur[:, np.arange(k), np.arange(k)] += np.where(fixed, 1.0, 0.0)
+        self.schur = schur
 
     def direction(self, target, corr, corr_l, corr_h):
         """Newton step towards ``lam * slack = target`` (less a second-order correction)
-        and the longest step that keeps slacks and multipliers positive."""
+        and, per region, the longest step that keeps slacks and multipliers positive."""
         sup, sk, s, sl, sh = self.sup, self.sk, self.s, self.sl, self.sh
         c = np.where(sup, (target - corr) / s, 0.0)
         c_l, c_h = (target - corr_l) / sl, (target - corr_h) / sh
         rhs_t = -(self.grad_t + (sk * c).sum(axis=0) - c_l + c_h)
-        rhs_mu = np.where(self.fixed, 0.0, c.sum(axis=1) - self.grad_mu)
+        rhs_mu = np.where(self.fixed, 0.0, self.per_region(c) - self.grad_mu)
+        rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
         try:
-            d_mu = np.linalg.solve(self.schur, rhs_mu - self.scaled @ rhs_t)
+            d_mu = np.linalg.solve(self.schur, rhs.T[:, :, None])[:, :, 0].T
         except np.linalg.LinAlgError:
-            d_mu = np.linalg.lstsq(self.schur, rhs_mu - self.scaled @ rhs_t, rcond=None)[0]
-        d_t = (rhs_t - self.h_tm.T @ d_mu) / self.h_tt
-        ds = d_mu[:, None] - sk * d_t
+            d_mu = np.stack(
+                [
+                    np.linalg.lstsq(m, b, rcond=None)[0]
+                    for m, b in zip(self.schur, rhs.T, strict=True)
+                ],
+                axis=1,
+            )
+        d_t = (rhs_t - (self.h_tm * d_mu[:, self.region]).sum(axis=0)) / self.h_tt
+        ds = d_mu[:, self.region] - sk * d_t
         dlam = np.where(sup, (target - corr) / s - self.lam - self.d * ds, 0.0)
         dlam_l = (target - corr_l) / sl - self.lam_l - self.d_l * d_t
         dlam_h = (target - corr_h) / sh - self.lam_h + self.d_h * d_t
-        a = min(
-            1.0,
-            _ratio(np.where(sup, s, 1.0), np.where(sup, ds, 0.0)),
-            _ratio(sl, d_t),
-            _ratio(sh, -d_t),
-            _ratio(np.where(sup, self.lam, 1.0), dlam),
-            _ratio(self.lam_l, dlam_l),
-            _ratio(self.lam_h, dlam_h),
+        per_channel = np.minimum.reduce(
+            [
+                _ratio(np.where(sup, s, 1.0), np.where(sup, ds, 0.0)).min(axis=0),
+                _ratio(sl, d_t),
+                _ratio(sh, -d_t),
+                _ratio(np.where(sup, self.lam, 1.0), dlam).min(axis=0),
+                _ratio(self.lam_l, dlam_l),
+                _ratio(self.lam_h, dlam_h),
+            ]
         )
+        a = np.minimum(1.0, np.minimum.reduceat(per_channel, self.starts))
         return d_t, d_mu, ds, dlam, dlam_l, dlam_h, a

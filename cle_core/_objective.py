@@ -174,7 +174,6 @@ def noise_scales(
     max_sweeps: int,
     tolerance: float,
     on_sweep: Callable[[int], None] | None = None,
-    initial: Mapping[int, np.ndarray] | None = None,
 ) -> NoiseOutcome:
     """Scales of every region minimizing the estimated output noise (see the module)."""
     links = _Links(regions)
@@ -206,8 +205,7 @@ def noise_scales(
         if node.is_layer and id(node) not in links.nodes:
             fixed += _Layer(node, stats, gains, w_factor).value(None, None)
 
-    ones = {r.id: np.ones(r.size) for r in regions}
-    scales = dict(ones)
+    scales = {r.id: np.ones(r.size) for r in regions}
 
     def layer_value(key) -> float:
         node = links.nodes[key]
@@ -221,46 +219,48 @@ def noise_scales(
         for link in (links.reads.get(key), links.writes.get(key)):
             if link is not None:
                 touching[link[0].id].add(key)
+    # Every term's value at the current scales; a region's update refreshes its own.
+    layer_now = {key: layer_value(key) for key in layers}
+    act_now = {r.id: [act_value(a) for a in acts[r.id]] for r in regions}
 
     def region_total(region: Region) -> float:
-        return sum(layer_value(k) for k in touching[region.id]) + sum(
-            act_value(a) for a in acts[region.id]
-        )
+        return sum(layer_now[k] for k in touching[region.id]) + sum(act_now[region.id])
+
+    def refresh(region: Region) -> None:
+        for k in touching[region.id]:
+            layer_now[k] = layer_value(k)
+        act_now[region.id] = [act_value(a) for a in acts[region.id]]
 
     def total() -> float:
-        return sum(layer_value(k) for k in layers) + sum(
-            act_value(a) for group in acts.values() for a in group
-        )
+        return sum(layer_now.values()) + sum(sum(v) for v in act_now.values())
 
+    colors = _colors(regions, links)
     before = total()
     region_before = {r.id: region_total(r) for r in regions}
     history = [before]
-    if initial is not None:
-        scales = {r.id: np.asarray(initial[r.id], np.float64) for r in regions}
-        start = total()
-        if start < before:
-            history.append(start)
-        else:
-            scales = dict(ones)
     sweeps, converged, max_change = 0, not regions, 0.0
     while regions and sweeps < max_sweeps:
         sweeps += 1
         if on_sweep is not None:
             on_sweep(sweeps)
         max_change = 0.0
-        for region in regions:
-            terms = _region_terms(region, links, layers, acts[region.id], scales)
-            old = scales[region.id]
-            t0 = np.log(old)
-            t = _noise.solve(terms, t0)
-            previous = region_total(region)
-            scales[region.id] = np.exp(t)
-            # The solve is exact for the region's terms; a layer that reads and writes
-            # the same region is modelled with its outputs held, so check the real total.
-            if region_total(region) > previous:
-                scales[region.id] = old
-            elif t.size:
-                max_change = max(max_change, float(np.max(np.abs(np.expm1(t - t0)))))
+        # Regions of one color share no layer: they are solved together, exactly.
+        for group in colors:
+            problems = [_region_terms(r, links, layers, acts[r.id], scales) for r in group]
+            t0s = [np.log(scales[r.id]) for r in group]
+            solved = _noise.solve_many(problems, t0s)
+            for region, t0, t in zip(group, t0s, solved, strict=True):
+                old, previous = scales[region.id], region_total(region)
+                scales[region.id] = np.exp(t)
+                refresh(region)
+                # The solve is exact for the region's terms; a layer that reads and
+                # writes the same region is modelled with its outputs held, and a dead
+                # channel with its scale held: the real total is what must not rise.
+                if region_total(region) > previous:
+                    scales[region.id] = old
+                    refresh(region)
+                elif t.size:
+                    max_change = max(max_change, float(np.max(np.abs(np.expm1(t - t0)))))
         history.append(total())
         if history[-2] - history[-1] <= tolerance * history[-2]:
             converged = True
@@ -276,6 +276,24 @@ def noise_scales(
         max_change,
         history,
     )
+
+
+def _colors(regions: list[Region], links: _Links) -> list[list[Region]]:
+    """Regions grouped so that no two of a group touch the same layer (greedy coloring
+    in graph order)."""
+    neighbors: dict[int, set[int]] = {r.id: set() for r in regions}
+    for key in links.nodes:
+        ends = {link[0].id for link in (links.reads.get(key), links.writes.get(key)) if link}
+        for a in ends:
+            neighbors[a] |= ends - {a}
+    color: dict[int, int] = {}
+    for r in regions:
+        used = {color[n] for n in neighbors[r.id] if n in color}
+        color[r.id] = next(c for c in range(len(regions) + 1) if c not in used)
+    groups: dict[int, list[Region]] = {}
+    for r in regions:
+        groups.setdefault(color[r.id], []).append(r)
+    return [groups[c] for c in sorted(groups)]
 
 
 def _region_terms(region, links, layers, activations, scales) -> _noise.Terms:
