@@ -58,14 +58,14 @@ def term_values(terms: Terms, t: np.ndarray) -> np.ndarray:
     """Each term's value at log-scales ``t`` (exact, no smoothing). Shape (K,)."""
     sign = terms.sign[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
+        # a term with no range on the region (all its weights are 0) adds no noise
         m = np.max(np.where(np.isfinite(terms.alpha), terms.alpha + sign * t, -np.inf), axis=1)
-        m = np.where(np.isfinite(m), m, 0.0)
         expo = terms.logc - 2.0 * sign * t
         top = np.max(np.where(np.isfinite(expo), expo, -np.inf), axis=1)
         top = np.where(np.isfinite(top), top, 0.0)
         s = np.sum(np.exp(expo - top[:, None]), axis=1)
-    with np.errstate(divide="ignore"):
-        return np.exp(terms.logw + 2.0 * m + top + np.log(s))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(m), np.exp(terms.logw + 2.0 * m + top + np.log(s)), 0.0)
 
 
 def objective(terms: Terms, t: np.ndarray) -> float:
@@ -212,13 +212,20 @@ class _PrimalDual:
     def run(self, tolerance: float) -> list[np.ndarray]:
         sup, sk, region = self.sup, self.sk, self.region
         done = np.zeros(len(self.sizes), bool)
+        best_f = np.full(len(self.sizes), np.inf)
+        best_t = self.t.copy()
         for _ in range(80):
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
             f = self.per_region(e).sum(axis=0)
             gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
             self.grad_t = -2.0 * (sk * e).sum(axis=0)
             self.grad_mu = 2.0 * self.per_region(e)
-            done |= ~np.isfinite(f) | ((gap <= tolerance * f) & self.stationary(f))
+            better = np.isfinite(f) & (f < best_f)
+            if np.any(better):  # every iterate is feasible: keep each region's best
+                best_f = np.where(better, f, best_f)
+                mask = better[region]
+                best_t = np.where(mask, self.t, best_t)
+            done |= ~np.isfinite(f) | ((gap <= tolerance * f) & self.stationary(f, tolerance))
             if np.all(done):
                 break
             self.factor()
@@ -239,10 +246,11 @@ class _PrimalDual:
                 target, np.where(sup, ds * pred[3], 0.0), d_t * pred[4], -d_t * pred[5]
             )
             a = np.where(done, 0.0, 0.99 * a)
-            # The objective is not quadratic: shorten a step whose linearization is poor.
+            # The objective is not quadratic: shorten a step whose linearization is poor
+            # (the objective may rise a little on the way, not by much).
             for _ in range(45):
                 new = self.state(self.t + a[region] * d_t, self.mu + a * d_mu)
-                bad = self.per_region(new[0]).sum(axis=0) > f + 2.0 * gap + 1e-12
+                bad = self.per_region(new[0]).sum(axis=0) > 1.1 * f + 2.0 * gap
                 bad &= a > 0
                 if not np.any(bad):
                     break
@@ -257,13 +265,16 @@ class _PrimalDual:
             self.lam = np.where(sup, np.maximum(self.lam + a_c * dlam, 1e-300), 0.0)
             self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
             self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
-        return np.split(self.t, self.starts[1:])
+        f = self.per_region(self.state(self.t, self.mu)[0]).sum(axis=0)
+        last = np.isfinite(f) & (f <= best_f)
+        return np.split(np.where(last[region], self.t, best_t), self.starts[1:])
 
-    def stationary(self, f: np.ndarray) -> np.ndarray:
+    def stationary(self, f: np.ndarray, tolerance: float) -> np.ndarray:
+        """Whether each region's dual residual is below ``tolerance`` times its objective."""
         r_t = self.grad_t + (self.sk * self.lam).sum(axis=0) - self.lam_l + self.lam_h
         r_mu = np.where(self.fixed, 0.0, self.grad_mu - self.per_region(self.lam))
-        res = self.per_region(r_t * r_t) + (r_mu * r_mu).sum(axis=0)
-        return res <= 1e-12 * np.maximum(1.0, f * f)
+        res = self.per_region(np.abs(r_t)) + np.abs(r_mu).sum(axis=0)
+        return res <= tolerance * f
 
     def factor(self) -> None:
         """Per region, the Newton matrix reduced to the term variables (a Schur

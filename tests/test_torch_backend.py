@@ -331,7 +331,12 @@ def test_float64_model():
     assert {p.dtype for p in model.parameters()} == {torch.float64}
 
 
-def test_bfloat16_model_is_computed_in_float32_and_cast_back():
+# bf16 keeps 8 significant bits: equalized weights are rounded once more. The noise
+# objective chooses scales for 8-bit integer grids and spreads channels further than
+# the balance does; on this random network bf16 rounding then costs up to 3.7x what it
+# cost the original (measured: 0.030 against 0.0082), the balance less than 2x.
+@pytest.mark.parametrize("objective, growth", [("balance", 2.0), ("noise", 4.0)])
+def test_bfloat16_model_is_computed_in_float32_and_cast_back(objective, growth):
     model, shape = tm.mobilenet_v2()
     model = model.to(torch.bfloat16)
     reference = copy.deepcopy(model).double()  # the exact function the bf16 weights define
@@ -339,14 +344,14 @@ def test_bfloat16_model_is_computed_in_float32_and_cast_back():
     y_ref = run(reference, x.double())
     err_before = rel_err(y_ref, run(model, x.to(torch.bfloat16)))
     as_float = copy.deepcopy(model).float()
-    new, report = cle_torch.equalize_model(model, dummy_input=x)
+    new, report = cle_torch.equalize_model(model, dummy_input=x, objective=objective)
     assert new is model and len(report.regions) >= 8
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {b.dtype for b in model.buffers()} == {torch.bfloat16}
     err_after = rel_err(y_ref, run(model, x.to(torch.bfloat16)))
-    assert err_after <= 2 * err_before + 1e-2
+    assert err_after <= growth * err_before + 1e-2
     # the same numbers as equalizing the float32 upcast, rounded to bf16 once
-    cle_torch.equalize_model(as_float, dummy_input=x)
+    cle_torch.equalize_model(as_float, dummy_input=x, objective=objective)
     for (k, p), (k2, q) in zip(model.named_parameters(), as_float.named_parameters(), strict=True):
         assert k == k2 and torch.equal(p, q.to(torch.bfloat16)), k
 
