@@ -134,6 +134,28 @@ def solve_many(
     return results
 
 
+def _solve_each(matrices: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Solve ``matrices[r] x = rhs[r]`` for every region; returns ``x`` as ``(K, R)`` and
+    which regions' systems could not be solved (their ``x`` is 0)."""
+    try:
+        return np.linalg.solve(matrices, rhs[:, :, None])[:, :, 0].T, np.zeros(len(rhs), bool)
+    except np.linalg.LinAlgError:
+        pass
+    out, failed = np.zeros_like(rhs), np.zeros(len(rhs), bool)
+    for r, (m, b) in enumerate(zip(matrices, rhs, strict=True)):
+        if not (np.all(np.isfinite(m)) and np.all(np.isfinite(b))):
+            failed[r] = True
+            continue
+        try:
+            out[r] = np.linalg.solve(m, b)
+        except np.linalg.LinAlgError:
+            try:
+                out[r] = np.linalg.lstsq(m, b, rcond=None)[0]
+            except np.linalg.LinAlgError:
+                failed[r] = True
+    return out.T, failed
+
+
 def _buckets(terms_per_region: list[int]) -> list[list[int]]:
     """Indices grouped by term count: up to 3, 4 to 6, more."""
     groups: dict[int, list[int]] = {}
@@ -304,16 +326,7 @@ class _PrimalDual:
         rhs_t = -(self.grad_t + (sk * c).sum(axis=0) - c_l + c_h)
         rhs_mu = np.where(self.fixed, 0.0, self.per_region(c) - self.grad_mu)
         rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
-        try:
-            d_mu = np.linalg.solve(self.schur, rhs.T[:, :, None])[:, :, 0].T
-        except np.linalg.LinAlgError:
-            d_mu = np.stack(
-                [
-                    np.linalg.lstsq(m, b, rcond=None)[0]
-                    for m, b in zip(self.schur, rhs.T, strict=True)
-                ],
-                axis=1,
-            )
+        d_mu, failed = _solve_each(self.schur, rhs.T)
         d_t = (rhs_t - (self.h_tm * d_mu[:, self.region]).sum(axis=0)) / self.h_tt
         ds = d_mu[:, self.region] - sk * d_t
         dlam = np.where(sup, (target - corr) / s - self.lam - self.d * ds, 0.0)
@@ -330,4 +343,5 @@ class _PrimalDual:
             ]
         )
         a = np.minimum(1.0, np.minimum.reduceat(per_channel, self.starts))
+        a = np.where(failed, 0.0, a)  # a degenerate region stops where it is
         return d_t, d_mu, ds, dlam, dlam_l, dlam_h, a
