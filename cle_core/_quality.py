@@ -212,10 +212,13 @@ def _as_rgb01(img: np.ndarray, name: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _natural_images_cached(
-    size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+    size: tuple[int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    fractions: tuple[float, ...] = _CROP_FRACTIONS,
 ) -> np.ndarray:
     skimage = _load_skimage()
-    out = np.empty((len(NATURAL_IMAGE_NAMES) * len(_CROP_FRACTIONS) * 2, 3, *size), np.float32)
+    out = np.empty((len(NATURAL_IMAGE_NAMES) * len(fractions) * 2, 3, *size), np.float32)
     m = np.asarray(mean, dtype=np.float64)[:, None, None]
     s = np.asarray(std, dtype=np.float64)[:, None, None]
     k = 0
@@ -223,7 +226,7 @@ def _natural_images_cached(
         img = _as_rgb01(getattr(skimage.data, name)(), name)
         h, w = img.shape[:2]
         short = min(h, w)
-        for frac in _CROP_FRACTIONS:
+        for frac in fractions:
             c = max(1, int(round(frac * short)))
             top, left = (h - c) // 2, (w - c) // 2
             crop = img[top : top + c, left : left + c]
@@ -275,6 +278,15 @@ def natural_images(
     if any(v == 0.0 for v in std_t):
         raise ValueError("std must not contain zeros")
     return _natural_images_cached(hw, mean_t, std_t)
+
+
+def calibration_images(size: int | tuple[int, int] = 224) -> np.ndarray:
+    """40 inputs for calibrating statistics that are not in :func:`natural_images`: the
+    same 20 sample images, centre squares of 90 % and 70 % of the short side, not
+    mirrored. Float32 NCHW, ImageNet normalization."""
+    hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else tuple(size)
+    both = _natural_images_cached(hw, _IMAGENET_MEAN, _IMAGENET_STD, (0.9, 0.7))
+    return both[::2]
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")

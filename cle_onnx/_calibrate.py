@@ -43,8 +43,11 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
     names = [o.name for o in sess.get_outputs()]
     acc = StatsAccumulator()
     n = next(iter(feeds.values())).shape[0]
-    for start in range(0, n, BATCH):
-        batch = {k: v[start : start + BATCH] for k, v in feeds.items()}
+    size = _fixed_batch(sess) or BATCH
+    if n < size:
+        raise CLEError(f"the model takes batches of {size}; calibration holds only {n} inputs")
+    for start in range(0, n - n % size if _fixed_batch(sess) else n, size):
+        batch = {k: v[start : start + size] for k, v in feeds.items()}
         try:
             outs = sess.run(None, batch)
         except Exception as exc:
@@ -52,6 +55,12 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
         for name, out in zip(names, outs, strict=True):
             acc.add(name, out)
     return acc.result()
+
+
+def _fixed_batch(sess) -> int | None:
+    """The batch size every input requires, if the model fixes one."""
+    sizes = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _feeds(model: onnx.ModelProto, inputs: Any) -> dict[str, np.ndarray]:

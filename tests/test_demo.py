@@ -20,10 +20,12 @@ from cle_core._cli import main  # noqa: E402
 def test_demo_writes_everything_and_shows_the_gain(tmp_path, monkeypatch, capsys):
     few = quality.natural_images()[:8]
     monkeypatch.setattr(quality, "natural_images", lambda *a, **k: few)
+    calibration = quality.calibration_images()[:4]
+    monkeypatch.setattr(quality, "calibration_images", lambda *a, **k: calibration)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "PyTorch backend, CLE" in text and "ONNX backend, CLE" in text
+    assert "PyTorch, CLE" in text and "ONNX (BNs kept), CLE" in text and "calibrated" in text
     names = {p.name for p in out.iterdir()}
     assert {
         "effnet_lite0.onnx",
@@ -36,7 +38,7 @@ def test_demo_writes_everything_and_shows_the_gain(tmp_path, monkeypatch, capsys
     } <= names
     results = json.loads((out / "results.json").read_text())
     base = results["BN folded, no CLE"]
-    for name in ("PyTorch backend, CLE", "ONNX backend, CLE"):
+    for name in ("PyTorch, CLE", "ONNX (BNs kept), CLE", "ONNX (BNs folded), calibrated"):
         r = results[name]
         assert r["fp32_sqnr"] > 80  # FP32 equivalence, dB
         assert r["w8_sqnr"] > base["w8_sqnr"] + 3  # the gain is visible
