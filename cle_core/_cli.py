@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ._errors import CLEError
 from ._files import check_output_path, write_atomic
-from ._report import EqualizeOptions, Report
+from ._report import EqualizeOptions, Report, _deployment
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CHECK_FAILED = 1
@@ -654,10 +654,18 @@ def _fmt_db(x: float) -> str:
 
 def format_summary(report: Report) -> str:
     """The text ``cle equalize`` prints."""
+    objective = report.options.objective
+    if report.noise is not None:
+        objective += (
+            f" ({_deployment(report.options)}): est. output SQNR "
+            f"{_fmt_db(report.noise.sqnr_before).strip()} dB -> "
+            f"{_fmt_db(report.noise.sqnr_after).strip()} dB"
+        )
     lines = [
         f"batch norms folded: {len(report.folds)}",
         f"regions equalized:  {len(report.regions)}"
         + (f" ({', '.join(f'{n} {k}' for k, n in _kinds(report))})" if report.regions else ""),
+        f"objective:          {objective}",
         f"sweeps:             {report.sweeps} ("
         + ("converged" if report.converged else "not converged")
         + f", max change {report.max_change:.1e})",
