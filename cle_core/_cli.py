@@ -149,7 +149,7 @@ def _add_cle_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="T",
         help="stop when a sweep lowers the noise estimate by less than the fraction T "
-        "(default 0.05), or, with --objective balance, when no scale changes by more "
+        "(default 0.003), or, with --objective balance, when no scale changes by more "
         "than T (default 1e-4)",
     )
 
@@ -652,10 +652,22 @@ def _fmt_db(x: float) -> str:
     return f"{x:7.2f}" if math.isfinite(x) else f"{'inf' if x > 0 else '-inf':>7}"
 
 
+def _stop_reason(report: Report) -> str:
+    history = report.noise.history if report.noise is not None else []
+    if len(history) >= 2 and history[-2] > 0:
+        gain = 100 * (history[-2] - history[-1]) / history[-2]
+        state = "converged" if report.converged else "stopped at max_sweeps"
+        return f"{state}: the last sweep lowered the estimate by {gain:.1f} %"
+    state = "converged" if report.converged else "not converged"
+    return f"{state}, max change {report.max_change:.1e}"
+
+
 def format_summary(report: Report) -> str:
     """The text ``cle equalize`` prints."""
     objective = report.options.objective
-    if report.noise is not None:
+    if objective == "noise" and report.noise is None and report.regions:
+        objective = "balance (the noise estimate is not finite on this model, see skipped)"
+    elif report.noise is not None:
         objective += (
             f" ({_deployment(report.options)}): est. output SQNR "
             f"{_fmt_db(report.noise.sqnr_before).strip()} dB -> "
@@ -666,9 +678,7 @@ def format_summary(report: Report) -> str:
         f"regions equalized:  {len(report.regions)}"
         + (f" ({', '.join(f'{n} {k}' for k, n in _kinds(report))})" if report.regions else ""),
         f"objective:          {objective}",
-        f"sweeps:             {report.sweeps} ("
-        + ("converged" if report.converged else "not converged")
-        + f", max change {report.max_change:.1e})",
+        f"sweeps:             {report.sweeps} ({_stop_reason(report)})",
         f"high-bias absorbed: {len(report.high_bias)} layers"
         + (
             ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -12,19 +13,23 @@ from ._fold import fold_batch_norms, shared_param_owners
 from ._gains import propagate as propagate_gains
 from ._ir import Graph
 from ._math import weight_stats
-from ._objective import noise_scales
+from ._objective import NoiseUnavailable, noise_scales
 from ._regions import find_regions
 from ._report import (
+    BALANCE_TOLERANCE,
     EqualizeOptions,
     EqualizeResult,
     LayerRecord,
     NoiseEstimate,
     RegionRecord,
     Report,
+    SkipRecord,
 )
 from ._scale import apply_scales, scale_regions, triple_names
 from ._stats import ChannelStats, counts_known, positions
 from ._stats import estimate as estimate_stats
+
+logger = logging.getLogger("cle_core")
 
 
 def check_finite(graph: Graph) -> None:
@@ -131,18 +136,8 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
         on_sweep = lambda sweep: report_progress(  # noqa: E731
             "scaling", 0.2 + 0.6 * sweep / options.max_sweeps
         )
-        if options.objective == "balance":
-            outcome = scale_regions(
-                regions,
-                options.max_sweeps,
-                options.stop_tolerance,
-                on_sweep,
-                options.activation_weight,
-            )
-            changed |= outcome.changed
-            sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
-            triples = outcome.triples
-        else:
+        noise = None
+        if options.objective == "noise":
             # Calibrated statistics were measured on the model as given: after an
             # output-side fold the layer's output is what the BN's output was.
             measured = dict(statistics or {})
@@ -150,26 +145,45 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
                 x, y = bn_values[fold.bn]
                 if fold.side == "output" and y in measured:
                     measured[x] = measured[y]
-            stats, derivatives = estimate_stats(graph, measured)
-            counts = positions(graph)
-            power = {
-                v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
-                for v in graph.outputs
-                if v.name in stats
-            }
-            gains = propagate_gains(graph, counts, derivatives, power)
-            noise = noise_scales(
-                graph,
+            try:
+                # Overflow is caught as a non-finite estimate, not warned about.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    stats, derivatives = estimate_stats(graph, measured)
+                    counts = positions(graph)
+                    power = {
+                        v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
+                        for v in graph.outputs
+                        if v.name in stats
+                    }
+                    gains = propagate_gains(graph, counts, derivatives, power)
+                    noise = noise_scales(
+                        graph,
+                        regions,
+                        stats,
+                        gains,
+                        counts,
+                        options.weight_bits,
+                        options.activation_bits,
+                        options.max_sweeps,
+                        options.stop_tolerance,
+                        on_sweep,
+                    )
+            except NoiseUnavailable as e:
+                reason = f"{e}; the weight-range balance chose the scales instead"
+                logger.warning("noise objective: %s", reason)
+                skips.append(SkipRecord("scale", "noise objective", reason))
+        if noise is None:
+            outcome = scale_regions(
                 regions,
-                stats,
-                gains,
-                counts,
-                options.weight_bits,
-                options.activation_bits,
                 options.max_sweeps,
-                options.stop_tolerance,
+                options.tolerance if options.tolerance is not None else BALANCE_TOLERANCE,
                 on_sweep,
+                options.activation_weight,
             )
+            changed |= outcome.changed
+            sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
+            triples = outcome.triples
+        else:
             changed |= apply_scales(regions, noise.scales)
             sweeps, converged, max_change = noise.sweeps, noise.converged, noise.max_change
             triples = triple_names(regions)

@@ -308,9 +308,18 @@ class _PrimalDual:
         self.h_tm = np.where(self.fixed[:, self.region], 0.0, -self.sk * w)  # d2/(dmu dt)
         self.scaled = self.h_tm / self.h_tt
         k = w.shape[0]
-        outer = self.per_region(self.scaled[:, None, :] * self.h_tm[None, :, :])  # (K, K, R)
+        if k <= 6:  # many small regions: one broadcast product for all
+            outer = self.per_region(self.scaled[:, None, :] * self.h_tm[None, :, :])
+            outer = outer.transpose(2, 0, 1)  # (R, K, K)
+        else:  # a region of many terms (a long residual stream): a (K, K, N) array is too big
+            outer = np.stack(
+                [
+                    self.scaled[:, a : a + n] @ self.h_tm[:, a : a + n].T
+                    for a, n in zip(self.starts, self.sizes, strict=True)
+                ]
+            )
         diag = np.where(self.fixed, 1.0, self.per_region(w))  # (K, R)
-        schur = -outer.transpose(2, 0, 1)
+        schur = -outer
         schur[:, np.arange(k), np.arange(k)] += diag.T
         fixed = self.fixed.T  # (R, K)
         schur = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, schur)

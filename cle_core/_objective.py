@@ -33,6 +33,10 @@ def grid_factor(bits: int) -> float:
     return 1.0 / ((2.0**bits - 1.0) ** 2 * 12.0)
 
 
+class NoiseUnavailable(Exception):
+    """The noise estimate cannot guide the scales on this graph (it is not finite)."""
+
+
 @dataclass
 class NoiseOutcome:
     """Scales per region; the estimated output noise-to-signal ratio before CLE (all
@@ -236,6 +240,12 @@ def noise_scales(
 
     colors = _colors(regions, links)
     before = total()
+    if not math.isfinite(before):
+        raise NoiseUnavailable(
+            "the estimated output noise overflows float64 (activation statistics or "
+            "their gains to the output grow beyond 1e308 through the network: untrained "
+            "weights?)"
+        )
     region_before = {r.id: region_total(r) for r in regions}
     history = [before]
     sweeps, converged, max_change = 0, not regions, 0.0
@@ -262,7 +272,8 @@ def noise_scales(
                 elif t.size:
                     max_change = max(max_change, float(np.max(np.abs(np.expm1(t - t0)))))
         history.append(total())
-        if history[-2] - history[-1] <= tolerance * history[-2]:
+        # A sweep that moved no scale leaves the next one nothing new to start from.
+        if max_change == 0.0 or history[-2] - history[-1] <= tolerance * history[-2]:
             converged = True
             break
     return NoiseOutcome(

@@ -250,6 +250,13 @@ def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=Non
             lo, hi = scale_bounds(
                 clip.params["lo"], clip.params["hi"], scales[region.id][off : off + channels]
             )
-            clip.params["lo"], clip.params["hi"] = lo, hi
-            changed.add(clip.name)
+            # ReLU's (0, inf) bounds survive any positive scale: leaving such a clip
+            # unchanged lets a backend keep one module shared by calls of different widths.
+            if not (_same_bounds(clip.params["lo"], lo) and _same_bounds(clip.params["hi"], hi)):
+                clip.params["lo"], clip.params["hi"] = lo, hi
+                changed.add(clip.name)
     return changed
+
+
+def _same_bounds(old, new: np.ndarray) -> bool:
+    return bool(np.all(np.asarray(old) == new))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._ir import Graph, Node, Value
+from ._ir import SCALABLE_ACTIVATIONS, Graph, Node, Value
 from ._math import _phi_cdf as _cdf
 from ._math import _phi_pdf as _phi
 from ._math import grouped_view
@@ -238,19 +238,37 @@ DEFAULT_INPUT_SPATIAL = (224, 224)
 def positions(graph: Graph) -> dict[str, int]:
     """The number of spatial positions of every value (1 for ``(N, features)``), from
     the sizes the backend gave and the layers' strides, pads and kernels. Where the
-    input size is unknown, :data:`DEFAULT_INPUT_SPATIAL` is assumed for inputs of rank 4
-    (one position for other ranks' unknown axes)."""
+    input size is unknown, :data:`DEFAULT_INPUT_SPATIAL` is assumed for an input that
+    reaches a 2-D convolution through ops that keep the size (padding, activations), as
+    an image does (one position for other unknown axes)."""
     size: dict[str, tuple[int, ...] | None] = {}
     for v in graph.inputs:
         size[v.name] = v.spatial
+        if v.spatial is None and _feeds_conv2d(v):
+            size[v.name] = DEFAULT_INPUT_SPATIAL
     for node in graph.nodes:
         x = size.get(node.inputs[0].name) if node.inputs else None
-        if x is None and node.inputs and node.inputs[0].producer is None:
-            x = DEFAULT_INPUT_SPATIAL if node.op in ("conv", "conv_transpose") else None
         shape = _spatial_out(node, x)
         for v in node.outputs:
             size[v.name] = v.spatial if v.spatial is not None else shape
     return {k: int(np.prod(v)) if v is not None else 1 for k, v in size.items()}
+
+
+def _feeds_conv2d(value) -> bool:
+    """Whether ``value`` reaches a convolution with a 2-D kernel as its data input
+    through single-input ops that keep the spatial size."""
+    seen = 0
+    todo = [value]
+    while todo and seen < 64:  # the stem of a network, not a search of the whole graph
+        v = todo.pop()
+        seen += 1
+        for node, slot in v.uses:
+            if node.op in ("conv", "conv_transpose") and slot == 0:
+                if node.weight is not None and node.weight.ndim == 4:
+                    return True
+            elif node.op in ("pad", "identity", "dropout", *SCALABLE_ACTIVATIONS) and slot == 0:
+                todo.extend(node.outputs)
+    return False
 
 
 def _spatial_out(node: Node, x):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from strategies import build_graph, feed
 
 from cle_core import CLEError, EqualizeOptions, Graph, Layout, equalize, run_graph
+from cle_core._cli import format_summary
 from cle_core._gains import propagate
 from cle_core._noise import Terms, objective, solve, solve_many
 from cle_core._stats import ChannelStats, StatsAccumulator, clipped_normal, estimate, positions
@@ -220,6 +221,48 @@ def test_positions_follow_strides_pads_and_pools():
     assert positions(g) == {"x": 1024, "h": 256, "q": 64, "z": 1}
 
 
+@pytest.mark.parametrize("stem", ["none", "pad", "relu"])
+def test_an_image_input_of_unknown_size_is_taken_as_224_by_224(stem):
+    # A traced PyTorch model without input_shapes knows no sizes; EfficientNet pads its
+    # input before the first Conv. Without the assumption every position count would
+    # be 1, which treats all activation rounding as if it were correlated.
+    g = Graph()
+    g.add_input("x", 3)
+    src = "x"
+    if stem != "none":
+        attrs = {"pads": (1, 1, 1, 1)} if stem == "pad" else {}
+        g.add_node(stem, ["x"], name="s", outputs=["xs"], attrs=attrs)
+        src = "xs"
+    g.add_node(
+        "conv",
+        [src],
+        name="c",
+        outputs=["h"],
+        params={"weight": np.ones((4, 3, 3, 3)), "bias": None},
+        attrs={"layout": Layout(), "stride": (1, 1), "pads": (0, 0, 0, 0), "dilation": (1, 1)},
+    )
+    g.set_outputs(["h"])
+    g.validate()
+    side = 226 if stem == "pad" else 224
+    assert positions(g)["h"] == (side - 2) ** 2
+
+
+def test_a_feature_input_of_unknown_size_has_one_position():
+    g = Graph()
+    g.add_input("x", 3)
+    g.add_node(
+        "linear",
+        ["x"],
+        name="l",
+        outputs=["y"],
+        params={"weight": np.ones((4, 3)), "bias": None},
+        attrs={"layout": Layout()},
+    )
+    g.set_outputs(["y"])
+    g.validate()
+    assert positions(g) == {"x": 1, "y": 1}
+
+
 # --- gains -------------------------------------------------------------------------------
 
 
@@ -281,6 +324,9 @@ def test_report_gives_the_noise_per_region_and_in_total():
     data = json.loads(report.to_json())
     assert data["noise"]["before"] > data["noise"]["after"]
     assert "est. output SQNR (W8A8)" in report.summary()
+    h = report.noise.history
+    gain = 100 * (h[-2] - h[-1]) / h[-2]
+    assert f"the last sweep lowered the estimate by {gain:.1f} %" in format_summary(report)
 
 
 def test_weights_only_deployment_ignores_activations():
@@ -310,3 +356,34 @@ def test_calibrated_statistics_replace_the_estimates():
             after[k], before[k], rtol=1e-9, atol=1e-9 * np.abs(before[k]).max()
         )
     assert math.isfinite(report.noise.after)
+
+
+def huge_chain() -> Graph:
+    """Twelve 1x1 layers, each growing the signal ~1e30-fold: the estimated output noise
+    overflows float64, so it cannot rank scales."""
+    g = Graph()
+    g.add_input("x", 4)
+    rng = np.random.default_rng(0)
+    value = "x"
+    for i in range(12):
+        w = rng.normal(size=(4, 4, 1, 1)) * np.array([1e30, 1e29, 1e31, 1e30])[:, None, None, None]
+        g.add_node(
+            "conv", [value], name=f"c{i}", outputs=[f"h{i}"], params={"weight": w, "bias": None}
+        )
+        g.add_node("relu", [f"h{i}"], name=f"r{i}", outputs=[f"a{i}"])
+        value = f"a{i}"
+    g.set_outputs([value])
+    return g
+
+
+def test_an_estimate_that_overflows_falls_back_to_the_balance(caplog):
+    with caplog.at_level("WARNING", logger="cle_core"):
+        report = equalize(huge_chain()).report
+    assert report.noise is None and len(report.regions) == 11
+    assert any(s.candidate == "noise objective" and "overflows" in s.reason for s in report.skipped)
+    assert "noise objective" in caplog.text
+    assert "balance (the noise estimate is not finite" in format_summary(report)
+    balance = equalize(huge_chain(), EqualizeOptions(objective="balance")).report
+    assert report.sweeps == balance.sweeps > 1
+    for a, b in zip(report.regions, balance.regions, strict=True):
+        np.testing.assert_array_equal(a.scales, b.scales)
