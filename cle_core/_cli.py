@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import signal
 import sys
 import threading
@@ -396,6 +397,13 @@ def _equalize(args) -> int:
     if args.report:
         write_atomic(args.report, report.to_json(indent=1))
     plots = _plots(report, args.plot) if args.plot else []
+    if nothing_done(report):
+        print(
+            "cle: warning: nothing was equalized (the output computes the same function "
+            "with the same weights); what blocks it:\n  "
+            + "\n  ".join(blocking_reasons(report, top=3)),
+            file=sys.stderr,
+        )
     if not args.quiet:
         print(format_summary(report))
         print(
@@ -667,7 +675,7 @@ def format_summary(report: Report) -> str:
     objective = report.options.objective
     if objective == "noise" and report.noise is None and report.regions:
         objective = "balance (the noise estimate is not finite on this model, see skipped)"
-    elif report.noise is not None:
+    elif report.noise is not None and report.regions:
         objective += (
             f" ({_deployment(report.options)}): est. output SQNR "
             f"{_fmt_db(report.noise.sqnr_before).strip()} dB -> "
@@ -689,6 +697,9 @@ def format_summary(report: Report) -> str:
     lines.append(f"skipped:            {len(report.skipped)}")
     for s in report.skipped:
         lines.append(f"  [{s.stage}] {s.candidate}: {s.reason}")
+    if not report.layers:
+        lines.append("estimated INT8 weight SQNR per layer: no layer was translated")
+        return "\n".join(lines)
     lines.append("estimated INT8 weight SQNR per layer (dB):")
     width = max([len(r.name) for r in report.layers] + [5])
     lines.append(f"  {'layer':<{width}}  {'before':>7}  {'after':>7}")
@@ -704,6 +715,29 @@ def _kinds(report: Report):
     for r in report.regions:
         counts[r.kind] = counts.get(r.kind, 0) + 1
     return sorted(counts.items())
+
+
+def nothing_done(report: Report) -> bool:
+    """Whether equalization changed nothing: no fold, no region, no bias absorbed."""
+    return not (report.folds or report.regions or report.high_bias)
+
+
+def blocking_reasons(report: Report, top: int = 5) -> list[str]:
+    """The skip reasons, grouped by pattern (names taken out) with their counts, most
+    frequent first: one line per pattern for a user whose model was left alone."""
+    counts: dict[str, int] = {}
+    for s in report.skipped:
+        pattern = re.sub(r"'[^']*'", "'...'", s.reason)
+        pattern = re.sub(r"\b\d+\b", "N", pattern)
+        key = f"[{s.stage}] {pattern}"
+        counts[key] = counts.get(key, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    lines = [f"{n} x {key}" for key, n in ranked[:top]]
+    if len(ranked) > top:
+        lines.append(f"... and {len(ranked) - top} more patterns (see the report)")
+    if not lines:
+        lines.append("no Conv, ConvTranspose, Gemm or MatMul with constant weights was found")
+    return lines
 
 
 def format_inspection(report: Report) -> str:
@@ -726,6 +760,9 @@ def format_inspection(report: Report) -> str:
     ]
     lines.append(f"{len(report.skipped)} candidates would be skipped:")
     lines += [f"  [{s.stage}] {s.candidate}: {s.reason}" for s in report.skipped]
+    if nothing_done(report):
+        lines.append("nothing would be equalized; what blocks it:")
+        lines += [f"  {line}" for line in blocking_reasons(report)]
     return "\n".join(lines)
 
 

@@ -113,6 +113,13 @@ def check_results_finite(graph: Graph, changed) -> None:
 def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics) -> EqualizeResult:
     shared = shared_param_owners(graph)
     folds, skips, changed, removed = [], [], set(), []
+    # Nodes the backend could not translate, where it said why: a user whose model was
+    # left alone needs to see these first ("weight 'w' is not a constant").
+    skips += [
+        SkipRecord("translate", n.name, f"{n.attrs.get('kind', 'op')} left out: {n.attrs['why']}")
+        for n in graph.nodes
+        if n.op == "opaque" and n.attrs.get("why")
+    ]
     bn_values = {
         n.name: (n.inputs[0].name, n.outputs[0].name) for n in graph.nodes if n.op == "batchnorm"
     }

@@ -98,6 +98,14 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         total = _pool(x, at, np.sum, 0.0)
         count = _pool(np.ones_like(x[:1, :1]), at, np.sum, 0.0)
         return [total / count]
+    if op == "resize":
+        # Nearest-neighbour upsampling by whole factors: what the IR can run itself.
+        scales = at.get("scales")
+        if at.get("mode") != "nearest" or scales is None or any(f != int(f) for f in scales):
+            raise ExecutionError(f"node {node.name!r}: can only run nearest, integer resizes")
+        for axis, f in enumerate(scales, start=2):
+            x = np.repeat(x, int(f), axis=axis)
+        return [x]
     if op == "global_avgpool":
         return [x.mean(axis=tuple(range(2, x.ndim)), keepdims=True)]
     if op == "add":
@@ -107,6 +115,13 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         return [out]
     if op == "concat":
         return [np.concatenate(args, axis=1)]
+    if op == "slice":
+        off = int(at["offset"])
+        return [x[:, off : off + int(at["channels"])]]
+    if op == "mul":
+        if "factor" in p:
+            return [x * _per_channel(p["factor"], x.ndim)]
+        return [x * args[1]]
     if op == "flatten":
         return [x.reshape(x.shape[0], -1)]
     if op == "opaque":

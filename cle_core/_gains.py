@@ -144,6 +144,16 @@ def propagate(
                 c = v.channels or 0
                 add(v.name, j[:, off : off + c], g[off : off + c])
                 off += c
+        elif op == "slice" and x.channels:
+            off = int(node.attrs["offset"])
+            jin = np.zeros((j.shape[0], x.channels))
+            gin = np.zeros(x.channels)
+            jin[:, off : off + j.shape[1]] = j
+            gin[off : off + len(g)] = g
+            add(x.name, jin, gin)
+        elif op == "mul" and "factor" in node.params:
+            a = np.asarray(node.params["factor"], np.float64).reshape(-1)
+            add(x.name, j * a, g * a * a)
         elif op == "global_avgpool":
             add(x.name, j, g / max(positions.get(x.name, 1), 1))
         elif op == "avgpool":

@@ -30,14 +30,22 @@ its bounds are carried). ``leaky_relu``: attr ``alpha``; ``prelu``: param ``slop
 (one value or one per channel); ``clip``: params ``lo`` and ``hi`` (scalars or one per
 channel; ``hi`` may be +inf)."""
 
-PASSTHROUGH_OPS = frozenset({"identity", "dropout", "pad", "maxpool", "avgpool", "global_avgpool"})
+PASSTHROUGH_OPS = frozenset(
+    {"identity", "dropout", "pad", "maxpool", "avgpool", "global_avgpool", "resize"}
+)
 """Per-channel, positively homogeneous ops. ``pad``: zero padding of spatial axes, attr
 ``pads``. Pools: attrs ``kernel``, ``stride``, ``pads``, and for ``avgpool``
 ``count_include_pad``."""
 
-STRUCTURAL_OPS = frozenset({"batchnorm", "add", "concat", "flatten", "opaque"})
+STRUCTURAL_OPS = frozenset({"batchnorm", "add", "concat", "slice", "flatten", "mul", "opaque"})
 """``batchnorm``: params ``mean``, ``var``, ``gamma``/``beta`` (None without affine), attr
 ``eps``. ``add``: elementwise sum of its inputs. ``concat``: along the channel axis.
+``slice``: channels ``offset`` to ``offset + channels`` of its input (attrs; a Split is
+one ``slice`` per output).
+``mul``: its first input times either param ``factor`` (a constant: one value or one per
+channel) or its second input (a gate such as squeeze-and-excitation's, broadcast over the
+spatial axes or of the same shape): scaling the first input's channels scales the
+output's, so a region passes through it; the second input must stay unscaled.
 ``flatten``: ``(N, C, *s) -> (N, C * prod(s))``, channel-major. ``opaque``: anything
 else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it blocks
 equalization."""
@@ -396,6 +404,19 @@ def _infer_channels(node: Node) -> None:
         out = known.pop() if known else None
     elif node.op == "concat":
         out = None if any(c is None for c in ins) else sum(ins)
+    elif node.op == "slice":
+        off, out = int(node.attrs["offset"]), int(node.attrs["channels"])
+        if len(node.inputs) != 1 or off < 0 or out < 1:
+            raise InvalidGraphError(f"{where}: one input, a non-negative offset, channels")
+        if ins[0] is not None and off + out > ins[0]:
+            raise InvalidGraphError(f"{where}: channels {off}..{off + out} of {ins[0]}")
+    elif node.op == "mul":
+        factor = node.params.get("factor")
+        if len(node.inputs) != (1 if factor is not None else 2):
+            raise InvalidGraphError(f"{where}: takes one input and a factor, or two inputs")
+        out = ins[0]
+        if factor is not None:
+            _per_channel_size(node, "factor", out)
     elif node.op == "flatten":
         out = None
     else:

@@ -16,13 +16,15 @@ from ._report import SkipRecord
 
 _UNARY = SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS
 _TRANSPARENT = frozenset({"identity", "dropout"})
+# Multi-input or channel-moving ops a region passes through (``mul`` by its first input).
+_CARRY = frozenset({"add", "concat", "slice", "mul", "batchnorm"})
 
 
 @dataclass
 class Region:
     """Sources ``(layer, offset)``, sinks ``(layer, offset, repeat)``, and the nodes in
     between; ``clips`` are bounded activations ``(node, offset)`` whose bounds must be
-    carried."""
+    carried, ``affines`` batch norms that could not be folded, carried the same way."""
 
     id: int
     size: int
@@ -30,6 +32,7 @@ class Region:
     sources: list[tuple[Node, int]] = field(default_factory=list)
     sinks: list[tuple[Node, int, int]] = field(default_factory=list)
     clips: list[tuple[Node, int]] = field(default_factory=list)
+    affines: list[tuple[Node, int]] = field(default_factory=list)
     through: list[Node] = field(default_factory=list)
 
     def describe(self) -> str:
@@ -89,6 +92,12 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
         elif node.op == "add":
             for v in node.inputs:
                 uf.union(id(v), id(node.outputs[0]), 0)
+        elif node.op == "slice":  # channel j of the output is channel offset + j
+            uf.union(id(node.outputs[0]), id(node.inputs[0]), int(node.attrs["offset"]))
+        elif node.op == "mul":  # the first input's channels carry to the output
+            uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
+        elif node.op == "batchnorm":  # one that could not be folded: a per-channel affine
+            uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
         elif node.op == "concat" and all(v.channels is not None for v in node.inputs):
             offset = 0
             for v in node.inputs:
@@ -139,12 +148,14 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
             if blocker:
                 reasons.append(blocker)
             region.sources.append((producer, off))
-        elif producer.op in _UNARY or producer.op in ("add", "concat"):
+        elif producer.op in _UNARY or producer.op in _CARRY:
             if id(producer) not in seen_nodes:
                 seen_nodes.add(id(producer))
                 region.through.append(producer)
                 if producer.op == "clip":
                     region.clips.append((producer, off))
+                elif producer.op == "batchnorm":
+                    region.affines.append((producer, off))
         else:
             reasons.append(f"it is produced by {producer.describe()}")
         if id(value) in outputs:
@@ -158,8 +169,10 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                 if blocker:
                     reasons.append(blocker)
                 region.sinks.append((reader, off, 1))
-            elif reader.op in _UNARY or reader.op in ("add", "concat"):
+            elif reader.op in _UNARY or reader.op in _CARRY and reader.op != "mul":
                 continue
+            elif reader.op == "mul" and index == 0:
+                continue  # a gate (index 1) or a constant factor stays as it is
             elif reader.op == "flatten":
                 touches_layer = True
                 reasons.extend(_flatten_sinks(reader, value, off, region, shared))

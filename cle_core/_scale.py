@@ -229,7 +229,8 @@ def scale_regions(
 
 def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=None) -> set[str]:
     """Divide every source's output channels by its region's scales and multiply every
-    sink's input channels; carry the scales into clip bounds and folded-BN statistics.
+    sink's input channels; carry the scales into clip bounds, unfolded batch norms and
+    folded-BN statistics.
     Returns the names of the nodes changed."""
     links = links or _Links(regions)
     changed: set[str] = set()
@@ -245,6 +246,13 @@ def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=Non
             node.attrs["bn_stats"] = {"gamma": gamma, "beta": beta}
         changed.add(node.name)
     for region in regions:
+        for bn, off in region.affines:
+            # BN(x / s) = BN(x) / s once its mean and its shift are divided by s.
+            s = scales[region.id][off : off + bn.inputs[0].channels]
+            for key in ("mean", "beta"):
+                if bn.params.get(key) is not None:
+                    bn.params[key] = np.asarray(bn.params[key], np.float64) / s
+            changed.add(bn.name)
         for clip, off in region.clips:
             channels = clip.inputs[0].channels
             lo, hi = scale_bounds(

@@ -192,12 +192,32 @@ def _estimate_node(node: Node, stats, normal, deriv) -> None:
         st = ChannelStats.of(mean, meansq)
         normal[out.name] = (st.mean, np.sqrt(st.var))
         stats[out.name] = st
+    elif op == "slice" and ins[0] is not None:
+        part = slice(int(node.attrs["offset"]), int(node.attrs["offset"]) + out.channels)
+        stats[out.name] = ChannelStats(*(a[part] for a in ins[0]._arrays()))
+        if node.inputs[0].name in normal:
+            m, sd = normal[node.inputs[0].name]
+            normal[out.name] = (m[part], sd[part])
+    elif op == "mul" and "factor" in node.params and ins[0] is not None:
+        a = np.asarray(node.params["factor"], np.float64).reshape(-1)
+        x = ins[0]
+        stats[out.name] = ChannelStats(
+            x.mean * a,
+            x.meansq * a * a,
+            np.minimum(x.lo * a, x.hi * a),
+            np.maximum(x.lo * a, x.hi * a),
+            x.nonzero * (a != 0),
+        )
+        if node.inputs[0].name in normal:
+            m, sd = normal[node.inputs[0].name]
+            normal[out.name] = (m * a, sd * np.abs(a))
     elif op == "concat" and all(s is not None for s in ins):
         stats[out.name] = ChannelStats(
             *(np.concatenate(parts) for parts in zip(*(s._arrays() for s in ins), strict=True))
         )
     elif (
-        op in ("identity", "dropout", "pad", "maxpool", "avgpool", "flatten") and ins[0] is not None
+        op in ("identity", "dropout", "pad", "maxpool", "avgpool", "flatten", "resize")
+        and ins[0] is not None
     ):
         stats[out.name] = ins[0]
         if node.inputs[0].name in normal:
@@ -301,6 +321,11 @@ def _spatial_out(node: Node, x):
             else:
                 out.append((x[i] + pads[i] + pads[nd + i] - span) // stride[i] + 1)
         return tuple(max(1, o) for o in out)
+    if op == "resize":
+        scales = node.attrs.get("scales")
+        if scales is None or len(scales) != len(x):
+            return None
+        return tuple(max(1, int(d * f)) for d, f in zip(x, scales, strict=True))
     if op == "pad":
         pads = node.attrs.get("pads", ())
         nd = len(x)

@@ -50,6 +50,7 @@ class _Writer:
         self.taken_names = {n for n in self.inits} | {o for n in self.nodes for o in n.output}
         self.taken_names |= {v.name for v in self.g.input} | {v.name for v in self.g.output}
         self.pending: dict[str, np.ndarray] = {}  # external tensors: written when saving
+        self.read_before = set(self.tr.users) | {v.name for v in self.g.output}
 
     def fresh(self, base: str) -> str:
         return unique_name(base, self.taken_names)
@@ -58,6 +59,9 @@ class _Writer:
         """Store ``arr`` under initializer ``name``; clone it first when a node outside
         ``owners`` (a subgraph included) also reads it, so no other node's numbers
         change. Returns the name."""
+        if name not in self.inits:  # computed from constants: the layer gets its own
+            shape, dtype = self.tr.derived[name]
+            return self.new_tensor(f"{name}_cle", np.reshape(arr, shape), dtype)
         dtype = np_dtype(self.inits[name].data_type) or arr.dtype
         arr = _fitted(arr, dtype, name)
         if dims is not None:
@@ -88,8 +92,8 @@ class _Writer:
     def layer(self, node: Node) -> None:
         handle = node.handle
         indices = set(handle) if isinstance(handle, tuple) else {handle}
-        if node.op == "linear" and isinstance(handle, tuple):
-            self.matmul(node, handle)
+        if isinstance(handle, tuple):  # a MatMul, or a layer whose bias is an Add
+            self.fused(node, handle)
             return
         onnx_node = self.nodes[handle]
         onnx_node.input[1] = self.put(onnx_node.input[1], node.weight, indices)
@@ -110,7 +114,7 @@ class _Writer:
                 if attr.name in ("alpha", "beta"):
                     attr.f = 1.0
 
-    def matmul(self, node: Node, handle: tuple) -> None:
+    def fused(self, node: Node, handle: tuple) -> None:
         mm = self.nodes[handle[0]]
         indices = set(handle)
         mm.input[1] = self.put(mm.input[1], node.weight, indices)
@@ -118,9 +122,13 @@ class _Writer:
             return
         if len(handle) == 2:
             add = self.nodes[handle[1]]
-            slot = 0 if add.input[0] in self.inits else 1
-            dims = tuple(self.inits[add.input[slot]].dims)
-            add.input[slot] = self.put(add.input[slot], node.bias, indices, dims=dims)
+            slot = 1 if add.input[0] == mm.output[0] else 0
+            name = add.input[slot]
+            if name in self.inits:
+                dims = tuple(self.inits[name].dims)
+            else:
+                dims = self.tr.derived[name][0]
+            add.input[slot] = self.put(name, node.bias, indices, dims=dims)
             return
         bias = self.new_tensor(f"{mm.name or node.name}_bias", node.bias, self.weight_dtype(mm))
         out = mm.output[0]
@@ -218,6 +226,12 @@ class _Writer:
             return layer.weight.dtype
         return np.float32
 
+    def batchnorm(self, node: Node) -> None:
+        """A batch norm carried through a region: its mean and shift changed."""
+        bn = self.nodes[node.handle]
+        for slot, key in ((3, "mean"), (2, "beta")):
+            bn.input[slot] = self.put(bn.input[slot], node.params[key], {node.handle})
+
     # --- folded batch norms -----------------------------------------------------------
     def remove_bn(self, index: int) -> None:
         bn = self.nodes[index]
@@ -240,6 +254,10 @@ class _Writer:
                 self.layer(node)
             elif node.op == "clip":
                 self.clip(node)
+            elif node.op == "batchnorm":
+                self.batchnorm(node)
+            else:
+                raise ValueError(f"cannot write back node {name!r} ({node.op})")
         handles = self.tr.node_names
         by_name = {v: k for k, v in handles.items()}
         for name in self.result.removed:
@@ -262,18 +280,33 @@ class _Writer:
         self.g.node.extend(final)
         self.prune()
 
-    def prune(self) -> None:
+    def _used(self) -> set[str]:
         used = {n for node in self.g.node for n in node.input} | {o.name for o in self.g.output}
         for node in self.g.node:  # what If / Loop bodies read from outside is live too
             for sub in subgraphs(node):
                 used |= outer_reads(sub)
-        # Constant nodes that fed a replaced Clip are dead now.
-        live = [
-            n for n in self.g.node if n.op_type != "Constant" or any(o in used for o in n.output)
-        ]
-        if len(live) != len(self.g.node):
+        return used
+
+    def _dead(self, node: onnx.NodeProto, used: set[str]) -> bool:
+        """Whether ``node`` only computed values that nothing reads any more: a Constant
+        that fed a replaced Clip, the Identity or Reshape that made a weight the layer
+        now holds as an initializer. Nodes that were dead in the model as given stay."""
+        outs = [o for o in node.output if o]
+        if any(o in used for o in outs) or node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "Constant":
+            return True
+        return any(o in self.read_before for o in outs) and not any(True for _ in subgraphs(node))
+
+    def prune(self) -> None:
+        used = self._used()
+        while True:
+            live = [n for n in self.g.node if not self._dead(n, used)]
+            if len(live) == len(self.g.node):
+                break
             del self.g.node[:]
             self.g.node.extend(live)
+            used = self._used()
         keep = [t for t in self.g.initializer if t.name in used]
         dropped = {t.name for t in self.g.initializer} - {t.name for t in keep}
         del self.g.initializer[:]

@@ -28,6 +28,8 @@ class Translation:
     subgraph_reads: set[str] = field(default_factory=set)  # outer names read in subgraphs
     owned: dict[str, np.ndarray] = field(default_factory=dict)  # bytes taken out of the proto
     node_names: dict[int, str] = field(default_factory=dict)
+    # parameters computed from constants (not initializers) -> (shape, dtype)
+    derived: dict[str, tuple] = field(default_factory=dict)
 
 
 def subgraphs(node: onnx.NodeProto):
@@ -170,7 +172,31 @@ _FOLDABLE = frozenset(
         "Expand",
     }
 )
-_FOLD_LIMIT = 1 << 16
+# Folding reads and writes whole tensors: a weight computed from constants is folded
+# whatever its size, but no result may exceed this many elements (a ConstantOfShape or
+# an Expand can describe gigabytes in a few bytes of model).
+_FOLD_LIMIT = 1 << 24
+
+
+def _fold_size(node: onnx.NodeProto, args: list) -> int | None:
+    """An upper bound of the number of elements ``node`` produces from ``args``, or None
+    if it cannot be told cheaply."""
+    op = node.op_type
+    sizes = [a.size for a in args if a is not None]
+    try:
+        if op == "ConstantOfShape":
+            return int(np.prod([int(d) for d in args[0].reshape(-1)]))
+        if op == "Expand":
+            shape = tuple(int(d) for d in args[1].reshape(-1))
+            return int(np.prod(np.broadcast_shapes(args[0].shape, shape)))
+        if op == "Range":
+            start, limit, delta = (float(a.reshape(-1)[0]) for a in args[:3])
+            return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
+        if op in ("Add", "Sub", "Mul", "Div"):
+            return int(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return sum(sizes)  # the other foldable ops rearrange, select or cast their inputs
 
 
 def _evaluate(node: onnx.NodeProto, args: list, opset: int) -> list[np.ndarray]:
@@ -202,6 +228,41 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
             np.concatenate([np.asarray(x, dtype=object) for x in args], axis=int(a.get("axis", 0)))
         ]
     raise ValueError(f"cannot fold {op} over symbolic dims")
+
+
+def _explicit_pads(a: dict, nd: int, dims, kernel, stride, dilation) -> tuple | None:
+    """A Conv's or pool's pads as begin..., end... values: ``pads``, or what
+    ``auto_pad`` computes from the input's spatial size (None if that is unknown)."""
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto == "NOTSET":
+        return tuple(int(p) for p in a.get("pads", (0,) * (2 * nd)))
+    if auto == "VALID":
+        return (0,) * (2 * nd)
+    if dims is None or len(dims) != nd + 2 or not all(isinstance(d, int) for d in dims[2:]):
+        return None
+    begin, end = [], []
+    for size, k, s, d in zip(dims[2:], kernel, stride, dilation, strict=True):
+        total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small = total // 2
+        begin.append(small if auto == "SAME_UPPER" else total - small)
+        end.append(total - begin[-1])
+    return tuple(begin + end)
+
+
+def _ceil_extra(dims, nd, kernel, stride, dilation, pads) -> tuple | None:
+    """The end padding that makes floor-mode pooling give ceil mode's output size."""
+    if dims is None or len(dims) != nd + 2 or not all(isinstance(d, int) for d in dims[2:]):
+        return None
+    extra = []
+    for i, (size, k, s, d) in enumerate(zip(dims[2:], kernel, stride, dilation, strict=True)):
+        span = (k - 1) * d + 1
+        padded = size + pads[i] + pads[nd + i]
+        out = -(-(padded - span) // s) + 1
+        if (out - 1) * s >= size + pads[i]:
+            out -= 1  # ONNX drops a last window that would start inside the end padding
+        extra.append(max((out - 1) * s + span - padded, 0))
+    return tuple(extra)
 
 
 class _Reader:
@@ -295,7 +356,8 @@ class _Reader:
             args = [self.const(n) if n else None for n in node.input]
             if any(a is None for a, n in zip(args, node.input, strict=True) if n):
                 continue
-            if any(a is not None and a.size > _FOLD_LIMIT for a in args):
+            size = _fold_size(node, args)
+            if size is None or size > _FOLD_LIMIT:
                 continue
             try:
                 outs = _evaluate(node, args, self.opset)
@@ -317,9 +379,16 @@ class _Reader:
 
     def param(self, name: str) -> np.ndarray:
         """A layer parameter; with ``take_ownership`` the proto's copy is released. Read
-        once per tensor: layers sharing an initializer get the same array."""
+        once per tensor: layers sharing an initializer get the same array. A parameter
+        computed from constants (a ``Constant`` node, ``Identity`` or ``Reshape`` of an
+        initializer ...) is written back as a new initializer."""
         if name in self.params:
             return self.params[name]
+        if name not in self.inits:
+            arr = np.array(self.constants[name])
+            self.translation.derived[name] = (arr.shape, arr.dtype)
+            self.params[name] = arr
+            return arr
         t = self.inits[name]
         arr = _tensor_array(t, self.base_dir)
         if self.take_ownership and t.data_location != onnx.TensorProto.EXTERNAL:
@@ -336,7 +405,11 @@ class _Reader:
             return None
         if name in self.overridable:
             return f"{name!r} is a graph input a caller may override, not a constant"
-        return f"{name!r} is not an initializer"
+        if self.is_const(name):
+            return None
+        if name in self.fixed:
+            return f"{name!r} is computed from constants, but too large to fold"
+        return f"{name!r} is not a constant"
 
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
@@ -346,8 +419,23 @@ class _Reader:
         d = self.dims.get(name)
         return d[1] if d is not None and len(d) >= 2 and isinstance(d[1], int) else None
 
-    def is_init(self, name: str) -> bool:
-        return bool(name) and name in self.inits
+    def const_shape(self, name: str) -> tuple | None:
+        """The shape of a constant :meth:`is_const` accepts, without reading it."""
+        if not self.is_const(name):
+            return None
+        if name in self.inits:
+            return tuple(int(d) for d in self.inits[name].dims)
+        return self.constants[name].shape
+
+    def is_const(self, name: str) -> bool:
+        """Whether ``name`` is a numeric constant a layer may take as a parameter: an
+        initializer, or a value folded from constants."""
+        if not name or name in self.overridable:
+            return False
+        if name in self.inits:
+            return True
+        value = self.constants.get(name)
+        return value is not None and value.dtype.kind == "f"
 
     # --- translation ------------------------------------------------------------------
     def run(self) -> tuple[Graph, Translation]:
@@ -406,14 +494,13 @@ class _Reader:
         if outcome is False or isinstance(outcome, str):
             self.opaque(index, node, name, outcome or "")
 
-    def _conv_attrs(self, a: dict, nd: int) -> dict | None:
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+    def _conv_attrs(self, a: dict, nd: int, x: str, kernel: tuple) -> dict | None:
+        stride = tuple(a.get("strides", (1,) * nd))
+        dilation = tuple(a.get("dilations", (1,) * nd))
+        pads = _explicit_pads(a, nd, self.dims.get(x), kernel, stride, dilation)
+        if pads is None:
             return None
-        return {
-            "stride": tuple(a.get("strides", (1,) * nd)),
-            "pads": tuple(a.get("pads", (0,) * (2 * nd))),
-            "dilation": tuple(a.get("dilations", (1,) * nd)),
-        }
+        return {"stride": stride, "pads": pads, "dilation": dilation}
 
     def op_Conv(self, index, node, name):
         return self._conv_like(index, node, name, "conv")
@@ -435,22 +522,34 @@ class _Reader:
         if transposed and "output_shape" in a:
             return False
         w = self.param(node.input[1])
-        attrs = self._conv_attrs(a, w.ndim - 2)
-        if attrs is None or w.ndim < 3:
+        if w.ndim < 3:
             return False
+        if transposed and a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID"):
+            return False
+        attrs = self._conv_attrs(a, w.ndim - 2, node.input[0], tuple(w.shape[2:]))
+        if attrs is None:
+            return "auto_pad needs the input's spatial size"
         if transposed:
             attrs["output_padding"] = tuple(a.get("output_padding", (0,) * (w.ndim - 2)))
         ids = {"weight": node.input[1]}
+        bias = self.param(node.input[2]) if has_bias else None
         if has_bias:
             ids["bias"] = node.input[2]
         group = int(a.get("group", 1))
-        self.add(
+        outputs, handle = list(node.output), index
+        if not has_bias:
+            out_channels = w.shape[1] * group if transposed else w.shape[0]
+            fused = self.bias_add(index, node, out_channels, w.ndim)
+            if fused is not None:
+                bias, ids["bias"], outputs, handle = fused
+        self.graph.add_node(
             op,
             [node.input[0]],
-            name,
-            index,
-            params={"weight": w, "bias": self.param(node.input[2]) if has_bias else None},
+            name=name,
+            outputs=outputs,
+            params={"weight": w, "bias": bias},
             attrs={**attrs, "layout": Layout(1, 0, group) if transposed else Layout(0, 1, group)},
+            handle=handle,
             param_ids=ids,
         )
 
@@ -499,31 +598,15 @@ class _Reader:
         if blocker:
             return blocker
         if self.rank(node.input[0]) != 2:
-            return False
+            return "its input is not of rank 2 (N, features)"
         w = self.param(node.input[1])
         if w.ndim != 2:
             return False
-        bias, outputs, ids = None, list(node.output), {"weight": node.input[1]}
-        readers = self.users.get(node.output[0], [])
-        graph_outputs = {o.name for o in self.model.graph.output}
-        if len(readers) == 1 and node.output[0] not in graph_outputs:
-            add_index = readers[0]
-            add = self.model.graph.node[add_index]
-            other = [n for n in add.input if n != node.output[0]]
-            if (
-                add.op_type == "Add"
-                and len(other) == 1
-                and self.is_init(other[0])
-                and add_index > index
-            ):
-                b = self.const(other[0])
-                if b is not None and b.size == w.shape[1] and b.ndim <= 2:
-                    bias = self.param(other[0]).reshape(-1)
-                    outputs = list(add.output)
-                    ids["bias"] = other[0]
-                    self.consumed_adds.add(add_index)
-                    index = (index, add_index)
-        node_index = index if isinstance(index, tuple) else (index,)
+        ids = {"weight": node.input[1]}
+        bias, outputs, handle = None, list(node.output), (index,)
+        fused = self.bias_add(index, node, w.shape[1], 2)
+        if fused is not None:
+            bias, ids["bias"], outputs, handle = fused
         self.graph.add_node(
             "linear",
             [node.input[0]],
@@ -531,9 +614,34 @@ class _Reader:
             outputs=outputs,
             params={"weight": w, "bias": bias},
             attrs={"layout": Layout(1, 0)},
-            handle=node_index,
+            handle=handle,
             param_ids=ids,
         )
+
+    def bias_add(self, index: int, node: onnx.NodeProto, channels: int, rank: int | None):
+        """A bias written as a separate ``Add`` of a per-channel constant to the only
+        reader of the layer's output (MatMul + Add; PaddlePaddle's Conv + Add):
+        ``(bias, constant's name, outputs, handle)`` to take it into the layer, or None."""
+        out = node.output[0]
+        readers = self.users.get(out, [])
+        if len(readers) != 1 or out in {o.name for o in self.model.graph.output}:
+            return None
+        add_index = readers[0]
+        add = self.model.graph.node[add_index]
+        other = [n for n in add.input if n != out]
+        if add.op_type != "Add" or len(add.input) != 2 or len(other) != 1 or add_index <= index:
+            return None
+        shape = self.const_shape(other[0])
+        if shape is None or rank is None or len(shape) > rank or int(np.prod(shape)) != channels:
+            return None
+        # Per channel means along axis 1 once padded to the output's rank ((C,) for
+        # a rank-2 output, (1, C, 1, 1) or (C, 1, 1) for a Conv's).
+        padded = (1,) * (rank - len(shape)) + tuple(shape)
+        if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+            return None
+        self.consumed_adds.add(add_index)
+        bias = self.param(other[0]).reshape(-1)
+        return bias, other[0], list(add.output), (index, add_index)
 
     def op_BatchNormalization(self, index, node, name):
         a = _attrs(node)
@@ -543,7 +651,7 @@ class _Reader:
             blocker = self.weight_blocker(ref)
             if blocker:
                 return blocker
-        gamma, beta, mean, var = (self.const(n) for n in node.input[1:5])
+        gamma, beta, mean, var = (self.param(n) for n in node.input[1:5])
         self.add(
             "batchnorm",
             [node.input[0]],
@@ -635,7 +743,16 @@ class _Reader:
             if len(node.input) > 2 and node.input[2] and cv is None:
                 return False
             if len(node.input) > 3 and node.input[3]:
-                return False  # explicit axes (opset 18): left opaque
+                # Opset 18's axes: pads for those axes only; the others get none.
+                axes = self.const(node.input[3])
+                rank = self.rank(node.input[0])
+                if axes is None or rank is None:
+                    return False
+                axes = [int(x) % rank for x in axes.reshape(-1)]
+                full = [0] * (2 * rank)
+                for k, ax in enumerate(axes):
+                    full[ax], full[rank + ax] = pads[k], pads[len(axes) + k]
+                pads = full
         rank = len(pads) // 2
         if value != 0.0 or rank < 3 or any(pads[i] for i in (0, 1, rank, rank + 1)):
             return False
@@ -644,43 +761,206 @@ class _Reader:
             return False
         self.add("pad", [node.input[0]], name, index, attrs={"pads": tuple(spatial)})
 
-    def _pool_attrs(self, node) -> dict | None:
+    def _pool_attrs(self, node, ceil_as_pad: bool) -> dict | str | None:
         a = _attrs(node)
-        if int(a.get("ceil_mode", 0)) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            return None
         kernel = tuple(a["kernel_shape"])
         nd = len(kernel)
+        stride = tuple(a.get("strides", (1,) * nd))
+        dilation = tuple(a.get("dilations", (1,) * nd))
+        dims = self.dims.get(node.input[0])
+        pads = _explicit_pads(a, nd, dims, kernel, stride, dilation)
+        if pads is None:
+            return "auto_pad needs the input's spatial size"
+        if int(a.get("ceil_mode", 0)):
+            # Rounding the output size up adds windows that hang over the end: the same
+            # as more end padding, which a max pool ignores (an average would count it).
+            extra = _ceil_extra(dims, nd, kernel, stride, dilation, pads)
+            if extra is None or (any(extra) and not ceil_as_pad):
+                return "ceil_mode=1 needs the input's spatial size (max pool only)"
+            pads = pads[:nd] + tuple(p + e for p, e in zip(pads[nd:], extra, strict=True))
         return {
             "kernel": kernel,
-            "stride": tuple(a.get("strides", (1,) * nd)),
-            "pads": tuple(a.get("pads", (0,) * (2 * nd))),
-            "dilation": tuple(a.get("dilations", (1,) * nd)),
+            "stride": stride,
+            "pads": pads,
+            "dilation": dilation,
             "count_include_pad": bool(a.get("count_include_pad", 0)),
         }
 
     def op_MaxPool(self, index, node, name):
-        attrs = self._pool_attrs(node)
-        if attrs is None or len([o for o in node.output if o]) != 1:
-            return False
+        attrs = self._pool_attrs(node, ceil_as_pad=True)
+        if not isinstance(attrs, dict) or len([o for o in node.output if o]) != 1:
+            return attrs or False
         self.add("maxpool", [node.input[0]], name, index, outputs=[node.output[0]], attrs=attrs)
 
     def op_AveragePool(self, index, node, name):
-        attrs = self._pool_attrs(node)
-        if attrs is None:
-            return False
+        attrs = self._pool_attrs(node, ceil_as_pad=False)
+        if not isinstance(attrs, dict):
+            return attrs
         self.add("avgpool", [node.input[0]], name, index, attrs=attrs)
+
+    def op_ReduceMean(self, index, node, name):
+        """A mean over all spatial axes is a global average pool (the ``dynamo=True``
+        exporter writes ``x.mean((2, 3))`` so); ``keepdims=0`` also flattens."""
+        a = _attrs(node)
+        rank = self.rank(node.input[0])
+        if self.opset >= 18:
+            axes = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            if axes is None:
+                return False
+        else:
+            axes = a.get("axes")
+        if rank is None or rank < 3 or axes is None:
+            return False
+        if sorted(int(x) % rank for x in np.asarray(axes).reshape(-1)) != list(range(2, rank)):
+            return "reduces axes other than all spatial ones"
+        out = node.output[0]
+        if int(a.get("keepdims", 1)):
+            self.add("global_avgpool", [node.input[0]], name, index)
+            return
+        pooled = f"{out}::pooled"  # an IR value only: the write-back never sees it
+        self.add("global_avgpool", [node.input[0]], name, index, outputs=[pooled])
+        self.add("flatten", [pooled], f"{name}::flatten", index, outputs=[out])
+
+    def op_Resize(self, index, node, name):
+        """Resize and Upsample interpolate each channel on its own with weights that do
+        not depend on the values: scaling a channel scales its output."""
+        a = _attrs(node)
+        mode = a.get("mode", b"nearest")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if self.opset < 9:  # Upsample's scales attribute
+            scales = a.get("scales")
+        elif self.opset <= 10 or node.op_type == "Upsample":  # scales as input 1
+            scales = self.const(node.input[1]) if len(node.input) > 1 else None
+        else:  # Resize 11+: X, roi, scales, sizes
+            scales = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if scales is not None and scales.size == 0:
+                scales = None
+            sizes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+            if scales is None and sizes is not None and src is not None:
+                if len(sizes) == len(src) and all(isinstance(d, int) for d in src):
+                    scales = np.asarray(sizes, np.float64) / np.asarray(src, np.float64)
+        if scales is None and src is not None and dst is not None and len(src) == len(dst):
+            if all(isinstance(d, int) for d in (*src, *dst)):
+                scales = np.asarray(dst, np.float64) / np.asarray(src, np.float64)
+        if scales is None:
+            return "its scales are not constant"
+        scales = [float(f) for f in np.asarray(scales).reshape(-1)]
+        if len(scales) < 3 or scales[0] != 1.0 or scales[1] != 1.0:
+            return "resizes the batch or channel axis"
+        attrs = {"mode": mode, "scales": tuple(scales[2:])}
+        self.add("resize", [node.input[0]], name, index, attrs=attrs)
+
+    def op_Upsample(self, index, node, name):
+        return self.op_Resize(index, node, name)
+
+    def _per_channel_const(self, name: str, data: str) -> np.ndarray | None:
+        """The constant ``name`` as one value or one per channel of ``data``, if it
+        broadcasts so against it (a scalar, (C, 1, 1), (1, C, 1, 1) ...), else None."""
+        shape = self.const_shape(name)
+        rank, channels = self.rank(data), self.channels(data)
+        if shape is None or rank is None or len(shape) > rank:
+            return None
+        if int(np.prod(shape)) == 1:
+            return self.const(name).reshape(1)
+        padded = (1,) * (rank - len(shape)) + tuple(shape)
+        if rank < 2 or padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+            return None
+        return self.const(name).reshape(-1)
+
+    def op_Mul(self, index, node, name):
+        """A product with a constant (one value or one per channel), or with a gate
+        (squeeze-and-excitation): scaling the data's channels scales the product's."""
+        a, b = node.input[0], node.input[1]
+        for data, other in ((a, b), (b, a)):
+            if data not in self.fixed and other in self.fixed:
+                factor = self._per_channel_const(other, data)
+                if factor is None:
+                    return "multiplies by a constant that is not per channel"
+                self.add("mul", [data], name, index, params={"factor": factor})
+                return
+        if a in self.fixed or b in self.fixed:
+            return False
+        out = self.dims.get(node.output[0])
+        if out is None:
+            return False
+        # The data input is the one of the output's shape; the gate broadcasts.
+        data, gate = (a, b) if self.dims.get(a) == out else (b, a)
+        if self.dims.get(data) != out:
+            return False
+        self.add("mul", [data, gate], name, index)
+
+    def op_Div(self, index, node, name):
+        x, d = node.input[0], node.input[1]
+        if x in self.fixed or d not in self.fixed:
+            return False
+        factor = self._per_channel_const(d, x)
+        if factor is None:
+            return "divides by a constant that is not per channel"
+        with np.errstate(divide="ignore"):
+            factor = 1.0 / factor.astype(np.float64)
+        if not np.all(np.isfinite(factor)):
+            return False
+        self.add("mul", [x], name, index, params={"factor": factor})
+
+    def op_Split(self, index, node, name):
+        """A split along the channel axis: one IR ``slice`` per output, at the offsets
+        the inferred output widths give."""
+        rank = self.rank(node.input[0])
+        if rank is None or int(_attrs(node).get("axis", 0)) % rank != 1:
+            return False
+        widths = [self.channels(o) if o else None for o in node.output]
+        if any(w is None for w in widths) or sum(widths) != self.channels(node.input[0]):
+            return "the widths of its outputs are unknown"
+        offset = 0
+        for k, (out, width) in enumerate(zip(node.output, widths, strict=True)):
+            attrs = {"offset": offset, "channels": width}
+            self.add("slice", [node.input[0]], f"{name}:{k}", index, outputs=[out], attrs=attrs)
+            offset += width
+
+    def op_Slice(self, index, node, name):
+        """Channels ``start`` to ``end`` (step 1) and nothing cut on other axes."""
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or dst is None or len(src) != len(dst) or len(src) < 2:
+            return False
+        if any(a != b for i, (a, b) in enumerate(zip(src, dst, strict=True)) if i != 1):
+            return "cuts an axis other than the channels"
+        if self.opset < 10:
+            a = _attrs(node)
+            starts, axes, steps = a.get("starts"), a.get("axes"), None
+        else:
+            args = [self.const(n) if n else None for n in list(node.input) + [""] * 5]
+            starts, axes, steps = args[1], args[3], args[4]
+        if starts is None or not isinstance(src[1], int) or not isinstance(dst[1], int):
+            return False
+        starts = [int(v) for v in np.asarray(starts).reshape(-1)]
+        axes = list(range(len(starts))) if axes is None else list(np.asarray(axes).reshape(-1))
+        if steps is not None and any(int(v) != 1 for v in np.asarray(steps).reshape(-1)):
+            return False
+        found = [st for st, ax in zip(starts, axes, strict=True) if int(ax) % len(src) == 1]
+        if len(found) != 1:
+            return False
+        start = min(max(found[0] + src[1] if found[0] < 0 else found[0], 0), src[1])
+        attrs = {"offset": start, "channels": dst[1]}
+        self.add("slice", [node.input[0]], name, index, attrs=attrs)
+
+    def op_Sum(self, index, node, name):
+        if len(node.input) == 1:
+            self.add("identity", [node.input[0]], name, index)
+            return
+        return self.op_Add(index, node, name)
 
     def op_GlobalAveragePool(self, index, node, name):
         self.add("global_avgpool", [node.input[0]], name, index)
 
     def op_Add(self, index, node, name):
-        if len(node.input) != 2 or any(n in self.fixed for n in node.input):
+        if len(node.input) < 2 or any(n in self.fixed for n in node.input):
             return False
         ranks = {self.rank(n) for n in node.input}
         if None in ranks or len(ranks) != 1:
             return False  # broadcasting adds are not residual adds
         dims = [self.dims[n] for n in node.input]
-        if dims[0] != dims[1]:
+        if any(d != dims[0] for d in dims):
             return False
         self.add("add", list(node.input), name, index)
 
@@ -729,11 +1009,11 @@ class _Reader:
         for r in readers:
             if r.op_type not in ("Gemm", "MatMul") or r.input[0] != value:
                 return False
-            w = self.inits.get(r.input[1])
-            if w is None or len(w.dims) != 2:
+            shape = self.const_shape(r.input[1])
+            if shape is None or len(shape) != 2:
                 return False
             trans_b = r.op_type == "Gemm" and int(_attrs(r).get("transB", 0))
-            if (w.dims[1] if trans_b else w.dims[0]) != features:
+            if (shape[1] if trans_b else shape[0]) != features:
                 return False
         return True
 

@@ -101,6 +101,11 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             hi = np.asarray(node.params["hi"], np.float64)
             plan.clips.append((site, lo, hi, name))
             plan.like[site.fx] = _nearby_weight(cap, node) or ""
+        elif node.op == "batchnorm" and site.kind == "module":
+            # Carried through a region: running_mean and bias were divided by the scale.
+            plan.params.append((f"{site.module}.running_mean", node.params["mean"]))
+            if node.params.get("beta") is not None:
+                plan.params.append((f"{site.module}.bias", node.params["beta"]))
         else:
             raise CLEError(f"cannot write back node {name!r} ({node.op})")
     for name in result.removed:

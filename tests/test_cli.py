@@ -208,3 +208,51 @@ def test_console_script_runs(model_file, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def _weights_from_inputs(path):
+    """Conv weights fed as graph inputs: not constants, so nothing can be equalized."""
+    from onnx import TensorProto, helper
+
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["h"]),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node("Conv", ["a", "w2"], ["y"]),
+        ],
+        "g",
+        [
+            info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+            info("w", TensorProto.FLOAT, [4, 4, 1, 1]),
+            info("w2", TensorProto.FLOAT, [4, 4, 1, 1]),
+        ],
+        [info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_inspect_says_why_nothing_would_be_equalized(tmp_path, capsys):
+    src = _weights_from_inputs(tmp_path / "in.onnx")
+    assert main(["inspect", str(src)]) == 0
+    text = capsys.readouterr().out
+    assert "[translate] Conv_0: Conv left out: 'w' is not a constant" in text
+    assert text.rstrip().endswith(
+        "nothing would be equalized; what blocks it:\n"
+        "  2 x [translate] Conv left out: '...' is not a constant"
+    )
+
+
+def test_equalize_warns_when_nothing_was_equalized(tmp_path, capsys):
+    src = _weights_from_inputs(tmp_path / "in.onnx")
+    assert main(["equalize", str(src), "-o", str(tmp_path / "out.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert "cle: warning: nothing was equalized" in captured.err
+    assert "2 x [translate] Conv left out: '...' is not a constant" in captured.err
+    assert "no layer was translated" in captured.out and "-inf" not in captured.out
+
+
+def test_no_warning_when_something_was_equalized(model_file, tmp_path, capsys):
+    main(["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--quiet"])
+    assert "warning" not in capsys.readouterr().err

@@ -386,3 +386,82 @@ def test_layout_attr_defaults_for_layers():
     g.add_input("x", 2)
     node = g.add_node("linear", ["x"], name="fc", params={"weight": np.ones((3, 2))})
     assert node.layout == Layout()
+
+
+def _carry_graph(kind: str):
+    """conv -> relu6 -> <kind> -> conv(s): a region must pass through ``kind``."""
+    b = Builder(np.random.default_rng(3), zero_channels=False)
+    b.g.add_input("x", 3)
+    h = b.act(b.conv("x", 3, 8, 3, pad=1), "relu6", 8)
+    outs = []
+    if kind == "slice":  # a channel Split: two halves, one layer each
+        for k in range(2):
+            part = f"part{k}"
+            b.g.add_node(
+                "slice", [h], name=part, outputs=[part], attrs={"offset": 4 * k, "channels": 4}
+            )
+            outs.append(b.conv(part, 4, 5))
+    else:
+        if kind == "mul_factor":
+            b.g.add_node(
+                "mul", [h], name="m", outputs=["m"], params={"factor": np.linspace(-2, 3, 8)}
+            )
+        elif kind == "mul_gate":  # squeeze-and-excitation: the gate's first layer is a sink
+            b.g.add_node("global_avgpool", [h], name="gap", outputs=["gap"])
+            gate = b.act(b.conv(b.act(b.conv("gap", 8, 4), "relu", 4), 4, 8), "none", 8)
+            b.g.add_node("mul", [h, gate], name="m", outputs=["m"])
+        elif kind == "batchnorm":
+            rng = np.random.default_rng(4)
+            b.g.add_node(
+                "batchnorm",
+                [h],
+                name="m",
+                outputs=["m"],
+                params={
+                    "mean": rng.normal(size=8),
+                    "var": rng.uniform(0.5, 2, 8),
+                    "gamma": rng.normal(size=8),
+                    "beta": rng.normal(size=8),
+                },
+                attrs={"eps": 1e-5},
+            )
+        elif kind == "resize":
+            b.g.add_node(
+                "resize", [h], name="m", outputs=["m"], attrs={"mode": "nearest", "scales": (2, 2)}
+            )
+        # 3x3 with zero padding: an input-side BN fold would not be exact there
+        outs.append(b.conv("m", 8, 5, 3, pad=1))
+    b.g.set_outputs(outs)
+    b.g.validate()
+    return b.g
+
+
+@pytest.mark.parametrize("kind", ["slice", "mul_factor", "mul_gate", "batchnorm", "resize"])
+@pytest.mark.parametrize("objective", ["noise", "balance"])
+def test_regions_pass_through_channel_preserving_ops_exactly(kind, objective):
+    # Split/Slice, Mul by a constant or a gate, an unfoldable BN and Resize carry the
+    # scales of the layer before them: the region reaches the layers behind them.
+    g = _carry_graph(kind)
+    first = g.nodes[0].name
+    before = run(g)
+    result = equalize(g, EqualizeOptions(objective=objective, high_bias=False))
+    region = next(r for r in result.report.regions if first in r.sources)
+    assert len(region.sinks) == (2 if kind in ("slice", "mul_gate") else 1)
+    assert not np.allclose(region.scales, 1.0)
+    if kind == "batchnorm":
+        assert "m" in result.changed
+    assert_same_function(g, before)
+
+
+def test_a_gate_read_by_the_region_is_not_scaled():
+    # x * gate where the gate is computed from x through a layer: fine. But a value of
+    # the region used as the gate (index 1) would scale the product twice: refused.
+    b = Builder(np.random.default_rng(5), zero_channels=False)
+    b.g.add_input("x", 3)
+    h = b.act(b.conv("x", 3, 8, 3, pad=1), "relu", 8)
+    b.g.add_node("mul", [h, h], name="sq", outputs=["sq"])
+    b.g.set_outputs([b.conv("sq", 8, 5)])
+    b.g.validate()
+    report = equalize(b.g).report
+    assert report.regions == ()
+    assert any("is read by sq" in s.reason for s in report.skipped)

@@ -249,3 +249,42 @@ def test_rank_of_a_clip_input_comes_from_its_layer_when_shapes_are_unknown():
     graph, _ = to_ir(om.gemm_head(1))
     ranks = {n.name: _rank_from_layer(n) for n in graph.nodes if n.op == "relu"}
     assert sorted(ranks.values()) == [2, 4]  # behind the Conv, behind the Gemm
+
+
+def test_a_huge_constant_of_shape_is_not_built():
+    # A few bytes of model can describe gigabytes (ConstantOfShape of 2^30 elements):
+    # translation folds no value larger than 16 M elements.
+    import tracemalloc
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(size=(4, 4, 1, 1)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array([1 << 15, 1 << 15], np.int64), "big"),
+    ]
+    zero = numpy_helper.from_array(np.array([0.0], np.float32))
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["big"], ["z"], value=zero),
+            helper.make_node("ReduceSum", ["z"], ["zs"], keepdims=0),
+            helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["h"], ["a"]),
+            helper.make_node("Conv", ["a", "w2"], ["y0"]),
+            helper.make_node("Add", ["y0", "zs"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    tracemalloc.start()
+    try:
+        _, report = cle_onnx.equalize_model(model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(report.regions) == 1
+    assert peak < 200 << 20  # the constant alone would be 4 GiB

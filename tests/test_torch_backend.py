@@ -535,3 +535,40 @@ def test_cuda_model_keeps_device_and_dtype(name, dtype):
         assert t.device.type == "cuda" and t.dtype == dtype
     tol = RTOL if dtype == torch.float32 else 2e-2
     assert rel_err(y0, run(new, x)) <= tol
+
+
+class _ConcatBN(nn.Module):
+    """A batch norm after a Concat cannot be folded into either branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 5, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.c(torch.relu(self.bn(h)))
+
+
+def test_an_unfoldable_batch_norm_is_carried_through_its_region():
+    torch.manual_seed(0)
+    model = _ConcatBN()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.weight.normal_()
+        model.bn.bias.normal_()
+        model.a.weight.mul_(torch.logspace(-2, 1, 4)[:, None, None, None])
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        mean = model.bn.running_mean.clone()
+        eq, report = cle_torch.equalize_model(model, input_shapes=(1, 3, 8, 8))
+        after = eq(x)
+    assert eq is model  # written in place: running_mean and bias of the BN
+    assert [r.kind for r in report.regions] == ["concat"]
+    assert not torch.equal(model.bn.running_mean, mean)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
