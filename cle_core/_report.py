@@ -251,9 +251,10 @@ class Report:
             f"max change {self.max_change:.2e})",
             f"high-bias absorbed: {len(self.high_bias)} layers",
             f"skipped:            {len(self.skipped)}",
-            f"mean est. INT8 weight SQNR: {before:.2f} dB -> {after:.2f} dB",
         ]
-        if self.noise is not None:
+        if self.layers:
+            lines.append(f"mean est. INT8 weight SQNR: {before:.2f} dB -> {after:.2f} dB")
+        if self.noise is not None and self.regions:
             lines.append(
                 f"est. output SQNR ({_deployment(self.options)}): "
                 f"{self.noise.sqnr_before:.2f} dB -> {self.noise.sqnr_after:.2f} dB"

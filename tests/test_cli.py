@@ -256,3 +256,11 @@ def test_equalize_warns_when_nothing_was_equalized(tmp_path, capsys):
 def test_no_warning_when_something_was_equalized(model_file, tmp_path, capsys):
     main(["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--quiet"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_python_summary_of_a_model_left_alone_has_no_nan(tmp_path):
+    import cle_onnx
+
+    _, report = cle_onnx.equalize_model(str(_weights_from_inputs(tmp_path / "in.onnx")))
+    text = report.summary()
+    assert "nan" not in text and "inf" not in text and "regions equalized:  0" in text
