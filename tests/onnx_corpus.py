@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx_models import OnnxBuilder
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,8 @@ class CorpusModel:
     skip: str | None = None  # why the model is missing (a failed export)
 
 
-class _Builder:
-    """Nodes and initializers of one graph; names are unique within the builder."""
-
-    def __init__(self, seed: int, opset: int = 13):
-        self.rng = np.random.default_rng(seed)
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.count = 0
+class _Builder(OnnxBuilder):
+    """Nodes and initializers of one graph (any dtype); names are unique within it."""
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -66,12 +60,6 @@ class _Builder:
         """A ``Constant`` node holding ``arr`` (the value attribute)."""
         tensor = numpy_helper.from_array(np.asarray(arr, dtype), self.name("const"))
         return self.node("Constant", [], value=tensor)
-
-    def spread(self, shape, axis: int = 0) -> np.ndarray:
-        """Normal values with the slices along ``axis`` scaled over three decades."""
-        w = self.rng.normal(size=shape)
-        scale = 10.0 ** self.rng.uniform(-1.5, 1.5, shape[axis])
-        return w * np.expand_dims(scale, tuple(i for i in range(len(shape)) if i != axis))
 
     def normal(self, *shape) -> np.ndarray:
         return self.rng.normal(size=shape)

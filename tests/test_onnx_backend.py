@@ -288,3 +288,32 @@ def test_a_huge_constant_of_shape_is_not_built():
         tracemalloc.stop()
     assert len(report.regions) == 1
     assert peak < 200 << 20  # the constant alone would be 4 GiB
+
+
+def test_nan_in_a_constant_node_weight_is_refused_and_the_input_kept():
+    # Weights from Constant nodes (PaddlePaddle) are read like initializers, and checked
+    # like them: one error naming the problem, the caller's proto byte-identical.
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    w1[0, 0, 0, 0] = np.nan
+    w2 = rng.normal(size=(4, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1, "v1")),
+        helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2, "v2")),
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Conv", ["a", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    before = model.SerializeToString()
+    with pytest.raises(cle_core.NonFiniteError, match="Conv_2|w1"):
+        cle_onnx.equalize_model(model, inplace=True)
+    assert model.SerializeToString() == before
