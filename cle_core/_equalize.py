@@ -38,13 +38,10 @@ def check_finite(graph: Graph) -> None:
     Clip bounds may be infinite (an unbounded side) but not NaN.
     """
     for node in graph.nodes:
-        for key, arr in node.params.items():
-            if arr is None or arr.dtype.kind not in "fc":
-                continue
-            bad = np.isnan(arr) if node.op == "clip" else ~np.isfinite(arr)
-            if np.any(bad):
-                where = "NaN" if np.any(np.isnan(arr)) else "Inf"
-                raise NonFiniteError(f"node {node.name!r} ({node.op}): {where} in {key}")
+        key, arr = _non_finite_param(node)
+        if key is not None:
+            where = "NaN" if np.any(np.isnan(arr)) else "Inf"
+            raise NonFiniteError(f"node {node.name!r} ({node.op}): {where} in {key}")
         if node.op == "batchnorm":
             eps = float(node.attrs.get("eps", 0.0))
             if np.any(node.params["var"].astype(np.float64) + eps <= 0):
@@ -99,15 +96,23 @@ def check_results_finite(graph: Graph, changed) -> None:
     by_name = {n.name: n for n in graph.nodes}
     for name in changed:
         node = by_name[name]
-        for key, arr in node.params.items():
-            if arr is None or arr.dtype.kind != "f":
-                continue
-            bad = np.isnan(arr) if node.op == "clip" else ~np.isfinite(arr)
-            if np.any(bad):
-                raise NonFiniteError(
-                    f"node {node.name!r} ({node.op}): the equalized {key} does not fit "
-                    f"{arr.dtype} (NaN or Inf after folding or scaling); nothing was changed"
-                )
+        key, arr = _non_finite_param(node)
+        if key is not None:
+            raise NonFiniteError(
+                f"node {node.name!r} ({node.op}): the equalized {key} does not fit "
+                f"{arr.dtype} (NaN or Inf after folding or scaling); nothing was changed"
+            )
+
+
+def _non_finite_param(node):
+    """The first float parameter of ``node`` holding NaN or Inf, as ``(key, array)``, or
+    ``(None, None)``. Clip bounds may be infinite (an unbounded side) but not NaN."""
+    for key, arr in node.params.items():
+        if arr is None or arr.dtype.kind not in "fc":
+            continue
+        if np.any(np.isnan(arr) if node.op == "clip" else ~np.isfinite(arr)):
+            return key, arr
+    return None, None
 
 
 def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics) -> EqualizeResult:

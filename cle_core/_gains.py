@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._ir import PASSTHROUGH_OPS, Graph
+from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph
 from ._math import grouped_view
 from ._stats import Derivative
 
@@ -47,10 +47,7 @@ class Gains:
 
     def weight_gain(self, name: str, channels: int) -> np.ndarray:
         """Gain of noise that is uniform over positions (a layer's weight noise)."""
-        u = self.uniform.get(name)
-        if u is None or u.shape[0] != channels:
-            return np.ones(channels)
-        return floored(u + self.fluctuating[name])
+        return self.rounding_gain(name, channels, 1)
 
     def rounding_gain(self, name: str, channels: int, positions: int) -> np.ndarray:
         """Gain of noise independent between positions (activation rounding)."""
@@ -118,16 +115,12 @@ def propagate(
             ksq = np.square(v, dtype=np.float64).sum(axis=3)
             jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)
             gin = np.einsum("go,goi->gi", g.reshape(groups, og), ksq).reshape(-1)
-            if x.channels and x.channels != jin.shape[1] and jin.shape[1] % x.channels == 0:
-                rep = jin.shape[1] // x.channels  # Flatten -> Linear: features to channels
-                jin = jin.reshape(j.shape[0], x.channels, rep).sum(axis=2)
-                gin = gin.reshape(x.channels, rep).sum(axis=1)
             add(x.name, jin, gin)
         elif node.name in derivatives:
             d = derivatives[node.name]
             made = np.maximum(d.meansq - d.mean**2, 0.0) * (j * j).sum(axis=0)
             add(x.name, j * d.mean, g * d.meansq + made / max(positions.get(out.name, 1), 1))
-        elif op in ("relu", "clip", "leaky_relu", "prelu"):
+        elif op in SCALABLE_ACTIVATIONS:
             add(x.name, j * 0.5, g * 0.5)  # nothing known: half the inputs pass
         elif op == "batchnorm":
             p = node.params

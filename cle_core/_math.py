@@ -453,3 +453,19 @@ class RangeSummary:
                 np.maximum(acc, scaled.max(axis=1), out=acc)
             r = acc.reshape(-1).astype(np.float64)
         return r if s_in is None else r * np.asarray(s_in, np.float64)
+
+
+def fit_dtype(arr, dtype, what: str) -> np.ndarray:
+    """``arr`` as a contiguous array of ``dtype`` (a model's own precision: the math ran
+    in float64). A finite value that overflows ``dtype`` (float16 after folding a BN with
+    a tiny variance, say) raises :class:`NonFiniteError` naming ``what`` instead of
+    becoming Inf."""
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+        if np.all(np.isfinite(np.asarray(arr))):
+            raise NonFiniteError(
+                f"{what}: the equalized values do not fit {out.dtype} (largest magnitude "
+                f"{float(np.max(np.abs(arr))):.3g}); nothing was changed"
+            )
+    return out

@@ -31,7 +31,6 @@ import numpy as np
 # |log-scale change| allowed in one solve: a factor of 10^4. A channel on which the
 # objective is flat (a row of zeros, say) stays within it rather than running off.
 _T_BOUND = math.log(1e4)
-_MAX_NEWTON = 60
 
 
 @dataclass(frozen=True)
@@ -198,7 +197,6 @@ class _PrimalDual:
         self.sup = np.isfinite(self.alpha)
         self.alpha = np.where(self.sup, self.alpha, 0.0)
         self.sk = sign[:, self.region]
-        self.sign = sign
         t0 = np.concatenate(starts)
         self.lo_box, self.hi_box = t0 - _T_BOUND, t0 + _T_BOUND
         self.m = self.per_region(self.sup.astype(float)).sum(axis=0) + 2.0 * np.asarray(sizes)

@@ -72,6 +72,16 @@ class _Layer:
         self.energy = self.kernel * floored(meansq)  # per input feature
         self.gain = gains.weight_gain(node.outputs[0].name, self.groups * self.og)
         self.logw = math.log(factor * 4.0)  # the grid spans -max|W| .. max|W|
+        self._out_key: bytes | None = None
+        self._out_ranges: np.ndarray | None = None
+
+    def out_ranges(self, s_in: np.ndarray | None) -> np.ndarray:
+        """The summary's output ranges at input scales ``s_in``: a pass over the weight,
+        asked for by the region's solve and the sweep's refresh with the same scales."""
+        key = b"" if s_in is None else np.asarray(s_in, np.float64).tobytes()
+        if key != self._out_key:
+            self._out_key, self._out_ranges = key, self.summary.out_ranges(s_in)
+        return self._out_ranges
 
     def sink_term(self, s_out: np.ndarray | None, repeat: int):
         """(alpha, c) over the layer's input channels with fixed output scales."""
@@ -87,7 +97,7 @@ class _Layer:
 
     def source_term(self, s_in: np.ndarray | None):
         """(alpha, c) over the layer's output channels with fixed input scales."""
-        ranges = self.summary.out_ranges(s_in)
+        ranges = self.out_ranges(s_in)
         energy = self.energy if s_in is None else self.energy / np.square(s_in)
         per_group = energy.reshape(self.groups, self.ig).sum(axis=1)
         c = self.gain.reshape(self.groups, self.og) * per_group[:, None]
@@ -95,7 +105,7 @@ class _Layer:
 
     def value(self, s_in, s_out) -> float:
         """The layer's weight-noise term at the given scales."""
-        ranges = self.summary.out_ranges(s_in)
+        ranges = self.out_ranges(s_in)
         top = float(np.max(ranges if s_out is None else ranges / s_out)) if ranges.size else 0.0
         energy = self.energy if s_in is None else self.energy / np.square(s_in)
         out_energy = self.gain if s_out is None else self.gain * np.square(s_out)
@@ -122,7 +132,8 @@ def _stats_of(value: Value, stats: Mapping[str, ChannelStats]) -> ChannelStats |
 
 @dataclass
 class _Activation:
-    """A quantized activation: a value of a region that a sink layer reads."""
+    """A quantized activation: a value of a region that a sink layer reads (``region``
+    None: a layer's input outside every region, a fixed term)."""
 
     value: Value
     region: Region
@@ -131,21 +142,20 @@ class _Activation:
     coef: np.ndarray
     logw: float
 
+    def __post_init__(self) -> None:
+        # Neither depends on the scales: computed once, not in every sweep.
+        with np.errstate(over="ignore"):
+            self.range, self.c = np.exp(self.log_range), np.exp(self.coef)
+        n = self.log_range.shape[0] if self.region is None else self.region.size
+        self.alpha, self.logc = np.full(n, -np.inf), np.full(n, -np.inf)
+        sl = slice(self.offset, self.offset + self.log_range.shape[0])
+        self.alpha[sl], self.logc[sl] = self.log_range, self.coef
+
     def noise(self, s: np.ndarray) -> float:
         """The term at scales ``s`` (this activation's channels)."""
         with np.errstate(over="ignore", invalid="ignore"):
-            top = float(np.max(np.exp(self.log_range) / s))
-            return math.exp(self.logw) * top * top * float(np.sum(np.exp(self.coef) * s * s))
-
-    def term(self, t: np.ndarray):
-        """(alpha, logc) over the region, and the term's value at log-scales ``t``."""
-        n = self.region.size
-        alpha = np.full(n, -np.inf)
-        logc = np.full(n, -np.inf)
-        sl = slice(self.offset, self.offset + self.log_range.shape[0])
-        alpha[sl] = self.log_range
-        logc[sl] = self.coef
-        return alpha, logc
+            top = float(np.max(self.range / s))
+            return math.exp(self.logw) * top * top * float(np.sum(self.c * s * s))
 
 
 def _activation(value, region, offset, stats, gains, positions, logw) -> _Activation | None:
@@ -338,10 +348,9 @@ def _region_terms(region, links, layers, activations, scales) -> _noise.Terms:
         layer = layers[id(node)]
         ranges, c = layer.source_term(links.s_in(node, scales))
         add(-1.0, layer.logw, off, ranges, c)
-    for a in activations:
-        alpha, logc = a.term(scales[region.id])
+    for a in activations:  # (alpha, logc) over the region
         signs.append(-1.0)
         logws.append(a.logw)
-        alphas.append(np.where(live, alpha, -np.inf))
-        logcs.append(np.where(live, logc, -np.inf))
+        alphas.append(np.where(live, a.alpha, -np.inf))
+        logcs.append(np.where(live, a.logc, -np.inf))
     return _noise.Terms(np.array(signs), np.array(logws), np.stack(alphas), np.stack(logcs))

@@ -119,7 +119,7 @@ class FoldRecord:
 class SkipRecord:
     """A candidate that was not transformed, and why."""
 
-    stage: Literal["fold", "scale", "high_bias"]
+    stage: Literal["translate", "fold", "scale", "high_bias"]
     candidate: str
     reason: str
 

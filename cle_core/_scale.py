@@ -90,9 +90,11 @@ def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
 
 def triple_names(regions: list[Region]) -> list[tuple[str, str, str]]:
     """The Conv -> depthwise Conv -> Conv chains among ``regions``, by layer names."""
-    return [
-        (a.sources[0][0].name, a.sinks[0][0].name, b.sinks[0][0].name) for a, b in _triples(regions)
-    ]
+    return _names(_triples(regions))
+
+
+def _names(triples) -> list[tuple[str, str, str]]:
+    return [(a.sources[0][0].name, a.sinks[0][0].name, b.sinks[0][0].name) for a, b in triples]
 
 
 def activation_floors(regions: list[Region], weight: float, summaries) -> dict:
@@ -133,10 +135,8 @@ def scale_regions(
     tolerance: float,
     on_sweep=None,
     activation_weight: float = 0.0,
-    apply: bool = True,
 ) -> ScaleOutcome:
-    """Compute the scales of every region and (unless ``apply`` is False) apply them to
-    the graph."""
+    """Compute the scales of every region and apply them to the graph."""
     links = _Links(regions)
     summaries = {key: RangeSummary(node.weight, node.layout) for key, node in links.nodes.items()}
     scales = {r.id: np.ones(r.size) for r in regions}
@@ -222,9 +222,8 @@ def scale_regions(
             gamma, *_ = np.linalg.lstsq(d_res, res[-1], rcond=None)
             unpack(gx - d_g @ gamma)
     summaries.clear()  # they may view the old weights; drop them before writing new ones
-    changed = apply_scales(regions, scales, links) if apply else set()
-    names = [(a.sources[0][0].name, a.sinks[0][0].name, b.sinks[0][0].name) for a, b in triples]
-    return ScaleOutcome(scales, sweeps, converged, max_change, names, changed)
+    changed = apply_scales(regions, scales, links)
+    return ScaleOutcome(scales, sweeps, converged, max_change, _names(triples), changed)
 
 
 def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=None) -> set[str]:

@@ -152,7 +152,7 @@ def _estimate_node(node: Node, stats, normal, deriv) -> None:
         if m is not None:
             normal[out.name] = (m, sd)
             stats[out.name] = ChannelStats.of(m, m * m + sd * sd)
-    elif op in ("relu", "clip", "leaky_relu", "prelu"):
+    elif op in SCALABLE_ACTIVATIONS:
         src = normal.get(node.inputs[0].name)
         if src is None:
             return
@@ -298,8 +298,6 @@ def _spatial_out(node: Node, x):
     if op == "global_avgpool":
         return None if x is None else (1,) * len(x)
     if x is None:
-        if op in ("conv", "conv_transpose"):
-            return None
         return None
     if op in ("conv", "maxpool", "avgpool", "conv_transpose"):
         nd = len(x)

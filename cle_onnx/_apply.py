@@ -6,9 +6,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from cle_core import EqualizeResult, Node, NonFiniteError, unique_name
+from cle_core import EqualizeResult, Node, unique_name
+from cle_core._math import fit_dtype
 
-from ._translate import Translation, np_dtype, outer_reads, subgraphs
+from ._translate import Translation, has_subgraph, np_dtype, outer_reads, subgraphs
 
 
 def _layer_upstream(node: Node) -> Node | None:
@@ -63,7 +64,7 @@ class _Writer:
             shape, dtype = self.tr.derived[name]
             return self.new_tensor(f"{name}_cle", np.reshape(arr, shape), dtype)
         dtype = np_dtype(self.inits[name].data_type) or arr.dtype
-        arr = _fitted(arr, dtype, name)
+        arr = fit_dtype(arr, dtype, f"tensor {name!r}")
         if dims is not None:
             arr = arr.reshape(dims)
         if set(self.tr.users.get(name, [])) - owners:
@@ -80,7 +81,7 @@ class _Writer:
         """Add an initializer (in ``dtype``, default ``arr``'s); declared as a graph input
         too where the model's IR version (< 4) requires it."""
         name = self.fresh(base)
-        arr = _fitted(arr, dtype or np.asarray(arr).dtype, name)
+        arr = fit_dtype(arr, dtype or np.asarray(arr).dtype, f"tensor {name!r}")
         tensor = numpy_helper.from_array(arr, name)
         self.g.initializer.append(tensor)
         self.inits[name] = self.g.initializer[-1]
@@ -124,10 +125,7 @@ class _Writer:
             add = self.nodes[handle[1]]
             slot = 1 if add.input[0] == mm.output[0] else 0
             name = add.input[slot]
-            if name in self.inits:
-                dims = tuple(self.inits[name].dims)
-            else:
-                dims = self.tr.derived[name][0]
+            dims = tuple(self.inits[name].dims) if name in self.inits else None  # else derived
             add.input[slot] = self.put(name, node.bias, indices, dims=dims)
             return
         bias = self.new_tensor(f"{mm.name or node.name}_bias", node.bias, self.weight_dtype(mm))
@@ -296,7 +294,7 @@ class _Writer:
             return False
         if node.op_type == "Constant":
             return True
-        return any(o in self.read_before for o in outs) and not any(True for _ in subgraphs(node))
+        return any(o in self.read_before for o in outs) and not has_subgraph(node)
 
     def prune(self) -> None:
         used = self._used()
@@ -321,19 +319,6 @@ class _Writer:
         for name in list(self.pending):
             if name in dropped:
                 del self.pending[name]
-
-
-def _fitted(arr: np.ndarray, dtype, name: str) -> np.ndarray:
-    """``arr`` in ``dtype``; :class:`NonFiniteError` if a finite value overflows it."""
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(arr, dtype=dtype)
-    if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
-        if np.all(np.isfinite(np.asarray(arr))):
-            raise NonFiniteError(
-                f"tensor {name!r}: the equalized values do not fit {out.dtype} "
-                f"(largest magnitude {float(np.max(np.abs(arr))):.3g})"
-            )
-    return out
 
 
 def apply(model: onnx.ModelProto, tr: Translation, result: EqualizeResult) -> dict[str, np.ndarray]:

@@ -43,10 +43,12 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
     names = [o.name for o in sess.get_outputs()]
     acc = StatsAccumulator()
     n = next(iter(feeds.values())).shape[0]
-    size = _fixed_batch(sess) or BATCH
-    if n < size:
-        raise CLEError(f"the model takes batches of {size}; calibration holds only {n} inputs")
-    for start in range(0, n - n % size if _fixed_batch(sess) else n, size):
+    fixed = _fixed_batch(sess)
+    if fixed and n < fixed:
+        raise CLEError(f"the model takes batches of {fixed}; calibration holds only {n} inputs")
+    size = fixed or BATCH
+    # A fixed batch size drops the incomplete last batch; any other takes it as it is.
+    for start in range(0, n - n % fixed if fixed else n, size):
         batch = {k: v[start : start + size] for k, v in feeds.items()}
         try:
             outs = sess.run(None, batch)

@@ -41,6 +41,10 @@ def subgraphs(node: onnx.NodeProto):
             yield from attr.graphs
 
 
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(True for _ in subgraphs(node))
+
+
 def outer_reads(graph: onnx.GraphProto) -> set[str]:
     """Names that ``graph`` (a subgraph) reads from enclosing scopes, nested ones too."""
     defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
@@ -230,6 +234,15 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
     raise ValueError(f"cannot fold {op} over symbolic dims")
 
 
+def _along_channels(shape, rank: int | None, channels: int | None) -> bool:
+    """Whether a tensor of ``shape`` broadcasts against a rank-``rank`` value as one number
+    per channel: all ones but axis 1, which is ``channels``, once padded to the rank."""
+    if shape is None or rank is None or channels is None or rank < 2 or len(shape) > rank:
+        return False
+    padded = (1,) * (rank - len(shape)) + tuple(shape)
+    return padded[1] == channels and all(d == 1 for i, d in enumerate(padded) if i != 1)
+
+
 def _explicit_pads(a: dict, nd: int, dims, kernel, stride, dilation) -> tuple | None:
     """A Conv's or pool's pads as begin..., end... values: ``pads``, or what
     ``auto_pad`` computes from the input's spatial size (None if that is unknown)."""
@@ -336,7 +349,7 @@ class _Reader:
             op = node.op_type
             if op in ("Shape", "Size") or (
                 op not in _NONDETERMINISTIC
-                and not any(True for _ in subgraphs(node))
+                and not has_subgraph(node)
                 and all(n in self.fixed for n in self.reads[i])
             ):
                 self.fixed.update(o for o in node.output if o)
@@ -410,6 +423,10 @@ class _Reader:
         if name in self.fixed:
             return f"{name!r} is computed from constants, but too large to fold"
         return f"{name!r} is not a constant"
+
+    def first_blocker(self, names) -> str | None:
+        """The first of :meth:`weight_blocker`'s reasons among ``names``, or None."""
+        return next(filter(None, map(self.weight_blocker, names)), None)
 
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
@@ -485,7 +502,7 @@ class _Reader:
         outs = [o for o in node.output if o]
         if outs and all(o in self.fixed for o in outs):
             return  # computes constants or shapes: nothing equalization can change
-        if any(True for _ in subgraphs(node)):
+        if has_subgraph(node):
             self.opaque(index, node, name, "holds a subgraph")
             return
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -513,10 +530,9 @@ class _Reader:
         has_bias = len(node.input) > 2 and bool(node.input[2])
         if len(node.input) < 2:
             return False
-        for ref in node.input[1:3] if has_bias else node.input[1:2]:
-            blocker = self.weight_blocker(ref)
-            if blocker:
-                return blocker
+        blocker = self.first_blocker(node.input[1:3] if has_bias else node.input[1:2])
+        if blocker:
+            return blocker
         a = _attrs(node)
         transposed = op == "conv_transpose"
         if transposed and "output_shape" in a:
@@ -558,10 +574,9 @@ class _Reader:
         if int(a.get("transA", 0)) != 0:
             return False
         has_c = len(node.input) > 2 and bool(node.input[2])
-        for ref in node.input[1:3] if has_c else node.input[1:2]:
-            blocker = self.weight_blocker(ref)
-            if blocker:
-                return blocker
+        blocker = self.first_blocker(node.input[1:3] if has_c else node.input[1:2])
+        if blocker:
+            return blocker
         w = self.param(node.input[1])
         if w.ndim != 2:
             return False
@@ -631,13 +646,8 @@ class _Reader:
         other = [n for n in add.input if n != out]
         if add.op_type != "Add" or len(add.input) != 2 or len(other) != 1 or add_index <= index:
             return None
-        shape = self.const_shape(other[0])
-        if shape is None or rank is None or len(shape) > rank or int(np.prod(shape)) != channels:
-            return None
-        # Per channel means along axis 1 once padded to the output's rank ((C,) for
-        # a rank-2 output, (1, C, 1, 1) or (C, 1, 1) for a Conv's).
-        padded = (1,) * (rank - len(shape)) + tuple(shape)
-        if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+        # (C,) for a rank-2 output, (1, C, 1, 1) or (C, 1, 1) for a Conv's
+        if not _along_channels(self.const_shape(other[0]), rank, channels):
             return None
         self.consumed_adds.add(add_index)
         bias = self.param(other[0]).reshape(-1)
@@ -647,10 +657,9 @@ class _Reader:
         a = _attrs(node)
         if int(a.get("training_mode", 0)) or len([o for o in node.output if o]) != 1:
             return False
-        for ref in node.input[1:5]:
-            blocker = self.weight_blocker(ref)
-            if blocker:
-                return blocker
+        blocker = self.first_blocker(node.input[1:5])
+        if blocker:
+            return blocker
         gamma, beta, mean, var = (self.param(n) for n in node.input[1:5])
         self.add(
             "batchnorm",
@@ -684,10 +693,7 @@ class _Reader:
         if slope.size != 1:
             # Per channel means broadcasting along axis 1 only: (1, C, 1, ..., 1) once
             # padded to the data's rank.
-            if c is None or rank is None or slope.ndim > rank:
-                return False
-            padded = (1,) * (rank - slope.ndim) + slope.shape
-            if padded[1] != c or any(d != 1 for i, d in enumerate(padded) if i != 1):
+            if not _along_channels(slope.shape, rank, c):
                 return False
         self.add("prelu", [node.input[0]], name, index, params={"slope": slope.reshape(-1)})
 
@@ -863,8 +869,7 @@ class _Reader:
             return None
         if int(np.prod(shape)) == 1:
             return self.const(name).reshape(1)
-        padded = (1,) * (rank - len(shape)) + tuple(shape)
-        if rank < 2 or padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+        if not _along_channels(shape, rank, channels):
             return None
         return self.const(name).reshape(-1)
 

@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, EqualizeResult, Node, NonFiniteError, unique_name
+from cle_core._math import fit_dtype
 
 from ._modules import NotInPlaceError, PerChannelClamp
 from ._translate import Capture, Site
@@ -184,21 +185,17 @@ def _new_tensor(arr: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _cast(arr: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """A CPU tensor of ``dtype``. The math runs in float32 / float64; a value that
-    overflows the model's own dtype (float16 after folding a BN with a tiny variance,
-    say) raises :class:`NonFiniteError` naming ``what`` instead of becoming Inf."""
+    """A CPU tensor of ``dtype`` (see :func:`cle_core._math.fit_dtype`); bfloat16, which
+    NumPy lacks, goes through float32 and is checked after the conversion."""
     np_dtype = _NUMPY_DTYPES.get(dtype)
-    with np.errstate(over="ignore"):
-        if np_dtype is not None:
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np_dtype))
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(dtype)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        if np.all(np.isfinite(arr)):
-            raise NonFiniteError(
-                f"{what}: the equalized values do not fit {t.dtype} (largest magnitude "
-                f"{float(np.max(np.abs(arr))):.3g}); nothing was changed"
-            )
+    if np_dtype is not None:
+        return torch.from_numpy(fit_dtype(arr, np_dtype, what))
+    t = torch.from_numpy(fit_dtype(arr, np.float32, what)).to(dtype)
+    if not bool(torch.isfinite(t).all()) and np.all(np.isfinite(arr)):
+        raise NonFiniteError(
+            f"{what}: the equalized values do not fit {t.dtype} (largest magnitude "
+            f"{float(np.max(np.abs(arr))):.3g}); nothing was changed"
+        )
     return t
 
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 from cle_core import CLEError
 from cle_core._stats import ChannelStats, StatsAccumulator
 
+from ._quantsim import _device
 from ._translate import Capture, _resolve_attr
 
 BATCH = 16
@@ -49,7 +50,7 @@ def calibration_stats(cap: Capture, calibration: Any) -> dict[str, ChannelStats]
         elif n.op == "get_attr":
             root[n.target] = _resolve_attr(cap, n.target)
     gm = fx.GraphModule(root, cap.fx_graph)
-    device = next((p.device for p in cap.model.parameters()), torch.device("cpu"))
+    device = _device(cap.model)
     acc = StatsAccumulator()
 
     class Recorder(fx.Interpreter):

