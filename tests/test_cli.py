@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
@@ -264,3 +265,40 @@ def test_python_summary_of_a_model_left_alone_has_no_nan(tmp_path):
     _, report = cle_onnx.equalize_model(str(_weights_from_inputs(tmp_path / "in.onnx")))
     text = report.summary()
     assert "nan" not in text and "inf" not in text and "regions equalized:  0" in text
+
+
+def _sigmoid_head(path, bias):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(2, 4, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["p"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 2, 8, 8])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.full(2, bias, np.float32), "b"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_check_judges_a_saturated_sigmoid_on_its_input(tmp_path):
+    # Logits near -8 that differ by 2e-4: about 92 dB before the Sigmoid, but the
+    # saturated outputs (about 3e-4) carry that absolute error as a relative one: 74 dB.
+    from cle_core._cli import check_failed, check_outputs
+
+    a = _sigmoid_head(tmp_path / "a.onnx", -8.0)
+    b = _sigmoid_head(tmp_path / "b.onnx", -8.0002)
+    x = np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    [(name, sqnr, _, _, dtype, before)] = check_outputs(a, b, {"x": x})
+    assert name == "p" and dtype == "float32"
+    assert sqnr < 80 and before[0] == "Sigmoid" and before[1] > 90
+    assert not check_failed(sqnr, before, 80.0)
+    assert check_failed(sqnr, None, 80.0)
+    assert check_failed(sqnr, ("Sigmoid", 79.0), 80.0)
