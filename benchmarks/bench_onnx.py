@@ -6,7 +6,7 @@ folds the batch norms, so no BN statistics are left), equalizes the file with
 
 - the wall time of ``cle equalize IN -o OUT`` (file to file, imports done), median of
   ``--repeat`` runs (target: under 1 s);
-- on the 120 natural images (scikit-image samples, see DESIGN.md section 4): the FP32
+- on the 120 natural images (scikit-image samples, see docs/benchmarks.rst): the FP32
   logits SQNR of the equalized model against the original (target: >= 100 dB), and
   simulated per-tensor asymmetric W8 and W8A8 logits SQNR and top-1 agreement: BN folded
   alone, the defaults (data-free; target W8A8 >= 11 dB), the defaults with 40 calibration
@@ -31,7 +31,7 @@ import onnx
 import cle_onnx
 from cle_core._cli import main as cle
 from cle_core._quality import calibration_images, natural_images, quality_table
-from cle_onnx._quantsim import evaluate
+from cle_onnx import evaluate
 from cle_torch._examples import efficientnet_lite0, export_onnx
 
 

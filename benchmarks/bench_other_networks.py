@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import torch_models as tm  # noqa: E402
 
 import cle_torch  # noqa: E402
-from cle_torch._quantsim import evaluate_torch  # noqa: E402
+from cle_torch import evaluate_torch  # noqa: E402
 
 RANDOM = ("mobilenet_v2", "resnet", "vgg", "unet", "grouped", "concat", "decoder", "functional")
 SETTINGS = {

@@ -8,7 +8,7 @@ Loads the model exactly as its packages ship it and prints:
   and where it goes (capture, the core, the write-back);
 - the same for a ResNet-50-sized test network (``tests/torch_models.resnet50``: random
   weights, 25.6 M parameters; target 0.3 s);
-- on the 120 natural images (scikit-image samples, see DESIGN.md section 4): the FP32
+- on the 120 natural images (scikit-image samples, see docs/benchmarks.rst): the FP32
   logits SQNR of the equalized model against the original (target: >= 100 dB), and
   simulated per-tensor asymmetric W8 and W8A8 logits SQNR and top-1 agreement, for BN
   folding alone, the defaults, the defaults with 40 calibration images (distinct crops),
@@ -34,9 +34,9 @@ import torch
 import cle_torch
 from cle_core import EqualizeOptions, equalize
 from cle_core._quality import calibration_images, natural_images, quality_table
+from cle_torch import evaluate_torch
 from cle_torch._apply import apply
 from cle_torch._examples import efficientnet_lite0
-from cle_torch._quantsim import evaluate_torch
 from cle_torch._translate import capture
 
 SHAPE = (1, 3, 224, 224)

@@ -7,7 +7,6 @@ functions, the passes, the report and the plugin host. Backends (``cle_torch``,
 
 from . import hookspecs
 from ._backend import (
-    BUILTIN_BACKENDS,
     ENTRY_POINT_GROUP,
     Backend,
     equalize_model,
@@ -41,7 +40,6 @@ from .hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "BUILTIN_BACKENDS",
     "ENTRY_POINT_GROUP",
     "Backend",
     "CLEError",

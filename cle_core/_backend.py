@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
+import logging
 from abc import ABC, abstractmethod
+from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
@@ -15,9 +16,10 @@ from ._ir import Graph
 from ._report import EqualizeOptions, EqualizeResult, Report
 
 ENTRY_POINT_GROUP = "cle.backends"
-"""Entry-point group where third-party backends register their plugin module."""
+"""Entry-point group where every backend, the built-in ones included, registers its
+plugin module."""
 
-BUILTIN_BACKENDS = ("cle_onnx._plugin", "cle_torch._plugin")
+logger = logging.getLogger("cle_core")
 
 _plugin_manager: pluggy.PluginManager | None = None
 
@@ -42,22 +44,26 @@ class Backend(ABC):
 
 
 def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
-    """The process-wide plugin manager, with built-in and entry-point backends loaded.
+    """The process-wide plugin manager, with every backend of the ``cle.backends``
+    entry-point group loaded (the core names none). A backend whose framework is not
+    installed is skipped (logged at DEBUG); a hook implementation that matches no hook
+    (a misspelled name) raises :class:`pluggy.PluginValidationError`.
 
     ``reload=True`` builds it anew (after installing a plugin at run time)."""
     global _plugin_manager
     if _plugin_manager is None or reload:
         pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         pm.add_hookspecs(hookspecs)
-        for module_name in BUILTIN_BACKENDS:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if pm.get_plugin(ep.name) is not None:
+                continue  # the same distribution found twice on sys.path
             try:
-                module = importlib.import_module(module_name)
+                plugin = ep.load()
             except ModuleNotFoundError as exc:
-                if exc.name != module_name:
-                    raise
+                logger.debug("backend %r skipped: %s is not installed", ep.name, exc.name)
                 continue
-            pm.register(module, name=module_name)
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            pm.register(plugin, name=ep.name)
+        pm.check_pending()
         _plugin_manager = pm
     return _plugin_manager
 

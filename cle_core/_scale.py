@@ -17,7 +17,6 @@ from ._math import RangeSummary, region_scales, scale_bounds, scale_layer, tripl
 from ._regions import Region
 
 _HISTORY = 3
-ANDERSON = True
 
 
 @dataclass
@@ -215,7 +214,7 @@ def scale_regions(
         if len(xs) > _HISTORY + 1:
             xs.pop(0)
             gs.pop(0)
-        if ANDERSON and len(xs) > 1:
+        if len(xs) > 1:
             res = [g - x for g, x in zip(gs, xs, strict=True)]
             d_res = np.stack([b - a for a, b in zip(res[:-1], res[1:], strict=True)], axis=1)
             d_g = np.stack([b - a for a, b in zip(gs[:-1], gs[1:], strict=True)], axis=1)

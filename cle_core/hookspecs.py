@@ -1,8 +1,8 @@
 """The hooks a CLE backend plugin implements.
 
 A backend is a pluggy plugin: a module or object with functions marked
-``@cle_core.hookimpl``. Built-in backends are registered by module name; third-party
-ones announce themselves in the ``cle.backends`` entry-point group::
+``@cle_core.hookimpl``. Every backend, the built-in ones included, announces itself in
+the ``cle.backends`` entry-point group::
 
     [project.entry-points."cle.backends"]
     mybackend = "my_package.cle_plugin"

@@ -8,4 +8,21 @@ goes file to file with external data streamed. ``cle_core.equalize_model`` dispa
 from ._backend import OnnxBackend, equalize_file, equalize_model
 from ._io import ModelFileError, load, save
 
-__all__ = ["ModelFileError", "OnnxBackend", "equalize_file", "equalize_model", "load", "save"]
+__all__ = [
+    "ModelFileError",
+    "OnnxBackend",
+    "equalize_file",
+    "equalize_model",
+    "evaluate",
+    "load",
+    "save",
+]
+
+
+def __getattr__(name: str):
+    # evaluate needs onnxruntime, which equalizing does not: imported on first use.
+    if name == "evaluate":
+        from ._quantsim import evaluate
+
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Plugin module registered by cle_core under its module name."""
+"""Plugin module, registered through the ``cle.backends`` entry point in pyproject.toml."""
 
 from __future__ import annotations
 

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._backend import TorchBackend, equalize_model, fold_all_batch_norms
+    from ._examples import export_onnx
     from ._modules import (
         NotInPlaceError,
         PerChannelClamp,
         TrainingModeError,
         UntraceableModelError,
     )
+    from ._quantsim import evaluate_torch
 
 _WHERE = {
     "TorchBackend": "._backend",
@@ -32,6 +34,8 @@ _WHERE = {
     "PerChannelClamp": "._modules",
     "TrainingModeError": "._modules",
     "UntraceableModelError": "._modules",
+    "evaluate_torch": "._quantsim",
+    "export_onnx": "._examples",
 }
 
 __all__ = [
@@ -41,6 +45,8 @@ __all__ = [
     "TrainingModeError",
     "UntraceableModelError",
     "equalize_model",
+    "evaluate_torch",
+    "export_onnx",
     "fold_all_batch_norms",
 ]
 

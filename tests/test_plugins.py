@@ -50,9 +50,45 @@ def make_mlp(seed: int = 0) -> ToyMLP:
     )
 
 
-def test_builtin_backends_registered_by_module_name():
-    names = {name for name, _ in get_plugin_manager().list_name_plugin()}
-    assert set(cle_core.BUILTIN_BACKENDS) <= names
+def test_builtin_backends_come_from_their_entry_points():
+    import cle_onnx._plugin
+    import cle_torch._plugin
+
+    pm = get_plugin_manager(reload=True)
+    assert pm.get_plugin("onnx") is cle_onnx._plugin
+    assert pm.get_plugin("torch") is cle_torch._plugin
+
+
+def test_a_backend_whose_framework_is_missing_is_skipped(tmp_path, monkeypatch, caplog):
+    dist = tmp_path / "needs_nothing-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: needs-nothing\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cle.backends]\nmissing = cle_missing_framework\n")
+    (tmp_path / "cle_missing_framework.py").write_text("import a_framework_nobody_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("DEBUG", logger="cle_core"):
+        pm = get_plugin_manager(reload=True)
+    assert pm.get_plugin("missing") is None
+    assert "a_framework_nobody_installed is not installed" in caplog.text
+    monkeypatch.undo()
+    get_plugin_manager(reload=True)
+
+
+def test_a_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
+    import pluggy
+
+    dist = tmp_path / "typo-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: typo\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[cle.backends]\ntypo = cle_typo_plugin\n")
+    (tmp_path / "cle_typo_plugin.py").write_text(
+        "from cle_core import hookimpl\n\n@hookimpl\ndef cle_backend_fro(model):\n    return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(pluggy.PluginValidationError, match="cle_backend_fro"):
+        get_plugin_manager(reload=True)
+    monkeypatch.undo()
+    get_plugin_manager(reload=True)
 
 
 def test_hook_names_are_prefixed():
