@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pluggy
 
 from . import hookspecs
 from ._equalize import equalize
 from ._errors import UnsupportedModelError
+from ._files import check_output_path, write_atomic
 from ._ir import Graph
 from ._report import EqualizeOptions, EqualizeResult, Report
 
@@ -22,6 +25,7 @@ plugin module."""
 logger = logging.getLogger("cle_core")
 
 _plugin_manager: pluggy.PluginManager | None = None
+_skipped: dict[str, str] = {}  # entry-point name -> the module it could not import
 
 
 class Backend(ABC):
@@ -42,6 +46,65 @@ class Backend(ABC):
     def apply(self, model: Any, result: EqualizeResult, **options: Any) -> Any:
         """Return the equalized model (``model`` itself when written in place)."""
 
+    # --- model files, for the command line (all optional) ------------------------------
+    # A backend that reads files answers the ``cle_backend_for_file`` hook and implements
+    # ``load`` and ``save``; the rest have defaults built on them, or say in one
+    # :class:`CLEError` that the backend does not offer them.
+
+    def load(self, path: Path) -> Any:
+        """Read the model file ``path``; a :class:`CLEError` if it is missing or corrupt."""
+        raise UnsupportedModelError(f"the {self.name} backend reads no model files")
+
+    def save(self, model: Any, file: BinaryIO) -> None:
+        """Write ``model`` into the open binary ``file`` (the caller makes it atomic)."""
+        raise UnsupportedModelError(f"the {self.name} backend writes no model files")
+
+    def equalize_file(
+        self,
+        src: Path,
+        dst: Path,
+        options: EqualizeOptions,
+        progress: Callable[[str, float], None] | None = None,
+        calibration: Any = None,
+    ) -> tuple[Report, list[Path]]:
+        """Equalize the file ``src`` into ``dst`` (which may be ``src``); returns the
+        report and the files written. By default: load, check the output path,
+        equalize, apply, then write ``dst`` atomically."""
+        if calibration is not None:
+            raise UnsupportedModelError(f"the {self.name} backend takes no calibration data")
+        model = self.load(Path(src))
+        check_output_path(dst)
+        result = equalize(self.to_ir(model), options, progress)
+        new = self.apply(model, result)
+        return result.report, [write_atomic(dst, lambda f: self.save(new, f))]
+
+    def inspect_file(self, src: Path, options: EqualizeOptions) -> Report:
+        """What equalizing ``src`` would do (nothing is written)."""
+        return equalize(self.to_ir(self.load(Path(src))), options).report
+
+    def read_inputs(self, spec: Path, src: Path) -> Any:
+        """Inputs for the model in ``src`` from ``spec`` (``--calibration``, ``--inputs``):
+        by default a ``.npy`` array."""
+        from ._quality import load_array
+
+        return load_array(spec)
+
+    def check_feeds(self, src: Path, dims: dict[str, int]) -> Any:
+        """Random inputs on which ``cle equalize --check`` runs both files (``dims``
+        sizes dynamic dimensions by name)."""
+        raise UnsupportedModelError(f"--check: the {self.name} backend cannot run its models")
+
+    def compare(self, src: Path, dst: Path, feeds: Any) -> list[tuple]:
+        """One ``(output, SQNR dB, max abs error, relative error, dtype name, before)``
+        per output of running both files on ``feeds``; ``before`` is ``(op, SQNR dB)``
+        of the input of a saturating final activation, or None."""
+        raise UnsupportedModelError(f"--check: the {self.name} backend cannot run its models")
+
+    def evaluate_files(self, paths: list[Path], inputs: Any, **quantization: Any):
+        """``(rows, classifier)`` for ``cle evaluate``: ``[(label, figures), ...]`` with
+        figures as :func:`cle_core._cli.format_evaluation` reads them."""
+        raise UnsupportedModelError(f"the {self.name} backend has no quantized evaluation")
+
 
 def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
     """The process-wide plugin manager, with every backend of the ``cle.backends``
@@ -54,6 +117,7 @@ def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
     if _plugin_manager is None or reload:
         pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         pm.add_hookspecs(hookspecs)
+        _skipped.clear()
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             if pm.get_plugin(ep.name) is not None:
                 continue  # the same distribution found twice on sys.path
@@ -61,6 +125,7 @@ def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
                 plugin = ep.load()
             except ModuleNotFoundError as exc:
                 logger.debug("backend %r skipped: %s is not installed", ep.name, exc.name)
+                _skipped[ep.name] = exc.name or "?"
                 continue
             pm.register(plugin, name=ep.name)
         pm.check_pending()
@@ -77,7 +142,28 @@ def get_backend(model: Any) -> Backend:
         names = ", ".join(name for name, _ in pm.list_name_plugin()) or "none"
         raise UnsupportedModelError(
             f"no CLE backend handles a model of type {kind.__module__}.{kind.__qualname__} "
-            f"(registered backends: {names})"
+            f"(registered backends: {names}{_missing()})"
+        )
+    return backend
+
+
+def _missing() -> str:
+    """The backends left out for a missing framework, for error messages."""
+    if not _skipped:
+        return ""
+    parts = ", ".join(f"{name} (needs {module})" for name, module in sorted(_skipped.items()))
+    return f"; not loaded: {parts}"
+
+
+def get_backend_for_file(path: str | Path) -> Backend:
+    """The backend that reads the model file ``path`` (by suffix or content);
+    :class:`UnsupportedModelError` if none does."""
+    pm = get_plugin_manager()
+    backend = pm.hook.cle_backend_for_file(path=Path(path))
+    if backend is None:
+        names = ", ".join(name for name, _ in pm.list_name_plugin()) or "none"
+        raise UnsupportedModelError(
+            f"{path}: no CLE backend reads this file (registered backends: {names}{_missing()})"
         )
     return backend
 

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from ._backend import get_backend_for_file, get_plugin_manager
 from ._errors import CLEError
 from ._files import check_output_path, write_atomic
 from ._report import EqualizeOptions, Report, _deployment
@@ -194,23 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     eq = sub.add_parser(
         "equalize",
-        help="equalize an ONNX file",
-        description="Equalize IN.onnx and write the result to OUT.onnx "
+        help="equalize a model file (.onnx, or any format a backend plugin reads)",
+        description="Equalize the model file IN and write the result to OUT "
         "(atomically). Prints a summary.",
     )
-    eq.add_argument("input", metavar="IN.onnx")
+    eq.add_argument("input", metavar="IN")
     eq.add_argument(
         "-o",
         "--output",
-        metavar="OUT.onnx",
+        metavar="OUT",
         help="where to write the equalized model (required unless --in-place)",
     )
-    eq.add_argument("--in-place", action="store_true", help="overwrite IN.onnx")
+    eq.add_argument("--in-place", action="store_true", help="overwrite IN")
     eq.add_argument("--report", metavar="FILE", help="write the full JSON report to FILE")
     eq.add_argument(
         "--check",
         action="store_true",
-        help="run original and result in onnxruntime on random inputs and print each "
+        help="run original and result (onnxruntime for ONNX) on random inputs and print each "
         "output's SQNR (result against original); exit 1 if one is below the threshold",
     )
     eq.add_argument(
@@ -246,13 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="measure what simulated quantization does to an ONNX model",
-        description="Quantize ORIGINAL.onnx (and EQUALIZED.onnx, if given) with "
-        "QuantizeLinear/DequantizeLinear pairs in onnxruntime and print the "
-        "output SQNR and top-1 agreement against the FP32 ORIGINAL.onnx.",
+        help="measure what quantization does to a model file",
+        description="Quantize ORIGINAL (and EQUALIZED, if given) as its backend does "
+        "(ONNX: QuantizeLinear/DequantizeLinear pairs in onnxruntime) and print the "
+        "output SQNR and top-1 agreement against the FP32 ORIGINAL.",
     )
-    ev.add_argument("original", metavar="ORIGINAL.onnx")
-    ev.add_argument("equalized", metavar="EQUALIZED.onnx", nargs="?")
+    ev.add_argument("original", metavar="ORIGINAL")
+    ev.add_argument("equalized", metavar="EQUALIZED", nargs="?")
     ev.add_argument(
         "--inputs",
         metavar="DIR|FILE.npy",
@@ -274,29 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--weights-only", action="store_true", help="do not quantize activations")
     ev.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
 
-    demo = sub.add_parser(
-        "demo",
-        help="the whole story on the pretrained EfficientNet-Lite0",
-        description="Equalize the pretrained EfficientNet-Lite0 with the PyTorch and the "
-        "ONNX backend, verify FP32 equivalence, print simulated INT8 results before and "
-        "after on the natural-image set, and write the equalized ONNX model, the JSON "
-        "reports and the plots into a folder.",
-    )
-    demo.add_argument(
-        "--out",
-        metavar="DIR",
-        default="cle-demo",
-        help="folder for the results (default: %(default)s)",
-    )
-
     ins = sub.add_parser(
         "inspect",
         help="show what CLE would do, write nothing",
-        description="Print the regions CLE would equalize in IN.onnx and the "
+        description="Print the regions CLE would equalize in the model file IN and the "
         "candidates it would skip, with reasons. Writes nothing.",
     )
-    ins.add_argument("input", metavar="IN.onnx")
+    ins.add_argument("input", metavar="IN")
     _add_cle_options(ins)
+    get_plugin_manager().hook.cle_add_commands(subparsers=sub)
     return parser
 
 
@@ -321,8 +308,8 @@ def _main(parser, args) -> int:
             return _inspect(args)
         if args.command == "evaluate":
             return _evaluate(args)
-        if args.command == "demo":
-            return _demo(args)
+        if hasattr(args, "run"):  # a command a backend added
+            return args.run(args)
         parser.error(f"unknown command {args.command}")
     except CLEError as exc:
         if args.debug:
@@ -346,29 +333,19 @@ def _main(parser, args) -> int:
     return EXIT_OK
 
 
-def _onnx():
-    try:
-        import cle_onnx
-    except ModuleNotFoundError as exc:
-        raise UsageError(
-            f"the ONNX backend needs {exc.name}: pip install 'crosslayer-eq[onnx]'"
-        ) from None
-    return cle_onnx
-
-
 def _equalize(args) -> int:
     # Everything that can be refused is refused before the first byte is written.
     src = Path(args.input)
     if args.in_place and args.output and Path(args.output).resolve() != src.resolve():
-        raise UsageError("give either -o OUT.onnx or --in-place, not both")
+        raise UsageError("give either -o OUT or --in-place, not both")
     if not args.in_place:
         if not args.output:
-            raise UsageError("missing -o OUT.onnx (or --in-place to overwrite the input)")
+            raise UsageError("missing -o OUT (or --in-place to overwrite the input)")
         if Path(args.output).resolve() == src.resolve():
             raise UsageError("the output is the input; pass --in-place to overwrite it")
     dst = src if args.in_place else Path(args.output)
     dims = _parse_dims(args.dim)
-    cle_onnx = _onnx()
+    backend = get_backend_for_file(src)
     options = _options(args)
     if args.check and args.in_place:
         raise UsageError("--check compares with the input file, which --in-place overwrites")
@@ -381,15 +358,13 @@ def _equalize(args) -> int:
         raise UsageError(f"--plot {args.plot} exists and is not a directory")
     if args.calibration and options.objective != "noise":
         raise UsageError("--calibration needs --objective noise")
-    # Without its external data: only the graph's inputs are read here.
-    meta = cle_onnx.load(src) if args.check or args.calibration else None
-    feeds = check_feeds(meta, dims) if args.check else None
+    feeds = backend.check_feeds(src, dims) if args.check else None
     calibration = None
     if args.calibration:
-        calibration = load_inputs(args.calibration, meta, "--calibration")
+        calibration = backend.read_inputs(_input_spec(args.calibration, "--calibration"), src)
     with Progress() as progress:
         progress.update("loading", 0.0)
-        report, files = cle_onnx.equalize_file(
+        report, files = backend.equalize_file(
             src,
             dst,
             options,
@@ -416,7 +391,7 @@ def _equalize(args) -> int:
             print(f"wrote {path}")
     if feeds is not None:
         failed = 0
-        for name, sqnr, max_abs, max_rel, dtype, before in check_outputs(src, dst, feeds):
+        for name, sqnr, max_abs, max_rel, dtype, before in backend.compare(src, dst, feeds):
             threshold = _threshold(args.check_db, dtype)
             bad = check_failed(sqnr, before, threshold)
             failed += bad
@@ -450,93 +425,33 @@ def _plots(report: Report, directory: str) -> list[Path]:
         raise UsageError(str(exc)) from None
 
 
-def _demo(args) -> int:
-    from ._demo import run_demo
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    check_output_path(out / "results.txt" if out.is_dir() else out, "--out")
-    with Progress() as progress:
-        text = run_demo(args.out, progress.update)
-    print(text)
-    return EXIT_OK
-
-
 def _evaluate(args) -> int:
-    cle_onnx = _onnx()
-    from cle_onnx import _quantsim
-
     if args.bits < 2 or args.bits > 16:
         raise UsageError("--bits must be between 2 and 16")
-    paths = [p for p in (args.original, args.equalized) if p]
-    loaded = [cle_onnx.load(p, external_data=True) for p in paths]
-    inputs = load_inputs(args.inputs, loaded[0], "--inputs") if args.inputs else None
-    try:
-        rows = [
-            (
-                "original",
-                _quantsim.evaluate(
-                    loaded[0],
-                    None,
-                    inputs,
-                    args.bits,
-                    args.per_channel,
-                    args.symmetric,
-                    not args.weights_only,
-                    args.batch,
-                ),
-            )
-        ]
-        if len(loaded) > 1:
-            rows.append(
-                (
-                    "equalized",
-                    _quantsim.evaluate(
-                        loaded[0],
-                        loaded[1],
-                        inputs,
-                        args.bits,
-                        args.per_channel,
-                        args.symmetric,
-                        not args.weights_only,
-                        args.batch,
-                    ),
-                )
-            )
-    except ImportError as exc:
-        raise UsageError(str(exc)) from None
-    print(format_evaluation(rows, args.bits, classifier=_is_classifier(loaded[0])))
+    paths = [Path(p) for p in (args.original, args.equalized) if p]
+    backend = get_backend_for_file(paths[0])
+    inputs = None
+    if args.inputs:
+        inputs = backend.read_inputs(_input_spec(args.inputs, "--inputs"), paths[0])
+    rows, classifier = backend.evaluate_files(
+        paths,
+        inputs,
+        bits=args.bits,
+        per_channel=args.per_channel,
+        symmetric=args.symmetric,
+        activations=not args.weights_only,
+        batch=args.batch,
+    )
+    print(format_evaluation(rows, args.bits, classifier=classifier))
     return EXIT_OK
 
 
-def load_inputs(path: str, model, flag: str):
-    """Inputs for ``model`` from ``path``: a folder of images (centre squares resized to
-    the model's input size, 224 x 224 where it is dynamic; ImageNet normalization) or a
-    ``.npy`` array."""
-    import numpy as np
-
-    from . import _quality
-
-    src = Path(path)
-    if src.is_dir():
-        dims = model.graph.input[0].type.tensor_type.shape.dim
-        hw = tuple(d.dim_value if d.dim_value > 0 else 224 for d in dims[2:4]) or (224, 224)
-        try:
-            return _quality.images_from_folder(src, hw)
-        except (ValueError, ImportError) as exc:
-            raise UsageError(str(exc)) from None
-    if src.suffix == ".npy" and src.is_file():
-        try:
-            return np.load(src, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise UsageError(f"{src}: not a readable .npy array ({exc})") from None
-    raise UsageError(f"{src}: {flag} takes a folder of images or a .npy file")
-
-
-def _is_classifier(model) -> bool:
-    out = model.graph.output[0].type.tensor_type
-    return out.HasField("shape") and len(out.shape.dim) == 2
+def _input_spec(spec: str, flag: str) -> Path:
+    """``spec`` if it is a folder or a ``.npy`` file (what backends read inputs from)."""
+    path = Path(spec)
+    if path.is_dir() or (path.suffix == ".npy" and path.is_file()):
+        return path
+    raise UsageError(f"{path}: {flag} takes a folder of images or a .npy file")
 
 
 def format_evaluation(rows, bits: int, classifier: bool = True) -> str:
@@ -565,14 +480,7 @@ def format_evaluation(rows, bits: int, classifier: bool = True) -> str:
 
 
 def _inspect(args) -> int:
-    cle_onnx = _onnx()
-    from cle_onnx._translate import to_ir
-
-    from ._equalize import equalize as core_equalize
-
-    model = cle_onnx.load(args.input)
-    graph, _ = to_ir(model, base_dir=str(Path(args.input).parent))
-    report = core_equalize(graph, _options(args)).report
+    report = get_backend_for_file(args.input).inspect_file(Path(args.input), _options(args))
     print(format_inspection(report))
     return EXIT_OK
 
@@ -587,133 +495,10 @@ def _parse_dims(items: list[str]) -> dict[str, int]:
     return dims
 
 
-def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
-    """Random inputs for ``--check``, one per graph input of the ONNX ``model`` (standard
-    normal, in the input's float type). Raises :class:`UsageError` for a dynamic
-    dimension that ``dims`` does not size and for a non-float input."""
-    import numpy as np
-
-    try:
-        from onnx import helper
-    except ModuleNotFoundError:
-        raise UsageError("--check needs onnx: pip install 'crosslayer-eq[onnx]'") from None
-    rng = np.random.default_rng(seed)
-    constant = {t.name for t in model.graph.initializer}
-    feeds = {}
-    for inp in model.graph.input:
-        if inp.name in constant:
-            continue
-        tensor = inp.type.tensor_type
-        shape = []
-        for d in tensor.shape.dim:
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(d.dim_value)
-            elif d.dim_param in dims:
-                shape.append(dims[d.dim_param])
-            elif d.dim_param:
-                raise UsageError(
-                    f"input {inp.name!r} has a dynamic dimension {d.dim_param!r}; give its "
-                    f"size with --dim {d.dim_param}=SIZE"
-                )
-            else:
-                raise UsageError(
-                    f"input {inp.name!r} has an unnamed dynamic dimension; cannot --check it"
-                )
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        except (KeyError, TypeError, ValueError):
-            dtype = np.dtype(object)
-        if dtype.kind != "f":
-            raise UsageError(
-                f"input {inp.name!r} has element type {dtype}; --check feeds floats only "
-                "(run without --check, or check the model yourself)"
-            )
-        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
-
-
-# Final activations that squash their input: near saturation they turn the logits' float
-# rounding into large relative errors (sigmoid(-20) carries the logit's absolute error as
-# a relative one), so an output behind one is also judged on the activation's input.
-SATURATING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid"})
-_PROBE_BYTES = 1 << 30  # larger models are judged on their outputs only
-
-
-def _probe(path: Path):
-    """What onnxruntime should run for ``path`` (the file, or the serialized model with
-    the input of every saturating op that makes a graph output exposed too), the graph
-    output names, and ``{output: (op, exposed name)}``."""
-    import onnx
-    from onnx import external_data_helper
-
-    model = onnx.load(str(path), load_external_data=False)
-    external = sum(
-        int(e.value)
-        for t in model.graph.initializer
-        for e in t.external_data
-        if e.key == "length" and e.value.isdigit()
-    )
-    names = [o.name for o in model.graph.output]
-    if path.stat().st_size + external > _PROBE_BYTES:
-        return str(path), names, {}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    outputs = {o.name for o in model.graph.output}
-    pre = {}
-    for out in list(model.graph.output):
-        node = producer.get(out.name)
-        if node is not None and node.op_type in SATURATING and node.input[0] not in outputs:
-            pre[out.name] = (node.op_type, node.input[0])
-            outputs.add(node.input[0])
-            model.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
-    if not pre:
-        return str(path), names, {}
-    external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return model.SerializeToString(), names, pre
-
-
 def check_failed(sqnr: float, before, threshold: float) -> bool:
     """An output fails ``--check`` below ``threshold`` dB, unless it comes out of a
     saturating activation whose input (``before``: ``(op, SQNR dB)``) agrees."""
     return sqnr < threshold and (before is None or before[1] < threshold)
-
-
-def check_outputs(original: Path, equalized: Path, feeds: dict):
-    """Run both files in onnxruntime on ``feeds``. Returns one ``(output name, SQNR dB,
-    max abs error, max error / max |original|, dtype name, before)`` per output: the
-    SQNR of the equalized output against the original's; ``before`` is ``(op, SQNR dB)``
-    of the input of a saturating final activation (see :data:`SATURATING`), or None."""
-    import numpy as np
-
-    from ._quality import sqnr_db
-
-    try:
-        import onnxruntime as ort
-    except ModuleNotFoundError:
-        raise UsageError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    runs = []
-    for path in (Path(original), Path(equalized)):
-        model, names, pre = _probe(path)
-        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-        got = [o.name for o in sess.get_outputs()]
-        runs.append((names, dict(zip(got, sess.run(None, feeds), strict=True)), pre))
-    (names, a, pre_a), (_, b, pre_b) = runs
-    results = []
-    for name in names:
-        ya, yb = a[name], b[name]
-        dtype = np.asarray(ya).dtype
-        ya = np.asarray(ya, np.float64)
-        yb = np.asarray(yb, np.float64)
-        err = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
-        scale = float(np.max(np.abs(ya))) if ya.size else 0.0
-        rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-        before = None
-        if name in pre_a and name in pre_b:
-            op = pre_a[name][0]
-            before = (op, sqnr_db(np.asarray(a[pre_a[name][1]]), np.asarray(b[pre_b[name][1]])))
-        results.append((name, sqnr_db(ya, yb), err, rel, dtype.name, before))
-    return results
 
 
 def _fmt_db(x: float) -> str:

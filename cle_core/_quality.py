@@ -8,6 +8,7 @@ set) is imported when the images are first asked for.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
@@ -302,7 +303,6 @@ def images_from_folder(
     centre square of the short side resized to ``size`` with anti-aliasing, scaled to
     [0, 1] and normalized like :func:`natural_images`. Raises ValueError when the folder
     holds no image."""
-    from pathlib import Path
 
     _load_skimage()
     import skimage.io
@@ -340,3 +340,32 @@ def quality_table(rows, label: str = "pipeline", width: int = 30) -> str:
             f"{r['w8a8_sqnr']:8.2f} {r['w8a8_top1']:9.3f}"
         )
     return "\n".join(lines)
+
+
+def load_array(path) -> np.ndarray:
+    """A ``.npy`` array of inputs; :class:`CLEError` for anything else."""
+    from ._errors import CLEError
+
+    src = Path(path)
+    if src.suffix != ".npy" or not src.is_file():
+        raise CLEError(f"{src}: expected a .npy file of inputs")
+    try:
+        return np.load(src, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise CLEError(f"{src}: not a readable .npy array ({exc})") from None
+
+
+def load_inputs(path, size: tuple[int, int]) -> np.ndarray:
+    """Inputs from ``path``: a folder of images (centre squares resized to ``size``,
+    ImageNet normalization, see :func:`images_from_folder`) or a ``.npy`` array."""
+    from ._errors import CLEError
+
+    src = Path(path)
+    if src.is_dir():
+        try:
+            return images_from_folder(src, size)
+        except (ValueError, ImportError) as exc:
+            raise CLEError(str(exc)) from None
+    if src.suffix == ".npy" and src.is_file():
+        return load_array(src)
+    raise CLEError(f"{src}: expected a folder of images or a .npy file")

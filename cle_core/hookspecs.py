@@ -12,6 +12,8 @@ Every hook name starts with ``cle_``.
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -34,3 +36,16 @@ def cle_backend_for(model: Any) -> Backend | None:
     import a heavy framework just to say no (check ``sys.modules`` first: a model of a
     framework that was never imported cannot be one of its objects).
     """
+
+
+@hookspec(firstresult=True)
+def cle_backend_for_file(path: Path) -> Backend | None:
+    """Return a :class:`cle_core.Backend` that reads and writes the model file ``path``
+    (judged by its suffix or its first bytes), else None. The command line finds
+    backends through this hook. Must be cheap, like :func:`cle_backend_for`."""
+
+
+@hookspec
+def cle_add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add commands to the ``cle`` command line: ``subparsers.add_parser(...)``, with
+    ``set_defaults(run=function)``; ``function(args)`` returns the exit status."""

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from cle_core import Backend, CLEError, EqualizeOptions, EqualizeResult, Graph, Report, equalize
 from cle_core._files import check_output_path
 
-from . import _io
+from . import _commands, _io
 from ._apply import apply
 from ._calibrate import calibration_stats
 from ._translate import Translation, restore, to_ir
@@ -85,6 +85,33 @@ class OnnxBackend(Backend):
             return target
         model.CopyFrom(target)  # every check passed: only now is the caller's proto touched
         return model
+
+    # --- files, for the command line -----------------------------------------------------
+    suffixes = (".onnx",)
+
+    def load(self, path: Path) -> onnx.ModelProto:
+        return _io.load(path, external_data=True)
+
+    def save(self, model: onnx.ModelProto, file) -> None:
+        file.write(model.SerializeToString())
+
+    def equalize_file(self, src, dst, options, progress=None, calibration=None):
+        return equalize_file(src, dst, options, progress=progress, calibration=calibration)
+
+    def inspect_file(self, src, options):
+        return _commands.inspect_file(src, options)
+
+    def read_inputs(self, spec, src):
+        return _commands.read_inputs(spec, src)
+
+    def check_feeds(self, src, dims):
+        return _commands.check_feeds(_io.load(src), dims)
+
+    def compare(self, src, dst, feeds):
+        return _commands.check_outputs(src, dst, feeds)
+
+    def evaluate_files(self, paths, inputs, **quantization):
+        return _commands.evaluate_files(paths, inputs, **quantization)
 
 
 def _no_options(options: dict) -> None:

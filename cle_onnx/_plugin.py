@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from cle_core import hookimpl
@@ -16,4 +17,19 @@ def cle_backend_for(model: Any):
         return None
     from ._backend import OnnxBackend
 
+    return OnnxBackend()
+
+
+@hookimpl
+def cle_backend_for_file(path: Path):
+    if path.suffix.lower() != ".onnx":
+        return None
+    try:
+        from ._backend import OnnxBackend
+    except ModuleNotFoundError as exc:
+        from cle_core import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"the ONNX backend needs {exc.name}: pip install 'crosslayer-eq[onnx]'"
+        ) from None
     return OnnxBackend()

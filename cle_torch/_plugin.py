@@ -17,3 +17,11 @@ def cle_backend_for(model: Any):
     from ._backend import TorchBackend
 
     return TorchBackend()
+
+
+@hookimpl
+def cle_add_commands(subparsers) -> None:
+    # ``cle demo``: EfficientNet-Lite0 through both backends (torch imported when run).
+    from ._demo import add_command
+
+    add_command(subparsers)

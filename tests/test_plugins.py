@@ -95,7 +95,7 @@ def test_hook_names_are_prefixed():
     from cle_core import hookspecs
 
     hooks = [n for n in dir(hookspecs) if callable(getattr(hookspecs, n)) and n.startswith("cle_")]
-    assert hooks == ["cle_backend_for"]
+    assert hooks == ["cle_add_commands", "cle_backend_for", "cle_backend_for_file"]
     assert all(n.startswith("cle_") for n in get_plugin_manager().hook.__dict__)
 
 
@@ -137,3 +137,51 @@ def test_backend_options_reach_the_backend(toy_installed):
 def test_toy_backend_is_a_backend():
     assert isinstance(ToyBackend(), cle_core.Backend)
     assert "toy_backend" in sys.modules
+
+
+def test_the_core_names_no_backend():
+    # Backends come in through entry points only: no module of the core imports one.
+    import pathlib
+    import re
+
+    core = pathlib.Path(cle_core.__file__).parent
+    pattern = re.compile(r"\b(import|from)\s+cle_(onnx|torch)\b")
+    assert [p.name for p in core.glob("*.py") if pattern.search(p.read_text())] == []
+
+
+def test_the_cli_equalizes_and_inspects_a_third_party_format(toy_installed, tmp_path, capsys):
+    from toy_backend import ToyBackend
+
+    from cle_core._cli import main
+
+    src, dst, rep = tmp_path / "m.toy", tmp_path / "out.toy", tmp_path / "r.json"
+    model = make_mlp()
+    with open(src, "wb") as f:
+        ToyBackend().save(model, f)
+    before = src.read_bytes()
+    assert main(["equalize", str(src), "-o", str(dst), "--report", str(rep)]) == 0
+    text = capsys.readouterr().out
+    assert "batch norms folded: 1" in text and "regions equalized:  1" in text
+    assert src.read_bytes() == before  # the input is untouched
+    new = ToyBackend().load(dst)
+    x = np.random.default_rng(1).normal(size=(64, 4)) * 3
+    y0 = model(x)
+    np.testing.assert_allclose(new(x), y0, rtol=1e-9, atol=1e-9 * np.abs(y0).max())
+    assert [s["op"] for s in new.steps] == ["dense", "clip", "dense"]
+    assert '"folds"' in rep.read_text()
+    assert main(["inspect", str(src)]) == 0
+    assert "1 regions would be equalized" in capsys.readouterr().out
+    # What the toy backend does not offer is one clear error, and nothing is written.
+    assert main(["equalize", str(src), "-o", str(tmp_path / "c.toy"), "--check"]) == 2
+    assert "--check: the toy backend cannot run its models" in capsys.readouterr().err
+    assert not (tmp_path / "c.toy").exists()
+    assert main(["evaluate", str(src)]) == 2
+    assert "no quantized evaluation" in capsys.readouterr().err
+
+
+def test_a_file_no_backend_reads_is_one_clear_error(tmp_path, capsys):
+    from cle_core._cli import main
+
+    (tmp_path / "m.xyz").write_bytes(b"?")
+    assert main(["inspect", str(tmp_path / "m.xyz")]) == 2
+    assert "no CLE backend reads this file (registered backends: " in capsys.readouterr().err

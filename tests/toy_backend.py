@@ -1,7 +1,8 @@
 """A complete, minimal CLE backend for a toy model format, used by the plugin tests and
 shown in the plugin-author docs.
 
-The format: a :class:`ToyMLP` is a list of steps, each a dict. ``{"op": "dense", "w":
+The format: a :class:`ToyMLP` is a list of steps, each a dict (in a ``.toy`` file: JSON,
+arrays as lists). ``{"op": "dense", "w":
 (out, in) array, "b": (out,) array}``, ``{"op": "bn", "mean", "var", "gamma", "beta",
 "eps"}``, ``{"op": "relu"}`` and ``{"op": "clip", "lo", "hi"}``. Inputs are ``(N,
 features)``.
@@ -10,13 +11,15 @@ features)``.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import cle_core
-from cle_core import Backend, Graph, Layout, UnsupportedModelError
+from cle_core import Backend, CLEError, Graph, Layout, UnsupportedModelError
 
 
 @dataclass
@@ -90,7 +93,33 @@ class ToyBackend(Backend):
         kept = [s for i, s in enumerate(steps) if i in by_handle]
         return ToyMLP(kept)
 
+    # The file format: all the command line needs (equalize, inspect) comes from these.
+    def load(self, path: Path) -> ToyMLP:
+        try:
+            data = json.loads(Path(path).read_text())
+            steps = [
+                {k: np.asarray(v) if isinstance(v, list) else v for k, v in step.items()}
+                for step in data["steps"]
+            ]
+        except FileNotFoundError:
+            raise CLEError(f"{path}: no such file") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CLEError(f"{path}: not a toy model ({exc})") from None
+        return ToyMLP(steps)
+
+    def save(self, model: ToyMLP, file) -> None:
+        steps = [
+            {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in step.items()}
+            for step in model.steps
+        ]
+        file.write(json.dumps({"steps": steps}).encode())
+
 
 @cle_core.hookimpl
 def cle_backend_for(model: Any):
     return ToyBackend() if isinstance(model, ToyMLP) else None
+
+
+@cle_core.hookimpl
+def cle_backend_for_file(path: Path):
+    return ToyBackend() if path.suffix == ".toy" else None

@@ -15,8 +15,8 @@ import json
 import logging
 from pathlib import Path
 
-from ._errors import CLEError
-from ._files import write_atomic
+from cle_core import CLEError
+from cle_core._files import write_atomic
 
 
 class DemoUnavailable(CLEError):
@@ -31,7 +31,8 @@ def _imports():
         import cle_onnx
         import cle_torch
         from cle_onnx import _quantsim
-        from cle_torch._examples import INSTALL_HINT, efficientnet_lite0, export_onnx
+
+        from ._examples import INSTALL_HINT, efficientnet_lite0, export_onnx
     except ModuleNotFoundError as exc:
         raise DemoUnavailable(
             f"the demo needs {exc.name}: pip install torch==2.13.0 "
@@ -49,7 +50,7 @@ def _imports():
 def _measure(quantsim, model, images, reference, is_reference=False) -> dict[str, float]:
     """FP32, W8 and W8A8 (per tensor, asymmetric) logits SQNR and top-1 agreement of
     ``model`` against ``reference`` logits."""
-    from ._quality import sqnr_db, top1_agreement
+    from cle_core._quality import sqnr_db, top1_agreement
 
     out: dict[str, float] = {}
     fp32 = reference if is_reference else quantsim.run(model, images)
@@ -65,8 +66,8 @@ def _measure(quantsim, model, images, reference, is_reference=False) -> dict[str
 def run_demo(out_dir: str | Path, progress=None) -> str:
     """Run the demo, write its files into ``out_dir`` and return the text it prints."""
     onnx, torch, cle_onnx, cle_torch, quantsim, efficientnet_lite0, export_onnx = _imports()
-    from ._plots import write_plots
-    from ._quality import calibration_images, natural_images, sqnr_db
+    from cle_core._plots import write_plots
+    from cle_core._quality import calibration_images, natural_images, sqnr_db
 
     def step(stage: str, fraction: float) -> None:
         if progress is not None:
@@ -145,7 +146,7 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
 
 
 def _format(rows, torch_report, onnx_report, torch_fp32, n_images, out, plot_note) -> str:
-    from ._quality import quality_table
+    from cle_core._quality import quality_table
 
     table = quality_table([("  " + name, r) for name, r in rows], "  pipeline", 32)
     return "\n".join(
@@ -172,3 +173,36 @@ def _format(rows, torch_report, onnx_report, torch_fp32, n_images, out, plot_not
             plot_note,
         ]
     )
+
+
+def add_command(subparsers) -> None:
+    """``cle demo [--out DIR]``."""
+    demo = subparsers.add_parser(
+        "demo",
+        help="the whole story on the pretrained EfficientNet-Lite0",
+        description="Equalize the pretrained EfficientNet-Lite0 with the PyTorch and the "
+        "ONNX backend, verify FP32 equivalence, print simulated INT8 results before and "
+        "after on the natural-image set, and write the equalized ONNX model, the JSON "
+        "reports and the plots into a folder.",
+    )
+    demo.add_argument(
+        "--out",
+        metavar="DIR",
+        default="cle-demo",
+        help="folder for the results (default: %(default)s)",
+    )
+    demo.set_defaults(run=_command)
+
+
+def _command(args) -> int:
+    from cle_core._cli import Progress, UsageError
+    from cle_core._files import check_output_path
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    check_output_path(out / "results.txt" if out.is_dir() else out, "--out")
+    with Progress() as progress:
+        text = run_demo(args.out, progress.update)
+    print(text)
+    return 0
