@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``lint``, ``docs``, ``bench``."""
+"""Developer sessions: ``nox -s tests``, ``core``, ``lint``, ``docs``, ``bench``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ def tests(session: nox.Session) -> None:
     """The test suite, with the derandomized hypothesis CI profile."""
     session.install(*INSTALL)
     session.run("python", "-m", "pytest", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
+
+
+@nox.session(python="3.11")
+def core(session: nox.Session) -> None:
+    """The core alone: installed with its test and plot extras only (no torch, onnx or
+    onnxruntime), it runs its own tests, the toy backend's CLI included."""
+    session.install("-e", ".[test,plot]")
+    session.run(
+        "python", "-m", "pytest", "tests/core", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"}
+    )
 
 
 @nox.session(python="3.11")

@@ -3,7 +3,7 @@
 The rule for defaults: one changes only when it is better on Lite0 and no worse on the
 other networks. This runs
 
-- the test suite's architectures (tests/torch_models.py: MobileNetV2-, ResNet-,
+- the test suite's architectures (tests/helpers/torch_models.py: MobileNetV2-, ResNet-,
   VGG-, U-Net-style and others, random weights with per-channel ranges over three
   decades), three seeds each, on 48 random inputs. Their batch norms' running
   statistics are then measured on 64 other random inputs, as training leaves them:
@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import torch_models as tm  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
 import cle_torch  # noqa: E402
 from cle_torch import evaluate_torch  # noqa: E402
+from tests.helpers import torch_models as tm  # noqa: E402
 
 RANDOM = ("mobilenet_v2", "resnet", "vgg", "unet", "grouped", "concat", "decoder", "functional")
 SETTINGS = {

@@ -6,7 +6,7 @@ Loads the model exactly as its packages ship it and prints:
   with the defaults (noise objective, W8A8; tracing included), median of ``--repeat``
   runs, each on a fresh copy of the model made before the clock starts (target: 0.2 s),
   and where it goes (capture, the core, the write-back);
-- the same for a ResNet-50-sized test network (``tests/torch_models.resnet50``: random
+- the same for a ResNet-50-sized test network (``tests/helpers/torch_models.resnet50``: random
   weights, 25.6 M parameters; target 0.3 s);
 - on the 120 natural images (scikit-image samples, see docs/benchmarks.rst): the FP32
   logits SQNR of the equalized model against the original (target: >= 100 dB), and
@@ -79,8 +79,8 @@ def main() -> None:
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
     capture_s, core_s, write_s = (statistics.median(p) for p in zip(*parts, strict=True))
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from torch_models import resnet50
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
+    from tests.helpers.torch_models import resnet50
 
     big, big_shape = resnet50()
     r50_median, r50_fastest, (_, r50_report) = median_time(big, big_shape, args.repeat)

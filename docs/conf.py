@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The docs' examples use the test suite's small models and its toy plugin backend
+# (tests.helpers, a package under the repository root).
 sys.path.insert(0, str(ROOT))
-# The docs' examples use the test suite's small models and its toy plugin backend.
-sys.path.insert(0, str(ROOT / "tests"))
 
 project = "crosslayer-eq"
 author = "the crosslayer-eq developers"

@@ -24,7 +24,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import onnx_models as om  # noqa: E402
+from tests.helpers import onnx_models as om  # noqa: E402
 
 CHILD = textwrap.dedent(
     """

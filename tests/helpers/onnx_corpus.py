@@ -20,7 +20,6 @@ import copy
 import io
 import logging
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx_models import OnnxBuilder
+
+from .onnx_models import OnnxBuilder
 
 
 @dataclass(frozen=True)
@@ -502,9 +502,10 @@ def torch_exports(tmp_path) -> Iterator[CorpusModel]:
     """Every architecture of TORCH_ARCHITECTURES (seed 0, eval mode) exported by each
     exporter. A failed export yields a CorpusModel with ``model=None`` and ``skip`` set."""
     import torch
-    import torch_models
 
     import cle_torch
+
+    from . import torch_models
 
     tmp_path = Path(tmp_path)
     for arch in TORCH_ARCHITECTURES:
@@ -623,6 +624,5 @@ def main() -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # python -m tests.helpers.onnx_corpus
     main()

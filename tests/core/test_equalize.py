@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from strategies import Builder, build_graph, feed
 
 from cle_core import (
     CLEError,
@@ -22,6 +21,7 @@ from cle_core import (
     equalize,
     run_graph,
 )
+from tests.helpers.strategies import Builder, build_graph, feed
 
 
 def run(graph, x=None):

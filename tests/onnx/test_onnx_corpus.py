@@ -1,9 +1,9 @@
-"""The ONNX backend on a corpus of exporter patterns (tests/onnx_corpus.py).
+"""The ONNX backend on a corpus of exporter patterns (tests/helpers/onnx_corpus.py).
 
 Every model must come out valid (full checker, onnxruntime) and equivalent: the outputs
 before and after agree to an SQNR of 100 dB (float32) or 30 dB (float16) on two seeded
 inputs. The region and fold counts are what a complete backend should reach, not what it
-reaches today; for the exports of tests/torch_models.py, at least as many regions as the
+reaches today; for the exports of tests/helpers/torch_models.py, at least as many regions as the
 PyTorch backend finds on the same module.
 """
 
@@ -15,9 +15,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import onnx_corpus as oc  # noqa: E402
-
 import cle_onnx  # noqa: E402
+from tests.helpers import onnx_corpus as oc  # noqa: E402
 
 MIN_DB = 100.0
 MIN_DB_FP16 = 30.0

@@ -8,9 +8,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import onnx_models as om  # noqa: E402
-
 from cle_core._cli import main  # noqa: E402
+from tests.helpers import onnx_models as om  # noqa: E402
 
 
 @pytest.fixture

@@ -30,11 +30,10 @@ from hypothesis import given
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import onnx_models as om  # noqa: E402
-import strategies  # noqa: E402
-
 import cle_onnx  # noqa: E402
 from cle_core._quality import sqnr_db  # noqa: E402
+from tests.helpers import onnx_models as om  # noqa: E402
+from tests.helpers import strategies  # noqa: E402
 
 FLOAT32_DB = 100.0
 FLOAT16_DB = 30.0

@@ -13,11 +13,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import onnx_models as om  # noqa: E402
-
 import cle_core  # noqa: E402
 import cle_onnx  # noqa: E402
 from cle_core._quality import sqnr_db  # noqa: E402
+from tests.helpers import onnx_models as om  # noqa: E402
 
 RTOL = 1e-4
 MIN_DB = 100.0

@@ -1,4 +1,4 @@
-"""The torch backend on the small models of tests/torch_models.py.
+"""The torch backend on the small models of tests/helpers/torch_models.py.
 
 Tolerances: outputs before and after agree to a relative error (max abs difference over
 max abs output) of 1e-5 in float32 and 1e-9 in float64. A bfloat16 model is compared
@@ -22,8 +22,6 @@ fx = torch.fx
 nn = torch.nn
 F = torch.nn.functional
 
-import torch_models as tm  # noqa: E402
-
 import cle_core  # noqa: E402
 import cle_torch  # noqa: E402
 from cle_torch import (  # noqa: E402
@@ -32,6 +30,7 @@ from cle_torch import (  # noqa: E402
     TrainingModeError,
     UntraceableModelError,
 )
+from tests.helpers import torch_models as tm  # noqa: E402
 
 RTOL = 1e-5
 

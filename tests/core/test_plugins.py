@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-from toy_backend import ToyBackend, ToyMLP
 
 import cle_core
 from cle_core import UnsupportedModelError, equalize_model, get_plugin_manager
+from tests.helpers.toy_backend import ToyBackend, ToyMLP
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def toy_installed(tmp_path, monkeypatch):
     dist = tmp_path / "toy_cle_backend-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-cle-backend\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cle.backends]\ntoy = toy_backend\n")
+    (dist / "entry_points.txt").write_text("[cle.backends]\ntoy = tests.helpers.toy_backend\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     get_plugin_manager(reload=True)
     yield
@@ -51,6 +51,7 @@ def make_mlp(seed: int = 0) -> ToyMLP:
 
 
 def test_builtin_backends_come_from_their_entry_points():
+    pytest.importorskip("onnx")
     import cle_onnx._plugin
     import cle_torch._plugin
 
@@ -136,7 +137,7 @@ def test_backend_options_reach_the_backend(toy_installed):
 
 def test_toy_backend_is_a_backend():
     assert isinstance(ToyBackend(), cle_core.Backend)
-    assert "toy_backend" in sys.modules
+    assert "tests.helpers.toy_backend" in sys.modules
 
 
 def test_the_core_names_no_backend():
@@ -150,9 +151,8 @@ def test_the_core_names_no_backend():
 
 
 def test_the_cli_equalizes_and_inspects_a_third_party_format(toy_installed, tmp_path, capsys):
-    from toy_backend import ToyBackend
-
     from cle_core._cli import main
+    from tests.helpers.toy_backend import ToyBackend
 
     src, dst, rep = tmp_path / "m.toy", tmp_path / "out.toy", tmp_path / "r.json"
     model = make_mlp()

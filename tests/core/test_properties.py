@@ -1,4 +1,4 @@
-"""Property tests over random IR graphs (see strategies.py).
+"""Property tests over random IR graphs (see tests/helpers/strategies.py).
 
 Stated tolerances:
 - exactness, for either objective: the executor's outputs before and after
@@ -19,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import feed, graphs
 
 from cle_core import EqualizeOptions, equalize, run_graph
 from cle_core._fold import shared_param_owners
 from cle_core._math import in_channel_ranges, out_channel_ranges
 from cle_core._regions import find_regions
+from tests.helpers.strategies import feed, graphs
 
 TIGHT = EqualizeOptions(objective="balance", tolerance=1e-12, max_sweeps=5000)
 

@@ -20,13 +20,13 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import onnx_models as om  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import cle_core  # noqa: E402
 import cle_onnx  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 from cle_core._files import TEMP_MARK  # noqa: E402
+from tests.helpers import onnx_models as om  # noqa: E402
 
 RTOL = {np.float32: 1e-4, np.float16: 1e-2}
 

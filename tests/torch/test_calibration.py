@@ -14,9 +14,6 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-import onnx_models as om  # noqa: E402
-import torch_models as tm  # noqa: E402
-
 import cle_onnx  # noqa: E402
 import cle_torch  # noqa: E402
 from cle_core import CLEError  # noqa: E402
@@ -24,6 +21,8 @@ from cle_core._cli import main  # noqa: E402
 from cle_core._quality import sqnr_db  # noqa: E402
 from cle_torch._calibrate import calibration_stats  # noqa: E402
 from cle_torch._translate import capture  # noqa: E402
+from tests.helpers import onnx_models as om  # noqa: E402
+from tests.helpers import torch_models as tm  # noqa: E402
 
 
 def test_torch_statistics_are_measured_per_ir_value():

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import build_graph, feed
 
 from cle_core import CLEError, EqualizeOptions, Graph, Layout, equalize, run_graph
 from cle_core._cli import format_summary
 from cle_core._gains import propagate
 from cle_core._noise import Terms, objective, solve, solve_many
 from cle_core._stats import ChannelStats, StatsAccumulator, clipped_normal, estimate, positions
+from tests.helpers.strategies import build_graph, feed
 
 
 @st.composite

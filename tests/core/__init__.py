@@ -1,0 +1,1 @@
+"""Tests of the core alone: numpy and pluggy (and matplotlib for plots)."""

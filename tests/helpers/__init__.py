@@ -1,0 +1,1 @@
+"""Shared test helpers: model builders, strategies, the toy backend, the ONNX corpus."""

@@ -1,0 +1,1 @@
+"""Tests of the ONNX backend and the command line on ONNX files."""

@@ -1,0 +1,1 @@
+"""Tests of the PyTorch backend (and of what needs both backends)."""
