@@ -101,8 +101,9 @@ class Backend(ABC):
         raise UnsupportedModelError(f"--check: the {self.name} backend cannot run its models")
 
     def evaluate_files(self, paths: list[Path], inputs: Any, **quantization: Any):
-        """``(rows, classifier)`` for ``cle evaluate``: ``[(label, figures), ...]`` with
-        figures as :func:`cle_core._cli.format_evaluation` reads them."""
+        """``(rows, classifier, notes)`` for ``cle evaluate``: ``[(label, figures), ...]``
+        with figures as :func:`cle_core._cli.format_evaluation` reads them, whether the
+        model is a classifier (top-1 columns), and lines printed under the table."""
         raise UnsupportedModelError(f"the {self.name} backend has no quantized evaluation")
 
 

@@ -433,7 +433,7 @@ def _evaluate(args) -> int:
     inputs = None
     if args.inputs:
         inputs = backend.read_inputs(_input_spec(args.inputs, "--inputs"), paths[0])
-    rows, classifier = backend.evaluate_files(
+    rows, classifier, notes = backend.evaluate_files(
         paths,
         inputs,
         bits=args.bits,
@@ -443,6 +443,8 @@ def _evaluate(args) -> int:
         batch=args.batch,
     )
     print(format_evaluation(rows, args.bits, classifier=classifier))
+    for note in notes:
+        print(note)
     return EXIT_OK
 
 
@@ -465,13 +467,14 @@ def format_evaluation(rows, bits: int, classifier: bool = True) -> str:
         columns.append((f"W{bits}A{bits} dB", wa + "_sqnr", 10))
         if classifier:
             columns.append((f"W{bits}A{bits} top1", wa + "_top1", 11))
-    lines = [f"{'model':<10}" + "".join(f" {title:>{width}}" for title, _, width in columns)]
+    first = max([10] + [len(name) for name, _ in rows])
+    lines = [f"{'model':<{first}}" + "".join(f" {title:>{width}}" for title, _, width in columns)]
     for name, r in rows:
         cells = [
             _fmt_db(r[key]) if key.endswith("sqnr") else f"{r[key]:.3f}" for _, key, _ in columns
         ]
         lines.append(
-            f"{name:<10}"
+            f"{name:<{first}}"
             + "".join(
                 f" {c.strip():>{width}}" for c, (_, _, width) in zip(cells, columns, strict=True)
             )

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import version_converter
 
 from cle_core import CLEError, EqualizeOptions, Report, equalize
 from cle_core._quality import load_inputs, sqnr_db
 
 from . import _io
-from ._translate import np_dtype, to_ir
+from ._translate import default_opset, np_dtype, to_ir
 
 
 def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
@@ -133,9 +134,20 @@ def input_size(model: onnx.ModelProto) -> tuple[int, int]:
     return hw if len(hw) == 2 else (224, 224)
 
 
+def fit_channels(images: np.ndarray, model: onnx.ModelProto) -> np.ndarray:
+    """RGB ``images`` for the model's first input: averaged to grey for one channel."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    channels = dims[1].dim_value if len(dims) == 4 else 0
+    if channels == 1 and images.ndim == 4 and images.shape[1] == 3:
+        return images.mean(axis=1, keepdims=True).astype(images.dtype)
+    return images
+
+
 def read_inputs(spec: Path, src: Path) -> np.ndarray:
-    """A folder of images (resized to the input of the model in ``src``) or a .npy."""
-    return load_inputs(spec, input_size(_io.load(src)))
+    """A folder of images (resized to the input of the model in ``src``, grey for a
+    one-channel input) or a .npy array."""
+    model = _io.load(src)
+    return fit_channels(load_inputs(spec, input_size(model)), model)
 
 
 def inspect_file(src: Path, options: EqualizeOptions) -> Report:
@@ -144,21 +156,43 @@ def inspect_file(src: Path, options: EqualizeOptions) -> Report:
     return equalize(graph, options).report
 
 
-def evaluate_files(paths: list[Path], inputs, **quantization):
-    """``cle evaluate``: the original (and the equalized) model quantized in
-    onnxruntime, figures against the original in FP32."""
-    from . import _quantsim
-
-    loaded = [_io.load(p, external_data=True) for p in paths]
-    if isinstance(inputs, Path):
-        inputs = load_inputs(inputs, input_size(loaded[0]))
+def _evaluable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy converted to opset 13 if older: QuantizeLinear needs opset
+    10 and per-channel grids 13."""
+    if default_opset(model) >= 13:
+        return model
     try:
-        rows = [("original", _quantsim.evaluate(loaded[0], None, inputs, **quantization))]
+        return version_converter.convert_version(model, 13)
+    except Exception as exc:
+        raise CLEError(
+            f"cannot convert the opset-{default_opset(model)} model to 13: {exc}"
+        ) from None
+
+
+def evaluate_files(paths: list[Path], inputs, **quantization):
+    """``cle evaluate``: the original (and the equalized) model quantized in onnxruntime,
+    figures against the original in FP32. The original is quantized with its batch norms
+    folded (by this backend, as a deployment would fold them), so that folding is not
+    counted as a loss or as a gain of equalization; the row says so."""
+    from . import _quantsim
+    from ._backend import equalize_model
+
+    loaded = [_evaluable(_io.load(p, external_data=True)) for p in paths]
+    folded, report = equalize_model(loaded[0], scale=False, high_bias=False)
+    label, notes = "original", []
+    if report.folds:
+        label = "original*"
+        notes.append(
+            f"* with its {len(report.folds)} batch norms folded, as a deployment folds them "
+            "(FP32 dB: against the unfolded original)"
+        )
+    try:
+        rows = [(label, _quantsim.evaluate(loaded[0], folded, inputs, **quantization))]
         if len(loaded) > 1:
             rows.append(
                 ("equalized", _quantsim.evaluate(loaded[0], loaded[1], inputs, **quantization))
             )
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:  # a missing package; inputs that do not fit
         raise CLEError(str(exc)) from None
     out = loaded[0].graph.output[0].type.tensor_type
-    return rows, out.HasField("shape") and len(out.shape.dim) == 2
+    return rows, out.HasField("shape") and len(out.shape.dim) == 2, notes

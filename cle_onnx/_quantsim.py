@@ -583,16 +583,18 @@ def _default_inputs(model: onnx.ModelProto) -> np.ndarray:
             f"default inputs need an NCHW image input, {graph_inputs[0].name!r} has rank "
             f"{len(dims)}; pass inputs explicitly"
         )
-    if dims[1].HasField("dim_value") and dims[1].dim_value not in (0, 3):
+    if dims[1].HasField("dim_value") and dims[1].dim_value not in (0, 1, 3):
         raise ValueError(
-            f"default inputs are RGB, {graph_inputs[0].name!r} has {dims[1].dim_value} "
-            "channels; pass inputs explicitly"
+            f"default inputs are RGB or grey images, {graph_inputs[0].name!r} has "
+            f"{dims[1].dim_value} channels; pass inputs explicitly"
         )
     hw = tuple(
         int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else _DEFAULT_SIZE
         for d in dims[2:]
     )
-    return natural_images(size=hw)
+    from ._commands import fit_channels
+
+    return fit_channels(natural_images(size=hw), model)
 
 
 def default_inputs(model: onnx.ModelProto) -> np.ndarray:
