@@ -226,3 +226,11 @@ def test_quality_table_formats_rows():
         "base      exact    6.18    0.558     5.74     0.533",
         "cle       113.6    6.18    0.558     5.74     0.533",
     ]
+
+
+def test_the_public_quality_module_is_the_one_the_project_measures_with():
+    import cle_core._quality as private
+    import cle_core.quality as public
+
+    assert public.sqnr_db is private.sqnr_db and public.quantize_array is private.quantize_array
+    assert set(public.__all__) >= {"sqnr_db", "top1_agreement", "quantization_grid"}

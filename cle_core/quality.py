@@ -1,0 +1,25 @@
+"""Quality helpers, public: the SQNR and top-1 agreement every figure of this project is
+measured with, the quantization grids of the simulations, and the natural-image sample
+set (scikit-image, imported on first use). Pure NumPy; no backend needed."""
+
+from ._quality import (
+    NATURAL_IMAGE_NAMES,
+    calibration_images,
+    images_from_folder,
+    natural_images,
+    quantization_grid,
+    quantize_array,
+    sqnr_db,
+    top1_agreement,
+)
+
+__all__ = [
+    "NATURAL_IMAGE_NAMES",
+    "calibration_images",
+    "images_from_folder",
+    "natural_images",
+    "quantization_grid",
+    "quantize_array",
+    "sqnr_db",
+    "top1_agreement",
+]
