@@ -9,6 +9,7 @@ from . import hookspecs
 from ._backend import (
     ENTRY_POINT_GROUP,
     Backend,
+    Translated,
     equalize_model,
     get_backend,
     get_plugin_manager,
@@ -58,6 +59,7 @@ __all__ = [
     "RegionRecord",
     "Report",
     "SkipRecord",
+    "Translated",
     "UnsupportedModelError",
     "Value",
     "equalize",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +29,16 @@ _plugin_manager: pluggy.PluginManager | None = None
 _skipped: dict[str, str] = {}  # entry-point name -> the module it could not import
 
 
+@dataclass
+class Translated:
+    """A model translated to the IR: the graph, and the backend's own translation state
+    (any type it likes: where parameters came from, names, dtypes ...), which comes back
+    to :meth:`Backend.apply` as ``state``. Nothing else carries backend state."""
+
+    graph: Graph
+    state: Any = None
+
+
 class Backend(ABC):
     """Translates one model format to the IR and writes an equalization result back.
 
@@ -39,12 +50,42 @@ class Backend(ABC):
     name: str = "backend"
 
     @abstractmethod
-    def to_ir(self, model: Any, **options: Any) -> Graph:
-        """Translate ``model`` into a graph. Never modifies ``model``."""
+    def to_ir(self, model: Any, **options: Any) -> Graph | Translated:
+        """Translate ``model`` into a graph. Never modifies ``model``. Return a
+        :class:`Translated` to get state back in :meth:`apply`."""
 
     @abstractmethod
     def apply(self, model: Any, result: EqualizeResult, **options: Any) -> Any:
-        """Return the equalized model (``model`` itself when written in place)."""
+        """Return the equalized model (``model`` itself when written in place). Gets
+        ``state=`` (the :class:`Translated` state) when :meth:`to_ir` returned one."""
+
+    def calibration_stats(self, translated: Translated, model: Any, calibration: Any) -> dict:
+        """Per-channel statistics of the IR values, measured by running ``model`` on
+        ``calibration`` (see :class:`cle_core._stats.ChannelStats`)."""
+        raise UnsupportedModelError(f"the {self.name} backend takes no calibration data")
+
+    def run(
+        self,
+        model: Any,
+        options: EqualizeOptions,
+        calibration: Any = None,
+        progress: Callable[[str, float], None] | None = None,
+        **backend_options: Any,
+    ) -> tuple[Any, Report]:
+        """The one path from a model to its equalized copy: :meth:`to_ir`, optional
+        calibration, :func:`cle_core.equalize`, :meth:`apply`. Every public
+        ``equalize_model`` goes through it."""
+        translated = self.to_ir(model, **backend_options)
+        if not isinstance(translated, Translated):
+            translated = Translated(translated)
+            extra: dict[str, Any] = {}
+        else:
+            extra = {"state": translated.state}
+        stats = None
+        if calibration is not None:
+            stats = self.calibration_stats(translated, model, calibration)
+        result = equalize(translated.graph, options, progress, stats)
+        return self.apply(model, result, **extra, **backend_options), result.report
 
     # --- model files, for the command line (all optional) ------------------------------
     # A backend that reads files answers the ``cle_backend_for_file`` hook and implements
@@ -70,17 +111,16 @@ class Backend(ABC):
         """Equalize the file ``src`` into ``dst`` (which may be ``src``); returns the
         report and the files written. By default: load, check the output path,
         equalize, apply, then write ``dst`` atomically."""
-        if calibration is not None:
-            raise UnsupportedModelError(f"the {self.name} backend takes no calibration data")
         model = self.load(Path(src))
         check_output_path(dst)
-        result = equalize(self.to_ir(model), options, progress)
-        new = self.apply(model, result)
-        return result.report, [write_atomic(dst, lambda f: self.save(new, f))]
+        new, report = self.run(model, options, calibration, progress)
+        return report, [write_atomic(dst, lambda f: self.save(new, f))]
 
     def inspect_file(self, src: Path, options: EqualizeOptions) -> Report:
         """What equalizing ``src`` would do (nothing is written)."""
-        return equalize(self.to_ir(self.load(Path(src))), options).report
+        translated = self.to_ir(self.load(Path(src)))
+        graph = translated.graph if isinstance(translated, Translated) else translated
+        return equalize(graph, options).report
 
     def read_inputs(self, spec: Path, src: Path) -> Any:
         """Inputs for the model in ``src`` from ``spec`` (``--calibration``, ``--inputs``):
@@ -176,7 +216,4 @@ def equalize_model(model: Any, **options: Any) -> tuple[Any, Report]:
     go to the backend. Returns ``(equalized model, report)``.
     """
     cle_options, backend_options = EqualizeOptions.from_kwargs(**options)
-    backend = get_backend(model)
-    graph = backend.to_ir(model, **backend_options)
-    result = equalize(graph, cle_options)
-    return backend.apply(model, result, **backend_options), result.report
+    return get_backend(model).run(model, cle_options, **backend_options)

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 from onnx import numpy_helper
 
-from cle_core import Backend, CLEError, EqualizeOptions, EqualizeResult, Graph, Report, equalize
+from cle_core import (
+    Backend,
+    CLEError,
+    EqualizeOptions,
+    EqualizeResult,
+    Report,
+    Translated,
+    equalize,
+)
 from cle_core._files import check_output_path
 
 from . import _commands, _io
 from ._apply import apply
 from ._calibrate import calibration_stats
 from ._translate import Translation, restore, to_ir
-
-_META = "onnx_translation"
 
 
 def _inline(model: onnx.ModelProto, pending: dict) -> None:
@@ -48,6 +55,19 @@ def _check_external(model: onnx.ModelProto, base_dir: str | os.PathLike | None) 
     _io.external_files(model, base_dir)
 
 
+@dataclass
+class _State:
+    """The ONNX backend's translation state: the working proto whose weight bytes the
+    graph took, and what the translation learned for writing back."""
+
+    work: onnx.ModelProto
+    tr: Translation
+
+
+def _dir(base_dir: str | os.PathLike | None) -> str | None:
+    return None if base_dir is None else str(base_dir)
+
+
 class OnnxBackend(Backend):
     """Translates ``onnx.ModelProto`` to the IR and writes results back.
 
@@ -62,13 +82,17 @@ class OnnxBackend(Backend):
         model: onnx.ModelProto,
         inplace: bool = False,
         base_dir: str | os.PathLike | None = None,
+        owned: bool = False,
         **options: Any,
-    ) -> Graph:
+    ) -> Translated:
+        """Translate a working copy of ``model`` (``model`` itself with ``owned=True``: a
+        proto the caller hands over), moving its weight bytes into the graph; the copy
+        and the :class:`Translation` are the state :meth:`apply` writes into."""
         _no_options(options)
         _check_external(model, base_dir)
-        graph, tr = to_ir(model, base_dir=None if base_dir is None else str(base_dir))
-        graph.metadata[_META] = tr
-        return graph
+        work = model if owned else _copy(model)
+        graph, tr = to_ir(work, take_ownership=True, base_dir=_dir(base_dir))
+        return Translated(graph, _State(work, tr))
 
     def apply(
         self,
@@ -76,15 +100,38 @@ class OnnxBackend(Backend):
         result: EqualizeResult,
         inplace: bool = False,
         base_dir: str | os.PathLike | None = None,
+        owned: bool = False,
+        state: _State | None = None,
         **options: Any,
     ) -> onnx.ModelProto:
         _no_options(options)
-        target = _copy(model)
-        _inline(target, apply(target, result.graph.metadata[_META], result))
-        if not inplace:
-            return target
-        model.CopyFrom(target)  # every check passed: only now is the caller's proto touched
+        if state is None:
+            raise ValueError("apply() needs the state to_ir() returned")
+        _inline(state.work, apply(state.work, state.tr, result))
+        if not inplace or state.work is model:
+            return state.work
+        model.CopyFrom(state.work)  # every check passed: only now is the caller's proto touched
         return model
+
+    def calibration_stats(self, translated: Translated, model, calibration, base_dir=None):
+        full = model
+        if _io.has_external_data(model):
+            full = _copy(model)
+            onnx.external_data_helper.load_external_data_for_model(full, _dir(base_dir))
+        return calibration_stats(full, calibration)
+
+    def run(self, model, options, calibration=None, progress=None, **backend_options):
+        # Calibration runs the model as given: it must be read before the translation
+        # moves the weight bytes out of an owned proto.
+        stats = None
+        if calibration is not None:
+            stats = self.calibration_stats(
+                None, model, calibration, backend_options.get("base_dir")
+            )
+        translated = self.to_ir(model, **backend_options)
+        result = equalize(translated.graph, options, progress, stats)
+        new = self.apply(model, result, state=translated.state, **backend_options)
+        return new, result.report
 
     # --- files, for the command line -----------------------------------------------------
     suffixes = (".onnx",)
@@ -147,25 +194,11 @@ def equalize_model(
     _no_options(rest)
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
-        work = _io.load(path, external_data=True)
-        base = str(path.parent)
-    else:
-        _check_external(model_or_path, base_dir)
-        work, base = _copy(model_or_path), None if base_dir is None else str(base_dir)
-    stats = None
-    if calibration is not None:
-        full = work
-        if _io.has_external_data(work):
-            full = _copy(work)
-            onnx.external_data_helper.load_external_data_for_model(full, base)
-        stats = calibration_stats(full, calibration)
-    # `work` is ours: the translation may move its weight bytes instead of copying them.
-    result, tr = _equalize(work, cle_options, base, statistics=stats)
-    _inline(work, apply(work, tr, result))
-    if inplace and not isinstance(model_or_path, (str, os.PathLike)):
-        model_or_path.CopyFrom(work)
-        return model_or_path, result.report
-    return work, result.report
+        model = _io.load(path, external_data=True)  # ours: translated without a copy
+        return OnnxBackend().run(model, cle_options, calibration, base_dir=path.parent, owned=True)
+    return OnnxBackend().run(
+        model_or_path, cle_options, calibration, inplace=inplace, base_dir=base_dir
+    )
 
 
 def _equalize(

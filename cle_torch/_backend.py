@@ -7,14 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from cle_core import Backend, EqualizeOptions, EqualizeResult, Graph, Report, equalize
+from cle_core import Backend, EqualizeOptions, EqualizeResult, Report, Translated, equalize
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
 from ._modules import NotInPlaceError
 from ._translate import Capture, capture
 
-_META = "torch_capture"
 _BACKEND_OPTIONS = ("leaf_modules", "allow_training_mode", "allow_graph_module")
 
 
@@ -38,11 +37,13 @@ class TorchBackend(Backend):
         allow_training_mode: bool = False,
         allow_graph_module: bool = True,
         **options: Any,
-    ) -> Graph:
+    ) -> Translated:
         _no_options(options)
         cap = capture(model, input_shapes, dummy_input, leaf_modules, allow_training_mode)
-        cap.ir.metadata[_META] = cap
-        return cap.ir
+        return Translated(cap.ir, cap)
+
+    def calibration_stats(self, translated: Translated, model, calibration):
+        return calibration_stats(translated.state, calibration)
 
     def apply(
         self,
@@ -53,13 +54,13 @@ class TorchBackend(Backend):
         leaf_modules: Iterable[type | str] = (),
         allow_training_mode: bool = False,
         allow_graph_module: bool = True,
+        state: Capture | None = None,
         **options: Any,
     ) -> nn.Module:
         _no_options(options)
-        cap: Capture = result.graph.metadata[_META]
-        if cap.model is not model:
-            raise ValueError("apply() got a different model than to_ir()")
-        return apply(cap, result, allow_graph_module)
+        if not isinstance(state, Capture) or state.model is not model:
+            raise ValueError("apply() needs the state to_ir() returned for this model")
+        return apply(state, result, allow_graph_module)
 
 
 def _no_options(options: dict) -> None:
@@ -122,10 +123,16 @@ def equalize_model(
     """
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
-    cap = capture(model, input_shapes, dummy_input, leaf_modules, allow_training_mode)
-    stats = None if calibration is None else calibration_stats(cap, calibration)
-    result = equalize(cap.ir, cle_options, statistics=stats)
-    return apply(cap, result, allow_graph_module), result.report
+    return TorchBackend().run(
+        model,
+        cle_options,
+        calibration,
+        input_shapes=input_shapes,
+        dummy_input=dummy_input,
+        leaf_modules=leaf_modules,
+        allow_training_mode=allow_training_mode,
+        allow_graph_module=allow_graph_module,
+    )
 
 
 def fold_all_batch_norms(

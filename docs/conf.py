@@ -28,3 +28,6 @@ exclude_patterns = ["_build"]
 html_theme = "alabaster"
 nitpicky = False
 suppress_warnings = ["autodoc.import_object"]
+
+# Docstring examples of the public helpers (cle_core.quality) run with their names.
+doctest_global_setup = "import numpy as np\nfrom cle_core.quality import *"
