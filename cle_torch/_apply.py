@@ -29,8 +29,8 @@ from torch import nn
 from cle_core import CLEError, EqualizeResult, Node, NonFiniteError, unique_name
 from cle_core._math import fit_dtype
 
+from ._capture import Capture, Site
 from ._modules import NotInPlaceError, PerChannelClamp
-from ._translate import Capture, Site
 
 log = logging.getLogger("cle_torch")
 

@@ -11,8 +11,8 @@ from cle_core import Backend, EqualizeOptions, EqualizeResult, Report, Translate
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
+from ._capture import Capture, capture
 from ._modules import NotInPlaceError
-from ._translate import Capture, capture
 
 _BACKEND_OPTIONS = ("leaf_modules", "allow_training_mode", "allow_graph_module")
 

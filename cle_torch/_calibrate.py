@@ -13,8 +13,8 @@ import torch.fx as fx
 from cle_core import CLEError
 from cle_core._stats import ChannelStats, StatsAccumulator
 
+from ._capture import Capture, _resolve_attr
 from ._quantsim import _device
-from ._translate import Capture, _resolve_attr
 
 BATCH = 16
 

@@ -15,11 +15,9 @@ convention) is left opaque, so an MLP needs ``dummy_input`` or ``input_shapes``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import operator
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,9 +27,48 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.padding import _ConstantPadNd
 
-from cle_core import CLEError, Graph, Layout, unique_name
+from cle_core import CLEError, Layout, unique_name
 
+from ._capture import Capture, Site, _input_shapes, _param_names
 from ._modules import PerChannelClamp
+from ._optable import (
+    _F_ADAPTIVE_AVG,
+    _F_AVGPOOL,
+    _F_CONV,
+    _F_CONVT,
+    _F_DROPOUT,
+    _F_MAXPOOL,
+    _INPLACE_FUNCTIONS,
+    _SCALAR_OPS,
+    _SHAPE_ATTRS,
+    _bind,
+    _ints,
+    _number,
+    _numpy,
+    _Opaque,
+    _sig_adaptive,
+    _sig_add,
+    _sig_avgpool,
+    _sig_cat,
+    _sig_clamp,
+    _sig_clamp_max,
+    _sig_clamp_min,
+    _sig_conv,
+    _sig_convt,
+    _sig_dropout,
+    _sig_flatten,
+    _sig_hardtanh,
+    _sig_leaky,
+    _sig_linear,
+    _sig_maxpool,
+    _sig_mean,
+    _sig_pad,
+    _sig_prelu,
+    _sig_reshape,
+    _sig_self,
+    _sig_unary,
+    _sig_view,
+)
 from ._trace import (
     ADAPTIVE_AVG_MODULES,
     AVGPOOL_MODULES,
@@ -40,236 +77,10 @@ from ._trace import (
     CONVT_MODULES,
     DROPOUT_MODULES,
     MAXPOOL_MODULES,
-    check_eval,
     known_base,
-    trace,
 )
 
 log = logging.getLogger("cle_torch")
-
-_F_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_F_CONVT = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
-_F_MAXPOOL = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
-_F_AVGPOOL = {torch.avg_pool1d: 1, torch._C._nn.avg_pool2d: 2, torch._C._nn.avg_pool3d: 3}
-_F_ADAPTIVE_AVG = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
-_F_DROPOUT = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
-_INPLACE_FUNCTIONS = (torch.relu_, F.relu_, F.hardtanh_, F.leaky_relu_, torch.clamp_, torch.clip_)
-_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
-_SCALAR_OPS = frozenset(
-    {
-        operator.add,
-        operator.sub,
-        operator.mul,
-        operator.floordiv,
-        operator.truediv,
-        operator.mod,
-        operator.neg,
-        operator.getitem,
-        operator.eq,
-        operator.ne,
-        operator.lt,
-        operator.le,
-        operator.gt,
-        operator.ge,
-    }
-)
-
-
-# Signatures the FX arguments are bound against (torch's own defaults).
-def _sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
-def _sig_convt(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
-               dilation=1): ...  # fmt: skip
-def _sig_linear(input, weight, bias=None): ...
-def _sig_unary(input, inplace=False): ...
-def _sig_hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False): ...
-def _sig_leaky(input, negative_slope=0.01, inplace=False): ...
-def _sig_prelu(input, weight): ...
-def _sig_clamp(input, min=None, max=None): ...
-def _sig_clamp_min(input, min): ...
-def _sig_clamp_max(input, max): ...
-def _sig_add(input, other, alpha=1): ...
-def _sig_cat(tensors, dim=0): ...
-def _sig_flatten(input, start_dim=0, end_dim=-1): ...
-def _sig_pad(input, pad, mode="constant", value=None): ...
-def _sig_maxpool(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                 return_indices=False): ...  # fmt: skip
-def _sig_avgpool(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                 count_include_pad=True, divisor_override=None): ...  # fmt: skip
-def _sig_adaptive(input, output_size): ...
-def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
-def _sig_mean(input, dim=None, keepdim=False, dtype=None): ...
-def _sig_view(input, *shape): ...
-def _sig_reshape(input, shape): ...
-def _sig_self(input): ...
-
-
-_SIGNATURES: dict[Callable, inspect.Signature] = {}
-
-
-class _Opaque(Exception):
-    """Raised while translating a node that cannot be translated; the message says why."""
-
-
-def _bind(sig: Callable, args: Sequence, kwargs: dict) -> dict[str, Any]:
-    s = _SIGNATURES.get(sig)
-    if s is None:
-        s = _SIGNATURES[sig] = inspect.signature(sig)
-    try:
-        bound = s.bind(*args, **kwargs)
-    except TypeError:
-        raise _Opaque("unexpected arguments") from None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def _ints(v: Any, n: int, what: str) -> tuple[int, ...]:
-    """An int or a sequence of ints as an n-tuple."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v,) * n
-    if isinstance(v, (tuple, list, torch.Size)) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in v
-    ):
-        if len(v) == n:
-            return tuple(v)
-        if len(v) == 1:
-            return (v[0],) * n
-    raise _Opaque(f"{what} is not static")
-
-
-def _number(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _Opaque(f"{what} is not a number")
-    return float(v)
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A float copy on the CPU: float64 stays float64, every other float type is
-    computed in float32."""
-    x = t.detach()
-    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).cpu()
-    return np.array(x.numpy(), copy=True)
-
-
-def _param_names(model: nn.Module) -> dict[int, str]:
-    """Canonical id of every parameter and buffer: its first qualified name, or one id
-    for all tensors that share a storage (so the core treats them as shared)."""
-    names: dict[int, str] = {}
-    by_storage: dict[tuple, list[int]] = {}
-    tensors = list(model.named_parameters(remove_duplicate=False))
-    tensors += list(model.named_buffers(remove_duplicate=False))
-    for name, t in tensors:
-        if t is None or id(t) in names:
-            continue
-        names[id(t)] = name
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            continue
-        if ptr:
-            by_storage.setdefault((t.device.type, t.device.index, ptr), []).append(id(t))
-    for key, ids in by_storage.items():
-        if len(ids) > 1:
-            for i in ids:
-                names[i] = f"storage:{key[0]}:{key[2]:x}"
-    return names
-
-
-def _is_shape(s: Any) -> bool:
-    return isinstance(s, torch.Size) or (
-        isinstance(s, (tuple, list))
-        and len(s) > 0
-        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s)
-    )
-
-
-def _input_shapes(n: int, input_shapes: Any, dummy_input: Any) -> list[tuple | None]:
-    """The shape of each graph input, where the caller gave one. Raises
-    :class:`CLEError` for anything that is not a shape or a list of shapes."""
-    shapes: list[tuple | None] = []
-    if dummy_input is not None:
-        items = dummy_input if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
-        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in items]
-    elif input_shapes is not None:
-        s = input_shapes
-        if _is_shape(s):
-            shapes = [tuple(s)]
-        elif isinstance(s, (tuple, list)) and all(x is None or _is_shape(x) for x in s):
-            shapes = [None if x is None else tuple(x) for x in s]
-        else:
-            raise CLEError(
-                f"input_shapes must be a shape such as (1, 3, 224, 224), or a list of shapes "
-                f"for a model with several inputs; got {input_shapes!r}"
-            )
-    if len(shapes) > n:
-        raise CLEError(
-            f"{len(shapes)} input shapes given, but the model's forward takes {n} input(s)"
-        )
-    return (shapes + [None] * n)[:n]
-
-
-# --- the capture ---------------------------------------------------------------------
-
-
-@dataclass
-class Site:
-    """Where an IR node came from, for the write-back.
-
-    ``kind`` is ``module`` (a call of ``module``), ``function`` or ``method``. Layers
-    name their ``weight`` and ``bias`` by qualified name; ``owner`` is the module that
-    holds them. ``bias_slot``: a bias created by folding can be given to the layer in
-    place (a module layer, or a functional call whose bias argument reads
-    ``owner.bias``); ``bias_is_new``: ``bias`` does not exist yet. ``input`` is the FX
-    node of the data input, ``rank`` the output's rank, ``scope`` the module whose
-    ``forward`` made the call.
-    """
-
-    fx: str
-    kind: str
-    op: str
-    target: Any
-    module: str | None = None
-    call_index: int = 0
-    owner: str | None = None
-    weight: str | None = None
-    bias: str | None = None
-    bias_slot: bool = False
-    bias_is_new: bool = False
-    input: str | None = None
-    rank: int | None = None
-    scope: str = ""
-
-
-@dataclass
-class Capture:
-    """The traced model and what the translation learned about it."""
-
-    model: nn.Module
-    fx_graph: fx.Graph
-    ir: Graph
-    sites: dict[str, Site] = field(default_factory=dict)  # FX node name -> site
-    ir_names: dict[str, str] = field(default_factory=dict)  # IR node name -> FX node name
-    module_calls: dict[str, list[str]] = field(default_factory=dict)  # module -> FX nodes
-    temp_biases: dict[str, torch.Size] = field(default_factory=dict)  # qualname -> shape
-    constants: dict[str, torch.Tensor] = field(default_factory=dict)
-    opaque_layers: list[str] = field(default_factory=list)
-
-
-def _resolve_attr(cap: Capture, target: str) -> Any:
-    """What a ``get_attr`` node of the captured graph reads: a tensor constant the
-    tracer made, a temporary zero bias (see ``_trace.trace``), or an attribute."""
-    if target in cap.constants:
-        return cap.constants[target]
-    if target in cap.temp_biases:
-        owner = cap.model.get_submodule(target.rpartition(".")[0])
-        w = owner.weight
-        return torch.zeros(cap.temp_biases[target], dtype=w.dtype, device=w.device)
-    obj: Any = cap.model
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-# --- translation ---------------------------------------------------------------------
 
 
 class _Translator:
@@ -1072,33 +883,3 @@ _METHODS = _table(
     }
 )
 del T
-
-
-def capture(
-    model: nn.Module,
-    input_shapes: Any = None,
-    dummy_input: Any = None,
-    leaf_modules: Iterable[type | str] = (),
-    allow_training_mode: bool = False,
-) -> Capture:
-    """Trace ``model`` and translate it to the IR. Never modifies the model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    check_eval(model, allow_training_mode)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta":
-            raise CLEError(
-                f"{name} is on the meta device (it has a shape but no values); load the "
-                "weights first, e.g. model.to_empty(device='cpu') and load_state_dict"
-            )
-    graph, constants, temps = trace(model, leaf_modules, allow_training_mode)
-    cap = Capture(model, graph, Graph(type(model).__name__), temp_biases=temps, constants=constants)
-    _Translator(cap, (input_shapes, dummy_input)).run()
-    if cap.opaque_layers:
-        log.info(
-            "left %d Linear layer(s) opaque because their input rank is unknown (%s): pass "
-            "dummy_input or input_shapes",
-            len(cap.opaque_layers),
-            ", ".join(cap.opaque_layers[:5]),
-        )
-    return cap
