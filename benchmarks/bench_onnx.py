@@ -82,9 +82,9 @@ def main() -> None:
         f"cle equalize, file to file: median {statistics.median(times):.3f} s "
         f"over {args.repeat} runs (target < 1 s)"
     )
-    print(quality_table(rows, "EfficientNet-Lite0, ONNX"))
+    print(quality_table(rows, label="EfficientNet-Lite0, ONNX"))
     print("exported with its BatchNormalization nodes (keep_batchnorm=True):")
-    print(quality_table(bn_rows, "EfficientNet-Lite0, ONNX + BN"))
+    print(quality_table(bn_rows, label="EfficientNet-Lite0, ONNX + BN"))
     print(
         "targets: FP32 >= 100 dB; exporter-folded W8A8 >= 11 dB data-free, >= 13 dB "
         "calibrated; with BNs W8 >= 17 dB / top-1 >= 0.90, W8A8 >= 13 dB / top-1 >= 0.85"

@@ -121,7 +121,7 @@ def main() -> None:
         f"{r50_fastest:.3f} s; target 0.3 s); objective='balance' {r50_balance:.3f} s; "
         f"{len(r50_report.regions)} regions, {r50_report.sweeps} sweeps"
     )
-    print(quality_table(rows, "EfficientNet-Lite0, torch"))
+    print(quality_table(rows, label="EfficientNet-Lite0, torch"))
     print(
         "targets (defaults): FP32 >= 100 dB, W8 >= 17 dB / top-1 >= 0.90, "
         "W8A8 >= 13 dB / top-1 >= 0.85"

@@ -142,7 +142,7 @@ class Backend(ABC):
 
     def evaluate_files(self, paths: list[Path], inputs: Any, **quantization: Any):
         """``(rows, classifier, notes)`` for ``cle evaluate``: ``[(label, figures), ...]``
-        with figures as :func:`cle_core._cli.format_evaluation` reads them, whether the
+        with figures as :func:`cle_core.quality.quality_table` reads them, whether the
         model is a classifier (top-1 columns), and lines printed under the table."""
         raise UnsupportedModelError(f"the {self.name} backend has no quantized evaluation")
 

@@ -170,6 +170,32 @@ def _activation(value, region, offset, stats, gains, positions, logw) -> _Activa
         return _Activation(value, region, offset, np.log(span), np.log(st.nonzero * gain), logw)
 
 
+def _before_bound(value, region, offset, stats, gains, positions, logw) -> _Activation | None:
+    """The extra quantization point of a scaled bounded activation, or None.
+
+    A clip with an upper bound (ReLU6, Hardtanh) between scaled layers gets one bound
+    per channel, which no quantizer folds into the layer: it merges a scalar clip (the
+    widest bounds) into the layer and quantizes there, then again after the per-channel
+    bound (onnxruntime's ``quantize_static`` does exactly this). The first point's range
+    is the layer's output range, not the clipped one; its rounding noise is zeroed where
+    the bound clips it, which the gains of the pre-clip value already count."""
+    clip = value.producer
+    while clip is not None and clip.op in _TRANSPARENT | {"pad"}:  # a zero pad: range kept
+        clip = clip.inputs[0].producer
+    if clip is None or clip.op != "clip" or not np.all(np.isfinite(clip.params["hi"])):
+        return None
+    pre, out = _stats_of(clip.inputs[0], stats), _stats_of(clip.outputs[0], stats)
+    c = value.channels or 0
+    if pre is None or out is None or pre.channels != c or out.channels != c or c == 0:
+        return None
+    lo = np.maximum(pre.lo, np.min(clip.params["lo"]))
+    span = np.maximum(pre.hi, 0.0) - np.minimum(lo, 0.0)
+    name = clip.inputs[0].name
+    gain = gains.rounding_gain(name, c, positions.get(name, positions.get(value.name, 1)))
+    with np.errstate(divide="ignore"):
+        return _Activation(value, region, offset, np.log(span), np.log(out.nonzero * gain), logw)
+
+
 def _region_value(value: Value) -> Value:
     """The value of a region that a sink reads (before a Flatten)."""
     while value.producer is not None and value.producer.op in _TRANSPARENT:
@@ -204,9 +230,10 @@ def noise_scales(
                 if id(value) in in_regions:
                     continue
                 in_regions.add(id(value))
-                act = _activation(value, region, off, stats, gains, positions, a_factor)
-                if act is not None:
-                    acts[region.id].append(act)
+                for term in (_activation, _before_bound):
+                    act = term(value, region, off, stats, gains, positions, a_factor)
+                    if act is not None:
+                        acts[region.id].append(act)
         for node in graph.nodes:
             if node.is_layer:
                 value = _region_value(node.inputs[0])

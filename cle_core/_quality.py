@@ -8,6 +8,7 @@ set) is imported when the images are first asked for.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -325,20 +326,52 @@ def images_from_folder(
     return out
 
 
-def quality_table(rows, label: str = "pipeline", width: int = 30) -> str:
-    """``(name, result)`` rows, each result holding ``fp32_sqnr``, ``w8_sqnr``,
-    ``w8_top1``, ``w8a8_sqnr`` and ``w8a8_top1``, as the table the demo and the
-    benchmarks print. An infinite FP32 SQNR reads ``exact``."""
-    lines = [
-        f"{label:<{width}} {'FP32 dB':>8} {'W8 dB':>7} {'W8 top1':>8} {'W8A8 dB':>8} "
-        f"{'W8A8 top1':>9}"
-    ]
+def compare_outputs(reference, outputs) -> dict[str, float]:
+    """``{key}_sqnr`` (dB) and ``{key}_top1`` for each ``key: output`` of ``outputs``
+    against ``reference``: the one comparison every evaluation (ONNX, PyTorch, demo,
+    benchmarks) reports. ``outputs[key] is reference`` reads ``inf`` and 1.0 without
+    computing them (the reference itself, unquantized)."""
+    result: dict[str, float] = {}
+    for key, out in outputs.items():
+        same = out is reference
+        result[f"{key}_sqnr"] = math.inf if same else sqnr_db(reference, out)
+        result[f"{key}_top1"] = 1.0 if same else top1_agreement(reference, out)
+    return result
+
+
+def quality_table(
+    rows, bits: int = 8, classifier: bool = True, label: str = "model", width: int = 10
+) -> str:
+    """``(name, result)`` rows as the table ``cle evaluate``, the demo and the benchmarks
+    print: FP32, W``bits`` and (where every row has them) W``bits``A``bits`` SQNR in dB
+    against the FP32 model, with top-1 agreement for a ``classifier``. An infinite SQNR
+    reads ``exact``; the name column is at least ``width`` wide.
+
+    >>> r = {"fp32_sqnr": float("inf"), "w8_sqnr": 6.18, "w8_top1": 0.558}
+    >>> print(quality_table([("base", r)], classifier=False))
+    model        FP32 dB    W8 dB
+    base           exact     6.18
+    """
+    w, wa = f"w{bits}", f"w{bits}a{bits}"
+    columns = [("FP32 dB", "fp32_sqnr", 9), (f"W{bits} dB", w + "_sqnr", 8)]
+    if classifier:
+        columns.append((f"W{bits} top1", w + "_top1", 9))
+    if rows and all(wa + "_sqnr" in r for _, r in rows):
+        columns.append((f"W{bits}A{bits} dB", wa + "_sqnr", 10))
+        if classifier:
+            columns.append((f"W{bits}A{bits} top1", wa + "_top1", 11))
+
+    def cell(key: str, x: float) -> str:
+        if key.endswith("_top1"):
+            return f"{x:.3f}"
+        if math.isinf(x):
+            return "exact" if x > 0 else "-inf"
+        return f"{x:.2f}"
+
+    first = max([width, len(label)] + [len(name) for name, _ in rows])
+    lines = [f"{label:<{first}}" + "".join(f" {title:>{n}}" for title, _, n in columns)]
     for name, r in rows:
-        fp32 = "exact" if r["fp32_sqnr"] == float("inf") else f"{r['fp32_sqnr']:.1f}"
-        lines.append(
-            f"{name:<{width}} {fp32:>8} {r['w8_sqnr']:7.2f} {r['w8_top1']:8.3f} "
-            f"{r['w8a8_sqnr']:8.2f} {r['w8a8_top1']:9.3f}"
-        )
+        lines.append(f"{name:<{first}}" + "".join(f" {cell(k, r[k]):>{n}}" for _, k, n in columns))
     return "\n".join(lines)
 
 

@@ -1,12 +1,15 @@
 """Quality helpers, public: the SQNR and top-1 agreement every figure of this project is
-measured with, the quantization grids of the simulations, and the natural-image sample
+measured with, the comparison and table every evaluation reports, the quantization
+grids of the simulations, and the natural-image sample
 set (scikit-image, imported on first use). Pure NumPy; no backend needed."""
 
 from ._quality import (
     NATURAL_IMAGE_NAMES,
     calibration_images,
+    compare_outputs,
     images_from_folder,
     natural_images,
+    quality_table,
     quantization_grid,
     quantize_array,
     sqnr_db,
@@ -16,8 +19,10 @@ from ._quality import (
 __all__ = [
     "NATURAL_IMAGE_NAMES",
     "calibration_images",
+    "compare_outputs",
     "images_from_folder",
     "natural_images",
+    "quality_table",
     "quantization_grid",
     "quantize_array",
     "sqnr_db",

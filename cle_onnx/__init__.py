@@ -22,7 +22,7 @@ __all__ = [
 def __getattr__(name: str):
     # evaluate needs onnxruntime, which equalizing does not: imported on first use.
     if name == "evaluate":
-        from ._quantsim import evaluate
+        from ._evaluate import evaluate
 
         return evaluate
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

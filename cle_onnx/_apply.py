@@ -158,8 +158,6 @@ class _Writer:
         lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape)
         hi = np.broadcast_to(hi.reshape(-1), (channels,)).reshape(shape)
         made: list[onnx.NodeProto] = []
-        current = x
-        need_hi = bool(np.any(np.isfinite(hi)))
         repeats = None
         if self.tr.opset < 8:
             # Max and Min do not broadcast before opset 8: tile each bound to the shape
@@ -180,32 +178,43 @@ class _Writer:
             made.append(helper.make_node("Tile", [name, repeats], [tiled], name=self.fresh(base)))
             return tiled
 
-        if np.all(lo == 0):
-            nxt = self.fresh(f"{out}_relu") if need_hi else out
-            made.append(helper.make_node("Relu", [current], [nxt], name=self.fresh(f"{base}_relu")))
-            current = nxt
-        elif np.any(np.isfinite(lo)):
-            nxt = self.fresh(f"{out}_max") if need_hi else out
-            lo_name = bound(lo, "lo")
+        # A scalar clip to the widest bounds first, then the per-channel Max / Min that
+        # remain. Exact (every channel's bounds lie inside the scalar ones), and it is the
+        # form quantizers recognise: onnxruntime's quantize_static merges a Clip or Relu
+        # into the layer before it and quantizes once at its output, so that point has the
+        # bounded range [min lo, max hi] rather than the unbounded range of a bare Relu.
+        lo_s, hi_s = float(lo.min()), float(hi.max())
+        need_lo = bool(np.any(lo > lo_s))
+        need_hi = bool(np.any(hi < hi_s))
+        steps = [("max", lo, "lo")] * need_lo + [("min", hi, "hi")] * need_hi
+        if lo_s == 0 and not np.isfinite(hi_s):
+            first = helper.make_node("Relu", [x], [out], name=self.fresh(f"{base}_relu"))
+        elif np.isfinite(lo_s) or np.isfinite(hi_s):
+            first = self.scalar_clip(old, lo_s, hi_s, dtype, self.fresh(f"{base}_clip"))
+        else:
+            first = helper.make_node("Identity", [x], [out], name=self.fresh(base))
+        if steps:
+            first.output[0] = current = self.fresh(f"{out}_clip")
+        made.insert(0, first)  # before the tiling nodes, which only read x's shape
+        for i, (op, arr, tag) in enumerate(steps):
+            nxt = out if i == len(steps) - 1 else self.fresh(f"{out}_{op}")
             made.append(
-                helper.make_node("Max", [current, lo_name], [nxt], name=self.fresh(f"{base}_max"))
+                helper.make_node(
+                    op.capitalize(),
+                    [current, bound(arr, tag)],
+                    [nxt],
+                    name=self.fresh(f"{base}_{op}"),
+                )
             )
             current = nxt
-        if need_hi:
-            hi_name = bound(hi, "hi")
-            made.append(
-                helper.make_node("Min", [current, hi_name], [out], name=self.fresh(f"{base}_min"))
-            )
-        if current == x and not need_hi:
-            made = [helper.make_node("Identity", [x], [out], name=self.fresh(base))]
         self.replacements[index] = made
 
-    def scalar_clip(self, old: onnx.NodeProto, lo: float, hi: float, dtype) -> onnx.NodeProto:
-        name = old.name or self.fresh("clip")
+    def scalar_clip(self, old: onnx.NodeProto, lo: float, hi: float, dtype, name=None):
+        name = name or old.name or self.fresh("clip")
         if self.tr.opset < 11:
-            return helper.make_node(
-                "Clip", [old.input[0]], [old.output[0]], name=name, min=lo, max=hi
-            )
+            # Attributes; an infinite bound is left to its default (the float extreme).
+            bounds = {k: v for k, v in (("min", lo), ("max", hi)) if np.isfinite(v)}
+            return helper.make_node("Clip", [old.input[0]], [old.output[0]], name=name, **bounds)
         inputs = [old.input[0]]
         inputs.append(
             self.new_tensor(f"{name}_min", np.array(lo), dtype) if np.isfinite(lo) else ""

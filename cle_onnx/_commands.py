@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import version_converter
 
 from cle_core import CLEError, EqualizeOptions, Report, equalize
 from cle_core._quality import load_inputs, sqnr_db
 
 from . import _io
-from ._translate import default_opset, np_dtype, to_ir
+from ._translate import np_dtype, to_ir
 
 
 def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
@@ -156,28 +155,16 @@ def inspect_file(src: Path, options: EqualizeOptions) -> Report:
     return equalize(graph, options).report
 
 
-def _evaluable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model``, or a copy converted to opset 13 if older: QuantizeLinear needs opset
-    10 and per-channel grids 13."""
-    if default_opset(model) >= 13:
-        return model
-    try:
-        return version_converter.convert_version(model, 13)
-    except Exception as exc:
-        raise CLEError(
-            f"cannot convert the opset-{default_opset(model)} model to 13: {exc}"
-        ) from None
-
-
 def evaluate_files(paths: list[Path], inputs, **quantization):
-    """``cle evaluate``: the original (and the equalized) model quantized in onnxruntime,
-    figures against the original in FP32. The original is quantized with its batch norms
+    """``cle evaluate``: the original (and the equalized) model quantized by onnxruntime's
+    ``quantize_static`` (see :mod:`cle_onnx._evaluate`), figures against the original in
+    FP32. The original is quantized with its batch norms
     folded (by this backend, as a deployment would fold them), so that folding is not
     counted as a loss or as a gain of equalization; the row says so."""
-    from . import _quantsim
     from ._backend import equalize_model
+    from ._evaluate import evaluable, evaluate
 
-    loaded = [_evaluable(_io.load(p, external_data=True)) for p in paths]
+    loaded = [evaluable(_io.load(p, external_data=True)) for p in paths]
     folded, report = equalize_model(loaded[0], scale=False, high_bias=False)
     label, notes = "original", []
     if report.folds:
@@ -187,11 +174,9 @@ def evaluate_files(paths: list[Path], inputs, **quantization):
             "(FP32 dB: against the unfolded original)"
         )
     try:
-        rows = [(label, _quantsim.evaluate(loaded[0], folded, inputs, **quantization))]
+        rows = [(label, evaluate(loaded[0], folded, inputs, **quantization))]
         if len(loaded) > 1:
-            rows.append(
-                ("equalized", _quantsim.evaluate(loaded[0], loaded[1], inputs, **quantization))
-            )
+            rows.append(("equalized", evaluate(loaded[0], loaded[1], inputs, **quantization)))
     except (ImportError, ValueError) as exc:  # a missing package; inputs that do not fit
         raise CLEError(str(exc)) from None
     out = loaded[0].graph.output[0].type.tensor_type

@@ -3,8 +3,9 @@ backends, in one command.
 
 It equalizes the model with the PyTorch backend (on the module as shipped) and with the
 ONNX backend (on its ``torch.onnx.export``), checks that the FP32 function is kept, and
-measures simulated per-tensor INT8 quality on the natural-image set in onnxruntime (the
-PyTorch result is exported for that, so every row is measured the same way). The FP32
+measures per-tensor INT8 quality on the natural-image set with onnxruntime's
+``quantize_static`` (the PyTorch result is exported for that, so every row is measured
+the same way). The FP32
 reference is computed once and shared by all rows.
 """
 
@@ -30,7 +31,7 @@ def _imports():
 
         import cle_onnx
         import cle_torch
-        from cle_onnx import _quantsim
+        from cle_onnx import _evaluate
 
         from ._examples import INSTALL_HINT, efficientnet_lite0, export_onnx
     except ModuleNotFoundError as exc:
@@ -44,28 +45,12 @@ def _imports():
         import skimage  # noqa: F401
     except ModuleNotFoundError as exc:
         raise DemoUnavailable(f"the demo needs {exc.name}: {INSTALL_HINT}") from None
-    return onnx, torch, cle_onnx, cle_torch, _quantsim, efficientnet_lite0, export_onnx
-
-
-def _measure(quantsim, model, images, reference, is_reference=False) -> dict[str, float]:
-    """FP32, W8 and W8A8 (per tensor, asymmetric) logits SQNR and top-1 agreement of
-    ``model`` against ``reference`` logits."""
-    from cle_core._quality import sqnr_db, top1_agreement
-
-    out: dict[str, float] = {}
-    fp32 = reference if is_reference else quantsim.run(model, images)
-    wq = quantsim.weight_quantized(model)
-    ranges, w8 = quantsim.activation_ranges(wq, images, with_output=True)
-    w8a8 = quantsim.run(quantsim.activation_quantized(wq, ranges), images)
-    for key, logits in (("fp32", fp32), ("w8", w8), ("w8a8", w8a8)):
-        out[f"{key}_sqnr"] = sqnr_db(reference, logits)
-        out[f"{key}_top1"] = top1_agreement(reference, logits)
-    return out
+    return onnx, torch, cle_onnx, cle_torch, _evaluate, efficientnet_lite0, export_onnx
 
 
 def run_demo(out_dir: str | Path, progress=None) -> str:
     """Run the demo, write its files into ``out_dir`` and return the text it prints."""
-    onnx, torch, cle_onnx, cle_torch, quantsim, efficientnet_lite0, export_onnx = _imports()
+    onnx, torch, cle_onnx, cle_torch, ort_eval, efficientnet_lite0, export_onnx = _imports()
     from cle_core._plots import write_plots
     from cle_core._quality import calibration_images, natural_images, sqnr_db
 
@@ -111,7 +96,7 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
 
     step("measuring FP32 reference logits", 0.3)
     baseline = onnx.load(str(src))
-    reference = quantsim.run(baseline, images)
+    reference = ort_eval.run(baseline, images)
     pipelines = (
         ("BN folded, no CLE", baseline),
         ("PyTorch, CLE", temporary[0]),
@@ -123,10 +108,11 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
     )
     rows = []
     for i, (name, model) in enumerate(pipelines):
-        step(f"simulating INT8: {name}", 0.35 + 0.08 * i)
+        step(f"quantizing (onnxruntime): {name}", 0.35 + 0.08 * i)
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load(str(model))
-        rows.append((name, _measure(quantsim, model, images, reference, is_reference=i == 0)))
+        candidate = None if i == 0 else model
+        rows.append((name, ort_eval.evaluate(baseline, candidate, images, reference=reference)))
     for path in temporary:
         path.unlink()
 
@@ -148,7 +134,7 @@ def run_demo(out_dir: str | Path, progress=None) -> str:
 def _format(rows, torch_report, onnx_report, torch_fp32, n_images, out, plot_note) -> str:
     from cle_core._quality import quality_table
 
-    table = quality_table([("  " + name, r) for name, r in rows], "  pipeline", 32)
+    table = quality_table([("  " + name, r) for name, r in rows], label="  pipeline", width=32)
     return "\n".join(
         [
             "EfficientNet-Lite0 (ImageNet, pretrained), cross-layer equalization",
@@ -163,8 +149,9 @@ def _format(rows, torch_report, onnx_report, torch_fp32, n_images, out, plot_not
             "where it says so; 'for W8 only' is the weights-only deployment "
             "(activation_bits=None).",
             "",
-            f"Simulated per-tensor INT8 on {n_images} natural images (onnxruntime, QDQ), "
-            "logits against the FP32 model:",
+            f"INT8 per tensor on {n_images} natural images, logits against the FP32 model. "
+            "W8A8: onnxruntime's quantize_static (QDQ, MinMax calibration on the same "
+            "images); W8: quantized weights, float activations:",
             table,
             "",
             f"wrote {out}: effnet_lite0.onnx (export, BNs folded), effnet_lite0_bn.onnx (export "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -45,6 +47,7 @@ class PerChannelClamp(nn.Module):
         self.register_buffer("lo", lo)
         self.register_buffer("hi", hi)
         self.source = source
+        self._widest()
 
     @classmethod
     def from_bounds(
@@ -73,7 +76,24 @@ class PerChannelClamp(nn.Module):
     def channels(self) -> int:
         return self.lo.shape[0]
 
+    def _widest(self) -> None:
+        # Plain floats (None where infinite): constants to tracing and export, and right
+        # for any dtype. Recomputed whenever the bounds are loaded.
+        lo, hi = float(self.lo.min()), float(self.hi.max())
+        self._lo_all = lo if math.isfinite(lo) else None
+        self._hi_all = hi if math.isfinite(hi) else None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._widest()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A clamp to the widest bounds first, then the per-channel bounds: the same
+        # function, written so that an exported graph starts with a scalar Clip, which
+        # quantizers (onnxruntime's quantize_static) merge into the layer before it and
+        # quantize at its bounded output, as cle_onnx writes the same clip.
+        if self._lo_all is not None or self._hi_all is not None:
+            x = torch.clamp(x, self._lo_all, self._hi_all)
         return torch.clamp(x, self.lo, self.hi)
 
     def extra_repr(self) -> str:

@@ -387,3 +387,25 @@ def test_an_estimate_that_overflows_falls_back_to_the_balance(caplog):
     assert report.sweeps == balance.sweeps > 1
     for a, b in zip(report.regions, balance.regions, strict=True):
         np.testing.assert_array_equal(a.scales, b.scales)
+
+
+def test_a_bounded_activation_adds_the_quantization_point_before_its_bound():
+    """Scaled, a ReLU6's bound becomes per channel; quantizers merge only a scalar clip
+    into the layer and quantize there too, at the layer's (unclipped) output range."""
+    from cle_core._gains import Gains
+    from cle_core._objective import _activation, _before_bound
+
+    g = conv_bn_relu6_chain()
+    equalize(g, EqualizeOptions(scale=False, high_bias=False))  # folds the BN
+    stats, _ = estimate(g)
+    gains = Gains({}, {})  # unit gains
+    a = g.values["a"]
+    after = _activation(a, None, 0, stats, gains, {}, 0.0)
+    before = _before_bound(a, None, 0, stats, gains, {}, 0.0)
+    m, sd = np.array([1.0, -1.0, 2.0, 7.0]), np.array([1.0, 2.0, 0.5, 3.0])
+    np.testing.assert_allclose(after.range, np.minimum(m + 4 * sd, 6.0))
+    np.testing.assert_allclose(before.range, np.maximum(m + 4 * sd, 0.0))
+    np.testing.assert_allclose(before.c, after.c)  # the same elements are non-zero
+    # An unbounded ReLU stays one quantization point.
+    g.node("act").op = "relu"
+    assert _before_bound(a, None, 0, stats, gains, {}, 0.0) is None

@@ -220,12 +220,27 @@ def test_quality_table_formats_rows():
         "w8a8_sqnr": 5.74,
         "w8a8_top1": 0.533,
     }
-    text = quality_table([("base", r), ("cle", {**r, "fp32_sqnr": 113.64})], "model", 6)
+    text = quality_table([("base", r), ("cle", {**r, "fp32_sqnr": 113.64})], width=6)
     assert text.splitlines() == [
-        "model   FP32 dB   W8 dB  W8 top1  W8A8 dB W8A8 top1",
-        "base      exact    6.18    0.558     5.74     0.533",
-        "cle       113.6    6.18    0.558     5.74     0.533",
+        "model    FP32 dB    W8 dB   W8 top1    W8A8 dB   W8A8 top1",
+        "base       exact     6.18     0.558       5.74       0.533",
+        "cle       113.64     6.18     0.558       5.74       0.533",
     ]
+    # Without activation figures in every row, or for a non-classifier, columns go.
+    no_acts = {k: v for k, v in r.items() if not k.startswith("w8a8")}
+    text = quality_table([("a", r), ("b", no_acts)], classifier=False, label="net")
+    assert text.splitlines()[0].split() == ["net", "FP32", "dB", "W8", "dB"]
+    assert quality_table([("x", {"fp32_sqnr": -math.inf, "w4_sqnr": 1.0, "w4_top1": 1.0})], 4)
+
+
+def test_compare_outputs_names_each_variant():
+    from cle_core._quality import compare_outputs
+
+    ref = np.array([[1.0, 2.0], [3.0, 1.0]])
+    got = compare_outputs(ref, {"fp32": ref, "w8": ref + 0.1, "w8a8": ref[:, ::-1]})
+    assert got["fp32_sqnr"] == math.inf and got["fp32_top1"] == 1.0
+    assert got["w8_sqnr"] == pytest.approx(sqnr_db(ref, ref + 0.1)) and got["w8_top1"] == 1.0
+    assert got["w8a8_top1"] == 0.0
 
 
 def test_the_public_quality_module_is_the_one_the_project_measures_with():

@@ -26,7 +26,8 @@ def files(tmp_path):
 
 def table(text):
     rows = [line.split() for line in text.strip().splitlines() if not line.startswith("*")]
-    return rows[0], {r[0]: [float(v) for v in r[1:]] for r in rows[1:]}
+    value = {"exact": np.inf}  # an infinite SQNR: the same outputs
+    return rows[0], {r[0]: [value.get(v) or float(v) for v in r[1:]] for r in rows[1:]}
 
 
 def test_evaluate_original_and_equalized(files, capsys):

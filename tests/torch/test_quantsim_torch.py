@@ -156,13 +156,15 @@ def test_shared_weights_and_torch_tensor_inputs():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-def test_matches_onnx_simulation():
-    """The same model through torch.onnx.export: the ONNX simulation gives the same SQNRs."""
+def test_weights_only_figures_match_the_onnx_evaluation():
+    """The same model through torch.onnx.export: W8 (weights only) is the same grid both
+    ways, so the same SQNR. W8A8 is not compared: the ONNX side is onnxruntime's
+    quantize_static, which quantizes more tensors than the inputs of the layers."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from cle_onnx._quantsim import evaluate
+    from cle_onnx import evaluate
 
     model = _cnn(batch_norm=False).eval()  # the exporter would fold a BN before quantizing
     x = _x()
@@ -183,8 +185,7 @@ def test_matches_onnx_simulation():
         t = evaluate_torch(model, inputs=x, per_channel=per_channel)
         o = evaluate(onnx_model, inputs=x, per_channel=per_channel)
         assert o.keys() == t.keys()
-        for key in ("w8_sqnr", "w8a8_sqnr"):
-            assert o[key] == pytest.approx(t[key], abs=1.0), key
+        assert o["w8_sqnr"] == pytest.approx(t["w8_sqnr"], abs=0.05)
 
 
 def _export_params():

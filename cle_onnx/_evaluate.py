@@ -1,0 +1,331 @@
+"""What quantization does to an ONNX model, measured with onnxruntime's own quantizer.
+
+Users deploy ONNX models with ``onnxruntime.quantization``, so that is what the figures
+come from: the model goes through onnxruntime's recommended pre-processing
+(``quant_pre_process``: shape inference, graph optimization, batch norms fused into
+their convolutions), then
+
+- W+A: ``quantize_static`` in QDQ format with MinMax calibration on the evaluation
+  inputs (a calibration data reader over the same batches), per tensor or per output
+  channel, asymmetric unless ``symmetric``; 4, 8 or 16 bits;
+- weights only: onnxruntime has no such mode, so each Conv / ConvTranspose / Gemm /
+  MatMul weight initializer is replaced by its quantized-and-dequantized values
+  (:func:`cle_core.quality.quantize_array`, the same min/max grid), any width.
+
+Every variant's first output is compared with the FP32 model's
+(:func:`cle_core.quality.compare_outputs`). Nothing here knows about CLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper, version_converter
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from cle_core import CLEError
+from cle_core._quality import compare_outputs, natural_images, quantize_array
+
+from ._translate import default_opset, np_dtype
+
+__all__ = ["default_inputs", "evaluate", "prepared", "run", "static_quantized"]
+
+QDQ_OPSET = 13  # per-channel QuantizeLinear needs 13: an older model is converted first
+_DEFAULT_SIZE = 224
+_TYPES = {  # bits -> (signed, unsigned) onnxruntime types
+    4: (QuantType.QInt4, QuantType.QUInt4),
+    8: (QuantType.QInt8, QuantType.QUInt8),
+    16: (QuantType.QInt16, QuantType.QUInt16),
+}
+_WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}  # Gemm: from transB
+_log = logging.getLogger(__name__)
+
+
+# -- running ------------------------------------------------------------------------------
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.inter_op_num_threads = 1
+    # Basic optimizations keep QuantizeLinear / DequantizeLinear as float simulation
+    # instead of fusing them into integer kernels.
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def _feeds(model: onnx.ModelProto, inputs) -> dict[str, np.ndarray]:
+    """Map ``inputs`` (an array, or a dict by input name) to the model's data inputs, in
+    their element types."""
+    graph_inputs = _data_inputs(model)
+    if not isinstance(inputs, Mapping):
+        if len(graph_inputs) != 1:
+            raise CLEError(
+                f"the model has {len(graph_inputs)} inputs "
+                f"({', '.join(i.name for i in graph_inputs)}); pass a dict of arrays"
+            )
+        inputs = {graph_inputs[0].name: inputs}
+    feeds = {}
+    for gi in graph_inputs:
+        if gi.name not in inputs:
+            raise CLEError(f"no data for model input {gi.name!r}")
+        dtype = np_dtype(gi.type.tensor_type.elem_type) or np.float32
+        feeds[gi.name] = np.ascontiguousarray(np.asarray(inputs[gi.name]), dtype=dtype)
+    unknown = set(inputs) - set(feeds)
+    if unknown:
+        raise CLEError(f"the model has no input(s) named {sorted(unknown)}")
+    lengths = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    if len(lengths) != 1 or None in lengths:
+        raise CLEError("every input needs the same batch size in axis 0")
+    return feeds
+
+
+def _batches(model: onnx.ModelProto, feeds: dict, batch: int) -> Iterator[tuple[dict, int]]:
+    """Chunks of ``feeds`` and their real row counts. A model with a fixed batch
+    dimension gets chunks of that size, the last one padded by repeating its last row
+    (whose results are dropped)."""
+    if batch < 1:
+        raise CLEError(f"batch must be positive, got {batch}")
+    n = next(iter(feeds.values())).shape[0]
+    fixed = None
+    for gi in _data_inputs(model):
+        dims = gi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            fixed = int(dims[0].dim_value)
+            break
+    step = fixed or batch
+    for start in range(0, n, step):
+        chunk = {k: v[start : start + step] for k, v in feeds.items()}
+        real = next(iter(chunk.values())).shape[0]
+        if fixed and real < fixed:
+            chunk = {
+                k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
+                for k, v in chunk.items()
+            }
+        yield chunk, real
+
+
+def run(model: onnx.ModelProto, inputs=None, batch: int = 16) -> np.ndarray:
+    """The model's first output on ``inputs``, run in batches with onnxruntime (CPU).
+
+    ``inputs``: a dict from input name to an array with the batch in axis 0, or one
+    array for a single-input model (None: :func:`default_inputs`)."""
+    feeds = _feeds(model, default_inputs(model) if inputs is None else inputs)
+    session = _session(model)
+    first = session.get_outputs()[0].name
+    parts = [session.run([first], chunk)[0][:real] for chunk, real in _batches(model, feeds, batch)]
+    return np.concatenate(parts, axis=0)
+
+
+def default_inputs(model: onnx.ModelProto) -> np.ndarray:
+    """The default evaluation batch for ``model``: the 120 natural images at the height
+    and width of its single NCHW input (224 where those are dynamic), averaged to grey
+    for a one-channel input."""
+    graph_inputs = _data_inputs(model)
+    if len(graph_inputs) != 1:
+        raise CLEError("default inputs need a model with one input; pass inputs explicitly")
+    dims = graph_inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise CLEError(
+            f"default inputs need an NCHW image input, {graph_inputs[0].name!r} has rank "
+            f"{len(dims)}; pass inputs explicitly"
+        )
+    if dims[1].HasField("dim_value") and dims[1].dim_value not in (0, 1, 3):
+        raise CLEError(
+            f"default inputs are RGB or grey images, {graph_inputs[0].name!r} has "
+            f"{dims[1].dim_value} channels; pass inputs explicitly"
+        )
+    hw = tuple(
+        int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else _DEFAULT_SIZE
+        for d in dims[2:]
+    )
+    from ._commands import fit_channels
+
+    return fit_channels(natural_images(size=hw), model)
+
+
+# -- quantizing ---------------------------------------------------------------------------
+
+
+def evaluable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy converted to opset 13 if older (QDQ needs it)."""
+    if default_opset(model) >= QDQ_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as exc:
+        raise CLEError(
+            f"cannot convert the opset-{default_opset(model)} model to {QDQ_OPSET} for "
+            f"quantization: {exc}"
+        ) from None
+
+
+def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What a deployment quantizes: :func:`evaluable` ``model`` after onnxruntime's
+    ``quant_pre_process`` (shape inference, graph optimization, batch norms fused). A
+    model the pre-processing cannot take is quantized as it is (logged)."""
+    model = evaluable(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, out = Path(tmp) / "raw.onnx", Path(tmp) / "prepared.onnx"
+        onnx.save(model, str(raw))
+        try:
+            with _quiet():
+                quant_pre_process(str(raw), str(out), skip_symbolic_shape=True)
+            return onnx.load(str(out))
+        except Exception as exc:  # onnxruntime's optimizer refusing an op, say
+            _log.warning("quant_pre_process failed (%s); quantizing the model as it is", exc)
+            return model
+
+
+def weights_quantized(
+    model: onnx.ModelProto, bits: int = 8, per_channel: bool = False, symmetric: bool = False
+) -> onnx.ModelProto:
+    """A copy with every Conv / ConvTranspose / Gemm / MatMul weight initializer replaced
+    by its quantized-and-dequantized values (activations stay float)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    done: set[str] = set()
+    for node in out.graph.node:
+        if node.op_type not in (*_WEIGHT_AXIS, "Gemm") or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name not in inits or name in done:
+            continue
+        done.add(name)
+        w = numpy_helper.to_array(inits[name])
+        if w.dtype.kind != "f" or w.ndim < 2:
+            continue
+        axis = _WEIGHT_AXIS.get(node.op_type)
+        if node.op_type == "Gemm":
+            axis = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+        q = quantize_array(w, bits, symmetric, axis if per_channel else None)
+        inits[name].CopyFrom(numpy_helper.from_array(q.astype(w.dtype), name))
+    return out
+
+
+class _Reader(CalibrationDataReader):
+    """The evaluation batches, once, for MinMax calibration."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: dict, batch: int):
+        self._chunks = iter([chunk for chunk, _ in _batches(model, feeds, batch)])
+
+    def get_next(self):
+        return next(self._chunks, None)
+
+
+def static_quantized(
+    model: onnx.ModelProto,
+    inputs,
+    bits: int = 8,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    batch: int = 16,
+) -> onnx.ModelProto:
+    """``model`` (see :func:`prepared`) quantized by onnxruntime's ``quantize_static``:
+    QDQ format, MinMax calibration on ``inputs``, weights and activations on ``bits``-bit
+    grids (4, 8 or 16), asymmetric activations unless ``symmetric``."""
+    if bits not in _TYPES:
+        raise CLEError(
+            f"onnxruntime quantizes weights and activations to 4, 8 or 16 bits, not {bits} "
+            "(weights only takes any width)"
+        )
+    signed, unsigned = _TYPES[bits]
+    feeds = _feeds(model, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save(model, str(src))
+        with _quiet():
+            quantize_static(
+                str(src),
+                str(dst),
+                _Reader(model, feeds, batch),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=signed if symmetric else unsigned,
+                weight_type=signed,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric},
+            )
+        return onnx.load(str(dst))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime's quantization tools log advice at INFO / WARNING on the root logger;
+    the evaluation's caller wants figures, not that."""
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
+
+
+# -- evaluating ---------------------------------------------------------------------------
+
+
+def evaluate(
+    fp32_model: onnx.ModelProto,
+    candidate_model: onnx.ModelProto | None = None,
+    inputs=None,
+    bits: int = 8,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    activations: bool = True,
+    batch: int = 16,
+    reference: np.ndarray | None = None,
+) -> dict[str, float]:
+    """What onnxruntime's quantization does to ``candidate_model`` (default:
+    ``fp32_model`` itself, e.g. an equalized copy otherwise), against ``fp32_model`` in
+    FP32 on ``inputs`` (default :func:`default_inputs`). ``reference``: ``fp32_model``'s
+    first output on ``inputs``, where the caller has it already.
+
+    Returns, for ``bits = N``:
+
+    - ``fp32_sqnr``, ``fp32_top1``: the candidate unquantized (inf and 1.0 without one);
+    - ``wN_sqnr``, ``wN_top1``: SQNR in dB and top-1 agreement with N-bit weights and
+      float activations;
+    - ``wNaN_sqnr``, ``wNaN_top1``: ``quantize_static`` with N-bit weights and
+      activations, calibrated on ``inputs`` (only with ``activations``; N in 4, 8, 16).
+    """
+    if activations and bits not in _TYPES:
+        raise CLEError(
+            f"onnxruntime quantizes weights and activations to 4, 8 or 16 bits, not {bits} "
+            "(weights only takes any width)"
+        )
+    if inputs is None:
+        inputs = default_inputs(fp32_model)
+    if reference is None:
+        reference = run(fp32_model, inputs, batch)
+    candidate = fp32_model if candidate_model is None else candidate_model
+    outputs = {"fp32": reference if candidate_model is None else run(candidate, inputs, batch)}
+    ready = prepared(candidate)
+    weights = weights_quantized(ready, bits, per_channel, symmetric)
+    outputs[f"w{bits}"] = run(weights, inputs, batch)
+    if activations:
+        quantized = static_quantized(ready, inputs, bits, per_channel, symmetric, batch)
+        outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch)
+    return compare_outputs(reference, outputs)

@@ -1,0 +1,246 @@
+"""Quality of ONNX models under onnxruntime's own quantizer (cle_onnx._evaluate)."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import cle_onnx  # noqa: E402
+from cle_core import CLEError  # noqa: E402
+from cle_core._quality import quantize_array, sqnr_db  # noqa: E402
+from cle_onnx._evaluate import (  # noqa: E402
+    evaluate,
+    prepared,
+    run,
+    static_quantized,
+    weights_quantized,
+)
+
+_IR = 8  # onnxruntime reads older IR versions than the newest onnx writes
+
+
+def _model(nodes, inputs, outputs, inits, opset=13):
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = _IR
+    onnx.checker.check_model(model)
+    return model
+
+
+def _spread(rng, shape, axis):
+    """Random weights whose channels along ``axis`` have ranges 0.01 .. 10."""
+    w = rng.normal(size=shape)
+    scale_shape = [1] * len(shape)
+    scale_shape[axis] = shape[axis]
+    return (w * np.geomspace(0.01, 10, shape[axis]).reshape(scale_shape)).astype(np.float32)
+
+
+def _cnn(opset=13, batch="N", hw=(8, 8)):
+    """x -> Conv -> Relu -> Conv -> GAP -> Flatten -> Gemm(transB=1) -> Relu
+    -> Gemm(transB=0) -> MatMul: one of each weight layout."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": _spread(rng, (4, 3, 3, 3), 0),
+        "b1": rng.normal(size=4).astype(np.float32),
+        "w2": _spread(rng, (6, 4, 1, 1), 0),
+        "g1": _spread(rng, (5, 6), 0),  # transB=1: (out, in)
+        "g1b": rng.normal(size=5).astype(np.float32),
+        "g2": _spread(rng, (5, 7), 1),  # transB=0: (in, out)
+        "m": _spread(rng, (7, 4), 1),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "g1", "g1b"], ["h1"], name="gemm1", transB=1),
+        helper.make_node("Relu", ["h1"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "g2"], ["h2"], name="gemm2", transB=0),
+        helper.make_node("MatMul", ["h2", "m"], ["y"], name="matmul"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, *hw])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    return _model(nodes, [x], [y], inits, opset)
+
+
+_AXES = {"w1": 0, "w2": 0, "g1": 0, "g2": 1, "m": 1}  # output-channel axis of each weight
+
+
+def _x(n=10, seed=1, hw=(8, 8)):
+    return np.random.default_rng(seed).normal(size=(n, 3, *hw)).astype(np.float32)
+
+
+def _inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _numpy_cnn(model, x):
+    """The reference forward pass of :func:`_cnn` in NumPy (float64)."""
+    w = _inits(model)
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    n, _, h, wd = x.shape
+    c1 = np.zeros((n, 4, h, wd))
+    for i in range(3):
+        for j in range(3):
+            c1 += np.einsum("nchw,oc->nohw", pad[:, :, i : i + h, j : j + wd], w["w1"][:, :, i, j])
+    r1 = np.maximum(c1 + w["b1"][None, :, None, None], 0)
+    f = np.einsum("nchw,oc->no", r1, w["w2"][:, :, 0, 0]) / (h * wd)
+    r2 = np.maximum(f @ w["g1"].T + w["g1b"], 0)
+    return r2 @ w["g2"] @ w["m"]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_weights_only_replaces_each_weight_by_its_grid_values(per_channel, symmetric):
+    model = _cnn()
+    got = _inits(weights_quantized(model, 8, per_channel, symmetric))
+    for name, w in _inits(model).items():
+        if name in _AXES:
+            want = quantize_array(w, 8, symmetric, _AXES[name] if per_channel else None)
+            np.testing.assert_array_equal(got[name], want.astype(np.float32))
+        else:  # biases are not layer weights
+            np.testing.assert_array_equal(got[name], w)
+    assert _inits(model)["w1"].dtype == np.float32  # the input model is untouched
+
+
+@pytest.mark.parametrize("batch_dim", ["N", 4])
+def test_run_matches_numpy_in_short_and_padded_batches(batch_dim):
+    model = _cnn(batch=batch_dim)
+    x = _x(10)
+    # batch 3 leaves a short last chunk; a fixed batch of 4 pads the last one
+    np.testing.assert_allclose(run(model, x, batch=3), _numpy_cnn(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_feeds_that_do_not_fit_are_one_clear_error():
+    model = _cnn()
+    with pytest.raises(CLEError, match="no data for model input 'x'"):
+        run(model, {"z": _x()})
+    with pytest.raises(CLEError, match="no input"):
+        run(model, {"x": _x(), "z": _x()})
+    with pytest.raises(CLEError, match="batch must be positive"):
+        run(model, _x(), batch=0)
+
+
+def _qdq_scales(q):
+    inits = _inits(q)
+    return {n.input[0]: inits[n.input[1]] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_static_quantization_is_onnxruntimes_qdq_with_minmax_ranges(per_channel):
+    model = _cnn()
+    x = _x(12)
+    q = static_quantized(prepared(model), x, per_channel=per_channel)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and "DequantizeLinear" in ops
+    # MinMax on the calibration inputs: the graph input's range is the data's.
+    scale = float(_qdq_scales(q)["x"])
+    assert scale == pytest.approx((x.max() - x.min()) / 255, rel=1e-5)
+    weight_scales = [
+        numpy_helper.to_array(t)
+        for t in q.graph.initializer
+        if t.name.endswith("_scale") and "w1" in t.name
+    ]
+    assert weight_scales and weight_scales[0].size == (4 if per_channel else 1)
+
+
+def test_evaluate_reports_each_variant_against_fp32():
+    model = _cnn()
+    x = _x(20)
+    res = evaluate(model, inputs=x)
+    assert set(res) == {"fp32_sqnr", "fp32_top1", "w8_sqnr", "w8_top1", "w8a8_sqnr", "w8a8_top1"}
+    assert res["fp32_sqnr"] == math.inf and res["fp32_top1"] == 1.0
+    assert math.isfinite(res["w8a8_sqnr"]) and res["w8a8_sqnr"] < res["w8_sqnr"] < 60
+    # per channel serves the spread channel ranges better
+    per_channel = evaluate(model, inputs=x, per_channel=True, activations=False)
+    assert per_channel["w8_sqnr"] > res["w8_sqnr"] + 3
+
+    # W8: exactly the weight-quantized model's figure
+    want = sqnr_db(run(model, x), run(weights_quantized(prepared(model)), x))
+    assert res["w8_sqnr"] == pytest.approx(want, abs=1e-6)
+
+    # a perturbed candidate is compared with the original in FP32, too
+    perturbed = onnx.ModelProto()
+    perturbed.CopyFrom(model)
+    for t in perturbed.graph.initializer:
+        if t.name == "m":
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.01, "m"))
+    res4 = evaluate(model, perturbed, inputs=x, bits=4)
+    assert set(res4) == {"fp32_sqnr", "fp32_top1", "w4_sqnr", "w4_top1", "w4a4_sqnr", "w4a4_top1"}
+    assert res4["fp32_sqnr"] == pytest.approx(40.0, rel=1e-3)
+    assert res4["w4_sqnr"] < res["w8_sqnr"]
+
+
+def test_widths_onnxruntime_does_not_offer_are_weights_only():
+    model = _cnn()
+    with pytest.raises(CLEError, match="4, 8 or 16 bits, not 6"):
+        evaluate(model, inputs=_x(), bits=6)
+    res = evaluate(model, inputs=_x(), bits=6, activations=False)
+    assert set(res) == {"fp32_sqnr", "fp32_top1", "w6_sqnr", "w6_top1"}
+
+
+def test_an_old_opset_is_quantized_as_a_converted_copy():
+    model = _cnn(opset=11)  # QuantizeLinear per channel needs 13
+    res = evaluate(model, inputs=_x(12), per_channel=True)
+    assert math.isfinite(res["w8a8_sqnr"]) and model.opset_import[0].version == 11
+
+
+def test_default_inputs_use_the_model_size():
+    pytest.importorskip("skimage")
+    res = evaluate(_cnn(hw=(32, 32)), activations=False)
+    assert math.isfinite(res["w8_sqnr"])
+    one_input = _model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {},
+    )
+    with pytest.raises(CLEError, match="NCHW"):
+        evaluate(one_input)
+
+
+def _relu6_pair():
+    """x -> Conv(3->8) -> Clip(0, 6) -> Conv(8->4): output channels with very different
+    weight ranges, so equalization scales them and the clip bound becomes per channel."""
+    rng = np.random.default_rng(3)
+    inits = {
+        "w1": (_spread(rng, (8, 3, 1, 1), 0) * 2).astype(np.float32),
+        "w2": rng.normal(size=(4, 8, 1, 1)).astype(np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="relu6"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])
+    return _model(nodes, [x], [y], inits)
+
+
+def test_a_scaled_relu6_is_quantized_at_its_bounded_output():
+    """The per-channel bound is written as a scalar Clip (the widest bound) and a Min;
+    onnxruntime merges the Clip into the convolution and quantizes its output with a
+    range that the scalar bound limits, instead of the unbounded range of a bare Relu."""
+    model = _relu6_pair()
+    x = _x(16) * 4  # pre-activations far beyond the bounds: the clip is active
+    equalized, report = cle_onnx.equalize_model(model, objective="balance")
+    assert report.regions
+    assert sqnr_db(run(model, x), run(equalized, x)) > 100
+    ops = [n.op_type for n in equalized.graph.node]
+    assert ops == ["Conv", "Clip", "Min", "Conv"]
+    bounds = _inits(equalized)[equalized.graph.node[2].input[1]].reshape(-1)
+    assert np.ptp(bounds) > 0  # the bound really is per channel
+    q = static_quantized(prepared(equalized), x)
+    assert "Clip" not in [n.op_type for n in q.graph.node]  # merged into the Conv
+    conv_out = next(n for n in q.graph.node if n.op_type == "Conv").output[0]
+    scale = float(_qdq_scales(q)[conv_out])
+    assert scale * 255 <= bounds.max() * (1 + 1e-5)
