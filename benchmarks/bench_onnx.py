@@ -8,14 +8,17 @@ folds the batch norms, so no BN statistics are left), equalizes the file with
   ``--repeat`` runs (target: under 1 s);
 - on the 120 natural images (scikit-image samples, see docs/benchmarks.rst): the FP32
   logits SQNR of the equalized model against the original (target: >= 100 dB), and
-  simulated per-tensor asymmetric W8 and W8A8 logits SQNR and top-1 agreement: BN folded
-  alone, the defaults (data-free; target W8A8 >= 11 dB), the defaults with 40 calibration
-  images (``--calibration``; target W8A8 >= 13 dB) and the weight-range balance;
+  asymmetric W8 and W8A8 logits SQNR and top-1 agreement as ``cle evaluate`` measures
+  them (W8A8: onnxruntime's ``quantize_static``, QDQ, MinMax calibration on the same
+  images; W8: quantized weights), per tensor (``--per-channel`` for per-channel
+  weights): BN folded alone, the defaults (data-free; target W8A8 >= 11 dB), the
+  defaults with 40 calibration images (``--calibration``; target W8A8 >= 13 dB) and the
+  weight-range balance;
 - the same on an export that keeps the BatchNormalization nodes, so that the backend
   folds them and keeps their statistics (targets: W8 >= 17 dB with top-1 >= 0.90, W8A8 >=
   13 dB with top-1 >= 0.85).
 
-Run: ``python benchmarks/bench_onnx.py``.
+Run: ``python benchmarks/bench_onnx.py [--per-channel]``.
 """
 
 from __future__ import annotations
@@ -31,14 +34,18 @@ import onnx
 import cle_onnx
 from cle_core._cli import main as cle
 from cle_core._quality import calibration_images, natural_images, quality_table
-from cle_onnx import evaluate
 from cle_torch._examples import efficientnet_lite0, export_onnx
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--per-channel", action="store_true", help="per-channel weight grids")
     args = ap.parse_args()
+
+    def evaluate(original, candidate, images):
+        return cle_onnx.evaluate(original, candidate, images, per_channel=args.per_channel)
+
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "effnet_lite0.onnx", Path(tmp) / "effnet_lite0_cle.onnx"
         export_onnx(efficientnet_lite0(), src)
@@ -82,6 +89,8 @@ def main() -> None:
         f"cle equalize, file to file: median {statistics.median(times):.3f} s "
         f"over {args.repeat} runs (target < 1 s)"
     )
+    grid = "per channel" if args.per_channel else "per tensor"
+    print(f"weights {grid}; W8A8: onnxruntime quantize_static (QDQ, MinMax)")
     print(quality_table(rows, label="EfficientNet-Lite0, ONNX"))
     print("exported with its BatchNormalization nodes (keep_batchnorm=True):")
     print(quality_table(bn_rows, label="EfficientNet-Lite0, ONNX + BN"))

@@ -15,12 +15,15 @@ other networks. This runs
   the 20 scikit-image sample images: trained weights and real BN statistics, measured
   on 256 held-out crops;
 
-and prints the mean simulated per-tensor W8 and W8A8 output SQNR (dB, against FP32)
-after ``cle_torch.equalize_model`` with each setting: the paper's weight-range balance
-(the old default), the noise objective (the default), and the noise objective with
-calibration statistics from 32 inputs.
+and prints the mean per-tensor W8 and W8A8 output SQNR (dB, against FP32) after
+``cle_torch.equalize_model`` with each setting: the paper's weight-range balance (the
+old default), the noise objective (the default), and the noise objective with
+calibration statistics from 32 inputs. Quantized with ``cle_torch.evaluate_torch``
+(fake quantization of weights and layer inputs), or with ``--onnxruntime`` as
+``cle evaluate`` does it: both models exported (TorchScript exporter, opset 13) and
+measured with ``cle_onnx.evaluate`` (onnxruntime's ``quantize_static`` for W8A8).
 
-Run: ``python benchmarks/bench_other_networks.py [--networks NAME ...]``.
+Run: ``python benchmarks/bench_other_networks.py [--onnxruntime] [--networks NAME ...]``.
 """
 
 from __future__ import annotations
@@ -134,12 +137,42 @@ def recalibrate_bn(model: nn.Module, shape, seed: int) -> nn.Module:
     return model.eval()
 
 
-def evaluate(model, x, calib, setting):
+def exported(model: nn.Module, x: torch.Tensor):
+    import io
+    import warnings
+
+    import onnx
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # A torch.fx GraphModule (what the backend returns where it cannot write in
+        # place) is traced by torch.export; a module is scripted by the older exporter.
+        dynamo = isinstance(model, torch.fx.GraphModule)
+        torch.onnx.export(
+            model,
+            (x[:1],),
+            buf,
+            opset_version=18 if dynamo else 13,
+            input_names=["x"],
+            dynamic_axes=None if dynamo else {"x": {0: "N"}},
+            dynamic_shapes=({0: torch.export.Dim("N")},) if dynamo else None,
+            dynamo=dynamo,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def evaluate(model, x, calib, setting, onnxruntime=False):
     opts = dict(SETTINGS[setting])
     if opts.pop("calibrate", False):
         opts["calibration"] = calib
     eq, _ = cle_torch.equalize_model(copy.deepcopy(model), dummy_input=x[:1], **opts)
-    r = evaluate_torch(model, eq, x.numpy())
+    if onnxruntime:
+        import cle_onnx
+
+        r = cle_onnx.evaluate(exported(model, x), exported(eq, x), x.numpy())
+    else:
+        r = evaluate_torch(model, eq, x.numpy())
     return r["w8_sqnr"], r["w8a8_sqnr"]
 
 
@@ -147,6 +180,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", nargs="+", default=list(RANDOM) + ["trained_cnn"])
     ap.add_argument("--raw-bn", action="store_true", help="keep the random BN statistics")
+    ap.add_argument(
+        "--onnxruntime", action="store_true", help="quantize with onnxruntime (cle evaluate)"
+    )
     args = ap.parse_args()
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     head = "".join(f"  {s:>13} W8 / W8A8" for s in SETTINGS)
@@ -160,7 +196,7 @@ def main() -> None:
                 accs.append(acc)
                 calib = crops(32, seed=3 + 10 * seed)[0]
                 for s in SETTINGS:
-                    rows[s].append(evaluate(model, x, calib, s))
+                    rows[s].append(evaluate(model, x, calib, s, args.onnxruntime))
             note = (
                 f"(3 trainings, {time.perf_counter() - t0:.0f} s in all, held-out accuracy "
                 f"{min(accs):.2f}-{max(accs):.2f})"
@@ -175,7 +211,7 @@ def main() -> None:
                 x = torch.randn(48, *shape[1:])
                 calib = torch.randn(32, *shape[1:])
                 for s in SETTINGS:
-                    rows[s].append(evaluate(model, x, calib, s))
+                    rows[s].append(evaluate(model, x, calib, s, args.onnxruntime))
         cells = "".join(
             f"  {np.mean([a for a, _ in rows[s]]):>9.2f} / {np.mean([b for _, b in rows[s]]):<9.2f}"
             for s in SETTINGS

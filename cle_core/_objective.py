@@ -133,7 +133,9 @@ def _stats_of(value: Value, stats: Mapping[str, ChannelStats]) -> ChannelStats |
 @dataclass
 class _Activation:
     """A quantized activation: a value of a region that a sink layer reads (``region``
-    None: a layer's input outside every region, a fixed term)."""
+    None: a layer's input outside every region, a fixed term). ``cap``: log of a second
+    per-channel range; the grid then spans the smaller of the two maxima (see
+    :func:`_before_bound`)."""
 
     value: Value
     region: Region
@@ -141,21 +143,42 @@ class _Activation:
     log_range: np.ndarray
     coef: np.ndarray
     logw: float
+    cap: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # Neither depends on the scales: computed once, not in every sweep.
         with np.errstate(over="ignore"):
             self.range, self.c = np.exp(self.log_range), np.exp(self.coef)
+            self.cap_range = None if self.cap is None else np.exp(self.cap)
         n = self.log_range.shape[0] if self.region is None else self.region.size
         self.alpha, self.logc = np.full(n, -np.inf), np.full(n, -np.inf)
-        sl = slice(self.offset, self.offset + self.log_range.shape[0])
-        self.alpha[sl], self.logc[sl] = self.log_range, self.coef
+        self.sl = slice(self.offset, self.offset + self.log_range.shape[0])
+        self.alpha[self.sl], self.logc[self.sl] = self.log_range, self.coef
+        if self.cap is not None:
+            self.cap_alpha = np.full(n, -np.inf)
+            self.cap_alpha[self.sl] = self.cap
+
+    def _tops(self, s: np.ndarray) -> tuple[float, float]:
+        with np.errstate(over="ignore", invalid="ignore"):
+            top = float(np.max(self.range / s))
+            cap = math.inf if self.cap_range is None else float(np.max(self.cap_range / s))
+        return top, cap
 
     def noise(self, s: np.ndarray) -> float:
         """The term at scales ``s`` (this activation's channels)."""
+        top = min(self._tops(s))
         with np.errstate(over="ignore", invalid="ignore"):
-            top = float(np.max(self.range / s))
             return math.exp(self.logw) * top * top * float(np.sum(self.c * s * s))
+
+    def alpha_at(self, s_region: np.ndarray) -> np.ndarray:
+        """The log-ranges of the region's solve at the current scales: the range whose
+        maximum is the smaller there. The solve then minimizes a convex term that is
+        never below the real one and equal to it at the current scales, so the real
+        total cannot rise (majorize-minimize)."""
+        if self.cap is None:
+            return self.alpha
+        top, cap = self._tops(s_region[self.sl])
+        return self.cap_alpha if cap < top else self.alpha
 
 
 def _activation(value, region, offset, stats, gains, positions, logw) -> _Activation | None:
@@ -171,14 +194,25 @@ def _activation(value, region, offset, stats, gains, positions, logw) -> _Activa
 
 
 def _before_bound(value, region, offset, stats, gains, positions, logw) -> _Activation | None:
-    """The extra quantization point of a scaled bounded activation, or None.
+    """The quantization term of a bounded activation that scaling makes per channel, or
+    None where ``value`` is not one (then :func:`_activation` is the term).
 
     A clip with an upper bound (ReLU6, Hardtanh) between scaled layers gets one bound
     per channel, which no quantizer folds into the layer: it merges a scalar clip (the
     widest bounds) into the layer and quantizes there, then again after the per-channel
-    bound (onnxruntime's ``quantize_static`` does exactly this). The first point's range
-    is the layer's output range, not the clipped one; its rounding noise is zeroed where
-    the bound clips it, which the gains of the pre-clip value already count."""
+    bound (onnxruntime's ``quantize_static`` does exactly this). The first grid is the
+    coarser: it spans ``max_j min(m_j / s_j, B)``, each channel's unclipped maximum
+    ``m_j`` cut at the scalar bound ``B = max_j hi_j / s_j``, where the second spans
+    ``max_j min(m_j, hi_j) / s_j``. Where the two grids are equal, requantizing changes
+    nothing, so the term is one point on the first grid. Its span is the smaller of
+    ``max_j m_j / s_j`` and ``max_j hi_j / s_j``, both log-convex: the term keeps the two
+    and each region solve takes the smaller at its start. The bound matters where
+    channels saturate far beyond it (a trained ReLU6 network's first layers) and a
+    channel with nothing to lose (a dead one) would otherwise take a tiny scale and lift
+    ``B`` for all. The noise coefficient has the form of every activation term: the
+    fraction of non-zero elements times the gain where the noise is added (before the
+    clip, whose derivative the gain counts).
+    """
     clip = value.producer
     while clip is not None and clip.op in _TRANSPARENT | {"pad"}:  # a zero pad: range kept
         clip = clip.inputs[0].producer
@@ -188,12 +222,20 @@ def _before_bound(value, region, offset, stats, gains, positions, logw) -> _Acti
     c = value.channels or 0
     if pre is None or out is None or pre.channels != c or out.channels != c or c == 0:
         return None
-    lo = np.maximum(pre.lo, np.min(clip.params["lo"]))
-    span = np.maximum(pre.hi, 0.0) - np.minimum(lo, 0.0)
+    hi = np.broadcast_to(np.asarray(clip.params["hi"], np.float64).reshape(-1), (c,))
+    low = np.minimum(np.maximum(pre.lo, np.min(clip.params["lo"])), 0.0)
     name = clip.inputs[0].name
     gain = gains.rounding_gain(name, c, positions.get(name, positions.get(value.name, 1)))
     with np.errstate(divide="ignore"):
-        return _Activation(value, region, offset, np.log(span), np.log(out.nonzero * gain), logw)
+        return _Activation(
+            value,
+            region,
+            offset,
+            np.log(np.maximum(pre.hi, 0.0) - low),
+            np.log(out.nonzero * gain),
+            logw,
+            cap=np.log(np.maximum(hi, 0.0) - low),
+        )
 
 
 def _region_value(value: Value) -> Value:
@@ -230,10 +272,12 @@ def noise_scales(
                 if id(value) in in_regions:
                     continue
                 in_regions.add(id(value))
-                for term in (_activation, _before_bound):
-                    act = term(value, region, off, stats, gains, positions, a_factor)
-                    if act is not None:
-                        acts[region.id].append(act)
+                # A bounded activation with per-channel bounds: quantized before them.
+                act = _before_bound(value, region, off, stats, gains, positions, a_factor)
+                if act is None:
+                    act = _activation(value, region, off, stats, gains, positions, a_factor)
+                if act is not None:
+                    acts[region.id].append(act)
         for node in graph.nodes:
             if node.is_layer:
                 value = _region_value(node.inputs[0])
@@ -378,6 +422,6 @@ def _region_terms(region, links, layers, activations, scales) -> _noise.Terms:
     for a in activations:  # (alpha, logc) over the region
         signs.append(-1.0)
         logws.append(a.logw)
-        alphas.append(np.where(live, a.alpha, -np.inf))
+        alphas.append(np.where(live, a.alpha_at(scales[region.id]), -np.inf))
         logcs.append(np.where(live, a.logc, -np.inf))
     return _noise.Terms(np.array(signs), np.array(logws), np.stack(alphas), np.stack(logcs))
