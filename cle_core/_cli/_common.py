@@ -1,0 +1,190 @@
+"""What every ``cle`` command shares: exit codes, usage errors, the progress bar, the CLE
+options and the argument helpers."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .._errors import CLEError
+from .._report import EqualizeOptions
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CHECK_FAILED = 1
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class UsageError(CLEError):
+    """Bad command-line usage that argparse cannot see."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; raised in the main thread so that clean-up runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+class Progress:
+    """A progress bar on stderr, shown only on a terminal and only once the work has
+    taken longer than ``delay`` seconds."""
+
+    def __init__(self, enabled: bool | None = None, delay: float = 2.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.delay = delay
+        self.stage, self.fraction = "starting", 0.0
+        self.start = time.monotonic()
+        self.shown = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def update(self, stage: str, fraction: float) -> None:
+        self.stage, self.fraction = stage, max(self.fraction, min(1.0, fraction))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            elapsed = time.monotonic() - self.start
+            if elapsed < self.delay:
+                continue
+            width = 30
+            filled = int(round(self.fraction * width))
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(
+                f"\r[{bar}] {self.fraction * 100:3.0f}% {self.stage} ({elapsed:.0f} s)\x1b[K"
+            )
+            self.stream.flush()
+            self.shown = True
+
+
+def add_cle_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("equalization")
+    g.add_argument("--no-fold", action="store_true", help="do not fold batch norms")
+    g.add_argument("--no-scale", action="store_true", help="do not run cross-layer scaling")
+    g.add_argument("--no-high-bias", action="store_true", help="turn off high-bias absorption")
+    g.add_argument(
+        "--high-bias-form",
+        choices=("exact", "classic"),
+        default="exact",
+        help="exact (default) moves the shift into the activation's lower bound; "
+        "classic keeps it at 0 and changes FP32 outputs (the report says how much)",
+    )
+    g.add_argument(
+        "--high-bias-through-padding",
+        action="store_true",
+        help="also absorb into layers that zero-pad the activation (inexact at borders)",
+    )
+    g.add_argument(
+        "--objective",
+        choices=("noise", "balance"),
+        default="noise",
+        help="noise (default): scales that minimize the estimated quantization noise of "
+        "the deployment below; balance: the paper's and AIMET's equal weight ranges",
+    )
+    g.add_argument(
+        "--weight-bits",
+        type=int,
+        default=EqualizeOptions.weight_bits,
+        metavar="N",
+        help="bits of the per-tensor weight grids you deploy with (default: %(default)s)",
+    )
+    g.add_argument(
+        "--activation-bits",
+        type=bits_or_none,
+        default=EqualizeOptions.activation_bits,
+        metavar="N|none",
+        help="bits of the per-tensor activation grids, or 'none' for weights-only "
+        "quantization (default: %(default)s)",
+    )
+    g.add_argument(
+        "--activation-weight",
+        type=float,
+        default=EqualizeOptions.activation_weight,
+        metavar="W",
+        help="--objective balance only (deprecated): weight of estimated activation ranges "
+        "as extra sources (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-sweeps",
+        type=int,
+        default=EqualizeOptions.max_sweeps,
+        metavar="N",
+        help="most sweeps over all regions (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="T",
+        help="stop when a sweep lowers the noise estimate by less than the fraction T "
+        "(default 0.003), or, with --objective balance, when no scale changes by more "
+        "than T (default 1e-4)",
+    )
+
+
+def cle_options(args) -> EqualizeOptions:
+    return EqualizeOptions(
+        fold_bn=not args.no_fold,
+        scale=not args.no_scale,
+        high_bias=not args.no_high_bias,
+        high_bias_form=args.high_bias_form,
+        high_bias_through_padding=args.high_bias_through_padding,
+        objective=args.objective,
+        weight_bits=args.weight_bits,
+        activation_bits=args.activation_bits,
+        max_sweeps=args.max_sweeps,
+        tolerance=args.tolerance,
+        activation_weight=args.activation_weight,
+    )
+
+
+def bits_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of bits or 'none', got {text!r}"
+        ) from None
+
+
+def input_spec(spec: str, flag: str) -> Path:
+    """``spec`` if it is a folder or a ``.npy`` file (what backends read inputs from)."""
+    path = Path(spec)
+    if path.is_dir() or (path.suffix == ".npy" and path.is_file()):
+        return path
+    raise UsageError(f"{path}: {flag} takes a folder of images or a .npy file")
+
+
+def parse_dims(items: list[str]) -> dict[str, int]:
+    dims = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--dim expects NAME=SIZE with SIZE >= 1, got {item!r}")
+        dims[name] = int(value)
+    return dims
+
+
+def fmt_db(x: float) -> str:
+    return f"{x:7.2f}" if math.isfinite(x) else f"{'inf' if x > 0 else '-inf':>7}"

@@ -1,0 +1,67 @@
+"""``cle evaluate``: what quantization does to a model file (and its equalized copy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .._backend import get_backend_for_file
+from .._quality import quality_table
+from ._common import EXIT_OK, UsageError, input_spec
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure what quantization does to a model file",
+        description="Quantize ORIGINAL (and EQUALIZED, if given) as its backend does "
+        "(ONNX: onnxruntime's quantize_static, QDQ, MinMax calibration on the inputs; "
+        "weights only: quantized weight values) and print the output SQNR and top-1 "
+        "agreement against the FP32 ORIGINAL.",
+    )
+    ev.add_argument("original", metavar="ORIGINAL")
+    ev.add_argument("equalized", metavar="EQUALIZED", nargs="?")
+    ev.add_argument(
+        "--inputs",
+        metavar="DIR|FILE.npy",
+        help="a folder of images or a .npy array of inputs (default: the 120 "
+        "sample images of scikit-image at the model's input size)",
+    )
+    ev.add_argument(
+        "--bits",
+        type=int,
+        default=8,
+        help="bits for weights and activations: 4, 8 or 16 with activations (what "
+        "onnxruntime offers), 2 to 16 with --weights-only (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--per-channel",
+        action="store_true",
+        help="one weight grid per output channel instead of per tensor",
+    )
+    ev.add_argument("--symmetric", action="store_true", help="symmetric grids (default asymmetric)")
+    ev.add_argument("--weights-only", action="store_true", help="do not quantize activations")
+    ev.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
+    ev.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.bits < 2 or args.bits > 16:
+        raise UsageError("--bits must be between 2 and 16")
+    paths = [Path(p) for p in (args.original, args.equalized) if p]
+    backend = get_backend_for_file(paths[0])
+    inputs = None
+    if args.inputs:
+        inputs = backend.read_inputs(input_spec(args.inputs, "--inputs"), paths[0])
+    rows, classifier, notes = backend.evaluate_files(
+        paths,
+        inputs,
+        bits=args.bits,
+        per_channel=args.per_channel,
+        symmetric=args.symmetric,
+        activations=not args.weights_only,
+        batch=args.batch,
+    )
+    print(quality_table(rows, args.bits, classifier=classifier))
+    for note in notes:
+        print(note)
+    return EXIT_OK
