@@ -169,7 +169,7 @@ def quantize_array(w, bits: int = 8, symmetric: bool = False, axis: int | None =
         return arr.copy()
     # float32 data is quantized in float32 with the scale rounded to float32, which is what
     # onnxruntime's QuantizeLinear/DequantizeLinear and a float32 torch model compute, so
-    # the backends' simulations agree bit for bit.
+    # the weights-only figures of both backends agree bit for bit.
     work = np.float64 if arr.dtype == np.float64 else np.float32
     x = arr.astype(work)
     if axis is None:
