@@ -168,9 +168,9 @@ def add_command(subparsers) -> None:
         "demo",
         help="the whole story on the pretrained EfficientNet-Lite0",
         description="Equalize the pretrained EfficientNet-Lite0 with the PyTorch and the "
-        "ONNX backend, verify FP32 equivalence, print INT8 results (onnxruntime's quantize_static) before and "
-        "after on the natural-image set, and write the equalized ONNX model, the JSON "
-        "reports and the plots into a folder.",
+        "ONNX backend, verify FP32 equivalence, print INT8 results (onnxruntime's "
+        "quantize_static) before and after on the natural-image set, and write the "
+        "equalized ONNX model, the JSON reports and the plots into a folder.",
     )
     demo.add_argument(
         "--out",
