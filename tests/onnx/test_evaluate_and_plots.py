@@ -157,3 +157,15 @@ def test_evaluate_old_opsets_and_grey_inputs(tmp_path, capsys, opset, channels):
     _, rows = table(capsys.readouterr().out)
     assert list(rows) == ["original"]  # no batch norm: nothing to fold, no note
     assert all(np.isfinite(rows["original"][1:]))
+
+
+def test_evaluate_with_activations_takes_what_onnxruntime_offers(files, capsys):
+    src, dst, npy = files
+    assert main(["evaluate", str(src), "--inputs", str(npy), "--bits", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "4, 8 or 16 bits, not 6" in err and "weights only" in err
+    args = ["evaluate", str(src), str(dst), "--inputs", str(npy), "--per-channel", "--symmetric"]
+    assert main(args) == 0
+    header, rows = table(capsys.readouterr().out)
+    assert header[-2:] == ["W8A8", "top1"] and set(rows) == {"original*", "equalized"}
+    assert all(np.isfinite(rows["equalized"]))
