@@ -16,6 +16,7 @@ convention) is left opaque, so an MLP needs ``dummy_input`` or ``input_shapes``.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,6 +99,10 @@ class _Translator:
         self.shape_only: set[str] = set()
         self.used_names: set[str] = set()
         self.given: dict[str, tuple] = {}  # graph inputs whose shape the caller gave
+        # Values of spatial size 1 (a global pool, then 1x1 convolutions and elementwise
+        # ops): a product of one of them with a feature map is a gate (squeeze-and-
+        # excitation), broadcast over the map's positions.
+        self.point: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------
     def attr(self, target: str) -> Any:
@@ -235,6 +240,8 @@ class _Translator:
 
     def unary(self, node, x, op, *, params=None, attrs=None, param_ids=None, alias=False):
         """A channel-wise op: rank and channels as its input's."""
+        if x.name in self.point or op == "global_avgpool":
+            self.point.add(node.name)
         self.emit(
             op,
             node,
@@ -261,6 +268,7 @@ class _Translator:
                 read(self.param_id(a.target))
             elif a.name in self.values and a not in inputs:
                 inputs.append(a)
+        keeps_shape = len(inputs) == 1 and _elementwise(node, self.modules)
         if node.op == "call_module":
             m = self.modules.get(node.target)
             kind = type(m).__name__
@@ -280,6 +288,14 @@ class _Translator:
             attrs={"kind": kind, "why": why, "channels": None},
             param_ids=ids,
         )
+        if keeps_shape:  # a gate's sigmoid, say: the shape of its input
+            x = inputs[0]
+            self.rank[node.name], self.chan[node.name] = (
+                self.rank.get(x.name),
+                self.chan.get(x.name),
+            )
+            if x.name in self.point:
+                self.point.add(node.name)
 
     # --- the walk ------------------------------------------------------------------------
     def run(self) -> Capture:
@@ -501,6 +517,13 @@ class _Translator:
             raise _Opaque("input channels do not match the weight")
         op = "conv_transpose" if transpose else "conv"
         self.emit_layer(op, node, x, layer, rank=nd + 2, channels=cout, attrs=attrs)
+        if (
+            x.name in self.point
+            and not transpose
+            and set(weight.shape[2:]) <= {1}
+            and not any(pads)
+        ):
+            self.point.add(node.name)
 
     def check_given(self, x: fx.Node, layer: dict, rank: int, channels: Any) -> None:
         """A layer that reads a graph input whose shape the caller gave must agree with
@@ -681,6 +704,34 @@ class _Translator:
         rank, channels = (ra if ra is not None else rc), (ca if ca is not None else cc)
         self.emit("add", node, [a, c], rank=rank, channels=channels, alias=a if inplace else None)
 
+    def f_mul(self, node, fn, args, kwargs) -> None:
+        """A product with a number (a constant factor), or with a gate: a tensor of
+        spatial size 1 (squeeze-and-excitation's, after a global pool). Scaling the
+        feature map's channels scales the product's; the gate stays unscaled."""
+        if fn == "mul_" or len(args) != 2 or kwargs:
+            raise _Opaque("not a product of two operands")
+        a, c = args
+        for x, f in ((a, c), (c, a)):
+            if isinstance(f, (int, float)) and not isinstance(f, bool):
+                if not math.isfinite(f):
+                    raise _Opaque("a factor that is not finite")
+                self.unary(node, self.data(x), "mul", params={"factor": np.array([float(f)])})
+                return
+        try:
+            x, g = self.data(a), self.data(c)
+        except _Opaque:
+            raise _Opaque("not a product of two tensors of the graph") from None
+        if (x.name in self.point) == (g.name in self.point):
+            raise _Opaque("not a gate: neither operand (or both) is known to be pooled")
+        if x.name in self.point:
+            x, g = g, x
+        rank, channels = self.rank.get(x.name), self.chan.get(x.name)
+        if rank is None or channels is None or self.rank.get(g.name) != rank:
+            raise _Opaque("a gate of unknown or different rank")
+        if self.chan.get(g.name) not in (channels, 1):
+            raise _Opaque("the gate's channels do not match")
+        self.emit("mul", node, [x, g], rank=rank, channels=channels)
+
     def f_cat(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_cat, args, kwargs)
         if not isinstance(b["tensors"], (list, tuple)) or not b["tensors"]:
@@ -839,6 +890,20 @@ class _Translator:
         self.emit("flatten", node, [pooled], rank=2, channels=None)
 
 
+_ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
+_ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh)
+
+
+def _elementwise(node: fx.Node, modules: dict) -> bool:
+    """An elementwise op of one tensor that the IR does not translate (a gate's
+    sigmoid, say): it keeps the spatial size of its input."""
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _ELEMENTWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS
+    return node.target in ("sigmoid", "sigmoid_", "tanh")
+
+
 def _table(entries: dict[Any, Callable]) -> dict[Any, Callable]:
     out: dict[Any, Callable] = {}
     for keys, handler in entries.items():
@@ -859,6 +924,7 @@ _FUNCTIONS = _table(
         (torch.clamp_min, torch.clamp_max): T.f_clamp,
         (F.prelu, torch.prelu): T.f_prelu,
         (operator.add, operator.iadd, torch.add): T.f_add,
+        (operator.mul, torch.mul): T.f_mul,
         (torch.cat, torch.concat, torch.concatenate): T.f_cat,
         torch.flatten: T.f_flatten,
         torch.reshape: T.f_reshape,
@@ -876,6 +942,7 @@ _METHODS = _table(
         ("clamp", "clip", "clamp_", "clip_"): T.f_clamp,
         ("clamp_min", "clamp_min_", "clamp_max", "clamp_max_"): T.f_clamp,
         ("add", "add_"): T.f_add,
+        ("mul", "mul_"): T.f_mul,
         "flatten": T.f_flatten,
         ("view", "reshape"): T.f_reshape,
         "contiguous": T.f_identity,

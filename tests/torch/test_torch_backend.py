@@ -571,3 +571,79 @@ def test_an_unfoldable_batch_norm_is_carried_through_its_region():
     assert [r.kind for r in report.regions] == ["concat"]
     assert not torch.equal(model.bn.running_mean, mean)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+
+
+class _SEBlock(nn.Module):
+    """Conv -> BN -> ReLU6, depthwise -> BN -> ReLU, squeeze-and-excitation, Conv: the
+    MobileNetV3 layout. ``functional`` writes the gate as torchvision's
+    SqueezeExcitation does with functions (mean, sigmoid, gate times input)."""
+
+    def __init__(self, functional: bool = False):
+        super().__init__()
+        self.functional = functional
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.dw, self.b2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
+        self.pool, self.fc1 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1)
+        self.fc2, self.gate = nn.Conv2d(4, 16, 1), nn.Hardsigmoid()
+        self.pw = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.b2(self.dw(F.relu6(self.b1(self.c1(x))))))
+        if self.functional:
+            g = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+            x = g * x
+        else:
+            x = x.mul(self.gate(self.fc2(torch.relu(self.fc1(self.pool(x))))))
+        return self.pw(x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_squeeze_and_excitation_gate_is_carried_like_the_onnx_backend_does(functional):
+    import io
+
+    onnx = pytest.importorskip("onnx")
+    import cle_onnx
+
+    torch.manual_seed(0)
+    model = _SEBlock(functional).eval()
+    with torch.no_grad():
+        model.b1.weight.copy_(torch.logspace(-2, 1, 16))
+        model.b2.weight.copy_(torch.logspace(1, -2, 16))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        eq, report = cle_torch.equalize_model(copy.deepcopy(model), input_shapes=(1, 3, 16, 16))
+        after = eq(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    # The feature map is scaled through the gate's product: the depthwise conv feeds the
+    # gate's first layer and the conv after the product (one region, two sinks).
+    regions = {r.sources: (r.kind, r.sinks) for r in report.regions}
+    assert regions[("dw",)] == ("fan-out", ("fc1", "pw"))
+    assert len(report.regions) == 3  # c1 -> dw, dw -> (fc1, pw), fc1 -> fc2
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=13)
+    _, onnx_report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
+    assert len(onnx_report.regions) == len(report.regions)
+
+
+def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+            self.d = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x)) * torch.relu(self.b(x))  # two feature maps
+            return self.d(torch.relu(self.c(y)) * 0.5)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.c.weight.mul_(torch.logspace(-2, 1, 4)[:, None, None, None])
+        before = model(torch.ones(1, 3, 4, 4))
+        eq, report = cle_torch.equalize_model(copy.deepcopy(model), input_shapes=(1, 3, 4, 4))
+        torch.testing.assert_close(eq(torch.ones(1, 3, 4, 4)), before, rtol=1e-5, atol=1e-6)
+    assert [(r.sources, r.sinks) for r in report.regions] == [(("c",), ("d",))]
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any("not a gate" in r for r in reasons)
