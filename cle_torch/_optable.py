@@ -64,6 +64,8 @@ def _sig_avgpool(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 def _sig_adaptive(input, output_size): ...
 def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
 def _sig_mean(input, dim=None, keepdim=False, dtype=None): ...
+def _sig_interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                     recompute_scale_factor=None, antialias=False): ...  # fmt: skip
 def _sig_view(input, *shape): ...
 def _sig_reshape(input, shape): ...
 def _sig_self(input): ...
@@ -88,13 +90,16 @@ def _bind(sig: Callable, args: Sequence, kwargs: dict) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def _ints(v: Any, n: int, what: str) -> tuple[int, ...]:
-    """An int or a sequence of ints as an n-tuple."""
-    if isinstance(v, int) and not isinstance(v, bool):
+def _ints(v: Any, n: int, what: str, types: tuple[type, ...] = (int,)) -> tuple:
+    """An int or a sequence of ints (of ``types``: scale factors may be floats) as an
+    n-tuple."""
+
+    def ok(i: Any) -> bool:
+        return isinstance(i, types) and not isinstance(i, bool)
+
+    if ok(v):
         return (v,) * n
-    if isinstance(v, (tuple, list, torch.Size)) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in v
-    ):
+    if isinstance(v, (tuple, list, torch.Size)) and all(ok(i) for i in v):
         if len(v) == n:
             return tuple(v)
         if len(v) == 1:

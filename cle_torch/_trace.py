@@ -65,6 +65,7 @@ KNOWN_MODULES: tuple[type, ...] = (
     nn.PReLU,
     nn.Identity,
     nn.Flatten,
+    nn.Upsample,
     _ConstantPadNd,
     PerChannelClamp,
 )

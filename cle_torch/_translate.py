@@ -59,6 +59,7 @@ from ._optable import (
     _sig_dropout,
     _sig_flatten,
     _sig_hardtanh,
+    _sig_interpolate,
     _sig_leaky,
     _sig_linear,
     _sig_maxpool,
@@ -431,6 +432,8 @@ class _Translator:
             )  # fmt: skip
         elif base in ADAPTIVE_AVG_MODULES:
             self.adaptive_avg(node, x, ADAPTIVE_AVG_MODULES[base], m.output_size)
+        elif base is nn.Upsample:
+            self.resize(node, x, m.scale_factor, m.mode)
         elif base is _ConstantPadNd:
             if float(m.value) != 0.0:
                 raise _Opaque("non-zero constant padding")
@@ -862,6 +865,23 @@ class _Translator:
             raise _Opaque(f"input of rank {rank}")
         self.unary(node, x, "global_avgpool")
 
+    def resize(self, node, x, scale_factor, mode) -> None:
+        """Upsampling or interpolation (any mode: each output is a fixed combination of
+        one channel's inputs, so scaling a channel scales its output). The scales are
+        kept where given (for the positions the noise objective counts)."""
+        rank = self.rank.get(x.name)
+        if rank is not None and rank < 3:
+            raise _Opaque(f"input of rank {rank}")
+        scales = None
+        if scale_factor is not None and rank is not None:
+            factors = _ints(scale_factor, rank - 2, "scale factor", (int, float))
+            scales = tuple(float(f) for f in factors)
+        self.unary(node, x, "resize", attrs={"mode": str(mode), "scales": scales})
+
+    def f_interpolate(self, node, fn, args, kwargs) -> None:
+        b = _bind(_sig_interpolate, args, kwargs)
+        self.resize(node, self.data(b["input"]), b["scale_factor"], b["mode"])
+
     def f_adaptive_avg(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_adaptive, args, kwargs)
         self.adaptive_avg(node, self.data(b["input"]), _F_ADAPTIVE_AVG[fn], b["output_size"])
@@ -932,6 +952,7 @@ _FUNCTIONS = _table(
         tuple(_F_MAXPOOL): T.f_maxpool,
         tuple(_F_AVGPOOL): T.f_avgpool,
         tuple(_F_ADAPTIVE_AVG): T.f_adaptive_avg,
+        (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear): T.f_interpolate,
         _F_DROPOUT: T.f_dropout,
         torch.mean: T.f_mean,
     }

@@ -647,3 +647,39 @@ def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
     assert [(r.sources, r.sinks) for r in report.regions] == [(("c",), ("d",))]
     reasons = [s.reason for s in report.skipped if s.stage == "translate"]
     assert any("not a gate" in r for r in reasons)
+
+
+def test_upsampling_is_carried_like_the_onnx_backend_does():
+    import io
+
+    onnx = pytest.importorskip("onnx")
+    import cle_onnx
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.c, self.up = nn.Conv2d(8, 4, 1), nn.Upsample(scale_factor=2)
+
+        def forward(self, x):
+            x = self.up(torch.relu(self.a(x)))
+            x = torch.relu(self.b(x))
+            return self.c(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    with torch.no_grad():
+        model.a.weight.mul_(torch.logspace(-2, 1, 8)[:, None, None, None])
+        model.b.weight.mul_(torch.logspace(1, -2, 8)[:, None, None, None])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        eq, report = cle_torch.equalize_model(copy.deepcopy(model), input_shapes=(1, 3, 8, 8))
+        after = eq(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    assert [(r.sources, r.sinks) for r in report.regions] == [(("a",), ("b",)), (("b",), ("c",))]
+    assert not [s for s in report.skipped if s.stage == "translate"]
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=13)
+    _, onnx_report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
+    assert len(onnx_report.regions) == len(report.regions)
