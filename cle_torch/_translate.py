@@ -264,10 +264,12 @@ class _Translator:
             key = f"p{len(params)}"
             params[key], ids[key] = np.zeros(1), ident
 
+        # x.expand_as(y), x.view_as(y): y gives only its shape, which scaling keeps
+        shape_of = node.args[1] if node.op == "call_method" and node.target in _SHAPE_OF else None
         for a in node.all_input_nodes:
             if a.op == "get_attr":
                 read(self.param_id(a.target))
-            elif a.name in self.values and a not in inputs:
+            elif a.name in self.values and a not in inputs and a is not shape_of:
                 inputs.append(a)
         keeps_shape = len(inputs) == 1 and _elementwise(node, self.modules)
         if node.op == "call_module":
@@ -289,14 +291,32 @@ class _Translator:
             attrs={"kind": kind, "why": why, "channels": None},
             param_ids=ids,
         )
-        if keeps_shape:  # a gate's sigmoid, say: the shape of its input
-            x = inputs[0]
-            self.rank[node.name], self.chan[node.name] = (
-                self.rank.get(x.name),
-                self.chan.get(x.name),
-            )
+        x = inputs[0] if inputs else None
+        rank = self.rank.get(x.name) if keeps_shape else None
+        if x is not None and not keeps_shape and x.name in self.point:
+            rank = self.broadcast_rank(node, x)  # (N, C) -> (N, C, 1, 1) or expanded
+        if rank is not None:  # a gate's sigmoid, or its way back to a feature map's rank
+            self.rank[node.name], self.chan[node.name] = rank, self.chan.get(x.name)
             if x.name in self.point:
                 self.point.add(node.name)
+
+    def broadcast_rank(self, node: fx.Node, x: fx.Node) -> int | None:
+        """The rank ``node`` gives the per-channel values ``x`` when it only adds unit
+        axes or broadcasts them (``.view(n, c, 1, 1)``, ``.unsqueeze(-1)``,
+        ``.expand_as(y)``), else None. Linear-based squeeze-and-excitation gates take
+        this way back to a feature map's rank."""
+        if node.op != "call_method" or not node.args or node.args[0] is not x:
+            return None
+        rest, rank = node.args[1:], self.rank.get(x.name)
+        if node.target in ("view", "reshape"):
+            shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            if len(shape) >= 3 and all(isinstance(d, int) and d == 1 for d in shape[2:]):
+                return len(shape)
+        elif node.target == "unsqueeze" and len(rest) == 1 and rank is not None:
+            return rank + 1 if rest[0] in (-1, rank) else None
+        elif node.target == "expand_as" and len(rest) == 1 and isinstance(rest[0], fx.Node):
+            return self.rank.get(rest[0].name)
+        return None
 
     # --- the walk ------------------------------------------------------------------------
     def run(self) -> Capture:
@@ -562,6 +582,8 @@ class _Translator:
             raise _Opaque("input features do not match the weight")
         attrs = {"layout": Layout(0, 1)}
         self.emit_layer("linear", node, x, layer, rank=2, channels=weight.shape[0], attrs=attrs)
+        if x.name in self.point:  # a gate's fully connected layer
+            self.point.add(node.name)
 
     def functional_layer(self, node, fn, args, kwargs) -> None:
         transpose = fn in _F_CONVT
@@ -755,7 +777,11 @@ class _Translator:
             raise _Opaque("not a flatten from axis 1 to the end")
         if rank is not None and rank < 2:
             raise _Opaque("input of rank < 2")
-        self.emit("flatten", node, [x], rank=2, channels=None, alias=x)
+        pooled = x.name in self.point  # (N, C, 1, ...) -> (N, C): still one value per channel
+        channels = self.chan.get(x.name) if pooled else None
+        self.emit("flatten", node, [x], rank=2, channels=channels, alias=x)
+        if pooled:
+            self.point.add(node.name)
 
     def f_flatten(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_flatten, args, kwargs)
@@ -773,7 +799,11 @@ class _Translator:
         x = self.data(b["input"])
         if not isinstance(shape, (tuple, list)) or len(shape) != 2:
             raise _Opaque("not a reshape to (N, -1)")
-        if shape[1] != -1 or not self.is_batch_size(shape[0]):
+        # (N, C, 1, ...) -> (N, C), written with the channel count: a flatten as well
+        pooled = x.name in self.point and (
+            isinstance(shape[1], fx.Node) or shape[1] == self.chan.get(x.name)
+        )
+        if not (shape[1] == -1 or pooled) or not self.is_batch_size(shape[0]):
             raise _Opaque("not a reshape to (batch, -1)")
         self.flatten(node, x, 1, -1)
 
@@ -907,9 +937,11 @@ class _Translator:
         pooled, name = f"{node.name}:pooled", self.unique(f"{node.name}:pool")
         self.ir.add_node("global_avgpool", [x.name], name=name, outputs=[pooled])
         self.cap.ir_names[name] = node.name
-        self.emit("flatten", node, [pooled], rank=2, channels=None)
+        self.emit("flatten", node, [pooled], rank=2, channels=self.chan.get(x.name))
+        self.point.add(node.name)
 
 
+_SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
 _ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh)
 

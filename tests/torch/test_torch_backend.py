@@ -683,3 +683,41 @@ def test_upsampling_is_carried_like_the_onnx_backend_does():
     torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=13)
     _, onnx_report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
     assert len(onnx_report.regions) == len(report.regions)
+
+
+class _LinearSE(nn.Module):
+    """Conv, then a squeeze-and-excitation gate of Linear layers as SENet writes it
+    (pool, ``view(b, c)``, Linear, ReLU, Linear, Sigmoid, ``view(b, c, 1, 1)``), or with
+    ``mean`` and without ``expand_as``; then a Conv."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(16, 4, bias=False), nn.ReLU(), nn.Linear(4, 16, bias=False), nn.Sigmoid()
+        )
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        b, c, _, _ = x.size()
+        y = x.mean((2, 3)) if self.variant == "mean" else self.pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return self.c2(x * y if self.variant == "broadcast" else x * y.expand_as(x))
+
+
+@pytest.mark.parametrize("variant", ["expand_as", "broadcast", "mean"])
+def test_a_linear_squeeze_and_excitation_gate_is_carried(variant):
+    torch.manual_seed(0)
+    model = _LinearSE(variant).eval()
+    with torch.no_grad():
+        model.c1.weight.mul_(torch.logspace(-2, 1, 16)[:, None, None, None])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+        eq, report = cle_torch.equalize_model(copy.deepcopy(model), input_shapes=(1, 3, 8, 8))
+        after = eq(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    regions = [(r.sources, r.sinks) for r in report.regions]
+    assert regions == [(("c1",), ("fc.0", "c2")), (("fc.0",), ("fc.2",))]
