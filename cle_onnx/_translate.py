@@ -889,9 +889,22 @@ class _Reader:
         out = self.dims.get(node.output[0])
         if out is None:
             return False
-        # The data input is the one of the output's shape; the gate broadcasts.
-        data, gate = (a, b) if self.dims.get(a) == out else (b, a)
-        if self.dims.get(data) != out:
+
+        def match(value: str) -> int:
+            """How many of the output's known dims ``value`` has, -1 if it cannot be of
+            the output's shape (a symbolic dim, the batch say, fits any)."""
+            dims = self.dims.get(value)
+            if dims is None or len(dims) != len(out):
+                return -1
+            pairs = [(d, o) for d, o in zip(dims, out, strict=True) if isinstance(d, int)]
+            if any(isinstance(o, int) and d != o for d, o in pairs):
+                return -1
+            return sum(isinstance(o, int) for _, o in pairs)
+
+        # The data input is the one of the output's shape; the gate broadcasts (or was
+        # expanded to it: then either would do, and the better-known one is taken).
+        data, gate = (a, b) if match(a) >= match(b) else (b, a)
+        if match(data) < 0:
             return False
         self.add("mul", [data, gate], name, index)
 

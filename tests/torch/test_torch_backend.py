@@ -721,3 +721,23 @@ def test_a_linear_squeeze_and_excitation_gate_is_carried(variant):
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     regions = [(r.sources, r.sinks) for r in report.regions]
     assert regions == [(("c1",), ("fc.0", "c2")), (("fc.0",), ("fc.2",))]
+
+
+@pytest.mark.parametrize("variant", ["expand_as", "broadcast", "mean"])
+def test_the_onnx_backend_carries_the_exported_linear_gate_too(variant):
+    """Exported with a fixed batch: the gate's ``Expand`` (of a ``Shape``) has symbolic
+    dims where the feature map has numbers; the product is still a gate."""
+    import io
+
+    onnx = pytest.importorskip("onnx")
+    import cle_onnx
+
+    torch.manual_seed(0)
+    model = _LinearSE(variant).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), buf, dynamo=False, opset_version=13)
+    _, report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
+    assert [(r.sources, r.sinks) for r in report.regions][0] == (
+        ("/c1/Conv",),
+        ("/fc/fc.0/MatMul", "/c2/Conv"),
+    )
