@@ -597,6 +597,7 @@ class _SEBlock(nn.Module):
         return self.pw(x)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
 @pytest.mark.parametrize("functional", [False, True])
 def test_a_squeeze_and_excitation_gate_is_carried_like_the_onnx_backend_does(functional):
     import io
@@ -649,6 +650,7 @@ def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
     assert any("not a gate" in r for r in reasons)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
 def test_upsampling_is_carried_like_the_onnx_backend_does():
     import io
 
@@ -723,6 +725,7 @@ def test_a_linear_squeeze_and_excitation_gate_is_carried(variant):
     assert regions == [(("c1",), ("fc.0", "c2")), (("fc.0",), ("fc.2",))]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
 @pytest.mark.parametrize("variant", ["expand_as", "broadcast", "mean"])
 def test_the_onnx_backend_carries_the_exported_linear_gate_too(variant):
     """Exported with a fixed batch: the gate's ``Expand`` (of a ``Shape``) has symbolic
