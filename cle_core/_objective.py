@@ -26,6 +26,7 @@ from ._scale import _Links
 from ._stats import ChannelStats
 
 _TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
+_KEEPS_RANGE = _TRANSPARENT | {"pad"}  # a zero pad adds zeros: the grid's span is kept
 
 
 def grid_factor(bits: int) -> float:
@@ -214,7 +215,7 @@ def _before_bound(value, region, offset, stats, gains, positions, logw) -> _Acti
     clip, whose derivative the gain counts).
     """
     clip = value.producer
-    while clip is not None and clip.op in _TRANSPARENT | {"pad"}:  # a zero pad: range kept
+    while clip is not None and clip.op in _KEEPS_RANGE:
         clip = clip.inputs[0].producer
     if clip is None or clip.op != "clip" or not np.all(np.isfinite(clip.params["hi"])):
         return None

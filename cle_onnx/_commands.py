@@ -14,6 +14,7 @@ from cle_core import CLEError, EqualizeOptions, Report, equalize
 from cle_core._quality import load_inputs, sqnr_db
 
 from . import _io
+from ._calibrate import data_inputs
 from ._translate import np_dtype, to_ir
 
 
@@ -22,11 +23,8 @@ def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
     normal, in the input's float type). Raises :class:`CLEError` for a dynamic
     dimension that ``dims`` does not size and for a non-float input."""
     rng = np.random.default_rng(seed)
-    constant = {t.name for t in model.graph.initializer}
     feeds = {}
-    for inp in model.graph.input:
-        if inp.name in constant:
-            continue
+    for inp in data_inputs(model):
         tensor = inp.type.tensor_type
         shape = []
         for d in tensor.shape.dim:
@@ -162,7 +160,7 @@ def evaluate_files(paths: list[Path], inputs, **quantization):
     folded (by this backend, as a deployment would fold them), so that folding is not
     counted as a loss or as a gain of equalization; the row says so."""
     from ._backend import equalize_model
-    from ._evaluate import evaluable, evaluate
+    from ._evaluate import evaluable, evaluate_all
 
     loaded = [evaluable(_io.load(p, external_data=True)) for p in paths]
     folded, report = equalize_model(loaded[0], scale=False, high_bias=False)
@@ -174,9 +172,10 @@ def evaluate_files(paths: list[Path], inputs, **quantization):
             "(FP32 dB: against the unfolded original)"
         )
     try:
-        rows = [(label, evaluate(loaded[0], folded, inputs, **quantization))]
-        if len(loaded) > 1:
-            rows.append(("equalized", evaluate(loaded[0], loaded[1], inputs, **quantization)))
+        # One run of the inputs and the FP32 reference serves every row.
+        models = [folded, *loaded[1:]]
+        figures = evaluate_all(loaded[0], models, inputs, **quantization)
+        rows = list(zip([label, "equalized"], figures, strict=False))
     except (ImportError, ValueError) as exc:  # a missing package; inputs that do not fit
         raise CLEError(str(exc)) from None
     out = loaded[0].graph.output[0].type.tensor_type

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from cle_core import CLEError
 from cle_core._quality import compare_outputs, natural_images, quantize_array
 
-from ._translate import default_opset, np_dtype
+from ._calibrate import data_inputs, feeds
+from ._translate import default_opset
 
 __all__ = ["default_inputs", "evaluate", "prepared", "run", "static_quantized"]
 
@@ -71,53 +72,22 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     )
 
 
-def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in inits]
-
-
-def _feeds(model: onnx.ModelProto, inputs) -> dict[str, np.ndarray]:
-    """Map ``inputs`` (an array, or a dict by input name) to the model's data inputs, in
-    their element types."""
-    graph_inputs = _data_inputs(model)
-    if not isinstance(inputs, Mapping):
-        if len(graph_inputs) != 1:
-            raise CLEError(
-                f"the model has {len(graph_inputs)} inputs "
-                f"({', '.join(i.name for i in graph_inputs)}); pass a dict of arrays"
-            )
-        inputs = {graph_inputs[0].name: inputs}
-    feeds = {}
-    for gi in graph_inputs:
-        if gi.name not in inputs:
-            raise CLEError(f"no data for model input {gi.name!r}")
-        dtype = np_dtype(gi.type.tensor_type.elem_type) or np.float32
-        feeds[gi.name] = np.ascontiguousarray(np.asarray(inputs[gi.name]), dtype=dtype)
-    unknown = set(inputs) - set(feeds)
-    if unknown:
-        raise CLEError(f"the model has no input(s) named {sorted(unknown)}")
-    lengths = {a.shape[0] if a.ndim else None for a in feeds.values()}
-    if len(lengths) != 1 or None in lengths:
-        raise CLEError("every input needs the same batch size in axis 0")
-    return feeds
-
-
-def _batches(model: onnx.ModelProto, feeds: dict, batch: int) -> Iterator[tuple[dict, int]]:
-    """Chunks of ``feeds`` and their real row counts. A model with a fixed batch
+def _batches(model: onnx.ModelProto, fed: dict, batch: int) -> Iterator[tuple[dict, int]]:
+    """Chunks of ``fed`` and their real row counts. A model with a fixed batch
     dimension gets chunks of that size, the last one padded by repeating its last row
     (whose results are dropped)."""
     if batch < 1:
         raise CLEError(f"batch must be positive, got {batch}")
-    n = next(iter(feeds.values())).shape[0]
+    n = next(iter(fed.values())).shape[0]
     fixed = None
-    for gi in _data_inputs(model):
+    for gi in data_inputs(model):
         dims = gi.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             fixed = int(dims[0].dim_value)
             break
     step = fixed or batch
     for start in range(0, n, step):
-        chunk = {k: v[start : start + step] for k, v in feeds.items()}
+        chunk = {k: v[start : start + step] for k, v in fed.items()}
         real = next(iter(chunk.values())).shape[0]
         if fixed and real < fixed:
             chunk = {
@@ -132,10 +102,10 @@ def run(model: onnx.ModelProto, inputs=None, batch: int = 16) -> np.ndarray:
 
     ``inputs``: a dict from input name to an array with the batch in axis 0, or one
     array for a single-input model (None: :func:`default_inputs`)."""
-    feeds = _feeds(model, default_inputs(model) if inputs is None else inputs)
+    fed = feeds(model, default_inputs(model) if inputs is None else inputs)
     session = _session(model)
     first = session.get_outputs()[0].name
-    parts = [session.run([first], chunk)[0][:real] for chunk, real in _batches(model, feeds, batch)]
+    parts = [session.run([first], chunk)[0][:real] for chunk, real in _batches(model, fed, batch)]
     return np.concatenate(parts, axis=0)
 
 
@@ -143,7 +113,7 @@ def default_inputs(model: onnx.ModelProto) -> np.ndarray:
     """The default evaluation batch for ``model``: the 120 natural images at the height
     and width of its single NCHW input (224 where those are dynamic), averaged to grey
     for a one-channel input."""
-    graph_inputs = _data_inputs(model)
+    graph_inputs = data_inputs(model)
     if len(graph_inputs) != 1:
         raise CLEError("default inputs need a model with one input; pass inputs explicitly")
     dims = graph_inputs[0].type.tensor_type.shape.dim
@@ -229,8 +199,8 @@ def weights_quantized(
 class _Reader(CalibrationDataReader):
     """The evaluation batches, once, for MinMax calibration."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: dict, batch: int):
-        self._chunks = iter([chunk for chunk, _ in _batches(model, feeds, batch)])
+    def __init__(self, model: onnx.ModelProto, fed: dict, batch: int):
+        self._chunks = iter([chunk for chunk, _ in _batches(model, fed, batch)])
 
     def get_next(self):
         return next(self._chunks, None)
@@ -247,13 +217,9 @@ def static_quantized(
     """``model`` (see :func:`prepared`) quantized by onnxruntime's ``quantize_static``:
     QDQ format, MinMax calibration on ``inputs``, weights and activations on ``bits``-bit
     grids (4, 8 or 16), asymmetric activations unless ``symmetric``."""
-    if bits not in _TYPES:
-        raise CLEError(
-            f"onnxruntime quantizes weights and activations to 4, 8 or 16 bits, not {bits} "
-            "(weights only takes any width)"
-        )
+    _check_bits(bits)
     signed, unsigned = _TYPES[bits]
-    feeds = _feeds(model, inputs)
+    fed = feeds(model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
         onnx.save(model, str(src))
@@ -261,7 +227,7 @@ def static_quantized(
             quantize_static(
                 str(src),
                 str(dst),
-                _Reader(model, feeds, batch),
+                _Reader(model, fed, batch),
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 activation_type=signed if symmetric else unsigned,
@@ -270,6 +236,14 @@ def static_quantized(
                 extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric},
             )
         return onnx.load(str(dst))
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in _TYPES:
+        raise CLEError(
+            f"onnxruntime quantizes weights and activations to 4, 8 or 16 bits, not {bits} "
+            "(weights only takes any width)"
+        )
 
 
 @contextlib.contextmanager
@@ -311,21 +285,37 @@ def evaluate(
     - ``wNaN_sqnr``, ``wNaN_top1``: ``quantize_static`` with N-bit weights and
       activations, calibrated on ``inputs`` (only with ``activations``; N in 4, 8, 16).
     """
-    if activations and bits not in _TYPES:
-        raise CLEError(
-            f"onnxruntime quantizes weights and activations to 4, 8 or 16 bits, not {bits} "
-            "(weights only takes any width)"
-        )
+    args = (bits, per_channel, symmetric, activations, batch, reference)
+    return evaluate_all(fp32_model, [candidate_model], inputs, *args)[0]
+
+
+def evaluate_all(
+    fp32_model: onnx.ModelProto,
+    candidates: list[onnx.ModelProto | None],
+    inputs=None,
+    bits: int = 8,
+    per_channel: bool = False,
+    symmetric: bool = False,
+    activations: bool = True,
+    batch: int = 16,
+    reference: np.ndarray | None = None,
+) -> list[dict[str, float]]:
+    """:func:`evaluate` for each of ``candidates`` (None: ``fp32_model`` itself), with
+    the inputs and the FP32 reference computed once."""
+    if activations:  # refused before any model runs
+        _check_bits(bits)
     if inputs is None:
         inputs = default_inputs(fp32_model)
     if reference is None:
         reference = run(fp32_model, inputs, batch)
-    candidate = fp32_model if candidate_model is None else candidate_model
-    outputs = {"fp32": reference if candidate_model is None else run(candidate, inputs, batch)}
-    ready = prepared(candidate)
-    weights = weights_quantized(ready, bits, per_channel, symmetric)
-    outputs[f"w{bits}"] = run(weights, inputs, batch)
-    if activations:
-        quantized = static_quantized(ready, inputs, bits, per_channel, symmetric, batch)
-        outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch)
-    return compare_outputs(reference, outputs)
+    results = []
+    for candidate in candidates:
+        outputs = {"fp32": reference if candidate is None else run(candidate, inputs, batch)}
+        ready = prepared(fp32_model if candidate is None else candidate)
+        weights = weights_quantized(ready, bits, per_channel, symmetric)
+        outputs[f"w{bits}"] = run(weights, inputs, batch)
+        if activations:
+            quantized = static_quantized(ready, inputs, bits, per_channel, symmetric, batch)
+            outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch)
+        results.append(compare_outputs(reference, outputs))
+    return results

@@ -271,7 +271,6 @@ class _Translator:
                 read(self.param_id(a.target))
             elif a.name in self.values and a not in inputs and a is not shape_of:
                 inputs.append(a)
-        keeps_shape = len(inputs) == 1 and _elementwise(node, self.modules)
         if node.op == "call_module":
             m = self.modules.get(node.target)
             kind = type(m).__name__
@@ -281,24 +280,26 @@ class _Translator:
             kind = getattr(node.target, "__name__", str(node.target))
         else:
             kind = f"Tensor.{node.target}"
+        # A gate's sigmoid keeps its input's shape, and its way back to a feature map's
+        # rank ((N, C) -> (N, C, 1, 1), or expanded) keeps its channels.
+        x = inputs[0] if len(inputs) == 1 else None
+        rank = None
+        if x is not None and _elementwise(node, self.modules):
+            rank = self.rank.get(x.name)
+        elif x is not None and x.name in self.point:
+            rank = self.broadcast_rank(node, x)
         self.emit(
             "opaque",
             node,
             inputs,
-            rank=None,
-            channels=None,
+            rank=rank,
+            channels=None if rank is None else self.chan.get(x.name),
             params=params,
             attrs={"kind": kind, "why": why, "channels": None},
             param_ids=ids,
         )
-        x = inputs[0] if inputs else None
-        rank = self.rank.get(x.name) if keeps_shape else None
-        if x is not None and not keeps_shape and x.name in self.point:
-            rank = self.broadcast_rank(node, x)  # (N, C) -> (N, C, 1, 1) or expanded
-        if rank is not None:  # a gate's sigmoid, or its way back to a feature map's rank
-            self.rank[node.name], self.chan[node.name] = rank, self.chan.get(x.name)
-            if x.name in self.point:
-                self.point.add(node.name)
+        if rank is not None and x.name in self.point:
+            self.point.add(node.name)
 
     def broadcast_rank(self, node: fx.Node, x: fx.Node) -> int | None:
         """The rank ``node`` gives the per-channel values ``x`` when it only adds unit

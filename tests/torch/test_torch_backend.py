@@ -96,6 +96,19 @@ def modules_of(model, kind):
 # --- the architectures ----------------------------------------------------------------------
 
 
+def onnx_report(model, x):
+    """The ONNX backend's report on ``model`` exported by the TorchScript exporter
+    (batch fixed by ``x``)."""
+    import io
+
+    onnx = pytest.importorskip("onnx")
+    import cle_onnx
+
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=13)
+    return cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))[1]
+
+
 def test_mobilenet_v2_inverted_residuals_with_relu6():
     model, _, report = check("mobilenet_v2", inplace=True)
     assert len(report.regions) >= 8 and len(report.triples) >= 2
@@ -600,11 +613,6 @@ class _SEBlock(nn.Module):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
 @pytest.mark.parametrize("functional", [False, True])
 def test_a_squeeze_and_excitation_gate_is_carried_like_the_onnx_backend_does(functional):
-    import io
-
-    onnx = pytest.importorskip("onnx")
-    import cle_onnx
-
     torch.manual_seed(0)
     model = _SEBlock(functional).eval()
     with torch.no_grad():
@@ -621,10 +629,7 @@ def test_a_squeeze_and_excitation_gate_is_carried_like_the_onnx_backend_does(fun
     regions = {r.sources: (r.kind, r.sinks) for r in report.regions}
     assert regions[("dw",)] == ("fan-out", ("fc1", "pw"))
     assert len(report.regions) == 3  # c1 -> dw, dw -> (fc1, pw), fc1 -> fc2
-    buf = io.BytesIO()
-    torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=13)
-    _, onnx_report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
-    assert len(onnx_report.regions) == len(report.regions)
+    assert len(onnx_report(model, x[:1]).regions) == len(report.regions)
 
 
 def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
@@ -652,11 +657,6 @@ def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
 def test_upsampling_is_carried_like_the_onnx_backend_does():
-    import io
-
-    onnx = pytest.importorskip("onnx")
-    import cle_onnx
-
     class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
@@ -681,10 +681,7 @@ def test_upsampling_is_carried_like_the_onnx_backend_does():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     assert [(r.sources, r.sinks) for r in report.regions] == [(("a",), ("b",)), (("b",), ("c",))]
     assert not [s for s in report.skipped if s.stage == "translate"]
-    buf = io.BytesIO()
-    torch.onnx.export(model, (x[:1],), buf, dynamo=False, opset_version=13)
-    _, onnx_report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
-    assert len(onnx_report.regions) == len(report.regions)
+    assert len(onnx_report(model, x[:1]).regions) == len(report.regions)
 
 
 class _LinearSE(nn.Module):
@@ -730,16 +727,9 @@ def test_a_linear_squeeze_and_excitation_gate_is_carried(variant):
 def test_the_onnx_backend_carries_the_exported_linear_gate_too(variant):
     """Exported with a fixed batch: the gate's ``Expand`` (of a ``Shape``) has symbolic
     dims where the feature map has numbers; the product is still a gate."""
-    import io
-
-    onnx = pytest.importorskip("onnx")
-    import cle_onnx
-
     torch.manual_seed(0)
     model = _LinearSE(variant).eval()
-    buf = io.BytesIO()
-    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), buf, dynamo=False, opset_version=13)
-    _, report = cle_onnx.equalize_model(onnx.load_from_string(buf.getvalue()))
+    report = onnx_report(model, torch.randn(1, 3, 8, 8))
     assert [(r.sources, r.sinks) for r in report.regions][0] == (
         ("/c1/Conv",),
         ("/fc/fc.0/MatMul", "/c2/Conv"),
