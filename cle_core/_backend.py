@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib.metadata import entry_points
+from dataclasses import dataclass, field
+from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -14,7 +15,7 @@ import pluggy
 
 from . import hookspecs
 from ._equalize import equalize
-from ._errors import UnsupportedModelError
+from ._errors import CLEError, UnsupportedModelError
 from ._files import check_output_path, write_atomic
 from ._ir import Graph
 from ._report import EqualizeOptions, EqualizeResult, Report
@@ -24,9 +25,6 @@ ENTRY_POINT_GROUP = "cle.backends"
 plugin module."""
 
 logger = logging.getLogger("cle_core")
-
-_plugin_manager: pluggy.PluginManager | None = None
-_skipped: dict[str, str] = {}  # entry-point name -> the module it could not import
 
 
 @dataclass
@@ -147,64 +145,294 @@ class Backend(ABC):
         raise UnsupportedModelError(f"the {self.name} backend has no quantized evaluation")
 
 
+BUILTIN_DISTRIBUTION = "crosslayer-eq"
+"""The distribution whose entry points are the built-in backends: their names are
+reserved, and they are asked first."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One entry point of the group, with the distribution that declares it."""
+
+    ep: EntryPoint
+    package: str
+    version: str
+    builtin: bool
+
+    @property
+    def name(self) -> str:
+        return self.ep.name
+
+    @property
+    def label(self) -> str:
+        return f"plugin {self.name!r} (package {self.package} {self.version})"
+
+
+@dataclass
+class _Host:
+    """The loaded plugins: the manager, the claim order, and what was left out."""
+
+    pm: pluggy.PluginManager
+    order: list[str] = field(default_factory=list)  # registered names, in claim order
+    labels: dict[str, str] = field(default_factory=dict)  # name -> "plugin 'x' (package y 1.0)"
+    builtins: frozenset[str] = frozenset()  # entry-point names of the built-in backends
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it is not loaded
+
+
+_host: _Host | None = None
+
+
 def get_plugin_manager(reload: bool = False) -> pluggy.PluginManager:
     """The process-wide plugin manager, with every backend of the ``cle.backends``
-    entry-point group loaded (the core names none). A backend whose framework is not
-    installed is skipped (logged at DEBUG); a hook implementation that matches no hook
-    (a misspelled name) raises :class:`pluggy.PluginValidationError`.
+    entry-point group loaded (the core names none).
+
+    Each plugin is loaded on its own, so that a broken one costs only itself: one whose
+    framework is not installed (``ModuleNotFoundError``) is skipped with a DEBUG message;
+    one that raises anything else on import, whose entry points cannot be read, or whose
+    hooks do not validate (a misspelled hook name, a wrong argument) is skipped with a
+    one-line warning on the ``cle_core`` logger naming the plugin, its package and the
+    error (with the traceback when that logger is at DEBUG). A third-party entry point
+    named like a built-in backend (an entry point of the ``crosslayer-eq`` distribution)
+    is skipped with a warning and never imported. Hooks are asked in claim order: the
+    built-in backends first, then third-party ones by entry-point name.
 
     ``reload=True`` builds it anew (after installing a plugin at run time)."""
-    global _plugin_manager
-    if _plugin_manager is None or reload:
-        pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        pm.add_hookspecs(hookspecs)
-        _skipped.clear()
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if pm.get_plugin(ep.name) is not None:
-                continue  # the same distribution found twice on sys.path
-            try:
-                plugin = ep.load()
-            except ModuleNotFoundError as exc:
-                logger.debug("backend %r skipped: %s is not installed", ep.name, exc.name)
-                _skipped[ep.name] = exc.name or "?"
+    return _load(reload).pm
+
+
+def plugins() -> list[tuple[str, object]]:
+    """The registered plugins as ``(entry-point name, plugin)``, in claim order: the
+    built-in backends first, then third-party ones, each group sorted by entry-point
+    name. Every hook the core calls asks them in this order, whatever their order on
+    ``sys.path`` or their hook markers, and the first backend returned wins."""
+    host = _load()
+    return [(name, host.pm.get_plugin(name)) for name in host.order]
+
+
+def builtin_names() -> frozenset[str]:
+    """The entry-point names of the built-in backends, whether their framework is
+    installed or not: no third-party plugin can take them."""
+    return _load().builtins
+
+
+def plugin_label(name: str) -> str:
+    """``plugin 'name' (package dist version)``, for messages about a loaded plugin."""
+    return _load().labels.get(name, f"plugin {name!r}")
+
+
+def call_hook(hook: str, name: str, **kwargs: Any) -> list[Any]:
+    """Call the implementations of ``hook`` of the one plugin ``name`` and return their
+    results; whatever they raise propagates. Hook wrappers are not called: the core asks
+    plugins one at a time, in claim order, so that one cannot stop another."""
+    host = _load()
+    results = []
+    for impl in getattr(host.pm.hook, hook).get_hookimpls():
+        if impl.plugin_name != name or impl.hookwrapper or impl.wrapper:
+            continue
+        # As pluggy calls it: an implementation may take a subset of the arguments.
+        results.append(impl.function(*(kwargs[arg] for arg in impl.argnames)))
+    return results
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` on one line, for warnings about a plugin."""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def warn(message: str, exc: BaseException | None = None) -> None:
+    """A one-line warning on the ``cle_core`` logger (``cle`` prints it on stderr as
+    ``cle: warning: ...``); ``exc``'s traceback follows only when the logger is at DEBUG
+    (``cle --debug``)."""
+    show = exc is not None and logger.isEnabledFor(logging.DEBUG)
+    logger.warning("%s", message, exc_info=exc if show else None)
+
+
+def _load(reload: bool = False) -> _Host:
+    global _host
+    if _host is not None and not reload:
+        return _host
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    entries = _entries()
+    builtins = sorted((e for e in entries if e.builtin), key=lambda e: e.name)
+    others = sorted(
+        (e for e in entries if not e.builtin),
+        key=lambda e: (e.name, _normalize(e.package), e.ep.value),
+    )
+    host = _Host(pm, builtins=frozenset(e.name for e in builtins))
+    for entry in [*builtins, *others]:
+        if not entry.builtin and entry.name in host.builtins:
+            # Refused before import: installing a package never replaces a built-in backend.
+            warn(
+                f"{entry.label} skipped: {entry.name!r} is the name of a built-in backend "
+                f"of {BUILTIN_DISTRIBUTION}"
+            )
+            continue
+        if entry.name in host.labels:
+            warn(f"{entry.label} skipped: the name is taken by {host.labels[entry.name]}")
+            continue
+        plugin = _import(entry, host)
+        if plugin is not None:
+            host.pm.register(plugin, name=entry.name)
+            host.order.append(entry.name)
+            host.labels[entry.name] = entry.label
+            host.skipped.pop(entry.name, None)  # an earlier one of this name failed
+    _host = host
+    return host
+
+
+def _import(entry: _Entry, host: _Host) -> object | None:
+    """The plugin of ``entry``, imported and validated apart from the others; None (and
+    the reason in ``host.skipped``) if it cannot be used."""
+    try:
+        plugin = entry.ep.load()
+    except ModuleNotFoundError as exc:
+        # The normal case of a backend whose framework is not installed (the core alone).
+        logger.debug("backend %r skipped: %s is not installed", entry.name, exc.name)
+        host.skipped[entry.name] = f"needs {exc.name or '?'}"
+        return None
+    except (Exception, SystemExit) as exc:  # a plugin that exits must not end ``cle``
+        host.skipped[entry.name] = describe(exc)
+        warn(f"{entry.label} skipped: {describe(exc)}", exc)
+        return None
+    problem = None
+    if plugin is None:
+        problem = f"{entry.ep.value} is None"
+    elif host.pm.is_registered(plugin):
+        problem = f"{entry.ep.value} is already plugin {host.pm.get_name(plugin)!r}"
+    else:
+        # Validated in a manager of its own: pluggy's check covers every plugin at once,
+        # and a registration that fails half-way leaves hook callers behind.
+        scratch = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        scratch.add_hookspecs(hookspecs)
+        try:
+            scratch.register(plugin, name=entry.name)
+            scratch.check_pending()
+        except Exception as exc:
+            problem = describe(exc)
+    if problem is not None:
+        host.skipped[entry.name] = problem
+        warn(f"{entry.label} skipped: {problem}")
+        return None
+    return plugin
+
+
+def _entries() -> list[_Entry]:
+    """The entry points of the group, each distribution read on its own:
+    :func:`importlib.metadata.entry_points` fails as a whole on any one unreadable
+    ``entry_points.txt``. The first of a distribution found twice on sys.path counts,
+    as there."""
+    entries: list[_Entry] = []
+    seen: set[str] = set()
+    for dist in distributions():
+        try:
+            # The name from the folder, as entry_points() does: reading every
+            # distribution's metadata would cost each run of ``cle`` tens of ms.
+            key = getattr(dist, "_normalized_name", None) or _normalize(dist.metadata["Name"])
+            if key in seen:
                 continue
-            pm.register(plugin, name=ep.name)
-        pm.check_pending()
-        _plugin_manager = pm
-    return _plugin_manager
+            seen.add(key)
+            eps = dist.entry_points.select(group=ENTRY_POINT_GROUP)
+            if not eps:
+                continue
+            package, version = dist.metadata["Name"] or "?", dist.version or "?"
+        except Exception as exc:
+            text = _read_text(dist, "entry_points.txt")
+            if f"[{ENTRY_POINT_GROUP}]" in text:  # else not ours to warn about
+                warn(
+                    f"package {_dist_name(dist)} skipped: its entry points cannot be read: "
+                    f"{describe(exc)}",
+                    exc,
+                )
+            continue
+        builtin = _normalize(package) == _normalize(BUILTIN_DISTRIBUTION)
+        entries.extend(_Entry(ep, package, version, builtin) for ep in eps)
+    return entries
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _read_text(dist: Distribution, filename: str) -> str:
+    try:
+        return dist.read_text(filename) or ""
+    except Exception:
+        return ""
+
+
+def _dist_name(dist: Distribution) -> str:
+    try:
+        return dist.metadata["Name"] or "?"
+    except Exception:
+        return str(getattr(dist, "_path", "?"))
+
+
+def _ask(hook: str, about: str, **kwargs: Any) -> tuple[Backend | None, list[str]]:
+    """The first backend that a plugin, asked in claim order, returns for ``hook``; and
+    the plugins that failed on the way. A :class:`CLEError` from a hook is its answer
+    ("mine, but it cannot be read": the ONNX backend without onnx) and propagates; any
+    other exception, or an answer that is not a :class:`Backend`, is a bug of that plugin:
+    it is skipped with a warning, and the next one is asked."""
+    failed = []
+    for name, _ in plugins():
+        try:
+            answers = call_hook(hook, name, **kwargs)
+        except CLEError:
+            raise
+        except Exception as exc:
+            warn(
+                f"{plugin_label(name)} failed while asked about {about}: {describe(exc)}; skipped",
+                exc,
+            )
+            failed.append(f"{name} ({describe(exc)})")
+            continue
+        for answer in answers:
+            if answer is None:
+                continue
+            if isinstance(answer, Backend):
+                return answer, failed
+            kind = type(answer).__name__
+            warn(f"{plugin_label(name)} returned {kind}, not a cle_core.Backend, for {about}")
+            failed.append(f"{name} (returned {kind})")
+    return None, failed
 
 
 def get_backend(model: Any) -> Backend:
-    """The backend that claims ``model``; :class:`UnsupportedModelError` if none does."""
-    pm = get_plugin_manager()
-    backend = pm.hook.cle_backend_for(model=model)
+    """The backend that claims ``model``; :class:`UnsupportedModelError` if none does.
+    Plugins are asked in claim order (:func:`plugins`)."""
+    kind = type(model)
+    what = f"{kind.__module__}.{kind.__qualname__}"
+    backend, failed = _ask("cle_backend_for", f"a model of type {what}", model=model)
     if backend is None:
-        kind = type(model)
-        names = ", ".join(name for name, _ in pm.list_name_plugin()) or "none"
         raise UnsupportedModelError(
-            f"no CLE backend handles a model of type {kind.__module__}.{kind.__qualname__} "
-            f"(registered backends: {names}{_missing()})"
+            f"no CLE backend handles a model of type {what} ({_registered(failed)})"
         )
     return backend
 
 
-def _missing() -> str:
-    """The backends left out for a missing framework, for error messages."""
-    if not _skipped:
-        return ""
-    parts = ", ".join(f"{name} (needs {module})" for name, module in sorted(_skipped.items()))
-    return f"; not loaded: {parts}"
+def _registered(failed: list[str]) -> str:
+    """The registered backends, those left out and those that failed, for error messages."""
+    host = _load()
+    text = f"registered backends: {', '.join(host.order) or 'none'}"
+    if host.skipped:
+        text += "; not loaded: " + ", ".join(
+            f"{name} ({why})" for name, why in sorted(host.skipped.items())
+        )
+    if failed:
+        text += "; failed: " + ", ".join(failed)
+    return text
 
 
 def get_backend_for_file(path: str | Path) -> Backend:
     """The backend that reads the model file ``path`` (by suffix or content);
-    :class:`UnsupportedModelError` if none does."""
-    pm = get_plugin_manager()
-    backend = pm.hook.cle_backend_for_file(path=Path(path))
+    :class:`UnsupportedModelError` if none does. Plugins are asked in claim order
+    (:func:`plugins`)."""
+    backend, failed = _ask("cle_backend_for_file", str(path), path=Path(path))
     if backend is None:
-        names = ", ".join(name for name, _ in pm.list_name_plugin()) or "none"
         raise UnsupportedModelError(
-            f"{path}: no CLE backend reads this file (registered backends: {names}{_missing()})"
+            f"{path}: no CLE backend reads this file ({_registered(failed)})"
         )
     return backend
 

@@ -8,6 +8,14 @@ the ``cle.backends`` entry-point group::
     mybackend = "my_package.cle_plugin"
 
 Every hook name starts with ``cle_``.
+
+Each plugin is loaded and asked on its own, so that a broken plugin costs only itself
+(:func:`cle_core.get_plugin_manager`). The core calls the hooks one plugin at a time, in
+*claim order*: the built-in backends (the entry points of the ``crosslayer-eq``
+distribution) first, then third-party plugins sorted by entry-point name; the first
+backend returned wins. The order on ``sys.path`` and pluggy's ``tryfirst`` / ``trylast``
+markers do not change it, and hook wrappers are not called. Third-party entry points
+cannot take a built-in backend's name.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ def cle_backend_for(model: Any) -> Backend | None:
     Called for every model until one plugin answers, so it must be cheap and must not
     import a heavy framework just to say no (check ``sys.modules`` first: a model of a
     framework that was never imported cannot be one of its objects).
+
+    Raising a :class:`cle_core.CLEError` claims the model and refuses it: its message
+    reaches the user. Any other exception, or an answer that is not a ``Backend``, is a
+    bug of the plugin: it is skipped for this model with a warning, and the next plugin
+    is asked.
     """
 
 
@@ -42,10 +55,16 @@ def cle_backend_for(model: Any) -> Backend | None:
 def cle_backend_for_file(path: Path) -> Backend | None:
     """Return a :class:`cle_core.Backend` that reads and writes the model file ``path``
     (judged by its suffix or its first bytes), else None. The command line finds
-    backends through this hook. Must be cheap, like :func:`cle_backend_for`."""
+    backends through this hook. Must be cheap, and fails like :func:`cle_backend_for`
+    (raise a ``CLEError`` for a file that is yours but cannot be read: the ONNX backend
+    without onnx installed)."""
 
 
 @hookspec
 def cle_add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add commands to the ``cle`` command line: ``subparsers.add_parser(...)``, with
-    ``set_defaults(run=function)``; ``function(args)`` returns the exit status."""
+    ``set_defaults(run=function)``; ``function(args)`` returns the exit status.
+
+    Called for each plugin in claim order. A name that is taken (a built-in command's or
+    an earlier plugin's) is refused with a warning: ``add_parser`` then returns a parser
+    that no command line reaches. If the hook raises, none of its commands are added."""

@@ -3,17 +3,20 @@
 Exit status: 0 on success; 2 on bad usage or bad input (one line on stderr, no
 traceback unless ``--debug``, nothing written); 1 when ``--check`` finds that the output
 does not compute what the input does, or on an internal error; 130 on Ctrl-C and 143 on
-SIGTERM (temporary files removed, the destination untouched).
+SIGTERM (temporary files removed, the destination untouched). Warnings (a broken plugin
+skipped, a command name refused) are one ``cle: warning: ...`` line each on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import signal
 import sys
 import threading
 
-from .._backend import get_plugin_manager
+from .._backend import call_hook, describe, plugin_label, plugins, warn
 from .._errors import CLEError
 from . import equalize, evaluate, inspect
 from ._common import (
@@ -33,6 +36,7 @@ from .inspect import format_inspection, format_summary
 __all__ = [
     "Progress",
     "UsageError",
+    "add_plugin_commands",
     "build_parser",
     "check_failed",
     "format_inspection",
@@ -53,21 +57,104 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in (equalize, evaluate, inspect):  # one module per command
         command.add_parser(sub)
-    get_plugin_manager().hook.cle_add_commands(subparsers=sub)
+    add_plugin_commands(sub)
     return parser
 
 
+def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Each plugin's ``cle_add_commands``, one plugin at a time in claim order: a plugin
+    whose hook raises adds no command (one warning), and a command name that is taken
+    (a built-in command's, or an earlier plugin's) is refused (one warning), so that no
+    plugin can break or replace another's command."""
+    owners = dict.fromkeys(sub.choices, "a built-in command")
+    for name, _ in plugins():
+        commands = _PluginCommands(sub, plugin_label(name), owners)
+        try:
+            call_hook("cle_add_commands", name, subparsers=commands)
+        except Exception as exc:
+            commands.remove_added()
+            warn(
+                f"{plugin_label(name)}: cle_add_commands failed, its commands are left out: "
+                f"{describe(exc)}",
+                exc,
+            )
+
+
+class _PluginCommands:
+    """The subparsers as one plugin's ``cle_add_commands`` sees them. A name that is taken
+    is refused here: argparse would silently replace the command before Python 3.11 and
+    raise from 3.11 on, taking every other command down with it."""
+
+    def __init__(self, sub: argparse._SubParsersAction, label: str, owners: dict[str, str]):
+        self._sub = sub
+        self._label = label
+        self._owners = owners  # command name or alias -> who added it
+        self._added: list[str] = []
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        names = [name, *kwargs.get("aliases", ())]
+        for taken in names:
+            if taken in self._owners:
+                warn(
+                    f"command {taken!r} of {self._label} refused: the name is taken by "
+                    f"{self._owners[taken]}"
+                )
+                # The plugin goes on configuring a parser that no command line reaches.
+                return argparse.ArgumentParser(prog=f"cle {name}")
+        parser = self._sub.add_parser(name, **kwargs)
+        for added in names:
+            self._owners[added] = self._label
+            self._added.append(added)
+        return parser
+
+    def remove_added(self) -> None:
+        """Take back the commands this plugin added (its hook raised after adding some).
+        argparse has no public way to remove a command: these are its two records."""
+        for added in self._added:
+            self._sub._name_parser_map.pop(added, None)
+            self._owners.pop(added, None)
+        self._sub._choices_actions[:] = [
+            a for a in self._sub._choices_actions if a.dest not in self._added
+        ]
+        self._added.clear()
+
+    def __getattr__(self, attr: str):
+        return getattr(self._sub, attr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Plugins load while the parser is built, before the arguments are parsed.
+    with _warnings_on_stderr(debug="--debug" in argv):
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return _main(parser, args)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _warnings_on_stderr(debug: bool):
+    """The ``cle_core`` logger's warnings (a plugin skipped, a fallback taken) as one
+    ``cle: warning: ...`` line each on stderr; with ``--debug``, their tracebacks too."""
+    log = logging.getLogger("cle_core")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("cle: warning: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    if debug:
+        log.setLevel(logging.DEBUG)
     try:
-        return _main(parser, args)
+        yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def _main(parser, args) -> int:

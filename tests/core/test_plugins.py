@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import cle_core
 from cle_core import UnsupportedModelError, equalize_model, get_plugin_manager
+from cle_core._backend import get_backend_for_file
 from tests.helpers.toy_backend import ToyBackend, ToyMLP
 
 
@@ -71,23 +77,8 @@ def test_a_backend_whose_framework_is_missing_is_skipped(tmp_path, monkeypatch, 
         pm = get_plugin_manager(reload=True)
     assert pm.get_plugin("missing") is None
     assert "a_framework_nobody_installed is not installed" in caplog.text
-    monkeypatch.undo()
-    get_plugin_manager(reload=True)
-
-
-def test_a_misspelled_hook_fails_loudly(tmp_path, monkeypatch):
-    import pluggy
-
-    dist = tmp_path / "typo-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: typo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cle.backends]\ntypo = cle_typo_plugin\n")
-    (tmp_path / "cle_typo_plugin.py").write_text(
-        "from cle_core import hookimpl\n\n@hookimpl\ndef cle_backend_fro(model):\n    return None\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(pluggy.PluginValidationError, match="cle_backend_fro"):
-        get_plugin_manager(reload=True)
+    # A missing framework is normal (the core alone has no torch): no warning.
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     monkeypatch.undo()
     get_plugin_manager(reload=True)
 
@@ -185,3 +176,453 @@ def test_a_file_no_backend_reads_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "m.xyz").write_bytes(b"?")
     assert main(["inspect", str(tmp_path / "m.xyz")]) == 2
     assert "no CLE backend reads this file (registered backends: " in capsys.readouterr().err
+
+
+# --- plugin isolation: a broken third-party plugin costs only itself ---------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Installer:
+    """Fake installed distributions: a dist-info folder declaring ``cle.backends`` entry
+    points, with the plugin modules beside it, in a folder put first on sys.path."""
+
+    def __init__(self, tmp_path: Path, monkeypatch):
+        self.tmp_path = tmp_path
+        self.monkeypatch = monkeypatch
+        self.modules: list[str] = []
+
+    def __call__(
+        self,
+        dist: str,
+        entry_points: dict[str, str] | str,
+        modules: dict[str, str] | None = None,
+        folder: str = "site",
+        on_path: bool = True,
+    ) -> Path:
+        where = self.tmp_path / folder
+        info = where / f"{dist.replace('-', '_')}-0.1.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+        if isinstance(entry_points, dict):
+            lines = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
+            entry_points = f"[cle.backends]\n{lines}"
+        (info / "entry_points.txt").write_text(entry_points)
+        for module, source in (modules or {}).items():
+            (where / f"{module}.py").write_text(textwrap.dedent(source))
+            self.modules.append(module)
+        if on_path and str(where) not in sys.path:
+            self.monkeypatch.syspath_prepend(str(where))
+        return where
+
+
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    installer = Installer(tmp_path, monkeypatch)
+    yield installer
+    monkeypatch.undo()
+    for module in installer.modules:
+        sys.modules.pop(module, None)
+    get_plugin_manager(reload=True)
+
+
+def names() -> list[str]:
+    return sorted(name for name, _ in get_plugin_manager().list_name_plugin())
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def claiming(name: str, suffix: str = "", tryfirst: bool = False) -> str:
+    """Source of a plugin module whose backend (named ``name``) claims every dict model and
+    every file ending in ``suffix`` (every file if empty)."""
+    marker = "@cle_core.hookimpl(tryfirst=True)" if tryfirst else "@cle_core.hookimpl"
+    return f"""
+        import cle_core
+
+        class Claimer(cle_core.Backend):
+            name = {name!r}
+
+            def to_ir(self, model, **options):
+                raise cle_core.UnsupportedModelError("{name} translates nothing")
+
+            def apply(self, model, result, **options):
+                return model
+
+        {marker}
+        def cle_backend_for(model):
+            return Claimer() if isinstance(model, dict) else None
+
+        {marker}
+        def cle_backend_for_file(path):
+            return Claimer() if path.name.endswith({suffix!r}) else None
+        """
+
+
+HOOK = "from cle_core import hookimpl\n\n@hookimpl\n"
+BROKEN = {
+    "runtime-error": ("raise RuntimeError('the plugin is broken')\n", "RuntimeError: the plugin"),
+    "import-error": (
+        "from json import no_such_name\n",
+        "ImportError: cannot import name 'no_such_name'",
+    ),
+    "misspelled-hook": (
+        HOOK + "def cle_backend_fro(model):\n    return None\n",
+        "unknown hook 'cle_backend_fro'",
+    ),
+    "wrong-argument": (
+        HOOK + "def cle_backend_for(modle):\n    return None\n",
+        "cle_backend_for(modle)",
+    ),
+    "exits": ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_plugin_that_fails_to_load_is_skipped_with_one_warning(case, install, caplog):
+    source, error = BROKEN[case]
+    get_plugin_manager(reload=True)
+    before = names()
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    install("broken-plugin", {"broken": "cle_broken_plugin"}, {"cle_broken_plugin": source})
+    with caplog.at_level("WARNING", logger="cle_core"):
+        get_plugin_manager(reload=True)
+    assert names() == sorted([*before, "toy"])  # the built-in backends and the toy: loaded
+    [warning] = warnings_of(caplog)
+    assert "'broken'" in warning and "broken-plugin" in warning and error in warning
+    assert "\n" not in warning
+    # The plugins that loaded work, and the broken one is named where nothing claims a model.
+    new, report = equalize_model(make_mlp())
+    assert len(report.regions) == 1
+    with pytest.raises(UnsupportedModelError, match=r"not loaded: broken \(.*\)"):
+        equalize_model({"not": "a model"})
+
+
+def test_a_misspelled_hook_is_never_registered(install, caplog):
+    install("typo", {"typo": "cle_typo_plugin"}, {"cle_typo_plugin": BROKEN["misspelled-hook"][0]})
+    with caplog.at_level("WARNING", logger="cle_core"):
+        pm = get_plugin_manager(reload=True)
+    assert pm.get_plugin("typo") is None
+    assert "cle_backend_fro" not in pm.hook.__dict__  # validated apart, nothing left behind
+    assert "unknown hook 'cle_backend_fro'" in caplog.text
+
+
+def test_unreadable_entry_points_cost_only_their_package(install, caplog):
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    install("garbled", "[cle.backends]\nthis line has no equals sign\n")
+    with caplog.at_level("WARNING", logger="cle_core"):
+        get_plugin_manager(reload=True)
+    assert "toy" in names()
+    [warning] = warnings_of(caplog)
+    assert "garbled" in warning and "entry points" in warning
+
+
+def test_equalize_model_on_onnx_works_with_broken_plugins_installed(install, caplog):
+    pytest.importorskip("onnx")
+    import cle_onnx
+    from tests.helpers.onnx_models import conv_pair
+
+    install("broken-plugin", {"broken": "cle_broken_plugin"}, {"cle_broken_plugin": "1 / 0\n"})
+    install(
+        "flaky-plugin",
+        {"aaa_flaky": "cle_flaky_plugin"},
+        {
+            "cle_flaky_plugin": """
+                import cle_core
+
+                @cle_core.hookimpl(tryfirst=True)
+                def cle_backend_for(model):
+                    raise RuntimeError("flaky")
+                """
+        },
+    )
+    with caplog.at_level("WARNING", logger="cle_core"):
+        get_plugin_manager(reload=True)
+        model = conv_pair("relu")
+        assert isinstance(cle_core.get_backend(model), cle_onnx.OnnxBackend)
+        new, report = cle_core.equalize_model(model)
+    assert len(report.folds) == 1 and len(report.regions) == 1
+    assert ["ZeroDivisionError" in w for w in warnings_of(caplog)] == [True]
+
+
+def test_a_hook_that_raises_is_skipped_and_named(install, tmp_path, caplog, capsys):
+    from cle_core._cli import main
+
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    flaky = """
+        import cle_core
+
+        @cle_core.hookimpl
+        def cle_backend_for(model):
+            raise RuntimeError("flaky model hook")
+
+        @cle_core.hookimpl
+        def cle_backend_for_file(path):
+            raise RuntimeError("flaky file hook")
+        """
+    # "flaky" sorts before "toy": it is asked first, fails, and the toy backend still answers.
+    install("flaky-plugin", {"flaky": "cle_flaky_plugin"}, {"cle_flaky_plugin": flaky})
+    get_plugin_manager(reload=True)
+    with caplog.at_level("WARNING", logger="cle_core"):
+        assert isinstance(cle_core.get_backend(make_mlp()), ToyBackend)
+        assert isinstance(get_backend_for_file(tmp_path / "m.toy"), ToyBackend)
+    [w1, w2] = warnings_of(caplog)
+    assert "'flaky'" in w1 and "flaky-plugin" in w1 and "RuntimeError: flaky model hook" in w1
+    assert "'flaky'" in w2 and "RuntimeError: flaky file hook" in w2
+    with pytest.raises(UnsupportedModelError, match=r"failed: flaky \(RuntimeError: flaky"):
+        get_backend_for_file(tmp_path / "m.xyz")
+    with pytest.raises(UnsupportedModelError, match=r"failed: flaky \(RuntimeError: flaky"):
+        equalize_model({"not": "a model"})
+    # On the command line: one warning line, and the toy file is equalized.
+    src = tmp_path / "m.toy"
+    with open(src, "wb") as f:
+        ToyBackend().save(make_mlp(), f)
+    capsys.readouterr()
+    assert main(["inspect", str(src)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "cle: warning: plugin 'flaky' (package flaky-plugin 0.1) failed while asked about "
+        f"{src}: RuntimeError: flaky file hook; skipped"
+    ]
+
+
+def test_a_hook_that_returns_no_backend_is_skipped(install, caplog):
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    odd = "import cle_core\n\n@cle_core.hookimpl\ndef cle_backend_for(model):\n    return 'yes'\n"
+    install("odd-plugin", {"odd": "cle_odd_plugin"}, {"cle_odd_plugin": odd})
+    get_plugin_manager(reload=True)
+    with caplog.at_level("WARNING", logger="cle_core"):
+        assert isinstance(cle_core.get_backend(make_mlp()), ToyBackend)
+    [warning] = warnings_of(caplog)
+    assert "'odd'" in warning and "returned str, not a cle_core.Backend" in warning
+
+
+def test_a_cle_error_from_a_hook_reaches_the_user(install, tmp_path):
+    # Raising a CLEError is how a plugin says "mine, but I cannot" (the ONNX backend
+    # without onnx installed): that message is the answer, not a plugin failure.
+    refuses = """
+        import cle_core
+
+        @cle_core.hookimpl
+        def cle_backend_for_file(path):
+            if path.suffix == ".ref":
+                raise cle_core.UnsupportedModelError("the ref backend needs refs")
+        """
+    install("ref-plugin", {"ref": "cle_ref_plugin"}, {"cle_ref_plugin": refuses})
+    get_plugin_manager(reload=True)
+    with pytest.raises(UnsupportedModelError, match="^the ref backend needs refs$"):
+        get_backend_for_file(tmp_path / "m.ref")
+
+
+PRINTS_A_WARNING = "cle: warning: plugin 'broken' (package broken-plugin 0.1) skipped: "
+
+
+def test_the_cli_runs_with_a_broken_plugin_installed(install, tmp_path, capsys):
+    from cle_core._cli import main
+
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    install(
+        "broken-plugin",
+        {"broken": "cle_broken_plugin"},
+        {"cle_broken_plugin": "raise ImportError('half installed')\n"},
+    )
+    get_plugin_manager(reload=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "equalize" in capsys.readouterr().out
+    src = tmp_path / "m.toy"
+    with open(src, "wb") as f:
+        ToyBackend().save(make_mlp(), f)
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.toy"), "--quiet"]) == 0
+    assert main(["inspect", str(src)]) == 0
+    assert (tmp_path / "o.toy").exists()
+    # Loaded once per process: the warning was printed once, before the first command.
+    get_plugin_manager(reload=True)
+    capsys.readouterr()
+    assert main(["inspect", str(src)]) == 0
+    assert main(["inspect", str(src)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cli_prints_one_warning_line_and_no_traceback(install, tmp_path):
+    site = install(
+        "broken-plugin",
+        {"broken": "cle_broken_plugin"},
+        {"cle_broken_plugin": "raise RuntimeError('the plugin is broken')\n"},
+        on_path=False,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cle_core._cli", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "equalize" in proc.stdout and "inspect" in proc.stdout
+    assert proc.stderr == PRINTS_A_WARNING + "RuntimeError: the plugin is broken\n"
+    # --debug shows where the plugin failed.
+    proc = subprocess.run(
+        [sys.executable, "-m", "cle_core._cli", "--debug", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith(PRINTS_A_WARNING) and "Traceback" in proc.stderr
+
+
+def test_a_plugin_whose_cle_add_commands_raises_adds_no_command(install, tmp_path, capsys):
+    from cle_core._cli import main
+
+    raises = """
+        import cle_core
+
+        @cle_core.hookimpl
+        def cle_add_commands(subparsers):
+            subparsers.add_parser("half", help="added before the failure").set_defaults(
+                run=lambda args: 5
+            )
+            raise RuntimeError("no commands today")
+        """
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    install("cmd-plugin", {"cmd": "cle_cmd_plugin"}, {"cle_cmd_plugin": raises})
+    get_plugin_manager(reload=True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out, err = capsys.readouterr()
+    assert "half" not in out and "inspect" in out
+    assert err.splitlines() == [
+        "cle: warning: plugin 'cmd' (package cmd-plugin 0.1): cle_add_commands failed, "
+        "its commands are left out: RuntimeError: no commands today"
+    ]
+    with pytest.raises(SystemExit):
+        main(["half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+    src = tmp_path / "m.toy"
+    with open(src, "wb") as f:
+        ToyBackend().save(make_mlp(), f)
+    assert main(["inspect", str(src)]) == 0
+
+
+def test_a_command_name_that_is_taken_is_refused(install, tmp_path, capsys):
+    from cle_core._cli import main
+
+    # One module, two commands: ``hello`` is new, ``equalize`` is the built-in one's.
+    takes_equalize = """
+        import cle_core
+
+        @cle_core.hookimpl
+        def cle_add_commands(subparsers):
+            p = subparsers.add_parser("hello", help="says hello (first)")
+            p.set_defaults(run=lambda args: 7)
+            q = subparsers.add_parser("equalize", help="not the real one")
+            q.add_argument("--fake")
+            q.set_defaults(run=lambda args: 42)
+        """
+    also_hello = """
+        import cle_core
+
+        @cle_core.hookimpl
+        def cle_add_commands(subparsers):
+            subparsers.add_parser("hello", help="says hello (second)").set_defaults(
+                run=lambda args: 8
+            )
+        """
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    # Put on sys.path in both orders: "first" (sorted before "second") gets ``hello``.
+    install("first", {"first": "cle_first_plugin"}, {"cle_first_plugin": takes_equalize}, "a")
+    install("second", {"second": "cle_second_plugin"}, {"cle_second_plugin": also_hello}, "b")
+    src = tmp_path / "m.toy"
+    with open(src, "wb") as f:
+        ToyBackend().save(make_mlp(), f)
+    base = [p for p in sys.path if p not in {str(tmp_path / "a"), str(tmp_path / "b")}]
+    for order in ("ab", "ba"):
+        sys.path[:] = [str(tmp_path / d) for d in order] + base
+        get_plugin_manager(reload=True)
+        capsys.readouterr()
+        out = tmp_path / f"o_{order}.toy"
+        assert main(["equalize", str(src), "-o", str(out), "--quiet"]) == 0
+        assert out.exists()  # the built-in command ran
+        assert sorted(capsys.readouterr().err.splitlines()) == [
+            "cle: warning: command 'equalize' of plugin 'first' (package first 0.1) refused: "
+            "the name is taken by a built-in command",
+            "cle: warning: command 'hello' of plugin 'second' (package second 0.1) refused: "
+            "the name is taken by plugin 'first' (package first 0.1)",
+        ]
+        assert main(["hello"]) == 7
+
+
+@pytest.mark.parametrize("builtin", ["onnx", "torch"])
+def test_a_third_party_cannot_take_a_builtin_name(builtin, install, tmp_path, caplog):
+    import cle_core._backend as host
+
+    module = f"cle_impostor_{builtin}"
+    install("impostor", {builtin: module}, {module: claiming("impostor")})
+    with caplog.at_level("WARNING", logger="cle_core"):
+        pm = get_plugin_manager(reload=True)
+    [warning] = warnings_of(caplog)
+    assert f"plugin '{builtin}' (package impostor 0.1) skipped" in warning
+    assert "built-in backend of crosslayer-eq" in warning
+    assert module not in sys.modules  # refused before it was imported
+    assert pm.get_plugin(builtin) in (None, sys.modules.get(f"cle_{builtin}._plugin"))
+    with pytest.raises(UnsupportedModelError, match="no CLE backend handles"):
+        equalize_model({"not": "a model"})
+    assert builtin in host.builtin_names()
+
+
+def test_the_builtin_onnx_backend_keeps_its_files_and_models(install, tmp_path):
+    pytest.importorskip("onnx")
+    import cle_onnx
+    from tests.helpers.onnx_models import conv_pair
+
+    # A catch-all third party, named to sort first, marked tryfirst, first on sys.path.
+    install("impostor", {"onnx": "cle_impostor_a"}, {"cle_impostor_a": claiming("a")}, "a")
+    install("catch-all", {"aaa": "cle_catch_all"}, {"cle_catch_all": claiming("all", "", True)})
+    get_plugin_manager(reload=True)
+    import cle_onnx._plugin
+
+    assert get_plugin_manager().get_plugin("onnx") is cle_onnx._plugin
+    assert isinstance(get_backend_for_file(tmp_path / "m.onnx"), cle_onnx.OnnxBackend)
+    assert isinstance(cle_core.get_backend(conv_pair("relu")), cle_onnx.OnnxBackend)
+    # What no built-in claims goes to the third party.
+    assert get_backend_for_file(tmp_path / "m.xyz").name == "all"
+
+
+@pytest.mark.parametrize("tryfirst", [False, True], ids=["plain", "tryfirst"])
+def test_the_claim_does_not_depend_on_the_order_of_site_packages(tryfirst, install, tmp_path):
+    install("alpha-dist", {"alpha": "cle_alpha_plugin"}, {"cle_alpha_plugin": claiming("a")}, "a")
+    # Both claim m.both; beta sorts after alpha (and may ask pluggy to be called first).
+    install(
+        "beta-dist",
+        {"beta": "cle_beta_plugin"},
+        {"cle_beta_plugin": claiming("b", ".both", tryfirst=tryfirst)},
+        "b",
+    )
+    base = [p for p in sys.path if p not in {str(tmp_path / "a"), str(tmp_path / "b")}]
+    answers = []
+    for order in ("ab", "ba"):
+        sys.path[:] = [str(tmp_path / d) for d in order] + base
+        get_plugin_manager(reload=True)
+        answers.append(
+            (
+                get_backend_for_file(tmp_path / "m.both").name,
+                cle_core.get_backend({}).name,
+            )
+        )
+    assert answers == [("a", "a"), ("a", "a")]
+
+
+def test_the_claim_order_is_builtins_then_third_parties_by_name(install):
+    import cle_core._backend as host
+
+    install("zeta-dist", {"zeta": "cle_zeta_plugin"}, {"cle_zeta_plugin": claiming("z")}, "z")
+    install("alpha-dist", {"alpha": "cle_alpha_plugin"}, {"cle_alpha_plugin": claiming("a")}, "a")
+    get_plugin_manager(reload=True)
+    order = [name for name, _ in host.plugins()]
+    builtins = [name for name in order if name in host.builtin_names()]
+    assert order == [*builtins, "alpha", "zeta"]
+    assert builtins == sorted(builtins)
