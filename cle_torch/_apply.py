@@ -43,6 +43,9 @@ class Plan:
     new_biases: list[tuple[Site, np.ndarray]] = field(default_factory=list)
     bn_sites: list[Site] = field(default_factory=list)
     clips: list[tuple[Site, np.ndarray, np.ndarray, str]] = field(default_factory=list)
+    # batch norms carried through a region: new running_mean / bias per call site
+    affines: list[tuple[Site, dict[str, np.ndarray]]] = field(default_factory=list)
+    per_call: set[str] = field(default_factory=set)  # modules whose calls need different ones
     like: dict[str, str] = field(default_factory=dict)  # clip fx node -> a nearby weight
     reasons: list[str] = field(default_factory=list)
 
@@ -104,9 +107,10 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             plan.like[site.fx] = _nearby_weight(cap, node) or ""
         elif node.op == "batchnorm" and site.kind == "module":
             # Carried through a region: running_mean and bias were divided by the scale.
-            plan.params.append((f"{site.module}.running_mean", node.params["mean"]))
+            values = {"running_mean": node.params["mean"]}
             if node.params.get("beta") is not None:
-                plan.params.append((f"{site.module}.bias", node.params["beta"]))
+                values["bias"] = node.params["beta"]
+            plan.affines.append((site, values))
         else:
             raise CLEError(f"cannot write back node {name!r} ({node.op})")
     for name in result.removed:
@@ -128,6 +132,19 @@ def _check_in_place(cap: Capture, plan: Plan) -> None:
                 f"batch norm {module} is called at {len(calls)} places and only "
                 f"{len(set(calls) & removed)} of them were folded"
             )
+    # The module's statistics are written for the call that was carried: every other
+    # call of it would read them too.
+    carried: dict[str, list[dict[str, np.ndarray]]] = {}
+    for site, values in plan.affines:
+        carried.setdefault(site.module, []).append(values)
+    for module, values in carried.items():
+        calls = cap.module_calls[module]
+        if not (len(values) == len(calls) and all(_same(v, values[0]) for v in values)):
+            plan.per_call.add(module)
+            plan.reasons.append(
+                f"batch norm {module} is called at {len(calls)} places that need different "
+                "statistics"
+            )
     by_module: dict[str, list[tuple[Site, np.ndarray, np.ndarray]]] = {}
     for site, lo, hi, name in plan.clips:
         if site.kind != "module":
@@ -147,6 +164,22 @@ def _check_in_place(cap: Capture, plan: Plan) -> None:
                 f"activation module {module} is called at {len(calls)} places that need "
                 "different bounds"
             )
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _affine_params(plan: Plan) -> list[tuple[str, np.ndarray]]:
+    """The new statistics of carried batch norms that every call of the module shares,
+    as parameter writes (one per module)."""
+    out: list[tuple[str, np.ndarray]] = []
+    seen: set[str] = set(plan.per_call)
+    for site, values in plan.affines:
+        if site.module not in seen:
+            seen.add(site.module)
+            out += [(f"{site.module}.{key}", arr) for key, arr in values.items()]
+    return out
 
 
 # --- helpers shared by both ways of writing ----------------------------------------------
@@ -230,6 +263,18 @@ def _clamp_module(
     )
 
 
+def _carried_bn(model: nn.Module, module: str, values: dict[str, np.ndarray]) -> nn.Module:
+    """A copy of batch norm ``module`` with the statistics that one of its calls needs."""
+    bn = copy.deepcopy(model.get_submodule(module))
+    for key, arr in values.items():
+        old = getattr(bn, key)
+        new = _new_tensor(arr, old, f"{module}.{key}")
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=old.requires_grad)
+        setattr(bn, key, new)
+    return bn
+
+
 def _module_paths(model: nn.Module) -> dict[int, list[str]]:
     paths: dict[int, list[str]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
@@ -244,7 +289,7 @@ def write_in_place(cap: Capture, plan: Plan) -> dict[str, int]:
     model = cap.model
     # Prepare every new tensor and module first: a failure here changes nothing.
     updates: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for q, arr in plan.params:
+    for q, arr in plan.params + _affine_params(plan):
         p = _resolve(model, q)
         updates.append((p, _new_tensor(arr, p, q)))
     biases: list[tuple[nn.Module, nn.Parameter]] = []
@@ -350,6 +395,7 @@ def _collapse_layer_modules(
     that replaces each erased region's output."""
     edited = {s.fx for s in plan.bn_sites} | {s.fx for s, *_ in plan.clips}
     edited |= {s.fx for s, _ in plan.new_biases if not s.bias_slot}
+    edited |= {s.fx for s, _ in plan.affines}
     order = {n: i for i, n in enumerate(g.nodes)}
     nodes = list(g.nodes)
     collapsed: set[str] = set()
@@ -427,6 +473,12 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
         n.replace_all_uses_with(new)
         g.erase_node(n)
 
+    for site, values in plan.affines:
+        if site.module in plan.per_call:  # else written with the parameters below
+            target = unique_name(f"{site.module}_cle{site.call_index}", taken)
+            new_attrs[target] = _carried_bn(model, site.module, values)
+            nodes[site.fx].target = target
+
     module_biases: dict[str, nn.Parameter] = {}
     for site, arr in plan.new_biases:
         param = _new_param(arr, _resolve(model, site.weight), f"{site.weight} (new bias)")
@@ -466,7 +518,7 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
     # Changed parameters are made anew (not copied, then overwritten): pre-seeding the
     # deepcopy memo puts them wherever the copies would have gone, ties included.
     memo: dict[int, Any] = {}
-    for q, arr in plan.params:
+    for q, arr in plan.params + _affine_params(plan):
         orig = _resolve(model, q)
         if id(orig) not in memo:
             new = _new_tensor(arr, orig, q)

@@ -108,6 +108,8 @@ def _ints(v: Any, n: int, what: str, types: tuple[type, ...] = (int,)) -> tuple:
 
 
 def _number(v: Any, what: str) -> float:
+    if isinstance(v, torch.fx.Node):
+        raise _Opaque(f"{what} is a tensor, not a number")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _Opaque(f"{what} is not a number")
     return float(v)

@@ -402,7 +402,7 @@ class _Translator:
         if base in CONV_MODULES or base in CONVT_MODULES:
             transpose = base in CONVT_MODULES
             if transpose and m.padding_mode != "zeros":
-                raise _Opaque("ConvTranspose with non-zero padding mode")
+                raise _Opaque(f"padding_mode={m.padding_mode!r} on a ConvTranspose")
             self.conv(
                 node,
                 x,
@@ -457,7 +457,7 @@ class _Translator:
             self.resize(node, x, m.scale_factor, m.mode)
         elif base is _ConstantPadNd:
             if float(m.value) != 0.0:
-                raise _Opaque("non-zero constant padding")
+                raise _Opaque(f"value={m.value}: {_CONSTANT_PAD}")
             self.pad(node, x, list(m.padding), nd=len(m.padding) // 2)
         else:
             raise _Opaque(f"{type(m).__name__} is not understood")
@@ -616,7 +616,8 @@ class _Translator:
 
     def batchnorm(self, node, x, m: nn.Module, want_rank: int | None) -> None:
         if m.running_mean is None or m.running_var is None:
-            raise _Opaque("batch norm without running statistics")
+            # it normalizes by the batch's own statistics, which scaling does not change
+            raise _Opaque("track_running_stats=False: no running statistics")
         rank = self.rank.get(x.name)
         if rank is not None and (rank not in (2, 3) if want_rank is None else rank != want_rank):
             raise _Opaque(f"input of rank {rank}")
@@ -654,7 +655,7 @@ class _Translator:
 
     def clip(self, node, x, lo: float, hi: float, inplace: bool) -> None:
         if np.isnan(lo) or np.isnan(hi) or lo > hi:
-            raise _Opaque("invalid bounds")
+            raise _Opaque(f"invalid bounds min={lo}, max={hi}")
         x = self.data(x)
         if inplace and not self.inplace_ok(x):
             raise _Opaque("in place, and its input is also read elsewhere")
@@ -712,12 +713,15 @@ class _Translator:
     # --- structure -----------------------------------------------------------------------
     def f_add(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_add, args, kwargs)
+        for other in (b["input"], b["other"]):
+            if isinstance(other, (int, float)):
+                raise _Opaque(f"adds the number {other}, which does not scale with the channel")
         try:
             a, c = self.data(b["input"]), self.data(b["other"])
         except _Opaque:
             raise _Opaque("not a sum of two tensors of the graph") from None
         if b["alpha"] != 1:
-            raise _Opaque("alpha is not 1")
+            raise _Opaque(f"alpha={b['alpha']}: the IR's add has no factor")
         inplace = fn in (operator.iadd, "add_")
         if inplace and not self.inplace_ok(a):
             raise _Opaque("in place, and its input is also read elsewhere")
@@ -734,7 +738,9 @@ class _Translator:
         """A product with a number (a constant factor), or with a gate: a tensor of
         spatial size 1 (squeeze-and-excitation's, after a global pool). Scaling the
         feature map's channels scales the product's; the gate stays unscaled."""
-        if fn == "mul_" or len(args) != 2 or kwargs:
+        if fn == "mul_":
+            raise _Opaque("in place")
+        if len(args) != 2 or kwargs:
             raise _Opaque("not a product of two operands")
         a, c = args
         for x, f in ((a, c), (c, a)):
@@ -746,7 +752,8 @@ class _Translator:
         try:
             x, g = self.data(a), self.data(c)
         except _Opaque:
-            raise _Opaque("not a product of two tensors of the graph") from None
+            # a parameter or constant factor: not known to be one number per channel
+            raise _Opaque("a factor that is a tensor, not a number or a gate") from None
         if (x.name in self.point) == (g.name in self.point):
             raise _Opaque("not a gate: neither operand (or both) is known to be pooled")
         if x.name in self.point:
@@ -767,7 +774,7 @@ class _Translator:
         rank = ranks.pop() if len(ranks) == 1 else None
         dim = b["dim"]
         if not isinstance(dim, int) or (dim != 1 and not (rank and dim < 0 and dim + rank == 1)):
-            raise _Opaque("not along the channel axis")
+            raise _Opaque(f"dim={dim} is not the channel axis")
         chans = [self.chan.get(x.name) for x in xs]
         channels = None if None in chans else sum(chans)
         self.emit("concat", node, xs, rank=rank, channels=channels)
@@ -775,7 +782,9 @@ class _Translator:
     def flatten(self, node, x, start_dim, end_dim) -> None:
         rank = self.rank.get(x.name)
         if start_dim != 1 or not (end_dim == -1 or (rank is not None and end_dim == rank - 1)):
-            raise _Opaque("not a flatten from axis 1 to the end")
+            raise _Opaque(
+                f"start_dim={start_dim}, end_dim={end_dim}: not a flatten from axis 1 to the end"
+            )
         if rank is not None and rank < 2:
             raise _Opaque("input of rank < 2")
         pooled = x.name in self.point  # (N, C, 1, ...) -> (N, C): still one value per channel
@@ -814,7 +823,7 @@ class _Translator:
     def f_dropout(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_dropout, args, kwargs)
         if b["training"] is not False:
-            raise _Opaque("dropout in training mode")
+            raise _Opaque(f"training={b['training']}: a random mask")
         self.unary(node, self.data(b["input"]), "dropout", alias=True)
 
     # --- pad and pools -------------------------------------------------------------------
@@ -838,8 +847,11 @@ class _Translator:
 
     def f_pad(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_pad, args, kwargs)
-        if b["mode"] != "constant" or b["value"] not in (None, 0, 0.0):
-            raise _Opaque("not a zero padding")
+        if b["mode"] != "constant":
+            # exact, but the IR's pad is a zero padding (high-bias absorption reads it so)
+            raise _Opaque(f"mode={b['mode']!r}: only a zero padding is translated")
+        if b["value"] not in (None, 0, 0.0):
+            raise _Opaque(f"value={b['value']}: {_CONSTANT_PAD}")
         self.pad(node, self.data(b["input"]), b["pad"], nd=None)
 
     def pool(
@@ -858,8 +870,13 @@ class _Translator:
         count_include_pad=False,
         divisor_override=None,
     ) -> None:
-        if ceil_mode or return_indices or divisor_override is not None:
-            raise _Opaque("ceil_mode, return_indices or divisor_override")
+        # ceil_mode: the IR's pools round down; divisor_override: a shift of the input
+        # is no longer a shift of the output (high-bias absorption passes avgpools)
+        for arg, value in (("ceil_mode", ceil_mode), ("return_indices", return_indices)):
+            if value:
+                raise _Opaque(f"{arg}={value}")
+        if divisor_override is not None:
+            raise _Opaque(f"divisor_override={divisor_override}")
         rank = self.rank.get(x.name)
         if rank is not None and rank != nd + 2:
             raise _Opaque(f"input of rank {rank}")
@@ -890,7 +907,7 @@ class _Translator:
 
     def adaptive_avg(self, node, x, nd, output_size) -> None:
         if any(s != 1 for s in _ints(output_size, nd, "output size")):
-            raise _Opaque("output size is not 1")
+            raise _Opaque(f"output_size={output_size}: only 1 is a global pool")
         rank = self.rank.get(x.name)
         if rank is not None and rank != nd + 2:
             raise _Opaque(f"input of rank {rank}")
@@ -922,15 +939,16 @@ class _Translator:
         x = self.data(b["input"])
         rank, dims = self.rank.get(x.name), b["dim"]
         dims = (dims,) if isinstance(dims, int) else dims
+        if b["dtype"] is not None:
+            raise _Opaque(f"dtype={b['dtype']}")
         if (
             rank is None
             or rank < 3
-            or b["dtype"] is not None
             or not isinstance(dims, (list, tuple))
             or not all(isinstance(d, int) for d in dims)
             or sorted(d % rank for d in dims) != list(range(2, rank))
         ):
-            raise _Opaque("not a mean over the spatial axes")
+            raise _Opaque(f"dim={b['dim']}: not a mean over the spatial axes")
         if b["keepdim"]:
             self.unary(node, x, "global_avgpool")
             return
@@ -942,6 +960,7 @@ class _Translator:
         self.point.add(node.name)
 
 
+_CONSTANT_PAD = "a constant pad is exact only with 0 (a constant does not scale)"
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
 _ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh)
