@@ -5,7 +5,7 @@ temporary name in the destination's folder, flushed to disk, given its final mod
 renamed over the destination in one step, so a reader sees the old file or the new one,
 never a half-written one. Temporary names carry the writer's process id; temporaries of
 processes that no longer run (killed with SIGKILL, say) are removed by the next write
-into the same folder.
+into the same folder. Temporary folders (:func:`temp_folder`) follow the same rule.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -82,6 +84,40 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))
     return removed
+
+
+def _folder_re(kind: str) -> re.Pattern:
+    return re.compile(rf"^cle-{re.escape(kind)}-(\d+)-[A-Za-z0-9_]+$")
+
+
+def remove_stale_folders(kind: str, folder: str | os.PathLike | None = None) -> list[Path]:
+    """Delete the folders of :func:`temp_folder` ``kind`` in ``folder`` (default: the
+    system's temporary folder) whose process is gone. Returns what was removed."""
+    folder = tempfile.gettempdir() if folder is None else folder
+    pattern, removed = _folder_re(kind), []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and entry.is_dir(follow_symlinks=False) and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+@contextlib.contextmanager
+def temp_folder(kind: str) -> Iterator[Path]:
+    """A fresh folder ``cle-<kind>-<pid>-<random>`` in the system's temporary folder,
+    deleted on leaving the block (KeyboardInterrupt and SIGTERM included). Such folders
+    of processes that no longer run (killed with SIGKILL) are deleted first."""
+    remove_stale_folders(kind)
+    path = Path(tempfile.mkdtemp(prefix=f"cle-{kind}-{os.getpid()}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def file_mode(final: Path, like: Path | None = None) -> int:

@@ -293,6 +293,50 @@ def calibration_images(size: int | tuple[int, int] = 224) -> np.ndarray:
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
+MAX_IMAGE_MEGAPIXELS = 50
+"""Largest input image read from a folder, in megapixels (a 48-megapixel photo passes).
+Each is decoded whole and cropped in float64 before resizing; a larger one, or a
+decompression bomb, is refused before it is decoded."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _read_image(path: Path, skimage) -> np.ndarray:
+    """Decode one image file; ValueError naming it when it is corrupt or too large."""
+    from PIL import Image
+
+    # The decoders raise many types (OSError, SyntaxError, struct.error, ValueError,
+    # DecompressionBombError ...) for a corrupt file: each is this file's fault.
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(
+            f"{path}: above the {MAX_IMAGE_MEGAPIXELS}-megapixel limit for input images "
+            f"({_first_line(exc)})"
+        ) from None
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable image ({_first_line(exc)})") from None
+    if width * height > MAX_IMAGE_MEGAPIXELS * 10**6:
+        raise ValueError(
+            f"{path}: {width} x {height} pixels is above the {MAX_IMAGE_MEGAPIXELS}-megapixel "
+            "limit for input images; downscale it"
+        )
+    try:
+        img = np.asarray(skimage.io.imread(str(path)))
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable image ({_first_line(exc)})") from None
+    if img.ndim == 3 and img.shape[2] == 2:  # grey and alpha
+        img = img[:, :, 0]
+    if not (img.ndim == 2 or (img.ndim == 3 and img.shape[2] in (3, 4))) or 0 in img.shape:
+        raise ValueError(f"{path}: not a grey, RGB or RGBA image (array of shape {img.shape})")
+    if img.dtype.kind in "iu" and img.dtype != np.uint8:  # 16-bit PNG or TIFF
+        img = img.astype(np.float64) / np.iinfo(img.dtype).max
+    return img
+
 
 def images_from_folder(
     folder,
@@ -302,8 +346,9 @@ def images_from_folder(
 ) -> np.ndarray:
     """Every image file in ``folder`` (sorted by name) as a float32 NCHW batch: the
     centre square of the short side resized to ``size`` with anti-aliasing, scaled to
-    [0, 1] and normalized like :func:`natural_images`. Raises ValueError when the folder
-    holds no image."""
+    [0, 1] (16-bit images by 65535) and normalized like :func:`natural_images`. Raises
+    ValueError, naming the file, when the folder holds no image, or an image is corrupt,
+    not grey / RGB / RGBA, or larger than :data:`MAX_IMAGE_MEGAPIXELS`."""
 
     _load_skimage()
     import skimage.io
@@ -317,10 +362,13 @@ def images_from_folder(
     s = np.asarray(std, dtype=np.float64)[:, None, None]
     out = np.empty((len(files), 3, *hw), np.float32)
     for k, path in enumerate(files):
-        img = _as_rgb01(skimage.io.imread(str(path)), path.name)
+        img = _read_image(path, skimage)
         h, w = img.shape[:2]
         c = min(h, w)
-        crop = img[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c]
+        # Cropped before the float64 conversion: a large photo costs less memory.
+        crop = _as_rgb01(
+            img[(h - c) // 2 : (h - c) // 2 + c, (w - c) // 2 : (w - c) // 2 + c], path.name
+        )
         resized = skimage.transform.resize(crop, hw, order=1, mode="reflect", anti_aliasing=True)
         out[k] = (np.clip(resized, 0.0, 1.0).transpose(2, 0, 1) - m) / s
     return out
@@ -375,17 +423,132 @@ def quality_table(
     return "\n".join(lines)
 
 
+_NOT_REAL = {
+    "U": "strings",
+    "S": "byte strings",
+    "O": "Python objects",
+    "V": "structured records",
+    "c": "complex numbers",
+    "M": "dates",
+    "m": "time spans",
+}
+
+
+def check_real_dtype(dtype: np.dtype, what: str) -> None:
+    """:class:`CLEError` unless ``dtype`` holds real numbers (bool, integer or float):
+    an input of a model is a real tensor, and a complex one would lose its imaginary
+    part in the cast."""
+    from ._errors import CLEError
+
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf" and not is_float_dtype(dtype):
+        kind = _NOT_REAL.get(dtype.kind, "values that are not numbers")
+        raise CLEError(f"{what} holds {kind} ({dtype}); expected real numbers")
+
+
+def first_non_finite(arr: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first NaN or Inf of ``arr`` (a float array), or None. Reads it a
+    block of rows at a time, so a memory-mapped array is never held whole."""
+    if arr.ndim == 0:
+        return None if np.isfinite(arr) else ()
+    row = max(1, arr[:1].size)
+    step = max(1, (1 << 22) // row)
+    for start in range(0, arr.shape[0], step):
+        bad = ~np.isfinite(arr[start : start + step])
+        if bad.any():
+            idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            return (start + int(idx[0]), *(int(i) for i in idx[1:]))
+    return None
+
+
+def check_finite(arr: np.ndarray, what: str, overflow_of=None) -> None:
+    """:class:`NonFiniteError` naming ``what`` and the first index where the float array
+    ``arr`` holds NaN or Inf; with ``overflow_of`` (the array before a cast to
+    ``arr``'s dtype), the value that overflowed."""
+    from ._errors import NonFiniteError
+
+    if not is_float_dtype(arr.dtype):
+        return
+    idx = first_non_finite(arr)
+    if idx is None:
+        return
+    where = f"index {idx}" if len(idx) != 1 else f"index {idx[0]}"
+    if overflow_of is not None and np.isfinite(overflow_of[idx]):
+        raise NonFiniteError(
+            f"{what}: the value {float(overflow_of[idx]):g} at {where} overflows {arr.dtype}"
+        )
+    raise NonFiniteError(
+        f"{what} holds {non_finite_name(arr[idx])} at {where}; inputs must be finite"
+    )
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """A NumPy float, or one of the float types of ``ml_dtypes`` (bfloat16, float8 ...)
+    that ONNX inputs may have (NumPy files them as kind ``V``)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or (dtype.kind == "V" and dtype.name.startswith(("bfloat", "float")))
+
+
+def non_finite_name(value) -> str:
+    """``NaN``, ``Inf`` or ``-Inf``."""
+    value = float(value)
+    return "NaN" if value != value else ("Inf" if value > 0 else "-Inf")
+
+
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
 def load_array(path) -> np.ndarray:
-    """A ``.npy`` array of inputs; :class:`CLEError` for anything else."""
+    """A ``.npy`` array of inputs, memory-mapped read-only: real numbers (no strings,
+    records, objects or complex numbers), finite, and as long as its header says (the
+    header is checked against the file's size before anything is loaded, so a corrupt
+    or hostile header cannot exhaust memory). :class:`CLEError` naming the file for
+    anything else."""
     from ._errors import CLEError
 
     src = Path(path)
     if src.suffix != ".npy" or not src.is_file():
         raise CLEError(f"{src}: expected a .npy file of inputs")
     try:
-        return np.load(src, allow_pickle=False)
+        with open(src, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = _NPY_HEADERS.get(version)
+            if read_header is None:
+                raise CLEError(
+                    f"{src}: a .npy file of format version {version[0]}.{version[1]}; "
+                    "versions 1.0 and 2.0 are read"
+                )
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
     except (ValueError, OSError) as exc:
-        raise CLEError(f"{src}: not a readable .npy array ({exc})") from None
+        raise CLEError(f"{src}: not a readable .npy array ({_first_line(exc)})") from None
+    if dtype.hasobject:
+        raise CLEError(f"{src}: holds Python objects (a pickle), which are never loaded")
+    check_real_dtype(dtype, str(src))
+    needed = math.prod(shape) * dtype.itemsize
+    held = src.stat().st_size - offset
+    if held < needed:
+        raise CLEError(
+            f"{src}: its header says {dtype} {tuple(shape)} ({_size(needed)}), but the file "
+            f"holds {_size(held)} of data (truncated or corrupt)"
+        )
+    try:
+        arr = np.load(src, mmap_mode="r" if needed else None, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise CLEError(f"{src}: not a readable .npy array ({_first_line(exc)})") from None
+    check_finite(arr, str(src))
+    return arr
 
 
 def load_inputs(path, size: tuple[int, int]) -> np.ndarray:
@@ -397,7 +560,7 @@ def load_inputs(path, size: tuple[int, int]) -> np.ndarray:
     if src.is_dir():
         try:
             return images_from_folder(src, size)
-        except (ValueError, ImportError) as exc:
+        except (ValueError, ImportError, OSError) as exc:
             raise CLEError(str(exc)) from None
     if src.suffix == ".npy" and src.is_file():
         return load_array(src)

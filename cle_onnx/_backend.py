@@ -183,7 +183,10 @@ def equalize_model(
     external files needs ``base_dir``, the folder of its model file. ``calibration``:
     optional inputs (an array ``(N, ...)``, or a dict of arrays by input name) on which
     the noise objective's statistics are measured in onnxruntime instead of estimated
-    from the batch norms; a few dozen suffice. Keyword options are
+    from the batch norms; a few dozen suffice. Each array must fit its input: floats for
+    a float input (cast to its type), integers for an integer one, finite, of its rank
+    and fixed sizes (the batch aside); paths and generators are refused (see
+    ``docs/safety.rst``, "Calibration"). Keyword options are
     :class:`cle_core.EqualizeOptions` fields (``objective``, ``activation_bits``,
     ``high_bias`` ...).
 

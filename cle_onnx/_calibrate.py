@@ -4,13 +4,15 @@ noise objective would otherwise estimate (see cle_core._stats)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import onnx
 
 from cle_core import CLEError
+from cle_core._quality import check_finite, check_real_dtype, is_float_dtype
 from cle_core._stats import ChannelStats, StatsAccumulator
 
 from ._translate import np_dtype
@@ -42,7 +44,9 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
             probe.SerializeToString(), opts, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:
-        raise CLEError(f"onnxruntime cannot run the model for calibration: {exc}") from None
+        raise CLEError(
+            f"onnxruntime cannot run the model for calibration: {_first_line(exc)}"
+        ) from None
     names = [o.name for o in sess.get_outputs()]
     acc = StatsAccumulator()
     n = next(iter(feeds_.values())).shape[0]
@@ -56,7 +60,9 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
         try:
             outs = sess.run(None, batch)
         except Exception as exc:
-            raise CLEError(f"the model does not run on the calibration inputs: {exc}") from None
+            raise CLEError(
+                f"the model does not run on the calibration inputs: {_first_line(exc)}"
+            ) from None
         for name, out in zip(names, outs, strict=True):
             acc.add(name, out)
     return acc.result()
@@ -78,10 +84,16 @@ def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def feeds(model: onnx.ModelProto, inputs: Any, what: str = "inputs") -> dict[str, np.ndarray]:
     """``inputs`` (an array for a model with one input, or a dict of arrays by input
     name) as onnxruntime feeds in each input's element type. ``what`` names them in the
-    errors: a missing or unknown input, or arrays of different lengths."""
+    errors, each a :class:`CLEError`: a path, a generator or a ragged list instead of
+    an array; a missing or unknown input; strings, records, objects or complex numbers;
+    integers or bools for a float input, floats for an integer one, values that do not
+    fit the input's type; NaN or Inf (:class:`NonFiniteError`, with the first index); a
+    shape that the input's declared shape refuses (the batch axis aside); arrays of
+    different lengths."""
     graph_inputs = data_inputs(model)
+    _not_a_path(inputs, what)
     if isinstance(inputs, Mapping):
-        given = {k: np.asarray(v) for k, v in inputs.items()}
+        given = dict(inputs)
     else:
         if len(graph_inputs) != 1:
             raise CLEError(
@@ -89,7 +101,7 @@ def feeds(model: onnx.ModelProto, inputs: Any, what: str = "inputs") -> dict[str
                 f"({', '.join(i.name for i in graph_inputs)}); give the {what} as a dict of "
                 "arrays by input name"
             )
-        given = {graph_inputs[0].name: np.asarray(inputs)}
+        given = {graph_inputs[0].name: inputs}
     out = {}
     for vi in graph_inputs:
         if vi.name not in given:
@@ -97,8 +109,7 @@ def feeds(model: onnx.ModelProto, inputs: Any, what: str = "inputs") -> dict[str
             raise CLEError(
                 f"no data for model input {name}: the {what} has no values for input {name}"
             )
-        dtype = np_dtype(vi.type.tensor_type.elem_type) or np.float32
-        out[vi.name] = np.ascontiguousarray(given[vi.name], dtype=dtype)
+        out[vi.name] = _feed(vi, given[vi.name], f"the {what} for model input {vi.name!r}")
     unknown = set(given) - set(out)
     if unknown:
         raise CLEError(f"the model has no input(s) named {sorted(unknown)} (in the {what})")
@@ -106,3 +117,92 @@ def feeds(model: onnx.ModelProto, inputs: Any, what: str = "inputs") -> dict[str
     if len(sizes) != 1 or 0 in sizes:
         raise CLEError(f"every array of the {what} needs the same number (> 0) of examples")
     return out
+
+
+def _not_a_path(value: Any, what: str) -> None:
+    if isinstance(value, (str, bytes, os.PathLike)):
+        raise CLEError(
+            f"the {what} is a path ({os.fsdecode(value)!r}); the Python API takes arrays: "
+            "load them first (numpy.load, or cle_core.quality.images_from_folder for a "
+            "folder of images)"
+        )
+
+
+def _feed(vi: onnx.ValueInfoProto, value: Any, what: str) -> np.ndarray:
+    """One input's array, checked against the graph input ``vi`` and cast to its type."""
+    _not_a_path(value, what)
+    if isinstance(value, Iterator):
+        raise CLEError(
+            f"{what} is a {type(value).__name__}; expected an array (N, ...) "
+            "(numpy.concatenate(list(batches)) joins batches)"
+        )
+    try:
+        given = np.asarray(value)
+    except Exception as exc:  # nested lists of different lengths; whatever __array__ raises
+        raise CLEError(
+            f"{what} is not a rectangular array of numbers ({_first_line(exc)})"
+        ) from None
+    check_real_dtype(given.dtype, what)
+    tensor = vi.type.tensor_type
+    dtype = np_dtype(tensor.elem_type) or np.dtype(np.float32)
+    _check_kind(given.dtype, dtype, what)
+    _check_shape(given.shape, tensor, what)
+    check_finite(given, what)
+    if dtype.kind in "iu" and given.dtype != dtype and given.size:
+        lo, hi = given.min(), given.max()
+        info = np.iinfo(dtype)
+        if lo < info.min or hi > info.max:
+            bad = lo if lo < info.min else hi
+            raise CLEError(f"{what}: the value {bad} does not fit {dtype}")
+    try:
+        with np.errstate(over="ignore"):  # an overflow is refused below, with its index
+            fed = np.ascontiguousarray(given, dtype=dtype)
+    except MemoryError:
+        raise CLEError(
+            f"{what}: {given.shape} {dtype} does not fit in memory; a few dozen examples are enough"
+        ) from None
+    if is_float_dtype(dtype) and fed.dtype.itemsize < given.dtype.itemsize:
+        check_finite(fed, what, overflow_of=given)
+    return fed
+
+
+def _check_kind(given: np.dtype, dtype: np.dtype, what: str) -> None:
+    """Floats feed a float input, integers an integer one, bools a bool one. Casting
+    across kinds has no meaning the data could carry: uint8 images cast to float are not
+    the normalized images a float model was trained on, and floats cast to an integer
+    input are truncated."""
+    kind = "f" if is_float_dtype(dtype) else dtype.kind
+    if kind not in "biuf":
+        raise CLEError(f"{what}: the input takes {dtype} values, which cannot be fed")
+    has = "f" if is_float_dtype(given) else given.kind
+    if has == kind or {has, kind} <= set("iu"):
+        return
+    if kind == "f":
+        hint = ": convert them to floats and normalize them as the model expects"
+    elif kind in "iu":
+        hint = ": give integers (such as token ids), not images or other floats"
+    else:
+        hint = ""
+    raise CLEError(f"{what} holds {given} values, but the input takes {dtype}{hint}")
+
+
+def _check_shape(shape: tuple, tensor, what: str) -> None:
+    """The declared rank, and every declared size but the batch axis (a model with a
+    fixed batch size is run in batches of it)."""
+    if not tensor.HasField("shape"):
+        return
+    dims = tensor.shape.dim
+    declared = tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+        for d in dims
+    )
+    text = "(" + ", ".join(str(d) for d in declared) + ")"
+    if len(shape) != len(dims) or any(
+        isinstance(d, int) and d != n for d, n in zip(declared[1:], shape[1:], strict=True)
+    ):
+        raise CLEError(f"{what} has shape {tuple(shape)}, but the input takes {text}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from cle_core import CLEError, EqualizeOptions, Report, equalize
 from cle_core._quality import load_inputs, sqnr_db
 
 from . import _io
-from ._calibrate import data_inputs
+from ._calibrate import data_inputs, feeds
 from ._translate import np_dtype, to_ir
 
 
@@ -124,27 +125,118 @@ def check_outputs(original: Path, equalized: Path, feeds: dict):
     return results
 
 
+def _first_dims(model: onnx.ModelProto) -> list:
+    """The dimensions of the model's first data input (initializers listed as inputs,
+    as before IR 4, are not inputs)."""
+    graph_inputs = data_inputs(model)
+    return list(graph_inputs[0].type.tensor_type.shape.dim) if graph_inputs else []
+
+
 def input_size(model: onnx.ModelProto) -> tuple[int, int]:
     """The (height, width) of the model's first input, 224 x 224 where dynamic."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims = _first_dims(model)
     hw = tuple(d.dim_value if d.dim_value > 0 else 224 for d in dims[2:4])
     return hw if len(hw) == 2 else (224, 224)
 
 
 def fit_channels(images: np.ndarray, model: onnx.ModelProto) -> np.ndarray:
     """RGB ``images`` for the model's first input: averaged to grey for one channel."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims = _first_dims(model)
     channels = dims[1].dim_value if len(dims) == 4 else 0
     if channels == 1 and images.ndim == 4 and images.shape[1] == 3:
         return images.mean(axis=1, keepdims=True).astype(images.dtype)
     return images
 
 
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def _type_name(elem: int) -> str:
+    dtype = np_dtype(elem)
+    if dtype is None or dtype.kind == "O":
+        return TensorProto.DataType.Name(elem).lower()
+    return dtype.name
+
+
+def check_images_fit(model: onnx.ModelProto, images: str, hint: str) -> None:
+    """Raise :class:`CLEError` (naming ``images`` and giving ``hint``) when the model's
+    first input is not a float tensor: images cast to integers or booleans would run,
+    and every figure measured on them would be meaningless."""
+    graph_inputs = data_inputs(model)
+    if not graph_inputs:
+        return
+    vi = graph_inputs[0]
+    elem = vi.type.tensor_type.elem_type
+    if elem not in _FLOATS:
+        raise CLEError(
+            f"{images}: model input {vi.name!r} takes {_type_name(elem)} values, which "
+            f"images cannot stand for; {hint}"
+        )
+
+
+def _shape_text(dims) -> str:
+    names = [str(d.dim_value) if d.dim_value > 0 else (d.dim_param or "?") for d in dims]
+    return f"({', '.join(names)}{',' if len(names) == 1 else ''})"
+
+
+def _known_dims(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    """The declared dimensions of ``vi`` (None where dynamic), or None if it declares
+    no shape."""
+    tensor = vi.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    return [d.dim_value if d.dim_value > 0 else None for d in tensor.shape.dim]
+
+
+def _conflict(a: list | None, b: list | None) -> bool:
+    """Two declared shapes that cannot be the same, the batch axis 0 aside."""
+    if a is None or b is None:
+        return False
+    if len(a) != len(b):
+        return True
+    return any(
+        x is not None and y is not None and x != y for x, y in zip(a[1:], b[1:], strict=True)
+    )
+
+
+def check_same_io(a: onnx.ModelProto, b: onnx.ModelProto, name_a: str, name_b: str) -> None:
+    """Raise :class:`CLEError` unless ``b`` takes the inputs of ``a`` (number, floats or
+    not, fixed sizes) and declares a first output of the same shape: both run on one set
+    of inputs (each in its own float type) and their outputs are compared element by
+    element."""
+    ins_a, ins_b = data_inputs(a), data_inputs(b)
+    if len(ins_a) != len(ins_b):
+        raise CLEError(
+            f"{name_b} does not fit {name_a}: it takes {len(ins_b)} inputs, not {len(ins_a)}"
+        )
+    pairs = [(x, y, "input") for x, y in zip(ins_a, ins_b, strict=True)]
+    for x, y, what in [*pairs, (a.graph.output[0], b.graph.output[0], "output")]:
+        tx, ty = x.type.tensor_type, y.type.tensor_type
+        floats = (tx.elem_type in _FLOATS, ty.elem_type in _FLOATS)
+        if what == "input" and floats[0] != floats[1]:
+            raise CLEError(
+                f"{name_b} does not fit {name_a}: its input {y.name!r} takes "
+                f"{_type_name(ty.elem_type)}, not {_type_name(tx.elem_type)}"
+            )
+        if _conflict(_known_dims(x), _known_dims(y)):
+            raise CLEError(
+                f"{name_b} does not fit {name_a}: its {what} {y.name!r} is "
+                f"{_shape_text(ty.shape.dim)}, not {_shape_text(tx.shape.dim)}"
+            )
+
+
 def read_inputs(spec: Path, src: Path) -> np.ndarray:
     """A folder of images (resized to the input of the model in ``src``, grey for a
-    one-channel input) or a .npy array."""
+    one-channel input) or a .npy array; :class:`CLEError` naming ``spec`` for images
+    given to a model whose input is not a float tensor, and for inputs that a
+    single-input model cannot take (shape, type: see :func:`feeds`)."""
     model = _io.load(src)
-    return fit_channels(load_inputs(spec, input_size(model)), model)
+    if Path(spec).is_dir():
+        check_images_fit(model, str(spec), "give a .npy array of its values")
+    inputs = fit_channels(load_inputs(spec, input_size(model)), model)
+    if len(data_inputs(model)) == 1:  # else feeds() asks for a dict, which no file gives
+        feeds(model, inputs, f"inputs in {spec}")
+    return inputs
 
 
 def inspect_file(src: Path, options: EqualizeOptions) -> Report:
@@ -174,7 +266,8 @@ def evaluate_files(paths: list[Path], inputs, **quantization):
     try:
         # One run of the inputs and the FP32 reference serves every row.
         models = [folded, *loaded[1:]]
-        figures = evaluate_all(loaded[0], models, inputs, **quantization)
+        names = [str(p) for p in (paths[0], *paths)]
+        figures = evaluate_all(loaded[0], models, inputs, **quantization, names=names)
         rows = list(zip([label, "equalized"], figures, strict=False))
     except (ImportError, ValueError) as exc:  # a missing package; inputs that do not fit
         raise CLEError(str(exc)) from None

@@ -14,20 +14,23 @@ their convolutions), then
 
 Every variant's first output is compared with the FP32 model's
 (:func:`cle_core.quality.compare_outputs`). Nothing here knows about CLE.
+
+onnxruntime's quantizer takes float32 models (it writes a float16 model's weights as
+activations behind the Casts its optimizer inserts, and float16 scales it cannot run),
+so a float16 model is quantized as its float32 copy: every float16 value is exact in
+float32. Its FP32 column is the model itself, in float16.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper, version_converter
+from onnx import TensorProto, numpy_helper, version_converter
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -38,9 +41,11 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from cle_core import CLEError
+from cle_core._files import temp_folder
 from cle_core._quality import compare_outputs, natural_images, quantize_array
 
 from ._calibrate import data_inputs, feeds
+from ._commands import check_images_fit, check_same_io, fit_channels
 from ._translate import default_opset
 
 __all__ = ["default_inputs", "evaluate", "prepared", "run", "static_quantized"]
@@ -59,7 +64,12 @@ _log = logging.getLogger(__name__)
 # -- running ------------------------------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def _one_line(exc: Exception) -> str:
+    """onnxruntime's messages span lines; an error of ``cle`` is one."""
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
@@ -67,9 +77,12 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     # instead of fusing them into integer kernels.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
-    )
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:
+        raise CLEError(f"onnxruntime cannot load {name}: {_one_line(exc)}") from None
 
 
 def _batches(model: onnx.ModelProto, fed: dict, batch: int) -> Iterator[tuple[dict, int]]:
@@ -97,15 +110,32 @@ def _batches(model: onnx.ModelProto, fed: dict, batch: int) -> Iterator[tuple[di
         yield chunk, real
 
 
-def run(model: onnx.ModelProto, inputs=None, batch: int = 16) -> np.ndarray:
+def run(
+    model: onnx.ModelProto, inputs=None, batch: int = 16, name: str = "the model"
+) -> np.ndarray:
     """The model's first output on ``inputs``, run in batches with onnxruntime (CPU).
 
     ``inputs``: a dict from input name to an array with the batch in axis 0, or one
-    array for a single-input model (None: :func:`default_inputs`)."""
+    array for a single-input model (None: :func:`default_inputs`). ``name`` names the
+    model in the :class:`CLEError` raised when onnxruntime cannot run it or its output
+    has no batch axis."""
     fed = feeds(model, default_inputs(model) if inputs is None else inputs)
-    session = _session(model)
+    session = _session(model, name)
     first = session.get_outputs()[0].name
-    parts = [session.run([first], chunk)[0][:real] for chunk, real in _batches(model, fed, batch)]
+    parts = []
+    for chunk, real in _batches(model, fed, batch):
+        rows = next(iter(chunk.values())).shape[0]
+        try:
+            out = np.asarray(session.run([first], chunk)[0])
+        except Exception as exc:
+            raise CLEError(f"onnxruntime cannot run {name}: {_one_line(exc)}") from None
+        # The rows are cut, padded and compared example by example: along axis 0.
+        if out.ndim == 0 or out.shape[0] != rows:
+            raise CLEError(
+                f"{name}: output {first!r} has shape {out.shape} on a batch of {rows}; "
+                "evaluation compares outputs example by example, the batch in axis 0"
+            )
+        parts.append(out[:real])
     return np.concatenate(parts, axis=0)
 
 
@@ -116,6 +146,9 @@ def default_inputs(model: onnx.ModelProto) -> np.ndarray:
     graph_inputs = data_inputs(model)
     if len(graph_inputs) != 1:
         raise CLEError("default inputs need a model with one input; pass inputs explicitly")
+    check_images_fit(
+        model, "the sample images", "give its values with --inputs FILE.npy (Python: inputs=)"
+    )
     dims = graph_inputs[0].type.tensor_type.shape.dim
     if len(dims) != 4:
         raise CLEError(
@@ -131,8 +164,6 @@ def default_inputs(model: onnx.ModelProto) -> np.ndarray:
         int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else _DEFAULT_SIZE
         for d in dims[2:]
     )
-    from ._commands import fit_channels
-
     return fit_channels(natural_images(size=hw), model)
 
 
@@ -152,13 +183,60 @@ def evaluable(model: onnx.ModelProto) -> onnx.ModelProto:
         ) from None
 
 
+def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy with every float16 tensor, value type, Cast and dtype
+    attribute made float32 (subgraphs included) if it has any: what onnxruntime's
+    quantizer takes. Its optimizer would otherwise run float16 layers behind inserted
+    Casts, whose outputs the quantizer treats as activations, never as weights."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out if _upcast(out.graph) else model
+
+
+def _upcast(graph: onnx.GraphProto) -> bool:
+    changed = False
+
+    def tensor(t: onnx.TensorProto) -> None:
+        nonlocal changed
+        if t.data_type == TensorProto.FLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+            changed = True
+
+    for t in graph.initializer:
+        tensor(t)
+    for sparse in graph.sparse_initializer:
+        tensor(sparse.values)
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+            changed = True
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                tensor(a.t)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    tensor(t)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                changed |= _upcast(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    changed |= _upcast(g)
+            elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype"):  # Cast, Random*
+                if a.i == TensorProto.FLOAT16:
+                    a.i = TensorProto.FLOAT
+                    changed = True
+    return changed
+
+
 def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
-    """What a deployment quantizes: :func:`evaluable` ``model`` after onnxruntime's
-    ``quant_pre_process`` (shape inference, graph optimization, batch norms fused). A
-    model the pre-processing cannot take is quantized as it is (logged)."""
-    model = evaluable(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        raw, out = Path(tmp) / "raw.onnx", Path(tmp) / "prepared.onnx"
+    """What a deployment quantizes: :func:`evaluable` ``model`` (float32, see
+    :func:`as_float32`) after onnxruntime's ``quant_pre_process`` (shape inference,
+    graph optimization, batch norms fused). A model the pre-processing cannot take is
+    quantized as it is (logged)."""
+    model = as_float32(evaluable(model))
+    with temp_folder("eval") as tmp:
+        raw, out = tmp / "raw.onnx", tmp / "prepared.onnx"
         onnx.save(model, str(raw))
         try:
             with _quiet():
@@ -213,28 +291,38 @@ def static_quantized(
     per_channel: bool = False,
     symmetric: bool = False,
     batch: int = 16,
+    name: str = "the model",
 ) -> onnx.ModelProto:
     """``model`` (see :func:`prepared`) quantized by onnxruntime's ``quantize_static``:
     QDQ format, MinMax calibration on ``inputs``, weights and activations on ``bits``-bit
-    grids (4, 8 or 16), asymmetric activations unless ``symmetric``."""
+    grids (4, 8 or 16), asymmetric activations unless ``symmetric``. ``name`` names the
+    model in the :class:`CLEError` raised when the quantizer fails."""
     _check_bits(bits)
     signed, unsigned = _TYPES[bits]
+    model = as_float32(model)
     fed = feeds(model, inputs)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
+    with temp_folder("eval") as tmp:
+        src, dst = tmp / "fp32.onnx", tmp / "qdq.onnx"
         onnx.save(model, str(src))
-        with _quiet():
-            quantize_static(
-                str(src),
-                str(dst),
-                _Reader(model, fed, batch),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                activation_type=signed if symmetric else unsigned,
-                weight_type=signed,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric},
-            )
+        try:
+            with _quiet():
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    _Reader(model, fed, batch),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    activation_type=signed if symmetric else unsigned,
+                    weight_type=signed,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric},
+                )
+        # Its calibrator asserts and raises whatever it meets (NaN ranges: "scale
+        # issue"); that is a fact about this model and these inputs, not a crash.
+        except Exception as exc:
+            raise CLEError(
+                f"{name}: onnxruntime's quantize_static failed: {_one_line(exc)}"
+            ) from None
         return onnx.load(str(dst))
 
 
@@ -286,7 +374,8 @@ def evaluate(
       activations, calibrated on ``inputs`` (only with ``activations``; N in 4, 8, 16).
     """
     args = (bits, per_channel, symmetric, activations, batch, reference)
-    return evaluate_all(fp32_model, [candidate_model], inputs, *args)[0]
+    names = ["the FP32 model", "the FP32 model" if candidate_model is None else "the candidate"]
+    return evaluate_all(fp32_model, [candidate_model], inputs, *args, names=names)[0]
 
 
 def evaluate_all(
@@ -299,23 +388,63 @@ def evaluate_all(
     activations: bool = True,
     batch: int = 16,
     reference: np.ndarray | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`evaluate` for each of ``candidates`` (None: ``fp32_model`` itself), with
-    the inputs and the FP32 reference computed once."""
+    the inputs and the FP32 reference computed once. ``names``: of ``fp32_model`` and
+    of each candidate, for the errors (default "the FP32 model", "candidate 1" ...).
+
+    Raises :class:`CLEError` for a candidate that does not take the FP32 model's inputs
+    or give its output's shape, inputs that do not fit (:func:`feeds`), a first output
+    without a batch axis or not finite on the inputs, and a quantizer that fails."""
     if activations:  # refused before any model runs
         _check_bits(bits)
+    if names is None:
+        names = ["the FP32 model", *(f"candidate {i + 1}" for i in range(len(candidates)))]
+    fp32_name, models = names[0], [(fp32_model, names[0])]
+    for candidate, name in zip(candidates, names[1:], strict=True):
+        if candidate is not None:
+            check_same_io(fp32_model, candidate, fp32_name, name)
+            models.append((candidate, name))
+    for model, name in models:
+        _check_batched_output(model, name)
     if inputs is None:
         inputs = default_inputs(fp32_model)
     if reference is None:
-        reference = run(fp32_model, inputs, batch)
+        reference = run(fp32_model, inputs, batch, fp32_name)
+    if reference.dtype.kind in "fc" and not np.all(np.isfinite(reference)):
+        # NaN or Inf make every SQNR NaN, and onnxruntime's calibrator fails on them.
+        raise CLEError(
+            f"{fp32_name}: output {fp32_model.graph.output[0].name!r} is NaN or Inf on "
+            "the inputs; nothing to measure quantization against"
+        )
     results = []
-    for candidate in candidates:
-        outputs = {"fp32": reference if candidate is None else run(candidate, inputs, batch)}
-        ready = prepared(fp32_model if candidate is None else candidate)
+    for candidate, name in zip(candidates, names[1:], strict=True):
+        model, name = (fp32_model, fp32_name) if candidate is None else (candidate, name)
+        outputs = {"fp32": reference if candidate is None else run(model, inputs, batch, name)}
+        if outputs["fp32"].shape != reference.shape:
+            raise CLEError(
+                f"{name} does not fit {fp32_name}: its output has shape "
+                f"{outputs['fp32'].shape} on the inputs, not {reference.shape}"
+            )
+        ready = prepared(model)
         weights = weights_quantized(ready, bits, per_channel, symmetric)
-        outputs[f"w{bits}"] = run(weights, inputs, batch)
+        outputs[f"w{bits}"] = run(weights, inputs, batch, f"{name} (W{bits})")
         if activations:
-            quantized = static_quantized(ready, inputs, bits, per_channel, symmetric, batch)
-            outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch)
+            quantized = static_quantized(
+                ready, inputs, bits, per_channel, symmetric, batch, name=name
+            )
+            outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch, f"{name} (W{bits}A{bits})")
         results.append(compare_outputs(reference, outputs))
     return results
+
+
+def _check_batched_output(model: onnx.ModelProto, name: str) -> None:
+    """Refuse a first output declared as a scalar: it has no example to compare."""
+    out = model.graph.output[0]
+    tensor = out.type.tensor_type
+    if tensor.HasField("shape") and not tensor.shape.dim:
+        raise CLEError(
+            f"{name}: output {out.name!r} is a scalar; evaluation compares outputs example "
+            "by example, the batch in axis 0"
+        )

@@ -108,9 +108,16 @@ def equalize_model(
             mode (the training flags are kept). Otherwise :class:`TrainingModeError`.
         allow_graph_module: if False, raise :class:`NotInPlaceError` (before changing
             anything) where a GraphModule would be returned.
-        calibration: optional inputs (a tensor or array ``(N, ...)``, or an iterable of
-            batches) on which the per-channel statistics of the noise objective are
-            measured instead of estimated from the batch norms; a few dozen suffice.
+        calibration: optional inputs on which the per-channel statistics of the noise
+            objective are measured instead of estimated from the batch norms; a few
+            dozen suffice. A tensor or array ``(N, ...)``, or an iterable of batches (a
+            list, a generator, a ``DataLoader``), each a tensor or array, or a tuple or
+            list of them for a model with several inputs. Float data is cast to the
+            model's float type; integer and bool data is passed as it is. The model is
+            run on a copy in eval mode (its parameters shared), whatever its mode, and is
+            never changed. Paths, dicts, ragged or nested lists, strings, records,
+            objects, complex numbers and NaN / Inf (:class:`NonFiniteError`, with the
+            first index) are refused.
         **options: :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
             ``high_bias``, ``high_bias_form`` ...).
 

@@ -75,9 +75,10 @@ def add_parser(sub) -> None:
     eq.add_argument(
         "--calibration",
         metavar="DIR|FILE.npy",
-        help="measure the noise objective's statistics on these inputs (a folder of "
-        "images, resized to the model's input, or a .npy array) instead of estimating "
-        "them from the batch norms; a few dozen are enough",
+        help="measure the noise objective's statistics on these inputs instead of "
+        "estimating them from the batch norms; a few dozen are enough: a folder of images "
+        "(at most 50 megapixels each; resized to the model's input) or a .npy array of "
+        "finite numbers (floats for a float input, integers for an integer one)",
     )
     add_cle_options(eq)
     eq.set_defaults(run=run)

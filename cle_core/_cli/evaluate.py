@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .._backend import get_backend_for_file
+from .._files import temp_folder
 from .._quality import quality_table
 from ._common import EXIT_OK, UsageError, input_spec
 
@@ -52,16 +56,32 @@ def run(args) -> int:
     inputs = None
     if args.inputs:
         inputs = backend.read_inputs(input_spec(args.inputs, "--inputs"), paths[0])
-    rows, classifier, notes = backend.evaluate_files(
-        paths,
-        inputs,
-        bits=args.bits,
-        per_channel=args.per_channel,
-        symmetric=args.symmetric,
-        activations=not args.weights_only,
-        batch=args.batch,
-    )
+    with _all_temporary_files_in_one_folder():
+        rows, classifier, notes = backend.evaluate_files(
+            paths,
+            inputs,
+            bits=args.bits,
+            per_channel=args.per_channel,
+            symmetric=args.symmetric,
+            activations=not args.weights_only,
+            batch=args.batch,
+        )
     print(quality_table(rows, args.bits, classifier=classifier))
     for note in notes:
         print(note)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _all_temporary_files_in_one_folder() -> Iterator[None]:
+    """Quantizers write temporary copies of the model (onnxruntime's into folders of
+    their own naming), which a SIGKILL would leave behind. Inside a folder that carries
+    this process's id, all of it is removed on exit, SIGINT and SIGTERM included, and by
+    the next ``cle`` run after a SIGKILL. The command owns its process, so pointing
+    ``tempfile`` there for its duration is safe."""
+    with temp_folder("eval") as folder:
+        previous, tempfile.tempdir = tempfile.tempdir, str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous

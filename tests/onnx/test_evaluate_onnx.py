@@ -260,3 +260,79 @@ def test_a_model_the_preprocessing_refuses_is_quantized_as_it_is(monkeypatch, ca
     assert "quant_pre_process failed (unsupported op)" in caplog.text
     assert ready.SerializeToString() == model.SerializeToString()
     assert math.isfinite(evaluate(model, inputs=_x(12))["w8a8_sqnr"])
+
+
+def test_a_float16_model_is_quantized_as_its_float32_copy():
+    """onnxruntime's optimizer runs float16 layers behind Casts, which its quantizer
+    takes for activations: W8 used to quantize nothing (W8 = FP32) and per-channel
+    weights were per-tensor activation grids. Every float16 value is exact in float32,
+    so the float16 model's figures are the float32 model's, near enough."""
+    from tests.helpers.onnx_models import to_float16
+
+    model = _cnn()
+    half = to_float16(model)
+    x = _x(12)
+    res32, res16 = (evaluate(m, inputs=x) for m in (model, half))
+    assert res16["w8_sqnr"] < 50
+    assert res16["w8_sqnr"] == pytest.approx(res32["w8_sqnr"], abs=1)
+    assert res16["w8a8_sqnr"] == pytest.approx(res32["w8a8_sqnr"], abs=1.5)
+    per_channel = evaluate(half, inputs=x, per_channel=True, activations=False)
+    assert per_channel["w8_sqnr"] > res16["w8_sqnr"] + 3
+    q = static_quantized(prepared(half), x, per_channel=True)
+    weight_scales = [
+        numpy_helper.to_array(t)
+        for t in q.graph.initializer
+        if t.name.endswith("_scale") and "w1" in t.name
+    ]
+    assert [s.size for s in weight_scales] == [4]  # w1's own grid, one per output channel
+    assert "Cast" not in [n.op_type for n in q.graph.node]
+
+
+def test_cle_evaluate_quantizes_the_weights_of_a_float16_model(tmp_path, capsys):
+    from cle_core._cli import main
+    from tests.helpers.onnx_models import gemm_head, to_float16
+
+    src = tmp_path / "half.onnx"
+    onnx.save(to_float16(gemm_head(1)), str(src))
+    npy = tmp_path / "x.npy"
+    np.save(npy, _x(4))
+    for extra in ([], ["--weights-only"]):
+        assert main(["evaluate", str(src), "--inputs", str(npy), *extra]) == 0
+        row = capsys.readouterr().out.splitlines()[1].split()
+        fp32, w8 = float(row[1]), float(row[2])
+        assert w8 < fp32 - 20, row
+
+
+def test_what_cannot_be_measured_is_one_clear_error(monkeypatch):
+    """The Python API refuses what ``cle evaluate`` refuses (see test_evaluate_errors),
+    naming the model and its input or output."""
+    model, x = _cnn(), _x(8)
+    log = _model(
+        [helper.make_node("Log", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        {},
+    )
+    with pytest.raises(CLEError, match="the FP32 model: output 'y' is NaN or Inf"):
+        evaluate(log, inputs=-np.ones((4, 3), np.float32))  # finite inputs, NaN outputs
+    with pytest.raises(CLEError, match=r"the candidate does not fit the FP32 model: its input 'x'"):
+        evaluate(model, _cnn(hw=(16, 16)), inputs=x)
+    with pytest.raises(CLEError, match=r"'x'.* \(8, 3, 8, 8\)"):
+        evaluate(_cnn(hw=(16, 16)), inputs=x)
+    ints = _model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)],
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        {},
+    )
+    with pytest.raises(CLEError, match="'x' takes int64 values, which images cannot"):
+        evaluate(ints)
+
+    import cle_onnx._evaluate as ev
+
+    def calibrator_fails(*args, **kwargs):
+        raise AssertionError("scale issue")
+
+    monkeypatch.setattr(ev, "quantize_static", calibrator_fails)
+    with pytest.raises(CLEError, match="the FP32 model: onnxruntime's quantize_static failed"):
+        evaluate(model, inputs=x)
