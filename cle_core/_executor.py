@@ -89,7 +89,7 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
     if op in ("identity", "dropout"):
         return [x]
     if op == "pad":
-        return [_pad(x, at["pads"], 0.0)]
+        return [_pad(x, at["pads"], 0.0, at.get("mode", "constant"))]
     if op == "maxpool":
         return [_pool(x, at, np.max, -np.inf)]
     if op == "avgpool":
@@ -138,10 +138,12 @@ def _spatial(at: dict, key: str, nd: int, default: int) -> tuple[int, ...]:
     return (default,) * nd if v is None or len(v) == 0 else tuple(int(i) for i in v)
 
 
-def _pad(x: np.ndarray, pads, value: float) -> np.ndarray:
+def _pad(x: np.ndarray, pads, value: float, mode: str = "constant") -> np.ndarray:
     nd = x.ndim - 2
     pads = tuple(int(p) for p in pads) if pads else (0,) * (2 * nd)
     width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
+    if mode != "constant":  # NumPy's reflect, edge and wrap are ONNX's
+        return np.pad(x, width, mode=mode)
     return np.pad(x, width, constant_values=value)
 
 

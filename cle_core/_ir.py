@@ -33,9 +33,10 @@ channel; ``hi`` may be +inf)."""
 PASSTHROUGH_OPS = frozenset(
     {"identity", "dropout", "pad", "maxpool", "avgpool", "global_avgpool", "resize"}
 )
-"""Per-channel, positively homogeneous ops. ``pad``: zero padding of spatial axes, attr
-``pads``. Pools: attrs ``kernel``, ``stride``, ``pads``, and for ``avgpool``
-``count_include_pad``."""
+"""Per-channel, positively homogeneous ops. ``pad``: padding of spatial axes, attr
+``pads``, and ``mode``: ``constant`` (zeros; the default), or ``reflect``, ``edge`` or
+``wrap``, which copy the channel's own values. Pools: attrs ``kernel``, ``stride``,
+``pads``, and for ``avgpool`` ``count_include_pad``."""
 
 STRUCTURAL_OPS = frozenset({"batchnorm", "add", "concat", "slice", "flatten", "mul", "opaque"})
 """``batchnorm``: params ``mean``, ``var``, ``gamma``/``beta`` (None without affine), attr

@@ -91,6 +91,11 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _text(value) -> str:
+    """A string attribute's value (onnx gives bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _tensor_array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray:
     """The tensor's values, without copying where possible: external data is memory-
     mapped, raw data viewed (read-only; the core never writes into its arrays)."""
@@ -176,6 +181,18 @@ _FOLDABLE = frozenset(
         "Expand",
     }
 )
+_RESIZE_MODES = frozenset({"nearest", "linear", "cubic", "bilinear"})  # bilinear: Upsample 7
+_COORDINATE_MODES = frozenset(
+    {
+        "half_pixel",
+        "half_pixel_symmetric",
+        "pytorch_half_pixel",
+        "align_corners",
+        "asymmetric",
+        "tf_half_pixel_for_nn",
+        "tf_crop_and_resize",
+    }
+)
 # Folding reads and writes whole tensors: a weight computed from constants is folded
 # whatever its size, but no result may exceed this many elements (a ConstantOfShape or
 # an Expand can describe gigabytes in a few bytes of model).
@@ -232,6 +249,20 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
             np.concatenate([np.asarray(x, dtype=object) for x in args], axis=int(a.get("axis", 0)))
         ]
     raise ValueError(f"cannot fold {op} over symbolic dims")
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node, whichever attribute holds it (None for a
+    sparse or string value)."""
+    for a in node.attribute:
+        value = onnx.helper.get_attribute_value(a)
+        if a.name == "value" and isinstance(value, onnx.TensorProto):
+            return numpy_helper.to_array(value)
+        if a.name in ("value_float", "value_floats"):
+            return np.asarray(value, np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.asarray(value, np.int64)
+    return None
 
 
 def _along_channels(shape, rank: int | None, channels: int | None) -> bool:
@@ -305,9 +336,9 @@ class _Reader:
         self.constants: dict[str, np.ndarray] = {}
         for node in g.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = _attrs(node).get("value")
-                if isinstance(value, onnx.TensorProto):
-                    self.constants[node.output[0]] = numpy_helper.to_array(value)
+                value = _constant_value(node)
+                if value is not None:
+                    self.constants[node.output[0]] = value
         self.users: dict[str, list[int]] = {}
         self.reads: list[list[str]] = []
         subgraph_reads: set[str] = set()
@@ -334,6 +365,8 @@ class _Reader:
         self.consumed_adds: set[int] = set()
         self.params: dict[str, np.ndarray] = {}
         self.fixed: set[str] = set()
+        # why a value computed from constants has no folded value (for skip reasons)
+        self.unfolded: dict[str, str] = {}
         self._fold_constants()
 
     def _fold_constants(self) -> None:
@@ -353,6 +386,10 @@ class _Reader:
                 and all(n in self.fixed for n in self.reads[i])
             ):
                 self.fixed.update(o for o in node.output if o)
+            else:
+                continue
+            if all(o in self.constants for o in node.output if o):
+                continue  # a Constant node: read in __init__
             if op == "Shape":
                 dims = self.dims.get(node.input[0])
                 if dims is not None:
@@ -363,18 +400,28 @@ class _Reader:
                     ]
                     sym = sym[a.get("start", 0) : a.get("end", len(sym))]
                     self.constants[node.output[0]] = np.array(sym, dtype=object)
-                continue
-            if op not in _FOLDABLE:
-                continue
-            args = [self.const(n) if n else None for n in node.input]
-            if any(a is None for a, n in zip(args, node.input, strict=True) if n):
+                    continue
+            why = self._why_not_folded(node, op)
+            if why is None:
+                args = [self.const(n) if n else None for n in node.input]
+                missing = [n for a, n in zip(args, node.input, strict=True) if n and a is None]
+                if missing:
+                    inner = self.unfolded.get(missing[0], "is not a numeric constant")
+                    why = f"is computed by {op} from {missing[0]!r}, which {inner}"
+            if why is not None:
+                self.unfolded.update((o, why) for o in node.output if o)
                 continue
             size = _fold_size(node, args)
             if size is None or size > _FOLD_LIMIT:
+                what = "of unknown size" if size is None else f"of {size} elements"
+                why = f"is computed by {op} from constants, but too large to fold ({what})"
+                self.unfolded.update((o, why) for o in node.output if o)
                 continue
             try:
                 outs = _evaluate(node, args, self.opset)
-            except Exception:  # not foldable after all: the node stays opaque
+            except Exception as exc:  # not foldable after all: the node stays opaque
+                why = f"is computed by {op} from constants, which failed to fold: {exc}"
+                self.unfolded.update((o, why.splitlines()[0]) for o in node.output if o)
                 continue
             for name, value in zip(node.output, outs, strict=False):
                 value = np.asarray(value)
@@ -382,10 +429,29 @@ class _Reader:
                     value = value.astype(np.int64)  # the symbolic dims were sliced away
                 self.constants[name] = value
 
+    def _why_not_folded(self, node: onnx.NodeProto, op: str) -> str | None:
+        """Why the outputs of ``node`` (computed from constants) get no folded value, or
+        None if they are to be folded."""
+        if op == "Shape":
+            return "is a shape that shape inference does not know"
+        if op == "Constant":
+            return "is a Constant without a dense numeric value"
+        if op == "DequantizeLinear":
+            return (
+                "is computed by DequantizeLinear from a quantized tensor, which is not folded "
+                "(equalize the float model before quantizing it)"
+            )
+        if op not in _FOLDABLE:
+            return f"is computed by {op} from constants, which is not folded"
+        return None
+
     # --- helpers ----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
         if not name:
             return None
+        if name in self.params:
+            # A layer took this initializer's bytes (take_ownership): its array holds them.
+            return np.array(self.params[name])
         if name in self.inits:
             return np.array(_tensor_array(self.inits[name], self.base_dir))
         return self.constants.get(name)
@@ -420,8 +486,12 @@ class _Reader:
             return f"{name!r} is a graph input a caller may override, not a constant"
         if self.is_const(name):
             return None
+        if name in self.unfolded:
+            return f"{name!r} {self.unfolded[name]}"
+        if name in self.constants:
+            return f"{name!r} is a constant of {self.constants[name].dtype}, not a float tensor"
         if name in self.fixed:
-            return f"{name!r} is computed from constants, but too large to fold"
+            return f"{name!r} is computed from constants but has no value here"
         return f"{name!r} is not a constant"
 
     def first_blocker(self, names) -> str | None:
@@ -536,12 +606,13 @@ class _Reader:
         a = _attrs(node)
         transposed = op == "conv_transpose"
         if transposed and "output_shape" in a:
-            return False
+            return "output_shape is given (the IR needs explicit pads)"
+        auto_pad = _text(a.get("auto_pad", "NOTSET"))
+        if transposed and auto_pad not in ("NOTSET", "VALID"):
+            return f"auto_pad={auto_pad} (the IR needs explicit pads)"
+        if len(self.const_shape(node.input[1]) or ()) < 3:
+            return "its weight is not of rank 3 or more"
         w = self.param(node.input[1])
-        if w.ndim < 3:
-            return False
-        if transposed and a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID"):
-            return False
         attrs = self._conv_attrs(a, w.ndim - 2, node.input[0], tuple(w.shape[2:]))
         if attrs is None:
             return "auto_pad needs the input's spatial size"
@@ -572,23 +643,30 @@ class _Reader:
     def op_Gemm(self, index, node, name):
         a = _attrs(node)
         if int(a.get("transA", 0)) != 0:
-            return False
+            return "transA=1: its input is (features, N), not (N, features)"
         has_c = len(node.input) > 2 and bool(node.input[2])
         blocker = self.first_blocker(node.input[1:3] if has_c else node.input[1:2])
         if blocker:
             return blocker
-        w = self.param(node.input[1])
-        if w.ndim != 2:
-            return False
+        shape = self.const_shape(node.input[1])
+        if len(shape) != 2:
+            return "its weight is not 2-D"
         trans_b = int(a.get("transB", 0))
         layout = Layout(0, 1) if trans_b else Layout(1, 0)
-        out = w.shape[0] if trans_b else w.shape[1]
+        out = shape[0] if trans_b else shape[1]
+        if has_c:
+            # C broadcasts to (N, out): one bias per output is (out,), (1, out) or a
+            # single value; a C of shape (N, out) or (out, 1) adds a value per row.
+            c_shape = tuple(self.const_shape(node.input[2]))
+            if len(c_shape) > 2 or (len(c_shape) == 2 and c_shape[0] != 1):
+                return f"its C of shape {c_shape} is not one bias per output"
+            if int(np.prod(c_shape)) not in (1, out):
+                return f"its C of shape {c_shape} is not one bias per output"
+        w = self.param(node.input[1])
         alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
         bias = None
         if has_c:
             c = self.param(node.input[2])
-            if c.size not in (1, out):
-                return False
             bias = np.broadcast_to(c.reshape(-1), (out,))
         # The IR holds the effective weight and bias; apply() writes them with alpha = beta = 1.
         if alpha != 1.0:
@@ -614,9 +692,9 @@ class _Reader:
             return blocker
         if self.rank(node.input[0]) != 2:
             return "its input is not of rank 2 (N, features)"
+        if len(self.const_shape(node.input[1])) != 2:
+            return "its weight is not 2-D"
         w = self.param(node.input[1])
-        if w.ndim != 2:
-            return False
         ids = {"weight": node.input[1]}
         bias, outputs, handle = None, list(node.output), (index,)
         fused = self.bias_add(index, node, w.shape[1], 2)
@@ -655,11 +733,20 @@ class _Reader:
 
     def op_BatchNormalization(self, index, node, name):
         a = _attrs(node)
-        if int(a.get("training_mode", 0)) or len([o for o in node.output if o]) != 1:
-            return False
+        if int(a.get("training_mode", 0)):
+            return "training_mode=1: it normalizes with the batch's own statistics"
+        if len([o for o in node.output if o]) != 1:
+            return "its running-statistics outputs are used (training)"
+        if not int(a.get("spatial", 1)):
+            return "spatial=0: its statistics are per position, not per channel"
         blocker = self.first_blocker(node.input[1:5])
         if blocker:
             return blocker
+        channels = self.channels(node.input[0])
+        for n in node.input[1:5]:
+            shape = self.const_shape(n)
+            if len(shape) != 1 or (channels is not None and shape[0] != channels):
+                return f"its {n!r} of shape {shape} is not one value per channel"
         gamma, beta, mean, var = (self.param(n) for n in node.input[1:5])
         self.add(
             "batchnorm",
@@ -688,13 +775,15 @@ class _Reader:
     def op_PRelu(self, index, node, name):
         slope = self.const(node.input[1])
         if slope is None:
-            return False
+            return "its slope is not a constant"
         c, rank = self.channels(node.input[0]), self.rank(node.input[0])
         if slope.size != 1:
             # Per channel means broadcasting along axis 1 only: (1, C, 1, ..., 1) once
             # padded to the data's rank.
             if not _along_channels(slope.shape, rank, c):
-                return False
+                return f"its slope of shape {slope.shape} is not one value per channel"
+        if not np.all(np.isfinite(slope)):
+            return "its slope is not finite (Inf or NaN)"
         self.add("prelu", [node.input[0]], name, index, params={"slope": slope.reshape(-1)})
 
     def op_Clip(self, index, node, name):
@@ -709,13 +798,18 @@ class _Reader:
                     value = -np.inf if which == "lo" else np.inf
                 else:
                     value = self.const(ref)
-                    if value is None or value.size != 1:
-                        return False
+                    if value is None:
+                        return f"its {'min' if which == 'lo' else 'max'} is not a constant"
+                    if value.size != 1:
+                        return f"its {'min' if which == 'lo' else 'max'} is not one value"
                     value = float(value.reshape(-1)[0])
                 if which == "lo":
                     lo = value
                 else:
                     hi = value
+        for which, value in (("min", lo), ("max", hi)):
+            if np.isnan(value):
+                return f"its {which} is NaN"
         self.add(
             "clip",
             [node.input[0]],
@@ -728,47 +822,68 @@ class _Reader:
         self.add("identity", [node.input[0]], name, index)
 
     def op_Dropout(self, index, node, name):
-        if len([o for o in node.output if o]) != 1:
-            return False
+        """Inference: the identity. Training mode (opset 12's third input) drops
+        random values."""
+        if len(node.input) > 2 and node.input[2]:
+            training = self.const(node.input[2])
+            if training is None:
+                return "its training_mode is not a constant"
+            if bool(np.asarray(training).reshape(-1)[0]):
+                return "training_mode=1: it drops random values"
+        mask = node.output[1] if len(node.output) > 1 else ""
+        if mask and (mask in self.users or mask in {o.name for o in self.model.graph.output}):
+            return "its mask output is used"
         self.add("dropout", [node.input[0]], name, index, outputs=[node.output[0]])
 
     def op_Pad(self, index, node, name):
+        """Zero padding, and the modes that copy a channel's own values (reflect, edge,
+        wrap), of spatial axes: homogeneous per channel. Padding with another constant
+        is not (the constant does not scale with the channel)."""
         a = _attrs(node)
-        mode = a.get("mode", b"constant")
-        if mode not in (b"constant", "constant"):
-            return False
+        mode = _text(a.get("mode", "constant"))
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            return f"mode={mode} is not known"
         if self.opset < 11:
             pads, value = list(a.get("pads", [])), float(a.get("value", 0.0))
         else:
             pads_arr = self.const(node.input[1]) if len(node.input) > 1 else None
             if pads_arr is None:
-                return False
+                return "its pads are not constant"
             pads = [int(p) for p in pads_arr.reshape(-1)]
             cv = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if len(node.input) > 2 and node.input[2] and cv is None and mode == "constant":
+                return "its constant_value is not a constant"
             value = 0.0 if cv is None else float(np.asarray(cv).reshape(-1)[0])
-            if len(node.input) > 2 and node.input[2] and cv is None:
-                return False
             if len(node.input) > 3 and node.input[3]:
                 # Opset 18's axes: pads for those axes only; the others get none.
                 axes = self.const(node.input[3])
                 rank = self.rank(node.input[0])
                 if axes is None or rank is None:
-                    return False
+                    return "its axes or its input's rank are not known"
                 axes = [int(x) % rank for x in axes.reshape(-1)]
                 full = [0] * (2 * rank)
                 for k, ax in enumerate(axes):
                     full[ax], full[rank + ax] = pads[k], pads[len(axes) + k]
                 pads = full
         rank = len(pads) // 2
-        if value != 0.0 or rank < 3 or any(pads[i] for i in (0, 1, rank, rank + 1)):
-            return False
+        if mode == "constant" and value != 0.0:
+            return f"mode=constant with value {value:g}: a constant does not scale with the channel"
+        if rank < 3:
+            return "its input has no spatial axes"
+        if any(pads[i] for i in (0, 1, rank, rank + 1)):
+            return "it pads the batch or channel axis"
         spatial = pads[2:rank] + pads[rank + 2 :]
         if any(p < 0 for p in spatial):
-            return False
-        self.add("pad", [node.input[0]], name, index, attrs={"pads": tuple(spatial)})
+            return "it crops (negative pads)"
+        attrs = {"pads": tuple(spatial)}
+        if mode != "constant":
+            attrs["mode"] = mode
+        self.add("pad", [node.input[0]], name, index, attrs=attrs)
 
-    def _pool_attrs(self, node, ceil_as_pad: bool) -> dict | str | None:
+    def _pool_attrs(self, node, average: bool) -> dict | str:
         a = _attrs(node)
+        if "kernel_shape" not in a:
+            return "it has no kernel_shape"
         kernel = tuple(a["kernel_shape"])
         nd = len(kernel)
         stride = tuple(a.get("strides", (1,) * nd))
@@ -777,30 +892,36 @@ class _Reader:
         pads = _explicit_pads(a, nd, dims, kernel, stride, dilation)
         if pads is None:
             return "auto_pad needs the input's spatial size"
+        count_pad = bool(a.get("count_include_pad", 0))
         if int(a.get("ceil_mode", 0)):
             # Rounding the output size up adds windows that hang over the end: the same
-            # as more end padding, which a max pool ignores (an average would count it).
+            # as more end padding, which a max pool ignores, and so does an average that
+            # does not count padding (one that does would count it, unlike ONNX).
             extra = _ceil_extra(dims, nd, kernel, stride, dilation, pads)
-            if extra is None or (any(extra) and not ceil_as_pad):
-                return "ceil_mode=1 needs the input's spatial size (max pool only)"
+            if extra is None:
+                return "ceil_mode=1 needs the input's spatial size"
+            if any(extra) and average and count_pad:
+                return "ceil_mode=1 with count_include_pad=1 is not translated"
             pads = pads[:nd] + tuple(p + e for p, e in zip(pads[nd:], extra, strict=True))
         return {
             "kernel": kernel,
             "stride": stride,
             "pads": pads,
             "dilation": dilation,
-            "count_include_pad": bool(a.get("count_include_pad", 0)),
+            "count_include_pad": count_pad,
         }
 
     def op_MaxPool(self, index, node, name):
-        attrs = self._pool_attrs(node, ceil_as_pad=True)
-        if not isinstance(attrs, dict) or len([o for o in node.output if o]) != 1:
-            return attrs or False
+        if len([o for o in node.output if o]) != 1:
+            return "its Indices output is used"
+        attrs = self._pool_attrs(node, average=False)
+        if isinstance(attrs, str):
+            return attrs
         self.add("maxpool", [node.input[0]], name, index, outputs=[node.output[0]], attrs=attrs)
 
     def op_AveragePool(self, index, node, name):
-        attrs = self._pool_attrs(node, ceil_as_pad=False)
-        if not isinstance(attrs, dict):
+        attrs = self._pool_attrs(node, average=True)
+        if isinstance(attrs, str):
             return attrs
         self.add("avgpool", [node.input[0]], name, index, attrs=attrs)
 
@@ -809,16 +930,22 @@ class _Reader:
         exporter writes ``x.mean((2, 3))`` so); ``keepdims=0`` also flattens."""
         a = _attrs(node)
         rank = self.rank(node.input[0])
-        if self.opset >= 18:
-            axes = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if self.opset >= 18 and len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1])
             if axes is None:
-                return False
+                return "its axes are not constant"
         else:
             axes = a.get("axes")
-        if rank is None or rank < 3 or axes is None:
-            return False
-        if sorted(int(x) % rank for x in np.asarray(axes).reshape(-1)) != list(range(2, rank)):
-            return "reduces axes other than all spatial ones"
+        if axes is None or np.asarray(axes).size == 0:
+            if self.opset >= 18 and int(a.get("noop_with_empty_axes", 0)):
+                self.add("identity", [node.input[0]], name, index)  # no axes: a no-op
+                return
+            return "it reduces every axis, the channels too (no axes given)"
+        if rank is None:
+            return "its input's rank is not known"
+        axes = sorted(int(x) % rank for x in np.asarray(axes).reshape(-1))
+        if rank < 3 or axes != list(range(2, rank)):
+            return f"it reduces axes {axes}, not exactly the spatial ones"
         out = node.output[0]
         if int(a.get("keepdims", 1)):
             self.add("global_avgpool", [node.input[0]], name, index)
@@ -828,34 +955,109 @@ class _Reader:
         self.add("flatten", [pooled], f"{name}::flatten", index, outputs=[out])
 
     def op_Resize(self, index, node, name):
-        """Resize and Upsample interpolate each channel on its own with weights that do
-        not depend on the values: scaling a channel scales its output."""
+        """Resize and Upsample compute each output value as a combination, with weights
+        that depend on coordinates alone, of one channel's input values (nearest, linear,
+        cubic; antialias, exclude_outside and cubic_coeff_a only change the weights): so
+        scaling a channel scales its output. Exact where the batch and channel axes are
+        read one to one and no constant is sampled (tf_crop_and_resize's
+        extrapolation_value, unless 0)."""
         a = _attrs(node)
-        mode = a.get("mode", b"nearest")
-        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        mode = _text(a.get("mode", "nearest"))
+        if mode not in _RESIZE_MODES:
+            return f"mode={mode} is not known"
+        resize11 = node.op_type == "Resize" and self.opset >= 11
+        ctm = _text(a.get("coordinate_transformation_mode", "half_pixel"))
+        ctm = ctm if resize11 else "asymmetric"  # Resize 10, Upsample
+        if ctm not in _COORDINATE_MODES:
+            return f"coordinate_transformation_mode={ctm} is not known"
         src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
-        if self.opset < 9:  # Upsample's scales attribute
+        rank = len(src) if src is not None else None
+        inputs = list(node.input) + [""] * 4
+        scales = sizes = None
+        if self.opset < 9 and node.op_type == "Upsample":
             scales = a.get("scales")
-        elif self.opset <= 10 or node.op_type == "Upsample":  # scales as input 1
-            scales = self.const(node.input[1]) if len(node.input) > 1 else None
-        else:  # Resize 11+: X, roi, scales, sizes
-            scales = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            if scales is not None and scales.size == 0:
-                scales = None
-            sizes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-            if scales is None and sizes is not None and src is not None:
-                if len(sizes) == len(src) and all(isinstance(d, int) for d in src):
-                    scales = np.asarray(sizes, np.float64) / np.asarray(src, np.float64)
-        if scales is None and src is not None and dst is not None and len(src) == len(dst):
-            if all(isinstance(d, int) for d in (*src, *dst)):
-                scales = np.asarray(dst, np.float64) / np.asarray(src, np.float64)
-        if scales is None:
+        elif not resize11:  # X, scales
+            scales = self.const(inputs[1])
+        else:  # X, roi, scales, sizes
+            scales, sizes = self.const(inputs[2]), self.const(inputs[3])
+        if scales is not None and np.asarray(scales).size == 0:
+            scales = None
+        # Opset 18's axes: roi, scales and sizes are given for these axes only.
+        axes = a.get("axes") if resize11 else None
+        if axes is not None:
+            if rank is None:
+                return "it has axes, but its input's rank is not known"
+            axes = [int(x) % rank for x in axes]
+        elif rank is not None:
+            axes = list(range(rank))
+        if scales is not None:
+            scales = [float(f) for f in np.asarray(scales).reshape(-1)]
+        elif sizes is not None:
+            sizes = [int(n) for n in sizes.reshape(-1)]
+            if (
+                axes is None
+                or len(sizes) != len(axes)
+                or not all(isinstance(src[ax], int) and src[ax] > 0 for ax in axes)
+            ):
+                return "it is given sizes, but its input's size is not known"
+            scales = [n / src[ax] for n, ax in zip(sizes, axes, strict=True)]
+            policy = _text(a.get("keep_aspect_ratio_policy", "stretch"))
+            if policy in ("not_larger", "not_smaller"):  # one scale for every axis listed
+                scales = [(min if policy == "not_larger" else max)(scales)] * len(scales)
+        elif (
+            all(n in self.fixed for n in inputs[1:4] if n)
+            and src is not None
+            and dst is not None
+            and len(src) == len(dst)
+            and all(isinstance(d, int) and d > 0 for d in (*src, *dst))
+        ):
+            # Sizes computed from shapes: the output size shape inference found.
+            scales, axes = [d / s for s, d in zip(src, dst, strict=True)], list(range(rank))
+        else:
             return "its scales are not constant"
-        scales = [float(f) for f in np.asarray(scales).reshape(-1)]
-        if len(scales) < 3 or scales[0] != 1.0 or scales[1] != 1.0:
-            return "resizes the batch or channel axis"
-        attrs = {"mode": mode, "scales": tuple(scales[2:])}
-        self.add("resize", [node.input[0]], name, index, attrs=attrs)
+        if axes is None:
+            axes = list(range(len(scales)))
+        if len(scales) != len(axes):
+            return f"it has {len(scales)} scales for {len(axes)} axes"
+        scale_of = dict(zip(axes, scales, strict=True))
+        read = [(ax, what) for ax, what in ((0, "batch"), (1, "channel")) if ax in scale_of]
+        for ax, what in read:
+            if scale_of[ax] != 1.0:
+                return f"it resizes the {what} axis (scale {scale_of[ax]:g})"
+        if ctm == "tf_crop_and_resize":
+            extrapolation = float(a.get("extrapolation_value", 0.0))
+            if extrapolation != 0.0:
+                return (
+                    "coordinate_transformation_mode=tf_crop_and_resize with "
+                    f"extrapolation_value={extrapolation:g}: what it samples outside the "
+                    "input is that constant, which does not scale with the channel"
+                )
+            roi = self.const(inputs[1])
+            if roi is None:
+                return "coordinate_transformation_mode=tf_crop_and_resize: its roi is not constant"
+            roi = [float(r) for r in roi.reshape(-1)]
+            if len(roi) != 2 * len(axes):
+                return f"its roi has {len(roi)} values for {len(axes)} axes"
+            for ax, what in read:
+                k = axes.index(ax)
+                if (roi[k], roi[len(axes) + k]) != (0.0, 1.0):
+                    return (
+                        "coordinate_transformation_mode=tf_crop_and_resize with roi "
+                        f"({roi[k]:g}, {roi[len(axes) + k]:g}) on the {what} axis: it mixes "
+                        "or crops that axis"
+                    )
+        if ctm == "tf_half_pixel_for_nn" and read:
+            # It samples x + 1/2 on an axis of scale 1: only rounding down reads x itself.
+            rounding = _text(a.get("nearest_mode", "round_prefer_floor"))
+            if mode != "nearest" or rounding not in ("round_prefer_floor", "floor"):
+                how = f"mode={mode}" if mode != "nearest" else f"nearest_mode={rounding}"
+                return (
+                    f"coordinate_transformation_mode=tf_half_pixel_for_nn with {how}: by the "
+                    "spec it reads channel c + 1 or mixes c and c + 1"
+                )
+        last = rank if rank is not None else len(scales)
+        spatial = tuple(scale_of.get(ax, 1.0) for ax in range(2, last))
+        self.add("resize", [node.input[0]], name, index, attrs={"mode": mode, "scales": spatial})
 
     def op_Upsample(self, index, node, name):
         return self.op_Resize(index, node, name)
@@ -882,13 +1084,13 @@ class _Reader:
                 factor = self._per_channel_const(other, data)
                 if factor is None:
                     return "multiplies by a constant that is not per channel"
+                if not np.all(np.isfinite(factor)):
+                    return "multiplies by a constant that is not finite (Inf or NaN)"
                 self.add("mul", [data], name, index, params={"factor": factor})
                 return
-        if a in self.fixed or b in self.fixed:
-            return False
         out = self.dims.get(node.output[0])
         if out is None:
-            return False
+            return "its output's shape is not known"
 
         def match(value: str) -> int:
             """How many of the output's known dims ``value`` has, -1 if it cannot be of
@@ -905,28 +1107,32 @@ class _Reader:
         # expanded to it: then either would do, and the better-known one is taken).
         data, gate = (a, b) if match(a) >= match(b) else (b, a)
         if match(data) < 0:
-            return False
+            return "neither input has the output's shape"
         self.add("mul", [data, gate], name, index)
 
     def op_Div(self, index, node, name):
         x, d = node.input[0], node.input[1]
-        if x in self.fixed or d not in self.fixed:
-            return False
-        factor = self._per_channel_const(d, x)
-        if factor is None:
+        if d not in self.fixed:
+            return "its divisor is not a constant"
+        divisor = self._per_channel_const(d, x)
+        if divisor is None:
             return "divides by a constant that is not per channel"
-        with np.errstate(divide="ignore"):
-            factor = 1.0 / factor.astype(np.float64)
-        if not np.all(np.isfinite(factor)):
-            return False
+        if np.any(np.isnan(divisor)):
+            return "divides by NaN"
+        if np.any(divisor == 0):
+            return "divides by zero"
+        factor = 1.0 / divisor.astype(np.float64)
         self.add("mul", [x], name, index, params={"factor": factor})
 
     def op_Split(self, index, node, name):
         """A split along the channel axis: one IR ``slice`` per output, at the offsets
         the inferred output widths give."""
         rank = self.rank(node.input[0])
-        if rank is None or int(_attrs(node).get("axis", 0)) % rank != 1:
-            return False
+        if rank is None:
+            return "its input's rank is not known"
+        axis = int(_attrs(node).get("axis", 0))
+        if axis % rank != 1:
+            return f"it splits axis {axis}, not the channels"
         widths = [self.channels(o) if o else None for o in node.output]
         if any(w is None for w in widths) or sum(widths) != self.channels(node.input[0]):
             return "the widths of its outputs are unknown"
@@ -940,24 +1146,29 @@ class _Reader:
         """Channels ``start`` to ``end`` (step 1) and nothing cut on other axes."""
         src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
         if src is None or dst is None or len(src) != len(dst) or len(src) < 2:
-            return False
+            return "its input's or output's shape is not known"
         if any(a != b for i, (a, b) in enumerate(zip(src, dst, strict=True)) if i != 1):
             return "cuts an axis other than the channels"
         if self.opset < 10:
             a = _attrs(node)
             starts, axes, steps = a.get("starts"), a.get("axes"), None
         else:
-            args = [self.const(n) if n else None for n in list(node.input) + [""] * 5]
+            names = list(node.input) + [""] * 5
+            args = [self.const(n) if n else None for n in names]
+            if any(n and a is None for n, a in zip(names[1:5], args[1:5], strict=True)):
+                return "its starts, ends, axes or steps are not constant"
             starts, axes, steps = args[1], args[3], args[4]
-        if starts is None or not isinstance(src[1], int) or not isinstance(dst[1], int):
-            return False
+        if starts is None:
+            return "its starts are not constant"
+        if not isinstance(src[1], int) or not isinstance(dst[1], int) or dst[1] < 1:
+            return "its channel counts are not known"
         starts = [int(v) for v in np.asarray(starts).reshape(-1)]
         axes = list(range(len(starts))) if axes is None else list(np.asarray(axes).reshape(-1))
         if steps is not None and any(int(v) != 1 for v in np.asarray(steps).reshape(-1)):
-            return False
+            return f"steps {[int(v) for v in np.asarray(steps).reshape(-1)]}: not a run of channels"
         found = [st for st, ax in zip(starts, axes, strict=True) if int(ax) % len(src) == 1]
         if len(found) != 1:
-            return False
+            return "it slices no channels"
         start = min(max(found[0] + src[1] if found[0] < 0 else found[0], 0), src[1])
         attrs = {"offset": start, "channels": dst[1]}
         self.add("slice", [node.input[0]], name, index, attrs=attrs)
@@ -972,44 +1183,56 @@ class _Reader:
         self.add("global_avgpool", [node.input[0]], name, index)
 
     def op_Add(self, index, node, name):
-        if len(node.input) < 2 or any(n in self.fixed for n in node.input):
-            return False
+        """A residual sum of same-shape tensors (a region gives its inputs one scale)."""
+        if len(node.input) < 2:
+            return "it has one input"
+        if any(n in self.fixed for n in node.input):
+            # x + c is an affine map, not a homogeneous one: the constant would have to
+            # scale with the channel (not translated yet).
+            return "adds a constant"
         ranks = {self.rank(n) for n in node.input}
-        if None in ranks or len(ranks) != 1:
-            return False  # broadcasting adds are not residual adds
+        if None in ranks:
+            return "the shapes of its inputs are not known"
         dims = [self.dims[n] for n in node.input]
-        if any(d != dims[0] for d in dims):
-            return False
+        if len(ranks) != 1 or any(d != dims[0] for d in dims):
+            return "it broadcasts (a residual Add sums tensors of one shape)"
         self.add("add", list(node.input), name, index)
 
     def op_Concat(self, index, node, name):
         axis = int(_attrs(node).get("axis", 0))
         rank = self.rank(node.output[0])
-        if rank is None or axis % rank != 1 or any(n in self.fixed for n in node.input):
-            return False
+        if rank is None:
+            return "its output's rank is not known"
+        if axis % rank != 1:
+            return f"it concatenates along axis {axis}, not the channels"
+        if any(n in self.fixed for n in node.input):
+            return "it concatenates a constant"
         self.add("concat", list(node.input), name, index)
 
     def op_Flatten(self, index, node, name):
         axis = int(_attrs(node).get("axis", 1))
         rank = self.rank(node.input[0])
-        if rank is None or rank < 2 or axis % rank != 1:
-            return False
+        if rank is None:
+            return "its input's rank is not known"
+        if rank < 2 or axis % rank != 1:
+            return f"axis={axis}: it does not keep the batch axis apart from the channels"
         self.add("flatten", [node.input[0]], name, index)
 
     def op_Reshape(self, index, node, name):
         src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
         if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
-            return False
+            return "its input's shape is not known"
+        not_flat = "it does not reshape (N, C, ...) to (N, C * ...)"
         features = int(np.prod(src[1:]))
         if dst is not None and len(dst) == 2 and isinstance(dst[1], int):
             flat = dst[1] == features
         else:
             shape = self.const(node.input[1])
             if shape is None or shape.size != 2:
-                return False
+                return not_flat
             first, second = shape.reshape(-1)
             if isinstance(second, _Dim):
-                return False
+                return not_flat
             if int(second) == features:  # (-1, C*H*W) or (N, C*H*W)
                 flat = True
             else:
@@ -1017,7 +1240,7 @@ class _Reader:
                 # exactly C*H*W features, since only then can the model run at all.
                 flat = int(second) == -1 and self._read_by_layers_of_width(node.output[0], features)
         if not flat:
-            return False
+            return not_flat
         self.add("flatten", [node.input[0]], name, index)
 
     def _read_by_layers_of_width(self, value: str, features: int) -> bool:

@@ -300,3 +300,66 @@ def onnx_specs(draw):
         "overridable": draw(st.sampled_from([False, False, False, True])),
         "seed": draw(st.integers(0, 2**16)),
     }
+
+
+# --- idioms spliced into the random ONNX models (tests/onnx/test_fuzz_onnx.py) -------------
+
+_RESIZE_IDIOM = st.fixed_dictionaries(
+    {
+        "kind": st.just("resize"),
+        "at": st.integers(0, 100),  # which activation it resizes
+        # to 16x16 and back to 8x8 (an average pool, or from opset 18 a Resize by 0.5 with
+        # antialias); "up": by scales, sizes or opset 18's axes; "crop": tf_crop_and_resize
+        # of a box inside the input or reaching outside it. The values that can break
+        # exactness come first: hypothesis draws the first value of a list more often.
+        "how": st.sampled_from(["crop", "up"]),
+        "mode": st.sampled_from(["nearest", "linear", "cubic"]),
+        "coordinates": st.sampled_from(
+            [
+                "half_pixel",
+                "pytorch_half_pixel",
+                "align_corners",
+                "asymmetric",
+                "half_pixel_symmetric",
+                "tf_half_pixel_for_nn",
+            ]
+        ),
+        "nearest_mode": st.sampled_from(
+            ["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]
+        ),
+        "given": st.sampled_from(["scales", "sizes", "axes"]),
+        "extrapolation": st.sampled_from([5.0, 0.0, -1.5]),
+        "outside": st.sampled_from([True, False]),  # the crop box reaches outside the input
+        "antialias": st.booleans(),
+    }
+)
+
+_BIAS_IDIOM = st.fixed_dictionaries(
+    {
+        "kind": st.just("bias"),
+        "at": st.integers(0, 100),  # which Conv (or the head's Gemm)
+        # "factor": the bias becomes an Add's (1, C, 1, 1) constant that a Mul after it
+        # also multiplies by; "data": a side output reads the bias; "gemm": the head
+        # Gemm's C is also a Mul's factor
+        "how": st.sampled_from(["factor", "data", "gemm"]),
+    }
+)
+
+_WEIGHT_IDIOM = st.fixed_dictionaries(
+    {
+        "kind": st.just("weight"),
+        "at": st.integers(0, 100),  # which Conv
+        "how": st.sampled_from(["constant", "identity"]),  # the weight, read twice
+    }
+)
+
+
+@st.composite
+def onnx_idiom_specs(draw):
+    """:func:`onnx_specs` in float32 plus 1 or 2 idioms that
+    ``test_fuzz_onnx.with_idioms`` splices into the model: a Resize (modes, coordinate
+    transformations, extrapolation values), a bias initializer that another node also
+    reads, a Constant or Identity weight that another node also reads."""
+    spec = draw(onnx_specs())
+    idioms = st.one_of(_RESIZE_IDIOM, _BIAS_IDIOM, _WEIGHT_IDIOM)
+    return {**spec, "dtype": "float32", "idioms": draw(st.lists(idioms, min_size=1, max_size=2))}

@@ -447,3 +447,128 @@ def test_sigterm_cleans_up_and_exits_143(tmp_path):
     assert proc.returncode == 143, proc.stderr
     assert "terminated" in proc.stderr
     assert {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)} == before
+
+
+# --- issue 17: Resize that samples a constant, biases read by a second node ----------------
+
+
+def resize_crop(extrapolation: float) -> onnx.ModelProto:
+    """Conv -> Relu -> Resize(tf_crop_and_resize, a box reaching outside the input,
+    linear, scales 2) -> Conv: outside the input the Resize puts ``extrapolation``."""
+    b = om.OnnxBuilder(31)
+    h = b.node("Relu", [b.conv("x", 3, 6, 3, pad=1)])
+    roi = b.init(np.array([0, 0, -0.5, -0.5, 1, 1, 1.5, 1.5]), "roi")
+    scales = b.init(np.array([1.0, 1.0, 2.0, 2.0]), "scales")
+    h = b.node(
+        "Resize",
+        [h, roi, scales],
+        mode="linear",
+        coordinate_transformation_mode="tf_crop_and_resize",
+        extrapolation_value=extrapolation,
+    )
+    b.conv(h, 6, 4, 1)
+    return b.model()
+
+
+def cli_equalize_checked(model, tmp_path) -> onnx.ModelProto:
+    """``cle equalize --check`` on ``model`` saved to a file: exit 0, the input file
+    byte-identical, the output FP32 exact (SQNR >= 100 dB against the input)."""
+    from cle_core._quality import sqnr_db
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(src))
+    data = src.read_bytes()
+    assert main(["equalize", str(src), "-o", str(dst), "--check", "--quiet"]) == 0
+    assert src.read_bytes() == data
+    out = onnx.load(str(dst))
+    feeds = {"x": x_like()}
+    for a, b in zip(session(model).run(None, feeds), session(out).run(None, feeds), strict=True):
+        assert sqnr_db(a, b) >= 100.0
+    return out
+
+
+def test_resize_extrapolating_a_constant_ends_the_region(tmp_path, capsys):
+    # Scaling a channel by 1/s before the Resize scales its interpolated pixels, not the
+    # constant 5 put where the box leaves the input: the region must stop there.
+    eq, report = equalize_checked(resize_crop(5.0))
+    assert not report.regions
+    (skip,) = [s for s in report.skipped if s.stage == "translate"]
+    assert skip.reason.startswith("Resize left out: ")
+    assert "extrapolation_value=5" in skip.reason
+    cli_equalize_checked(resize_crop(5.0), tmp_path)
+    # with the default extrapolation value, 0, the region runs through it
+    eq, report = equalize_checked(resize_crop(0.0))
+    assert len(report.regions) == 1
+    assert not [s for s in report.skipped if s.stage == "translate"]
+
+
+def gemm_bias_also_a_factor() -> tuple[onnx.ModelProto, str]:
+    """Gemm(x, w1, b) -> Relu -> Mul(., b) -> Gemm: the first Gemm's bias initializer is
+    also the Mul's factor."""
+    b = om.OnnxBuilder(32)
+    h = b.node("Relu", [b.conv("x", 3, 6, 3, pad=1)])
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+    bias = b.init(b.rng.uniform(0.5, 2.0, 16), "bias")
+    g = b.node("Gemm", [h, b.init(b.spread((16, 6))), bias], transB=1)
+    g = b.node("Mul", [b.node("Relu", [g]), bias])
+    b.node("Gemm", [g, b.init(b.spread((4, 16))), b.init(np.zeros(4), "c")], transB=1)
+    return b.model(), bias
+
+
+def conv_bias_add_also_a_factor() -> tuple[onnx.ModelProto, str]:
+    """Conv (no bias) -> Add(b) -> Relu -> Mul(., b) -> Conv: the constant of the Conv's
+    bias-Add is also the Mul's factor."""
+    b = om.OnnxBuilder(33)
+    bias = b.init(b.rng.uniform(0.5, 2.0, (1, 6, 1, 1)), "bias")
+    h = b.node("Add", [b.conv("x", 3, 6, 3, pad=1, bias=False), bias])
+    h = b.node("Mul", [b.node("Relu", [h]), bias])
+    b.conv(h, 6, 4, 1)
+    return b.model(), bias
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    (t,) = [t for t in model.graph.initializer if t.name == name]
+    return numpy_helper.to_array(t)
+
+
+@pytest.mark.parametrize("build", [gemm_bias_also_a_factor, conv_bias_add_also_a_factor])
+def test_a_bias_also_read_by_another_node(build, tmp_path, capsys):
+    # Translation used to take the initializer's bytes for the layer, and the Mul's
+    # reading of it found them gone (ValueError: cannot reshape array of size 0).
+    model, bias = build()
+    for eq in (equalize_checked(model)[0], cli_equalize_checked(model, tmp_path)):
+        # The layer was scaled: it got its own copy of the bias; the Mul reads the
+        # original values.
+        (mul,) = [n for n in eq.graph.node if n.op_type == "Mul"]
+        assert bias in mul.input
+        np.testing.assert_array_equal(initializer(eq, bias), initializer(model, bias))
+        readers = [n for n in eq.graph.node if n.op_type != "Mul" and bias in n.input]
+        assert not readers, "the scaled bias must be a clone"
+    _, report = cle_onnx.equalize_model(model)
+    owner = next(n.name for n in model.graph.node if n.op_type in ("Gemm", "Conv"))
+    assert any(owner in r.sources for r in report.regions), report.summary()
+
+
+def test_a_dequantized_weight_is_refused_for_what_it_is():
+    # 216 weights computed by DequantizeLinear were said to be "too large to fold".
+    b = om.OnnxBuilder(34)
+    q = b.name("wq")
+    b.inits.append(numpy_helper.from_array(b.rng.integers(-100, 100, (8, 3, 3, 3), np.int8), q))
+    w = b.node("DequantizeLinear", [q, b.init(np.array(0.02), "scale")])
+    h = b.node("Relu", [b.node("Conv", ["x", w, b.init(np.zeros(8), "b")], pads=[1] * 4)])
+    b.conv(h, 8, 4, 1)
+    _, report = equalize_checked(b.model())
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert len(reasons) == 1 and "too large" not in reasons[0]
+    assert "DequantizeLinear from a quantized tensor" in reasons[0]
+
+
+def test_opset18_resize_with_axes_scales_only_those_axes():
+    # scales = [2, 2] for axes [2, 3] was read as a scale of 2 on the batch and channels.
+    b = om.OnnxBuilder(35, opset=18)
+    h = b.node("Relu", [b.conv("x", 3, 6, 3, pad=1)])
+    scales = b.init(np.array([2.0, 2.0]), "scales")
+    b.conv(b.node("Resize", [h, "", scales], mode="linear", axes=[2, 3]), 6, 4, 1)
+    _, report = equalize_checked(b.model())
+    assert len(report.regions) == 1
+    assert not [s for s in report.skipped if s.stage == "translate"]
