@@ -196,7 +196,8 @@ def _check_shape(shape: tuple, tensor, what: str) -> None:
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
         for d in dims
     )
-    text = "(" + ", ".join(str(d) for d in declared) + ")"
+    # The batch axis is not checked: shown as N.
+    text = "(" + ", ".join(["N", *(str(d) for d in declared[1:])][: len(declared)]) + ")"
     if len(shape) != len(dims) or any(
         isinstance(d, int) and d != n for d, n in zip(declared[1:], shape[1:], strict=True)
     ):

@@ -235,7 +235,7 @@ def read_inputs(spec: Path, src: Path) -> np.ndarray:
         check_images_fit(model, str(spec), "give a .npy array of its values")
     inputs = fit_channels(load_inputs(spec, input_size(model)), model)
     if len(data_inputs(model)) == 1:  # else feeds() asks for a dict, which no file gives
-        feeds(model, inputs, f"inputs in {spec}")
+        feeds(model, inputs, f"data in {spec}")
     return inputs
 
 

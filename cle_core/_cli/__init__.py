@@ -162,23 +162,50 @@ def _main(parser, args) -> int:
         if not hasattr(args, "run"):  # every command sets it: its module's, or a backend's
             parser.error(f"unknown command {args.command}")
         return args.run(args)
-    except CLEError as exc:
-        if args.debug:
-            raise
-        print(f"cle: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        return _interrupted(KeyboardInterrupt())
+    except Terminated:
+        return _interrupted(Terminated())
+    except Exception as exc:
+        # A signal that lands while an extension module initializes comes out as its
+        # ImportError ("initialization failed"), which may be wrapped again on the way.
+        signal_exc = _signal_in(exc)
+        if signal_exc is not None:
+            return _interrupted(signal_exc)
+        if isinstance(exc, CLEError):
+            if args.debug:
+                raise
+            print(f"cle: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return _internal(exc, args.debug)
+    return EXIT_OK
+
+
+def _signal_in(exc: BaseException) -> BaseException | None:
+    """A KeyboardInterrupt or Terminated among the causes and contexts of ``exc``."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(exc: BaseException) -> int:
+    if isinstance(exc, KeyboardInterrupt):
         print("cle: interrupted; the output was not changed", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Terminated:
-        print("cle: terminated; the output was not changed", file=sys.stderr)
-        return EXIT_TERMINATED
-    except Exception as exc:  # a bug: say so in one line, traceback on request
-        if args.debug:
-            raise
-        print(
-            f"cle: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug)",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
-    return EXIT_OK
+    print("cle: terminated; the output was not changed", file=sys.stderr)
+    return EXIT_TERMINATED
+
+
+def _internal(exc: Exception, debug: bool) -> int:
+    """A bug: said in one line, the traceback on request."""
+    if debug:
+        raise exc
+    print(
+        f"cle: internal error: {exc.__class__.__name__}: {exc} (rerun with --debug)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL

@@ -15,6 +15,7 @@ import pytest
 import cle_core
 from cle_core import UnsupportedModelError, equalize_model, get_plugin_manager
 from cle_core._backend import get_backend_for_file
+from cle_core._cli._common import Terminated
 from tests.helpers.toy_backend import ToyBackend, ToyMLP
 
 
@@ -626,3 +627,37 @@ def test_the_claim_order_is_builtins_then_third_parties_by_name(install):
     builtins = [name for name in order if name in host.builtin_names()]
     assert order == [*builtins, "alpha", "zeta"]
     assert builtins == sorted(builtins)
+
+
+def _raise(exc):
+    raise exc
+
+
+def _wrapped(signal_exc: BaseException) -> ImportError:
+    """What a signal landing while an extension module initializes looks like."""
+    try:
+        try:
+            raise signal_exc
+        except BaseException as inner:
+            raise ImportError("initialization failed") from inner
+    except ImportError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    "make, code, word",
+    [
+        (lambda: _wrapped(KeyboardInterrupt()), 130, "interrupted"),
+        (lambda: _wrapped(Terminated()), 143, "terminated"),
+        (lambda: ImportError("a real bug"), 1, "internal error"),
+    ],
+    ids=["sigint-in-import", "sigterm-in-import", "import-bug"],
+)
+def test_a_signal_during_an_import_keeps_its_exit_code(make, code, word, capsys):
+    import argparse
+
+    from cle_core._cli import _main
+
+    args = argparse.Namespace(command="x", debug=False, run=lambda a: _raise(make()))
+    assert _main(argparse.ArgumentParser(), args) == code
+    assert word in capsys.readouterr().err

@@ -69,7 +69,7 @@ BAD_API = [
     ("path", lambda: "images/", CLEError, ["calibration", "'images/'", "path"]),
     ("ragged", _ragged, CLEError, ["'x'", "rectangular"]),
     ("dict_ragged", lambda: {"x": _ragged()}, CLEError, ["'x'", "rectangular"]),
-    ("channels", lambda: X[:, :2], CLEError, ["'x'", "(8, 2, 8, 8)", "(2, 3, 8, 8)"]),
+    ("channels", lambda: X[:, :2], CLEError, ["'x'", "(8, 2, 8, 8)", "(N, 3, 8, 8)"]),
     ("scalar", lambda: 3.0, CLEError, ["'x'", "shape ()"]),
 ]
 
@@ -254,7 +254,7 @@ BAD_CLI = [
     ("huge_header", _huge_header, "c.npy", ["c.npy", "56.0 GiB", "truncated"]),
     ("truncated", _truncated, "c.npy", ["c.npy", "truncated"]),
     ("not_npy", lambda p: p.write_bytes(b"PK\x03\x04 a zip"), "c.npy", ["c.npy", "not a readable"]),
-    ("channels", _npy(X[:, :2]), "c.npy", ["'x'", "(8, 2, 8, 8)", "(2, 3, 8, 8)"]),
+    ("channels", _npy(X[:, :2]), "c.npy", ["'x'", "(8, 2, 8, 8)", "(N, 3, 8, 8)"]),
     (
         "corrupt_png",
         _images(("b.png", b"\x89PNG\r\n\x1a\n garbage")),
