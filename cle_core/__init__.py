@@ -14,6 +14,7 @@ from ._backend import (
     get_backend,
     get_plugin_manager,
 )
+from ._deployment import Deployment, QuantizerProfile, profile_names, register_profile
 from ._equalize import equalize
 from ._errors import (
     CLEError,
@@ -26,12 +27,22 @@ from ._executor import run_graph
 from ._files import OutputPathError
 from ._ir import Graph, Node, Value, unique_name
 from ._math import Layout
+from ._objectives import (
+    Objective,
+    ScaleOutcome,
+    ScaleProblem,
+    objective_names,
+    register_objective,
+)
+from ._objectives import balance as _balance  # noqa: F401  (registers itself)
+from ._objectives import noise as _noise  # noqa: F401  (registers itself)
 from ._report import (
     EqualizeOptions,
     EqualizeResult,
     FoldRecord,
     HighBiasRecord,
     LayerRecord,
+    PassResult,
     RegionRecord,
     Report,
     SkipRecord,
@@ -44,6 +55,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "Backend",
     "CLEError",
+    "Deployment",
     "EqualizeOptions",
     "EqualizeResult",
     "ExecutionError",
@@ -55,9 +67,14 @@ __all__ = [
     "Layout",
     "Node",
     "NonFiniteError",
+    "Objective",
     "OutputPathError",
+    "PassResult",
+    "QuantizerProfile",
     "RegionRecord",
     "Report",
+    "ScaleOutcome",
+    "ScaleProblem",
     "SkipRecord",
     "Translated",
     "UnsupportedModelError",
@@ -68,6 +85,10 @@ __all__ = [
     "get_plugin_manager",
     "hookimpl",
     "hookspecs",
+    "objective_names",
+    "profile_names",
+    "register_objective",
+    "register_profile",
     "run_graph",
     "unique_name",
 ]

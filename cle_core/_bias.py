@@ -13,7 +13,7 @@ import numpy as np
 
 from ._ir import Graph, Node, Value
 from ._math import absorb_high_bias, classic_hba_error, high_bias_amount, shift_bounds
-from ._report import EqualizeOptions, HighBiasRecord, SkipRecord
+from ._report import EqualizeOptions, HighBiasRecord, PassResult, SkipRecord
 
 _TRANSPARENT = frozenset({"identity", "dropout"})
 # Ops between the activation and the next layer that commute with a per-channel shift.
@@ -97,8 +97,8 @@ def _following_layers(graph: Graph, act: Node, shared: dict[int, str]):
 
 def absorb_high_biases(
     graph: Graph, options: EqualizeOptions, shared: dict[int, str]
-) -> tuple[list[HighBiasRecord], list[SkipRecord], set[str]]:
-    """Absorb high biases where allowed by ``options``. Returns records, skips, changed."""
+) -> PassResult:
+    """Absorb high biases where allowed by ``options``."""
     records: list[HighBiasRecord] = []
     skips: list[SkipRecord] = []
     changed: set[str] = set()
@@ -121,6 +121,22 @@ def absorb_high_biases(
                     "high_bias",
                     layer.name,
                     f"inexact: {inexact[0]} (enable high_bias_through_padding to allow)",
+                )
+            )
+            continue
+        if exact_form and not options.deployment.weights_only:
+            # The shift lowers each channel's bound by its own amount: the activation
+            # grids, one per tensor, then span the union of the shifted ranges, wider
+            # than before, and a bound that was one number becomes a Max that the
+            # quantizer does not merge into the layer (a second grid). Measured on
+            # EfficientNet-Lite0 with onnxruntime: W8A8 -0.6 dB, W8 +0.2 dB. With float
+            # activations only the weight noise it saves counts.
+            skips.append(
+                SkipRecord(
+                    "high_bias",
+                    layer.name,
+                    "the shift would widen the activation grids of the deployment "
+                    "(absorbed for weights-only deployments)",
                 )
             )
             continue
@@ -167,4 +183,4 @@ def absorb_high_biases(
                 relative_error=rel,
             )
         )
-    return records, skips, changed
+    return PassResult(tuple(records), tuple(skips), frozenset(changed))

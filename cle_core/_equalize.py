@@ -10,24 +10,23 @@ import numpy as np
 from ._bias import absorb_high_biases
 from ._errors import NonFiniteError
 from ._fold import fold_batch_norms, shared_param_owners
-from ._gains import propagate as propagate_gains
 from ._ir import Graph
 from ._math import weight_stats
-from ._objective import NoiseUnavailable, noise_scales
+from ._objectives import ScaleOutcome, ScaleProblem, get_objective
 from ._regions import find_regions
 from ._report import (
-    BALANCE_TOLERANCE,
     EqualizeOptions,
     EqualizeResult,
+    FoldRecord,
+    HighBiasRecord,
     LayerRecord,
-    NoiseEstimate,
+    PassResult,
     RegionRecord,
     Report,
     SkipRecord,
 )
-from ._scale import apply_scales, scale_regions, triple_names
-from ._stats import ChannelStats, counts_known, positions
-from ._stats import estimate as estimate_stats
+from ._scale import apply_scales, triple_names
+from ._stats import ChannelStats
 
 logger = logging.getLogger("cle_core")
 
@@ -117,10 +116,9 @@ def _non_finite_param(node):
 
 def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics) -> EqualizeResult:
     shared = shared_param_owners(graph)
-    folds, skips, changed, removed = [], [], set(), []
     # Nodes the backend could not translate, where it said why: a user whose model was
     # left alone needs to see these first ("weight 'w' is not a constant").
-    skips += [
+    skips = [
         SkipRecord("translate", n.name, f"{n.attrs.get('kind', 'op')} left out: {n.attrs['why']}")
         for n in graph.nodes
         if n.op == "opaque" and n.attrs.get("why")
@@ -128,100 +126,38 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
     bn_values = {
         n.name: (n.inputs[0].name, n.outputs[0].name) for n in graph.nodes if n.op == "batchnorm"
     }
+    passes: list[PassResult] = []
     if options.fold_bn:
         report_progress("folding batch norms", 0.05)
-        folds, fold_skips, fold_changed, removed = fold_batch_norms(graph, shared)
-        skips += fold_skips
-        changed |= fold_changed
+        passes.append(fold_batch_norms(graph, shared))
+    folds = passes[0].records if passes else ()
 
     layers = [n for n in graph.nodes if n.is_layer]
     before = {id(n): weight_stats(n.weight, n.layout) for n in layers}
 
-    region_records: list[RegionRecord] = []
-    estimate: NoiseEstimate | None = None
-    triples: list[tuple[str, str, str]] = []
-    sweeps, converged, max_change = 0, True, 0.0
+    outcome: ScaleOutcome | None = None
     if options.scale:
-        regions, region_skips = find_regions(graph, shared)
-        skips += region_skips
-        report_progress("scaling", 0.2)
-        on_sweep = lambda sweep: report_progress(  # noqa: E731
-            "scaling", 0.2 + 0.6 * sweep / options.max_sweeps
-        )
-        noise = None
-        if options.objective == "noise":
-            # Calibrated statistics were measured on the model as given: after an
-            # output-side fold the layer's output is what the BN's output was.
-            measured = dict(statistics or {})
-            for fold in folds:
-                x, y = bn_values[fold.bn]
-                if fold.side == "output" and y in measured:
-                    measured[x] = measured[y]
-            try:
-                # Overflow is caught as a non-finite estimate, not warned about.
-                with np.errstate(over="ignore", invalid="ignore"):
-                    stats, derivatives = estimate_stats(graph, measured)
-                    counts = positions(graph)
-                    power = {
-                        v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
-                        for v in graph.outputs
-                        if v.name in stats
-                    }
-                    gains = propagate_gains(graph, counts, derivatives, power)
-                    noise = noise_scales(
-                        graph,
-                        regions,
-                        stats,
-                        gains,
-                        counts,
-                        options.weight_bits,
-                        options.activation_bits,
-                        options.max_sweeps,
-                        options.stop_tolerance,
-                        on_sweep,
-                    )
-            except NoiseUnavailable as e:
-                reason = f"{e}; the weight-range balance chose the scales instead"
-                logger.warning("noise objective: %s", reason)
-                skips.append(SkipRecord("scale", "noise objective", reason))
-        if noise is None:
-            outcome = scale_regions(
-                regions,
-                options.max_sweeps,
-                options.tolerance if options.tolerance is not None else BALANCE_TOLERANCE,
-                on_sweep,
-                options.activation_weight,
-            )
-            changed |= outcome.changed
-            sweeps, converged, max_change = outcome.sweeps, outcome.converged, outcome.max_change
-            triples = outcome.triples
-        else:
-            changed |= apply_scales(regions, noise.scales)
-            sweeps, converged, max_change = noise.sweeps, noise.converged, noise.max_change
-            triples = triple_names(regions)
-            outcome = noise
-            estimate = NoiseEstimate(noise.before, noise.after, noise.history, counts_known(graph))
-        region_records = [
-            RegionRecord(
-                id=r.id,
-                kind=r.kind,
-                sources=tuple(n.name for n, _ in r.sources),
-                sinks=tuple(n.name for n, *_ in r.sinks),
-                through=tuple(n.name for n in r.through),
-                channels=r.size,
-                scales=outcome.scales[r.id],
-                noise_before=None if estimate is None else outcome.region_before[r.id],
-                noise_after=None if estimate is None else outcome.region_after[r.id],
-            )
-            for r in regions
-        ]
+        # Calibrated statistics were measured on the model as given: after an
+        # output-side fold the layer's output is what the BN's output was.
+        measured = dict(statistics or {})
+        for fold in folds:
+            x, y = bn_values[fold.bn]
+            if fold.side == "output" and y in measured:
+                measured[x] = measured[y]
+        scaling = scale_pass(graph, shared, options, measured, report_progress)
+        passes.append(scaling)
+        outcome = scaling.details
 
-    bias_records = []
     if options.high_bias:
         report_progress("absorbing high biases", 0.85)
-        bias_records, bias_skips, bias_changed = absorb_high_biases(graph, options, shared)
-        skips += bias_skips
-        changed |= bias_changed
+        passes.append(absorb_high_biases(graph, options, shared))
+
+    changed: set[str] = set()
+    removed: list[str] = []
+    for result in passes:
+        skips += result.skips
+        changed |= result.changed
+        removed += result.removed
 
     report_progress("reporting", 0.95)
     layer_records = []
@@ -234,17 +170,58 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
             LayerRecord(node.name, ranges_before, ranges_after, sqnr_before, sqnr_after)
         )
 
+    def records(kind) -> tuple:
+        return tuple(r for p in passes for r in p.records if isinstance(r, kind))
+
     report = Report(
         options=options,
-        folds=tuple(folds),
-        regions=tuple(region_records),
-        triples=tuple(triples),
-        high_bias=tuple(bias_records),
+        folds=records(FoldRecord),
+        regions=records(RegionRecord),
+        triples=tuple(outcome.triples) if outcome else (),
+        high_bias=records(HighBiasRecord),
         skipped=tuple(skips),
         layers=tuple(layer_records),
-        sweeps=sweeps,
-        converged=converged,
-        max_change=max_change,
-        noise=estimate,
+        sweeps=outcome.sweeps if outcome else 0,
+        converged=outcome.converged if outcome else True,
+        max_change=outcome.max_change if outcome else 0.0,
+        noise=outcome.estimate if outcome else None,
     )
     return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))
+
+
+def scale_pass(
+    graph: Graph,
+    shared: dict[int, str],
+    options: EqualizeOptions,
+    statistics: Mapping[str, ChannelStats],
+    report_progress: Callable[[str, float], None],
+) -> PassResult:
+    """Find the regions, let the objective choose their scales, write them into the
+    graph. ``details`` is the objective's :class:`ScaleOutcome`."""
+    regions, region_skips = find_regions(graph, shared)
+    report_progress("scaling", 0.2)
+
+    def on_sweep(sweep: int) -> None:
+        report_progress("scaling", 0.2 + 0.6 * min(1.0, sweep / min(options.max_sweeps, 20)))
+
+    problem = ScaleProblem(graph, regions, options, statistics, on_sweep)
+    outcome = get_objective(options.objective).choose(problem)
+    if not outcome.triples:
+        outcome.triples = triple_names(regions)
+    changed = apply_scales(regions, outcome.scales)
+    records = tuple(
+        RegionRecord(
+            id=r.id,
+            kind=r.kind,
+            sources=tuple(n.name for n, _ in r.sources),
+            sinks=tuple(n.name for n, *_ in r.sinks),
+            through=tuple(n.name for n in r.through),
+            channels=r.size,
+            scales=outcome.scales[r.id],
+            noise_before=outcome.region_before.get(r.id),
+            noise_after=outcome.region_after.get(r.id),
+        )
+        for r in regions
+    )
+    skips = tuple(region_skips) + tuple(outcome.skips)
+    return PassResult(records, skips, frozenset(changed), (), outcome)

@@ -6,7 +6,7 @@ import numpy as np
 
 from ._ir import Graph, Node
 from ._math import bn_affine, fold_bn_input, fold_bn_output
-from ._report import FoldRecord, SkipRecord
+from ._report import FoldRecord, PassResult, SkipRecord
 
 
 def shared_param_owners(graph: Graph) -> dict[int, str]:
@@ -34,9 +34,7 @@ def shared_param_owners(graph: Graph) -> dict[int, str]:
     return shared
 
 
-def fold_batch_norms(
-    graph: Graph, shared: dict[int, str]
-) -> tuple[list[FoldRecord], list[SkipRecord], set[str], list[str]]:
+def fold_batch_norms(graph: Graph, shared: dict[int, str]) -> PassResult:
     """Fold every batch norm that can be folded exactly.
 
     Output side first (``layer -> BN``, the layer's output read only by the BN); else
@@ -44,7 +42,8 @@ def fold_batch_norms(
     reading the BN output directly). Output-side folds leave the BN's gamma and beta on
     the layer (``attrs["bn_stats"]``) for high-bias absorption.
 
-    Returns ``(folds, skips, changed node names, removed node names)``.
+    Returns the :class:`FoldRecord` of each fold, the BNs left alone and why, the layers
+    changed and the BNs removed.
     """
     folds: list[FoldRecord] = []
     skips: list[SkipRecord] = []
@@ -77,7 +76,7 @@ def fold_batch_norms(
             folds.append(FoldRecord(bn.name, tuple(n.name for n in readers), "input"))
         graph.bypass_node(bn)
         removed.append(bn.name)
-    return folds, skips, changed, removed
+    return PassResult(tuple(folds), tuple(skips), frozenset(changed), tuple(removed))
 
 
 def _is_graph_output(graph: Graph, value) -> bool:

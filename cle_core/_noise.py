@@ -88,11 +88,15 @@ def solve(terms: Terms, t0: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
 
 
 def solve_many(
-    problems: list[Terms], starts: list[np.ndarray], tolerance: float = 1e-5
+    problems: list[Terms],
+    starts: list[np.ndarray],
+    tolerance: float = 1e-5,
+    max_steps: int = 80,
 ) -> list[np.ndarray]:
     """:func:`solve` for several independent regions at once: one interior-point run
     over all of them, each with its own step lengths and stopping test, so that many
-    small regions cost about as much as one."""
+    small regions cost about as much as one. ``max_steps`` bounds the Newton steps (an
+    inexact solve is still never worse than its start)."""
     results = [np.asarray(t0, dtype=np.float64).copy() for t0 in starts]
     batch = []
     for i, (terms, t0) in enumerate(zip(problems, results, strict=True)):
@@ -121,7 +125,7 @@ def solve_many(
         with np.errstate(all="ignore"):  # a degenerate step is caught below, not warned about
             ts = _PrimalDual(
                 [b[2] for b in group], [results[b[0]][b[3]] for b in group], [b[4] for b in group]
-            ).run(tolerance)
+            ).run(tolerance, max_steps)
         solved.update(zip(bucket, ts, strict=True))
     for j, (i, terms, _sub, idx, _f0) in enumerate(batch):
         t = solved[j]
@@ -229,12 +233,12 @@ class _PrimalDual:
         comp = (lam * np.where(self.sup, s, 0.0)).sum(axis=0) + lam_l * sl + lam_h * sh
         return np.add.reduceat(comp, self.starts)
 
-    def run(self, tolerance: float) -> list[np.ndarray]:
+    def run(self, tolerance: float, max_steps: int = 80) -> list[np.ndarray]:
         sup, sk, region = self.sup, self.sk, self.region
         done = np.zeros(len(self.sizes), bool)
         best_f = np.full(len(self.sizes), np.inf)
         best_t = self.t.copy()
-        for _ in range(80):
+        for _ in range(max_steps):
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
             f = self.per_region(e).sum(axis=0)
             gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)

@@ -34,6 +34,7 @@ class Region:
     clips: list[tuple[Node, int]] = field(default_factory=list)
     affines: list[tuple[Node, int]] = field(default_factory=list)
     through: list[Node] = field(default_factory=list)
+    values: dict[str, int] = field(default_factory=dict)  # value name -> channel offset
 
     def describe(self) -> str:
         return _describe([n for n, _ in self.sources], [n for n, *_ in self.sinks])
@@ -139,6 +140,7 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
             reasons.append(f"the channel count of {value.name!r} is unknown")
             continue
         region.size = max(region.size, off + value.channels)
+        region.values[value.name] = off
         producer = value.producer
         if producer is None:
             reasons.append(f"it reaches graph input {value.name!r}")

@@ -9,10 +9,20 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._deployment import Deployment
 from ._errors import CLEError
+from ._objectives import get_objective
 
 NOISE_TOLERANCE = 0.003
 BALANCE_TOLERANCE = 1e-4
+_DEPLOYMENT_FIELDS = (
+    "weight_bits",
+    "per_channel",
+    "weight_symmetric",
+    "activation_bits",
+    "activation_symmetric",
+    "quantizer",
+)
 
 
 @dataclass(frozen=True)
@@ -23,14 +33,17 @@ class EqualizeOptions:
     Attributes:
         fold_bn: fold batch norms into adjacent layers first.
         scale: run cross-layer scaling.
-        objective: how scales are chosen. ``"noise"`` (the default) minimizes the
+        objective: how scales are chosen, by the name of a registered objective
+            (:func:`cle_core.objective_names`). ``"noise"`` (the default) minimizes the
             estimated quantization noise at the outputs for the deployment below
             (``docs/core.rst``); ``"balance"`` is the paper's and AIMET's rule, equal
             per-channel weight ranges, iterated to convergence.
-        weight_bits: bits of the per-tensor weight grids the model will be deployed with
-            (noise objective).
-        activation_bits: bits of the per-tensor activation grids, or None for a
-            weights-only deployment (noise objective).
+        weight_bits, per_channel, weight_symmetric, activation_bits,
+        activation_symmetric, quantizer: the deployment the scales are chosen for
+            (:class:`cle_core.Deployment`; the defaults are onnxruntime
+            ``quantize_static``'s: 8-bit symmetric weights per tensor, 8-bit asymmetric
+            activations; ``activation_bits=None`` for weights only). ``deployment=``
+            sets them all from one :class:`~cle_core.Deployment`.
         max_sweeps: the most sweeps over all regions.
         tolerance: when to stop sweeping. Noise objective: once a sweep lowers the
             estimate by less than this fraction (default 0.003: stopping at 0.05
@@ -53,9 +66,13 @@ class EqualizeOptions:
 
     fold_bn: bool = True
     scale: bool = True
-    objective: Literal["noise", "balance"] = "noise"
+    objective: str = "noise"
     weight_bits: int = 8
     activation_bits: int | None = 8
+    per_channel: bool = False
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    quantizer: str = "onnxruntime"
     max_sweeps: int = 200
     tolerance: float | None = None
     high_bias: bool = True
@@ -65,14 +82,10 @@ class EqualizeOptions:
     activation_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.objective not in ("noise", "balance"):
-            raise CLEError("objective must be 'noise' or 'balance'")
-        if not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 16:
-            raise CLEError("weight_bits must be an integer from 2 to 16")
-        if self.activation_bits is not None and (
-            not isinstance(self.activation_bits, int) or not 2 <= self.activation_bits <= 16
-        ):
-            raise CLEError("activation_bits must be an integer from 2 to 16, or None")
+        if not isinstance(self.objective, str):
+            raise CLEError("objective must be the name of a registered objective")
+        get_objective(self.objective)
+        self.deployment  # noqa: B018  (checks the deployment's fields)
         if self.max_sweeps < 1:
             raise CLEError("max_sweeps must be at least 1")
         if self.tolerance is not None and not (self.tolerance > 0):
@@ -91,6 +104,11 @@ class EqualizeOptions:
             raise CLEError("activation_weight must be finite and >= 0")
 
     @property
+    def deployment(self) -> Deployment:
+        """The deployment the scales are chosen for."""
+        return Deployment(**{name: getattr(self, name) for name in _DEPLOYMENT_FIELDS})
+
+    @property
     def stop_tolerance(self) -> float:
         """``tolerance``, or the objective's default."""
         if self.tolerance is not None:
@@ -101,9 +119,31 @@ class EqualizeOptions:
     def from_kwargs(cls, **kwargs: Any) -> tuple[EqualizeOptions, dict[str, Any]]:
         """Split keyword arguments into options and the rest (for a backend)."""
         names = {f.name for f in fields(cls)}
+        deployment = kwargs.pop("deployment", None)
+        if deployment is not None:
+            if not isinstance(deployment, Deployment):
+                raise CLEError("deployment must be a cle_core.Deployment")
+            clash = sorted(set(_DEPLOYMENT_FIELDS) & set(kwargs))
+            if clash:
+                raise CLEError(f"give deployment= or {', '.join(clash)}, not both")
+            kwargs.update({name: getattr(deployment, name) for name in _DEPLOYMENT_FIELDS})
         mine = {k: v for k, v in kwargs.items() if k in names}
         rest = {k: v for k, v in kwargs.items() if k not in names}
         return cls(**mine), rest
+
+
+@dataclass(frozen=True, eq=False)
+class PassResult:
+    """What one pass did: its records (:class:`FoldRecord`, :class:`RegionRecord`,
+    :class:`HighBiasRecord`), what it left alone and why, the names of the nodes it
+    changed, and the nodes it removed (folded batch norms). ``details`` carries what is
+    particular to a pass (the scaling pass: its :class:`~cle_core._objectives.ScaleOutcome`)."""
+
+    records: tuple = ()
+    skips: tuple[SkipRecord, ...] = ()
+    changed: frozenset[str] = frozenset()
+    removed: tuple[str, ...] = ()
+    details: Any = None
 
 
 @dataclass(frozen=True)
@@ -179,14 +219,14 @@ class LayerRecord:
 @dataclass(frozen=True, eq=False)
 class NoiseEstimate:
     """What the noise objective estimated: the output noise-to-signal ratio of the
-    deployment (``EqualizeOptions.weight_bits`` / ``activation_bits``, per-tensor grids)
-    before CLE and after, and after each sweep (``history``, the part scales change).
-    ``positions_known`` is False when a spatial size had to be assumed."""
+    ``deployment`` (described in words) before CLE and after, and after each sweep
+    (``history``). ``positions_known`` is False when a spatial size had to be assumed."""
 
     before: float
     after: float
     history: tuple[float, ...]
     positions_known: bool = True
+    deployment: str = ""
 
     @property
     def sqnr_before(self) -> float:
@@ -255,16 +295,12 @@ class Report:
         if self.layers:
             lines.append(f"mean est. INT8 weight SQNR: {before:.2f} dB -> {after:.2f} dB")
         if self.noise is not None and self.regions:
+            lines.append(f"scales chosen for:  {self.options.deployment.describe()}")
             lines.append(
-                f"est. output SQNR ({_deployment(self.options)}): "
+                f"est. output SQNR ({self.options.deployment.short()}): "
                 f"{self.noise.sqnr_before:.2f} dB -> {self.noise.sqnr_after:.2f} dB"
             )
         return "\n".join(lines)
-
-
-def _deployment(options: EqualizeOptions) -> str:
-    a = options.activation_bits
-    return f"W{options.weight_bits}" + (f"A{a}" if a is not None else "")
 
 
 def _counts(items):

@@ -6,8 +6,10 @@ come from: the model goes through onnxruntime's recommended pre-processing
 their convolutions), then
 
 - W+A: ``quantize_static`` in QDQ format with MinMax calibration on the evaluation
-  inputs (a calibration data reader over the same batches), per tensor or per output
-  channel, asymmetric unless ``symmetric``; 4, 8 or 16 bits;
+  inputs (a calibration data reader over the same batches) or on separate calibration
+  inputs, with the grids of a :class:`cle_core.Deployment` (by default
+  ``quantize_static``'s own: symmetric int8 weights per tensor, asymmetric uint8
+  activations); 4, 8 or 16 bits;
 - weights only: onnxruntime has no such mode, so each Conv / ConvTranspose / Gemm /
   MatMul weight initializer is replaced by its quantized-and-dequantized values
   (:func:`cle_core.quality.quantize_array`, the same min/max grid), any width.
@@ -40,7 +42,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from cle_core import CLEError
+from cle_core import CLEError, Deployment
+from cle_core._deployment import deployment_of
 from cle_core._files import temp_folder
 from cle_core._quality import compare_outputs, natural_images, quantize_array
 
@@ -48,7 +51,13 @@ from ._calibrate import data_inputs, feeds
 from ._commands import check_images_fit, check_same_io, fit_channels
 from ._translate import default_opset
 
-__all__ = ["default_inputs", "evaluate", "prepared", "run", "static_quantized"]
+__all__ = [
+    "default_inputs",
+    "evaluate",
+    "prepared",
+    "run",
+    "static_quantized",
+]
 
 QDQ_OPSET = 13  # per-channel QuantizeLinear needs 13: an older model is converted first
 _DEFAULT_SIZE = 224
@@ -248,7 +257,7 @@ def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def weights_quantized(
-    model: onnx.ModelProto, bits: int = 8, per_channel: bool = False, symmetric: bool = False
+    model: onnx.ModelProto, bits: int = 8, per_channel: bool = False, symmetric: bool = True
 ) -> onnx.ModelProto:
     """A copy with every Conv / ConvTranspose / Gemm / MatMul weight initializer replaced
     by its quantized-and-dequantized values (activations stay float)."""
@@ -287,18 +296,27 @@ class _Reader(CalibrationDataReader):
 def static_quantized(
     model: onnx.ModelProto,
     inputs,
-    bits: int = 8,
-    per_channel: bool = False,
-    symmetric: bool = False,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    symmetric: bool | None = None,
     batch: int = 16,
     name: str = "the model",
+    deployment: Deployment | None = None,
 ) -> onnx.ModelProto:
     """``model`` (see :func:`prepared`) quantized by onnxruntime's ``quantize_static``:
-    QDQ format, MinMax calibration on ``inputs``, weights and activations on ``bits``-bit
-    grids (4, 8 or 16), asymmetric activations unless ``symmetric``. ``name`` names the
+    QDQ format, MinMax calibration on ``inputs``, the grids of ``deployment`` (default:
+    quantize_static's own, 8-bit symmetric weights and asymmetric activations; ``bits``,
+    ``per_channel`` and ``symmetric`` change it; 4, 8 or 16 bits). ``name`` names the
     model in the :class:`CLEError` raised when the quantizer fails."""
+    dep = deployment_of(deployment, bits, per_channel, symmetric, True)
+    bits = dep.weight_bits
     _check_bits(bits)
+    if dep.activation_bits != bits:
+        raise CLEError(
+            f"onnxruntime's quantize_static takes one width, not W{bits}A{dep.activation_bits}"
+        )
     signed, unsigned = _TYPES[bits]
+    per_channel = dep.per_channel
     model = as_float32(model)
     fed = feeds(model, inputs)
     with temp_folder("eval") as tmp:
@@ -312,10 +330,13 @@ def static_quantized(
                     _Reader(model, fed, batch),
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
-                    activation_type=signed if symmetric else unsigned,
+                    activation_type=signed if dep.activation_symmetric else unsigned,
                     weight_type=signed,
                     calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": symmetric},
+                    extra_options={
+                        "ActivationSymmetric": dep.activation_symmetric,
+                        "WeightSymmetric": dep.weight_symmetric,
+                    },
                 )
         # Its calibrator asserts and raises whatever it meets (NaN ranges: "scale
         # issue"); that is a fact about this model and these inputs, not a crash.
@@ -353,42 +374,67 @@ def evaluate(
     fp32_model: onnx.ModelProto,
     candidate_model: onnx.ModelProto | None = None,
     inputs=None,
-    bits: int = 8,
-    per_channel: bool = False,
-    symmetric: bool = False,
-    activations: bool = True,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    symmetric: bool | None = None,
+    activations: bool | None = None,
     batch: int = 16,
     reference: np.ndarray | None = None,
+    *,
+    deployment: Deployment | None = None,
+    calibration=None,
 ) -> dict[str, float]:
     """What onnxruntime's quantization does to ``candidate_model`` (default:
     ``fp32_model`` itself, e.g. an equalized copy otherwise), against ``fp32_model`` in
     FP32 on ``inputs`` (default :func:`default_inputs`). ``reference``: ``fp32_model``'s
     first output on ``inputs``, where the caller has it already.
 
-    Returns, for ``bits = N``:
+    The grids are ``deployment``'s (default :class:`cle_core.Deployment`, onnxruntime
+    ``quantize_static``'s own defaults: 8-bit symmetric weights per tensor, 8-bit
+    asymmetric activations); ``bits`` (weights and activations), ``per_channel``,
+    ``symmetric`` (weights and activations) and ``activations=False`` (weights only)
+    change it. ``calibration``: the inputs ``quantize_static`` calibrates on (default:
+    ``inputs``).
+
+    Returns, for ``N`` weight bits:
 
     - ``fp32_sqnr``, ``fp32_top1``: the candidate unquantized (inf and 1.0 without one);
     - ``wN_sqnr``, ``wN_top1``: SQNR in dB and top-1 agreement with N-bit weights and
       float activations;
     - ``wNaN_sqnr``, ``wNaN_top1``: ``quantize_static`` with N-bit weights and
-      activations, calibrated on ``inputs`` (only with ``activations``; N in 4, 8, 16).
+      activations (unless weights only; N in 4, 8, 16).
     """
-    args = (bits, per_channel, symmetric, activations, batch, reference)
     names = ["the FP32 model", "the FP32 model" if candidate_model is None else "the candidate"]
-    return evaluate_all(fp32_model, [candidate_model], inputs, *args, names=names)[0]
+    return evaluate_all(
+        fp32_model,
+        [candidate_model],
+        inputs,
+        bits,
+        per_channel,
+        symmetric,
+        activations,
+        batch,
+        reference,
+        names=names,
+        deployment=deployment,
+        calibration=calibration,
+    )[0]
 
 
 def evaluate_all(
     fp32_model: onnx.ModelProto,
     candidates: list[onnx.ModelProto | None],
     inputs=None,
-    bits: int = 8,
-    per_channel: bool = False,
-    symmetric: bool = False,
-    activations: bool = True,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    symmetric: bool | None = None,
+    activations: bool | None = None,
     batch: int = 16,
     reference: np.ndarray | None = None,
     names: Sequence[str] | None = None,
+    *,
+    deployment: Deployment | None = None,
+    calibration=None,
 ) -> list[dict[str, float]]:
     """:func:`evaluate` for each of ``candidates`` (None: ``fp32_model`` itself), with
     the inputs and the FP32 reference computed once. ``names``: of ``fp32_model`` and
@@ -397,6 +443,9 @@ def evaluate_all(
     Raises :class:`CLEError` for a candidate that does not take the FP32 model's inputs
     or give its output's shape, inputs that do not fit (:func:`feeds`), a first output
     without a batch axis or not finite on the inputs, and a quantizer that fails."""
+    dep = deployment_of(deployment, bits, per_channel, symmetric, activations)
+    bits = dep.weight_bits
+    activations = not dep.weights_only
     if activations:  # refused before any model runs
         _check_bits(bits)
     if names is None:
@@ -428,11 +477,15 @@ def evaluate_all(
                 f"{outputs['fp32'].shape} on the inputs, not {reference.shape}"
             )
         ready = prepared(model)
-        weights = weights_quantized(ready, bits, per_channel, symmetric)
+        weights = weights_quantized(ready, bits, dep.per_channel, dep.weight_symmetric)
         outputs[f"w{bits}"] = run(weights, inputs, batch, f"{name} (W{bits})")
         if activations:
             quantized = static_quantized(
-                ready, inputs, bits, per_channel, symmetric, batch, name=name
+                ready,
+                inputs if calibration is None else calibration,
+                batch=batch,
+                name=name,
+                deployment=dep,
             )
             outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch, f"{name} (W{bits}A{bits})")
         results.append(compare_outputs(reference, outputs))

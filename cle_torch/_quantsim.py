@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cle_core import Deployment
+from cle_core._deployment import deployment_of
 from cle_core._quality import compare_outputs, natural_images, quantization_grid, quantize_array
 
 __all__ = ["evaluate_torch"]
@@ -136,20 +138,24 @@ def evaluate_torch(
     fp32_model: nn.Module,
     candidate_model: nn.Module | None = None,
     inputs: np.ndarray | torch.Tensor | None = None,
-    bits: int = 8,
-    per_channel: bool = False,
-    symmetric: bool = False,
-    activations: bool = True,
+    bits: int | None = None,
+    per_channel: bool | None = None,
+    symmetric: bool | None = None,
+    activations: bool | None = None,
     batch: int = 16,
+    *,
+    deployment: Deployment | None = None,
 ) -> dict[str, float]:
     """Measure what simulated quantization does to the logits, against the FP32 model.
 
     The candidate (``fp32_model`` itself when ``candidate_model`` is None) is copied and
     its Conv/ConvTranspose/Linear weights are fake-quantized with min/max grids (per
-    tensor, or per output channel with ``per_channel``: axis 0, 1 for ConvTranspose;
-    asymmetric unless ``symmetric``). With ``activations``, input 0 of each such module is
-    also fake-quantized per tensor by a forward pre-hook, with ranges calibrated in a
-    first pass over ``inputs`` on the weight-quantized copy. Everything runs on float32
+    tensor, or per output channel: axis 0, 1 for ConvTranspose), as ``deployment``
+    (default: :class:`cle_core.Deployment`, symmetric weights per tensor, asymmetric
+    activations) or the older keywords say (see :func:`cle_core._deployment.deployment_of`).
+    With activations quantized, input 0 of each such module is also fake-quantized per
+    tensor by a forward pre-hook, with ranges calibrated in a first pass over ``inputs``
+    on the weight-quantized copy. Everything runs on float32
     deep copies in eval mode under ``torch.no_grad()``, in batches of ``batch``; the
     models passed in are not modified. ``inputs`` default to ``natural_images(224)``.
 
@@ -159,6 +165,8 @@ def evaluate_torch(
     - ``wN_sqnr``, ``wN_top1``: SQNR in dB and top-1 agreement with N-bit weights;
     - ``wNaN_sqnr``, ``wNaN_top1``: with N-bit activations too (only when ``activations``).
     """
+    dep = deployment_of(deployment, bits, per_channel, symmetric, activations)
+    bits, per_channel, activations = dep.weight_bits, dep.per_channel, not dep.weights_only
     if batch < 1:
         raise ValueError(f"batch must be positive, got {batch}")
     if inputs is None:
@@ -172,8 +180,11 @@ def evaluate_torch(
         "fp32": reference if candidate_model is None else _run(_prepared_copy(source), x, batch)
     }
     wq = _prepared_copy(source)
-    _quantize_weights(wq, bits, per_channel, symmetric)
+    _quantize_weights(wq, bits, per_channel, dep.weight_symmetric)
     outputs[f"w{bits}"] = _run(wq, x, batch)
     if activations:
-        outputs[f"w{bits}a{bits}"] = _activation_quantized_run(wq, x, bits, symmetric, batch)
+        a_bits = dep.activation_bits
+        outputs[f"w{bits}a{bits}"] = _activation_quantized_run(
+            wq, x, a_bits, dep.activation_symmetric, batch
+        )
     return compare_outputs(reference, outputs)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .._errors import CLEError
+from .._objectives import get_objective, objective_names
 from .._report import EqualizeOptions
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
@@ -95,26 +96,26 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--objective",
-        choices=("noise", "balance"),
+        choices=objective_names(),
         default="noise",
-        help="noise (default): scales that minimize the estimated quantization noise of "
-        "the deployment below; balance: the paper's and AIMET's equal weight ranges",
+        help="; ".join(f"{n}: {get_objective(n).description}" for n in objective_names()),
     )
     g.add_argument(
         "--weight-bits",
         type=int,
         default=EqualizeOptions.weight_bits,
         metavar="N",
-        help="bits of the per-tensor weight grids you deploy with (default: %(default)s)",
+        help="bits of the weight grids you deploy with (default: %(default)s)",
     )
     g.add_argument(
         "--activation-bits",
         type=bits_or_none,
         default=EqualizeOptions.activation_bits,
         metavar="N|none",
-        help="bits of the per-tensor activation grids, or 'none' for weights-only "
-        "quantization (default: %(default)s)",
+        help="bits of the activation grids, or 'none' for weights-only quantization "
+        "(default: %(default)s)",
     )
+    add_deployment_flags(g)
     g.add_argument(
         "--activation-weight",
         type=float,
@@ -141,20 +142,68 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cle_options(args) -> EqualizeOptions:
-    return EqualizeOptions(
-        fold_bn=not args.no_fold,
-        scale=not args.no_scale,
-        high_bias=not args.no_high_bias,
-        high_bias_form=args.high_bias_form,
-        high_bias_through_padding=args.high_bias_through_padding,
-        objective=args.objective,
-        weight_bits=args.weight_bits,
-        activation_bits=args.activation_bits,
-        max_sweeps=args.max_sweeps,
-        tolerance=args.tolerance,
-        activation_weight=args.activation_weight,
+def add_deployment_flags(g) -> None:
+    """The flags that describe the deployment, the same for ``equalize``, ``inspect`` and
+    ``evaluate``: what the scales are chosen for is what is measured."""
+    g.add_argument(
+        "--per-channel",
+        action="store_true",
+        help="one weight grid per output channel (default: one per tensor)",
     )
+    g.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="quantize weights only; activations stay float (as --activation-bits none)",
+    )
+    g.add_argument(
+        "--asymmetric-weights",
+        action="store_true",
+        help="weight grids from min to max (default: symmetric about 0, as onnxruntime "
+        "quantizes int8 weights)",
+    )
+    g.add_argument(
+        "--symmetric-activations",
+        action="store_true",
+        help="activation grids symmetric about 0, int8 (default: asymmetric, uint8)",
+    )
+
+
+def deployment_fields(args) -> dict:
+    """The :class:`cle_core.Deployment` fields the deployment flags set."""
+    fields = {
+        "per_channel": args.per_channel,
+        "weight_symmetric": not args.asymmetric_weights,
+        "activation_symmetric": args.symmetric_activations,
+    }
+    if args.weights_only:
+        fields["activation_bits"] = None
+    return fields
+
+
+def cle_options(args) -> EqualizeOptions:
+    try:
+        return EqualizeOptions(
+            fold_bn=not args.no_fold,
+            scale=not args.no_scale,
+            high_bias=not args.no_high_bias,
+            high_bias_form=args.high_bias_form,
+            high_bias_through_padding=args.high_bias_through_padding,
+            objective=args.objective,
+            weight_bits=args.weight_bits,
+            activation_bits=args.activation_bits,
+            max_sweeps=args.max_sweeps,
+            tolerance=args.tolerance,
+            activation_weight=args.activation_weight,
+            **deployment_fields(args),
+        )
+    except CLEError as exc:  # a bad value of a flag: name the flag, not the field
+        raise UsageError(_flag_names(str(exc))) from None
+
+
+def _flag_names(message: str) -> str:
+    for field in ("weight_bits", "activation_bits", "max_sweeps", "tolerance", "activation_weight"):
+        message = message.replace(field, "--" + field.replace("_", "-"))
+    return message
 
 
 def bits_or_none(text: str) -> int | None:

@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .._backend import get_backend_for_file
+from .._deployment import Deployment
+from .._errors import CLEError
 from .._files import temp_folder
 from .._quality import quality_table
-from ._common import EXIT_OK, UsageError, input_spec
+from ._common import EXIT_OK, UsageError, add_deployment_flags, deployment_fields, input_spec
 
 
 def add_parser(sub) -> None:
@@ -20,7 +22,9 @@ def add_parser(sub) -> None:
         description="Quantize ORIGINAL (and EQUALIZED, if given) as its backend does "
         "(ONNX: onnxruntime's quantize_static, QDQ, MinMax calibration on the inputs; "
         "weights only: quantized weight values) and print the output SQNR and top-1 "
-        "agreement against the FP32 ORIGINAL.",
+        "agreement against the FP32 ORIGINAL. The deployment flags are those of cle "
+        "equalize; the defaults are quantize_static's (symmetric int8 weights per tensor, "
+        "asymmetric uint8 activations).",
     )
     ev.add_argument("original", metavar="ORIGINAL")
     ev.add_argument("equalized", metavar="EQUALIZED", nargs="?")
@@ -37,13 +41,17 @@ def add_parser(sub) -> None:
         help="bits for weights and activations: 4, 8 or 16 with activations (what "
         "onnxruntime offers), 2 to 16 with --weights-only (default: %(default)s)",
     )
+    add_deployment_flags(ev)
     ev.add_argument(
-        "--per-channel",
+        "--symmetric",
         action="store_true",
-        help="one weight grid per output channel instead of per tensor",
+        help="symmetric weight and activation grids (as --symmetric-activations)",
     )
-    ev.add_argument("--symmetric", action="store_true", help="symmetric grids (default asymmetric)")
-    ev.add_argument("--weights-only", action="store_true", help="do not quantize activations")
+    ev.add_argument(
+        "--calibration",
+        metavar="DIR|FILE.npy",
+        help="inputs quantize_static calibrates on (default: the --inputs themselves)",
+    )
     ev.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
     ev.set_defaults(run=run)
 
@@ -53,17 +61,28 @@ def run(args) -> int:
         raise UsageError("--bits must be between 2 and 16")
     paths = [Path(p) for p in (args.original, args.equalized) if p]
     backend = get_backend_for_file(paths[0])
-    inputs = None
+    fields = deployment_fields(args)
+    if args.symmetric:
+        fields["activation_symmetric"] = fields["weight_symmetric"] = True
+    try:
+        deployment = Deployment(
+            weight_bits=args.bits,
+            activation_bits=None if args.weights_only else args.bits,
+            **{k: v for k, v in fields.items() if k != "activation_bits"},
+        )
+    except CLEError as exc:
+        raise UsageError(str(exc).replace("weight_bits", "--bits")) from None
+    inputs = calibration = None
     if args.inputs:
         inputs = backend.read_inputs(input_spec(args.inputs, "--inputs"), paths[0])
+    if args.calibration:
+        calibration = backend.read_inputs(input_spec(args.calibration, "--calibration"), paths[0])
     with _all_temporary_files_in_one_folder():
         rows, classifier, notes = backend.evaluate_files(
             paths,
             inputs,
-            bits=args.bits,
-            per_channel=args.per_channel,
-            symmetric=args.symmetric,
-            activations=not args.weights_only,
+            deployment=deployment,
+            calibration=calibration,
             batch=args.batch,
         )
     print(quality_table(rows, args.bits, classifier=classifier))

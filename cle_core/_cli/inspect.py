@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .._backend import get_backend_for_file
-from .._report import Report, _deployment
+from .._report import Report
 from ._common import EXIT_OK, add_cle_options, cle_options, fmt_db
 
 
@@ -45,7 +45,7 @@ def format_summary(report: Report) -> str:
         objective = "balance (the noise estimate is not finite on this model, see skipped)"
     elif report.noise is not None and report.regions:
         objective += (
-            f" ({_deployment(report.options)}): est. output SQNR "
+            f" ({report.options.deployment.short()}): est. output SQNR "
             f"{fmt_db(report.noise.sqnr_before).strip()} dB -> "
             f"{fmt_db(report.noise.sqnr_after).strip()} dB"
         )
@@ -54,6 +54,7 @@ def format_summary(report: Report) -> str:
         f"regions equalized:  {len(report.regions)}"
         + (f" ({', '.join(f'{n} {k}' for k, n in _kinds(report))})" if report.regions else ""),
         f"objective:          {objective}",
+        f"deployment:         {report.options.deployment.describe()}",
         f"sweeps:             {report.sweeps} ({_stop_reason(report)})",
         f"high-bias absorbed: {len(report.high_bias)} layers"
         + (

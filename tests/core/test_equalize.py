@@ -237,10 +237,13 @@ def high_bias_graph(pad=0, seed=7):
     return b.g
 
 
+W8 = {"activation_bits": None}  # weights-only: the deployment where high biases are absorbed
+
+
 def test_exact_high_bias_absorption_moves_the_lower_bound():
     g = high_bias_graph()
     before = run(g)
-    report = equalize(g, EqualizeOptions(scale=False)).report
+    report = equalize(g, EqualizeOptions(scale=False, **W8)).report
     (rec,) = report.high_bias
     assert rec.exact and rec.form == "exact"
     np.testing.assert_allclose(rec.absorbed, [7.0, 0.0, 14.0, 3.5])
@@ -262,14 +265,28 @@ def test_classic_high_bias_absorption_is_opt_in_and_reports_its_error():
 def test_high_bias_across_zero_padding_is_off_by_default():
     g = high_bias_graph(pad=1)
     before = run(g)
-    report = equalize(g, EqualizeOptions(scale=False)).report
+    report = equalize(g, EqualizeOptions(scale=False, **W8)).report
     assert report.high_bias == ()
     assert any("zero-pads" in s.reason for s in report.skipped if s.stage == "high_bias")
     assert_same_function(g, before)
     g = high_bias_graph(pad=1)
-    report = equalize(g, EqualizeOptions(scale=False, high_bias_through_padding=True)).report
+    report = equalize(g, EqualizeOptions(scale=False, high_bias_through_padding=True, **W8)).report
     (rec,) = report.high_bias
     assert not rec.exact and "zero-pads" in rec.inexact_because[0]
+
+
+def test_exact_high_bias_absorption_is_left_out_where_activations_are_quantized():
+    """The shift lowers each channel's bound by its own amount: a per-tensor activation
+    grid then spans the union of the shifted ranges (and a scalar bound becomes a Max the
+    quantizer does not merge). The default deployment quantizes activations: skipped,
+    with the reason; the classic form keeps the bound and is the user's call."""
+    g = high_bias_graph()
+    report = equalize(g, EqualizeOptions(scale=False)).report
+    assert report.high_bias == ()
+    (skip,) = [s for s in report.skipped if s.stage == "high_bias"]
+    assert "widen the activation grids" in skip.reason
+    classic = equalize(high_bias_graph(), EqualizeOptions(scale=False, high_bias_form="classic"))
+    assert len(classic.report.high_bias) == 1
 
 
 def test_zero_range_channel_gets_scale_one():

@@ -387,34 +387,3 @@ def test_an_estimate_that_overflows_falls_back_to_the_balance(caplog):
     assert report.sweeps == balance.sweeps > 1
     for a, b in zip(report.regions, balance.regions, strict=True):
         np.testing.assert_array_equal(a.scales, b.scales)
-
-
-def test_a_bounded_activation_is_quantized_before_its_per_channel_bound():
-    """Scaled, a ReLU6's bound becomes per channel; quantizers merge only a scalar clip
-    into the layer and quantize there, on a grid spanning the smaller of the unclipped
-    maximum and the widest bound, at every scale."""
-    from cle_core._gains import Gains
-    from cle_core._objective import _activation, _before_bound
-
-    g = conv_bn_relu6_chain()
-    equalize(g, EqualizeOptions(scale=False, high_bias=False))  # folds the BN
-    stats, _ = estimate(g)
-    gains = Gains({}, {})  # unit gains
-    a = g.values["a"]
-    after = _activation(a, None, 0, stats, gains, {}, 0.0)
-    before = _before_bound(a, None, 0, stats, gains, {}, 0.0)
-    m, sd = np.array([1.0, -1.0, 2.0, 7.0]), np.array([1.0, 2.0, 0.5, 3.0])
-    np.testing.assert_allclose(after.range, np.minimum(m + 4 * sd, 6.0))
-    np.testing.assert_allclose(before.range, np.maximum(m + 4 * sd, 0.0))  # 19 at most
-    np.testing.assert_allclose(before.cap_range, np.full(4, 6.0))
-    np.testing.assert_allclose(before.c, after.c)  # unit gains: the non-zero fractions
-    for s in (np.ones(4), np.array([1.0, 1.0, 1.0, 0.1]), np.array([0.2, 1.0, 1.0, 1.0])):
-        span = min(np.max(before.range / s), np.max(before.cap_range / s))
-        assert span >= np.max(after.range / s)  # the first grid is the coarser
-        assert before.noise(s) == pytest.approx(span**2 * np.sum(before.c * s * s))
-        # the solve's convex term is the one that is exact at these scales
-        alpha = before.alpha_at(s)
-        assert np.max(np.exp(alpha) / s) == pytest.approx(span)
-    # An unbounded ReLU has one scalar bound: no such term.
-    g.node("act").op = "relu"
-    assert _before_bound(a, None, 0, stats, gains, {}, 0.0) is None

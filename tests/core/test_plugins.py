@@ -119,7 +119,10 @@ def test_entry_point_backend_dispatch(toy_installed):
     assert np.asarray(new.steps[1]["hi"]).shape == (6,)
     np.testing.assert_allclose(new(x), y0, rtol=1e-9, atol=1e-9 * np.abs(y0).max())
     assert len(report.folds) == 1 and len(report.regions) == 1
-    assert report.noise.sqnr_after > report.noise.sqnr_before + 3  # scales were chosen
+    # Scales were chosen: they spread over more than a factor of e, and the estimate
+    # (which counts the second activation grid behind the per-channel bound) improves.
+    assert np.ptp(np.log(report.regions[0].scales)) > 1.0
+    assert report.noise.sqnr_after > report.noise.sqnr_before + 2
 
 
 def test_backend_options_reach_the_backend(toy_installed):

@@ -73,6 +73,27 @@ def _cnn(opset=13, batch="N", hw=(8, 8)):
 _AXES = {"w1": 0, "w2": 0, "g1": 0, "g2": 1, "m": 1}  # output-channel axis of each weight
 
 
+def _spread_pair():
+    """x -> Conv (channel ranges 0.01 .. 10) -> Relu -> Conv 1x1: an output that follows
+    the weights' rounding smoothly (``_cnn``'s output, through three more layers of
+    spread random weights, swings by 15 dB between grids of equal weight SQNR), for
+    comparing grids."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": _spread(rng, (8, 3, 3, 3), 0),
+        "b1": rng.normal(size=8).astype(np.float32),
+        "w2": rng.normal(size=(6, 8, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 8, 8])
+    return _model(nodes, [x], [y], inits, 13)
+
+
 def _x(n=10, seed=1, hw=(8, 8)):
     return np.random.default_rng(seed).normal(size=(n, 3, *hw)).astype(np.float32)
 
@@ -159,9 +180,12 @@ def test_evaluate_reports_each_variant_against_fp32():
     assert set(res) == {"fp32_sqnr", "fp32_top1", "w8_sqnr", "w8_top1", "w8a8_sqnr", "w8a8_top1"}
     assert res["fp32_sqnr"] == math.inf and res["fp32_top1"] == 1.0
     assert math.isfinite(res["w8a8_sqnr"]) and res["w8a8_sqnr"] < res["w8_sqnr"] < 60
-    # per channel serves the spread channel ranges better
-    per_channel = evaluate(model, inputs=x, per_channel=True, activations=False)
-    assert per_channel["w8_sqnr"] > res["w8_sqnr"] + 3
+    # per channel serves spread channel ranges better, symmetric or not
+    pair = _spread_pair()
+    for symmetric in (True, False):
+        tensor = evaluate(pair, inputs=x, symmetric=symmetric, activations=False)
+        channel = evaluate(pair, inputs=x, symmetric=symmetric, per_channel=True, activations=False)
+        assert channel["w8_sqnr"] > tensor["w8_sqnr"] + 3
 
     # W8: exactly the weight-quantized model's figure
     want = sqnr_db(run(model, x), run(weights_quantized(prepared(model)), x))
@@ -276,8 +300,10 @@ def test_a_float16_model_is_quantized_as_its_float32_copy():
     assert res16["w8_sqnr"] < 50
     assert res16["w8_sqnr"] == pytest.approx(res32["w8_sqnr"], abs=1)
     assert res16["w8a8_sqnr"] == pytest.approx(res32["w8a8_sqnr"], abs=1.5)
-    per_channel = evaluate(half, inputs=x, per_channel=True, activations=False)
-    assert per_channel["w8_sqnr"] > res16["w8_sqnr"] + 3
+    pair = to_float16(_spread_pair())
+    tensor = evaluate(pair, inputs=x, activations=False)
+    per_channel = evaluate(pair, inputs=x, per_channel=True, activations=False)
+    assert per_channel["w8_sqnr"] > tensor["w8_sqnr"] + 3
     q = static_quantized(prepared(half), x, per_channel=True)
     weight_scales = [
         numpy_helper.to_array(t)

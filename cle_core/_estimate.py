@@ -1,0 +1,515 @@
+"""The estimated quantization noise at the outputs, for a deployment, at given scales.
+
+Every grid the deployment puts into the model adds rounding noise: each layer's weight
+grid (per tensor or per output channel) and each activation grid that the quantizer's
+profile places (:mod:`cle_core._deployment`). Each is carried to the outputs by the gains
+of :mod:`cle_core._gains` and divided by the output power: the sum is the estimated
+noise-to-signal ratio of the quantized model; ``-10 log10`` of it is its output SQNR.
+
+Terms are written in the original units of the graph (in which the FP32 function does not
+change) as functions of the scales of the regions: a region's channel ``c`` is divided by
+``s_c`` where its sources write it and multiplied back where its sinks read it. So one
+object evaluates the model before scaling (all scales 1) and any candidate scales of a
+region, without touching the graph. Candidates are evaluated many at a time
+(:meth:`Estimate.region_values`): the solver asks for a handful per region and sweep.
+
+Per term, with ``L = 2^bits - 1`` steps across a grid's span:
+
+- a layer, per-tensor grid: ``span^2 / (12 L^2) * sum_g (sum_o gain_o s_out_o^2)
+  (sum_i e_i / s_in_i^2)`` over its groups ``g``, with ``span = 2 max |W'|`` (symmetric)
+  or ``max W' - min W'`` of the scaled weight ``W' = W s_in / s_out`` and ``e_i`` the
+  input's energy per weight (kernel size times ``E[x_i^2]``);
+- a layer, per-channel grids: row ``o`` has its own span, in which ``s_out_o`` cancels:
+  ``sum_o gain_o span_o^2 / (12 L^2) * sum_i e_i / s_in_i^2``;
+- an activation grid: ``span^2 / (12 L^2) * sum_c coef_c s_c^2`` with ``span`` of the
+  scaled values (``max(0, max_c hi_c / s_c) - min(0, min_c lo_c / s_c)`` asymmetric) and
+  ``coef_c`` the fraction of non-zero elements times the gain where the noise is added.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._deployment import Deployment, Point, grid_levels, profile_for
+from ._gains import Gains, floored
+from ._ir import Graph, Node, Value
+from ._math import grouped_view
+from ._noise import Terms
+from ._regions import Region
+from ._stats import ChannelStats
+
+_TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
+_CHUNK = 1 << 22  # elements of a (candidates, rows, columns) block of per-channel spans
+
+
+def stats_of(value: Value, stats: Mapping[str, ChannelStats]) -> ChannelStats | None:
+    """The statistics of ``value``, looking through Identity / Dropout / Flatten."""
+    while True:
+        got = stats.get(value.name)
+        if got is not None:
+            return got
+        p = value.producer
+        if p is None or p.op not in _TRANSPARENT:
+            return None
+        value = p.inputs[0]
+
+
+class ScaleMap:
+    """Which slice of which region's scales applies to each layer's input and output and
+    to each value. Scales are a list with one array per region, in region order."""
+
+    def __init__(self, regions: Sequence[Region]):
+        self.regions = list(regions)
+        self.value_at: dict[str, tuple[int, int]] = {}
+        self.reads: dict[int, tuple[int, int, int]] = {}  # layer -> (region, offset, repeat)
+        self.writes: dict[int, tuple[int, int]] = {}  # layer -> (region, offset)
+        for k, region in enumerate(self.regions):
+            for name, off in region.values.items():
+                self.value_at[name] = (k, off)
+            for node, off in region.sources:
+                self.writes[id(node)] = (k, off)
+            for node, off, repeat in region.sinks:
+                self.reads[id(node)] = (k, off, repeat)
+
+    def ones(self) -> list[np.ndarray]:
+        return [np.ones(r.size) for r in self.regions]
+
+    def of_value(self, value: Value, scales: Sequence[np.ndarray]) -> np.ndarray | None:
+        at = self.value_at.get(value.name)
+        if at is None:
+            return None
+        k, off = at
+        return scales[k][..., off : off + (value.channels or 0)]
+
+    def s_in(self, node: Node, scales: Sequence[np.ndarray]) -> np.ndarray | None:
+        at = self.reads.get(id(node))
+        if at is None:
+            return None
+        k, off, repeat = at
+        s = scales[k][..., off : off + node.in_channels // repeat]
+        return np.repeat(s, repeat, axis=-1) if repeat > 1 else s
+
+    def s_out(self, node: Node, scales: Sequence[np.ndarray]) -> np.ndarray | None:
+        at = self.writes.get(id(node))
+        if at is None:
+            return None
+        k, off = at
+        return scales[k][..., off : off + node.out_channels]
+
+
+class WeightTerm:
+    """The noise of one layer's weight grid as a function of its input and output scales.
+
+    ``sensitivity`` (optional, measured): per (group, out, in), the sum over the kernel of
+    ``E (d out / d W[o, i, k])^2`` normalized by the output power; it replaces the
+    separable estimate ``gain_o * e_i``."""
+
+    def __init__(
+        self,
+        node: Node,
+        stats: Mapping[str, ChannelStats],
+        gains: Gains,
+        deployment: Deployment,
+        sensitivity: np.ndarray | None = None,
+    ):
+        self.node = node
+        v = grouped_view(np.asarray(node.weight), node.layout)
+        self.groups, self.og, self.ig, self.kernel = v.shape
+        wmax = v.max(axis=3).astype(np.float64)
+        wmin = v.min(axis=3).astype(np.float64)
+        self.symmetric = deployment.weight_symmetric
+        self.per_channel = deployment.per_channel
+        # Per (group, out, in): the largest |W|, or the positive and negative extremes.
+        self.abs = np.maximum(wmax, -wmin)
+        self.pos = np.maximum(wmax, 0.0)
+        self.neg = np.maximum(-wmin, 0.0)
+        cin = self.groups * self.ig
+        x = stats_of(node.inputs[0], stats)
+        if x is None:
+            meansq = np.ones(cin)
+        else:
+            meansq = x.meansq if x.channels == cin else np.repeat(x.meansq, cin // x.channels)
+        self.energy = (self.kernel * floored(meansq)).reshape(self.groups, self.ig)
+        gain = gains.weight_gain(node.outputs[0].name, self.groups * self.og)
+        self.gain = gain.reshape(self.groups, self.og)
+        self.sens = (
+            None
+            if sensitivity is None
+            else np.asarray(sensitivity, np.float64).reshape(self.groups, self.og, self.ig)
+        )
+        self.factor = 1.0 / (grid_levels(deployment.weight_bits) ** 2 * 12.0)
+
+    # -- spans ---------------------------------------------------------------------------
+    def _tensor_span(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
+        """Per candidate: the span of the whole scaled tensor. ``si`` (C, g, 1, ig),
+        ``so`` (C, g, og, 1); ``vary``: which of them differ between candidates."""
+        if self.symmetric:
+            return 2.0 * _max_product(self.abs, si, so, vary)
+        return _max_product(self.pos, si, so, vary) + _max_product(self.neg, si, so, vary)
+
+    def _row_spans(self, si: np.ndarray, vary: str) -> np.ndarray:
+        """Per candidate and row: the span of row ``o`` of ``W * s_in`` (the row's own
+        scale cancels in its noise). ``si`` (C, g, 1, ig) -> (C, g, og)."""
+        if self.symmetric:
+            return 2.0 * _row_max(self.abs, si, vary)
+        return _row_max(self.pos, si, vary) + _row_max(self.neg, si, vary)
+
+    # -- values --------------------------------------------------------------------------
+    def values(
+        self, s_in: np.ndarray | None, s_out: np.ndarray | None, vary: str = "both"
+    ) -> np.ndarray:
+        """The term for ``C`` candidate scales at once: ``s_in`` (C, in channels) and
+        ``s_out`` (C, out channels), or None for scales 1. ``vary``: ``"in"``, ``"out"``
+        or ``"both"``, which of them differ between the candidates (one row of the other
+        may be given). Returns (C,)."""
+        g, og, ig = self.groups, self.og, self.ig
+        count = max((len(s) for s in (s_in, s_out) if s is not None), default=1)
+        si = np.ones((1, g, 1, ig)) if s_in is None else s_in.reshape(-1, g, 1, ig)
+        so = np.ones((1, g, og, 1)) if s_out is None else s_out.reshape(-1, g, og, 1)
+        si = np.broadcast_to(si, (count, g, 1, ig))
+        so = np.broadcast_to(so, (count, g, og, 1))
+        inv_sq = 1.0 / np.square(si[:, :, 0, :])  # (C, g, ig)
+        if self.sens is not None:
+            # Each weight's rounding noise reaches the output through its own gradient,
+            # times (s_out / s_in)^2 back to original units.
+            reach = np.einsum("goi,cgi->cgo", self.sens, inv_sq) * np.square(so[..., 0])
+            if self.per_channel:
+                spans = self._row_spans(si, vary) / so[..., 0]
+                return self.factor * np.einsum("cgo,cgo->c", np.square(spans), reach)
+            span = self._tensor_span(si, so, vary)
+            return self.factor * np.square(span) * reach.sum(axis=(1, 2))
+        energy = np.einsum("gi,cgi->cg", self.energy, inv_sq)  # (C, g)
+        if self.per_channel:
+            spans = self._row_spans(si, vary)
+            return self.factor * np.einsum("cgo,go,cg->c", np.square(spans), self.gain, energy)
+        out = np.einsum("go,cgo->cg", self.gain, np.square(so[..., 0]))
+        span = self._tensor_span(si, so, vary)
+        return self.factor * np.square(span) * np.einsum("cg,cg->c", out, energy)
+
+    def value(self, s_in: np.ndarray | None, s_out: np.ndarray | None) -> float:
+        si = None if s_in is None else np.asarray(s_in, np.float64)[None]
+        so = None if s_out is None else np.asarray(s_out, np.float64)[None]
+        return float(self.values(si, so, "out")[0])
+
+    # -- the convex model of one region's solve --------------------------------------------
+    def sink_ranges(self, s_out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per input channel: the largest scaled ``|W|`` over the rows, and the noise
+        coefficient at fixed output scales (the per-tensor form, which the per-channel
+        grids are majorized by: a row's span is at most the tensor's)."""
+        so = np.ones((self.groups, self.og)) if s_out is None else s_out.reshape(self.groups, -1)
+        ranges = (self.abs / so[:, :, None]).max(axis=1).reshape(-1)
+        if self.sens is not None:
+            c = np.einsum("goi,go->gi", self.sens, np.square(so))
+        else:
+            c = (self.gain * np.square(so)).sum(axis=1)[:, None] * self.energy
+        return ranges, c.reshape(-1)
+
+    def source_ranges(self, s_in: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per output channel: the largest scaled ``|W|`` of the row and the noise
+        coefficient at fixed input scales."""
+        si = np.ones((self.groups, self.ig)) if s_in is None else s_in.reshape(self.groups, -1)
+        ranges = (self.abs * si[:, None, :]).max(axis=2).reshape(-1)
+        if self.sens is not None:
+            c = np.einsum("goi,gi->go", self.sens, 1.0 / np.square(si))
+        else:
+            c = self.gain * (self.energy / np.square(si)).sum(axis=1)[:, None]
+        return ranges, c.reshape(-1)
+
+    @property
+    def log_factor(self) -> float:
+        return math.log(self.factor * 4.0)  # the span is twice the largest |W|
+
+
+def _max_product(m: np.ndarray, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
+    """``max_{g,o,i} m[g,o,i] * si[c,g,0,i] / so[c,g,o,0]`` per candidate ``c``, formed
+    without the (C, g, og, ig) product where one side is the same for all candidates."""
+    if vary == "out":
+        row = (m * si[:1]).max(axis=3)  # (1, g, og): over the candidates' s_out
+        return (row / so[..., 0]).max(axis=(1, 2))
+    if vary == "in":
+        col = (m / so[:1]).max(axis=2)  # (1, g, ig)
+        return (col * si[:, :, 0, :]).max(axis=(1, 2))
+    return np.array([float((m * si[c] / so[c]).max()) for c in range(si.shape[0])])
+
+
+def _row_max(m: np.ndarray, si: np.ndarray, vary: str) -> np.ndarray:
+    """``max_i m[g,o,i] * si[c,g,0,i]`` -> (C, g, og), in blocks of candidates."""
+    count = si.shape[0]
+    if vary == "out":
+        return np.broadcast_to((m * si[:1]).max(axis=3), (count, *m.shape[:2]))
+    step = max(1, _CHUNK // max(1, m.size))
+    out = np.empty((count, *m.shape[:2]))
+    for a in range(0, count, step):
+        out[a : a + step] = (m[None] * si[a : a + step]).max(axis=3)
+    return out
+
+
+@dataclass
+class ActivationTerm:
+    """The noise of one activation grid (a :class:`cle_core._deployment.Point`)."""
+
+    point: Point
+    lo: np.ndarray  # per channel, original units: the values the grid must span
+    hi: np.ndarray
+    coef: np.ndarray  # per channel: non-zero fraction times the gain where noise is added
+    factor: float
+    symmetric: bool
+    cap_lo: np.ndarray | None = None  # pre_bound: the clip's bounds (original units)
+    cap_hi: np.ndarray | None = None
+
+    def spans(self, s: np.ndarray) -> np.ndarray:
+        """The grid's span at channel scales ``s`` (C, channels) -> (C,), in units of the
+        scaled model."""
+        lo, hi = self.lo / s, self.hi / s
+        if self.cap_hi is not None:
+            # A scalar clip to the widest scaled bounds comes first.
+            top = np.max(self.cap_hi / s, axis=1, keepdims=True)
+            bottom = np.min(self.cap_lo / s, axis=1, keepdims=True)
+            lo, hi = np.clip(lo, bottom, top), np.clip(hi, bottom, top)
+        if self.symmetric:
+            return 2.0 * np.max(np.maximum(np.abs(lo), np.abs(hi)), axis=1)
+        return np.maximum(np.max(hi, axis=1), 0.0) - np.minimum(np.min(lo, axis=1), 0.0)
+
+    def values(self, s: np.ndarray, spans: np.ndarray | None = None) -> np.ndarray:
+        """The term for candidate scales ``s`` (C, channels); ``spans`` overrides the
+        grid's span (a requantization on another tensor's grid)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            spans = self.spans(s) if spans is None else spans
+            out = self.factor * np.square(spans) * (np.square(s) @ self.coef)
+        if self.point.unless_uniform is not None:
+            # One scalar clip where the scales are equal: no second grid.
+            uniform = np.ptp(s, axis=1) <= 1e-9 * np.max(s, axis=1)
+            out = np.where(uniform, 0.0, out)
+        return out
+
+    def cap_active(self, s: np.ndarray) -> bool:
+        """Whether the scalar clip cuts this grid's span at scales ``s`` (a pre-bound
+        term whose channels saturate beyond the widest bound)."""
+        if self.cap_hi is None:
+            return False
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.max(self.cap_hi / s)) < float(np.max(self.hi / s))
+
+
+class Estimate:
+    """The estimated output noise-to-signal ratio of ``graph`` quantized as ``deployment``,
+    as a function of the scales of ``regions`` (see the module)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        regions: Sequence[Region],
+        deployment: Deployment,
+        stats: Mapping[str, ChannelStats],
+        gains: Gains,
+        positions: Mapping[str, int],
+        sensitivities: Mapping[str, np.ndarray] | None = None,
+    ):
+        self.graph = graph
+        self.deployment = deployment
+        self.map = ScaleMap(regions)
+        sens = sensitivities or {}
+        self.weights = [
+            WeightTerm(n, stats, gains, deployment, sens.get(n.name))
+            for n in graph.nodes
+            if n.is_layer and n.weight is not None
+        ]
+        self.activations: list[ActivationTerm] = []
+        if not deployment.weights_only:
+            factor = 1.0 / (grid_levels(deployment.activation_bits) ** 2 * 12.0)
+            sym = deployment.activation_symmetric
+            carried = frozenset(
+                id(clip) for region in regions for clip, _ in region.clips if _bounded(clip)
+            )
+            by_value: dict[str, ActivationTerm] = {}
+            for point in profile_for(deployment).points(graph, carried):
+                term = _activation_term(point, stats, gains, positions, factor, sym, by_value)
+                if term is not None:
+                    self.activations.append(term)
+                    if point.kind != "requant":
+                        by_value.setdefault(point.value.name, term)
+        self._local = [self._terms_of(k) for k in range(len(self.map.regions))]
+
+    # -- whole-graph values ------------------------------------------------------------
+    def ones(self) -> list[np.ndarray]:
+        return self.map.ones()
+
+    def weight_values(self, scales: Sequence[np.ndarray]) -> list[float]:
+        return [
+            t.value(self.map.s_in(t.node, scales), self.map.s_out(t.node, scales))
+            for t in self.weights
+        ]
+
+    def activation_values(self, scales: Sequence[np.ndarray]) -> list[float]:
+        out = []
+        for t in self.activations:
+            s, spans = self._activation_scales(t, scales, None, None)
+            out.append(float(t.values(s, spans)[0]))
+        return out
+
+    def total(self, scales: Sequence[np.ndarray] | None = None) -> float:
+        """The estimated output noise-to-signal ratio at ``scales`` (default: all 1)."""
+        scales = self.ones() if scales is None else scales
+        return float(sum(self.weight_values(scales)) + sum(self.activation_values(scales)))
+
+    @staticmethod
+    def sqnr_db(total: float) -> float:
+        """``total`` as an SQNR in dB."""
+        if total <= 0:
+            return math.inf
+        return -10.0 * math.log10(total) if math.isfinite(total) else -math.inf
+
+    # -- one region ----------------------------------------------------------------------
+    def _terms_of(self, k: int) -> tuple[list[WeightTerm], list[ActivationTerm]]:
+        weights = [
+            t
+            for t in self.weights
+            if self.map.reads.get(id(t.node), (None,))[0] == k
+            or self.map.writes.get(id(t.node), (None,))[0] == k
+        ]
+        acts = []
+        for t in self.activations:
+            values = [t.point.value] + ([t.point.grid_of] if t.point.grid_of is not None else [])
+            if any(self.map.value_at.get(v.name, (None,))[0] == k for v in values):
+                acts.append(t)
+        return weights, acts
+
+    def region_value(self, k: int, scales: Sequence[np.ndarray]) -> float:
+        """The terms that region ``k``'s scales change, at ``scales``."""
+        return float(self.region_values(k, scales, scales[k][None])[0])
+
+    def region_values(
+        self, k: int, scales: Sequence[np.ndarray], candidates: np.ndarray
+    ) -> np.ndarray:
+        """The terms that region ``k``'s scales change, for each row of ``candidates``
+        (C, region size) as region ``k``'s scales and ``scales`` for the others."""
+        candidates = np.asarray(candidates, np.float64)
+        trial = list(scales)
+        trial[k] = candidates
+        fixed = [s[None] if i != k else s for i, s in enumerate(trial)]
+        total = np.zeros(candidates.shape[0])
+        weights, acts = self._local[k]
+        with np.errstate(over="ignore", invalid="ignore"):
+            for t in weights:
+                reads = self.map.reads.get(id(t.node), (None,))[0] == k
+                writes = self.map.writes.get(id(t.node), (None,))[0] == k
+                vary = "both" if reads and writes else ("in" if reads else "out")
+                total += t.values(self.map.s_in(t.node, fixed), self.map.s_out(t.node, fixed), vary)
+            for t in acts:
+                s, spans = self._activation_scales(t, fixed, k, candidates.shape[0])
+                total += t.values(s, spans)
+        return total
+
+    def _activation_scales(self, t: ActivationTerm, scales, k, count):
+        """The scales of ``t``'s channels (C, c), and the spans of the grid it is
+        requantized on (C,), or None."""
+        c = t.lo.shape[0]
+
+        def of(value: Value) -> np.ndarray:
+            got = self.map.of_value(value, scales)
+            if got is None:
+                return np.ones((count or 1, c))
+            got = np.atleast_2d(got)
+            return np.broadcast_to(got, (count or got.shape[0], got.shape[-1]))
+
+        s = of(t.point.value)
+        spans = None
+        if t.point.kind == "requant":
+            spans = t.spans(of(t.point.grid_of))
+        return s, spans
+
+    def region_terms(self, k: int, scales: Sequence[np.ndarray]) -> Terms:
+        """Region ``k``'s terms in the convex form of :mod:`cle_core._noise` at the
+        other regions' ``scales``: per-tensor weight terms (per-channel grids are
+        majorized by them), activation terms, a pre-bound grid on the smaller of its
+        two maxima at the current scales (majorize-minimize), and a second grid after a
+        clip's per-channel bounds counted as if the scales were not equal."""
+        region = self.map.regions[k]
+        n = region.size
+        live = np.zeros(n, bool)  # channels some source writes: a dead one keeps its scale
+        rows: list[tuple[float, float, np.ndarray, np.ndarray]] = []
+
+        def add(sign: float, logw: float, off: int, ranges: np.ndarray, c: np.ndarray) -> None:
+            alpha, logc = np.full(n, -np.inf), np.full(n, -np.inf)
+            sl = slice(off, off + ranges.shape[0])
+            with np.errstate(divide="ignore"):
+                alpha[sl] = np.log(ranges)
+                logc[sl] = np.log(np.maximum(c, 0.0))
+            rows.append((sign, logw, alpha, logc))
+
+        weights, acts = self._local[k]
+        for t in weights:
+            wr = self.map.writes.get(id(t.node))
+            if wr is not None and wr[0] == k:
+                off = wr[1]
+                live[off : off + t.groups * t.og] |= t.abs.max(axis=2).reshape(-1) > 0
+        for t in weights:
+            rd, wr = self.map.reads.get(id(t.node)), self.map.writes.get(id(t.node))
+            if rd is not None and rd[0] == k:
+                if wr is not None and wr[0] == k:
+                    continue  # reads and writes this region: not of the convex form
+                ranges, c = t.sink_ranges(self.map.s_out(t.node, scales))
+                repeat = rd[2]
+                if repeat > 1:
+                    ranges = ranges.reshape(-1, repeat).max(axis=1)
+                    c = c.reshape(-1, repeat).sum(axis=1)
+                add(1.0, t.log_factor, rd[1], ranges, c)
+            elif wr is not None and wr[0] == k:
+                ranges, c = t.source_ranges(self.map.s_in(t.node, scales))
+                add(-1.0, t.log_factor, wr[1], ranges, c)
+        for t in acts:
+            at = self.map.value_at.get(t.point.value.name)
+            if at is None or at[0] != k:
+                continue  # a requantization of this region's grid elsewhere: left out
+            off = at[1]
+            s = scales[k][off : off + t.lo.shape[0]]
+            hi = t.cap_hi if t.cap_active(s) else t.hi
+            span = np.maximum(hi, 0.0) - np.minimum(t.lo, 0.0)
+            if t.symmetric:
+                span = np.maximum(np.abs(t.lo), np.abs(hi))
+            logw = math.log(t.factor * (4.0 if t.symmetric else 1.0))
+            add(-1.0, logw, off, span, t.coef)
+        if not rows:
+            return Terms(np.zeros(0), np.zeros(0), np.zeros((0, n)), np.zeros((0, n)))
+        sign, logw, alpha, logc = zip(*rows, strict=True)
+        alpha = np.where(live, np.stack(alpha), -np.inf)
+        logc = np.where(live, np.stack(logc), -np.inf)
+        return Terms(np.array(sign), np.array(logw), alpha, logc)
+
+
+def _bounded(clip: Node) -> bool:
+    """Whether scaling changes a clip's bounds (a ReLU's 0 and +inf stay as they are)."""
+    return bool(np.any(np.isfinite(clip.params["hi"])) or np.any(clip.params["lo"] != 0))
+
+
+def _activation_term(point, stats, gains, positions, factor, symmetric, by_value):
+    v = point.value
+    c = v.channels or 0
+    if point.kind == "requant":
+        grid = by_value.get(point.grid_of.name)
+        out = stats_of(v, stats)
+        if grid is None or out is None or out.channels != c or grid.lo.shape[0] != c:
+            return None
+        gain = gains.rounding_gain(v.name, c, positions.get(v.name, 1))
+        return ActivationTerm(
+            point, grid.lo, grid.hi, out.nonzero * gain, factor, symmetric, grid.cap_lo, grid.cap_hi
+        )
+    st = stats_of(v, stats)
+    if st is None or st.channels != c or c == 0:
+        return None
+    gain = gains.rounding_gain(v.name, c, positions.get(v.name, 1))
+    if point.kind == "pre_bound":
+        clip = point.clip
+        out = stats_of(clip.outputs[0], stats)
+        if out is None or out.channels != c:
+            return None
+        lo = np.broadcast_to(np.asarray(clip.params["lo"], np.float64).reshape(-1), (c,))
+        hi = np.broadcast_to(np.asarray(clip.params["hi"], np.float64).reshape(-1), (c,))
+        return ActivationTerm(
+            point, st.lo, st.hi, out.nonzero * gain, factor, symmetric, lo.copy(), hi.copy()
+        )
+    return ActivationTerm(point, st.lo, st.hi, st.nonzero * gain, factor, symmetric)

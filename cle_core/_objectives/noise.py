@@ -1,0 +1,238 @@
+"""The noise objective: the scales that minimize the estimated quantization noise of the
+deployment the user names (:class:`cle_core.Deployment`).
+
+The estimate (:mod:`cle_core._estimate`) counts every grid the deployment puts into the
+model: each layer's weight grid (per tensor or per output channel) and each activation
+grid where the quantizer's profile places it, including the second grid after a clip
+whose bounds scaling makes per channel. It is minimized region by region (block
+coordinate descent, regions that share no layer solved together), starting from no
+scaling. Each region keeps the best of a few candidates, measured by the estimate
+itself:
+
+- its current scales (so the estimate can never rise: the result is never estimated
+  worse than no equalization, whose scales are where the search starts);
+- no scaling of this region;
+- the exact minimizer of the region's convex model (:mod:`cle_core._noise`): per-tensor
+  weight grids and the activation grids (per-channel grids are majorized by the
+  per-tensor ones; a second grid after a clip is counted as if the scales differ);
+- the weight-range balance, the activation-range balance and blends of the two (what
+  per-channel weight grids leave to gain: activation grids, at a bounded cost in the
+  layers' columns), and half the convex minimizer's step.
+
+Sweeps stop when one lowers the estimate by less than ``tolerance`` of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from .. import _noise
+from .._estimate import Estimate
+from .._gains import propagate
+from .._report import NOISE_TOLERANCE, NoiseEstimate, SkipRecord
+from .._stats import counts_known, positions
+from .._stats import estimate as estimate_stats
+from . import ScaleOutcome, ScaleProblem, register_objective
+from .balance import BalanceObjective
+
+logger = logging.getLogger("cle_core")
+
+# |log-scale| any candidate may reach: a factor of 10^4 either way, as the convex solve.
+_T_BOUND = math.log(1e4)
+_BLENDS = ((1.0, 0.0), (0.5, 0.0), (0.0, 1.0), (0.0, 0.5), (0.5, 0.5), (1.0, 1.0))
+_CONVEX_STEPS = 15
+_CONVEX_SWEEPS = int(__import__("os").environ.get("CLE_CONVEX_SWEEPS", "99"))
+
+
+class NoiseUnavailable(Exception):
+    """The noise estimate cannot guide the scales on this graph (it is not finite)."""
+
+
+class NoiseObjective:
+    """Minimize the estimated output noise of the named deployment."""
+
+    name = "noise"
+    description = "the least estimated quantization noise for the deployment (default)"
+
+    def choose(self, problem: ScaleProblem) -> ScaleOutcome:
+        try:
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return self._choose(problem)
+        except NoiseUnavailable as e:
+            reason = f"{e}; the weight-range balance chose the scales instead"
+            logger.warning("noise objective: %s", reason)
+            outcome = BalanceObjective().choose(problem)
+            outcome.skips.append(SkipRecord("scale", "noise objective", reason))
+            return outcome
+
+    def _choose(self, problem: ScaleProblem) -> ScaleOutcome:
+        graph, regions, options = problem.graph, problem.regions, problem.options
+        deployment = options.deployment
+        stats, derivatives = estimate_stats(graph, problem.statistics)
+        counts = positions(graph)
+        power = {
+            v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
+            for v in graph.outputs
+            if v.name in stats
+        }
+        gains = propagate(graph, counts, derivatives, power)
+        est = Estimate(graph, regions, deployment, stats, gains, counts)
+        scales = est.ones()
+        before = est.total(scales)
+        if not math.isfinite(before):
+            raise NoiseUnavailable(
+                "the estimated output noise overflows float64 (activation statistics or "
+                "their gains to the output grow beyond 1e308 through the network: untrained "
+                "weights?)"
+            )
+        region_before = {r.id: est.region_value(k, scales) for k, r in enumerate(regions)}
+        history = [before]
+        tolerance = options.tolerance if options.tolerance is not None else NOISE_TOLERANCE
+        groups = _colors(est)
+        sweeps, converged, max_change = 0, not regions, 0.0
+        while regions and sweeps < options.max_sweeps:
+            sweeps += 1
+            if problem.on_sweep is not None:
+                problem.on_sweep(sweeps)
+            max_change, gained = 0.0, 0.0
+            for group in groups:
+                # An inexact solve is enough: it is one candidate, and the estimate
+                # itself decides. Later sweeps refine with the cheap candidates only.
+                starts = [np.log(scales[k]) for k in group]
+                if sweeps <= _CONVEX_SWEEPS:
+                    convex = _noise.solve_many(
+                        [est.region_terms(k, scales) for k in group],
+                        starts,
+                        tolerance=1e-3,
+                        max_steps=_CONVEX_STEPS,
+                    )
+                else:
+                    convex = starts
+                for k, t_convex in zip(group, convex, strict=True):
+                    t_now = np.log(scales[k])
+                    cands = _candidates(est, k, scales, t_now, t_convex)
+                    values = est.region_values(k, scales, np.exp(cands))
+                    values = np.where(np.isfinite(values), values, np.inf)
+                    best = int(np.argmin(values))
+                    if values[best] < values[0]:  # row 0: the current scales
+                        scales[k] = np.exp(cands[best])
+                        gained += float(values[0] - values[best])
+                        change = float(np.max(np.abs(np.expm1(cands[best] - t_now))))
+                        max_change = max(max_change, change)
+            # Each step changes the total by exactly its region's change.
+            history.append(history[-1] - gained)
+            if max_change == 0.0 or history[-2] - history[-1] <= tolerance * history[-2]:
+                converged = True
+                break
+        history[-1] = est.total(scales)  # the sum of steps, recomputed without drift
+        return ScaleOutcome(
+            scales={r.id: scales[k] for k, r in enumerate(regions)},
+            sweeps=sweeps,
+            converged=converged,
+            max_change=max_change,
+            estimate=NoiseEstimate(
+                before, history[-1], tuple(history), counts_known(graph), deployment.describe()
+            ),
+            region_before=region_before,
+            region_after={r.id: est.region_value(k, scales) for k, r in enumerate(regions)},
+        )
+
+
+def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.ndarray):
+    """Candidate log-scales of region ``k`` (rows; row 0 the current ones)."""
+    live = _live(est, k, scales)
+    n = t_now.shape[0]
+    t_bal, t_act = _balance(est, k, scales, live), _activation_balance(est, k, live)
+    rows = [t_now, np.zeros(n), t_convex, 0.5 * (t_now + t_convex)]
+    rows += [a * t_bal + b * t_act for a, b in _BLENDS]
+    cands = np.stack(rows)
+    # Dead channels keep their scale; every row in the current gauge (the estimate does
+    # not change when a whole region is multiplied by one number).
+    cands[:, ~live] = t_now[~live]
+    if np.any(live):
+        cands[:, live] += (t_now[live].mean() - cands[:, live].mean(axis=1))[:, None]
+    return np.clip(cands, -_T_BOUND, _T_BOUND)
+
+
+def _live(est: Estimate, k: int, scales) -> np.ndarray:
+    """Channels some source of region ``k`` writes (a dead one keeps its scale)."""
+    region = est.map.regions[k]
+    live = np.zeros(region.size, bool)
+    weights, _ = est._local[k]
+    for t in weights:
+        wr = est.map.writes.get(id(t.node))
+        if wr is not None and wr[0] == k:
+            rows = t.abs.max(axis=2).reshape(-1) > 0
+            live[wr[1] : wr[1] + rows.shape[0]] |= rows
+    return live
+
+
+def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
+    """The weight-range balance of region ``k`` at the other regions' scales:
+    ``log sqrt(r_source / r_sink)`` per channel."""
+    n = est.map.regions[k].size
+    src, snk = np.zeros(n), np.zeros(n)
+    weights, _ = est._local[k]
+    for t in weights:
+        rd, wr = est.map.reads.get(id(t.node)), est.map.writes.get(id(t.node))
+        if wr is not None and wr[0] == k:
+            r, _ = t.source_ranges(est.map.s_in(t.node, scales))
+            np.maximum(src[wr[1] : wr[1] + r.shape[0]], r, out=src[wr[1] : wr[1] + r.shape[0]])
+        if rd is not None and rd[0] == k:
+            r, _ = t.sink_ranges(est.map.s_out(t.node, scales))
+            if rd[2] > 1:
+                r = r.reshape(-1, rd[2]).max(axis=1)
+            np.maximum(snk[rd[1] : rd[1] + r.shape[0]], r, out=snk[rd[1] : rd[1] + r.shape[0]])
+    ok = live & (src > 0) & (snk > 0)
+    t = np.zeros(n)
+    t[ok] = 0.5 * (np.log(src[ok]) - np.log(snk[ok]))
+    return t
+
+
+def _activation_balance(est: Estimate, k: int, live: np.ndarray) -> np.ndarray:
+    """Log-scales that give every channel of region ``k``'s quantized activations the same
+    range (the largest of its grids' per-channel spans)."""
+    n = est.map.regions[k].size
+    span = np.zeros(n)
+    _, acts = est._local[k]
+    for t in acts:
+        at = est.map.value_at.get(t.point.value.name)
+        if at is None or at[0] != k:
+            continue
+        hi = t.hi if t.cap_hi is None else np.minimum(t.hi, t.cap_hi)
+        s = np.maximum(hi, 0.0) - np.minimum(t.lo, 0.0)
+        sl = slice(at[1], at[1] + s.shape[0])
+        np.maximum(span[sl], s, out=span[sl])
+    ok = live & (span > 0)
+    t = np.zeros(n)
+    t[ok] = np.log(span[ok])
+    return t
+
+
+def _colors(est: Estimate) -> list[list[int]]:
+    """Regions grouped so that no two of a group change the same term (greedy coloring
+    in graph order): a group's convex models are solved in one batch."""
+    n = len(est.map.regions)
+    owners: dict[int, set[int]] = {}
+    for k in range(n):
+        weights, acts = est._local[k]
+        for t in (*weights, *acts):
+            owners.setdefault(id(t), set()).add(k)
+    neighbors: dict[int, set[int]] = {k: set() for k in range(n)}
+    for ks in owners.values():
+        for a in ks:
+            neighbors[a] |= ks - {a}
+    color: dict[int, int] = {}
+    for k in range(n):
+        used = {color[m] for m in neighbors[k] if m in color}
+        color[k] = next(c for c in range(n + 1) if c not in used)
+    groups: dict[int, list[int]] = {}
+    for k in range(n):
+        groups.setdefault(color[k], []).append(k)
+    return [groups[c] for c in sorted(groups)]
+
+
+register_objective(NoiseObjective())
