@@ -34,8 +34,8 @@ from ._objectives import (
     objective_names,
     register_objective,
 )
-from ._objectives import balance as _balance  # noqa: F401  (registers itself)
-from ._objectives import noise as _noise  # noqa: F401  (registers itself)
+from ._objectives import balance as _balance_objective  # noqa: F401  (registers itself)
+from ._objectives import noise as _noise_objective  # noqa: F401  (registers itself)
 from ._report import (
     EqualizeOptions,
     EqualizeResult,

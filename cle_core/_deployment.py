@@ -24,7 +24,7 @@ import numpy as np
 from ._errors import CLEError
 from ._ir import Graph, Node, Value
 
-PointKind = Literal["tensor", "pre_bound", "requant"]
+PointKind = Literal["tensor", "pre_bound", "requant", "copy"]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,9 @@ class Point:
       between channels once scaled); the quantizer rounds it after a scalar clip to the
       widest bounds, before the per-channel ones;
     - ``"requant"``: ``value`` is rounded again on the grid of ``grid_of`` (an average
-      pool or a resize whose output the quantizer puts on its input's grid).
+      pool or a resize whose output the quantizer puts on its input's grid);
+    - ``"copy"``: ``value`` has the grid of ``grid_of`` and holds only values of it (a
+      max pool, a flatten, a slice, a zero pad): a grid that rounds nothing.
     """
 
     value: Value
@@ -293,12 +295,15 @@ class OnnxRuntimeQDQ:
                 x = source(node.inputs[0])
                 x = moved.get(x.name, x)
                 if x.name in done and op in self._ADDS_NOISE:
-                    grid = done[x.name].value if done[x.name].kind != "pre_bound" else x
+                    prior = done[x.name]
+                    grid = prior.grid_of if prior.kind == "copy" else prior.value
                     point = Point(node.outputs[0], "requant", grid_of=grid)
                     done[node.outputs[0].name] = point
                     order.append(point)
                 elif x.name in done:
-                    done[node.outputs[0].name] = done[x.name]  # the same values, one grid
+                    point = Point(node.outputs[0], "copy", grid_of=x)
+                    done[node.outputs[0].name] = point
+                    order.append(point)
         return order
 
 

@@ -327,6 +327,8 @@ class Estimate:
             )
             by_value: dict[str, ActivationTerm] = {}
             for point in profile_for(deployment).points(graph, carried):
+                if point.kind == "copy":
+                    continue  # rounds nothing
                 term = _activation_term(point, stats, gains, positions, factor, sym, by_value)
                 if term is not None:
                     self.activations.append(term)

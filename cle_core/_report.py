@@ -245,6 +245,25 @@ def _db(nsr: float) -> float:
     return -10.0 * math.log10(nsr) if math.isfinite(nsr) else -math.inf
 
 
+@dataclass(frozen=True)
+class Verification:
+    """``verify``: the deployment measured on calibration inputs, the original (batch
+    norms folded) against the equalized model, and which of the two was kept."""
+
+    deployment: str
+    inputs: int  # the inputs the figures are measured on (the rest calibrated the grids)
+    original_db: float
+    equalized_db: float
+    kept: Literal["equalized", "original"]
+
+    def summary(self) -> str:
+        return (
+            f"verified ({self.deployment}, {self.inputs} inputs): original "
+            f"{self.original_db:.2f} dB, equalized {self.equalized_db:.2f} dB; kept the "
+            f"{self.kept}"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class Report:
     """Everything :func:`cle_core.equalize` did and did not do."""
@@ -260,6 +279,7 @@ class Report:
     converged: bool
     max_change: float
     noise: NoiseEstimate | None = None
+    verification: Verification | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (arrays become lists, non-finite floats strings)."""
@@ -300,6 +320,8 @@ class Report:
                 f"est. output SQNR ({self.options.deployment.short()}): "
                 f"{self.noise.sqnr_before:.2f} dB -> {self.noise.sqnr_after:.2f} dB"
             )
+        if self.verification is not None:
+            lines.append(self.verification.summary())
         return "\n".join(lines)
 
 

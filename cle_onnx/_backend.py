@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from cle_core import (
     equalize,
 )
 from cle_core._files import check_output_path
+from cle_core._verify import quality_key, split_inputs, verdict
 
 from . import _commands, _io
 from ._apply import apply
@@ -172,6 +173,7 @@ def equalize_model(
     inplace: bool = False,
     base_dir: str | os.PathLike | None = None,
     calibration: Any = None,
+    verify: bool = False,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Equalize an ONNX model. Returns ``(equalized ModelProto, report)``.
@@ -188,20 +190,60 @@ def equalize_model(
     and fixed sizes (the batch aside); paths and generators are refused (see
     ``docs/safety.rst``, "Calibration"). Keyword options are
     :class:`cle_core.EqualizeOptions` fields (``objective``, ``activation_bits``,
-    ``high_bias`` ...).
+    ``per_channel``, ``deployment`` ...).
+
+    ``verify=True`` (needs ``calibration``) quantizes the original, its batch norms
+    folded, and the equalized model with the deployment the scales were chosen for
+    (onnxruntime's ``quantize_static``, calibrated on half of the inputs, measured on the
+    other half) and returns the better of the two; ``report.verification`` has both
+    figures (a warning says when the original was kept).
 
     Raises :class:`cle_core.CLEError` subclasses on bad input (:class:`ModelFileError`
     for files and external data); the model is then unchanged.
     """
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
+    if verify and calibration is None:
+        raise CLEError("verify needs calibration inputs (calibration=) to measure on")
     if isinstance(model_or_path, (str, os.PathLike)):
         path = Path(model_or_path)
         model = _io.load(path, external_data=True)  # ours: translated without a copy
-        return OnnxBackend().run(model, cle_options, calibration, base_dir=path.parent, owned=True)
-    return OnnxBackend().run(
-        model_or_path, cle_options, calibration, inplace=inplace, base_dir=base_dir
+        base_dir, inplace, owned = path.parent, False, not verify
+    else:
+        model, owned = model_or_path, False
+    if not verify:
+        return OnnxBackend().run(
+            model, cle_options, calibration, inplace=inplace, base_dir=base_dir, owned=owned
+        )
+    new, report = OnnxBackend().run(model, cle_options, calibration, base_dir=base_dir)
+    folded, _ = OnnxBackend().run(
+        model, replace(cle_options, scale=False, high_bias=False), base_dir=base_dir
     )
+    return _verified(model, folded, new, report, cle_options, calibration, inplace)
+
+
+def _verified(model, folded, new, report, options, calibration, inplace: bool):
+    """The better of ``folded`` and ``new`` in the options' deployment (see
+    :func:`equalize_model`), with the report's verification."""
+    from ._evaluate import evaluate_all  # onnxruntime, loaded only to run models
+
+    deployment = options.deployment
+    calibrate_on, measure_on, count = split_inputs(calibration)
+    figures = evaluate_all(
+        model,
+        [folded, new],
+        measure_on,
+        names=["the model", "the original (batch norms folded)", "the equalized model"],
+        deployment=deployment,
+        calibration=calibrate_on,
+    )
+    key = quality_key(deployment)
+    report, keep = verdict(report, deployment, count, figures[0][key], figures[1][key])
+    chosen = new if keep else folded
+    if inplace:
+        model.CopyFrom(chosen)
+        chosen = model
+    return chosen, report
 
 
 def _equalize(

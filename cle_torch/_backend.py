@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
-from cle_core import Backend, EqualizeOptions, EqualizeResult, Report, Translated, equalize
+from cle_core import (
+    Backend,
+    CLEError,
+    EqualizeOptions,
+    EqualizeResult,
+    Report,
+    Translated,
+    equalize,
+)
+from cle_core._verify import quality_key, split_inputs, verdict
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
 from ._capture import Capture, capture
 from ._modules import NotInPlaceError
+from ._quantsim import evaluate_torch
 
 _BACKEND_OPTIONS = ("leaf_modules", "allow_training_mode", "allow_graph_module")
 
@@ -77,6 +89,7 @@ def equalize_model(
     allow_training_mode: bool = False,
     allow_graph_module: bool = True,
     calibration: Any = None,
+    verify: bool = False,
     **options: Any,
 ) -> tuple[nn.Module, Report]:
     """Cross-layer equalization of a PyTorch model: fold batch norms, scale, absorb high
@@ -118,8 +131,14 @@ def equalize_model(
             never changed. Paths, dicts, ragged or nested lists, strings, records,
             objects, complex numbers and NaN / Inf (:class:`NonFiniteError`, with the
             first index) are refused.
+        verify: with ``calibration`` (one tensor or array ``(N, ...)``), quantize the
+            original (batch norms folded) and the equalized model with the deployment the
+            scales were chosen for (:func:`evaluate_torch`, calibrated on half of the
+            inputs, measured on the other half) and return the better one;
+            ``report.verification`` has both figures. ``model`` is then never modified:
+            both are computed on copies.
         **options: :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
-            ``high_bias``, ``high_bias_form`` ...).
+            ``per_channel``, ``deployment``, ``high_bias`` ...).
 
     Raises:
         UntraceableModelError: torch.fx cannot trace the forward (the message says where
@@ -130,16 +149,32 @@ def equalize_model(
     """
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
-    return TorchBackend().run(
-        model,
-        cle_options,
-        calibration,
+    backend_options = dict(
         input_shapes=input_shapes,
         dummy_input=dummy_input,
         leaf_modules=leaf_modules,
         allow_training_mode=allow_training_mode,
         allow_graph_module=allow_graph_module,
     )
+    if not verify:
+        return TorchBackend().run(model, cle_options, calibration, **backend_options)
+    if calibration is None:
+        raise CLEError("verify needs calibration inputs (calibration=) to measure on")
+    calibrate_on, measure_on, count = split_inputs(calibration)
+    new, report = TorchBackend().run(
+        copy.deepcopy(model), cle_options, calibration, **backend_options
+    )
+    folded, _ = TorchBackend().run(
+        copy.deepcopy(model), replace(cle_options, scale=False, high_bias=False), **backend_options
+    )
+    deployment = cle_options.deployment
+    key = quality_key(deployment)
+    original_db, equalized_db = (
+        evaluate_torch(model, m, measure_on, deployment=deployment, calibration=calibrate_on)[key]
+        for m in (folded, new)
+    )
+    report, keep = verdict(report, deployment, count, original_db, equalized_db)
+    return (new if keep else folded), report
 
 
 def fold_all_batch_norms(

@@ -97,7 +97,12 @@ def _with_pre_hooks(model: nn.Module, make_hook: Callable[[str], Callable]) -> l
 
 
 def _activation_quantized_run(
-    model: nn.Module, inputs: torch.Tensor, bits: int, symmetric: bool, batch: int
+    model: nn.Module,
+    inputs: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    batch: int,
+    calibration: torch.Tensor | None = None,
 ) -> np.ndarray:
     ranges: dict[str, list[float]] = {}
 
@@ -122,7 +127,7 @@ def _activation_quantized_run(
 
     handles = _with_pre_hooks(model, recorder)
     try:
-        _run(model, inputs, batch)
+        _run(model, inputs if calibration is None else calibration, batch)
     finally:
         for h in handles:
             h.remove()
@@ -145,6 +150,7 @@ def evaluate_torch(
     batch: int = 16,
     *,
     deployment: Deployment | None = None,
+    calibration: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Measure what simulated quantization does to the logits, against the FP32 model.
 
@@ -154,8 +160,8 @@ def evaluate_torch(
     (default: :class:`cle_core.Deployment`, symmetric weights per tensor, asymmetric
     activations) or the older keywords say (see :func:`cle_core._deployment.deployment_of`).
     With activations quantized, input 0 of each such module is also fake-quantized per
-    tensor by a forward pre-hook, with ranges calibrated in a first pass over ``inputs``
-    on the weight-quantized copy. Everything runs on float32
+    tensor by a forward pre-hook, with ranges calibrated in a first pass over
+    ``calibration`` (default: ``inputs``) on the weight-quantized copy. Everything runs on float32
     deep copies in eval mode under ``torch.no_grad()``, in batches of ``batch``; the
     models passed in are not modified. ``inputs`` default to ``natural_images(224)``.
 
@@ -184,7 +190,12 @@ def evaluate_torch(
     outputs[f"w{bits}"] = _run(wq, x, batch)
     if activations:
         a_bits = dep.activation_bits
+        calib = None
+        if calibration is not None:
+            calib = torch.as_tensor(
+                np.array(calibration) if isinstance(calibration, np.ndarray) else calibration
+            ).float()
         outputs[f"w{bits}a{bits}"] = _activation_quantized_run(
-            wq, x, a_bits, dep.activation_symmetric, batch
+            wq, x, a_bits, dep.activation_symmetric, batch, calib
         )
     return compare_outputs(reference, outputs)

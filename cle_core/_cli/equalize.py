@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .._backend import get_backend_for_file
 from .._files import check_output_path, write_atomic
 from .._report import Report
+from .._verify import quality_key, split_inputs, verdict
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -80,6 +82,14 @@ def add_parser(sub) -> None:
         "(at most 50 megapixels each; resized to the model's input) or a .npy array of "
         "finite numbers (floats for a float input, integers for an integer one)",
     )
+    eq.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --calibration: quantize the original (batch norms folded) and the "
+        "result as the deployment flags say (ONNX: onnxruntime's quantize_static, "
+        "calibrated on half of the inputs, measured on the other half), print both and "
+        "keep the better (a warning if that is the original)",
+    )
     add_cle_options(eq)
     eq.set_defaults(run=run)
 
@@ -107,8 +117,15 @@ def run(args) -> int:
             raise UsageError("--report would overwrite a model file")
     if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise UsageError(f"--plot {args.plot} exists and is not a directory")
-    if args.calibration and options.objective != "noise":
-        raise UsageError("--calibration needs --objective noise")
+    if args.calibration and options.objective == "balance" and not args.verify:
+        raise UsageError(
+            "--calibration measures statistics the balance objective does not use "
+            "(give --objective noise, or --verify to measure on it)"
+        )
+    if args.verify and not args.calibration:
+        raise UsageError("--verify needs --calibration: the inputs to measure on")
+    if args.verify and args.in_place:
+        raise UsageError("--verify compares with the input file, which --in-place overwrites")
     feeds = backend.check_feeds(src, dims) if args.check else None
     calibration = None
     if args.calibration:
@@ -122,6 +139,8 @@ def run(args) -> int:
             progress=lambda s, f: progress.update(s, 0.1 + 0.8 * f),
             calibration=calibration,
         )
+    if args.verify:
+        report = _verify(backend, src, dst, options, calibration, report)
     if args.report:
         write_atomic(args.report, report.to_json(indent=1))
     plots = _plots(report, args.plot) if args.plot else []
@@ -161,6 +180,21 @@ def run(args) -> int:
             )
             return EXIT_CHECK_FAILED
     return EXIT_OK
+
+
+def _verify(backend, src: Path, dst: Path, options, calibration, report: Report) -> Report:
+    """Measure the original (batch norms folded) and ``dst`` in the deployment; where the
+    original measures better, ``dst`` becomes the folded original (atomically again)."""
+    deployment = options.deployment
+    calibrate_on, measure_on, count = split_inputs(calibration)
+    rows, _, _ = backend.evaluate_files(
+        [src, dst], measure_on, deployment=deployment, calibration=calibrate_on
+    )
+    key = quality_key(deployment)
+    report, keep = verdict(report, deployment, count, rows[0][1][key], rows[1][1][key])
+    if not keep:
+        backend.equalize_file(src, dst, replace(options, scale=False, high_bias=False))
+    return report
 
 
 def _threshold(given: float | None, dtype: str) -> float:

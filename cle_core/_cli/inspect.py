@@ -33,6 +33,8 @@ def _stop_reason(report: Report) -> str:
     if len(history) >= 2 and history[-2] > 0:
         gain = 100 * (history[-2] - history[-1]) / history[-2]
         state = "converged" if report.converged else "stopped at max_sweeps"
+        if gain < 0.05:
+            return f"{state}: the last sweep changed nothing"
         return f"{state}: the last sweep lowered the estimate by {gain:.1f} %"
     state = "converged" if report.converged else "not converged"
     return f"{state}, max change {report.max_change:.1e}"
@@ -55,6 +57,11 @@ def format_summary(report: Report) -> str:
         + (f" ({', '.join(f'{n} {k}' for k, n in _kinds(report))})" if report.regions else ""),
         f"objective:          {objective}",
         f"deployment:         {report.options.deployment.describe()}",
+        *(
+            [f"verify:             {report.verification.summary().removeprefix('verified ')}"]
+            if report.verification is not None
+            else []
+        ),
         f"sweeps:             {report.sweeps} ({_stop_reason(report)})",
         f"high-bias absorbed: {len(report.high_bias)} layers"
         + (

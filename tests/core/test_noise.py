@@ -326,7 +326,12 @@ def test_report_gives_the_noise_per_region_and_in_total():
     assert "est. output SQNR (W8A8)" in report.summary()
     h = report.noise.history
     gain = 100 * (h[-2] - h[-1]) / h[-2]
-    assert f"the last sweep lowered the estimate by {gain:.1f} %" in format_summary(report)
+    said = (
+        f"the last sweep lowered the estimate by {gain:.1f} %"
+        if gain >= 0.05
+        else "the last sweep changed nothing"
+    )
+    assert said in format_summary(report)
 
 
 def test_weights_only_deployment_ignores_activations():

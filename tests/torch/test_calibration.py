@@ -428,3 +428,22 @@ def test_float64_calibration_is_cast_to_the_model_dtype():
     half = [x[:4].numpy(), x[4:].numpy() * 1e6]
     with pytest.raises(NonFiniteError, match=r"batch 1: the value .* overflows torch.float16"):
         calibration_stats(capture(copy.deepcopy(model).half()), half)
+
+
+def test_verify_measures_both_and_never_touches_the_model():
+    """``verify=True``: the original (BNs folded) and the equalized model are measured
+    in the deployment (evaluate_torch, half the inputs calibrating, half measured), on
+    copies; the better one is returned."""
+    from tests.helpers import torch_models as tm
+
+    model, shape = tm.ARCHITECTURES["mobilenet_v2"]()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, *shape[1:])
+    new, report = cle_torch.equalize_model(model, dummy_input=x[:1], calibration=x, verify=True)
+    assert new is not model
+    assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+    v = report.verification
+    assert v.inputs == 8 and v.kept in ("equalized", "original")
+    assert (v.kept == "equalized") == (v.equalized_db >= v.original_db)
+    with pytest.raises(CLEError, match="calibration"):
+        cle_torch.equalize_model(model, dummy_input=x[:1], verify=True)
