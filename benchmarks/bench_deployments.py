@@ -85,7 +85,7 @@ def measure(original, candidate, x, calib, deployment: Deployment) -> dict[str, 
     return {"W8": r["w8_sqnr"], "W8A8": r.get("w8a8_sqnr", float("nan"))}
 
 
-def run_case(model, x, calib) -> dict:
+def run_case(model, x, calib, **noise_options) -> dict:
     """Per deployment: the figures of none, balance, noise-v1 and noise, the estimate
     (before, after) and the seconds the noise objective took."""
     original = other.exported(model, x)
@@ -101,7 +101,7 @@ def run_case(model, x, calib) -> dict:
     figures: dict[str, dict] = {}
     for label, dep in DEPLOYMENTS.items():
         t0 = time.perf_counter()
-        eq, report = equalized(deployment=dep)
+        eq, report = equalized(deployment=dep, **noise_options)
         seconds = time.perf_counter() - t0
         kind = "W8" if dep.weights_only else "W8A8"
         row = {
@@ -124,7 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", nargs="+", default=["lite0", "trained_cnn", *other.RANDOM])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tolerance", type=float, help="the noise objective's stopping tolerance")
     args = ap.parse_args()
+    noise_options = {} if args.tolerance is None else {"tolerance": args.tolerance}
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     _noise_v1.register()
@@ -138,7 +140,7 @@ def main() -> None:
     for name in args.networks:
         for label, model, x, calib in cases(name, args.seeds):
             count += 1
-            for dep, f in run_case(model, x, calib).items():
+            for dep, f in run_case(model, x, calib, **noise_options).items():
                 margins = (
                     f["noise"] - f["none"],
                     f["noise"] - f["balance"],

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    # Plugins load first: an objective or a quantizer profile they register is then a
+    # choice of the built-in commands too.
+    plugins()
     for command in (equalize, evaluate, inspect):  # one module per command
         command.add_parser(sub)
     add_plugin_commands(sub)

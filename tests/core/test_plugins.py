@@ -664,3 +664,35 @@ def test_a_signal_during_an_import_keeps_its_exit_code(make, code, word, capsys)
     args = argparse.Namespace(command="x", debug=False, run=lambda a: _raise(make()))
     assert _main(argparse.ArgumentParser(), args) == code
     assert word in capsys.readouterr().err
+
+
+def test_an_objective_a_plugin_registers_is_a_choice_of_the_command_line(install):
+    """Plugins load before the built-in commands are built: the objective a plugin
+    module registers when imported is one of ``--objective``'s choices."""
+    install(
+        "extra-objective",
+        {"extra": "cle_extra_objective"},
+        {
+            "cle_extra_objective": """
+                import numpy as np
+                from cle_core import ScaleOutcome, objective_names, register_objective
+
+                class Ones:
+                    name = "ones-from-plugin"
+                    description = "no scaling"
+
+                    def choose(self, problem):
+                        return ScaleOutcome(
+                            {r.id: np.ones(r.size) for r in problem.regions}, 1, True, 0.0
+                        )
+
+                if "ones-from-plugin" not in objective_names():
+                    register_objective(Ones())
+            """
+        },
+    )
+    get_plugin_manager(reload=True)
+    from cle_core._cli import build_parser
+
+    args = build_parser().parse_args(["inspect", "m.onnx", "--objective", "ones-from-plugin"])
+    assert args.objective == "ones-from-plugin"
