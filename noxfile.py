@@ -44,6 +44,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_onnx.py")
     session.run("python", "benchmarks/bench_torch.py")
     session.run("python", "benchmarks/bench_other_networks.py")
+    session.run("python", "benchmarks/bench_deployments.py")
 
 
 @nox.session(python="3.11")

@@ -149,9 +149,10 @@ def _format(rows, torch_report, onnx_report, torch_fp32, n_images, out, plot_not
             "where it says so; 'for W8 only' is the weights-only deployment "
             "(activation_bits=None).",
             "",
-            f"INT8 per tensor on {n_images} natural images, logits against the FP32 model. "
+            f"INT8 per tensor on {n_images} natural images, logits against the FP32 model, "
+            "quantize_static's own grids (symmetric int8 weights, uint8 activations). "
             "W8A8: onnxruntime's quantize_static (QDQ, MinMax calibration on the same "
-            "images); W8: quantized weights, float activations:",
+            "images); W8: the weights on their grids, float activations:",
             table,
             "",
             f"wrote {out}: effnet_lite0.onnx (export, BNs folded), effnet_lite0_bn.onnx (export "
