@@ -76,10 +76,12 @@ def propagate(
     output_power: Mapping[str, float] | None = None,
     projections: int = PROJECTIONS,
     seed: int = 0,
+    outputs: list | None = None,
 ) -> Gains:
     """Gains of every value of ``graph`` (after BN folding). ``output_power`` weighs each
-    graph output by ``1 / power`` (so that the total is a noise-to-signal ratio summed
-    over outputs); default 1."""
+    output by ``1 / power`` (so that the total is a noise-to-signal ratio summed over
+    outputs); default 1. ``outputs``: the values the gains are measured at (default: the
+    graph outputs)."""
     rng = np.random.default_rng(seed)
     jac: dict[str, np.ndarray] = {}
     fluct: dict[str, np.ndarray] = {}
@@ -91,7 +93,7 @@ def propagate(
         else:
             jac[name], fluct[name] = j, g
 
-    for out in graph.outputs:
+    for out in graph.outputs if outputs is None else outputs:
         c = out.channels
         if not c:
             continue

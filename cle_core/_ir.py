@@ -183,7 +183,8 @@ class Graph:
         value = self._value(name)
         if value.producer is not None or value in self.inputs:
             raise InvalidGraphError(f"value {name!r} is already produced")
-        value.channels = channels
+        # -1 is how several formats write "unknown": not a size.
+        value.channels = channels if channels is None or channels > 0 else None
         self.inputs.append(value)
         return value
 

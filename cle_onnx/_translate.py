@@ -144,8 +144,11 @@ def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         t = vi.type.tensor_type
         if t.HasField("shape"):
+            # Exporters (PaddlePaddle's) write -1 for a dynamic dimension: unknown, as a
+            # symbolic one; never a size (a channel count of -1 crashed the estimate).
             out[vi.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+                d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in t.shape.dim
             )
     return out
 

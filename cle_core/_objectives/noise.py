@@ -74,12 +74,18 @@ class NoiseObjective:
         deployment = options.deployment
         stats, derivatives = estimate_stats(graph, problem.statistics)
         counts = positions(graph)
+        observed = observed_outputs(graph)
+        if not observed:
+            raise NoiseUnavailable(
+                "no output the estimate can follow: every graph output is behind an "
+                "operation the IR does not translate"
+            )
         power = {
             v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
-            for v in graph.outputs
+            for v in observed
             if v.name in stats
         }
-        gains = propagate(graph, counts, derivatives, power)
+        gains = propagate(graph, counts, derivatives, power, outputs=observed)
         est = Estimate(graph, regions, deployment, stats, gains, counts)
         scales = est.ones()
         before = est.total(scales)
@@ -162,6 +168,27 @@ class NoiseObjective:
             region_after={r.id: est.region_value(k, scales) for k, r in enumerate(regions)},
             skips=skips,
         )
+
+
+def observed_outputs(graph) -> list:
+    """The values the noise is measured at: each graph output whose channels the IR
+    knows, or else the nearest value before it that it knows (the logits before a final
+    Softmax, the features before a final Reshape or MatMul it does not translate): the
+    noise that reaches them reaches the output, and without a channel count no gain
+    reaches any layer."""
+    found, seen = [], set()
+    for out in graph.outputs:
+        value, steps = out, 0
+        while not value.channels and value.producer is not None and steps < 32:
+            inputs = value.producer.inputs
+            if not inputs:
+                break
+            value = next((v for v in inputs if v.channels), inputs[0])
+            steps += 1
+        if value.channels and value.name not in seen:
+            seen.add(value.name)
+            found.append(value)
+    return found
 
 
 def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.ndarray):

