@@ -14,6 +14,7 @@ __all__ = [
     "equalize_file",
     "equalize_model",
     "evaluate",
+    "evaluate_all",
     "load",
     "save",
 ]
@@ -21,8 +22,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # evaluate needs onnxruntime, which equalizing does not: imported on first use.
-    if name == "evaluate":
-        from ._evaluate import evaluate
+    if name in ("evaluate", "evaluate_all"):
+        from . import _evaluate
 
-        return evaluate
+        return getattr(_evaluate, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -54,6 +54,7 @@ from ._translate import default_opset
 __all__ = [
     "default_inputs",
     "evaluate",
+    "evaluate_all",
     "prepared",
     "run",
     "static_quantized",
@@ -78,13 +79,24 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or exc.__class__.__name__
 
 
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
 def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
-    # Basic optimizations keep QuantizeLinear / DequantizeLinear as float simulation
-    # instead of fusing them into integer kernels.
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # A quantized model runs with basic optimizations, which keep QuantizeLinear /
+    # DequantizeLinear as float simulation instead of fusing them into integer kernels.
+    # A float model (FP32, weights-only) runs with all of them: twice as fast on
+    # EfficientNet-Lite0, and its outputs agree with the basic level's to ~120 dB,
+    # float rounding far below any figure measured here.
+    quantized = any(n.op_type in _QDQ for n in model.graph.node)
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if quantized
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(
@@ -435,10 +447,12 @@ def evaluate_all(
     *,
     deployment: Deployment | None = None,
     calibration=None,
+    progress: Callable[[int, str], None] | None = None,
 ) -> list[dict[str, float]]:
     """:func:`evaluate` for each of ``candidates`` (None: ``fp32_model`` itself), with
     the inputs and the FP32 reference computed once. ``names``: of ``fp32_model`` and
     of each candidate, for the errors (default "the FP32 model", "candidate 1" ...).
+    ``progress(i, name)`` is called before candidate ``i`` is measured.
 
     Raises :class:`CLEError` for a candidate that does not take the FP32 model's inputs
     or give its output's shape, inputs that do not fit (:func:`feeds`), a first output
@@ -468,7 +482,9 @@ def evaluate_all(
             "the inputs; nothing to measure quantization against"
         )
     results = []
-    for candidate, name in zip(candidates, names[1:], strict=True):
+    for i, (candidate, name) in enumerate(zip(candidates, names[1:], strict=True)):
+        if progress is not None:
+            progress(i, name)
         model, name = (fp32_model, fp32_name) if candidate is None else (candidate, name)
         outputs = {"fp32": reference if candidate is None else run(model, inputs, batch, name)}
         if outputs["fp32"].shape != reference.shape:

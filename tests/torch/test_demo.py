@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 
 import pytest
 
@@ -17,32 +18,69 @@ import cle_core._quality as quality  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 
 
-def test_demo_writes_everything_and_shows_the_gain(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def few_images(monkeypatch):
+    """8 of the 120 evaluation images and 4 calibration crops."""
     few = quality.natural_images()[:8]
     monkeypatch.setattr(quality, "natural_images", lambda *a, **k: few)
     calibration = quality.calibration_images()[:4]
     monkeypatch.setattr(quality, "calibration_images", lambda *a, **k: calibration)
+
+
+def test_demo_writes_everything_and_shows_the_gain(tmp_path, few_images, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "PyTorch, CLE" in text and "ONNX (BNs kept), CLE" in text and "calibrated" in text
+    assert "PyTorch, CLE" in text and "ONNX (BNs kept), CLE" in text
+    assert "calibrated" not in text.split("pipeline")[1]  # the slow rows need --all
+    assert re.search(r"^done in \d+ s$", text, re.M)
     names = {p.name for p in out.iterdir()}
     assert {
-        "effnet_lite0.onnx",
+        "effnet_lite0_bn.onnx",
         "effnet_lite0_cle.onnx",
         "report_onnx.json",
         "report_torch.json",
         "results.txt",
         "results.json",
         "plots",
-    } <= names
+    } == names
     results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["BN folded, no CLE", "PyTorch, CLE", "ONNX (BNs kept), CLE"]
     base = results["BN folded, no CLE"]
-    for name in ("PyTorch, CLE", "ONNX (BNs kept), CLE", "ONNX (BNs folded), calibrated"):
+    for name in ("PyTorch, CLE", "ONNX (BNs kept), CLE"):
         r = results[name]
         assert r["fp32_sqnr"] > 80  # FP32 equivalence, dB
         assert r["w8_sqnr"] > base["w8_sqnr"] + 3  # the gain is visible
+        assert r["w8a8_sqnr"] > base["w8a8_sqnr"] + 3
     assert json.loads((out / "report_torch.json").read_text())["folds"]
+
+
+def test_demo_all_adds_the_slow_rows(tmp_path, few_images, monkeypatch):
+    """Every row of ``--all``, on a small MobileNetV2-style network (the rows, not the
+    gains, are under test here; Lite0's gains are the test above's)."""
+    from cle_torch import _demo, _examples
+    from tests.helpers.torch_models import mobilenet_v2
+
+    calls = []
+    monkeypatch.setattr(_demo, "CALIBRATION_IMAGES", 4)
+    monkeypatch.setattr(_examples, "efficientnet_lite0", lambda: mobilenet_v2()[0].eval())
+    text = _demo.run_demo(tmp_path, lambda stage, fraction: calls.append(stage), all_rows=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == [
+        "BN folded, no CLE",
+        "PyTorch, CLE",
+        "PyTorch, CLE, calibrated",
+        "PyTorch, CLE for W8 only",
+        "ONNX (BNs kept), CLE",
+        "ONNX (BNs folded), CLE",
+        "ONNX (BNs folded), calibrated",
+    ]
+    assert all(r["fp32_sqnr"] > 80 for r in list(results.values())[1:])
+    assert "first 4 images" in text and (tmp_path / "effnet_lite0.onnx").is_file()
+    # The progress bar names each row while it is measured.
+    for name in results:
+        assert f"quantizing with onnxruntime: {name}" in calls
+    assert not list(tmp_path.glob(".torch_*"))  # temporaries removed
 
 
 def test_demo_without_example_packages_says_how_to_install(monkeypatch, capsys, tmp_path):
