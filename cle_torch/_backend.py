@@ -22,9 +22,10 @@ from cle_core._verify import quality_key, split_inputs, verdict
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
-from ._capture import Capture, capture
+from ._capture import Capture
 from ._modules import NotInPlaceError
 from ._quantsim import evaluate_torch
+from ._translate import capture
 
 _BACKEND_OPTIONS = ("leaf_modules", "allow_training_mode", "allow_graph_module")
 

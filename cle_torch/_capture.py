@@ -1,11 +1,9 @@
-"""Capturing a model: trace it with torch.fx and translate the graph (see
-``_translate``); ``Site`` and ``Capture`` record where every IR node came from, for the
-write-back."""
+"""What a captured model is: ``Site`` and ``Capture`` record where every IR node came
+from, for the write-back (``_translate.capture`` traces a model with torch.fx and
+translates its graph into one)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +12,6 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, Graph
-
-from ._trace import (
-    check_eval,
-    trace,
-)
-
-log = logging.getLogger("cle_torch")
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -140,38 +131,3 @@ def _resolve_attr(cap: Capture, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-# --- translation ---------------------------------------------------------------------
-
-
-def capture(
-    model: nn.Module,
-    input_shapes: Any = None,
-    dummy_input: Any = None,
-    leaf_modules: Iterable[type | str] = (),
-    allow_training_mode: bool = False,
-) -> Capture:
-    """Trace ``model`` and translate it to the IR. Never modifies the model."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    check_eval(model, allow_training_mode)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta":
-            raise CLEError(
-                f"{name} is on the meta device (it has a shape but no values); load the "
-                "weights first, e.g. model.to_empty(device='cpu') and load_state_dict"
-            )
-    from ._translate import _Translator
-
-    graph, constants, temps = trace(model, leaf_modules, allow_training_mode)
-    cap = Capture(model, graph, Graph(type(model).__name__), temp_biases=temps, constants=constants)
-    _Translator(cap, (input_shapes, dummy_input)).run()
-    if cap.opaque_layers:
-        log.info(
-            "left %d Linear layer(s) opaque because their input rank is unknown (%s): pass "
-            "dummy_input or input_shapes",
-            len(cap.opaque_layers),
-            ", ".join(cap.opaque_layers[:5]),
-        )
-    return cap

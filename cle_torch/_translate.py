@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.padding import _ConstantPadNd
 
-from cle_core import CLEError, Layout, unique_name
+from cle_core import CLEError, Graph, Layout, unique_name
 
 from ._capture import Capture, Site, _input_shapes, _param_names
 from ._modules import PerChannelClamp
@@ -79,7 +79,9 @@ from ._trace import (
     CONVT_MODULES,
     DROPOUT_MODULES,
     MAXPOOL_MODULES,
+    check_eval,
     known_base,
+    trace,
 )
 
 log = logging.getLogger("cle_torch")
@@ -1023,3 +1025,33 @@ _METHODS = _table(
     }
 )
 del T
+
+
+def capture(
+    model: nn.Module,
+    input_shapes: Any = None,
+    dummy_input: Any = None,
+    leaf_modules: Iterable[type | str] = (),
+    allow_training_mode: bool = False,
+) -> Capture:
+    """Trace ``model`` and translate it to the IR. Never modifies the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    check_eval(model, allow_training_mode)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CLEError(
+                f"{name} is on the meta device (it has a shape but no values); load the "
+                "weights first, e.g. model.to_empty(device='cpu') and load_state_dict"
+            )
+    graph, constants, temps = trace(model, leaf_modules, allow_training_mode)
+    cap = Capture(model, graph, Graph(type(model).__name__), temp_biases=temps, constants=constants)
+    _Translator(cap, (input_shapes, dummy_input)).run()
+    if cap.opaque_layers:
+        log.info(
+            "left %d Linear layer(s) opaque because their input rank is unknown (%s): pass "
+            "dummy_input or input_shapes",
+            len(cap.opaque_layers),
+            ", ".join(cap.opaque_layers[:5]),
+        )
+    return cap

@@ -24,7 +24,7 @@ from cle_core import CLEError, NonFiniteError  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 from cle_core._quality import sqnr_db  # noqa: E402
 from cle_torch._calibrate import calibration_stats  # noqa: E402
-from cle_torch._capture import capture  # noqa: E402
+from cle_torch._translate import capture  # noqa: E402
 from tests.helpers import onnx_models as om  # noqa: E402
 from tests.helpers import torch_models as tm  # noqa: E402
 

@@ -270,7 +270,7 @@ def test_custom_convs_are_called_as_modules_in_the_graph_module():
 
 
 def test_every_functional_pattern_is_translated():
-    from cle_torch._capture import capture
+    from cle_torch._translate import capture
 
     cap = capture(tm.Functions().eval(), input_shapes=(2, 3, 8, 8))
     ops = [n.op for n in cap.ir.nodes]
