@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, EqualizeResult, Node, NonFiniteError, unique_name
-from cle_core._math import fit_dtype
+from cle_core.toolkit import fit_dtype
 
 from ._capture import Capture, Site
 from ._modules import NotInPlaceError, PerChannelClamp
@@ -218,7 +218,7 @@ def _new_tensor(arr: np.ndarray, like: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def _cast(arr: np.ndarray, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """A CPU tensor of ``dtype`` (see :func:`cle_core._math.fit_dtype`); bfloat16, which
+    """A CPU tensor of ``dtype`` (see :func:`cle_core.toolkit.fit_dtype`); bfloat16, which
     NumPy lacks, goes through float32 and is checked after the conversion."""
     np_dtype = _NUMPY_DTYPES.get(dtype)
     if np_dtype is not None:

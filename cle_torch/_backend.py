@@ -18,7 +18,7 @@ from cle_core import (
     Translated,
     equalize,
 )
-from cle_core._verify import quality_key, split_inputs, verdict
+from cle_core.toolkit import quality_key, split_inputs, verdict
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats

@@ -1,5 +1,5 @@
 """Calibration statistics: run the captured graph on a few inputs and measure, per IR
-value, what the noise objective would otherwise estimate (see cle_core._stats).
+value, what the noise objective would otherwise estimate (see cle_core.toolkit.ChannelStats).
 
 Calibration never changes the caller's model: the graph runs, without gradients, on a
 copy of the module tree in eval mode (batch norms use and keep their running
@@ -18,8 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, NonFiniteError
-from cle_core._quality import check_real_dtype, non_finite_name
-from cle_core._stats import ChannelStats, StatsAccumulator
+from cle_core.toolkit import ChannelStats, StatsAccumulator, check_real_dtype, non_finite_name
 
 from ._capture import Capture, _resolve_attr
 from ._quantsim import _device

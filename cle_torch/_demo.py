@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from cle_core import CLEError
-from cle_core._files import write_atomic
+from cle_core.toolkit import write_atomic, write_plots
 
 CALIBRATION_IMAGES = 40
 """Images ``quantize_static`` calibrates on. Measured on the demo's models: calibrating
@@ -145,8 +145,6 @@ def run_demo(out_dir: str | Path, progress=None, all_rows: bool = False) -> str:
     write_atomic(out / "report_onnx.json", onnx_report.to_json(indent=1))
     write_atomic(out / "report_torch.json", torch_report.to_json(indent=1))
     try:
-        from cle_core._plots import write_plots
-
         plots = write_plots(onnx_report, out / "plots")
     except ImportError as exc:
         plot_note = f"plots skipped: {exc}"
@@ -225,8 +223,7 @@ def add_command(subparsers) -> None:
 
 
 def _command(args) -> int:
-    from cle_core._cli import Progress, UsageError
-    from cle_core._files import check_output_path
+    from cle_core.toolkit import Progress, UsageError, check_output_path
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -40,7 +40,7 @@ def export_onnx(
 
     import torch
 
-    from cle_core._files import write_atomic
+    from cle_core.toolkit import write_atomic
 
     dummy = torch.zeros(1, 3, size, size)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

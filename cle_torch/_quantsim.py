@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from cle_core import Deployment
-from cle_core._deployment import deployment_of
-from cle_core._quality import compare_outputs, natural_images, quantization_grid, quantize_array
+from cle_core.quality import compare_outputs, natural_images, quantization_grid, quantize_array
+from cle_core.toolkit import deployment_of
 
 __all__ = ["evaluate_torch"]
 
@@ -158,7 +158,7 @@ def evaluate_torch(
     its Conv/ConvTranspose/Linear weights are fake-quantized with min/max grids (per
     tensor, or per output channel: axis 0, 1 for ConvTranspose), as ``deployment``
     (default: :class:`cle_core.Deployment`, symmetric weights per tensor, asymmetric
-    activations) or the older keywords say (see :func:`cle_core._deployment.deployment_of`).
+    activations) or the older keywords say (see :func:`cle_core.toolkit.deployment_of`).
     With activations quantized, input 0 of each such module is also fake-quantized per
     tensor by a forward pre-hook, with ranges calibrated in a first pass over
     ``calibration`` (default: ``inputs``) on the weight-quantized copy. Everything runs on float32

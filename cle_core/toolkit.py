@@ -1,0 +1,82 @@
+"""What a backend or a plugin command builds on, public and stable: the services the
+built-in backends use from the core, so that no package reaches into another's private
+modules (a test holds every package of this project to that).
+
+Files (crash-safe writes, see ``docs/safety.rst``):
+
+- :func:`write_atomic`, :func:`check_output_path`, :func:`temp_folder`;
+- :func:`staged`, :func:`commit`, :func:`discard`, :func:`file_mode`, :func:`folder_of`,
+  :func:`remove_stale_temps`: the pieces :func:`write_atomic` is made of, for a backend
+  that writes several files as one (the ONNX backend's external data).
+
+Inputs and statistics:
+
+- :func:`check_real_dtype`, :func:`check_finite`, :func:`is_float_dtype`,
+  :func:`non_finite_name`: the refusals every calibration input goes through;
+- :func:`load_array`, :func:`load_inputs`: ``.npy`` / ``.npz`` files and folders of
+  images as the command line reads them;
+- :class:`ChannelStats`, :class:`StatsAccumulator`: per-channel statistics of measured
+  tensors, which ``Backend.calibration_stats`` returns.
+
+Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype, refused
+where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
+legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
+:func:`verdict` (``verify=``: measure the original and the result, keep the better).
+
+Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
+line), :func:`write_plots`.
+"""
+
+from ._cli._common import Progress, UsageError
+from ._deployment import deployment_of
+from ._files import (
+    check_output_path,
+    commit,
+    discard,
+    file_mode,
+    folder_of,
+    remove_stale_temps,
+    staged,
+    temp_folder,
+    write_atomic,
+)
+from ._math import fit_dtype
+from ._plots import write_plots
+from ._quality import (
+    check_finite,
+    check_real_dtype,
+    is_float_dtype,
+    load_array,
+    load_inputs,
+    non_finite_name,
+)
+from ._stats import ChannelStats, StatsAccumulator
+from ._verify import quality_key, split_inputs, verdict
+
+__all__ = [
+    "ChannelStats",
+    "Progress",
+    "StatsAccumulator",
+    "UsageError",
+    "check_finite",
+    "check_output_path",
+    "check_real_dtype",
+    "commit",
+    "deployment_of",
+    "discard",
+    "file_mode",
+    "fit_dtype",
+    "folder_of",
+    "is_float_dtype",
+    "load_array",
+    "load_inputs",
+    "non_finite_name",
+    "quality_key",
+    "remove_stale_temps",
+    "split_inputs",
+    "staged",
+    "temp_folder",
+    "verdict",
+    "write_atomic",
+    "write_plots",
+]
