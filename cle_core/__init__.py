@@ -9,6 +9,7 @@ from . import hookspecs
 from ._backend import (
     ENTRY_POINT_GROUP,
     Backend,
+    FileBackend,
     Translated,
     equalize_model,
     get_backend,
@@ -59,6 +60,7 @@ __all__ = [
     "EqualizeOptions",
     "EqualizeResult",
     "ExecutionError",
+    "FileBackend",
     "FoldRecord",
     "Graph",
     "HighBiasRecord",

@@ -18,6 +18,7 @@ from ._equalize import equalize
 from ._errors import CLEError, UnsupportedModelError
 from ._files import check_output_path, write_atomic
 from ._ir import Graph
+from ._quality import load_array
 from ._report import EqualizeOptions, EqualizeResult, Report
 
 ENTRY_POINT_GROUP = "cle.backends"
@@ -38,7 +39,9 @@ class Translated:
 
 
 class Backend(ABC):
-    """Translates one model format to the IR and writes an equalization result back.
+    """Translates one model format to the IR and writes an equalization result back:
+    the translation contract, all the Python API needs (:class:`FileBackend` adds what
+    the command line needs).
 
     Backends hold no CLE math: :meth:`to_ir` copies parameters into a
     :class:`~cle_core.Graph` (arrays the core may replace), :meth:`apply` writes the
@@ -85,10 +88,18 @@ class Backend(ABC):
         result = equalize(translated.graph, options, progress, stats)
         return self.apply(model, result, **extra, **backend_options), result.report
 
-    # --- model files, for the command line (all optional) ------------------------------
-    # A backend that reads files answers the ``cle_backend_for_file`` hook and implements
-    # ``load`` and ``save``; the rest have defaults built on them, or say in one
-    # :class:`CLEError` that the backend does not offer them.
+
+class FileBackend(Backend):
+    """A :class:`Backend` that the command line can use: the file and command services
+    on top of the translation contract. A backend that answers the
+    ``cle_backend_for_file`` hook is one; it implements :meth:`load` and :meth:`save`,
+    and the rest have defaults built on them and on :meth:`Backend.run`, or say in one
+    :class:`CLEError` that the backend does not offer them. Every default goes through
+    :meth:`open_file`, so that a file reaches the IR the way the Python API's models do.
+    """
+
+    suffixes: tuple[str, ...] = ()
+    """The file suffixes the backend reads (``(".onnx",)``), for messages to users."""
 
     def load(self, path: Path) -> Any:
         """Read the model file ``path``; a :class:`CLEError` if it is missing or corrupt."""
@@ -97,6 +108,12 @@ class Backend(ABC):
     def save(self, model: Any, file: BinaryIO) -> None:
         """Write ``model`` into the open binary ``file`` (the caller makes it atomic)."""
         raise UnsupportedModelError(f"the {self.name} backend writes no model files")
+
+    def open_file(self, path: Path) -> tuple[Any, dict[str, Any]]:
+        """The model in ``path`` and the backend options :meth:`Backend.run` gets for it
+        (by default :meth:`load` and none; the ONNX backend leaves external data on disk
+        and says where it is)."""
+        return self.load(Path(path)), {}
 
     def equalize_file(
         self,
@@ -107,24 +124,25 @@ class Backend(ABC):
         calibration: Any = None,
     ) -> tuple[Report, list[Path]]:
         """Equalize the file ``src`` into ``dst`` (which may be ``src``); returns the
-        report and the files written. By default: load, check the output path,
-        equalize, apply, then write ``dst`` atomically."""
-        model = self.load(Path(src))
+        report and the files written. By default: :meth:`open_file`, check the output
+        path, :meth:`Backend.run`, then write ``dst`` atomically with :meth:`save`."""
+        model, backend_options = self.open_file(Path(src))
         check_output_path(dst)
-        new, report = self.run(model, options, calibration, progress)
+        new, report = self.run(model, options, calibration, progress, **backend_options)
         return report, [write_atomic(dst, lambda f: self.save(new, f))]
 
     def inspect_file(self, src: Path, options: EqualizeOptions) -> Report:
-        """What equalizing ``src`` would do (nothing is written)."""
-        translated = self.to_ir(self.load(Path(src)))
+        """What equalizing ``src`` would do (nothing is written): :meth:`open_file`,
+        :meth:`Backend.to_ir` and :func:`cle_core.equalize`, as :meth:`Backend.run`
+        would, without the write-back."""
+        model, backend_options = self.open_file(Path(src))
+        translated = self.to_ir(model, **backend_options)
         graph = translated.graph if isinstance(translated, Translated) else translated
         return equalize(graph, options).report
 
     def read_inputs(self, spec: Path, src: Path) -> Any:
         """Inputs for the model in ``src`` from ``spec`` (``--calibration``, ``--inputs``):
         by default a ``.npy`` array."""
-        from ._quality import load_array
-
         return load_array(spec)
 
     def check_feeds(self, src: Path, dims: dict[str, int]) -> Any:
@@ -369,12 +387,14 @@ def _dist_name(dist: Distribution) -> str:
         return str(getattr(dist, "_path", "?"))
 
 
-def _ask(hook: str, about: str, **kwargs: Any) -> tuple[Backend | None, list[str]]:
+def _ask(
+    hook: str, about: str, kind: type[Backend] = Backend, **kwargs: Any
+) -> tuple[Backend | None, list[str]]:
     """The first backend that a plugin, asked in claim order, returns for ``hook``; and
     the plugins that failed on the way. A :class:`CLEError` from a hook is its answer
     ("mine, but it cannot be read": the ONNX backend without onnx) and propagates; any
-    other exception, or an answer that is not a :class:`Backend`, is a bug of that plugin:
-    it is skipped with a warning, and the next one is asked."""
+    other exception, or an answer that is not a ``kind``, is a bug of that plugin: it is
+    skipped with a warning, and the next one is asked."""
     failed = []
     for name, _ in plugins():
         try:
@@ -391,11 +411,13 @@ def _ask(hook: str, about: str, **kwargs: Any) -> tuple[Backend | None, list[str
         for answer in answers:
             if answer is None:
                 continue
-            if isinstance(answer, Backend):
+            if isinstance(answer, kind):
                 return answer, failed
-            kind = type(answer).__name__
-            warn(f"{plugin_label(name)} returned {kind}, not a cle_core.Backend, for {about}")
-            failed.append(f"{name} (returned {kind})")
+            got = type(answer).__name__
+            warn(
+                f"{plugin_label(name)} returned {got}, not a cle_core.{kind.__name__}, for {about}"
+            )
+            failed.append(f"{name} (returned {got})")
     return None, failed
 
 
@@ -425,11 +447,11 @@ def _registered(failed: list[str]) -> str:
     return text
 
 
-def get_backend_for_file(path: str | Path) -> Backend:
+def get_backend_for_file(path: str | Path) -> FileBackend:
     """The backend that reads the model file ``path`` (by suffix or content);
     :class:`UnsupportedModelError` if none does. Plugins are asked in claim order
     (:func:`plugins`)."""
-    backend, failed = _ask("cle_backend_for_file", str(path), path=Path(path))
+    backend, failed = _ask("cle_backend_for_file", str(path), FileBackend, path=Path(path))
     if backend is None:
         raise UnsupportedModelError(
             f"{path}: no CLE backend reads this file ({_registered(failed)})"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from ._backend import Backend
+    from ._backend import Backend, FileBackend
 
 PROJECT_NAME = "cle"
 
@@ -52,8 +52,8 @@ def cle_backend_for(model: Any) -> Backend | None:
 
 
 @hookspec(firstresult=True)
-def cle_backend_for_file(path: Path) -> Backend | None:
-    """Return a :class:`cle_core.Backend` that reads and writes the model file ``path``
+def cle_backend_for_file(path: Path) -> FileBackend | None:
+    """Return a :class:`cle_core.FileBackend` that reads and writes the model file ``path``
     (judged by its suffix or its first bytes), else None. The command line finds
     backends through this hook. Must be cheap, and fails like :func:`cle_backend_for`
     (raise a ``CLEError`` for a file that is yours but cannot be read: the ONNX backend

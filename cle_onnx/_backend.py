@@ -11,10 +11,10 @@ import onnx
 from onnx import numpy_helper
 
 from cle_core import (
-    Backend,
     CLEError,
     EqualizeOptions,
     EqualizeResult,
+    FileBackend,
     Report,
     Translated,
     equalize,
@@ -25,7 +25,7 @@ from cle_core._verify import quality_key, split_inputs, verdict
 from . import _commands, _io
 from ._apply import apply
 from ._calibrate import calibration_stats
-from ._translate import Translation, restore, to_ir
+from ._translate import Translation, to_ir
 
 
 def _inline(model: onnx.ModelProto, pending: dict) -> None:
@@ -65,15 +65,28 @@ class _State:
     tr: Translation
 
 
+@dataclass
+class Streamed:
+    """What :meth:`OnnxBackend.apply` returns with ``stream=True``: the equalized proto,
+    whose unchanged external tensors still live in the source's data files, and the
+    arrays of the external tensors that changed, for :func:`equalize_file` to stream
+    into the new data file (the weights are never held twice)."""
+
+    model: onnx.ModelProto
+    pending: dict
+
+
 def _dir(base_dir: str | os.PathLike | None) -> str | None:
     return None if base_dir is None else str(base_dir)
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(FileBackend):
     """Translates ``onnx.ModelProto`` to the IR and writes results back.
 
     Options: ``inplace`` (write into the given proto instead of a copy, once everything
-    succeeded), ``base_dir`` (the folder external data is relative to).
+    succeeded), ``base_dir`` (the folder external data is relative to), ``owned`` (the
+    proto is handed over: translated without a copy), ``stream`` (return a
+    :class:`Streamed` with external tensors left on disk, for writing a file).
     """
 
     name = "onnx"
@@ -84,6 +97,7 @@ class OnnxBackend(Backend):
         inplace: bool = False,
         base_dir: str | os.PathLike | None = None,
         owned: bool = False,
+        stream: bool = False,
         **options: Any,
     ) -> Translated:
         """Translate a working copy of ``model`` (``model`` itself with ``owned=True``: a
@@ -102,13 +116,17 @@ class OnnxBackend(Backend):
         inplace: bool = False,
         base_dir: str | os.PathLike | None = None,
         owned: bool = False,
+        stream: bool = False,
         state: _State | None = None,
         **options: Any,
-    ) -> onnx.ModelProto:
+    ) -> onnx.ModelProto | Streamed:
         _no_options(options)
         if state is None:
             raise ValueError("apply() needs the state to_ir() returned")
-        _inline(state.work, apply(state.work, state.tr, result))
+        pending = apply(state.work, state.tr, result)
+        if stream:
+            return Streamed(state.work, pending)
+        _inline(state.work, pending)
         if not inplace or state.work is model:
             return state.work
         model.CopyFrom(state.work)  # every check passed: only now is the caller's proto touched
@@ -143,11 +161,28 @@ class OnnxBackend(Backend):
     def save(self, model: onnx.ModelProto, file) -> None:
         file.write(model.SerializeToString())
 
-    def equalize_file(self, src, dst, options, progress=None, calibration=None):
-        return equalize_file(src, dst, options, progress=progress, calibration=calibration)
+    def open_file(self, path: Path) -> tuple[onnx.ModelProto, dict]:
+        # External data stays on disk: the translation memory-maps it from base_dir.
+        return _io.load(path), {"base_dir": Path(path).parent, "owned": True}
 
-    def inspect_file(self, src, options):
-        return _commands.inspect_file(src, options)
+    def equalize_file(self, src, dst, options, progress=None, calibration=None):
+        """See :func:`equalize_file`: :meth:`run` on the file's proto, external data
+        streamed."""
+        src, dst = Path(src), Path(dst)
+        model, backend_options = self.open_file(src)
+        reads = _io.files_read(model, src)
+        check_output_path(dst)
+        same = os.path.realpath(dst) == os.path.realpath(src)
+        if not same and Path(os.path.realpath(dst)) in reads:
+            raise CLEError(
+                f"{dst} is an external data file of {src}; writing it would destroy the input"
+            )
+        new, report = self.run(
+            model, options, calibration, progress, stream=True, **backend_options
+        )
+        keep = set() if same else reads
+        files = _io.save(new.model, dst, str(src.parent), new.pending, avoid=reads, keep=keep)
+        return report, files
 
     def read_inputs(self, spec, src):
         return _commands.read_inputs(spec, src)
@@ -246,19 +281,6 @@ def _verified(model, folded, new, report, options, calibration, inplace: bool):
     return chosen, report
 
 
-def _equalize(
-    model, options: EqualizeOptions, base_dir: str | None, progress=None, statistics=None
-) -> tuple[EqualizeResult, Translation]:
-    """Translate (taking ownership of ``model``'s weight bytes) and equalize; on failure
-    the bytes are put back."""
-    graph, tr = to_ir(model, take_ownership=True, base_dir=base_dir)
-    try:
-        return equalize(graph, options, progress, statistics), tr
-    except BaseException:
-        restore(model, tr)
-        raise
-
-
 def equalize_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -283,21 +305,5 @@ def equalize_file(
         CLEError: ``dst`` would overwrite a data file that ``src`` reads; any other
             bad input.
     """
-    src, dst = Path(src), Path(dst)
-    model = _io.load(src)
-    reads = _io.files_read(model, src)
-    check_output_path(dst)
-    same = os.path.realpath(dst) == os.path.realpath(src)
-    if not same and Path(os.path.realpath(dst)) in reads:
-        raise CLEError(
-            f"{dst} is an external data file of {src}; writing it would destroy the input"
-        )
-    stats = None
-    if calibration is not None:
-        stats = calibration_stats(_io.load(src, external_data=True), calibration)
-    result, tr = _equalize(model, options or EqualizeOptions(), str(src.parent), progress, stats)
-    pending = apply(model, tr, result)
-    files = _io.save(
-        model, dst, str(src.parent), pending, avoid=reads, keep=set() if same else reads
-    )
-    return result.report, files
+    options = options or EqualizeOptions()
+    return OnnxBackend().equalize_file(src, dst, options, progress, calibration)

@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from cle_core import CLEError, EqualizeOptions, Report, equalize
+from cle_core import CLEError
 from cle_core._quality import load_inputs, sqnr_db
 
 from . import _io
 from ._calibrate import data_inputs, feeds
-from ._translate import np_dtype, to_ir
+from ._translate import np_dtype
 
 
 def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
@@ -237,12 +237,6 @@ def read_inputs(spec: Path, src: Path) -> np.ndarray:
     if len(data_inputs(model)) == 1:  # else feeds() asks for a dict, which no file gives
         feeds(model, inputs, f"data in {spec}")
     return inputs
-
-
-def inspect_file(src: Path, options: EqualizeOptions) -> Report:
-    """What equalizing ``src`` would do; its external data is read, never loaded whole."""
-    graph, _ = to_ir(_io.load(src), base_dir=str(Path(src).parent))
-    return equalize(graph, options).report
 
 
 def evaluate_files(paths: list[Path], inputs, **quantization):

@@ -245,7 +245,7 @@ def claiming(name: str, suffix: str = "", tryfirst: bool = False) -> str:
     return f"""
         import cle_core
 
-        class Claimer(cle_core.Backend):
+        class Claimer(cle_core.FileBackend):
             name = {name!r}
 
             def to_ir(self, model, **options):
@@ -400,6 +400,24 @@ def test_a_hook_that_returns_no_backend_is_skipped(install, caplog):
         assert isinstance(cle_core.get_backend(make_mlp()), ToyBackend)
     [warning] = warnings_of(caplog)
     assert "'odd'" in warning and "returned str, not a cle_core.Backend" in warning
+
+
+def test_a_file_hook_must_return_a_backend_with_file_services(install, caplog, tmp_path):
+    # The translation contract is all the Python API needs; the command line needs the
+    # file services of a FileBackend too.
+    install("toy-cle-backend", {"toy": "tests.helpers.toy_backend"}, folder="toy")
+    bare = (
+        "import cle_core\n\nclass Bare(cle_core.Backend):\n"
+        "    def to_ir(self, model, **o):\n        raise NotImplementedError\n"
+        "    def apply(self, model, result, **o):\n        return model\n\n"
+        "@cle_core.hookimpl\ndef cle_backend_for_file(path):\n    return Bare()\n"
+    )
+    install("bare-plugin", {"bare": "cle_bare_plugin"}, {"cle_bare_plugin": bare})
+    get_plugin_manager(reload=True)
+    with caplog.at_level("WARNING", logger="cle_core"):
+        assert isinstance(get_backend_for_file(tmp_path / "m.toy"), ToyBackend)
+    [warning] = warnings_of(caplog)
+    assert "'bare'" in warning and "returned Bare, not a cle_core.FileBackend" in warning
 
 
 def test_a_cle_error_from_a_hook_reaches_the_user(install, tmp_path):

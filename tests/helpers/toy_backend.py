@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import cle_core
-from cle_core import Backend, CLEError, Graph, Layout, UnsupportedModelError
+from cle_core import CLEError, FileBackend, Graph, Layout, UnsupportedModelError
 
 
 @dataclass
@@ -39,8 +39,9 @@ class ToyMLP:
         return x
 
 
-class ToyBackend(Backend):
+class ToyBackend(FileBackend):
     name = "toy"
+    suffixes = (".toy",)
 
     def to_ir(self, model: ToyMLP, **options: Any) -> Graph:
         if options:

@@ -91,17 +91,17 @@ def test_check_fails_with_exit_1_when_the_output_differs(tmp_path, monkeypatch, 
     onnx.save(om.conv_pair("relu"), str(src))
     import cle_onnx._backend as onnx_backend
 
-    real = cle_onnx.equalize_file
+    real = onnx_backend.OnnxBackend.equalize_file
 
-    def wrong(src_, dst_, options=None, **kwargs):
-        report, files = real(src_, dst_, options, **kwargs)
+    def wrong(self, src_, dst_, options=None, *args, **kwargs):
+        report, files = real(self, src_, dst_, options, *args, **kwargs)
         model = onnx.load(str(dst_))
         w = model.graph.initializer[0]
         w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
         onnx.save(model, str(dst_))
         return report, files
 
-    monkeypatch.setattr(onnx_backend, "equalize_file", wrong)  # what the CLI's backend calls
+    monkeypatch.setattr(onnx_backend.OnnxBackend, "equalize_file", wrong)  # what the CLI calls
     assert main(["equalize", str(src), "-o", str(dst), "--check"]) == 1
     out, err = capsys.readouterr()
     assert "FAILED" in out and "check failed" in err
