@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .._backend import get_backend_for_file
+from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
 from .._files import check_output_path, write_atomic
 from .._report import Report
 from .._verify import quality_key, split_inputs, verdict
@@ -17,7 +18,6 @@ from ._common import (
     UsageError,
     add_cle_options,
     cle_options,
-    fmt_db,
     input_spec,
     parse_dims,
 )
@@ -161,17 +161,10 @@ def run(args) -> int:
             print(f"wrote {path}")
     if feeds is not None:
         failed = 0
-        for name, sqnr, max_abs, max_rel, dtype, before in backend.compare(src, dst, feeds):
-            threshold = _threshold(args.check_db, dtype)
-            bad = check_failed(sqnr, before, threshold)
+        for check in backend.compare(src, dst, feeds):
+            bad = check_failed(check, args.check_db)
             failed += bad
-            extra = "" if before is None else f"; before the final {before[0]}: "
-            extra += "" if before is None else f"{fmt_db(before[1]).strip()} dB"
-            print(
-                f"check: output {name!r}: SQNR {fmt_db(sqnr).strip()} dB "
-                f"(max abs error {max_abs:.3e}, relative {max_rel:.3e}{extra}; threshold "
-                f"{threshold:g} dB) {'FAILED' if bad else 'ok'}"
-            )
+            print("\n".join(format_check(check, args.check_db, bad)))
         if failed:
             print(
                 f"cle: check failed: {failed} output(s) differ from the original beyond "
@@ -210,7 +203,64 @@ def _plots(report: Report, directory: str) -> list[Path]:
         raise UsageError(str(exc)) from None
 
 
-def check_failed(sqnr: float, before, threshold: float) -> bool:
-    """An output fails ``--check`` below ``threshold`` dB, unless it comes out of a
-    saturating activation whose input (``before``: ``(op, SQNR dB)``) agrees."""
-    return sqnr < threshold and (before is None or before[1] < threshold)
+def check_failed(check: OutputCheck, check_db: float | None = None) -> bool:
+    """Whether an output fails ``--check``: one of its probes (or, without probes, the
+    output itself) is below its threshold (``check_db``, or the default for its dtype),
+    unless it comes out of a saturating activation whose input is not."""
+    if check.probes:
+        return not all(
+            figure_passes(p.sqnr, p.before, _threshold(check_db, p.dtype)) for p in check.probes
+        )
+    return not figure_passes(check.sqnr, check.before, _threshold(check_db, check.dtype))
+
+
+def format_check(check: OutputCheck, check_db: float | None, bad: bool) -> list[str]:
+    """The ``--check`` lines of one output: its own figures, then, behind a
+    discontinuous operation, one indented line per value it is judged on."""
+    verdict = "FAILED" if bad else "ok"
+    if check.shapes is not None:
+        own = f"shape {check.shapes[1]}, the original's {check.shapes[0]}"
+    else:
+        own = (
+            f"SQNR {fmt_sqnr(check.sqnr)} (max abs error {check.max_abs:.3e}, "
+            f"relative {check.max_rel:.3e}"
+        )
+    head = f"check: output {check.name!r}: "
+    if check.probes:
+        if check.shapes is None:
+            own += ")"
+        lines = [f"{head}{own}, behind a discontinuous op: judged before it, {verdict}"]
+        for p in check.probes:
+            label = f"{p.value!r}, input of {p.op} {p.node!r}"
+            lines.append("  " + _figure(label, p, _threshold(check_db, p.dtype)))
+        return lines
+    threshold = _threshold(check_db, check.dtype)
+    before = check.before
+    if check.sqnr < threshold and before is not None and before[1] >= threshold:
+        # Say which figure passed: "33 dB ... ok" would read as passing an 80 dB threshold.
+        return [
+            f"{head}judged on the input of the final {before[0]}: {fmt_sqnr(before[1])} >= "
+            f"{threshold:g} dB ok; the output itself: {own}; saturation turns float "
+            "rounding into relative error)"
+        ]
+    if before is not None and check.sqnr < threshold:
+        own += f"; the input of the final {before[0]}: {fmt_sqnr(before[1])}"
+    if check.shapes is None:
+        own += f"; threshold {threshold:g} dB)"
+    return [f"{head}{own} {verdict}"]
+
+
+def _figure(label: str, probe: Probe, threshold: float) -> str:
+    """One judged value against ``threshold``, naming the figure that decides."""
+    if probe.sqnr >= threshold:
+        return f"{label}: SQNR {fmt_sqnr(probe.sqnr)} >= {threshold:g} dB ok"
+    if probe.before is not None and probe.before[1] >= threshold:
+        return (
+            f"{label}: judged on the input of the {probe.before[0]} making it: "
+            f"{fmt_sqnr(probe.before[1])} >= {threshold:g} dB ok; the value itself: "
+            f"{fmt_sqnr(probe.sqnr)} (saturation turns float rounding into relative error)"
+        )
+    text = f"{label}: SQNR {fmt_sqnr(probe.sqnr)} < {threshold:g} dB"
+    if probe.before is not None:
+        text += f", the input of the {probe.before[0]} making it: {fmt_sqnr(probe.before[1])}"
+    return text + " FAILED"
