@@ -84,9 +84,7 @@ def find_probes(graph: onnx.GraphProto) -> dict[str, list[tuple[str, str, str]]]
         ):
             constant.update(node.output)
             continue
-        jump = any(
-            i < len(node.input) and node.input[i] not in constant for i in _jumps(node)
-        )
+        jump = any(i < len(node.input) and node.input[i] not in constant for i in _jumps(node))
         if jump or any(u in tainted for u in ins):
             tainted.update(node.output)
     probes = {}
@@ -99,15 +97,15 @@ def find_probes(graph: onnx.GraphProto) -> dict[str, list[tuple[str, str, str]]]
         while stack:
             node = producer[stack.pop()]
             label = node.name or node.output[0]
-            # Reversed so that the first input is visited first: the probes come in the
-            # order of the node's inputs.
-            for u in reversed(node.input):
+            deeper = []
+            for u in node.input:
                 if u in seen or u in constant or u in inputs:
                     continue
                 seen.add(u)
                 if u in tainted:
-                    stack.append(u)
+                    deeper.append(u)
                 elif u in producer:
                     found[u] = (u, node.op_type, label)
+            stack.extend(reversed(deeper))  # the first input's ancestors first
         probes[out.name] = list(found.values())
     return probes

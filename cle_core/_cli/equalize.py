@@ -218,18 +218,18 @@ def format_check(check: OutputCheck, check_db: float | None, bad: bool) -> list[
     """The ``--check`` lines of one output: its own figures, then, behind a
     discontinuous operation, one indented line per value it is judged on."""
     verdict = "FAILED" if bad else "ok"
-    if check.shapes is not None:
-        own = f"shape {check.shapes[1]}, the original's {check.shapes[0]}"
-    else:
-        own = (
-            f"SQNR {fmt_sqnr(check.sqnr)} (max abs error {check.max_abs:.3e}, "
-            f"relative {check.max_rel:.3e}"
-        )
     head = f"check: output {check.name!r}: "
+    if check.shapes is not None:
+        own, notes = f"shape {check.shapes[1]}", [f"the original's shape {check.shapes[0]}"]
+    else:
+        own = f"SQNR {fmt_sqnr(check.sqnr)}"
+        notes = [f"max abs error {check.max_abs:.3e}, relative {check.max_rel:.3e}"]
     if check.probes:
-        if check.shapes is None:
-            own += ")"
-        lines = [f"{head}{own}, behind a discontinuous op: judged before it, {verdict}"]
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        lines = [
+            f"{head}{own}{detail} behind discontinuous ops; judged on the values before "
+            f"them: {verdict}"
+        ]
         for p in check.probes:
             label = f"{p.value!r}, input of {p.op} {p.node!r}"
             lines.append("  " + _figure(label, p, _threshold(check_db, p.dtype)))
@@ -238,16 +238,15 @@ def format_check(check: OutputCheck, check_db: float | None, bad: bool) -> list[
     before = check.before
     if check.sqnr < threshold and before is not None and before[1] >= threshold:
         # Say which figure passed: "33 dB ... ok" would read as passing an 80 dB threshold.
+        notes.append("saturation turns float rounding into relative error")
         return [
             f"{head}judged on the input of the final {before[0]}: {fmt_sqnr(before[1])} >= "
-            f"{threshold:g} dB ok; the output itself: {own}; saturation turns float "
-            "rounding into relative error)"
+            f"{threshold:g} dB ok; the output itself: {own} ({'; '.join(notes)})"
         ]
     if before is not None and check.sqnr < threshold:
-        own += f"; the input of the final {before[0]}: {fmt_sqnr(before[1])}"
-    if check.shapes is None:
-        own += f"; threshold {threshold:g} dB)"
-    return [f"{head}{own} {verdict}"]
+        notes.append(f"the input of the final {before[0]}: {fmt_sqnr(before[1])}")
+    notes.append(f"threshold {threshold:g} dB")
+    return [f"{head}{own} ({'; '.join(notes)}) {verdict}"]
 
 
 def _figure(label: str, probe: Probe, threshold: float) -> str:
