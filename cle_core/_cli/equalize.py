@@ -50,7 +50,9 @@ def add_parser(sub) -> None:
         "--check",
         action="store_true",
         help="run original and result (onnxruntime for ONNX) on random inputs and print each "
-        "output's SQNR (result against original); exit 1 if one is below the threshold",
+        "output's SQNR (result against original), judging an output behind a discontinuous "
+        "op (TopK, NMS, ArgMax ...) on the values before it; exit 1 if one is below the "
+        "threshold",
     )
     eq.add_argument(
         "--check-db",
