@@ -185,6 +185,27 @@ def test_broken_equalization_of_a_detector_fails(detector, tmp_path, capsys, mon
     assert any(line.startswith("check: output 'selected'") for line in failed)
 
 
+def test_values_before_are_read_with_external_data(detector, tmp_path, capsys):
+    model = onnx.load(str(detector))
+    src = tmp_path / "det.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="det.data", size_threshold=0)
+    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check", "--quiet"]) == 0
+    assert "'scores', input of NonMaxSuppression 'nms'" in capsys.readouterr().out
+
+
+def test_a_large_model_is_judged_on_its_outputs(detector, tmp_path, capsys, monkeypatch):
+    # Above the size limit nothing is added to the graph's outputs (memory), so the
+    # swapped boxes count: the documented cost of the limit.
+    from cle_onnx import _commands
+
+    monkeypatch.setattr(_commands, "_PROBE_BYTES", 0)
+    out = tmp_path / "o.onnx"
+    assert main(["equalize", str(detector), "-o", str(out), "--check", "--quiet"]) == 1
+    text = capsys.readouterr().out
+    assert "behind discontinuous ops" not in text
+    assert "check: output 'top_boxes': SQNR " in text and "FAILED" in text
+
+
 # --- where the probes are -----------------------------------------------------------------
 
 
@@ -314,3 +335,22 @@ def test_graph_inputs_and_constants_are_never_probes():
     # Both models get the same inputs: a discontinuity on them alone changes nothing.
     nodes = [helper.make_node("ArgMax", ["x"], ["y"]), helper.make_node("Round", ["w"], ["z"])]
     assert find_probes(_graph(nodes, ["y", "z"], _W)) == {"y": []}
+
+
+def test_the_verdict_on_an_output_behind_a_discontinuity_is_its_probes():
+    from cle_core import OutputCheck, Probe
+    from cle_core._cli import check_failed
+
+    inf = float("inf")
+    scores = Probe("s", "TopK", "t", 130.0, "float32")
+    # Swapped boxes do not fail it; equal indices do not pass it.
+    assert not check_failed(OutputCheck("b", 5.0, 1.0, 1.0, "float32", probes=(scores,)))
+    low = Probe("s", "TopK", "t", 70.0, "float32")
+    assert check_failed(OutputCheck("i", inf, 0.0, 0.0, "int64", probes=(scores, low)))
+    # Each probe has the threshold of its own dtype, or the one given.
+    half = Probe("h", "ArgMax", "a", 40.0, "float16")
+    assert not check_failed(OutputCheck("i", inf, 0.0, 0.0, "int64", probes=(half,)))
+    assert check_failed(OutputCheck("i", inf, 0.0, 0.0, "int64", probes=(half,)), 50.0)
+    # A probe made by a saturating activation passes on that activation's input.
+    saturated = Probe("p", "TopK", "t", 70.0, "float32", before=("Sigmoid", 120.0))
+    assert not check_failed(OutputCheck("v", 70.0, 0.0, 0.0, "float32", probes=(saturated,)))
