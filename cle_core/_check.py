@@ -34,10 +34,11 @@ class OutputCheck:
 
     ``sqnr`` (dB; ``-inf`` when the shapes differ), ``max_abs`` and ``max_rel`` (max
     error over max ``|original|``) measure the output itself; ``shapes`` is
-    ``(original, result)`` when they differ. ``before`` is ``(op, SQNR dB)`` of the
-    input of a saturating activation (Sigmoid, Softmax ...) that makes the output, or
-    None. ``probes`` are the values the output is judged on when it lies behind a
-    discontinuous operation; empty, the output is judged on itself."""
+    ``(original, result)`` when they differ; ``differing`` is ``(elements that differ,
+    elements)`` for an integer or bool output of the original's shape. ``before`` is
+    ``(op, SQNR dB)`` of the input of a saturating activation (Sigmoid, Softmax ...)
+    that makes the output, or None. ``probes`` are the values the output is judged on
+    when it lies behind a discontinuous operation; empty, it is judged on itself."""
 
     name: str
     sqnr: float
@@ -47,6 +48,7 @@ class OutputCheck:
     before: tuple[str, float] | None = None
     probes: tuple[Probe, ...] = ()
     shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    differing: tuple[int, int] | None = None
 
 
 def figure_passes(sqnr: float, before: tuple[str, float] | None, threshold: float) -> bool:
@@ -58,7 +60,7 @@ def figure_passes(sqnr: float, before: tuple[str, float] | None, threshold: floa
 
 def is_float(dtype: str) -> bool:
     """Whether ``dtype`` (a NumPy or ml_dtypes name) is a floating-point type."""
-    return dtype.startswith(("float", "bfloat")) or dtype in ("half", "double")
+    return dtype.startswith(("float", "bfloat"))
 
 
 def fmt_sqnr(x: float) -> str:

@@ -161,6 +161,7 @@ def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCh
                 before=None if name in probes else before(name),
                 probes=tuple(found),
                 shapes=None if ya.shape == yb.shape else (ya.shape, yb.shape),
+                differing=_differing(ya, yb),
             )
         )
     return results
@@ -169,6 +170,14 @@ def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCh
 def _sqnr(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     return sqnr_db(a, b) if a.shape == b.shape else -math.inf
+
+
+def _differing(ya: np.ndarray, yb: np.ndarray) -> tuple[int, int] | None:
+    """How many elements of an integer or bool output differ, of how many (None for a
+    float output, or when the shapes differ)."""
+    if is_float(ya.dtype.name) or ya.shape != yb.shape:
+        return None
+    return int(np.count_nonzero(ya != yb)), int(ya.size)
 
 
 def _errors(ya: np.ndarray, yb: np.ndarray) -> tuple[float, float]:

@@ -223,13 +223,16 @@ def format_check(check: OutputCheck, check_db: float | None, bad: bool) -> list[
     head = f"check: output {check.name!r}: "
     if check.shapes is not None:
         own, notes = f"shape {check.shapes[1]}", [f"the original's shape {check.shapes[0]}"]
+    elif check.differing is not None:
+        # An SQNR of indices or labels means nothing: say how many changed.
+        own, notes = f"{check.differing[0]} of {check.differing[1]} elements differ", []
     else:
         own = f"SQNR {fmt_sqnr(check.sqnr)}"
         notes = [f"max abs error {check.max_abs:.3e}, relative {check.max_rel:.3e}"]
     if check.probes:
         detail = f" ({'; '.join(notes)})" if notes else ""
         lines = [
-            f"{head}{own}{detail} behind discontinuous ops; judged on the values before "
+            f"{head}{own}{detail}, behind discontinuous ops; judged on the values before "
             f"them: {verdict}"
         ]
         for p in check.probes:
