@@ -109,22 +109,16 @@ def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCh
     first = models[0] or onnx.load(str(original), load_external_data=False)
     names = [o.name for o in first.graph.output]
     probes = find_probes(models[0].graph) if None not in models else {}
-    producer = {o: n for n in models[0].graph.node for o in n.output} if models[0] else {}
     # Every value measured (a graph output judged on itself, or a probe) that a
-    # saturating activation makes is also measured at the activation's input.
-    judged = [n for n in names if n not in probes] + [v for p in probes.values() for v, *_ in p]
-    saturating = {
-        v: (producer[v].op_type, producer[v].input[0])
-        for v in judged
-        if v in producer and producer[v].op_type in SATURATING
-    }
-    wanted = [v for v, *_ in (x for p in probes.values() for x in p)]
-    wanted += [inp for _, inp in saturating.values()]
+    # saturating activation makes is also measured at the activation's input, found in
+    # each model (the equalization may rename it).
+    probed = [v for p in probes.values() for v, *_ in p]
+    saturating = [_saturating(m, [n for n in names if n not in probes] + probed) for m in models]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     runs, available = [], None
-    for path, model in zip((original, equalized), models, strict=True):
-        runnable, got_extra = _exposing(path, model, wanted)
+    for path, model, sat in zip((original, equalized), models, saturating, strict=True):
+        runnable, got_extra = _exposing(path, model, probed + [i for _, i in sat.values()])
         available = got_extra if available is None else available & got_extra
         sess = ort.InferenceSession(runnable, opts, providers=["CPUExecutionProvider"])
         got = [o.name for o in sess.get_outputs()]
@@ -132,10 +126,10 @@ def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCh
     a, b = runs
 
     def before(value: str) -> tuple[str, float] | None:
-        if value not in saturating or saturating[value][1] not in available:
-            return None
-        op, inp = saturating[value]
-        return op, _sqnr(a[inp], b[inp])
+        (op, ia), (_, ib) = saturating[0].get(value, ("", "")), saturating[1].get(value, ("", ""))
+        if op and ia in a and ib in b:
+            return op, _sqnr(a[ia], b[ib])
+        return None
 
     results = []
     for name in names:
@@ -165,6 +159,19 @@ def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCh
             )
         )
     return results
+
+
+def _saturating(model: onnx.ModelProto | None, values: list[str]) -> dict[str, tuple[str, str]]:
+    """``{value: (op, its input)}`` for those of ``values`` that a saturating activation
+    of ``model`` makes (none for a model judged on its outputs only)."""
+    if model is None:
+        return {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {
+        v: (producer[v].op_type, producer[v].input[0])
+        for v in values
+        if v in producer and producer[v].op_type in SATURATING
+    }
 
 
 def _sqnr(a, b) -> float:
