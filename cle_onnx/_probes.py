@@ -47,15 +47,42 @@ _FLOAT_TYPES = frozenset(
 _SHAPE_ONLY = frozenset({"Shape", "Size"})
 
 
-def _jumps(node: onnx.NodeProto) -> tuple[int, ...]:
-    """The input positions at which ``node`` is discontinuous."""
+def _jump_inputs(node: onnx.NodeProto) -> list[str]:
+    """The values at which ``node`` is discontinuous: its inputs at the positions of
+    :data:`DISCONTINUOUS`, and everything an If or Loop reads when its body holds a
+    discontinuous op itself."""
     if node.op_type == "Cast":
         to = next((a.i for a in node.attribute if a.name == "to"), TensorProto.FLOAT)
-        return () if to in _FLOAT_TYPES else (0,)
-    if node.domain not in ("", "ai.onnx") or node.op_type not in DISCONTINUOUS:
-        return ()
-    positions = DISCONTINUOUS[node.op_type]
-    return tuple(range(len(node.input))) if positions is None else positions
+        return [] if to in _FLOAT_TYPES else [node.input[0]]
+    names = []
+    if node.domain in ("", "ai.onnx") and node.op_type in DISCONTINUOUS:
+        positions = DISCONTINUOUS[node.op_type]
+        names = [u for i, u in enumerate(node.input) if u and (positions is None or i in positions)]
+    if any(_jump_inputs(n) for g in _subgraphs(node) for n in g.node):
+        names += _inputs(node)
+    return names
+
+
+def _outer_names(graph: onnx.GraphProto) -> list[str]:
+    """The names that ``graph`` (the body of an If, Loop or Scan) reads from the graphs
+    around it."""
+    inner = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names = []
+    for node in graph.node:
+        for u in [*node.input, *(n for g in _subgraphs(node) for n in _outer_names(g))]:
+            if u and u not in inner:
+                names.append(u)
+        inner.update(node.output)
+    return list(dict.fromkeys(names))
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.HasField("g") else a.graphs)]
+
+
+def _inputs(node: onnx.NodeProto) -> list[str]:
+    """The values ``node`` reads: its inputs, then those its bodies read from around."""
+    return [*node.input, *(n for g in _subgraphs(node) for n in _outer_names(g))]
 
 
 def find_probes(graph: onnx.GraphProto) -> dict[str, list[tuple[str, str, str]]]:
@@ -70,7 +97,8 @@ def find_probes(graph: onnx.GraphProto) -> dict[str, list[tuple[str, str, str]]]
     inputs: walking back from the output through every value that has a discontinuous
     operation among its ancestors, the walk stops at the first values that have none.
     Constants (initializers, Constant nodes, values computed from constants or from
-    shapes alone) and graph inputs (fed the same to both models) are never probes."""
+    shapes alone) and graph inputs (fed the same to both models) are never probes. The
+    values that the body of an If or Loop reads from the graph count as its inputs."""
     constant = {t.name for t in graph.initializer} | {""}
     inputs = {i.name for i in graph.input} - constant
     producer: dict[str, onnx.NodeProto] = {}
@@ -78,13 +106,13 @@ def find_probes(graph: onnx.GraphProto) -> dict[str, list[tuple[str, str, str]]]
     for node in graph.node:
         for out in node.output:
             producer[out] = node
-        ins = [u for u in node.input if u]
+        ins = [u for u in _inputs(node) if u]
         if all(u in constant for u in ins) or (
             node.op_type in _SHAPE_ONLY and not any(u in tainted for u in ins)
         ):
             constant.update(node.output)
             continue
-        jump = any(i < len(node.input) and node.input[i] not in constant for i in _jumps(node))
+        jump = any(u not in constant for u in _jump_inputs(node))
         if jump or any(u in tainted for u in ins):
             tainted.update(node.output)
     probes = {}
@@ -98,7 +126,7 @@ def find_probes(graph: onnx.GraphProto) -> dict[str, list[tuple[str, str, str]]]
             node = producer[stack.pop()]
             label = node.name or node.output[0]
             deeper = []
-            for u in node.input:
+            for u in _inputs(node):
                 if u in seen or u in constant or u in inputs:
                     continue
                 seen.add(u)

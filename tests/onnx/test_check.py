@@ -336,6 +336,60 @@ def test_a_chain_of_discontinuous_ops_is_judged_at_the_earliest_continuous_point
     }
 
 
+def test_values_read_by_a_branch_count_as_inputs_of_the_if():
+    def branch(name, src, op="Identity"):
+        return helper.make_graph(
+            [helper.make_node(op, [src], [f"{name}_out"])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, None)],
+        )
+
+    nodes = [
+        _mm(),
+        _mm("k", "h"),
+        helper.make_node("ReduceMax", ["h"], ["m"], keepdims=0),
+        helper.make_node("Greater", ["m", "one"], ["c"], name="gt"),
+        helper.make_node(
+            "If",
+            ["c"],
+            ["y"],
+            name="if",
+            then_branch=branch("a", "k"),
+            else_branch=branch("b", "h"),
+        ),
+    ]
+    inits = {**_W, "one": np.array(1.0, np.float32)}
+    # onnx.helper writes the attributes sorted: the else branch's reads come first.
+    assert find_probes(_graph(nodes, ["y"], inits)) == {
+        "y": [("h", "If", "if"), ("k", "If", "if"), ("m", "Greater", "gt")]
+    }
+    # On a constant condition the If is continuous, unless a branch rounds: then it is
+    # discontinuous in what the branches read.
+    inits["c"] = np.array(True)
+    nodes = nodes[:2]
+    nodes.append(
+        helper.make_node(
+            "If",
+            ["c"],
+            ["y"],
+            name="if",
+            then_branch=branch("a", "k"),
+            else_branch=branch("b", "h"),
+        )
+    )
+    assert find_probes(_graph(nodes, ["y"], inits)) == {}
+    nodes[2] = helper.make_node(
+        "If",
+        ["c"],
+        ["y"],
+        name="if",
+        then_branch=branch("a", "k", "Round"),
+        else_branch=branch("b", "h"),
+    )
+    assert find_probes(_graph(nodes, ["y"], inits)) == {"y": [("h", "If", "if"), ("k", "If", "if")]}
+
+
 def test_graph_inputs_and_constants_are_never_probes():
     # Both models get the same inputs: a discontinuity on them alone changes nothing.
     nodes = [helper.make_node("ArgMax", ["x"], ["y"]), helper.make_node("Round", ["w"], ["z"])]
