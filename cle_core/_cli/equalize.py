@@ -207,12 +207,15 @@ def _plots(report: Report, directory: str) -> list[Path]:
 
 def check_failed(check: OutputCheck, check_db: float | None = None) -> bool:
     """Whether an output fails ``--check``: one of its probes (or, without probes, the
-    output itself) is below its threshold (``check_db``, or the default for its dtype),
-    unless it comes out of a saturating activation whose input is not."""
+    output itself) is below its threshold (``check_db``, or the default for its dtype)
+    and is not made by a saturating activation whose input reaches it. An integer or
+    bool output without probes is computed from exact values only: it must be equal."""
     if check.probes:
         return not all(
             figure_passes(p.sqnr, p.before, _threshold(check_db, p.dtype)) for p in check.probes
         )
+    if check.differing is not None:
+        return check.differing[0] > 0
     return not figure_passes(check.sqnr, check.before, _threshold(check_db, check.dtype))
 
 
@@ -239,6 +242,8 @@ def format_check(check: OutputCheck, check_db: float | None, bad: bool) -> list[
             label = f"{p.value!r}, input of {p.op} {p.node!r}"
             lines.append("  " + _figure(label, p, _threshold(check_db, p.dtype)))
         return lines
+    if check.differing is not None:
+        return [f"{head}{own} {verdict}"]
     threshold = _threshold(check_db, check.dtype)
     before = check.before
     if check.sqnr < threshold and before is not None and before[1] >= threshold:

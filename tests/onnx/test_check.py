@@ -413,3 +413,15 @@ def test_the_verdict_on_an_output_behind_a_discontinuity_is_its_probes():
     # A probe made by a saturating activation passes on that activation's input.
     saturated = Probe("p", "TopK", "t", 70.0, "float32", before=("Sigmoid", 120.0))
     assert not check_failed(OutputCheck("v", 70.0, 0.0, 0.0, "float32", probes=(saturated,)))
+
+
+def test_an_integer_output_without_probes_must_be_equal():
+    from cle_core import OutputCheck
+    from cle_core._cli import check_failed
+    from cle_core._cli.equalize import format_check
+
+    # 1 of 1000 large indices off by one is still 90 dB: the count decides, not the SQNR.
+    off = OutputCheck("n", 90.0, 1.0, 1e-3, "int64", differing=(1, 1000))
+    assert check_failed(off)
+    assert format_check(off, None, True) == ["check: output 'n': 1 of 1000 elements differ FAILED"]
+    assert not check_failed(OutputCheck("n", float("inf"), 0.0, 0.0, "int64", differing=(0, 9)))
