@@ -15,6 +15,7 @@ from ._backend import (
     get_backend,
     get_plugin_manager,
 )
+from ._check import OutputCheck, Probe
 from ._deployment import Deployment, QuantizerProfile, profile_names, register_profile
 from ._equalize import equalize
 from ._errors import (
@@ -70,8 +71,10 @@ __all__ = [
     "Node",
     "NonFiniteError",
     "Objective",
+    "OutputCheck",
     "OutputPathError",
     "PassResult",
+    "Probe",
     "QuantizerProfile",
     "RegionRecord",
     "Report",

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import pluggy
 
 from . import hookspecs
+from ._check import OutputCheck
 from ._equalize import equalize
 from ._errors import CLEError, UnsupportedModelError
 from ._files import check_output_path, write_atomic
@@ -150,10 +151,12 @@ class FileBackend(Backend):
         sizes dynamic dimensions by name)."""
         raise UnsupportedModelError(f"--check: the {self.name} backend cannot run its models")
 
-    def compare(self, src: Path, dst: Path, feeds: Any) -> list[tuple]:
-        """One ``(output, SQNR dB, max abs error, relative error, dtype name, before)``
-        per output of running both files on ``feeds``; ``before`` is ``(op, SQNR dB)``
-        of the input of a saturating final activation, or None."""
+    def compare(self, src: Path, dst: Path, feeds: Any) -> list[OutputCheck]:
+        """One :class:`~cle_core.OutputCheck` per output of running both files on
+        ``feeds``: the output's own figures, ``before`` for an output made by a
+        saturating activation, and, for an output behind a discontinuous operation
+        (top-k, arg-max, a gather by computed indices ...), the probes it is judged on
+        instead: the float values before that operation, measured in both models."""
         raise UnsupportedModelError(f"--check: the {self.name} backend cannot run its models")
 
     def evaluate_files(self, paths: list[Path], inputs: Any, **quantization: Any):

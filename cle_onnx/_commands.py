@@ -11,11 +11,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from cle_core import CLEError
+from cle_core import CLEError, OutputCheck, Probe
+from cle_core._check import is_float
 from cle_core._quality import load_inputs, sqnr_db
 
 from . import _io
 from ._calibrate import data_inputs, feeds
+from ._probes import find_probes
 from ._translate import np_dtype
 
 
@@ -54,17 +56,15 @@ def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
 
 # Final activations that squash their input: near saturation they turn the logits' float
 # rounding into large relative errors (sigmoid(-20) carries the logit's absolute error as
-# a relative one), so an output behind one is also judged on the activation's input.
+# a relative one), so a value made by one is also judged on the activation's input.
 SATURATING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid"})
 _PROBE_BYTES = 1 << 30  # larger models are judged on their outputs only
 
 
-def _probe(path: Path):
-    """What onnxruntime should run for ``path`` (the file, or the serialized model with
-    the input of every saturating op that makes a graph output exposed too), the graph
-    output names, and ``{output: (op, exposed name)}``."""
-    from onnx import external_data_helper
-
+def _load_small(path: Path) -> onnx.ModelProto | None:
+    """``path`` without its external data, or None when the model with its data is
+    larger than :data:`_PROBE_BYTES` (running it twice more with extra outputs could
+    exhaust memory)."""
     model = onnx.load(str(path), load_external_data=False)
     external = sum(
         int(e.value)
@@ -72,57 +72,129 @@ def _probe(path: Path):
         for e in t.external_data
         if e.key == "length" and e.value.isdigit()
     )
-    names = [o.name for o in model.graph.output]
-    if path.stat().st_size + external > _PROBE_BYTES:
-        return str(path), names, {}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    return None if path.stat().st_size + external > _PROBE_BYTES else model
+
+
+def _exposing(path: Path, model: onnx.ModelProto | None, values: list[str]):
+    """What onnxruntime should run for ``path``: the file, or the serialized ``model``
+    with those of ``values`` that it computes added to its outputs. Returns it and the
+    values it will return besides the graph outputs."""
+    from onnx import external_data_helper
+
+    if model is None:
+        return str(path), set()
+    made = {o for n in model.graph.node for o in n.output}
     outputs = {o.name for o in model.graph.output}
-    pre = {}
-    for out in list(model.graph.output):
-        node = producer.get(out.name)
-        if node is not None and node.op_type in SATURATING and node.input[0] not in outputs:
-            pre[out.name] = (node.op_type, node.input[0])
-            outputs.add(node.input[0])
-            model.graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
-    if not pre:
-        return str(path), names, {}
+    add = [v for v in dict.fromkeys(values) if v in made and v not in outputs]
+    if not add:
+        return str(path), {v for v in values if v in outputs}
+    model.graph.output.extend(onnx.ValueInfoProto(name=v) for v in add)
     external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return model.SerializeToString(), names, pre
+    return model.SerializeToString(), {v for v in values if v in made | outputs}
 
 
-def check_outputs(original: Path, equalized: Path, feeds: dict):
-    """Run both files in onnxruntime on ``feeds``. Returns one ``(output name, SQNR dB,
-    max abs error, max error / max |original|, dtype name, before)`` per output: the
-    SQNR of the equalized output against the original's; ``before`` is ``(op, SQNR dB)``
-    of the input of a saturating final activation (see :data:`SATURATING`), or None."""
+def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCheck]:
+    """Run both files in onnxruntime on ``feeds``; one :class:`~cle_core.OutputCheck`
+    per graph output of ``original``. An output behind a discontinuous operation (see
+    :func:`~cle_onnx._probes.find_probes`) gets the values before it as probes; the
+    output or probe made by a saturating activation (see :data:`SATURATING`) also gets
+    the SQNR of that activation's input. Models above 1 GiB are compared at their
+    outputs only."""
     try:
         import onnxruntime as ort
     except ModuleNotFoundError:
         raise CLEError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
+    original, equalized = Path(original), Path(equalized)
+    models = [_load_small(original), _load_small(equalized)]
+    first = models[0] or onnx.load(str(original), load_external_data=False)
+    names = [o.name for o in first.graph.output]
+    probes = find_probes(models[0].graph) if None not in models else {}
+    # Every value measured (a graph output judged on itself, or a probe) that a
+    # saturating activation makes is also measured at the activation's input, found in
+    # each model (the equalization may rename it).
+    probed = [v for p in probes.values() for v, *_ in p]
+    saturating = [_saturating(m, [n for n in names if n not in probes] + probed) for m in models]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    runs = []
-    for path in (Path(original), Path(equalized)):
-        model, names, pre = _probe(path)
-        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    runs, available = [], None
+    for path, model, sat in zip((original, equalized), models, saturating, strict=True):
+        runnable, got_extra = _exposing(path, model, probed + [i for _, i in sat.values()])
+        available = got_extra if available is None else available & got_extra
+        sess = ort.InferenceSession(runnable, opts, providers=["CPUExecutionProvider"])
         got = [o.name for o in sess.get_outputs()]
-        runs.append((names, dict(zip(got, sess.run(None, feeds), strict=True)), pre))
-    (names, a, pre_a), (_, b, pre_b) = runs
+        runs.append(dict(zip(got, sess.run(None, feeds), strict=True)))
+    a, b = runs
+
+    def before(value: str) -> tuple[str, float] | None:
+        (op, ia), (_, ib) = saturating[0].get(value, ("", "")), saturating[1].get(value, ("", ""))
+        if op and ia in a and ib in b:
+            return op, _sqnr(a[ia], b[ib])
+        return None
+
     results = []
     for name in names:
-        ya, yb = a[name], b[name]
-        dtype = np.asarray(ya).dtype
-        ya = np.asarray(ya, np.float64)
-        yb = np.asarray(yb, np.float64)
-        err = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
-        scale = float(np.max(np.abs(ya))) if ya.size else 0.0
-        rel = err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-        before = None
-        if name in pre_a and name in pre_b:
-            op = pre_a[name][0]
-            before = (op, sqnr_db(np.asarray(a[pre_a[name][1]]), np.asarray(b[pre_b[name][1]])))
-        results.append((name, sqnr_db(ya, yb), err, rel, dtype.name, before))
+        ya, yb = np.asarray(a[name]), np.asarray(b[name])
+        found = [
+            Probe(v, op, node, _sqnr(a[v], b[v]), np.asarray(a[v]).dtype.name, before(v))
+            for v, op, node in probes.get(name, [])
+            if v in available
+        ]
+        # A probe the result lacks (a value renamed by the equalization) would leave part
+        # of the output unjudged: the output is then judged on itself.
+        if len(found) < len(probes.get(name, [])):
+            found = []
+        # Integer probes are exact in both models (every way from a float to an integer
+        # is discontinuous, so the walk stops before it); only float ones say anything.
+        found = [p for p in found if is_float(p.dtype)]
+        results.append(
+            OutputCheck(
+                name,
+                _sqnr(ya, yb),
+                *_errors(ya, yb),
+                dtype=ya.dtype.name,
+                before=None if name in probes else before(name),
+                probes=tuple(found),
+                shapes=None if ya.shape == yb.shape else (ya.shape, yb.shape),
+                differing=_differing(ya, yb),
+            )
+        )
     return results
+
+
+def _saturating(model: onnx.ModelProto | None, values: list[str]) -> dict[str, tuple[str, str]]:
+    """``{value: (op, its input)}`` for those of ``values`` that a saturating activation
+    of ``model`` makes (none for a model judged on its outputs only)."""
+    if model is None:
+        return {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {
+        v: (producer[v].op_type, producer[v].input[0])
+        for v in values
+        if v in producer and producer[v].op_type in SATURATING
+    }
+
+
+def _sqnr(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return sqnr_db(a, b) if a.shape == b.shape else -math.inf
+
+
+def _differing(ya: np.ndarray, yb: np.ndarray) -> tuple[int, int] | None:
+    """How many elements of an integer or bool output differ, of how many (None for a
+    float output, or when the shapes differ)."""
+    if is_float(ya.dtype.name) or ya.shape != yb.shape:
+        return None
+    return int(np.count_nonzero(ya != yb)), int(ya.size)
+
+
+def _errors(ya: np.ndarray, yb: np.ndarray) -> tuple[float, float]:
+    """Max absolute error and that over max ``|original|``."""
+    if ya.shape != yb.shape:
+        return math.inf, math.inf
+    ya, yb = ya.astype(np.float64), yb.astype(np.float64)
+    err = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
+    scale = float(np.max(np.abs(ya))) if ya.size else 0.0
+    return err, err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
 
 
 def _first_dims(model: onnx.ModelProto) -> list:

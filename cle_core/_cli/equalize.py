@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .._backend import get_backend_for_file
+from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
 from .._files import check_output_path, write_atomic
 from .._report import Report
 from .._verify import quality_key, split_inputs, verdict
@@ -17,7 +18,6 @@ from ._common import (
     UsageError,
     add_cle_options,
     cle_options,
-    fmt_db,
     input_spec,
     parse_dims,
 )
@@ -50,7 +50,9 @@ def add_parser(sub) -> None:
         "--check",
         action="store_true",
         help="run original and result (onnxruntime for ONNX) on random inputs and print each "
-        "output's SQNR (result against original); exit 1 if one is below the threshold",
+        "output's SQNR (result against original), judging an output behind a discontinuous "
+        "op (TopK, NMS, ArgMax ...) on the values before it; exit 1 if one is below the "
+        "threshold",
     )
     eq.add_argument(
         "--check-db",
@@ -161,17 +163,10 @@ def run(args) -> int:
             print(f"wrote {path}")
     if feeds is not None:
         failed = 0
-        for name, sqnr, max_abs, max_rel, dtype, before in backend.compare(src, dst, feeds):
-            threshold = _threshold(args.check_db, dtype)
-            bad = check_failed(sqnr, before, threshold)
+        for check in backend.compare(src, dst, feeds):
+            bad = check_failed(check, args.check_db)
             failed += bad
-            extra = "" if before is None else f"; before the final {before[0]}: "
-            extra += "" if before is None else f"{fmt_db(before[1]).strip()} dB"
-            print(
-                f"check: output {name!r}: SQNR {fmt_db(sqnr).strip()} dB "
-                f"(max abs error {max_abs:.3e}, relative {max_rel:.3e}{extra}; threshold "
-                f"{threshold:g} dB) {'FAILED' if bad else 'ok'}"
-            )
+            print("\n".join(format_check(check, args.check_db, bad)))
         if failed:
             print(
                 f"cle: check failed: {failed} output(s) differ from the original beyond "
@@ -210,7 +205,71 @@ def _plots(report: Report, directory: str) -> list[Path]:
         raise UsageError(str(exc)) from None
 
 
-def check_failed(sqnr: float, before, threshold: float) -> bool:
-    """An output fails ``--check`` below ``threshold`` dB, unless it comes out of a
-    saturating activation whose input (``before``: ``(op, SQNR dB)``) agrees."""
-    return sqnr < threshold and (before is None or before[1] < threshold)
+def check_failed(check: OutputCheck, check_db: float | None = None) -> bool:
+    """Whether an output fails ``--check``: one of its probes (or, without probes, the
+    output itself) is below its threshold (``check_db``, or the default for its dtype)
+    and is not made by a saturating activation whose input reaches it. An integer or
+    bool output without probes is computed from exact values only: it must be equal."""
+    if check.probes:
+        return not all(
+            figure_passes(p.sqnr, p.before, _threshold(check_db, p.dtype)) for p in check.probes
+        )
+    if check.differing is not None:
+        return check.differing[0] > 0
+    return not figure_passes(check.sqnr, check.before, _threshold(check_db, check.dtype))
+
+
+def format_check(check: OutputCheck, check_db: float | None, bad: bool) -> list[str]:
+    """The ``--check`` lines of one output: its own figures, then, behind a
+    discontinuous operation, one indented line per value it is judged on."""
+    verdict = "FAILED" if bad else "ok"
+    head = f"check: output {check.name!r}: "
+    if check.shapes is not None:
+        own, notes = f"shape {check.shapes[1]}", [f"the original's shape {check.shapes[0]}"]
+    elif check.differing is not None:
+        # An SQNR of indices or labels means nothing: say how many changed.
+        own, notes = f"{check.differing[0]} of {check.differing[1]} elements differ", []
+    else:
+        own = f"SQNR {fmt_sqnr(check.sqnr)}"
+        notes = [f"max abs error {check.max_abs:.3e}, relative {check.max_rel:.3e}"]
+    if check.probes:
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        lines = [
+            f"{head}{own}{detail}, behind discontinuous ops; judged on the values before "
+            f"them: {verdict}"
+        ]
+        for p in check.probes:
+            label = f"{p.value!r}, input of {p.op} {p.node!r}"
+            lines.append("  " + _figure(label, p, _threshold(check_db, p.dtype)))
+        return lines
+    if check.differing is not None:
+        return [f"{head}{own} {verdict}"]
+    threshold = _threshold(check_db, check.dtype)
+    before = check.before
+    if check.sqnr < threshold and before is not None and before[1] >= threshold:
+        # Say which figure passed: "33 dB ... ok" would read as passing an 80 dB threshold.
+        notes.append("saturation turns float rounding into relative error")
+        return [
+            f"{head}judged on the input of the final {before[0]}: {fmt_sqnr(before[1])} >= "
+            f"{threshold:g} dB ok; the output itself: {own} ({'; '.join(notes)})"
+        ]
+    if before is not None and check.sqnr < threshold:
+        notes.append(f"the input of the final {before[0]}: {fmt_sqnr(before[1])}")
+    notes.append(f"threshold {threshold:g} dB")
+    return [f"{head}{own} ({'; '.join(notes)}) {verdict}"]
+
+
+def _figure(label: str, probe: Probe, threshold: float) -> str:
+    """One judged value against ``threshold``, naming the figure that decides."""
+    if probe.sqnr >= threshold:
+        return f"{label}: SQNR {fmt_sqnr(probe.sqnr)} >= {threshold:g} dB ok"
+    if probe.before is not None and probe.before[1] >= threshold:
+        return (
+            f"{label}: judged on the input of the {probe.before[0]} making it: "
+            f"{fmt_sqnr(probe.before[1])} >= {threshold:g} dB ok; the value itself: "
+            f"{fmt_sqnr(probe.sqnr)} (saturation turns float rounding into relative error)"
+        )
+    text = f"{label}: SQNR {fmt_sqnr(probe.sqnr)} < {threshold:g} dB"
+    if probe.before is not None:
+        text += f", the input of the {probe.before[0]} making it: {fmt_sqnr(probe.before[1])}"
+    return text + " FAILED"

@@ -296,9 +296,25 @@ def test_check_judges_a_saturated_sigmoid_on_its_input(tmp_path):
     a = _sigmoid_head(tmp_path / "a.onnx", -8.0)
     b = _sigmoid_head(tmp_path / "b.onnx", -8.0002)
     x = np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)
-    [(name, sqnr, _, _, dtype, before)] = check_outputs(a, b, {"x": x})
-    assert name == "p" and dtype == "float32"
-    assert sqnr < 80 and before[0] == "Sigmoid" and before[1] > 90
-    assert not check_failed(sqnr, before, 80.0)
-    assert check_failed(sqnr, None, 80.0)
-    assert check_failed(sqnr, ("Sigmoid", 79.0), 80.0)
+    from dataclasses import replace
+
+    [check] = check_outputs(a, b, {"x": x})
+    assert check.name == "p" and check.dtype == "float32" and not check.probes
+    assert check.sqnr < 80 and check.before[0] == "Sigmoid" and check.before[1] > 90
+    assert not check_failed(check, 80.0)
+    assert check_failed(replace(check, before=None), 80.0)
+    assert check_failed(replace(check, before=("Sigmoid", 79.0)), 80.0)
+
+
+def test_check_line_names_the_figure_it_judges(tmp_path):
+    # A passing saturated output must not read as "33 dB ... threshold 80 dB ok".
+    from cle_core import OutputCheck
+    from cle_core._cli.equalize import format_check
+
+    check = OutputCheck("p", 33.36, 1e-4, 3e-1, "float32", before=("Sigmoid", 131.5))
+    [line] = format_check(check, None, False)
+    assert line.startswith(
+        "check: output 'p': judged on the input of the final Sigmoid: 131.50 dB >= 80 dB ok; "
+        "the output itself: SQNR 33.36 dB"
+    )
+    assert "saturation" in line
