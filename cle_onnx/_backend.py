@@ -20,6 +20,7 @@ from cle_core import (
     equalize,
 )
 from cle_core._files import check_output_path
+from cle_core._quality import describe_arrays
 from cle_core._verify import quality_key, split_inputs, verdict
 
 from . import _commands, _io
@@ -149,14 +150,25 @@ class OnnxBackend(Backend):
     def inspect_file(self, src, options):
         return _commands.inspect_file(src, options)
 
-    def read_inputs(self, spec, src):
-        return _commands.read_inputs(spec, src)
+    def read_inputs(self, spec, src, dims=None, shapes=None):
+        return _commands.read_inputs(spec, src, dims, shapes)
 
-    def check_feeds(self, src, dims):
-        return _commands.check_feeds(_io.load(src), dims)
+    def check_feeds(self, src, dims, shapes=None, inputs=None):
+        return _commands.check_feeds(_io.load(src), dims, shapes, inputs)
 
     def compare(self, src, dst, feeds):
-        return _commands.check_outputs(src, dst, feeds)
+        try:
+            return _commands.check_outputs(src, dst, feeds)
+        except Exception as exc:
+            # onnxruntime refusing the inputs (a shape the graph cannot take) is a fact
+            # about them, not a bug of ours; anything else is.
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise CLEError(
+                f"--check: onnxruntime cannot run the model on inputs "
+                f"{describe_arrays(feeds)}: {text}"
+            ) from None
 
     def evaluate_files(self, paths, inputs, **quantization):
         return _commands.evaluate_files(paths, inputs, **quantization)
