@@ -562,20 +562,24 @@ def load_arrays(path) -> dict[str, np.ndarray]:
     src = Path(path)
     if src.suffix != ".npz" or not src.is_file():
         raise CLEError(f"{src}: expected a .npz file of inputs")
-    arrays = {}
+    unreadable = (OSError, ValueError, zipfile.BadZipFile, EOFError)
     try:
-        with np.load(src, allow_pickle=False) as data:
-            for name in data.files:
-                what = f"{src}: array {name!r}"
-                try:
-                    arr = data[name]
-                except ValueError as exc:  # an object array: a pickle, never loaded
-                    raise CLEError(f"{what} cannot be read ({_first_line(exc)})") from None
-                check_real_dtype(arr.dtype, what)
-                check_finite(arr, what)
-                arrays[name] = arr
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        data = np.load(src, allow_pickle=False)
+    except unreadable as exc:  # not a zip: np.load takes it for a pickle and refuses it
         raise CLEError(f"{src}: not a readable .npz file ({_first_line(exc)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CLEError(f"{src}: one array, not a .npz archive of arrays by input name")
+    arrays = {}
+    with data:
+        for name in data.files:
+            what = f"{src}: array {name!r}"
+            try:
+                arr = data[name]
+            except unreadable as exc:  # an object array (a pickle, never loaded); corrupt
+                raise CLEError(f"{what} cannot be read ({_first_line(exc)})") from None
+            check_real_dtype(arr.dtype, what)
+            check_finite(arr, what)
+            arrays[name] = arr
     if not arrays:
         raise CLEError(f"{src}: holds no arrays")
     return arrays

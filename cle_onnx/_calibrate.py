@@ -38,7 +38,8 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
         probe.graph.output.append(onnx.ValueInfoProto(name=name))
     feeds_ = feeds(model, inputs, "calibration")
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    # 4 (fatal only): a run that fails raises, and says it once, in our one line
+    opts.log_severity_level = 4
     try:
         sess = ort.InferenceSession(
             probe.SerializeToString(), opts, providers=["CPUExecutionProvider"]
@@ -215,7 +216,8 @@ def _feed(vi: onnx.ValueInfoProto, value: Any, what: str, axis: int | None = 0) 
             raise CLEError(f"{what}: the value {bad} does not fit {dtype}")
     try:
         with np.errstate(over="ignore"):  # an overflow is refused below, with its index
-            fed = np.ascontiguousarray(given, dtype=dtype)
+            # Not ascontiguousarray: it makes a scalar (a sample rate) an array of one.
+            fed = np.asarray(given, dtype=dtype, order="C")
     except MemoryError:
         raise CLEError(
             f"{what}: {given.shape} {dtype} does not fit in memory; a few dozen examples are enough"

@@ -13,7 +13,7 @@ from onnx import TensorProto
 
 from cle_core import CLEError, EqualizeOptions, Report, equalize
 from cle_core._backend import warn
-from cle_core._quality import load_inputs, sqnr_db
+from cle_core._quality import describe_arrays, load_inputs, sqnr_db
 
 from . import _io
 from ._calibrate import data_inputs, feeds
@@ -78,9 +78,10 @@ def missing_sizes(
         if unnamed:
             template = ",".join(str(k) if k is not None else f"D{i}" for i, k in enumerate(known))
             axes = ", ".join(map(str, unnamed))
+            which = f"dimensions {axes} have" if len(unnamed) > 1 else f"dimension {axes} has"
             problems.append(
-                f"input {vi.name!r} {_shape_text(declared)}: dimension {axes} has no name "
-                f"and no size: --input-shape {vi.name}={template}"
+                f"input {vi.name!r} {_shape_text(declared)}: {which} no name and no size: "
+                f"--input-shape {vi.name}={template}"
             )
             continue
         for i in unknown:
@@ -125,6 +126,31 @@ def check_feeds(
         vi.name: rng.standard_normal(sizes[vi.name]).astype(np_dtype(vi.type.tensor_type.elem_type))
         for vi in data_inputs(model)
     }
+
+
+def run_once(src: Path, feeds: dict) -> None:
+    """Run the model file ``src`` on ``feeds`` in onnxruntime; a :class:`CLEError`
+    naming the inputs and their shapes where it refuses them (one line: onnxruntime's
+    messages span several)."""
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError:
+        raise CLEError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
+    opts = ort.SessionOptions()
+    # 4 (fatal only): a run that fails raises, and says it once, in our one line
+    opts.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+    except Exception as exc:
+        # onnxruntime's own errors are facts about the model and the inputs; anything
+        # else is a bug of ours.
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise CLEError(
+            f"--check: onnxruntime cannot run {src} on inputs {describe_arrays(feeds)}: {text}"
+        ) from None
 
 
 # Final activations that squash their input: near saturation they turn the logits' float

@@ -84,7 +84,8 @@ def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
     # Basic optimizations keep QuantizeLinear / DequantizeLinear as float simulation
     # instead of fusing them into integer kernels.
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
+    # 4 (fatal only): a run that fails raises, and says it once, in our one line
+    opts.log_severity_level = 4
     try:
         return ort.InferenceSession(
             model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
@@ -165,7 +166,7 @@ def default_inputs(
     graph_inputs = data_inputs(model)
     if len(graph_inputs) != 1:
         raise CLEError(
-            f"the sample images feed one input, the model has {len(graph_inputs)} "
+            f"the sample images feed one input; the model has {len(graph_inputs)} inputs "
             f"({', '.join(i.name for i in graph_inputs)}): give them with --inputs "
             "FILE.npz, arrays by input name (Python: inputs= a dict)"
         )
