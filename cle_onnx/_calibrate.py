@@ -72,25 +72,35 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
 
 
 def batch_axes(model: onnx.ModelProto) -> dict[str, int | None]:
-    """The axis along which each data input holds its examples: 0, or the axis that
-    carries the name of the first input's batch dimension (a recurrent state
-    ``(2, batch, 128)``: 1); None for a scalar input (a sample rate, a flag), which
-    every batch gets whole."""
+    """The axis along which each data input holds its examples: 0; or, for an input
+    whose first size is fixed while another input's is dynamic (a recurrent state
+    ``(2, batch, 128)``), the axis named as the batch dimension, else its one dynamic
+    axis; None for a scalar input (a sample rate, a flag) and for an input with no
+    dynamic axis there, which every batch gets whole."""
     shapes = {}
     for vi in data_inputs(model):
         tensor = vi.type.tensor_type
         shapes[vi.name] = list(tensor.shape.dim) if tensor.HasField("shape") else None
     batch = next((d[0].dim_param for d in shapes.values() if d and d[0].dim_param), "")
+    batched = any(d and not _fixed(d[0]) for d in shapes.values())
     axes: dict[str, int | None] = {}
     for name, dims in shapes.items():
         if dims is not None and not dims:
             axes[name] = None
-        elif batch and dims and dims[0].dim_param != batch:
-            named = [i for i, d in enumerate(dims) if d.dim_param == batch]
-            axes[name] = named[0] if named else 0
-        else:
+        elif not (batched and dims and _fixed(dims[0])):
             axes[name] = 0
+        else:
+            named = [i for i, d in enumerate(dims) if batch and d.dim_param == batch]
+            dynamic = [i for i, d in enumerate(dims) if not _fixed(d)]
+            if named or len(dynamic) == 1:
+                axes[name] = (named or dynamic)[0]
+            else:
+                axes[name] = None if not dynamic else 0
     return axes
+
+
+def _fixed(d) -> bool:
+    return d.HasField("dim_value") and d.dim_value > 0
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:

@@ -52,6 +52,29 @@ def _size(d) -> int | None:
     return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
 
 
+def unknown_names(
+    model: onnx.ModelProto, dims: dict[str, int], shapes: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """One line for each ``--input-shape`` input and ``--dim`` dimension name that the
+    model does not have: a typo would otherwise be ignored in silence."""
+    graph_inputs = data_inputs(model)
+    names = [vi.name for vi in graph_inputs]
+    params = {d.dim_param for vi in graph_inputs for d in vi.type.tensor_type.shape.dim}
+    params.discard("")
+    problems = [
+        f"--input-shape {name}=...: the model has no input {name!r} (it has {', '.join(names)})"
+        for name in shapes
+        if name not in names
+    ]
+    problems += [
+        f"--dim {name}=...: no input dimension is named {name!r}"
+        + (f" (named: {', '.join(sorted(params))})" if params else "")
+        for name in dims
+        if name not in params
+    ]
+    return problems
+
+
 def missing_sizes(
     model: onnx.ModelProto, dims: dict[str, int], shapes: dict[str, tuple[int, ...]]
 ) -> tuple[dict[str, list[int | None] | None], list[str]]:
@@ -60,6 +83,7 @@ def missing_sizes(
     dimension (once per name), ``--input-shape INPUT=...`` where an input has an unnamed
     one or declares no shape."""
     sizes, problems, asked = {}, [], set()
+    problems += unknown_names(model, dims, shapes)
     for vi in data_inputs(model):
         known, bad = input_dims(vi, dims, shapes)
         sizes[vi.name] = known
@@ -246,8 +270,9 @@ def image_size(
         return (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     vi = graph_inputs[0]
     known, bad = input_dims(vi, dims or {}, shapes or {})
+    bad = unknown_names(model, dims or {}, shapes or {}) + bad
     if bad:
-        raise CLEError(bad[0])
+        raise CLEError("; ".join(bad))
     hw = list(known[2:4]) if known is not None and len(known) == 4 else [None, None]
     if None in hw:
         which = " and ".join(n for n, k in zip(("height", "width"), hw, strict=True) if k is None)

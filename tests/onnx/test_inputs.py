@@ -268,6 +268,11 @@ def test_input_shape_that_the_model_refuses(tmp_path, save, capsys):
     assert "--input-shape a=2,4,8,8 does not fit input 'a' (batch, 3, 8, 8)" in error_line(capsys)
     assert equalize(src, out, "--check", "--input-shape", "a=2,3,x") == 2
     assert "--input-shape expects INPUT=D0,D1,..." in error_line(capsys)
+    # A name the model does not have is a typo, not something to ignore.
+    assert equalize(src, out, "--check", "--input-shape", "c=2,3,8,8", "--dim", "btch=2") == 2
+    err = error_line(capsys)
+    assert "--input-shape c=...: the model has no input 'c' (it has a, b)" in err
+    assert "--dim btch=...: no input dimension is named 'btch' (named: batch)" in err
     assert not out.exists()
 
 
@@ -445,3 +450,25 @@ def test_python_api_takes_arrays_by_name(tmp_path):
     assert figures["fp32_sqnr"] == np.inf and np.isfinite(figures["w8_sqnr"])
     with pytest.raises(CLEError, match="the model has 3 inputs"):
         cle_onnx.evaluate(model, inputs=vad_inputs()["x"], activations=False)
+
+
+def test_batch_axes_of_a_recurrent_state_and_a_scalar():
+    """Silero's VAD as PyPI ships it declares input (?, ?), state (2, ?, 128), sr ():
+    the examples of the state lie along its one dynamic axis, the sample rate goes whole
+    to every batch, a table of fixed size too."""
+    from cle_onnx._calibrate import batch_axes
+
+    def model(*inputs):
+        b = OnnxBuilder(7)
+        out = b.node("Identity", [inputs[0][0]])
+        return _model(b, list(inputs), out, infer=False)
+
+    f, i = TensorProto.FLOAT, TensorProto.INT64
+    silero = model(("input", f, [-1, -1]), ("state", f, [2, -1, 128]), ("sr", i, []))
+    assert batch_axes(silero) == {"input": 0, "state": 1, "sr": None}
+    named = model(("input", f, ["batch", "t"]), ("state", f, [2, "batch", "t2"]), ("sr", i, []))
+    assert batch_axes(named) == {"input": 0, "state": 1, "sr": None}
+    table = model(("x", f, ["n", 3]), ("table", f, [10, 4]))
+    assert batch_axes(table) == {"x": 0, "table": None}
+    fixed = model(("x", f, [1, 3]), ("y", f, [1, 4]))  # a fixed batch: axis 0 everywhere
+    assert batch_axes(fixed) == {"x": 0, "y": 0}
