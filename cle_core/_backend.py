@@ -19,7 +19,7 @@ from ._equalize import equalize
 from ._errors import CLEError, UnsupportedModelError
 from ._files import check_output_path, write_atomic
 from ._ir import Graph
-from ._quality import load_array
+from ._quality import load_array, load_arrays
 from ._report import EqualizeOptions, EqualizeResult, Report
 
 ENTRY_POINT_GROUP = "cle.backends"
@@ -141,14 +141,35 @@ class FileBackend(Backend):
         graph = translated.graph if isinstance(translated, Translated) else translated
         return equalize(graph, options).report
 
-    def read_inputs(self, spec: Path, src: Path) -> Any:
-        """Inputs for the model in ``src`` from ``spec`` (``--calibration``, ``--inputs``):
-        by default a ``.npy`` array."""
-        return load_array(spec)
+    def read_inputs(
+        self,
+        spec: Path | None,
+        src: Path,
+        dims: dict[str, int] | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> Any:
+        """Inputs for the model in ``src`` from ``spec`` (``--inputs``, ``--calibration``):
+        by default a ``.npy`` array (a model with one input) or a ``.npz`` of arrays by
+        input name (a dict). ``dims`` (``--dim``, sizes by dimension name) and ``shapes``
+        (``--input-shape``, every size by input name) size what the backend makes
+        itself, such as resized images. ``spec`` None: the backend's default inputs
+        for ``cle evaluate``, or None (it has none, or makes them in
+        :meth:`evaluate_files`)."""
+        if spec is None:
+            return None
+        return load_arrays(spec) if Path(spec).suffix == ".npz" else load_array(spec)
 
-    def check_feeds(self, src: Path, dims: dict[str, int]) -> Any:
-        """Random inputs on which ``cle equalize --check`` runs both files (``dims``
-        sizes dynamic dimensions by name)."""
+    def check_feeds(
+        self,
+        src: Path,
+        dims: dict[str, int],
+        shapes: dict[str, tuple[int, ...]] | None = None,
+        inputs: Any = None,
+    ) -> Any:
+        """The inputs on which ``cle equalize --check`` runs both files: ``inputs``
+        (read by :meth:`read_inputs` from ``--inputs``), checked for the model, or else
+        random ones, sized by ``dims`` and ``shapes`` as in :meth:`read_inputs`. One
+        :class:`CLEError` names everything that is missing, each with its flag."""
         raise UnsupportedModelError(f"--check: the {self.name} backend cannot run its models")
 
     def compare(self, src: Path, dst: Path, feeds: Any) -> list[OutputCheck]:

@@ -551,9 +551,44 @@ def load_array(path) -> np.ndarray:
     return arr
 
 
-def load_inputs(path, size: tuple[int, int]) -> np.ndarray:
+def load_arrays(path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file by name (one per model input): each real numbers
+    and finite, as :func:`load_array` requires; never unpickled. :class:`CLEError`
+    naming the file (and the array) for anything else."""
+    import zipfile
+
+    from ._errors import CLEError
+
+    src = Path(path)
+    if src.suffix != ".npz" or not src.is_file():
+        raise CLEError(f"{src}: expected a .npz file of inputs")
+    unreadable = (OSError, ValueError, zipfile.BadZipFile, EOFError)
+    try:
+        data = np.load(src, allow_pickle=False)
+    except unreadable as exc:  # not a zip: np.load takes it for a pickle and refuses it
+        raise CLEError(f"{src}: not a readable .npz file ({_first_line(exc)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CLEError(f"{src}: one array, not a .npz archive of arrays by input name")
+    arrays = {}
+    with data:
+        for name in data.files:
+            what = f"{src}: array {name!r}"
+            try:
+                arr = data[name]
+            except unreadable as exc:  # an object array (a pickle, never loaded); corrupt
+                raise CLEError(f"{what} cannot be read ({_first_line(exc)})") from None
+            check_real_dtype(arr.dtype, what)
+            check_finite(arr, what)
+            arrays[name] = arr
+    if not arrays:
+        raise CLEError(f"{src}: holds no arrays")
+    return arrays
+
+
+def load_inputs(path, size: tuple[int, int]) -> np.ndarray | dict[str, np.ndarray]:
     """Inputs from ``path``: a folder of images (centre squares resized to ``size``,
-    ImageNet normalization, see :func:`images_from_folder`) or a ``.npy`` array."""
+    ImageNet normalization, see :func:`images_from_folder`), a ``.npy`` array, or a
+    ``.npz`` of arrays by input name (:func:`load_arrays`)."""
     from ._errors import CLEError
 
     src = Path(path)
@@ -564,4 +599,18 @@ def load_inputs(path, size: tuple[int, int]) -> np.ndarray:
             raise CLEError(str(exc)) from None
     if src.suffix == ".npy" and src.is_file():
         return load_array(src)
-    raise CLEError(f"{src}: expected a folder of images or a .npy file")
+    if src.suffix == ".npz" and src.is_file():
+        return load_arrays(src)
+    raise CLEError(f"{src}: expected a folder of images, a .npy or a .npz file")
+
+
+def describe_arrays(arrays) -> str:
+    """``x (2, 3, 224, 224) float32, sr () int64``: the arrays fed to a model (one
+    array, or a dict by input name), as the command line prints them."""
+    if not isinstance(arrays, dict):
+        arrays = {"": arrays}
+    parts = []
+    for name, value in arrays.items():
+        arr = np.asarray(value)
+        parts.append(f"{name} {tuple(arr.shape)} {arr.dtype}".strip())
+    return ", ".join(parts)

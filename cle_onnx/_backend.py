@@ -184,11 +184,15 @@ class OnnxBackend(FileBackend):
         files = _io.save(new.model, dst, str(src.parent), new.pending, avoid=reads, keep=keep)
         return report, files
 
-    def read_inputs(self, spec, src):
-        return _commands.read_inputs(spec, src)
+    def read_inputs(self, spec, src, dims=None, shapes=None):
+        return _commands.read_inputs(spec, src, dims, shapes)
 
-    def check_feeds(self, src, dims):
-        return _commands.check_feeds(_io.load(src), dims)
+    def check_feeds(self, src, dims, shapes=None, inputs=None):
+        feeds = _commands.check_feeds(_io.load(src), dims, shapes, inputs)
+        # Inputs the graph refuses (a size it cannot take) are found before anything
+        # is written, not after the equalized file is.
+        _commands.run_once(src, feeds)
+        return feeds
 
     def compare(self, src, dst, feeds):
         return _commands.check_outputs(src, dst, feeds)

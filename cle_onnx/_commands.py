@@ -12,46 +12,177 @@ import onnx
 from onnx import TensorProto
 
 from cle_core import CLEError, OutputCheck, Probe
+from cle_core._backend import warn
 from cle_core._check import is_float
-from cle_core._quality import load_inputs, sqnr_db
+from cle_core._quality import describe_arrays, load_inputs, sqnr_db
 
 from . import _io
 from ._calibrate import data_inputs, feeds
 from ._probes import find_probes
 from ._translate import np_dtype
 
+DEFAULT_IMAGE_SIZE = 224  # where the model does not say
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
-def check_feeds(model, dims: dict[str, int], seed: int = 0) -> dict:
-    """Random inputs for ``--check``, one per graph input of the ONNX ``model`` (standard
-    normal, in the input's float type). Raises :class:`CLEError` for a dynamic
-    dimension that ``dims`` does not size and for a non-float input."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in data_inputs(model):
-        tensor = inp.type.tensor_type
-        shape = []
-        for d in tensor.shape.dim:
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(d.dim_value)
-            elif d.dim_param in dims:
-                shape.append(dims[d.dim_param])
-            elif d.dim_param:
-                raise CLEError(
-                    f"input {inp.name!r} has a dynamic dimension {d.dim_param!r}; give its "
-                    f"size with --dim {d.dim_param}=SIZE"
-                )
-            else:
-                raise CLEError(
-                    f"input {inp.name!r} has an unnamed dynamic dimension; cannot --check it"
-                )
-        dtype = np_dtype(tensor.elem_type) or np.dtype(object)
-        if dtype.kind != "f":
-            raise CLEError(
-                f"input {inp.name!r} has element type {dtype}; --check feeds floats only "
-                "(run without --check, or check the model yourself)"
+
+def input_dims(
+    vi: onnx.ValueInfoProto, dims: dict[str, int], shapes: dict[str, tuple[int, ...]]
+) -> tuple[list[int | None] | None, list[str]]:
+    """The sizes of graph input ``vi`` as declared, ``dims`` (``--dim``, by dimension
+    name) and ``shapes`` (``--input-shape``, by input name) give them (None where none
+    does; None for all when it declares no shape), and what ``shapes`` says that the
+    declaration refuses (one line each)."""
+    tensor = vi.type.tensor_type
+    declared = list(tensor.shape.dim) if tensor.HasField("shape") else None
+    if vi.name in shapes:
+        given = list(shapes[vi.name])
+        flag = f"--input-shape {vi.name}={','.join(map(str, given))}"
+        if declared is not None and (
+            len(given) != len(declared)
+            or any(_size(d) not in (None, g) for d, g in zip(declared, given, strict=True))
+        ):
+            return given, [f"{flag} does not fit input {vi.name!r} {_shape_text(declared)}"]
+        return given, []
+    if declared is None:
+        return None, []
+    return [_size(d) or dims.get(d.dim_param) for d in declared], []
+
+
+def _size(d) -> int | None:
+    """A declared size; None for a dynamic one (named, unnamed or -1, as PaddlePaddle
+    writes an unknown size)."""
+    return d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+
+
+def unknown_names(
+    model: onnx.ModelProto, dims: dict[str, int], shapes: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """One line for each ``--input-shape`` input and ``--dim`` dimension name that the
+    model does not have: a typo would otherwise be ignored in silence."""
+    graph_inputs = data_inputs(model)
+    names = [vi.name for vi in graph_inputs]
+    params = {d.dim_param for vi in graph_inputs for d in vi.type.tensor_type.shape.dim}
+    params.discard("")
+    problems = [
+        f"--input-shape {name}=...: the model has no input {name!r} (it has {', '.join(names)})"
+        for name in shapes
+        if name not in names
+    ]
+    problems += [
+        f"--dim {name}=...: no input dimension is named {name!r}"
+        + (f" (named: {', '.join(sorted(params))})" if params else "")
+        for name in dims
+        if name not in params
+    ]
+    return problems
+
+
+def missing_sizes(
+    model: onnx.ModelProto, dims: dict[str, int], shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, list[int | None] | None], list[str]]:
+    """:func:`input_dims` of every data input, and one line for each size that no flag
+    gives, each with the flag that gives it: ``--dim NAME=SIZE`` for a named dynamic
+    dimension (once per name), ``--input-shape INPUT=...`` where an input has an unnamed
+    one or declares no shape."""
+    sizes, problems, asked = {}, [], set()
+    problems += unknown_names(model, dims, shapes)
+    for vi in data_inputs(model):
+        known, bad = input_dims(vi, dims, shapes)
+        sizes[vi.name] = known
+        problems += bad
+        tensor = vi.type.tensor_type
+        if known is None:
+            problems.append(
+                f"input {vi.name!r} declares no shape: --input-shape {vi.name}=D0,D1,..."
             )
-        feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+            continue
+        if bad:
+            continue
+        declared = list(tensor.shape.dim)
+        unknown = [i for i, k in enumerate(known) if k is None]
+        unnamed = [i for i in unknown if not declared[i].dim_param]
+        if unnamed:
+            template = ",".join(str(k) if k is not None else f"D{i}" for i, k in enumerate(known))
+            axes = ", ".join(map(str, unnamed))
+            which = f"dimensions {axes} have" if len(unnamed) > 1 else f"dimension {axes} has"
+            problems.append(
+                f"input {vi.name!r} {_shape_text(declared)}: {which} no name and no size: "
+                f"--input-shape {vi.name}={template}"
+            )
+            continue
+        for i in unknown:
+            name = declared[i].dim_param
+            if name not in asked:
+                asked.add(name)
+                problems.append(
+                    f"input {vi.name!r} {_shape_text(declared)}: dimension {i} ({name!r}) is "
+                    f"dynamic: --dim {name}=SIZE"
+                )
+    return sizes, problems
+
+
+def check_feeds(
+    model: onnx.ModelProto,
+    dims: dict[str, int],
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    inputs=None,
+    seed: int = 0,
+) -> dict:
+    """The inputs ``--check`` runs both models on: ``inputs`` (an array for a model
+    with one input, or a dict of arrays by input name; fed whole, as one run), checked
+    and cast as :func:`feeds` does; or, without them, random ones (standard normal, in
+    each input's float type) of the sizes the model declares, ``dims`` (``--dim``) and
+    ``shapes`` (``--input-shape``) give. Values of an integer or boolean input are never
+    made up. Everything that stops the random inputs is said in one :class:`CLEError`,
+    each problem with the flag that solves it."""
+    if inputs is not None:
+        return feeds(model, inputs, "--inputs", whole=True)
+    sizes, problems = missing_sizes(model, dims, shapes or {})
+    for vi in data_inputs(model):
+        elem = vi.type.tensor_type.elem_type
+        if elem not in _FLOATS:
+            problems.append(
+                f"input {vi.name!r} takes {_type_name(elem)} values, which are never made up: "
+                "give them with --inputs FILE.npz (arrays by input name)"
+            )
+    if problems:
+        raise CLEError("--check cannot make up the inputs: " + "; ".join(problems))
+    rng = np.random.default_rng(seed)
+    return {
+        vi.name: rng.standard_normal(sizes[vi.name]).astype(np_dtype(vi.type.tensor_type.elem_type))
+        for vi in data_inputs(model)
+    }
+
+
+def run_once(src: Path, feeds: dict) -> None:
+    """Run the model file ``src`` on ``feeds`` in onnxruntime; a :class:`CLEError`
+    naming the inputs and their shapes where it refuses them (one line: onnxruntime's
+    messages span several)."""
+    try:
+        import onnxruntime as ort
+    except ModuleNotFoundError:
+        raise CLEError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
+    opts = ort.SessionOptions()
+    # 4 (fatal only): a run that fails raises, and says it once, in our one line
+    opts.log_severity_level = 4
+    # Loaded with its external data where small enough: onnxruntime's shape inference
+    # cannot read a constant (Squeeze axes) stored in an external file.
+    model = _load_small(src)
+    if model is not None:
+        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
+    runnable = str(src) if model is None else model.SerializeToString()
+    try:
+        sess = ort.InferenceSession(runnable, opts, providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+    except Exception as exc:
+        # onnxruntime's own errors are facts about the model and the inputs; anything
+        # else is a bug of ours.
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise CLEError(
+            f"--check: onnxruntime cannot run {src} on inputs {describe_arrays(feeds)}: {text}"
+        ) from None
 
 
 # Final activations that squash their input: near saturation they turn the logits' float
@@ -204,11 +335,31 @@ def _first_dims(model: onnx.ModelProto) -> list:
     return list(graph_inputs[0].type.tensor_type.shape.dim) if graph_inputs else []
 
 
-def input_size(model: onnx.ModelProto) -> tuple[int, int]:
-    """The (height, width) of the model's first input, 224 x 224 where dynamic."""
-    dims = _first_dims(model)
-    hw = tuple(d.dim_value if d.dim_value > 0 else 224 for d in dims[2:4])
-    return hw if len(hw) == 2 else (224, 224)
+def image_size(
+    model: onnx.ModelProto,
+    dims: dict[str, int] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> tuple[int, int]:
+    """The (height, width) images are resized to for the model's first input: as
+    declared, or as ``dims`` (``--dim``) or ``shapes`` (``--input-shape``) size them;
+    224 where none does, with a warning that says so and how to change it."""
+    graph_inputs = data_inputs(model)
+    if not graph_inputs:
+        return (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    vi = graph_inputs[0]
+    known, bad = input_dims(vi, dims or {}, shapes or {})
+    bad = unknown_names(model, dims or {}, shapes or {}) + bad
+    if bad:
+        raise CLEError("; ".join(bad))
+    hw = list(known[2:4]) if known is not None and len(known) == 4 else [None, None]
+    if None in hw:
+        which = " and ".join(n for n, k in zip(("height", "width"), hw, strict=True) if k is None)
+        hw = [DEFAULT_IMAGE_SIZE if k is None else k for k in hw]
+        warn(
+            f"input {vi.name!r} has a dynamic {which}: images are resized to "
+            f"{hw[0]} x {hw[1]} (--input-shape {vi.name}=N,C,H,W or --dim to change)"
+        )
+    return hw[0], hw[1]
 
 
 def fit_channels(images: np.ndarray, model: onnx.ModelProto) -> np.ndarray:
@@ -218,9 +369,6 @@ def fit_channels(images: np.ndarray, model: onnx.ModelProto) -> np.ndarray:
     if channels == 1 and images.ndim == 4 and images.shape[1] == 3:
         return images.mean(axis=1, keepdims=True).astype(images.dtype)
     return images
-
-
-_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
 def _type_name(elem: int) -> str:
@@ -297,18 +445,39 @@ def check_same_io(a: onnx.ModelProto, b: onnx.ModelProto, name_a: str, name_b: s
             )
 
 
-def read_inputs(spec: Path, src: Path) -> np.ndarray:
-    """A folder of images (resized to the input of the model in ``src``, grey for a
-    one-channel input) or a .npy array; :class:`CLEError` naming ``spec`` for images
-    given to a model whose input is not a float tensor, and for inputs that a
-    single-input model cannot take (shape, type: see :func:`feeds`)."""
+def read_inputs(
+    spec: Path | None,
+    src: Path,
+    dims: dict[str, int] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+):
+    """Inputs for the model in ``src``: from ``spec``, a folder of images (resized as
+    :func:`image_size` says, grey for a one-channel input), a .npy array (a model with
+    one input) or a .npz of arrays by input name; or, without ``spec``, the sample
+    images (:func:`cle_onnx._evaluate.default_inputs`). :class:`CLEError` naming
+    ``spec`` for images given to a model whose input is not a float tensor, for one
+    array given to a model with several inputs, and for inputs the model cannot take
+    (shape, type: see :func:`feeds`)."""
     model = _io.load(src)
+    names = [i.name for i in data_inputs(model)]
+    if spec is None:
+        from ._evaluate import default_inputs
+
+        images = default_inputs(model, dims, shapes)
+        return {names[0]: images}
+    if len(names) > 1 and Path(spec).suffix != ".npz":
+        raise CLEError(
+            f"{spec}: the model has {len(names)} inputs ({', '.join(names)}); a folder of "
+            "images or a .npy array feeds one: give a .npz of arrays by input name"
+        )
     if Path(spec).is_dir():
-        check_images_fit(model, str(spec), "give a .npy array of its values")
-    inputs = fit_channels(load_inputs(spec, input_size(model)), model)
-    if len(data_inputs(model)) == 1:  # else feeds() asks for a dict, which no file gives
-        feeds(model, inputs, f"data in {spec}")
-    return inputs
+        check_images_fit(model, str(spec), "give its values in a .npy or .npz file")
+        inputs = fit_channels(load_inputs(spec, image_size(model, dims, shapes)), model)
+    else:
+        inputs = load_inputs(spec, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE))
+    feeds(model, inputs, f"data in {spec}")
+    # By name, so that what is printed about them names the input.
+    return inputs if isinstance(inputs, dict) else {names[0]: inputs}
 
 
 def evaluate_files(paths: list[Path], inputs, **quantization):

@@ -45,10 +45,10 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from cle_core import CLEError, Deployment
 from cle_core._deployment import deployment_of
 from cle_core._files import temp_folder
-from cle_core._quality import compare_outputs, natural_images, quantize_array
+from cle_core._quality import compare_outputs, describe_arrays, natural_images, quantize_array
 
-from ._calibrate import data_inputs, feeds
-from ._commands import check_images_fit, check_same_io, fit_channels
+from ._calibrate import batch_axes, data_inputs, examples, feeds, fixed_batch, take
+from ._commands import check_images_fit, check_same_io, fit_channels, image_size
 from ._translate import default_opset
 
 __all__ = [
@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 QDQ_OPSET = 13  # per-channel QuantizeLinear needs 13: an older model is converted first
-_DEFAULT_SIZE = 224
 _TYPES = {  # bits -> (signed, unsigned) onnxruntime types
     4: (QuantType.QInt4, QuantType.QUInt4),
     8: (QuantType.QInt8, QuantType.QUInt8),
@@ -97,7 +96,8 @@ def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
         if quantized
         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
-    opts.log_severity_level = 3
+    # 4 (fatal only): a run that fails raises, and says it once, in our one line
+    opts.log_severity_level = 4
     try:
         return ort.InferenceSession(
             model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
@@ -107,25 +107,27 @@ def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
 
 
 def _batches(model: onnx.ModelProto, fed: dict, batch: int) -> Iterator[tuple[dict, int]]:
-    """Chunks of ``fed`` and their real row counts. A model with a fixed batch
-    dimension gets chunks of that size, the last one padded by repeating its last row
-    (whose results are dropped)."""
+    """Chunks of ``fed`` (each input split along its batch axis, see
+    :func:`cle_onnx._calibrate.batch_axes`) and their real example counts. A model with
+    a fixed batch dimension gets chunks of that size, the last one padded by repeating
+    its last example (whose results are dropped)."""
     if batch < 1:
         raise CLEError(f"batch must be positive, got {batch}")
-    n = next(iter(fed.values())).shape[0]
-    fixed = None
-    for gi in data_inputs(model):
-        dims = gi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            fixed = int(dims[0].dim_value)
-            break
+    axes = batch_axes(model)
+    n = examples(fed, axes)
+    fixed = fixed_batch(model)
     step = fixed or batch
     for start in range(0, n, step):
-        chunk = {k: v[start : start + step] for k, v in fed.items()}
-        real = next(iter(chunk.values())).shape[0]
+        chunk = take(fed, axes, start, start + step)
+        real = min(step, n - start)
         if fixed and real < fixed:
             chunk = {
-                k: np.concatenate([v, np.repeat(v[-1:], fixed - real, axis=0)])
+                k: v
+                if axes[k] is None
+                else np.concatenate(
+                    [v, np.repeat(np.take(v, [-1], axis=axes[k]), fixed - real, axis=axes[k])],
+                    axis=axes[k],
+                )
                 for k, v in chunk.items()
             }
         yield chunk, real
@@ -144,12 +146,16 @@ def run(
     session = _session(model, name)
     first = session.get_outputs()[0].name
     parts = []
+    axes = batch_axes(model)
     for chunk, real in _batches(model, fed, batch):
-        rows = next(iter(chunk.values())).shape[0]
+        rows = examples(chunk, axes)
         try:
             out = np.asarray(session.run([first], chunk)[0])
         except Exception as exc:
-            raise CLEError(f"onnxruntime cannot run {name}: {_one_line(exc)}") from None
+            raise CLEError(
+                f"onnxruntime cannot run {name} on inputs {describe_arrays(chunk)}: "
+                f"{_one_line(exc)}"
+            ) from None
         # The rows are cut, padded and compared example by example: along axis 0.
         if out.ndim == 0 or out.shape[0] != rows:
             raise CLEError(
@@ -160,32 +166,40 @@ def run(
     return np.concatenate(parts, axis=0)
 
 
-def default_inputs(model: onnx.ModelProto) -> np.ndarray:
+def default_inputs(
+    model: onnx.ModelProto,
+    dims: dict[str, int] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> np.ndarray:
     """The default evaluation batch for ``model``: the 120 natural images at the height
-    and width of its single NCHW input (224 where those are dynamic), averaged to grey
-    for a one-channel input."""
+    and width of its single NCHW input, as declared or as ``dims`` (by dimension name)
+    and ``shapes`` (by input name) size them (224 where none does, with a warning),
+    averaged to grey for a one-channel input."""
     graph_inputs = data_inputs(model)
     if len(graph_inputs) != 1:
-        raise CLEError("default inputs need a model with one input; pass inputs explicitly")
+        raise CLEError(
+            f"the sample images feed one input; the model has {len(graph_inputs)} inputs "
+            f"({', '.join(i.name for i in graph_inputs)}): give them with --inputs "
+            "FILE.npz, arrays by input name (Python: inputs= a dict)"
+        )
     check_images_fit(
-        model, "the sample images", "give its values with --inputs FILE.npy (Python: inputs=)"
+        model,
+        "the sample images",
+        "give its values with --inputs FILE.npy or FILE.npz (Python: inputs=)",
     )
-    dims = graph_inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
+    dims_ = graph_inputs[0].type.tensor_type.shape.dim
+    if len(dims_) != 4:
         raise CLEError(
-            f"default inputs need an NCHW image input, {graph_inputs[0].name!r} has rank "
-            f"{len(dims)}; pass inputs explicitly"
+            f"the sample images are NCHW, input {graph_inputs[0].name!r} has rank "
+            f"{len(dims_)}: give its values with --inputs FILE.npy (Python: inputs=)"
         )
-    if dims[1].HasField("dim_value") and dims[1].dim_value not in (0, 1, 3):
+    if dims_[1].HasField("dim_value") and dims_[1].dim_value not in (0, 1, 3):
         raise CLEError(
-            f"default inputs are RGB or grey images, {graph_inputs[0].name!r} has "
-            f"{dims[1].dim_value} channels; pass inputs explicitly"
+            f"the sample images are RGB or grey, input {graph_inputs[0].name!r} has "
+            f"{dims_[1].dim_value} channels: give its values with --inputs FILE.npy "
+            "(Python: inputs=)"
         )
-    hw = tuple(
-        int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else _DEFAULT_SIZE
-        for d in dims[2:]
-    )
-    return fit_channels(natural_images(size=hw), model)
+    return fit_channels(natural_images(size=image_size(model, dims, shapes)), model)
 
 
 # -- quantizing ---------------------------------------------------------------------------

@@ -217,12 +217,40 @@ def bits_or_none(text: str) -> int | None:
         ) from None
 
 
+INPUTS_METAVAR = "DIR|FILE.npy|FILE.npz"
+
+
 def input_spec(spec: str, flag: str) -> Path:
-    """``spec`` if it is a folder or a ``.npy`` file (what backends read inputs from)."""
+    """``spec`` if it is a folder, a ``.npy`` or a ``.npz`` file (what backends read
+    inputs from: images, one input's array, arrays by input name)."""
     path = Path(spec)
-    if path.is_dir() or (path.suffix == ".npy" and path.is_file()):
+    if path.is_dir() or (path.suffix in (".npy", ".npz") and path.is_file()):
         return path
-    raise UsageError(f"{path}: {flag} takes a folder of images or a .npy file")
+    if path.suffix in (".npy", ".npz"):
+        raise UsageError(f"{path}: {flag}: no such file")
+    raise UsageError(
+        f"{path}: {flag} takes a folder of images, a .npy array (a model with one input) "
+        "or a .npz of arrays by input name"
+    )
+
+
+def add_size_options(p, what: str) -> None:
+    """``--dim`` and ``--input-shape``: the sizes of an input's dynamic dimensions."""
+    p.add_argument(
+        "--dim",
+        action="append",
+        default=[],
+        metavar="NAME=SIZE",
+        help=f"size of the dynamic input dimension named NAME {what} (repeatable)",
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="INPUT=D0,D1,...",
+        help=f"every size of the input named INPUT {what}, for dimensions without a name "
+        "(-1, ?) (repeatable)",
+    )
 
 
 def parse_dims(items: list[str]) -> dict[str, int]:
@@ -233,6 +261,21 @@ def parse_dims(items: list[str]) -> dict[str, int]:
             raise UsageError(f"--dim expects NAME=SIZE with SIZE >= 1, got {item!r}")
         dims[name] = int(value)
     return dims
+
+
+def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    """``--input-shape INPUT=D0,D1,...`` by input name (an empty list: a scalar)."""
+    shapes = {}
+    for item in items:
+        # Input names may hold '=' (they are any string); sizes never do.
+        name, sep, value = item.rpartition("=")
+        sizes = value.split(",") if value else []
+        if not sep or not name or not all(d.strip().isdigit() and int(d) >= 1 for d in sizes):
+            raise UsageError(
+                f"--input-shape expects INPUT=D0,D1,... with every size >= 1, got {item!r}"
+            )
+        shapes[name] = tuple(int(d) for d in sizes)
+    return shapes
 
 
 def fmt_db(x: float) -> str:

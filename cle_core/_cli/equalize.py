@@ -9,17 +9,21 @@ from pathlib import Path
 from .._backend import get_backend_for_file
 from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
 from .._files import check_output_path, write_atomic
+from .._quality import describe_arrays
 from .._report import Report
 from .._verify import quality_key, split_inputs, verdict
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    INPUTS_METAVAR,
     Progress,
     UsageError,
     add_cle_options,
+    add_size_options,
     cle_options,
     input_spec,
     parse_dims,
+    parse_shapes,
 )
 from .inspect import blocking_reasons, format_summary, nothing_done
 
@@ -63,12 +67,13 @@ def add_parser(sub) -> None:
         + ")",
     )
     eq.add_argument(
-        "--dim",
-        action="append",
-        default=[],
-        metavar="NAME=SIZE",
-        help="size of a dynamic input dimension for --check (repeatable)",
+        "--inputs",
+        metavar=INPUTS_METAVAR,
+        help="the inputs --check runs both models on, instead of random ones: a folder of "
+        "images, a .npy array (a model with one input) or a .npz of arrays by input name "
+        "(integer and boolean inputs need their real values here)",
     )
+    add_size_options(eq, "for --check's random inputs and for images")
     eq.add_argument(
         "--plot",
         metavar="DIR",
@@ -78,11 +83,12 @@ def add_parser(sub) -> None:
     eq.add_argument("--quiet", action="store_true", help="print only errors")
     eq.add_argument(
         "--calibration",
-        metavar="DIR|FILE.npy",
+        metavar=INPUTS_METAVAR,
         help="measure the noise objective's statistics on these inputs instead of "
         "estimating them from the batch norms; a few dozen are enough: a folder of images "
-        "(at most 50 megapixels each; resized to the model's input) or a .npy array of "
-        "finite numbers (floats for a float input, integers for an integer one)",
+        "(at most 50 megapixels each; resized to the model's input), a .npy array of "
+        "finite numbers (floats for a float input, integers for an integer one) or a .npz "
+        "of such arrays by input name",
     )
     eq.add_argument(
         "--verify",
@@ -107,7 +113,9 @@ def run(args) -> int:
         if Path(args.output).resolve() == src.resolve():
             raise UsageError("the output is the input; pass --in-place to overwrite it")
     dst = src if args.in_place else Path(args.output)
-    dims = parse_dims(args.dim)
+    dims, shapes = parse_dims(args.dim), parse_shapes(args.input_shape)
+    if args.inputs and not args.check:
+        raise UsageError("--inputs are what --check runs on; give --check too")
     backend = get_backend_for_file(src)
     options = cle_options(args)
     if args.check and args.in_place:
@@ -128,10 +136,16 @@ def run(args) -> int:
         raise UsageError("--verify needs --calibration: the inputs to measure on")
     if args.verify and args.in_place:
         raise UsageError("--verify compares with the input file, which --in-place overwrites")
-    feeds = backend.check_feeds(src, dims) if args.check else None
+    feeds = None
+    if args.check:
+        given = None
+        if args.inputs:
+            given = backend.read_inputs(input_spec(args.inputs, "--inputs"), src, dims, shapes)
+        feeds = backend.check_feeds(src, dims, shapes, given)
     calibration = None
     if args.calibration:
-        calibration = backend.read_inputs(input_spec(args.calibration, "--calibration"), src)
+        spec = input_spec(args.calibration, "--calibration")
+        calibration = backend.read_inputs(spec, src, dims, shapes)
     with Progress() as progress:
         progress.update("loading", 0.0)
         report, files = backend.equalize_file(
@@ -161,7 +175,11 @@ def run(args) -> int:
         )
         for path in plots:
             print(f"wrote {path}")
+        if calibration is not None:
+            print(f"calibration: {args.calibration}: {describe_arrays(calibration)}")
     if feeds is not None:
+        source = f"inputs from {args.inputs}:" if args.inputs else "random inputs"
+        print(f"check: {source} {describe_arrays(feeds)}")
         failed = 0
         for check in backend.compare(src, dst, feeds):
             bad = check_failed(check, args.check_db)

@@ -11,8 +11,18 @@ from .._backend import get_backend_for_file
 from .._deployment import Deployment
 from .._errors import CLEError
 from .._files import temp_folder
-from .._quality import quality_table
-from ._common import EXIT_OK, UsageError, add_deployment_flags, deployment_fields, input_spec
+from .._quality import describe_arrays, quality_table
+from ._common import (
+    EXIT_OK,
+    INPUTS_METAVAR,
+    UsageError,
+    add_deployment_flags,
+    add_size_options,
+    deployment_fields,
+    input_spec,
+    parse_dims,
+    parse_shapes,
+)
 
 
 def add_parser(sub) -> None:
@@ -30,10 +40,12 @@ def add_parser(sub) -> None:
     ev.add_argument("equalized", metavar="EQUALIZED", nargs="?")
     ev.add_argument(
         "--inputs",
-        metavar="DIR|FILE.npy",
-        help="a folder of images or a .npy array of inputs (default: the 120 "
-        "sample images of scikit-image at the model's input size)",
+        metavar=INPUTS_METAVAR,
+        help="a folder of images, a .npy array (a model with one input) or a .npz of "
+        "arrays by input name (default: the 120 sample images of scikit-image at the "
+        "model's input size)",
     )
+    add_size_options(ev, "for images")
     ev.add_argument(
         "--bits",
         type=int,
@@ -49,7 +61,7 @@ def add_parser(sub) -> None:
     )
     ev.add_argument(
         "--calibration",
-        metavar="DIR|FILE.npy",
+        metavar=INPUTS_METAVAR,
         help="inputs quantize_static calibrates on (default: the --inputs themselves)",
     )
     ev.add_argument("--batch", type=int, default=16, help="batch size (default: %(default)s)")
@@ -72,11 +84,18 @@ def run(args) -> int:
         )
     except CLEError as exc:
         raise UsageError(str(exc).replace("weight_bits", "--bits")) from None
-    inputs = calibration = None
-    if args.inputs:
-        inputs = backend.read_inputs(input_spec(args.inputs, "--inputs"), paths[0])
+    dims, shapes = parse_dims(args.dim), parse_shapes(args.input_shape)
+    spec = input_spec(args.inputs, "--inputs") if args.inputs else None
+    # Without --inputs, the backend's default inputs (None: it makes them itself).
+    inputs = backend.read_inputs(spec, paths[0], dims, shapes)
+    if inputs is not None:
+        source = f"from {args.inputs}" if spec else "(default)"
+        print(f"evaluate: inputs {source}: {describe_arrays(inputs)}")
+    calibration = None
     if args.calibration:
-        calibration = backend.read_inputs(input_spec(args.calibration, "--calibration"), paths[0])
+        spec = input_spec(args.calibration, "--calibration")
+        calibration = backend.read_inputs(spec, paths[0], dims, shapes)
+        print(f"evaluate: calibration from {args.calibration}: {describe_arrays(calibration)}")
     with _all_temporary_files_in_one_folder():
         rows, classifier, notes = backend.evaluate_files(
             paths,

@@ -25,7 +25,8 @@ def files(tmp_path):
 
 
 def table(text):
-    rows = [line.split() for line in text.strip().splitlines() if not line.startswith("*")]
+    lines = text.strip().splitlines()
+    rows = [line.split() for line in lines if not line.startswith(("*", "evaluate:"))]
     value = {"exact": np.inf}  # an infinite SQNR: the same outputs
     return rows[0], {r[0]: [value.get(v) or float(v) for v in r[1:]] for r in rows[1:]}
 

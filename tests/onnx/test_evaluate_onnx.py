@@ -324,7 +324,9 @@ def test_cle_evaluate_quantizes_the_weights_of_a_float16_model(tmp_path, capsys)
     np.save(npy, _x(4))
     for extra in ([], ["--weights-only"]):
         assert main(["evaluate", str(src), "--inputs", str(npy), *extra]) == 0
-        row = capsys.readouterr().out.splitlines()[1].split()
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"evaluate: inputs from {npy}: x (4, 3, 8, 8) float32")
+        row = out[2].split()
         fp32, w8 = float(row[1]), float(row[2])
         assert w8 < fp32 - 20, row
 
