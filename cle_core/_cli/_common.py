@@ -77,6 +77,15 @@ class Progress:
             self.shown = True
 
 
+def add_verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list every skipped candidate and every layer, not only the summary",
+    )
+
+
 def add_cle_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("equalization")
     g.add_argument("--no-fold", action="store_true", help="do not fold batch norms")

@@ -16,6 +16,7 @@ from ._common import (
     Progress,
     UsageError,
     add_cle_options,
+    add_verbose_flag,
     cle_options,
     fmt_db,
     input_spec,
@@ -74,6 +75,7 @@ def add_parser(sub) -> None:
         "into DIR (needs matplotlib)",
     )
     eq.add_argument("--quiet", action="store_true", help="print only errors")
+    add_verbose_flag(eq)
     eq.add_argument(
         "--calibration",
         metavar="DIR|FILE.npy",
@@ -152,7 +154,7 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if not args.quiet:
-        print(format_summary(report))
+        print(format_summary(report, args.verbose))
         print(
             f"wrote {' and '.join(str(f) for f in files)}"
             + (f" and report {args.report}" if args.report else "")
