@@ -431,8 +431,11 @@ def get_backend_for_file(path: str | Path) -> Backend:
     (:func:`plugins`)."""
     backend, failed = _ask("cle_backend_for_file", str(path), path=Path(path))
     if backend is None:
+        # What the user can act on first: the suffixes that are read; then the plugins.
+        read = sorted({s for _, plugin in plugins() for s in getattr(plugin, "suffixes", ())})
         raise UnsupportedModelError(
-            f"{path}: no CLE backend reads this file ({_registered(failed)})"
+            f"{path}: no CLE backend reads this file (the registered backends read "
+            f"{', '.join(read) or 'no files'}; {_registered(failed)})"
         )
     return backend
 

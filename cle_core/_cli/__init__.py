@@ -45,8 +45,17 @@ __all__ = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines, what is wrong and where the help is: argparse's own
+    repeats the usage block first (nine lines for ``cle equalize``), which hides the
+    error. Subcommands' parsers are of this class too (argparse makes them so)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\ntry '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cle",
         description="Exact cross-layer equalization: fold batch norms, balance per-channel "
         "weight ranges across layers, absorb high biases, and report what was done.",

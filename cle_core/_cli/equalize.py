@@ -119,6 +119,8 @@ def run(args) -> int:
             raise UsageError("--report would overwrite a model file")
     if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise UsageError(f"--plot {args.plot} exists and is not a directory")
+    if args.plot and not Path(args.plot).exists():
+        check_output_path(args.plot, "--plot")  # created, but only where -o could write
     if args.calibration and options.objective == "balance" and not args.verify:
         raise UsageError(
             "--calibration measures statistics the balance objective does not use "
@@ -161,6 +163,13 @@ def run(args) -> int:
         )
         for path in plots:
             print(f"wrote {path}")
+        if args.plot and not plots:
+            print(
+                f"plots: nothing to plot (no layer was translated, nothing was equalized); "
+                f"{args.plot} not written"
+            )
+        elif args.plot and not any(p.name == "channel_ranges.png" for p in plots):
+            print("plots: no channel_ranges.png (no layer's weights changed)")
     if feeds is not None:
         failed = 0
         for name, sqnr, max_abs, max_rel, dtype, before in backend.compare(src, dst, feeds):

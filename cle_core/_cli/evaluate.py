@@ -12,7 +12,14 @@ from .._deployment import Deployment
 from .._errors import CLEError
 from .._files import temp_folder
 from .._quality import quality_table
-from ._common import EXIT_OK, UsageError, add_deployment_flags, deployment_fields, input_spec
+from ._common import (
+    EXIT_OK,
+    UsageError,
+    add_deployment_flags,
+    deployment_fields,
+    flag_names,
+    input_spec,
+)
 
 
 def add_parser(sub) -> None:
@@ -71,7 +78,8 @@ def run(args) -> int:
             **{k: v for k, v in fields.items() if k != "activation_bits"},
         )
     except CLEError as exc:
-        raise UsageError(str(exc).replace("weight_bits", "--bits")) from None
+        bits = {"weight_bits": "--bits", "activation_bits": "--bits"}
+        raise UsageError(flag_names(str(exc), bits)) from None
     inputs = calibration = None
     if args.inputs:
         inputs = backend.read_inputs(input_spec(args.inputs, "--inputs"), paths[0])

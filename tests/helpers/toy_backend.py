@@ -120,6 +120,9 @@ def cle_backend_for(model: Any):
     return ToyBackend() if isinstance(model, ToyMLP) else None
 
 
+suffixes = (".toy",)
+
+
 @cle_core.hookimpl
 def cle_backend_for_file(path: Path):
-    return ToyBackend() if path.suffix == ".toy" else None
+    return ToyBackend() if path.suffix in suffixes else None
