@@ -383,7 +383,9 @@ def _summary(report: Report, verbose: bool) -> str:
         f"deployment:         {report.options.deployment.describe()}",
     ]
     if report.verification is not None:
-        lines.append(f"verify:             {report.verification.summary().removeprefix('verified ')}")
+        lines.append(
+            f"verify:             {report.verification.summary().removeprefix('verified ')}"
+        )
     lines += [
         f"sweeps:             {report.sweeps} ({_stop_reason(report)})",
         f"high-bias absorbed: {len(report.high_bias)} layers"

@@ -12,7 +12,9 @@ from tests.helpers.strategies import build_graph
 
 
 def _report():
-    return equalize(build_graph(4, [("chain", "relu6"), ("residual", "relu")], 4, head=False)).report
+    return equalize(
+        build_graph(4, [("chain", "relu6"), ("residual", "relu")], 4, head=False)
+    ).report
 
 
 def test_python_and_command_line_print_the_same_summary():
