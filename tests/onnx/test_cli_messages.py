@@ -207,3 +207,18 @@ def test_a_scaled_relu6_is_a_scalar_clip_then_a_per_channel_min(model_file):
     new, _ = cle_onnx.equalize_model(onnx.load(str(model_file)))
     ops = [n.op_type for n in new.graph.node]
     assert ops == ["Conv", "Clip", "Min"] * 3 + ["Conv"]
+
+
+def test_a_reader_that_stops_early_is_no_error(model_file):
+    """``cle inspect m.onnx | head -1`` printed "internal error: BrokenPipeError"."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cle_core._cli", "inspect", str(model_file), "-v"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before cle prints anything: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""
