@@ -326,7 +326,9 @@ class Report:
             for key, records in shown
         ]
         if len(ranked) > len(shown):
-            lines.append(f"... and {len(ranked) - len(shown)} more kinds (see the report)")
+            lines.append(
+                f"... and {len(ranked) - len(shown)} more kinds (-v lists every candidate)"
+            )
         return lines
 
 
@@ -397,7 +399,7 @@ def _summary(report: Report, verbose: bool) -> str:
     elif not verbose:
         lines.append(
             f"weight SQNR (est.): mean {_fmt_db(before)} dB -> {_fmt_db(after)} dB over "
-            f"{len(report.layers)} layers (INT8 per tensor; -v for each layer)"
+            f"{len(report.layers)} layers (INT8 per tensor; -v lists each layer)"
         )
     lines.append(f"skipped:            {len(report.skipped)}")
     if verbose:

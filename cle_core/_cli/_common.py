@@ -215,8 +215,8 @@ def cle_options(args) -> EqualizeOptions:
         raise UsageError(flag_names(str(exc))) from None
 
 
-# The Python spellings in the core's messages, as the flags spell them; longest first,
-# so that "activation_bits=None" is replaced before "activation_bits".
+# The Python spellings in the core's messages, as the flags spell them; a phrase before
+# the names in it ("activation_bits=None" before "activation_bits").
 _FLAGS = {
     "objective='balance'": "--objective balance",
     "activation_bits=None": "--weights-only",

@@ -44,6 +44,9 @@ def test_many_skips_are_grouped_with_their_counts():
     assert "  1 x [fold] bn7: its layer is shared" in lines
     assert "skipped:            151" in lines
     assert len(report.summary(verbose=True).splitlines()) > 151
+    kinds = tuple(SkipRecord("fold", f"bn{i}", f"reason {'x' * i}") for i in range(1, 5))
+    lines = replace(report, skipped=skips + kinds).summary().splitlines()
+    assert lines[-1] == "  ... and 3 more kinds (-v lists every candidate)"
 
 
 def test_an_estimate_below_0_db_is_explained_not_printed_as_a_figure():
