@@ -376,17 +376,21 @@ def _summary(report: Report, verbose: bool) -> str:
     elif report.noise is not None and report.regions:
         objective += ": " + estimate_text(report.noise, report.options.deployment.short())
     kinds = _counts(r.kind for r in report.regions)
+    scaled = sum(bool(np.any(r.scales != 1)) for r in report.regions)
     inexact = sum(not r.exact for r in report.high_bias)
     lines = [
         f"batch norms folded: {len(report.folds)}",
-        f"regions equalized:  {len(report.regions)}"
+        f"regions equalized:  {scaled}"
+        # Regions whose scales all stayed 1 (a gain under 1 dB is not applied) are found,
+        # not equalized: "19" there read as if the model had changed.
+        + (f" of {len(report.regions)} found" if scaled < len(report.regions) else "")
         + (f" ({', '.join(f'{n} {k}' for k, n in kinds)})" if kinds else ""),
         f"objective:          {objective}",
         f"deployment:         {report.options.deployment.describe()}",
     ]
     if report.verification is not None:
         lines.append(
-            f"verify:             {report.verification.summary().removeprefix('verified ')}"
+            f"verified:           {report.verification.summary().removeprefix('verified ')}"
         )
     lines += [
         f"sweeps:             {report.sweeps} ({_stop_reason(report)})",

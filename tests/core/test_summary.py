@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from cle_core import equalize
 from cle_core._cli import format_summary
 from cle_core._report import NoiseEstimate, SkipRecord
@@ -62,3 +64,11 @@ def test_an_estimate_below_0_db_is_explained_not_printed_as_a_figure():
     fine = replace(report, noise=NoiseEstimate(before=0.1, after=0.01, history=(0.1, 0.01)))
     plain = next(x for x in fine.summary().splitlines() if x.startswith("objective:"))
     assert plain.endswith("noise: est. output SQNR (W8A8) 10.00 dB -> 20.00 dB")
+
+
+def test_regions_left_at_scale_1_are_found_not_equalized():
+    report = _report()
+    n = len(report.regions)
+    assert f"regions equalized:  {n} (" in report.summary()
+    ones = tuple(replace(r, scales=np.ones_like(r.scales)) for r in report.regions)
+    assert f"regions equalized:  0 of {n} found (" in replace(report, regions=ones).summary()
