@@ -62,7 +62,7 @@ def plot_channel_ranges(report: Report, path: str | Path, worst: int = 8) -> Pat
             ax.plot(x, rec.ranges_before, ".", color="#a0a0a0", ms=3, label="before CLE")
             ax.plot(x, rec.ranges_after, ".", color="#1f77b4", ms=3, label="after CLE")
         ax.set_yscale("log")
-        _few_log_ticks(ax)
+        _few_log_ticks(ax, np.concatenate([rec.ranges_before, rec.ranges_after]))
         ax.set_title(
             f"{_shorten(rec.name, 60)}\nmax/p10 range {_spread(rec.ranges_before):.0f}x -> "
             f"{_spread(rec.ranges_after):.1f}x, est. INT8 SQNR "
@@ -115,12 +115,17 @@ def _shorten(name: str, width: int) -> str:
     return f"{name[:head]}\u2026{name[len(name) - (width - 1 - head) :]}"
 
 
-def _few_log_ticks(ax) -> None:
+def _few_log_ticks(ax, values: np.ndarray) -> None:
     """At most five labelled powers of ten on a log axis, no labelled minor ticks:
     matplotlib labels the minor ticks of a range under a decade or two, and they
-    overlap in a panel 2.8 inches high."""
+    overlap in a panel 2.8 inches high. The axis spans whole decades, so that at least
+    two powers of ten are labelled."""
     from matplotlib.ticker import LogLocator, NullFormatter
 
+    live = values[values > 0]
+    if live.size:
+        low, high = np.floor(np.log10(live.min())), np.ceil(np.log10(live.max()))
+        ax.set_ylim(10.0**low, 10.0 ** max(high, low + 1))
     ax.yaxis.set_major_locator(LogLocator(base=10, numticks=5))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.tick_params(axis="y", labelsize=8)

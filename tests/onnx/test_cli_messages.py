@@ -222,3 +222,26 @@ def test_a_reader_that_stops_early_is_no_error(model_file):
     proc.stdout.close()  # before cle prints anything: every write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == ""
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.02, 0.3), (1e-6, 30.0)])
+def test_log_axes_of_channel_ranges_label_a_few_whole_decades(low, high):
+    pytest.importorskip("matplotlib")
+    from cle_core._plots import _few_log_ticks, _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    try:
+        values = np.geomspace(low, high, 50)
+        ax.plot(values)
+        ax.set_yscale("log")
+        _few_log_ticks(ax, values)
+        fig.canvas.draw()
+        lo, hi = ax.get_ylim()
+        assert np.log10(lo) == np.floor(np.log10(low)) and np.log10(hi) == np.ceil(np.log10(high))
+        shown = [t for t in ax.yaxis.get_majorticklabels() if t.get_text()]
+        inside = [t for t in shown if lo <= t.get_position()[1] <= hi]
+        assert 2 <= len(inside) <= 6
+        assert not [t for t in ax.yaxis.get_minorticklabels() if t.get_text()]
+    finally:
+        plt.close(fig)
