@@ -99,9 +99,6 @@ class FileBackend(Backend):
     :meth:`open_file`, so that a file reaches the IR the way the Python API's models do.
     """
 
-    suffixes: tuple[str, ...] = ()
-    """The file suffixes the backend reads (``(".onnx",)``), for messages to users."""
-
     def load(self, path: Path) -> Any:
         """Read the model file ``path``; a :class:`CLEError` if it is missing or corrupt."""
         raise UnsupportedModelError(f"the {self.name} backend reads no model files")
@@ -477,8 +474,11 @@ def get_backend_for_file(path: str | Path) -> FileBackend:
     (:func:`plugins`)."""
     backend, failed = _ask("cle_backend_for_file", str(path), FileBackend, path=Path(path))
     if backend is None:
+        # What the user can act on first: the suffixes that are read; then the plugins.
+        read = sorted({s for _, plugin in plugins() for s in getattr(plugin, "suffixes", ())})
         raise UnsupportedModelError(
-            f"{path}: no CLE backend reads this file ({_registered(failed)})"
+            f"{path}: no CLE backend reads this file (the registered backends read "
+            f"{', '.join(read) or 'no files'}; {_registered(failed)})"
         )
     return backend
 

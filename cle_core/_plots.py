@@ -62,8 +62,9 @@ def plot_channel_ranges(report: Report, path: str | Path, worst: int = 8) -> Pat
             ax.plot(x, rec.ranges_before, ".", color="#a0a0a0", ms=3, label="before CLE")
             ax.plot(x, rec.ranges_after, ".", color="#1f77b4", ms=3, label="after CLE")
         ax.set_yscale("log")
+        _few_log_ticks(ax, np.concatenate([rec.ranges_before, rec.ranges_after]))
         ax.set_title(
-            f"{rec.name}\nmax/p10 range {_spread(rec.ranges_before):.0f}x -> "
+            f"{_shorten(rec.name, 60)}\nmax/p10 range {_spread(rec.ranges_before):.0f}x -> "
             f"{_spread(rec.ranges_after):.1f}x, est. INT8 SQNR "
             f"{rec.sqnr_before:.1f} -> {rec.sqnr_after:.1f} dB",
             fontsize=9,
@@ -100,9 +101,34 @@ def plot_sqnr(report: Report, path: str | Path) -> Path | None:
     ax.legend()
     if len(layers) <= 60:
         ax.set_xticks(x)
-        ax.set_xticklabels([r.name[-28:] for r in layers], rotation=90, fontsize=6)
-    fig.tight_layout()
+        ax.set_xticklabels([_shorten(r.name, 32) for r in layers], rotation=90, fontsize=6)
+    fig.tight_layout()  # makes room below the axis for the longest label
     return _save(fig, path)
+
+
+def _shorten(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, cut in the middle: exporters' names
+    share their beginnings (``/backbone/features.``) and differ at both ends."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 3
+    return f"{name[:head]}\u2026{name[len(name) - (width - 1 - head) :]}"
+
+
+def _few_log_ticks(ax, values: np.ndarray) -> None:
+    """At most five labelled powers of ten on a log axis, no labelled minor ticks:
+    matplotlib labels the minor ticks of a range under a decade or two, and they
+    overlap in a panel 2.8 inches high. The axis spans whole decades, so that at least
+    two powers of ten are labelled."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    live = values[values > 0]
+    if live.size:
+        low, high = np.floor(np.log10(live.min())), np.ceil(np.log10(live.max()))
+        ax.set_ylim(10.0**low, 10.0 ** max(high, low + 1))
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=5))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="y", labelsize=8)
 
 
 def _save(fig, path) -> Path:
@@ -117,11 +143,17 @@ def _save(fig, path) -> Path:
 
 def write_plots(report: Report, directory: str | Path, worst: int = 8) -> list[Path]:
     """Write ``channel_ranges.png`` and ``sqnr_per_layer.png`` into ``directory``
-    (created if needed). Returns the files written."""
+    (created if missing; its parent must exist, as the folder of an output file must).
+    Returns the files written: none, and no folder left behind, when there is nothing
+    to draw (no layer was translated)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    created = not directory.exists()
+    directory.mkdir(exist_ok=True)
     written = [
         plot_channel_ranges(report, directory / "channel_ranges.png", worst),
         plot_sqnr(report, directory / "sqnr_per_layer.png"),
     ]
-    return [p for p in written if p is not None]
+    written = [p for p in written if p is not None]
+    if created and not written:
+        directory.rmdir()
+    return written

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -299,30 +300,128 @@ class Report:
             return math.nan, math.nan
         return (sum(b for b, _ in fin) / len(fin), sum(a for _, a in fin) / len(fin))
 
-    def summary(self) -> str:
-        """A few lines for a terminal."""
-        before, after = self.mean_sqnr()
+    def summary(self, verbose: bool = False) -> str:
+        """What was done, in a few lines for a terminal (what ``cle equalize`` prints):
+        counts, the estimate, and the skip reasons grouped with their counts.
+        ``verbose=True`` lists every skipped candidate and every layer's estimated
+        INT8 weight SQNR instead (``cle equalize -v``)."""
+        return _summary(self, verbose)
+
+    def skip_reasons(self, top: int = 5) -> list[str]:
+        """The skip reasons grouped by pattern (names and numbers taken out), with their
+        counts, most frequent first: ``"12 x [scale] ..."`` (a reason met once is shown
+        whole), at most ``top`` lines and one that says how many were left out."""
+        groups: dict[str, list[SkipRecord]] = {}
+        for s in self.skipped:
+            pattern = re.sub(r"'[^']*'", "'...'", s.reason)
+            pattern = re.sub(r"\b\d+\b", "N", pattern)
+            groups.setdefault(f"[{s.stage}] {pattern}", []).append(s)
+        ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        # A line that says "1 more" takes the place of the line it hides.
+        shown = ranked if len(ranked) <= top + 1 else ranked[:top]
         lines = [
-            f"batch norms folded: {len(self.folds)}",
-            f"regions equalized:  {len(self.regions)} "
-            f"({', '.join(f'{k} {n}' for k, n in _counts(r.kind for r in self.regions))})",
-            f"sweeps:             {self.sweeps} "
-            f"({'converged' if self.converged else 'not converged'}, "
-            f"max change {self.max_change:.2e})",
-            f"high-bias absorbed: {len(self.high_bias)} layers",
-            f"skipped:            {len(self.skipped)}",
+            f"{len(records)} x {key}"
+            if len(records) > 1
+            else f"1 x [{records[0].stage}] {records[0].candidate}: {records[0].reason}"
+            for key, records in shown
         ]
-        if self.layers:
-            lines.append(f"mean est. INT8 weight SQNR: {before:.2f} dB -> {after:.2f} dB")
-        if self.noise is not None and self.regions:
-            lines.append(f"scales chosen for:  {self.options.deployment.describe()}")
+        if len(ranked) > len(shown):
             lines.append(
-                f"est. output SQNR ({self.options.deployment.short()}): "
-                f"{self.noise.sqnr_before:.2f} dB -> {self.noise.sqnr_after:.2f} dB"
+                f"... and {len(ranked) - len(shown)} more kinds (-v lists every candidate)"
             )
-        if self.verification is not None:
-            lines.append(self.verification.summary())
-        return "\n".join(lines)
+        return lines
+
+
+# Below 0 dB the estimated noise is larger than the signal: the estimate could not follow
+# the model to its outputs (a detector's box decoding, top-k and score thresholds gave
+# -88 dB; random weights that shrink the signal do the same). It still ranks scales, but
+# the figure says nothing about the quality a user gets, which only a measurement gives.
+IMPLAUSIBLE_DB = 0.0
+
+
+def estimate_text(noise: NoiseEstimate, short: str) -> str:
+    """The noise objective's estimate as the summary words it: ``short`` names the
+    deployment (``W8A8``)."""
+    before, after = noise.sqnr_before, noise.sqnr_after
+    figures = f"{_fmt_db(before)} dB -> {_fmt_db(after)} dB"
+    if math.isnan(after) or after < IMPLAUSIBLE_DB:
+        return (
+            f"est. output SQNR ({short}) not meaningful for this model ({figures}: below "
+            "0 dB the estimate only ranks scales, it does not follow this model to its "
+            "outputs; cle evaluate measures them)"
+        )
+    return f"est. output SQNR ({short}) {figures}"
+
+
+def _fmt_db(x: float) -> str:
+    return f"{x:.2f}" if math.isfinite(x) else ("inf" if x > 0 else "-inf" if x < 0 else "nan")
+
+
+def _stop_reason(report: Report) -> str:
+    history = report.noise.history if report.noise is not None else []
+    if len(history) >= 2 and history[-2] > 0:
+        gain = 100 * (history[-2] - history[-1]) / history[-2]
+        state = "converged" if report.converged else "stopped at max_sweeps"
+        if gain < 0.05:
+            return f"{state}: the last sweep changed nothing"
+        return f"{state}: the last sweep lowered the estimate by {gain:.1f} %"
+    state = "converged" if report.converged else "not converged"
+    return f"{state}, max change {report.max_change:.1e}"
+
+
+def _summary(report: Report, verbose: bool) -> str:
+    objective = report.options.objective
+    if objective == "noise" and report.noise is None and report.regions:
+        objective = "balance (the noise estimate is not finite on this model, see skipped)"
+    elif report.noise is not None and report.regions:
+        objective += ": " + estimate_text(report.noise, report.options.deployment.short())
+    kinds = _counts(r.kind for r in report.regions)
+    scaled = sum(bool(np.any(r.scales != 1)) for r in report.regions)
+    inexact = sum(not r.exact for r in report.high_bias)
+    lines = [
+        f"batch norms folded: {len(report.folds)}",
+        f"regions equalized:  {scaled}"
+        # Regions whose scales all stayed 1 (a gain under 1 dB is not applied) are found,
+        # not equalized: "19" there read as if the model had changed.
+        + (f" of {len(report.regions)} found" if scaled < len(report.regions) else "")
+        + (f" ({', '.join(f'{n} {k}' for k, n in kinds)})" if kinds else ""),
+        f"objective:          {objective}",
+        f"deployment:         {report.options.deployment.describe()}",
+    ]
+    if report.verification is not None:
+        lines.append(
+            f"verified:           {report.verification.summary().removeprefix('verified ')}"
+        )
+    lines += [
+        f"sweeps:             {report.sweeps} ({_stop_reason(report)})",
+        f"high-bias absorbed: {len(report.high_bias)} layers"
+        + (f" ({inexact} inexact, see the report)" if inexact else ""),
+    ]
+    before, after = report.mean_sqnr()
+    if not report.layers:
+        lines.append("weight SQNR (est.): no layer was translated")
+    elif not verbose:
+        lines.append(
+            f"weight SQNR (est.): mean {_fmt_db(before)} dB -> {_fmt_db(after)} dB over "
+            f"{len(report.layers)} layers (INT8 per tensor; -v lists each layer)"
+        )
+    lines.append(f"skipped:            {len(report.skipped)}")
+    if verbose:
+        lines += [f"  [{s.stage}] {s.candidate}: {s.reason}" for s in report.skipped]
+    else:
+        lines += [f"  {line}" for line in report.skip_reasons(top=3)]
+    if verbose and report.layers:
+        lines.append("estimated INT8 weight SQNR per layer (dB):")
+        width = max([len(r.name) for r in report.layers] + [5])
+        lines.append(f"  {'layer':<{width}}  {'before':>7}  {'after':>7}")
+        for r in report.layers:
+            lines.append(f"  {r.name:<{width}}  {_col(r.sqnr_before)}  {_col(r.sqnr_after)}")
+        lines.append(f"  {'mean':<{width}}  {_col(before)}  {_col(after)}")
+    return "\n".join(lines)
+
+
+def _col(x: float) -> str:
+    return f"{_fmt_db(x):>7}"
 
 
 def _counts(items):

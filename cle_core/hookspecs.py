@@ -57,7 +57,11 @@ def cle_backend_for_file(path: Path) -> FileBackend | None:
     (judged by its suffix or its first bytes), else None. The command line finds
     backends through this hook. Must be cheap, and fails like :func:`cle_backend_for`
     (raise a ``CLEError`` for a file that is yours but cannot be read: the ONNX backend
-    without onnx installed)."""
+    without onnx installed).
+
+    A plugin whose backends read files names their suffixes in a module attribute
+    ``suffixes`` (``(".onnx",)``): the error for a file that no backend reads lists
+    them."""
 
 
 @hookspec

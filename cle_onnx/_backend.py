@@ -153,7 +153,6 @@ class OnnxBackend(FileBackend):
         return new, result.report
 
     # --- files, for the command line -----------------------------------------------------
-    suffixes = (".onnx",)
 
     def load(self, path: Path) -> onnx.ModelProto:
         return _io.load(path, external_data=True)

@@ -8,6 +8,9 @@ from typing import Any
 
 from cle_core import hookimpl
 
+suffixes = (".onnx",)
+"""The model files the ONNX backend reads (the core lists them when none reads a file)."""
+
 
 @hookimpl
 def cle_backend_for(model: Any):
@@ -22,7 +25,7 @@ def cle_backend_for(model: Any):
 
 @hookimpl
 def cle_backend_for_file(path: Path):
-    if path.suffix.lower() != ".onnx":
+    if path.suffix.lower() not in suffixes:
         return None
     try:
         from ._backend import OnnxBackend

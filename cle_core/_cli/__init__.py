@@ -3,7 +3,8 @@
 Exit status: 0 on success; 2 on bad usage or bad input (one line on stderr, no
 traceback unless ``--debug``, nothing written); 1 when ``--check`` finds that the output
 does not compute what the input does, or on an internal error; 130 on Ctrl-C and 143 on
-SIGTERM (temporary files removed, the destination untouched). Warnings (a broken plugin
+SIGTERM (temporary files removed, the destination untouched); 141, silently, when the
+reader of stdout goes away (``| head``). Warnings (a broken plugin
 skipped, a command name refused) are one ``cle: warning: ...`` line each on stderr.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,6 +26,7 @@ from ._common import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PIPE_CLOSED,
     EXIT_TERMINATED,
     Progress,
     Terminated,
@@ -45,8 +48,17 @@ __all__ = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in two lines, what is wrong and where the help is: argparse's own
+    repeats the usage block first (nine lines for ``cle equalize``), which hides the
+    error. Subcommands' parsers are of this class too (argparse makes them so)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\ntry '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cle",
         description="Exact cross-layer equalization: fold batch norms, balance per-channel "
         "weight ranges across layers, absorb high biases, and report what was done.",
@@ -164,7 +176,11 @@ def _main(parser, args) -> int:
     try:
         if not hasattr(args, "run"):  # every command sets it: its module's, or a backend's
             parser.error(f"unknown command {args.command}")
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe raises here, not in Python's exit
+        return status
+    except BrokenPipeError:
+        return _pipe_closed()
     except KeyboardInterrupt:
         return _interrupted(KeyboardInterrupt())
     except Terminated:
@@ -182,6 +198,15 @@ def _main(parser, args) -> int:
             return EXIT_BAD_INPUT
         return _internal(exc, args.debug)
     return EXIT_OK
+
+
+def _pipe_closed() -> int:
+    """The reader of stdout went away (``cle inspect m.onnx | head``): what it wanted
+    it has, so no error; stdout goes to /dev/null so that Python's own flush at exit
+    does not fail again. Exit status as a shell gives for SIGPIPE."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor under pytest
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_PIPE_CLOSED
 
 
 def _signal_in(exc: BaseException) -> BaseException | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ from .._report import EqualizeOptions
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_CHECK_FAILED = 1
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE
 
 
 class UsageError(CLEError):
@@ -75,6 +77,15 @@ class Progress:
             )
             self.stream.flush()
             self.shown = True
+
+
+def add_verbose_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list every skipped candidate and every layer, not only the summary",
+    )
 
 
 def add_cle_options(p: argparse.ArgumentParser) -> None:
@@ -181,6 +192,11 @@ def deployment_fields(args) -> dict:
 
 
 def cle_options(args) -> EqualizeOptions:
+    activation_bits = args.activation_bits
+    if args.weights_only:
+        if activation_bits not in (None, EqualizeOptions.activation_bits):
+            raise UsageError("give --weights-only or --activation-bits N, not both")
+        activation_bits = None
     try:
         return EqualizeOptions(
             fold_bn=not args.no_fold,
@@ -190,19 +206,37 @@ def cle_options(args) -> EqualizeOptions:
             high_bias_through_padding=args.high_bias_through_padding,
             objective=args.objective,
             weight_bits=args.weight_bits,
-            activation_bits=args.activation_bits,
             max_sweeps=args.max_sweeps,
             tolerance=args.tolerance,
             activation_weight=args.activation_weight,
-            **deployment_fields(args),
+            **{**deployment_fields(args), "activation_bits": activation_bits},
         )
     except CLEError as exc:  # a bad value of a flag: name the flag, not the field
-        raise UsageError(_flag_names(str(exc))) from None
+        raise UsageError(flag_names(str(exc))) from None
 
 
-def _flag_names(message: str) -> str:
-    for field in ("weight_bits", "activation_bits", "max_sweeps", "tolerance", "activation_weight"):
-        message = message.replace(field, "--" + field.replace("_", "-"))
+# The Python spellings in the core's messages, as the flags spell them; a phrase before
+# the names in it ("activation_bits=None" before "activation_bits").
+_FLAGS = {
+    "objective='balance'": "--objective balance",
+    "activation_bits=None": "--weights-only",
+    "or None": "or 'none'",
+    "weight_bits": "--weight-bits",
+    "activation_bits": "--activation-bits",
+    "per_channel": "--per-channel",
+    "max_sweeps": "--max-sweeps",
+    "tolerance": "--tolerance",
+    "activation_weight": "--activation-weight",
+    "high_bias_through_padding": "--high-bias-through-padding",
+    "high_bias_form": "--high-bias-form",
+}
+
+
+def flag_names(message: str, flags: dict[str, str] | None = None) -> str:
+    """``message`` with the Python names of options replaced by their flags (``flags``
+    first: ``cle evaluate`` sets both bit widths with ``--bits``)."""
+    for name, flag in [*(flags or {}).items(), *_FLAGS.items()]:
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
     return message
 
 

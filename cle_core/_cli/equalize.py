@@ -20,6 +20,7 @@ from ._common import (
     UsageError,
     add_cle_options,
     add_size_options,
+    add_verbose_flag,
     cle_options,
     input_spec,
     parse_dims,
@@ -81,6 +82,7 @@ def add_parser(sub) -> None:
         "into DIR (needs matplotlib)",
     )
     eq.add_argument("--quiet", action="store_true", help="print only errors")
+    add_verbose_flag(eq)
     eq.add_argument(
         "--calibration",
         metavar=INPUTS_METAVAR,
@@ -127,6 +129,8 @@ def run(args) -> int:
             raise UsageError("--report would overwrite a model file")
     if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise UsageError(f"--plot {args.plot} exists and is not a directory")
+    if args.plot and not Path(args.plot).exists():
+        check_output_path(args.plot, "--plot")  # created, but only where -o could write
     if args.calibration and options.objective == "balance" and not args.verify:
         raise UsageError(
             "--calibration measures statistics the balance objective does not use "
@@ -168,13 +172,20 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if not args.quiet:
-        print(format_summary(report))
+        print(format_summary(report, args.verbose))
         print(
             f"wrote {' and '.join(str(f) for f in files)}"
             + (f" and report {args.report}" if args.report else "")
         )
         for path in plots:
             print(f"wrote {path}")
+        if args.plot and not plots:
+            print(
+                f"plots: nothing to plot (no layer was translated, nothing was equalized); "
+                f"{args.plot} not written"
+            )
+        elif args.plot and not any(p.name == "channel_ranges.png" for p in plots):
+            print("plots: no channel_ranges.png (no layer's weights changed)")
         if calibration is not None:
             print(f"calibration: {args.calibration}: {describe_arrays(calibration)}")
     if feeds is not None:

@@ -19,6 +19,7 @@ from ._common import (
     add_deployment_flags,
     add_size_options,
     deployment_fields,
+    flag_names,
     input_spec,
     parse_dims,
     parse_shapes,
@@ -83,7 +84,8 @@ def run(args) -> int:
             **{k: v for k, v in fields.items() if k != "activation_bits"},
         )
     except CLEError as exc:
-        raise UsageError(str(exc).replace("weight_bits", "--bits")) from None
+        bits = {"weight_bits": "--bits", "activation_bits": "--bits"}
+        raise UsageError(flag_names(str(exc), bits)) from None
     dims, shapes = parse_dims(args.dim), parse_shapes(args.input_shape)
     spec = input_spec(args.inputs, "--inputs") if args.inputs else None
     # Without --inputs, the backend's default inputs (None: it makes them itself).

@@ -41,7 +41,6 @@ class ToyMLP:
 
 class ToyBackend(FileBackend):
     name = "toy"
-    suffixes = (".toy",)
 
     def to_ir(self, model: ToyMLP, **options: Any) -> Graph:
         if options:
@@ -121,6 +120,9 @@ def cle_backend_for(model: Any):
     return ToyBackend() if isinstance(model, ToyMLP) else None
 
 
+suffixes = (".toy",)
+
+
 @cle_core.hookimpl
 def cle_backend_for_file(path: Path):
-    return ToyBackend() if path.suffix == ".toy" else None
+    return ToyBackend() if path.suffix in suffixes else None

@@ -28,7 +28,7 @@ def test_equalize_writes_model_report_and_summary(model_file, tmp_path, capsys):
     assert main(["equalize", str(model_file), "-o", str(out), "--report", str(rep), "--check"]) == 0
     text = capsys.readouterr().out
     assert "batch norms folded: 3" in text and "regions equalized:" in text
-    assert "estimated INT8 weight SQNR per layer" in text and "mean" in text
+    assert "weight SQNR (est.): mean" in text
     assert "check: output 'conv_out45': SQNR" in text and text.rstrip().endswith("ok")
     onnx.checker.check_model(str(out), full_check=True)
     data = json.loads(rep.read_text())
@@ -139,6 +139,8 @@ def test_write_is_atomic(model_file, tmp_path, monkeypatch, capsys):
 
 def test_inspect_writes_nothing(model_file, tmp_path, capsys):
     assert main(["inspect", str(model_file)]) == 0
+    assert "regions equalized:  3 (3 pair)" in capsys.readouterr().out
+    assert main(["inspect", str(model_file), "-v"]) == 0
     text = capsys.readouterr().out
     assert "regions would be equalized" in text and "triples" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
@@ -235,7 +237,7 @@ def _weights_from_inputs(path):
 
 def test_inspect_says_why_nothing_would_be_equalized(tmp_path, capsys):
     src = _weights_from_inputs(tmp_path / "in.onnx")
-    assert main(["inspect", str(src)]) == 0
+    assert main(["inspect", str(src), "--verbose"]) == 0
     text = capsys.readouterr().out
     assert "[translate] Conv_0: Conv left out: 'w' is not a constant" in text
     assert text.rstrip().endswith(
