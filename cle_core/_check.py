@@ -58,10 +58,5 @@ def figure_passes(sqnr: float, before: tuple[str, float] | None, threshold: floa
     return sqnr >= threshold or (before is not None and before[1] >= threshold)
 
 
-def is_float(dtype: str) -> bool:
-    """Whether ``dtype`` (a NumPy or ml_dtypes name) is a floating-point type."""
-    return dtype.startswith(("float", "bfloat"))
-
-
 def fmt_sqnr(x: float) -> str:
     return f"{x:.2f} dB" if math.isfinite(x) else ("inf dB" if x > 0 else "-inf dB")

@@ -13,8 +13,9 @@ Inputs and statistics:
 
 - :func:`check_real_dtype`, :func:`check_finite`, :func:`is_float_dtype`,
   :func:`non_finite_name`: the refusals every calibration input goes through;
-- :func:`load_array`, :func:`load_inputs`: ``.npy`` / ``.npz`` files and folders of
-  images as the command line reads them;
+- :func:`load_array`, :func:`load_arrays`, :func:`load_inputs`: ``.npy`` / ``.npz``
+  files and folders of images as the command line reads them; :func:`describe_arrays`
+  (``x (8, 3, 224, 224) float32``, as the command line prints the inputs it uses);
 - :class:`ChannelStats`, :class:`StatsAccumulator`: per-channel statistics of measured
   tensors, which ``Backend.calibration_stats`` returns.
 
@@ -24,9 +25,10 @@ legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
 :func:`verdict` (``verify=``: measure the original and the result, keep the better).
 
 Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
-line), :func:`write_plots`.
+line), :func:`write_plots`, :func:`warn` (one ``cle: warning:`` line on stderr).
 """
 
+from ._backend import warn
 from ._cli._common import Progress, UsageError
 from ._deployment import deployment_of
 from ._files import (
@@ -45,8 +47,10 @@ from ._plots import write_plots
 from ._quality import (
     check_finite,
     check_real_dtype,
+    describe_arrays,
     is_float_dtype,
     load_array,
+    load_arrays,
     load_inputs,
     non_finite_name,
 )
@@ -63,12 +67,14 @@ __all__ = [
     "check_real_dtype",
     "commit",
     "deployment_of",
+    "describe_arrays",
     "discard",
     "file_mode",
     "fit_dtype",
     "folder_of",
     "is_float_dtype",
     "load_array",
+    "load_arrays",
     "load_inputs",
     "non_finite_name",
     "quality_key",
@@ -77,6 +83,7 @@ __all__ = [
     "staged",
     "temp_folder",
     "verdict",
+    "warn",
     "write_atomic",
     "write_plots",
 ]

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from cle_core import EqualizeResult, Node, unique_name
-from cle_core._math import fit_dtype
+from cle_core.toolkit import fit_dtype
 
 from ._translate import Translation, has_subgraph, np_dtype, outer_reads, subgraphs
 

@@ -19,10 +19,9 @@ from cle_core import (
     Translated,
     equalize,
 )
-from cle_core._files import check_output_path
-from cle_core._verify import quality_key, split_inputs, verdict
+from cle_core.toolkit import check_output_path, quality_key, split_inputs, verdict
 
-from . import _commands, _io
+from . import _check, _inputs, _io
 from ._apply import apply
 from ._calibrate import calibration_stats
 from ._translate import Translation, to_ir
@@ -184,20 +183,45 @@ class OnnxBackend(FileBackend):
         return report, files
 
     def read_inputs(self, spec, src, dims=None, shapes=None):
-        return _commands.read_inputs(spec, src, dims, shapes)
+        return _inputs.read_inputs(spec, src, dims, shapes)
 
     def check_feeds(self, src, dims, shapes=None, inputs=None):
-        feeds = _commands.check_feeds(_io.load(src), dims, shapes, inputs)
+        feeds = _inputs.check_feeds(_io.load(src), dims, shapes, inputs)
         # Inputs the graph refuses (a size it cannot take) are found before anything
         # is written, not after the equalized file is.
-        _commands.run_once(src, feeds)
+        _check.run_once(src, feeds)
         return feeds
 
     def compare(self, src, dst, feeds):
-        return _commands.check_outputs(src, dst, feeds)
+        return _check.check_outputs(src, dst, feeds)
 
     def evaluate_files(self, paths, inputs, **quantization):
-        return _commands.evaluate_files(paths, inputs, **quantization)
+        """``cle evaluate``: the original (and the equalized) model quantized by
+        onnxruntime's ``quantize_static`` (see :mod:`cle_onnx._evaluate`), figures
+        against the original in FP32. The original is quantized with its batch norms
+        folded (by this backend, as a deployment would fold them), so that folding is
+        not counted as a loss or as a gain of equalization; the row says so."""
+        from . import _evaluate  # onnxruntime, loaded only to run models
+
+        loaded = [_evaluate.evaluable(_io.load(p, external_data=True)) for p in paths]
+        folded, report = self.run(loaded[0], EqualizeOptions(scale=False, high_bias=False))
+        label, notes = "original", []
+        if report.folds:
+            label = "original*"
+            notes.append(
+                f"* with its {len(report.folds)} batch norms folded, as a deployment folds "
+                "them (FP32 dB: against the unfolded original)"
+            )
+        try:
+            # One run of the inputs and the FP32 reference serves every row.
+            models = [folded, *loaded[1:]]
+            names = [str(p) for p in (paths[0], *paths)]
+            figures = _evaluate.evaluate_all(loaded[0], models, inputs, **quantization, names=names)
+            rows = list(zip([label, "equalized"], figures, strict=False))
+        except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
+            raise CLEError(str(exc)) from None
+        out = loaded[0].graph.output[0].type.tensor_type
+        return rows, out.HasField("shape") and len(out.shape.dim) == 2, notes
 
 
 def _no_options(options: dict) -> None:

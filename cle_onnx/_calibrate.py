@@ -12,8 +12,14 @@ import numpy as np
 import onnx
 
 from cle_core import CLEError
-from cle_core._quality import check_finite, check_real_dtype, describe_arrays, is_float_dtype
-from cle_core._stats import ChannelStats, StatsAccumulator
+from cle_core.toolkit import (
+    ChannelStats,
+    StatsAccumulator,
+    check_finite,
+    check_real_dtype,
+    describe_arrays,
+    is_float_dtype,
+)
 
 from ._translate import np_dtype
 

@@ -43,12 +43,11 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from cle_core import CLEError, Deployment
-from cle_core._deployment import deployment_of
-from cle_core._files import temp_folder
-from cle_core._quality import compare_outputs, describe_arrays, natural_images, quantize_array
+from cle_core.quality import compare_outputs, quantize_array
+from cle_core.toolkit import deployment_of, describe_arrays, temp_folder
 
-from ._calibrate import batch_axes, data_inputs, examples, feeds, fixed_batch, take
-from ._commands import check_images_fit, check_same_io, fit_channels, image_size
+from ._calibrate import batch_axes, examples, feeds, fixed_batch, take
+from ._inputs import check_same_io, default_inputs
 from ._translate import default_opset
 
 __all__ = [
@@ -164,42 +163,6 @@ def run(
             )
         parts.append(out[:real])
     return np.concatenate(parts, axis=0)
-
-
-def default_inputs(
-    model: onnx.ModelProto,
-    dims: dict[str, int] | None = None,
-    shapes: dict[str, tuple[int, ...]] | None = None,
-) -> np.ndarray:
-    """The default evaluation batch for ``model``: the 120 natural images at the height
-    and width of its single NCHW input, as declared or as ``dims`` (by dimension name)
-    and ``shapes`` (by input name) size them (224 where none does, with a warning),
-    averaged to grey for a one-channel input."""
-    graph_inputs = data_inputs(model)
-    if len(graph_inputs) != 1:
-        raise CLEError(
-            f"the sample images feed one input; the model has {len(graph_inputs)} inputs "
-            f"({', '.join(i.name for i in graph_inputs)}): give them with --inputs "
-            "FILE.npz, arrays by input name (Python: inputs= a dict)"
-        )
-    check_images_fit(
-        model,
-        "the sample images",
-        "give its values with --inputs FILE.npy or FILE.npz (Python: inputs=)",
-    )
-    dims_ = graph_inputs[0].type.tensor_type.shape.dim
-    if len(dims_) != 4:
-        raise CLEError(
-            f"the sample images are NCHW, input {graph_inputs[0].name!r} has rank "
-            f"{len(dims_)}: give its values with --inputs FILE.npy (Python: inputs=)"
-        )
-    if dims_[1].HasField("dim_value") and dims_[1].dim_value not in (0, 1, 3):
-        raise CLEError(
-            f"the sample images are RGB or grey, input {graph_inputs[0].name!r} has "
-            f"{dims_[1].dim_value} channels: give its values with --inputs FILE.npy "
-            "(Python: inputs=)"
-        )
-    return fit_channels(natural_images(size=image_size(model, dims, shapes)), model)
 
 
 # -- quantizing ---------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from cle_core import CLEError
-from cle_core._files import (
+from cle_core.toolkit import (
     commit,
     discard,
     file_mode,

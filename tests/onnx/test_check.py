@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from cle_core._cli import main  # noqa: E402
 from cle_onnx._backend import OnnxBackend  # noqa: E402
-from cle_onnx._commands import check_outputs  # noqa: E402
+from cle_onnx._check import check_outputs  # noqa: E402
 from cle_onnx._probes import find_probes  # noqa: E402
 
 nn = torch.nn
@@ -201,9 +201,9 @@ def test_values_before_are_read_with_external_data(detector, tmp_path, capsys):
 def test_a_large_model_is_judged_on_its_outputs(detector, tmp_path, capsys, monkeypatch):
     # Above the size limit nothing is added to the graph's outputs (memory), so the
     # swapped boxes count: the documented cost of the limit.
-    from cle_onnx import _commands
+    from cle_onnx import _check
 
-    monkeypatch.setattr(_commands, "_PROBE_BYTES", 0)
+    monkeypatch.setattr(_check, "_PROBE_BYTES", 0)
     out = tmp_path / "o.onnx"
     assert main(["equalize", str(detector), "-o", str(out), "--check", "--quiet"]) == 1
     text = capsys.readouterr().out

@@ -293,7 +293,7 @@ def test_check_judges_a_saturated_sigmoid_on_its_input(tmp_path):
     # Logits near -8 that differ by 2e-4: about 92 dB before the Sigmoid, but the
     # saturated outputs (about 3e-4) carry that absolute error as a relative one: 74 dB.
     from cle_core._cli import check_failed
-    from cle_onnx._commands import check_outputs
+    from cle_onnx._check import check_outputs
 
     a = _sigmoid_head(tmp_path / "a.onnx", -8.0)
     b = _sigmoid_head(tmp_path / "b.onnx", -8.0002)

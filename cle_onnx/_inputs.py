@@ -1,24 +1,23 @@
-"""What the command line asks of the ONNX backend beyond equalizing: random inputs
-and the output comparison for ``--check``, inputs sized for the model, inspection and
-quantized evaluation. The command line itself (``cle_core._cli``) knows no format."""
+"""A model's inputs, for the command line and the evaluation: what its graph inputs
+declare and what ``--dim`` / ``--input-shape`` size, the inputs a user gives (images,
+``.npy``, ``.npz``) read and fitted, the random ones ``--check`` makes (never for integer
+or boolean inputs), and the sample images ``cle evaluate`` uses by default. No model is
+run here."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from cle_core import CLEError, OutputCheck, Probe
-from cle_core._backend import warn
-from cle_core._check import is_float
-from cle_core._quality import describe_arrays, load_inputs, sqnr_db
+from cle_core import CLEError
+from cle_core.quality import natural_images
+from cle_core.toolkit import load_inputs, warn
 
 from . import _io
 from ._calibrate import data_inputs, feeds
-from ._probes import find_probes
 from ._translate import np_dtype
 
 DEFAULT_IMAGE_SIZE = 224  # where the model does not say
@@ -154,180 +153,6 @@ def check_feeds(
     }
 
 
-def run_once(src: Path, feeds: dict) -> None:
-    """Run the model file ``src`` on ``feeds`` in onnxruntime; a :class:`CLEError`
-    naming the inputs and their shapes where it refuses them (one line: onnxruntime's
-    messages span several)."""
-    try:
-        import onnxruntime as ort
-    except ModuleNotFoundError:
-        raise CLEError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
-    opts = ort.SessionOptions()
-    # 4 (fatal only): a run that fails raises, and says it once, in our one line
-    opts.log_severity_level = 4
-    # Loaded with its external data where small enough: onnxruntime's shape inference
-    # cannot read a constant (Squeeze axes) stored in an external file.
-    model = _load_small(src)
-    if model is not None:
-        onnx.external_data_helper.load_external_data_for_model(model, str(src.parent))
-    runnable = str(src) if model is None else model.SerializeToString()
-    try:
-        sess = ort.InferenceSession(runnable, opts, providers=["CPUExecutionProvider"])
-        sess.run(None, feeds)
-    except Exception as exc:
-        # onnxruntime's own errors are facts about the model and the inputs; anything
-        # else is a bug of ours.
-        if not type(exc).__module__.startswith("onnxruntime"):
-            raise
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise CLEError(
-            f"--check: onnxruntime cannot run {src} on inputs {describe_arrays(feeds)}: {text}"
-        ) from None
-
-
-# Final activations that squash their input: near saturation they turn the logits' float
-# rounding into large relative errors (sigmoid(-20) carries the logit's absolute error as
-# a relative one), so a value made by one is also judged on the activation's input.
-SATURATING = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid"})
-_PROBE_BYTES = 1 << 30  # larger models are judged on their outputs only
-
-
-def _load_small(path: Path) -> onnx.ModelProto | None:
-    """``path`` without its external data, or None when the model with its data is
-    larger than :data:`_PROBE_BYTES` (running it twice more with extra outputs could
-    exhaust memory)."""
-    model = onnx.load(str(path), load_external_data=False)
-    external = sum(
-        int(e.value)
-        for t in model.graph.initializer
-        for e in t.external_data
-        if e.key == "length" and e.value.isdigit()
-    )
-    return None if path.stat().st_size + external > _PROBE_BYTES else model
-
-
-def _exposing(path: Path, model: onnx.ModelProto | None, values: list[str]):
-    """What onnxruntime should run for ``path``: the file, or the serialized ``model``
-    with those of ``values`` that it computes added to its outputs. Returns it and the
-    values it will return besides the graph outputs."""
-    from onnx import external_data_helper
-
-    if model is None:
-        return str(path), set()
-    made = {o for n in model.graph.node for o in n.output}
-    outputs = {o.name for o in model.graph.output}
-    add = [v for v in dict.fromkeys(values) if v in made and v not in outputs]
-    if not add:
-        return str(path), {v for v in values if v in outputs}
-    model.graph.output.extend(onnx.ValueInfoProto(name=v) for v in add)
-    external_data_helper.load_external_data_for_model(model, str(path.parent))
-    return model.SerializeToString(), {v for v in values if v in made | outputs}
-
-
-def check_outputs(original: Path, equalized: Path, feeds: dict) -> list[OutputCheck]:
-    """Run both files in onnxruntime on ``feeds``; one :class:`~cle_core.OutputCheck`
-    per graph output of ``original``. An output behind a discontinuous operation (see
-    :func:`~cle_onnx._probes.find_probes`) gets the values before it as probes; the
-    output or probe made by a saturating activation (see :data:`SATURATING`) also gets
-    the SQNR of that activation's input. Models above 1 GiB are compared at their
-    outputs only."""
-    try:
-        import onnxruntime as ort
-    except ModuleNotFoundError:
-        raise CLEError("--check needs onnxruntime: pip install 'crosslayer-eq[onnx]'") from None
-    original, equalized = Path(original), Path(equalized)
-    models = [_load_small(original), _load_small(equalized)]
-    first = models[0] or onnx.load(str(original), load_external_data=False)
-    names = [o.name for o in first.graph.output]
-    probes = find_probes(models[0].graph) if None not in models else {}
-    # Every value measured (a graph output judged on itself, or a probe) that a
-    # saturating activation makes is also measured at the activation's input, found in
-    # each model (the equalization may rename it).
-    probed = [v for p in probes.values() for v, *_ in p]
-    saturating = [_saturating(m, [n for n in names if n not in probes] + probed) for m in models]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    runs, available = [], None
-    for path, model, sat in zip((original, equalized), models, saturating, strict=True):
-        runnable, got_extra = _exposing(path, model, probed + [i for _, i in sat.values()])
-        available = got_extra if available is None else available & got_extra
-        sess = ort.InferenceSession(runnable, opts, providers=["CPUExecutionProvider"])
-        got = [o.name for o in sess.get_outputs()]
-        runs.append(dict(zip(got, sess.run(None, feeds), strict=True)))
-    a, b = runs
-
-    def before(value: str) -> tuple[str, float] | None:
-        (op, ia), (_, ib) = saturating[0].get(value, ("", "")), saturating[1].get(value, ("", ""))
-        if op and ia in a and ib in b:
-            return op, _sqnr(a[ia], b[ib])
-        return None
-
-    results = []
-    for name in names:
-        ya, yb = np.asarray(a[name]), np.asarray(b[name])
-        found = [
-            Probe(v, op, node, _sqnr(a[v], b[v]), np.asarray(a[v]).dtype.name, before(v))
-            for v, op, node in probes.get(name, [])
-            if v in available
-        ]
-        # A probe the result lacks (a value renamed by the equalization) would leave part
-        # of the output unjudged: the output is then judged on itself.
-        if len(found) < len(probes.get(name, [])):
-            found = []
-        # Integer probes are exact in both models (every way from a float to an integer
-        # is discontinuous, so the walk stops before it); only float ones say anything.
-        found = [p for p in found if is_float(p.dtype)]
-        results.append(
-            OutputCheck(
-                name,
-                _sqnr(ya, yb),
-                *_errors(ya, yb),
-                dtype=ya.dtype.name,
-                before=None if name in probes else before(name),
-                probes=tuple(found),
-                shapes=None if ya.shape == yb.shape else (ya.shape, yb.shape),
-                differing=_differing(ya, yb),
-            )
-        )
-    return results
-
-
-def _saturating(model: onnx.ModelProto | None, values: list[str]) -> dict[str, tuple[str, str]]:
-    """``{value: (op, its input)}`` for those of ``values`` that a saturating activation
-    of ``model`` makes (none for a model judged on its outputs only)."""
-    if model is None:
-        return {}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    return {
-        v: (producer[v].op_type, producer[v].input[0])
-        for v in values
-        if v in producer and producer[v].op_type in SATURATING
-    }
-
-
-def _sqnr(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return sqnr_db(a, b) if a.shape == b.shape else -math.inf
-
-
-def _differing(ya: np.ndarray, yb: np.ndarray) -> tuple[int, int] | None:
-    """How many elements of an integer or bool output differ, of how many (None for a
-    float output, or when the shapes differ)."""
-    if is_float(ya.dtype.name) or ya.shape != yb.shape:
-        return None
-    return int(np.count_nonzero(ya != yb)), int(ya.size)
-
-
-def _errors(ya: np.ndarray, yb: np.ndarray) -> tuple[float, float]:
-    """Max absolute error and that over max ``|original|``."""
-    if ya.shape != yb.shape:
-        return math.inf, math.inf
-    ya, yb = ya.astype(np.float64), yb.astype(np.float64)
-    err = float(np.max(np.abs(ya - yb))) if ya.size else 0.0
-    scale = float(np.max(np.abs(ya))) if ya.size else 0.0
-    return err, err / scale if scale > 0 else (0.0 if err == 0 else math.inf)
-
-
 def _first_dims(model: onnx.ModelProto) -> list:
     """The dimensions of the model's first data input (initializers listed as inputs,
     as before IR 4, are not inputs)."""
@@ -454,15 +279,13 @@ def read_inputs(
     """Inputs for the model in ``src``: from ``spec``, a folder of images (resized as
     :func:`image_size` says, grey for a one-channel input), a .npy array (a model with
     one input) or a .npz of arrays by input name; or, without ``spec``, the sample
-    images (:func:`cle_onnx._evaluate.default_inputs`). :class:`CLEError` naming
+    images (:func:`default_inputs`). :class:`CLEError` naming
     ``spec`` for images given to a model whose input is not a float tensor, for one
     array given to a model with several inputs, and for inputs the model cannot take
     (shape, type: see :func:`feeds`)."""
     model = _io.load(src)
     names = [i.name for i in data_inputs(model)]
     if spec is None:
-        from ._evaluate import default_inputs
-
         images = default_inputs(model, dims, shapes)
         return {names[0]: images}
     if len(names) > 1 and Path(spec).suffix != ".npz":
@@ -480,31 +303,37 @@ def read_inputs(
     return inputs if isinstance(inputs, dict) else {names[0]: inputs}
 
 
-def evaluate_files(paths: list[Path], inputs, **quantization):
-    """``cle evaluate``: the original (and the equalized) model quantized by onnxruntime's
-    ``quantize_static`` (see :mod:`cle_onnx._evaluate`), figures against the original in
-    FP32. The original is quantized with its batch norms
-    folded (by this backend, as a deployment would fold them), so that folding is not
-    counted as a loss or as a gain of equalization; the row says so."""
-    from ._backend import equalize_model
-    from ._evaluate import evaluable, evaluate_all
-
-    loaded = [evaluable(_io.load(p, external_data=True)) for p in paths]
-    folded, report = equalize_model(loaded[0], scale=False, high_bias=False)
-    label, notes = "original", []
-    if report.folds:
-        label = "original*"
-        notes.append(
-            f"* with its {len(report.folds)} batch norms folded, as a deployment folds them "
-            "(FP32 dB: against the unfolded original)"
+def default_inputs(
+    model: onnx.ModelProto,
+    dims: dict[str, int] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> np.ndarray:
+    """The default evaluation batch for ``model``: the 120 natural images at the height
+    and width of its single NCHW input, as declared or as ``dims`` (by dimension name)
+    and ``shapes`` (by input name) size them (224 where none does, with a warning),
+    averaged to grey for a one-channel input."""
+    graph_inputs = data_inputs(model)
+    if len(graph_inputs) != 1:
+        raise CLEError(
+            f"the sample images feed one input; the model has {len(graph_inputs)} inputs "
+            f"({', '.join(i.name for i in graph_inputs)}): give them with --inputs "
+            "FILE.npz, arrays by input name (Python: inputs= a dict)"
         )
-    try:
-        # One run of the inputs and the FP32 reference serves every row.
-        models = [folded, *loaded[1:]]
-        names = [str(p) for p in (paths[0], *paths)]
-        figures = evaluate_all(loaded[0], models, inputs, **quantization, names=names)
-        rows = list(zip([label, "equalized"], figures, strict=False))
-    except (ImportError, ValueError) as exc:  # a missing package; inputs that do not fit
-        raise CLEError(str(exc)) from None
-    out = loaded[0].graph.output[0].type.tensor_type
-    return rows, out.HasField("shape") and len(out.shape.dim) == 2, notes
+    check_images_fit(
+        model,
+        "the sample images",
+        "give its values with --inputs FILE.npy or FILE.npz (Python: inputs=)",
+    )
+    dims_ = graph_inputs[0].type.tensor_type.shape.dim
+    if len(dims_) != 4:
+        raise CLEError(
+            f"the sample images are NCHW, input {graph_inputs[0].name!r} has rank "
+            f"{len(dims_)}: give its values with --inputs FILE.npy (Python: inputs=)"
+        )
+    if dims_[1].HasField("dim_value") and dims_[1].dim_value not in (0, 1, 3):
+        raise CLEError(
+            f"the sample images are RGB or grey, input {graph_inputs[0].name!r} has "
+            f"{dims_[1].dim_value} channels: give its values with --inputs FILE.npy "
+            "(Python: inputs=)"
+        )
+    return fit_channels(natural_images(size=image_size(model, dims, shapes)), model)
