@@ -25,12 +25,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "doc_figures.json"
-DOCS = (ROOT / "docs" / "cli.rst",)
+DOCS = (ROOT / "docs" / "cli.rst", ROOT / "docs" / "benchmarks.rst")
 
 COMMANDS = {
     "equalize": "cle equalize effnet_lite0.onnx -o effnet_lite0_cle.onnx --report report.json "
     "--check --dim batch=2",
     "evaluate": "cle evaluate effnet_lite0.onnx effnet_lite0_cle.onnx",
+    "demo": "cle demo",
+    "demo-all": "cle demo --all --out cle-demo-all",
 }
 """The sessions, by the name their block has in the docs, in the order they run."""
 

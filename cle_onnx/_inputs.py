@@ -44,7 +44,13 @@ def input_dims(
         return given, []
     if declared is None:
         return None, []
-    return [_size(d) or dims.get(d.dim_param) for d in declared], []
+    return [_size(d) or dims.get(_name(d)) for d in declared], []
+
+
+def _name(d) -> str:
+    """The name of a dynamic dimension, or "" where it has none: empty, or ``?`` as
+    several exporters write an unnamed one (one name for every such axis)."""
+    return "" if d.dim_param in ("", "?") else d.dim_param
 
 
 def _size(d) -> int | None:
@@ -60,7 +66,7 @@ def unknown_names(
     model does not have: a typo would otherwise be ignored in silence."""
     graph_inputs = data_inputs(model)
     names = [vi.name for vi in graph_inputs]
-    params = {d.dim_param for vi in graph_inputs for d in vi.type.tensor_type.shape.dim}
+    params = {_name(d) for vi in graph_inputs for d in vi.type.tensor_type.shape.dim}
     params.discard("")
     problems = [
         f"--input-shape {name}=...: the model has no input {name!r} (it has {', '.join(names)})"
@@ -99,24 +105,28 @@ def missing_sizes(
             continue
         declared = list(tensor.shape.dim)
         unknown = [i for i, k in enumerate(known) if k is None]
-        unnamed = [i for i in unknown if not declared[i].dim_param]
-        if unnamed:
-            template = ",".join(str(k) if k is not None else f"D{i}" for i, k in enumerate(known))
-            axes = ", ".join(map(str, unnamed))
-            which = f"dimensions {axes} have" if len(unnamed) > 1 else f"dimension {axes} has"
-            problems.append(
-                f"input {vi.name!r} {_shape_text(declared)}: {which} no name and no size: "
-                f"--input-shape {vi.name}={template}"
-            )
+        if not unknown:
             continue
-        for i in unknown:
-            name = declared[i].dim_param
-            if name not in asked:
-                asked.add(name)
+        names = [_name(declared[i]) for i in unknown]
+        if all(names):
+            flags = [f"--dim {n}=SIZE" for n in dict.fromkeys(names) if n not in asked]
+            asked.update(names)
+            if flags:
+                axes = ", ".join(f"{i} ({n!r})" for i, n in zip(unknown, names, strict=True))
+                which = f"dimensions {axes} are" if len(unknown) > 1 else f"dimension {axes} is"
                 problems.append(
-                    f"input {vi.name!r} {_shape_text(declared)}: dimension {i} ({name!r}) is "
-                    f"dynamic: --dim {name}=SIZE"
+                    f"input {vi.name!r} {_shape_text(declared)}: {which} dynamic: "
+                    + " ".join(flags)
                 )
+            continue
+        # One flag sizes them all, named or not.
+        template = ",".join(str(k) if k is not None else f"D{i}" for i, k in enumerate(known))
+        axes = ", ".join(map(str, unknown))
+        which = f"dimensions {axes} have" if len(unknown) > 1 else f"dimension {axes} has"
+        problems.append(
+            f"input {vi.name!r} {_shape_text(declared)}: {which} no size: "
+            f"--input-shape {vi.name}={template}"
+        )
     return sizes, problems
 
 
