@@ -220,8 +220,11 @@ class OnnxBackend(FileBackend):
             rows = list(zip([label, "equalized"], figures, strict=False))
         except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
             raise CLEError(str(exc)) from None
-        out = loaded[0].graph.output[0].type.tensor_type
-        return rows, out.HasField("shape") and len(out.shape.dim) == 2, notes
+        # Top-1 agreement means something for scores over several classes: (N, C), C > 1
+        # (a detector's single probability column would always agree).
+        dims = loaded[0].graph.output[0].type.tensor_type.shape.dim
+        classifier = len(dims) == 2 and dims[1].dim_value != 1
+        return rows, classifier, notes
 
 
 def _no_options(options: dict) -> None:

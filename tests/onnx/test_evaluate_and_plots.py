@@ -8,6 +8,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from onnx import numpy_helper  # noqa: E402
+
 from cle_core._cli import main  # noqa: E402
 from tests.helpers import onnx_models as om  # noqa: E402
 
@@ -29,6 +31,26 @@ def table(text):
     rows = [line.split() for line in lines if not line.startswith(("*", "evaluate:"))]
     value = {"exact": np.inf}  # an infinite SQNR: the same outputs
     return rows[0], {r[0]: [value.get(v) or float(v) for v in r[1:]] for r in rows[1:]}
+
+
+def test_one_score_per_example_has_no_top1_column(tmp_path, capsys):
+    # A detector's or a voice-activity model's single probability: top-1 agreement
+    # over one class would always read 1.000.
+    model = om.gemm_head(1)
+    last = model.graph.node[-1]
+    w = next(t for t in model.graph.initializer if t.name == last.input[1])
+    c = next(t for t in model.graph.initializer if t.name == last.input[2])
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w)[:1], w.name))
+    c.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(c)[:1], c.name))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1
+    src = tmp_path / "one.onnx"
+    onnx.save(model, str(src))
+    np.save(
+        tmp_path / "x.npy", np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    )
+    assert main(["evaluate", str(src), "--inputs", str(tmp_path / "x.npy")]) == 0
+    header, _ = table(capsys.readouterr().out)
+    assert header == ["model", "FP32", "dB", "W8", "dB", "W8A8", "dB"]
 
 
 def test_evaluate_original_and_equalized(files, capsys):
