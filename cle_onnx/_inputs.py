@@ -83,16 +83,30 @@ def unknown_names(
 
 
 def missing_sizes(
-    model: onnx.ModelProto, dims: dict[str, int], shapes: dict[str, tuple[int, ...]]
+    model: onnx.ModelProto,
+    dims: dict[str, int],
+    shapes: dict[str, tuple[int, ...]],
+    first_axis: int | None = None,
 ) -> tuple[dict[str, list[int | None] | None], list[str]]:
     """:func:`input_dims` of every data input, and one line for each size that no flag
     gives, each with the flag that gives it: ``--dim NAME=SIZE`` for a named dynamic
     dimension (once per name), ``--input-shape INPUT=...`` where an input has an unnamed
-    one or declares no shape."""
+    one or declares no shape. ``first_axis``: the size of a dynamic first axis (the
+    batch, as good as any for ``--check``) that no flag sizes; its name, if it has
+    one, gets that size wherever it appears (a recurrent state's batch axis)."""
     sizes, problems, asked = {}, [], set()
     problems += unknown_names(model, dims, shapes)
+    if first_axis is not None:
+        dims = dict(dims)
+        for vi in data_inputs(model):
+            declared = vi.type.tensor_type.shape.dim
+            if vi.name not in shapes and declared and _size(declared[0]) is None:
+                if _name(declared[0]):
+                    dims.setdefault(_name(declared[0]), first_axis)
     for vi in data_inputs(model):
         known, bad = input_dims(vi, dims, shapes)
+        if first_axis is not None and known and known[0] is None and vi.name not in shapes:
+            known[0] = first_axis
         sizes[vi.name] = known
         problems += bad
         tensor = vi.type.tensor_type
@@ -141,12 +155,13 @@ def check_feeds(
     with one input, or a dict of arrays by input name; fed whole, as one run), checked
     and cast as :func:`feeds` does; or, without them, random ones (standard normal, in
     each input's float type) of the sizes the model declares, ``dims`` (``--dim``) and
-    ``shapes`` (``--input-shape``) give. Values of an integer or boolean input are never
-    made up. Everything that stops the random inputs is said in one :class:`CLEError`,
-    each problem with the flag that solves it."""
+    ``shapes`` (``--input-shape``) give, a dynamic first axis that none sizes being 1
+    (a batch of one example: any size the model takes compares the two). Values of an
+    integer or boolean input are never made up. Everything that stops the random inputs
+    is said in one :class:`CLEError`, each problem with the flag that solves it."""
     if inputs is not None:
         return feeds(model, inputs, "--inputs", whole=True)
-    sizes, problems = missing_sizes(model, dims, shapes or {})
+    sizes, problems = missing_sizes(model, dims, shapes or {}, first_axis=1)
     for vi in data_inputs(model):
         elem = vi.type.tensor_type.elem_type
         if elem not in _FLOATS:

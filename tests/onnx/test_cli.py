@@ -64,17 +64,26 @@ def test_options_reach_the_core(model_file, tmp_path, capsys):
     assert data["options"]["high_bias"] is False and data["sweeps"] == 1
 
 
-def test_dynamic_dimension_needs_a_flag(tmp_path, capsys):
+def test_dynamic_batch_is_one_and_other_dimensions_need_a_flag(tmp_path, capsys):
     model = om.depthwise_triple()
-    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    src = tmp_path / "dyn.onnx"
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "batch"
+    src, out = tmp_path / "dyn.onnx", tmp_path / "o.onnx"
     onnx.save(model, str(src))
-    assert main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check"]) == 2
-    assert "--dim batch=SIZE" in capsys.readouterr().err
-    assert (
-        main(["equalize", str(src), "-o", str(tmp_path / "o.onnx"), "--check", "--dim", "batch=3"])
-        == 0
-    )
+    # The first axis is the batch: one example compares the two models as well as any.
+    assert main(["equalize", str(src), "-o", str(out), "--check"]) == 0
+    shape = tuple(d.dim_value for d in dims[1:])
+    assert f"check: random inputs x {(1, *shape)} float32" in capsys.readouterr().out
+    assert main(["equalize", str(src), "-o", str(out), "--check", "--dim", "batch=3"]) == 0
+    assert f"check: random inputs x {(3, *shape)} float32" in capsys.readouterr().out
+    # Any other dynamic size is the model's to say: refused, with the flag.
+    dims[2].dim_param = "height"
+    onnx.save(model, str(src))
+    out.unlink()
+    assert main(["equalize", str(src), "-o", str(out), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "dimension 2 ('height') is dynamic: --dim height=SIZE" in err
+    assert "--dim batch" not in err and not out.exists()
 
 
 def error_of(capsys):

@@ -211,8 +211,9 @@ def test_check_unnamed_dimension_needs_input_shape(tmp_path, save, capsys):
     src, out = save(unnamed()), tmp_path / "o.onnx"
     assert equalize(src, out, "--check") == 2
     err = error_line(capsys)
-    assert "input 'x' (?, 3, ?, ?): dimensions 0, 2, 3 have no size" in err
-    assert "--input-shape x=D0,3,D2,D3" in err and not out.exists()
+    # The first axis is the batch, 1 unless given; the height and width are the model's.
+    assert "input 'x' (?, 3, ?, ?): dimensions 2, 3 have no size" in err
+    assert "--input-shape x=1,3,D2,D3" in err and not out.exists()
     assert equalize(src, out, "--check", "--input-shape", "x=1,3,8,16") == 0
     assert "check: random inputs x (1, 3, 8, 16) float32" in capsys.readouterr().out.splitlines()
 
@@ -230,7 +231,7 @@ def test_check_one_line_per_input_and_question_marks_are_unnamed(tmp_path, save,
     assert equalize(src, out, "--check") == 2
     err = error_line(capsys)
     assert err.count("input 'x'") == 1 and "--dim ?" not in err
-    assert "dimensions 0, 2, 3 have no size: --input-shape x=D0,3,D2,D3" in err
+    assert "dimensions 2, 3 have no size: --input-shape x=1,3,D2,D3" in err
     assert equalize(src, out, "--check", "--dim", "?=8") == 2
     assert "--dim ?=...: no input dimension is named '?'" in error_line(capsys)
     # All named: the --dim flags, each name once.
@@ -238,11 +239,10 @@ def test_check_one_line_per_input_and_question_marks_are_unnamed(tmp_path, save,
     src = save(m)
     assert equalize(src, out, "--check") == 2
     err = error_line(capsys)
-    assert (
-        "dimensions 0 ('p2o.DynamicDimension.0'), 2 ('h'), 3 ('p2o.DynamicDimension.1') are dynamic"
-        in err
-    )
-    assert "--dim p2o.DynamicDimension.0=SIZE --dim h=SIZE --dim p2o.DynamicDimension.1=SIZE" in err
+    assert "dimensions 2 ('h'), 3 ('p2o.DynamicDimension.1') are dynamic" in err
+    assert "--dim h=SIZE --dim p2o.DynamicDimension.1=SIZE" in err
+    assert equalize(src, out, "--check", "--dim", "h=8", "--dim", "p2o.DynamicDimension.1=16") == 0
+    assert "check: random inputs x (1, 3, 8, 16) float32" in capsys.readouterr().out
 
 
 def test_check_two_inputs_from_npz(tmp_path, save, capsys):
@@ -264,11 +264,11 @@ def test_check_reports_every_missing_size_and_input_in_one_error(tmp_path, save,
     src, out = save(m), tmp_path / "o.onnx"
     assert equalize(src, out, "--check") == 2
     err = error_line(capsys)
-    # x's unnamed height needs --input-shape (which sizes its batch too); state's batch
-    # --dim; sr its values: all three in the one line.
-    assert "input 'x' (batch, 3, ?, 8): dimensions 0, 2 have no size: " in err
-    assert "--input-shape x=D0,3,D2,8" in err
-    assert "input 'state' (2, batch, 4): dimension 1 ('batch') is dynamic: --dim batch=SIZE" in err
+    # x's unnamed height needs --input-shape; sr its values: both in the one line.
+    assert "input 'x' (batch, 3, ?, 8): dimension 2 has no size: " in err
+    assert "--input-shape x=1,3,D2,8" in err
+    # The batch, x's first axis, is 1 unless given, in state too.
+    assert "'state'" not in err and "--dim batch" not in err
     assert "input 'sr' takes int64 values" in err
     assert not out.exists()
 

@@ -351,13 +351,13 @@ def test_output_path_that_is_a_directory(plain, tmp_path, capsys):
 
 def test_check_problems_are_found_before_writing(tmp_path, capsys):
     dynamic = om.depthwise_triple()
-    dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
     onnx.save(dynamic, str(tmp_path / "dyn.onnx"))
     assert (
         main(["equalize", str(tmp_path / "dyn.onnx"), "-o", str(tmp_path / "o.onnx"), "--check"])
         == 2
     )
-    assert "--dim batch=SIZE" in error_line(capsys)
+    assert "--dim height=SIZE" in error_line(capsys)
     flag = om.depthwise_triple()
     flag.graph.input.append(onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [1]))
     onnx.save(flag, str(tmp_path / "flag.onnx"))
