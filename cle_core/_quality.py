@@ -573,16 +573,49 @@ def load_arrays(path) -> dict[str, np.ndarray]:
     with data:
         for name in data.files:
             what = f"{src}: array {name!r}"
+            _check_npz_member(data.zip, name, what)
             try:
                 arr = data[name]
             except unreadable as exc:  # an object array (a pickle, never loaded); corrupt
                 raise CLEError(f"{what} cannot be read ({_first_line(exc)})") from None
+            except MemoryError:
+                raise CLEError(f"{what} does not fit in memory") from None
             check_real_dtype(arr.dtype, what)
             check_finite(arr, what)
             arrays[name] = arr
     if not arrays:
         raise CLEError(f"{src}: holds no arrays")
     return arrays
+
+
+def _check_npz_member(archive, name: str, what: str) -> None:
+    """The header of the ``.npy`` member ``name`` against the size the archive declares
+    for it, before it is loaded: a corrupt or hostile header (a shape of 10^12) is
+    refused instead of exhausting memory, as :func:`load_array` does for a ``.npy``."""
+    from ._errors import CLEError
+
+    try:
+        info = archive.getinfo(name + ".npy")
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read_header = _NPY_HEADERS.get(version)
+            if read_header is None:
+                raise CLEError(f"{what}: .npy format version {version[0]}.{version[1]}")
+            shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except KeyError:
+        return  # np.load names members without .npy too; it reads those itself
+    except (ValueError, OSError, EOFError) as exc:
+        raise CLEError(f"{what} cannot be read ({_first_line(exc)})") from None
+    if dtype.hasobject:
+        raise CLEError(f"{what} holds Python objects (a pickle), which are never loaded")
+    needed = math.prod(shape) * dtype.itemsize
+    held = info.file_size - offset
+    if held < needed:
+        raise CLEError(
+            f"{what}: its header says {dtype} {tuple(shape)} ({_size(needed)}), but the "
+            f"archive holds {_size(held)} of data for it (truncated or corrupt)"
+        )
 
 
 def load_inputs(path, size: tuple[int, int]) -> np.ndarray | dict[str, np.ndarray]:

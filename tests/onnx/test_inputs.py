@@ -453,8 +453,21 @@ def test_npz_reader_refuses_what_it_cannot_use(tmp_path):
     from cle_core._quality import load_arrays
 
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(CLEError, match=r"obj.npz: array 'x' cannot be read"):
+    with pytest.raises(CLEError, match=r"obj.npz: array 'x' holds Python objects"):
         load_arrays(tmp_path / "obj.npz")
+    # A header that claims 4 TB for 16 bytes of data: refused before anything is loaded.
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        member, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+    )
+    member.write(np.zeros(4, np.float32).tobytes())
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as archive:
+        archive.writestr("x.npy", member.getvalue())
+    with pytest.raises(CLEError, match=r"bomb.npz: array 'x': its header says float32 "):
+        load_arrays(tmp_path / "bomb.npz")
     np.savez(tmp_path / "nan.npz", x=np.array([1.0, np.nan]))
     with pytest.raises(CLEError, match=r"nan.npz: array 'x' holds NaN at index 1"):
         load_arrays(tmp_path / "nan.npz")
