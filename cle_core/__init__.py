@@ -39,6 +39,7 @@ from ._objectives import (
 from ._objectives import balance as _balance_objective  # noqa: F401  (registers itself)
 from ._objectives import noise as _noise_objective  # noqa: F401  (registers itself)
 from ._report import (
+    BiasCorrectionRecord,
     EqualizeOptions,
     EqualizeResult,
     FoldRecord,
@@ -56,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Backend",
+    "BiasCorrectionRecord",
     "CLEError",
     "Deployment",
     "EqualizeOptions",

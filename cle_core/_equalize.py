@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from ._bias import absorb_high_biases
+from ._correct import correct_biases
 from ._errors import NonFiniteError
 from ._fold import fold_batch_norms, shared_param_owners
 from ._ir import Graph
@@ -15,6 +16,7 @@ from ._math import weight_stats
 from ._objectives import ScaleOutcome, ScaleProblem, get_objective
 from ._regions import find_regions
 from ._report import (
+    BiasCorrectionRecord,
     EqualizeOptions,
     EqualizeResult,
     FoldRecord,
@@ -135,15 +137,16 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
     layers = [n for n in graph.nodes if n.is_layer]
     before = {id(n): weight_stats(n.weight, n.layout) for n in layers}
 
+    # Calibrated statistics were measured on the model as given: after an output-side
+    # fold the layer's output is what the BN's output was.
+    measured = dict(statistics or {})
+    for fold in folds:
+        x, y = bn_values[fold.bn]
+        if fold.side == "output" and y in measured:
+            measured[x] = measured[y]
+
     outcome: ScaleOutcome | None = None
     if options.scale:
-        # Calibrated statistics were measured on the model as given: after an
-        # output-side fold the layer's output is what the BN's output was.
-        measured = dict(statistics or {})
-        for fold in folds:
-            x, y = bn_values[fold.bn]
-            if fold.side == "output" and y in measured:
-                measured[x] = measured[y]
         scaling = scale_pass(graph, shared, options, measured, report_progress)
         passes.append(scaling)
         outcome = scaling.details
@@ -151,6 +154,12 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
     if options.high_bias:
         report_progress("absorbing high biases", 0.85)
         passes.append(absorb_high_biases(graph, options, shared))
+
+    if options.bias_correction:
+        report_progress("correcting biases", 0.9)
+        passes.append(
+            correct_biases(graph, options, shared, measured, _moved_values(graph, passes))
+        )
 
     changed: set[str] = set()
     removed: list[str] = []
@@ -174,6 +183,7 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
         return tuple(r for p in passes for r in p.records if isinstance(r, kind))
 
     report = Report(
+        bias_corrections=records(BiasCorrectionRecord),
         options=options,
         folds=records(FoldRecord),
         regions=records(RegionRecord),
@@ -187,6 +197,22 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
         noise=outcome.estimate if outcome else None,
     )
     return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))
+
+
+def _moved_values(graph: Graph, passes: list[PassResult]) -> set[str]:
+    """Names of the values whose units the scaling or the high-bias absorption changed
+    (the outputs of a scaled region's sources and of the nodes it passes through, of a
+    layer that gave up a high bias and of its activation): statistics measured on the
+    original model no longer describe them."""
+    nodes: set[str] = set()
+    for result in passes:
+        for r in result.records:
+            if isinstance(r, RegionRecord) and np.any(r.scales != 1):
+                nodes.update(r.sources)
+                nodes.update(r.through)
+            elif isinstance(r, HighBiasRecord):
+                nodes.update((r.layer, r.activation))
+    return {v.name for n in graph.nodes if n.name in nodes for v in n.outputs}
 
 
 def scale_pass(

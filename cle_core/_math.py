@@ -469,3 +469,73 @@ def fit_dtype(arr, dtype, what: str) -> np.ndarray:
                 f"{float(np.max(np.abs(arr))):.3g}); nothing was changed"
             )
     return out
+
+
+# --- bias correction -----------------------------------------------------------------------
+
+
+def tap_coverage(
+    op: str,
+    kernel: tuple[int, ...],
+    size_in: tuple[int, ...] | None,
+    stride: tuple[int, ...],
+    pads: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> np.ndarray:
+    """For each kernel tap (flattened, C order), how many input positions it reads per
+    output position, averaged over the output: the weight ``E[x]`` gets in the mean of
+    a layer's output. A Conv's tap that reads zero padding at some outputs reads less
+    than 1 (zero padding is not ``E[x]``); a ConvTranspose's tap reads about
+    ``1 / stride`` of the outputs. ``size_in`` None (unknown): the interior value (1
+    for a Conv, ``1 / prod(stride)`` for a ConvTranspose).
+
+    >>> tap_coverage("conv", (3,), (4,), (1,), (1, 1), (1,))  # the edge taps miss 1 of 4
+    array([0.75, 1.  , 0.75])
+    """
+    nd = len(kernel)
+    per_axis = []
+    for a in range(nd):
+        k = np.arange(kernel[a]) * dilation[a]
+        if size_in is None:
+            per_axis.append(np.full(kernel[a], 1.0 if op == "conv" else 1.0 / stride[a]))
+            continue
+        n_in, begin, end = size_in[a], pads[a], pads[nd + a]
+        span = dilation[a] * (kernel[a] - 1) + 1
+        if op == "conv":
+            n_out = max(1, (n_in + begin + end - span) // stride[a] + 1)
+            pos = np.arange(n_out)[:, None] * stride[a] - begin + k[None, :]
+            inside = (pos >= 0) & (pos < n_in)
+            per_axis.append(inside.sum(axis=0) / n_out)
+        else:  # conv_transpose: input i, tap k write output i * stride + k - begin
+            n_out = max(1, (n_in - 1) * stride[a] - begin - end + span)
+            pos = np.arange(n_in)[:, None] * stride[a] - begin + k[None, :]
+            inside = (pos >= 0) & (pos < n_out)
+            per_axis.append(inside.sum(axis=0) / n_out)
+    out = np.ones(1)
+    for f in per_axis:
+        out = np.multiply.outer(out, f).reshape(-1)
+    return out
+
+
+def bias_shift(
+    w, w_quantized, layout: Layout, input_mean, coverage: np.ndarray | None = None
+) -> np.ndarray:
+    """``E[(Q(W) - W) x]`` per output channel (float64): the mean shift that rounding the
+    weights to ``w_quantized`` adds to a layer's output, for inputs of per-channel mean
+    ``input_mean``. ``coverage``: per kernel tap, the weight of ``E[x]``
+    (:func:`tap_coverage`; 1 for every tap by default). Subtracting it from the bias
+    makes the quantized layer's mean output the float layer's (bias correction, Nagel et
+    al. 2019, section 4.2)."""
+    dw = grouped_view(
+        np.asarray(w_quantized, np.float64) - np.asarray(w, np.float64), layout
+    )  # (g, out/g, in/g, k)
+    g, og, ig, k = dw.shape
+    mu = np.asarray(input_mean, np.float64).reshape(-1)
+    if mu.size != g * ig:
+        if mu.size == 0 or (g * ig) % mu.size:
+            raise ValueError(f"input mean of {mu.size} channels for a layer of {g * ig}")
+        mu = np.repeat(mu, g * ig // mu.size)  # a Flatten of (C, H, W): each C, H*W times
+    cov = np.ones(k) if coverage is None else np.asarray(coverage, np.float64).reshape(-1)
+    if cov.size != k:
+        raise ValueError(f"coverage of {cov.size} taps for a kernel of {k}")
+    return np.einsum("goik,gi,k->go", dw, mu.reshape(g, ig), cov).reshape(-1)

@@ -59,6 +59,11 @@ class EqualizeOptions:
         high_bias_through_padding: also absorb into layers that zero-pad the activation
             (inexact at the borders). Off by default.
         high_bias_sigmas: the shift is ``max(0, beta - sigmas * |gamma|)``.
+        bias_correction: after scaling and high-bias absorption, subtract from each
+            layer's bias the mean shift ``E[(Q(W) - W) x]`` that rounding its weights to
+            the deployment's grid adds to its output (Nagel et al. 2019, section 4.2;
+            ``docs/core.rst``). Changes the FP32 function by design, by about the weight
+            rounding noise (the report gives it per layer): off by default.
         activation_weight: balance objective only (deprecated: the noise objective
             weighs activations by what they cost at ``activation_bits``). The weight of
             estimated activation ranges (a clip bound, or ``|beta| + 3|gamma|`` of the
@@ -81,6 +86,7 @@ class EqualizeOptions:
     high_bias_through_padding: bool = False
     high_bias_sigmas: float = 3.0
     activation_weight: float = 0.0
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, str):
@@ -160,7 +166,7 @@ class FoldRecord:
 class SkipRecord:
     """A candidate that was not transformed, and why."""
 
-    stage: Literal["translate", "fold", "scale", "high_bias"]
+    stage: Literal["translate", "fold", "scale", "high_bias", "bias_correction"]
     candidate: str
     reason: str
 
@@ -203,6 +209,25 @@ class HighBiasRecord:
     absorbed: np.ndarray = field(repr=False)
     expected_error: float | None = None
     relative_error: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class BiasCorrectionRecord:
+    """Bias correction of ``layer``: ``shift`` (per output channel) was subtracted from
+    its bias, the mean change that rounding its weights to the deployment's grid brings
+    to its output. ``input_mean`` says where ``E[x]`` came from (``"batch norms"``:
+    estimated from the folded batch norms or propagated through the layers;
+    ``"calibration"``: measured). ``fp32_sqnr``: the layer's estimated FP32 output
+    signal over the shift, in dB (the FP32 change the correction makes, by design);
+    None where the output's statistics are unknown. ``padding``: whether the shift
+    weighs the taps that read zero padding less (the layer pads and its input size is
+    known)."""
+
+    layer: str
+    shift: np.ndarray = field(repr=False)
+    input_mean: str
+    fp32_sqnr: float | None
+    padding: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,6 +306,7 @@ class Report:
     max_change: float
     noise: NoiseEstimate | None = None
     verification: Verification | None = None
+    bias_corrections: tuple[BiasCorrectionRecord, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (arrays become lists, non-finite floats strings)."""
@@ -397,6 +423,8 @@ def _summary(report: Report, verbose: bool) -> str:
         f"high-bias absorbed: {len(report.high_bias)} layers"
         + (f" ({inexact} inexact, see the report)" if inexact else ""),
     ]
+    if report.options.bias_correction:
+        lines.append(f"bias correction:    {bias_correction_text(report.bias_corrections)}")
     before, after = report.mean_sqnr()
     if not report.layers:
         lines.append("weight SQNR (est.): no layer was translated")
@@ -418,6 +446,22 @@ def _summary(report: Report, verbose: bool) -> str:
             lines.append(f"  {r.name:<{width}}  {_col(r.sqnr_before)}  {_col(r.sqnr_after)}")
         lines.append(f"  {'mean':<{width}}  {_col(before)}  {_col(after)}")
     return "\n".join(lines)
+
+
+def bias_correction_text(records) -> str:
+    """One line on the bias corrections: how many layers, from what, and the FP32
+    change they make (the worst layer's estimated SQNR of its output against it)."""
+    if not records:
+        return "0 layers"
+    sources = ", ".join(sorted({r.input_mean for r in records}))
+    known = [r.fp32_sqnr for r in records if r.fp32_sqnr is not None]
+    drift = (
+        f"; FP32 changes by design, the layer most changed by {_fmt_db(min(known))} dB "
+        "(output SQNR against the shift)"
+        if known
+        else "; FP32 changes by design"
+    )
+    return f"{len(records)} layers (input means from {sources}){drift}"
 
 
 def _col(x: float) -> str:

@@ -257,10 +257,16 @@ DEFAULT_INPUT_SPATIAL = (224, 224)
 
 def positions(graph: Graph) -> dict[str, int]:
     """The number of spatial positions of every value (1 for ``(N, features)``), from
-    the sizes the backend gave and the layers' strides, pads and kernels. Where the
-    input size is unknown, :data:`DEFAULT_INPUT_SPATIAL` is assumed for an input that
-    reaches a 2-D convolution through ops that keep the size (padding, activations), as
-    an image does (one position for other unknown axes)."""
+    :func:`spatial_sizes` (one position where unknown)."""
+    return {k: int(np.prod(v)) if v is not None else 1 for k, v in spatial_sizes(graph).items()}
+
+
+def spatial_sizes(graph: Graph) -> dict[str, tuple[int, ...] | None]:
+    """The spatial size of every value (``()`` for ``(N, features)``, None where
+    unknown), from the sizes the backend gave and the layers' strides, pads and
+    kernels. Where the input size is unknown, :data:`DEFAULT_INPUT_SPATIAL` is assumed
+    for an input that reaches a 2-D convolution through ops that keep the size
+    (padding, activations), as an image does."""
     size: dict[str, tuple[int, ...] | None] = {}
     for v in graph.inputs:
         size[v.name] = v.spatial
@@ -271,7 +277,7 @@ def positions(graph: Graph) -> dict[str, int]:
         shape = _spatial_out(node, x)
         for v in node.outputs:
             size[v.name] = v.spatial if v.spatial is not None else shape
-    return {k: int(np.prod(v)) if v is not None else 1 for k, v in size.items()}
+    return size
 
 
 def _feeds_conv2d(value) -> bool:

@@ -106,6 +106,14 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
         help="also absorb into layers that zero-pad the activation (inexact at borders)",
     )
     g.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="after scaling, subtract from each bias the mean shift that rounding its "
+        "weights to the deployment's grid adds (input means from the batch norms, or "
+        "measured with --calibration); changes FP32 outputs by design, the summary says "
+        "how much",
+    )
+    g.add_argument(
         "--objective",
         choices=objective_names(),
         default="noise",
@@ -209,6 +217,7 @@ def cle_options(args) -> EqualizeOptions:
             max_sweeps=args.max_sweeps,
             tolerance=args.tolerance,
             activation_weight=args.activation_weight,
+            bias_correction=args.bias_correction,
             **{**deployment_fields(args), "activation_bits": activation_bits},
         )
     except CLEError as exc:  # a bad value of a flag: name the flag, not the field

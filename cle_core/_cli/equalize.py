@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .._backend import get_backend_for_file
 from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
-from .._files import check_output_path, write_atomic
+from .._files import check_output_path, temp_folder, write_atomic
 from .._quality import describe_arrays
 from .._report import Report
 from .._verify import quality_key, split_inputs, verdict
@@ -131,10 +131,14 @@ def run(args) -> int:
         raise UsageError(f"--plot {args.plot} exists and is not a directory")
     if args.plot and not Path(args.plot).exists():
         check_output_path(args.plot, "--plot")  # created, but only where -o could write
-    if args.calibration and options.objective == "balance" and not args.verify:
+    if (
+        args.calibration
+        and options.objective == "balance"
+        and not (args.verify or options.bias_correction)
+    ):
         raise UsageError(
             "--calibration measures statistics the balance objective does not use "
-            "(give --objective noise, or --verify to measure on it)"
+            "(give --objective noise, --bias-correction, or --verify to measure on it)"
         )
     if args.verify and not args.calibration:
         raise UsageError("--verify needs --calibration: the inputs to measure on")
@@ -191,11 +195,27 @@ def run(args) -> int:
     if feeds is not None:
         source = f"inputs from {args.inputs}:" if args.inputs else "random inputs"
         print(f"check: {source} {describe_arrays(feeds)}")
-        failed = 0
-        for check in backend.compare(src, dst, feeds):
-            bad = check_failed(check, args.check_db)
-            failed += bad
-            print("\n".join(format_check(check, args.check_db, bad)))
+        with temp_folder("check") as tmp:
+            exact = dst
+            if options.bias_correction:
+                # The correction changes FP32 outputs by design: the check judges the
+                # equalization without it (the same scales, the biases before the last
+                # pass) and reports the correction's change beside it.
+                exact = tmp / f"uncorrected{src.suffix}"
+                backend.equalize_file(src, exact, replace(options, bias_correction=False))
+                print("check: the equalization, before the bias correction:")
+            failed = 0
+            for check in backend.compare(src, exact, feeds):
+                bad = check_failed(check, args.check_db)
+                failed += bad
+                print("\n".join(format_check(check, args.check_db, bad)))
+            if options.bias_correction:
+                for check in backend.compare(src, dst, feeds):
+                    print(
+                        f"check: with the bias correction, output {check.name!r} against "
+                        f"the original: SQNR {fmt_sqnr(check.sqnr)} (changed by design, "
+                        "not judged)"
+                    )
         if failed:
             print(
                 f"cle: check failed: {failed} output(s) differ from the original beyond "

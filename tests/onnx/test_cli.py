@@ -329,3 +329,18 @@ def test_check_line_names_the_figure_it_judges(tmp_path):
         "the output itself: SQNR 33.36 dB"
     )
     assert "saturation" in line
+
+
+def test_check_with_bias_correction_judges_the_equalization_and_shows_the_change(tmp_path, capsys):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(om.conv_pair("relu"), str(src))
+    assert main(["equalize", str(src), "-o", str(out), "--check", "--bias-correction"]) == 0
+    text = capsys.readouterr().out
+    assert "bias correction:    1 layers (input means from batch norms)" in text
+    judged, shown = text.split("check: the equalization, before the bias correction:\n")[1].split(
+        "check: with the bias correction"
+    )
+    assert "ok" in judged and float(judged.split("SQNR ")[1].split(" dB")[0]) > 100
+    # The corrected model differs from the original by design: shown, not judged.
+    assert float(shown.split("SQNR ")[1].split(" dB")[0]) < 80 and "not judged" in shown
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx"]

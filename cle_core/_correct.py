@@ -1,0 +1,100 @@
+"""Pass: bias correction for the named deployment (the second half of data-free
+quantization, Nagel et al. 2019, section 4.2).
+
+Rounding a layer's weights to the deployment's grid shifts the mean of its output by
+``E[(Q(W) - W) x]``, a bias error that adds up through the network and that scaling
+does not remove. This pass subtracts that shift from each layer's bias, with ``Q`` the
+grid the deployed quantizer computes (:func:`cle_core.quality.quantize_array`, per
+tensor or per output channel) and ``E[x]`` the per-channel mean of the layer's input:
+estimated from the folded batch norms (clipped normals through ReLU / ReLU6, moments
+propagated where no BN is left), or measured on calibration data where the equalization
+left that value as it was. Taps that read zero padding get ``0`` instead of ``E[x]``
+(:func:`cle_core._math.tap_coverage`) where the input's size is known.
+
+It runs last, on the final weights, and changes the FP32 function by design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._ir import Graph
+from ._math import bias_shift, fit_dtype, tap_coverage
+from ._quality import quantize_array
+from ._report import BiasCorrectionRecord, EqualizeOptions, PassResult, SkipRecord
+from ._stats import ChannelStats, estimate, spatial_sizes
+
+
+def correct_biases(
+    graph: Graph,
+    options: EqualizeOptions,
+    shared: dict[int, str],
+    measured: Mapping[str, ChannelStats],
+    changed_values: set[str],
+) -> PassResult:
+    """Subtract the deployment's weight-rounding shift from every layer's bias.
+
+    ``measured``: calibrated statistics by value name, in the units of the model before
+    equalization; those of ``changed_values`` (values the scaling or the high-bias
+    absorption rescaled or shifted) are not used, the estimate propagates from the
+    measured values before them instead. ``shared``: parameter ids shared between
+    nodes (:func:`cle_core._fold.shared_param_owners`, by node id); such a layer is
+    skipped."""
+    dep = options.deployment
+    usable = {k: v for k, v in measured.items() if k not in changed_values}
+    stats, _ = estimate(graph, usable)
+    sizes = spatial_sizes(graph)
+    records, skips, changed = [], [], set()
+    for node in graph.nodes:
+        if not node.is_layer or node.weight is None:
+            continue
+        if node.weight.dtype.kind != "f":
+            skips.append(SkipRecord("bias_correction", node.name, "its weight is not float"))
+            continue
+        if id(node) in shared:  # one bias cannot carry two layers' corrections
+            skips.append(SkipRecord("bias_correction", node.name, shared[id(node)]))
+            continue
+        x = stats.get(node.inputs[0].name)
+        if x is None:
+            skips.append(
+                SkipRecord("bias_correction", node.name, "the mean of its input is unknown")
+            )
+            continue
+        layout = node.layout
+        w = node.weight
+        q = quantize_array(
+            w, dep.weight_bits, dep.weight_symmetric, layout.out_axis if dep.per_channel else None
+        )
+        coverage, padding = _coverage(node, sizes.get(node.inputs[0].name))
+        shift = bias_shift(w, q, layout, x.mean, coverage)
+        if not np.any(shift):
+            continue
+        bias = np.zeros(shift.shape) if node.bias is None else np.asarray(node.bias, np.float64)
+        dtype = w.dtype if node.bias is None else node.bias.dtype
+        node.params["bias"] = fit_dtype(bias - shift, dtype, f"{node.name}: corrected bias")
+        changed.add(node.name)
+        out = stats.get(node.outputs[0].name)
+        sqnr = None
+        if out is not None and out.channels == shift.size and np.any(shift):
+            sqnr = float(10 * np.log10(np.sum(out.meansq) / np.sum(shift * shift)))
+        source = "calibration" if node.inputs[0].name in usable else "batch norms"
+        records.append(BiasCorrectionRecord(node.name, shift, source, sqnr, padding))
+    return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
+
+
+def _coverage(node, size_in) -> tuple[np.ndarray | None, bool]:
+    """The tap weights of ``E[x]`` for a layer (None: 1 for every tap) and whether zero
+    padding made them less than 1 somewhere."""
+    if node.op not in ("conv", "conv_transpose") or node.weight.ndim < 3:
+        return None, False
+    kernel = tuple(node.weight.shape[2:])
+    nd = len(kernel)
+    stride = tuple(node.attrs.get("stride", (1,) * nd))
+    pads = tuple(node.attrs.get("pads", (0,) * (2 * nd)))
+    dilation = tuple(node.attrs.get("dilation", (1,) * nd))
+    if size_in is not None and len(size_in) != nd:
+        size_in = None
+    cov = tap_coverage(node.op, kernel, size_in, stride, pads, dilation)
+    return cov, bool(node.op == "conv" and any(pads) and size_in is not None)

@@ -1,0 +1,198 @@
+"""Bias correction: the math on random layers, the pass on graphs, the options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cle_core
+from cle_core import EqualizeOptions, Graph, Layout, run_graph
+from cle_core._math import bias_shift, tap_coverage
+from cle_core.quality import quantize_array
+
+
+def _layer(op, w, b, layout, attrs):
+    g = Graph("one")
+    x = g.add_input("x", channels=layout.in_channels(w.shape))
+    node = g.add_node(op, [x], name="L", params={"weight": w, "bias": b}, attrs=attrs)
+    g.set_outputs([node.outputs[0]])
+    return g
+
+
+@st.composite
+def layers(draw):
+    """A Conv, ConvTranspose (1-D or 2-D, grouped, strided, padded) or Linear, with
+    weights whose per-channel ranges differ by up to two decades, and inputs of random
+    per-channel means."""
+    op = draw(st.sampled_from(["conv", "conv_transpose", "linear"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    groups = draw(st.sampled_from([1, 2])) if op != "linear" else 1
+    cin, cout = groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 4))
+    nd = draw(st.integers(1, 2)) if op != "linear" else 0
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    size = tuple(draw(st.integers(3, 7)) for _ in range(nd))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    pads = tuple(draw(st.integers(0, k[i % nd] - 1)) for i in range(2 * nd)) if nd else ()
+    if op == "conv":
+        shape, layout = (cout, cin // groups, *k), Layout(0, 1, groups)
+    elif op == "conv_transpose":
+        shape, layout = (cin, cout // groups, *k), Layout(1, 0, groups)
+    else:
+        shape, layout = (cout, cin), Layout(0, 1)
+    spread = 10.0 ** rng.uniform(-1, 1, size=shape[layout.out_axis])
+    w = rng.normal(size=shape) * np.expand_dims(
+        spread, [a for a in range(len(shape)) if a != layout.out_axis]
+    )
+    attrs = {"layout": layout}
+    if nd:
+        attrs.update(stride=stride, pads=pads, dilation=(1,) * nd)
+    mean = rng.normal(scale=2.0, size=cin)
+    # Noise of mean exactly 0 at every position: each position's mean is the channel's,
+    # as the expectation the correction is for (a finite sample's positions differ).
+    noise = rng.normal(size=(16, cin, *size))
+    x = mean.reshape(1, cin, *(1,) * nd) + noise - noise.mean(axis=0, keepdims=True)
+    per_channel = draw(st.booleans())
+    symmetric = draw(st.booleans())
+    return op, w, rng.normal(size=cout), layout, attrs, x, size, per_channel, symmetric
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers())
+def test_corrected_layer_has_a_smaller_mean_output_error(case):
+    """The mean error of the quantized layer's output (over examples and positions, per
+    channel) against the float layer's: below the uncorrected one's, and zero up to
+    float rounding when the shift uses the inputs' own means and the taps' coverage."""
+    op, w, b, layout, attrs, x, size, per_channel, symmetric = case
+    q = quantize_array(w, 8, symmetric, layout.out_axis if per_channel else None)
+    if np.array_equal(q, w):
+        return
+    float_y = run_graph(_layer(op, w, b, layout, attrs), {"x": x})
+    nd = len(size)
+    coverage = (
+        tap_coverage(op, w.shape[2:], size, attrs["stride"], attrs["pads"], attrs["dilation"])
+        if nd
+        else None
+    )
+    mean_in = x.mean(axis=(0, *range(2, x.ndim)))  # the channel means, as E[x]
+    shift = bias_shift(w, q, layout, mean_in, coverage)
+    axes = (0, *range(2, x.ndim))
+
+    def mean_error(bias):
+        y = run_graph(_layer(op, q, bias, layout, attrs), {"x": x})
+        (name,) = y
+        return (y[name] - float_y[name]).mean(axis=axes)
+
+    before, after = mean_error(b), mean_error(b - shift)
+    scale = np.abs(w).max() * np.abs(x).max() * 1e-9
+    assert np.all(np.abs(after) <= np.abs(before) + scale)
+    np.testing.assert_allclose(after, 0.0, atol=scale * max(1, w[0].size))
+
+
+def test_tap_coverage_counts_the_padding_and_the_transposed_stride():
+    # Conv, 5 inputs, kernel 3, pads 1: each edge tap reads the padding at 1 of 5 outputs.
+    np.testing.assert_allclose(tap_coverage("conv", (3,), (5,), (1,), (1, 1), (1,)), [0.8, 1, 0.8])
+    # No padding: every tap always reads an input.
+    np.testing.assert_allclose(tap_coverage("conv", (3,), (5,), (1,), (0, 0), (1,)), [1, 1, 1])
+    # ConvTranspose stride 2, kernel 2, 4 inputs -> 8 outputs: each output gets one tap.
+    np.testing.assert_allclose(
+        tap_coverage("conv_transpose", (2,), (4,), (2,), (0, 0), (1,)), [0.5, 0.5]
+    )
+    # Unknown sizes: the interior value.
+    np.testing.assert_allclose(tap_coverage("conv", (2, 2), None, (1, 1), (0,) * 4, (1, 1)), 1)
+    np.testing.assert_allclose(
+        tap_coverage("conv_transpose", (2,), None, (2,), (0, 0), (1,)), [0.5, 0.5]
+    )
+
+
+def test_bias_shift_repeats_a_flattened_input_channel_by_channel():
+    w = np.arange(12.0).reshape(2, 6)  # a Linear after Flatten of (3 channels, 2 positions)
+    q = w + 1.0
+    shift = bias_shift(w, q, Layout(0, 1), np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(shift, [1 + 1 + 2 + 2 + 3 + 3] * 2)
+
+
+# --- the pass -------------------------------------------------------------------------------
+
+
+def test_off_by_default_and_exact_without_it():
+    assert EqualizeOptions().bias_correction is False
+    g = _mlp()
+    result = cle_core.equalize(g)
+    assert result.report.bias_corrections == ()
+
+
+def _mlp():
+    rng = np.random.default_rng(0)
+    g = Graph("mlp")
+    x = g.add_input("x", channels=8)
+    h = g.add_node(
+        "linear",
+        [x],
+        name="fc1",
+        params={"weight": rng.normal(size=(6, 8)) * 10.0 ** rng.uniform(-1, 1, (6, 1))},
+        attrs={"layout": Layout(0, 1)},
+    ).outputs[0]
+    h = g.add_node(
+        "batchnorm",
+        [h],
+        name="bn1",
+        params={
+            "mean": rng.normal(size=6),
+            "var": rng.uniform(0.5, 2, 6),
+            "gamma": rng.uniform(0.5, 2, 6),
+            "beta": rng.normal(size=6) + 1.0,
+        },
+        attrs={"eps": 1e-5},
+    ).outputs[0]
+    h = g.add_node("relu", [h], name="relu1").outputs[0]
+    y = g.add_node(
+        "linear",
+        [h],
+        name="fc2",
+        params={"weight": rng.normal(size=(3, 6)), "bias": np.zeros(3)},
+        attrs={"layout": Layout(0, 1)},
+    ).outputs[0]
+    g.set_outputs([y])
+    return g
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_pass_corrects_every_layer_whose_input_mean_it_knows(per_channel):
+    g = _mlp()
+    options = EqualizeOptions(bias_correction=True, per_channel=per_channel)
+    result = cle_core.equalize(g, options)
+    records = {r.layer: r for r in result.report.bias_corrections}
+    # fc1 reads the graph input (mean 0 by convention: nothing to correct); fc2 reads a
+    # ReLU of a folded BN, whose mean is known.
+    assert set(records) == {"fc2"} and "fc2" in result.changed
+    r = records["fc2"]
+    assert r.input_mean == "batch norms" and r.fp32_sqnr is not None and r.fp32_sqnr > 20
+    fc2 = result.graph.node("fc2")
+    assert fc2.bias.shape == (3,) and np.any(fc2.bias != 0)
+    text = result.report.summary()
+    assert "bias correction:    1 layers (input means from batch norms)" in text
+    assert "bias_corrections" in result.report.to_json()
+
+
+def test_measured_means_are_used_where_the_equalization_left_the_value_alone():
+    from cle_core._stats import ChannelStats
+
+    g = _mlp()
+    relu_out = g.node("relu1").outputs[0].name
+    mean = np.full(6, 5.0)
+    stats = {relu_out: ChannelStats.of(mean, mean**2 + 1.0)}
+    options = EqualizeOptions(bias_correction=True, scale=False, high_bias=False)
+    measured = cle_core.equalize(g, options, statistics=stats).report.bias_corrections
+    assert measured[0].input_mean == "calibration"
+    w = g.node("fc2").weight
+    q = quantize_array(w, 8, True)
+    np.testing.assert_allclose(measured[0].shift, (q - w) @ mean)
+    # Scaled, the value is in other units: its measured mean is not used.
+    g2 = _mlp()
+    scaled = cle_core.equalize(
+        g2, EqualizeOptions(bias_correction=True, objective="balance"), statistics=stats
+    )
+    assert any(np.any(r.scales != 1) for r in scaled.report.regions)
+    assert scaled.report.bias_corrections[0].input_mean == "batch norms"
