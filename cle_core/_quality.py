@@ -204,10 +204,11 @@ def quantize_array(w, bits: int = 8, symmetric: bool = False, axis: int | None =
     Returns a new array of the same shape and dtype; all-zero channels (zero range) stay
     zero.
 
-    This is the simulation grid for any width. For float32 data at 8 and 16 bits, and
-    asymmetric at 4 bits, it equals what onnxruntime deploys (:func:`deployed_weights`);
-    symmetric 4-bit differs (onnxruntime's int4 has no symmetric range and uses -8 .. 7),
-    and keeping one rule for every width keeps the simulated figures comparable.
+    This is the simulation grid for any width. For float32 data it equals what
+    onnxruntime deploys (:func:`deployed_weights`, without a bias that widens the scale),
+    bit for bit, except symmetric at 4 bits: onnxruntime's int4 has no symmetric range
+    and uses -8 .. 7, while one rule for every width keeps the simulated figures of
+    neighbouring widths comparable.
 
     >>> quantize_array(np.array([-1.0, 0.1, 2.0]), bits=2)  # grid -1, 0, 1, 2
     array([-1.,  0.,  2.])
@@ -220,7 +221,12 @@ def quantize_array(w, bits: int = 8, symmetric: bool = False, axis: int | None =
     # onnxruntime's QuantizeLinear/DequantizeLinear and a float32 torch model compute, so
     # the weights-only figures of both backends agree bit for bit.
     x = arr.astype(np.float64 if arr.dtype == np.float64 else np.float32)
-    return _round_trip(x, *_grid_of(x, bits, symmetric, axis)).astype(arr.dtype)
+    # Asymmetric grids over the signed range, as onnxruntime's: the same dequantized
+    # values as over 0 .. 2**bits - 1, but the zero point is rounded from the same float64
+    # expression, so even a value a hair from a half step agrees.
+    qrange = None if symmetric else (-(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1)
+    grid = _grid_of(x, bits, symmetric, axis, qrange)
+    return _round_trip(x, *grid).astype(arr.dtype)
 
 
 # onnxruntime's integer ranges for weights (quant_utils.ONNX_INT_TYPE_RANGE and
