@@ -18,6 +18,7 @@ __all__ = [
     "natural_images",
     "quantization_grid",
     "quantize_array",
+    "deployed_weights",
     "sqnr_db",
     "top1_agreement",
 ]
@@ -104,7 +105,15 @@ def top1_agreement(reference, test) -> float:
     return float(np.mean(np.argmax(ref, axis=1) == np.argmax(tst, axis=1)))
 
 
-def quantization_grid(lo, hi, bits: int = 8, symmetric: bool = False):
+def quantization_grid(
+    lo,
+    hi,
+    bits: int = 8,
+    symmetric: bool = False,
+    *,
+    qrange: tuple[int, int] | None = None,
+    min_scale: float = 0.0,
+):
     """The min/max quantization grid for the ranges ``[lo, hi]`` (arrays broadcast).
 
     Returns ``(scale, zero_point, qmin, qmax)``: float64 ``scale`` and integer-valued
@@ -112,14 +121,18 @@ def quantization_grid(lo, hi, bits: int = 8, symmetric: bool = False):
     integer bounds. A value ``x`` maps to ``clip(round(x / scale) + zero_point, qmin,
     qmax)`` and back to ``(q - zero_point) * scale``.
 
-    Asymmetric (``symmetric=False``): the grid spans ``[min(lo, 0), max(hi, 0)]`` with
-    ``2**bits - 1`` steps, ``qmin, qmax = 0, 2**bits - 1`` (the uint8 grid for 8 bits)
-    and the zero point is an integer, so 0 is exactly representable. Symmetric: the
-    scale is ``max(|lo|, |hi|) / (2**(bits-1) - 1)``, the zero point is 0 and
-    ``qmin, qmax = -(2**(bits-1) - 1), 2**(bits-1) - 1`` (int8 without -128).
+    The range is widened to include 0; symmetric grids widen it further to ``[-m, m]``
+    with ``m = max(|lo|, |hi|)``. The scale is ``(hi - lo) / (qmax - qmin)`` in float64
+    and the zero point ``round(qmin - lo / scale)`` (asymmetric) or ``round((qmin + qmax)
+    / 2)`` (symmetric), as onnxruntime's ``compute_scale_zp`` computes them.
 
-    A zero range (only possible for all-zero data, since the range includes 0) gets
-    scale 1 and zero point 0, which maps 0 to 0.
+    ``qrange=(qmin, qmax)`` gives the integer bounds; by default they are ``0, 2**bits -
+    1`` when asymmetric (the uint8 grid for 8 bits; a signed range of the same width
+    gives the same dequantized values) and ``-(2**(bits-1) - 1), 2**(bits-1) - 1`` when
+    symmetric (int8 without -128), so 0 is always exactly representable.
+
+    A scale below ``min_scale``, or zero (all-zero data), becomes 1 with zero point 0,
+    which maps 0 to 0 (onnxruntime does this below the smallest normal float32).
     """
     if int(bits) != bits or bits < 2:
         raise ValueError(f"bits must be an integer >= 2, got {bits!r}")
@@ -129,21 +142,53 @@ def quantization_grid(lo, hi, bits: int = 8, symmetric: bool = False):
     if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
         raise ValueError("quantization range is not finite (NaN or Inf in the data)")
     lo, hi = np.broadcast_arrays(lo, hi)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        qmin = -qmax
-        span = np.maximum(-lo, hi)
-        scale = span / qmax
-        zero_point = np.zeros_like(scale)
+    if qrange is None:
+        qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+        qmin = -qmax if symmetric else 0
     else:
-        qmin, qmax = 0, 2**bits - 1
-        scale = (hi - lo) / qmax
+        qmin, qmax = (int(q) for q in qrange)
+        if not qmin <= 0 <= qmax or qmin == qmax:
+            raise ValueError(f"qrange must hold 0 and more than one level, got {qrange!r}")
+    if symmetric:
+        hi = np.maximum(-lo, hi)
+        lo = -hi
+    scale = (hi - lo) / float(qmax - qmin)
+    if symmetric:
+        zero_point = np.full_like(scale, np.round((qmin + qmax) / 2.0))
+    else:
         with np.errstate(divide="ignore", invalid="ignore"):
-            zero_point = np.clip(np.round(-lo / scale), qmin, qmax)
-    empty = scale == 0.0
+            zero_point = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    empty = (scale == 0.0) | (scale < min_scale)
     scale = np.where(empty, 1.0, scale)
     zero_point = np.where(empty, 0.0, zero_point)
     return scale, zero_point, qmin, qmax
+
+
+def _grid_of(x: np.ndarray, bits, symmetric, axis, qrange=None):
+    """The grid of :func:`quantization_grid` for ``x`` per tensor or per slice along
+    ``axis`` (kept as a broadcastable axis), scale and zero point in ``x``'s dtype."""
+    if axis is None:
+        lo, hi = x.min(), x.max()
+    else:
+        reduce = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        lo = x.min(axis=reduce, keepdims=True)
+        hi = x.max(axis=reduce, keepdims=True)
+    scale, zero_point, qmin, qmax = quantization_grid(
+        lo, hi, bits, symmetric, qrange=qrange, min_scale=float(np.finfo(x.dtype).tiny)
+    )
+    return scale.astype(x.dtype), zero_point.astype(x.dtype), qmin, qmax
+
+
+def _round_trip(x: np.ndarray, scale, zero_point, qmin, qmax) -> np.ndarray:
+    """``(x / scale).round() + zero_point``, clipped, then ``(q - zero_point) * scale``,
+    in ``x``'s dtype: onnxruntime's ``quantize_nparray`` and DequantizeLinear."""
+    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def _check_float(arr: np.ndarray, what: str) -> None:
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise TypeError(f"{what} needs a floating-point array, got {arr.dtype}")
 
 
 def quantize_array(w, bits: int = 8, symmetric: bool = False, axis: int | None = None):
@@ -159,31 +204,136 @@ def quantize_array(w, bits: int = 8, symmetric: bool = False, axis: int | None =
     Returns a new array of the same shape and dtype; all-zero channels (zero range) stay
     zero.
 
+    This is the simulation grid for any width. For float32 data it equals what
+    onnxruntime deploys (:func:`deployed_weights`, without a bias that widens the scale),
+    bit for bit, except symmetric at 4 bits: onnxruntime's int4 has no symmetric range
+    and uses -8 .. 7, while one rule for every width keeps the simulated figures of
+    neighbouring widths comparable.
+
     >>> quantize_array(np.array([-1.0, 0.1, 2.0]), bits=2)  # grid -1, 0, 1, 2
     array([-1.,  0.,  2.])
     """
     arr = np.asarray(w)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise TypeError(f"quantize_array needs a floating-point array, got {arr.dtype}")
+    _check_float(arr, "quantize_array")
     if arr.size == 0:
         return arr.copy()
     # float32 data is quantized in float32 with the scale rounded to float32, which is what
     # onnxruntime's QuantizeLinear/DequantizeLinear and a float32 torch model compute, so
     # the weights-only figures of both backends agree bit for bit.
-    work = np.float64 if arr.dtype == np.float64 else np.float32
-    x = arr.astype(work)
+    x = arr.astype(np.float64 if arr.dtype == np.float64 else np.float32)
+    # Asymmetric grids over the signed range, as onnxruntime's: the same dequantized
+    # values as over 0 .. 2**bits - 1, but the zero point is rounded from the same float64
+    # expression, so even a value a hair from a half step agrees.
+    qrange = None if symmetric else (-(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1)
+    grid = _grid_of(x, bits, symmetric, axis, qrange)
+    return _round_trip(x, *grid).astype(arr.dtype)
+
+
+# onnxruntime's integer ranges for weights (quant_utils.ONNX_INT_TYPE_RANGE and
+# ONNX_INT_TYPE_SYMMETRIC_RANGE): int8 and int16 drop the most negative level when
+# symmetric; int4 has no symmetric range, so a symmetric int4 grid is -8 .. 7 with the
+# scale 2 m / 15.
+_ORT_WEIGHT_RANGES = {
+    (4, False): (-8, 7),
+    (4, True): (-8, 7),
+    (8, False): (-128, 127),
+    (8, True): (-127, 127),
+    (16, False): (-32768, 32767),
+    (16, True): (-32767, 32767),
+}
+
+
+def deployed_weights(
+    w,
+    bits: int = 8,
+    symmetric: bool = True,
+    axis: int | None = None,
+    *,
+    bias=None,
+    input_scale: float | None = None,
+):
+    """``w`` as onnxruntime's ``quantize_static`` deploys it: quantized, then dequantized
+    by DequantizeLinear, bit for bit.
+
+    The grid is per tensor (``axis=None``) or per slice along ``axis`` (onnxruntime's
+    per-channel axes: 0 for Conv and Gemm with ``transB=1``, 1 for ConvTranspose, Gemm
+    with ``transB=0`` and a MatMul's ``(in, out)`` weight); ``bits`` is 4, 8 or 16 (the
+    signed weight types int4, int8, int16). Symmetric grids span ``[-m, m]``, ``m =
+    max|w|``, over onnxruntime's symmetric range (-127 .. 127 for int8, -32767 .. 32767
+    for int16, the whole -8 .. 7 for int4); asymmetric ones span ``[min(w, 0), max(w,
+    0)]`` over the whole signed range with an integer zero point. The scale is computed
+    in float64 and stored as float32; ``round(w / scale) + zero_point`` (half to even)
+    and ``(q - zero_point) * scale`` are float32, as onnxruntime computes them. A scale
+    below the smallest normal float32 (an all-zero channel) becomes 1, so those weights
+    deploy as 0.
+
+    ``bias`` and ``input_scale`` (the scale of the layer's quantized input): onnxruntime
+    quantizes a bias to int32 on the grid ``input_scale * weight_scale`` and, where
+    ``|b|`` would need more than the int32 range there, widens the weight's scale
+    (int8 and int16 weights with zero point 0; per channel with each channel's bias).
+    That is common at 16 bits; at 8 bits only for weights that are nearly zero against
+    their bias. Give both for a layer with a bias to reproduce it; without them the
+    scale is never widened.
+
+    The model is computed as onnxruntime quantizes it, in float32 (the evaluation
+    converts models to float32 first): the result is float32 for float32 input, and
+    float64 input gets the same float32 values back in float64. Float16 input gets them
+    rounded to float16.
+
+    ``quantize_static`` quantizes per-channel weights symmetric whatever
+    ``WeightSymmetric`` says: pass ``symmetric=True`` with an ``axis`` to match it.
+
+    It is a separate function from :func:`quantize_array`, which shares its arithmetic,
+    because only the symmetric 4-bit grid differs and the simulation keeps one rule for
+    every width; this one takes only the widths onnxruntime deploys.
+
+    >>> deployed_weights(np.array([-1.5, 0.75, 3.75], np.float32), bits=4)  # step 0.5
+    array([-1.5,  1. ,  3.5], dtype=float32)
+    """
+    arr = np.asarray(w)
+    _check_float(arr, "deployed_weights")
+    if (bits, bool(symmetric)) not in _ORT_WEIGHT_RANGES:
+        raise ValueError(f"onnxruntime quantizes weights to 4, 8 or 16 bits, not {bits!r}")
+    if (bias is None) != (input_scale is None):
+        raise ValueError("deployed_weights needs both bias and input_scale, or neither")
+    if arr.size == 0:
+        return arr.copy()
+    x = arr.astype(np.float32)
+    scale, zero_point, qmin, qmax = _grid_of(
+        x, bits, symmetric, axis, _ORT_WEIGHT_RANGES[bits, bool(symmetric)]
+    )
+    if bias is not None and bits in (8, 16) and not zero_point.any():
+        scale = _widened_for_int32_bias(scale, np.asarray(bias, np.float32), input_scale, axis)
+    return _round_trip(x, scale, zero_point, qmin, qmax).astype(arr.dtype)
+
+
+def _widened_for_int32_bias(scale: np.ndarray, bias: np.ndarray, input_scale, axis) -> np.ndarray:
+    """The float32 weight ``scale`` as onnxruntime's QDQ quantizer widens it so that
+    ``bias`` fits int32 on the grid ``input_scale * scale``
+    (``_adjust_weight_scale_for_int32_bias``). The expressions and their dtypes are
+    onnxruntime's own: per channel, the product ``1.0001 * 2 |b_i|`` is float32, per
+    tensor it is float64, and that rounding decides the last bit of the scale."""
+    int32 = np.iinfo(np.int32)
+    qrange = np.array(int32.max, dtype=np.float64) - np.array(int32.min + 1, dtype=np.float64)
+    epsilon = 1.0001
+    input_fp64 = np.array(np.asarray(input_scale, np.float32).item(), dtype=np.float64)
+    scale = scale.copy()
     if axis is None:
-        lo, hi = x.min(), x.max()
+        rmin = np.minimum(bias.min(), np.array(0, dtype=np.float64))
+        rmax = np.maximum(bias.max(), np.array(0, dtype=np.float64))
+        smallest = [epsilon * (2.0 * np.maximum(np.abs(rmin), np.abs(rmax))) / qrange]
+        flat = scale.reshape(1)
     else:
-        axis = axis % x.ndim
-        reduce = tuple(i for i in range(x.ndim) if i != axis)
-        lo = x.min(axis=reduce, keepdims=True)
-        hi = x.max(axis=reduce, keepdims=True)
-    scale, zero_point, qmin, qmax = quantization_grid(lo, hi, bits, symmetric)
-    scale = scale.astype(work)
-    zero_point = zero_point.astype(work)
-    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
-    return ((q - zero_point) * scale).astype(arr.dtype)
+        smallest = [epsilon * (2.0 * np.abs(b)) / qrange for b in bias.reshape(-1)]
+        flat = scale.reshape(-1)  # a view: one scale per channel
+        if bias.size != flat.size:
+            raise ValueError(f"{bias.size} bias values for {flat.size} weight channels")
+    for i, floor in enumerate(smallest):
+        old = np.array(flat[i].item(), dtype=np.float64)
+        candidate = input_fp64 * old
+        if candidate < floor and candidate > 0.0:
+            flat[i] = (old * (floor / candidate)).astype(np.float32)
+    return scale
 
 
 def _load_skimage():
