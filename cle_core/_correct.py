@@ -4,8 +4,9 @@ quantization, Nagel et al. 2019, section 4.2).
 Rounding a layer's weights to the deployment's grid shifts the mean of its output by
 ``E[(Q(W) - W) x]``, a bias error that adds up through the network and that scaling
 does not remove. This pass subtracts that shift from each layer's bias, with ``Q`` the
-grid the deployed quantizer computes (:func:`cle_core.quality.quantize_array`, per
-tensor or per output channel) and ``E[x]`` the per-channel mean of the layer's input:
+grid the deployed quantizer computes (:func:`cle_core.quality.deployed_weights`, bit
+for bit as onnxruntime's ``quantize_static`` writes it, per tensor or per output
+channel) and ``E[x]`` the per-channel mean of the layer's input:
 estimated from the folded batch norms (clipped normals through ReLU / ReLU6, moments
 propagated where no BN is left), or measured on calibration data where the equalization
 left that value as it was. Taps that read zero padding get ``0`` instead of ``E[x]``
@@ -22,7 +23,7 @@ import numpy as np
 
 from ._ir import Graph
 from ._math import bias_shift, fit_dtype, tap_coverage
-from ._quality import quantize_array
+from ._quality import deployed_weights, quantize_array
 from ._report import BiasCorrectionRecord, EqualizeOptions, PassResult, SkipRecord
 from ._stats import ChannelStats, estimate, spatial_sizes
 
@@ -64,9 +65,7 @@ def correct_biases(
             continue
         layout = node.layout
         w = node.weight
-        q = quantize_array(
-            w, dep.weight_bits, dep.weight_symmetric, layout.out_axis if dep.per_channel else None
-        )
+        q = _deployed(w, dep, layout.out_axis if dep.per_channel else None)
         coverage, padding = _coverage(node, sizes.get(node.inputs[0].name))
         shift = bias_shift(w, q, layout, x.mean, coverage)
         if not np.any(shift):
@@ -82,6 +81,18 @@ def correct_biases(
         source = "calibration" if node.inputs[0].name in usable else "batch norms"
         records.append(BiasCorrectionRecord(node.name, shift, source, sqnr, padding))
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
+
+
+def _deployed(w: np.ndarray, dep, axis: int | None) -> np.ndarray:
+    """``w`` on the deployment's weight grid: onnxruntime's bit for bit
+    (:func:`cle_core.quality.deployed_weights`; it quantizes per-channel weights
+    symmetric whatever it is told) for its widths, the min/max grid of
+    :func:`cle_core.quality.quantize_array` otherwise. The scale onnxruntime widens
+    for a large bias at 16 bits is not reproduced: it depends on the activation grid."""
+    if dep.quantizer == "onnxruntime" and dep.weight_bits in (4, 8, 16):
+        symmetric = dep.weight_symmetric or axis is not None
+        return deployed_weights(w, dep.weight_bits, symmetric, axis)
+    return quantize_array(w, dep.weight_bits, dep.weight_symmetric, axis)
 
 
 def _coverage(node, size_in) -> tuple[np.ndarray | None, bool]:
