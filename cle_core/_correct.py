@@ -6,10 +6,10 @@ Rounding a layer's weights to the deployment's grid shifts the mean of its outpu
 does not remove. This pass subtracts that shift from each layer's bias, with ``Q`` the
 grid the deployed quantizer computes (:func:`cle_core.quality.deployed_weights`, bit
 for bit as onnxruntime's ``quantize_static`` writes it, per tensor or per output
-channel) and ``E[x]`` the per-channel mean of the layer's input:
-estimated from the folded batch norms (clipped normals through ReLU / ReLU6, moments
-propagated where no BN is left), or measured on calibration data where the equalization
-left that value as it was. Taps that read zero padding get ``0`` instead of ``E[x]``
+channel) and ``E[x]`` the per-channel mean of the layer's input: estimated from the
+folded batch norms (clipped normals through ReLU / ReLU6, moments propagated where no
+BN is left), or measured on calibration data (restated in the units the equalization
+left the value in). Taps that read zero padding get ``0`` instead of ``E[x]``
 (:func:`cle_core._math.tap_coverage`) where the input's size is known.
 
 It runs last, on the final weights, and changes the FP32 function by design.
@@ -33,19 +33,16 @@ def correct_biases(
     options: EqualizeOptions,
     shared: dict[int, str],
     measured: Mapping[str, ChannelStats],
-    changed_values: set[str],
 ) -> PassResult:
     """Subtract the deployment's weight-rounding shift from every layer's bias.
 
-    ``measured``: calibrated statistics by value name, in the units of the model before
-    equalization; those of ``changed_values`` (values the scaling or the high-bias
-    absorption rescaled or shifted) are not used, the estimate propagates from the
-    measured values before them instead. ``shared``: parameter ids shared between
-    nodes (:func:`cle_core._fold.shared_param_owners`, by node id); such a layer is
-    skipped."""
+    ``measured``: calibrated statistics by value name, in the units of the equalized
+    graph (values the equalization rescaled or shifted restated, or left out: the
+    estimate propagates from the measured values before them instead). ``shared``:
+    nodes that share a parameter (:func:`cle_core._fold.shared_param_owners`, by node
+    id); such a layer is skipped."""
     dep = options.deployment
-    usable = {k: v for k, v in measured.items() if k not in changed_values}
-    stats, _ = estimate(graph, usable)
+    stats, _ = estimate(graph, measured)
     sizes = spatial_sizes(graph)
     records, skips, changed = [], [], set()
     for node in graph.nodes:
@@ -78,7 +75,7 @@ def correct_biases(
         sqnr = None
         if out is not None and out.channels == shift.size and np.any(shift):
             sqnr = float(10 * np.log10(np.sum(out.meansq) / np.sum(shift * shift)))
-        source = "calibration" if node.inputs[0].name in usable else "batch norms"
+        source = "calibration" if node.inputs[0].name in measured else "batch norms"
         records.append(BiasCorrectionRecord(node.name, shift, source, sqnr, padding))
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
 

@@ -157,9 +157,8 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
 
     if options.bias_correction:
         report_progress("correcting biases", 0.9)
-        passes.append(
-            correct_biases(graph, options, shared, measured, _moved_values(graph, passes))
-        )
+        now = _in_current_units(graph, passes, measured)
+        passes.append(correct_biases(graph, options, shared, now))
 
     changed: set[str] = set()
     removed: list[str] = []
@@ -199,20 +198,43 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
     return EqualizeResult(graph, report, tuple(sorted(changed)), tuple(removed))
 
 
-def _moved_values(graph: Graph, passes: list[PassResult]) -> set[str]:
-    """Names of the values whose units the scaling or the high-bias absorption changed
-    (the outputs of a scaled region's sources and of the nodes it passes through, of a
-    layer that gave up a high bias and of its activation): statistics measured on the
-    original model no longer describe them."""
-    nodes: set[str] = set()
+def _in_current_units(
+    graph: Graph, passes: list[PassResult], measured: Mapping[str, ChannelStats]
+) -> dict[str, ChannelStats]:
+    """``measured`` (statistics of the model as given) in the units of the equalized
+    graph: the outputs of a scaled region's sources and of the nodes it passes through
+    divided by its scales, those of a layer that gave up a high bias and of its
+    activation shifted down by it. A value whose channels do not line up with its
+    region's (a concat's part) is left out, so that the estimate stands in for it."""
+    out = dict(measured)
+    producer = {n.name: n for n in graph.nodes}
+
+    def values_of(names):
+        return [v for name in names if name in producer for v in producer[name].outputs]
+
     for result in passes:
         for r in result.records:
             if isinstance(r, RegionRecord) and np.any(r.scales != 1):
-                nodes.update(r.sources)
-                nodes.update(r.through)
+                s = np.asarray(r.scales, np.float64)
+                for v in values_of((*r.sources, *r.through)):
+                    st = out.pop(v.name, None)
+                    if st is not None and st.channels == s.size:
+                        out[v.name] = ChannelStats(
+                            st.mean / s, st.meansq / s**2, st.lo / s, st.hi / s, st.nonzero
+                        )
             elif isinstance(r, HighBiasRecord):
-                nodes.update((r.layer, r.activation))
-    return {v.name for n in graph.nodes if n.name in nodes for v in n.outputs}
+                c = np.asarray(r.absorbed, np.float64)
+                for v in values_of((r.layer, r.activation)):
+                    st = out.pop(v.name, None)
+                    if st is not None and st.channels == c.size:
+                        out[v.name] = ChannelStats(
+                            st.mean - c,
+                            st.meansq - 2 * c * st.mean + c**2,
+                            st.lo - c,
+                            st.hi - c,
+                            st.nonzero,
+                        )
+    return out
 
 
 def scale_pass(

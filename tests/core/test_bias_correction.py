@@ -176,7 +176,7 @@ def test_the_pass_corrects_every_layer_whose_input_mean_it_knows(per_channel):
     assert "bias_corrections" in result.report.to_json()
 
 
-def test_measured_means_are_used_where_the_equalization_left_the_value_alone():
+def test_measured_means_are_used_in_the_units_the_equalization_left():
     from cle_core._stats import ChannelStats
 
     g = _mlp()
@@ -189,10 +189,15 @@ def test_measured_means_are_used_where_the_equalization_left_the_value_alone():
     w = g.node("fc2").weight
     q = deployed_weights(w, 8, True)  # onnxruntime's grid, bit for bit
     np.testing.assert_allclose(measured[0].shift, (q - w) @ mean)
-    # Scaled, the value is in other units: its measured mean is not used.
+    # Scaled, the value is in other units: its measured mean is restated in them.
     g2 = _mlp()
     scaled = cle_core.equalize(
         g2, EqualizeOptions(bias_correction=True, objective="balance"), statistics=stats
     )
-    assert any(np.any(r.scales != 1) for r in scaled.report.regions)
-    assert scaled.report.bias_corrections[0].input_mean == "batch norms"
+    [region] = [r for r in scaled.report.regions if np.any(r.scales != 1)]
+    [record] = scaled.report.bias_corrections
+    assert record.input_mean == "calibration"
+    w2 = g2.node("fc2").weight
+    np.testing.assert_allclose(
+        record.shift, (deployed_weights(w2, 8, True) - w2) @ (mean / region.scales)
+    )
