@@ -18,7 +18,8 @@ other networks. This runs
 and prints the mean per-tensor W8 and W8A8 output SQNR (dB, against FP32) after
 ``cle_torch.equalize_model`` with each setting: the paper's weight-range balance (the
 old default), the noise objective (the default), and the noise objective with
-calibration statistics from 32 inputs. Quantized with ``cle_torch.evaluate_torch``
+calibration statistics from 32 inputs (``--bias-correction``: the default without and
+with bias correction, data-free and calibrated). Quantized with ``cle_torch.evaluate_torch``
 (fake quantization of weights and layer inputs), or with ``--onnxruntime`` as
 ``cle evaluate`` does it: both models exported (TorchScript exporter, opset 13) and
 measured with ``cle_onnx.evaluate`` (onnxruntime's ``quantize_static`` for W8A8).
@@ -49,6 +50,10 @@ SETTINGS = {
     "balance": dict(objective="balance"),
     "noise": dict(),
     "noise+calib": dict(calibrate=True),
+}
+BIAS_CORRECTION = {  # --bias-correction: the defaults with it, data-free and calibrated
+    "noise+bc": dict(bias_correction=True),
+    "noise+calib+bc": dict(calibrate=True, bias_correction=True),
 }
 
 
@@ -183,7 +188,17 @@ def main() -> None:
     ap.add_argument(
         "--onnxruntime", action="store_true", help="quantize with onnxruntime (cle evaluate)"
     )
+    ap.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="the settings with bias correction instead (noise, and with it data-free and "
+        "calibrated)",
+    )
     args = ap.parse_args()
+    if args.bias_correction:
+        for name in ("balance", "noise+calib"):
+            del SETTINGS[name]
+        SETTINGS.update(BIAS_CORRECTION)
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     head = "".join(f"  {s:>13} W8 / W8A8" for s in SETTINGS)
     print(f"{'network':<14}{head}")

@@ -46,7 +46,12 @@ def test_demo_writes_everything_and_shows_the_gain(tmp_path, few_images, capsys)
         "plots",
     } == names
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["BN folded, no CLE", "PyTorch, CLE", "ONNX (BNs kept), CLE"]
+    assert list(results) == [
+        "BN folded, no CLE",
+        "PyTorch, CLE",
+        "PyTorch, CLE + bias correction",
+        "ONNX (BNs kept), CLE",
+    ]
     base = results["BN folded, no CLE"]
     for name in ("PyTorch, CLE", "ONNX (BNs kept), CLE"):
         r = results[name]
@@ -54,6 +59,10 @@ def test_demo_writes_everything_and_shows_the_gain(tmp_path, few_images, capsys)
         assert r["w8_sqnr"] > base["w8_sqnr"] + 3  # the gain is visible
         assert r["w8a8_sqnr"] > base["w8a8_sqnr"] + 3
     assert json.loads((out / "report_torch.json").read_text())["folds"]
+    # Bias correction changes FP32 by design and lifts W8 further.
+    corrected = results["PyTorch, CLE + bias correction"]
+    assert corrected["fp32_sqnr"] < 40
+    assert corrected["w8_sqnr"] > results["PyTorch, CLE"]["w8_sqnr"]
 
 
 def test_demo_all_adds_the_slow_rows(tmp_path, few_images, monkeypatch):
@@ -70,13 +79,15 @@ def test_demo_all_adds_the_slow_rows(tmp_path, few_images, monkeypatch):
     assert list(results) == [
         "BN folded, no CLE",
         "PyTorch, CLE",
+        "PyTorch, CLE + bias correction",
         "PyTorch, CLE, calibrated",
         "PyTorch, CLE for W8 only",
         "ONNX (BNs kept), CLE",
         "ONNX (BNs folded), CLE",
         "ONNX (BNs folded), calibrated",
     ]
-    assert all(r["fp32_sqnr"] > 80 for r in list(results.values())[1:])
+    exact = {k: r for k, r in results.items() if "bias correction" not in k}
+    assert all(r["fp32_sqnr"] > 80 for r in list(exact.values())[1:])
     assert "first 4 images" in text and (tmp_path / "effnet_lite0.onnx").is_file()
     # The progress bar names each row while it is measured.
     for name in results:
