@@ -87,7 +87,22 @@ class Backend(ABC):
         if calibration is not None:
             stats = self.calibration_stats(translated, model, calibration)
         result = equalize(translated.graph, options, progress, stats)
-        return self.apply(model, result, **extra, **backend_options), result.report
+        new = self.apply(model, result, **extra, **backend_options)
+        if options.bias_correction_form == "empirical":
+            return self.correct_biases_empirically(new, calibration, result.report)
+        return new, result.report
+
+    def correct_biases_empirically(
+        self, model: Any, calibration: Any, report: Report
+    ) -> tuple[Any, Report]:
+        """``bias_correction="empirical"``: ``model`` (equalized) with each layer's bias
+        corrected from ``calibration`` data, layer by layer with the layers before
+        already on the deployment's grid; and ``report`` with its
+        ``bias_corrections``. A backend that runs models offers it."""
+        raise UnsupportedModelError(
+            f"the {self.name} backend has no empirical bias correction; "
+            "bias_correction=True corrects from the input means (calibration= measures them)"
+        )
 
 
 class FileBackend(Backend):

@@ -155,7 +155,7 @@ def _passes(graph: Graph, options: EqualizeOptions, report_progress, statistics)
         report_progress("absorbing high biases", 0.85)
         passes.append(absorb_high_biases(graph, options, shared))
 
-    if options.bias_correction:
+    if options.bias_correction_form == "analytic":
         report_progress("correcting biases", 0.9)
         now = _in_current_units(graph, passes, measured)
         passes.append(correct_biases(graph, options, shared, now))

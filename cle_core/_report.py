@@ -62,8 +62,12 @@ class EqualizeOptions:
         bias_correction: after scaling and high-bias absorption, subtract from each
             layer's bias the mean shift ``E[(Q(W) - W) x]`` that rounding its weights to
             the deployment's grid adds to its output (Nagel et al. 2019, section 4.2;
-            ``docs/core.rst``). Changes the FP32 function by design, by about the weight
-            rounding noise (the report gives it per layer): off by default.
+            ``docs/core.rst``). ``True`` or ``"analytic"``: from the input means (the
+            folded batch norms, or calibration statistics); ``"empirical"``: measured
+            layer by layer on calibration data with the layers before already rounded
+            (a backend's, the ONNX backend's). Changes the FP32 function by design, by
+            about the weight rounding noise (the report gives it per layer): off by
+            default.
         activation_weight: balance objective only (deprecated: the noise objective
             weighs activations by what they cost at ``activation_bits``). The weight of
             estimated activation ranges (a clip bound, or ``|beta| + 3|gamma|`` of the
@@ -86,7 +90,7 @@ class EqualizeOptions:
     high_bias_through_padding: bool = False
     high_bias_sigmas: float = 3.0
     activation_weight: float = 0.0
-    bias_correction: bool = False
+    bias_correction: bool | str = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, str):
@@ -109,6 +113,18 @@ class EqualizeOptions:
             raise CLEError("high_bias_sigmas must be >= 0")
         if not (self.activation_weight >= 0) or self.activation_weight == float("inf"):
             raise CLEError("activation_weight must be finite and >= 0")
+        if self.bias_correction not in (False, True, "analytic", "empirical"):
+            raise CLEError(
+                "bias_correction must be False, True (= 'analytic') or 'empirical', "
+                f"not {self.bias_correction!r}"
+            )
+
+    @property
+    def bias_correction_form(self) -> str | None:
+        """``"analytic"``, ``"empirical"`` or None (no bias correction)."""
+        if self.bias_correction is True:
+            return "analytic"
+        return self.bias_correction or None
 
     @property
     def deployment(self) -> Deployment:
@@ -423,7 +439,7 @@ def _summary(report: Report, verbose: bool) -> str:
         f"high-bias absorbed: {len(report.high_bias)} layers"
         + (f" ({inexact} inexact, see the report)" if inexact else ""),
     ]
-    if report.options.bias_correction:
+    if report.options.bias_correction_form:
         lines.append(f"bias correction:    {bias_correction_text(report.bias_corrections)}")
     before, after = report.mean_sqnr()
     if not report.layers:

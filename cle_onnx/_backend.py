@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from cle_core import (
+    BiasCorrectionRecord,
     CLEError,
     EqualizeOptions,
     EqualizeResult,
@@ -146,10 +147,37 @@ class OnnxBackend(FileBackend):
             stats = self.calibration_stats(
                 None, model, calibration, backend_options.get("base_dir")
             )
+        empirical = options.bias_correction_form == "empirical"
+        if empirical and calibration is None:
+            raise CLEError(
+                "empirical bias correction measures on calibration inputs: give "
+                "calibration= (--calibration)"
+            )
         translated = self.to_ir(model, **backend_options)
         result = equalize(translated.graph, options, progress, stats)
+        if not empirical:
+            new = self.apply(model, result, state=translated.state, **backend_options)
+            return new, result.report
+        # The model runs once per layer: its weights are loaded whole, and a file is
+        # written from the corrected proto instead of streamed.
+        stream = backend_options.pop("stream", False)
         new = self.apply(model, result, state=translated.state, **backend_options)
-        return new, result.report
+        if _io.has_external_data(new):
+            onnx.external_data_helper.load_external_data_for_model(
+                new, _dir(backend_options.get("base_dir"))
+            )
+        new, report = self.correct_biases_empirically(new, calibration, result.report)
+        return (Streamed(new, {}) if stream else new), report
+
+    def correct_biases_empirically(self, model, calibration, report):
+        from ._empirical import correct_empirically  # onnxruntime, only to run models
+
+        corrected, shifts = correct_empirically(model, calibration, report.options.deployment)
+        records = tuple(
+            BiasCorrectionRecord(layer, shift, "calibration (empirical)", None, False)
+            for layer, shift in shifts
+        )
+        return corrected, replace(report, bias_corrections=records)
 
     # --- files, for the command line -----------------------------------------------------
 

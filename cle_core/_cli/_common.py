@@ -107,11 +107,15 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--bias-correction",
-        action="store_true",
+        nargs="?",
+        const="analytic",
+        default=False,
+        choices=("analytic", "empirical"),
         help="after scaling, subtract from each bias the mean shift that rounding its "
-        "weights to the deployment's grid adds (input means from the batch norms, or "
-        "measured with --calibration); changes FP32 outputs by design, the summary says "
-        "how much",
+        "weights to the deployment's grid adds: analytic (the default form) from the input "
+        "means (the batch norms', or measured with --calibration); empirical: measured "
+        "layer by layer on the --calibration inputs with the layers before already rounded "
+        "(one run of the model per layer). Changes FP32 outputs by design",
     )
     g.add_argument(
         "--objective",

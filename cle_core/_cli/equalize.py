@@ -140,6 +140,8 @@ def run(args) -> int:
             "--calibration measures statistics the balance objective does not use "
             "(give --objective noise, --bias-correction, or --verify to measure on it)"
         )
+    if options.bias_correction_form == "empirical" and not args.calibration:
+        raise UsageError("--bias-correction empirical measures on the --calibration inputs")
     if args.verify and not args.calibration:
         raise UsageError("--verify needs --calibration: the inputs to measure on")
     if args.verify and args.in_place:

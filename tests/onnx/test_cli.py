@@ -12,6 +12,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+import cle_core  # noqa: E402
+import cle_onnx  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 from tests.helpers import onnx_models as om  # noqa: E402
 
@@ -344,3 +346,38 @@ def test_check_with_bias_correction_judges_the_equalization_and_shows_the_change
     # The corrected model differs from the original by design: shown, not judged.
     assert float(shown.split("SQNR ")[1].split(" dB")[0]) < 80 and "not judged" in shown
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx"]
+
+
+def test_empirical_bias_correction_measures_on_the_calibration_inputs(tmp_path, capsys):
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    onnx.save(om.conv_pair("relu"), str(src))
+    assert main(["equalize", str(src), "-o", str(out), "--bias-correction", "empirical"]) == 2
+    assert "--calibration" in capsys.readouterr().err and not out.exists()
+    x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    args = ["--calibration", str(tmp_path / "x.npy"), "--report", str(tmp_path / "r.json")]
+    assert (
+        main(["equalize", str(src), "-o", str(out), "--bias-correction", "empirical", *args]) == 0
+    )
+    assert "input means from calibration (empirical)" in capsys.readouterr().out
+    # On the inputs it measured, the weight-rounded model's mean output error is smaller.
+    from cle_onnx._evaluate import run, weights_quantized
+
+    original = onnx.load(str(src))
+    reference = run(original, x)
+    errors = []
+    for model in (cle_onnx.equalize_model(original)[0], onnx.load(str(out))):
+        rounded = weights_quantized(model, 8, False, True)
+        errors.append(np.abs((run(rounded, x) - reference).mean(axis=(0, 2, 3))).mean())
+    assert errors[1] < errors[0] / 2
+
+
+def test_the_torch_backend_says_it_has_no_empirical_form():
+    torch = pytest.importorskip("torch")
+    import cle_torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    with pytest.raises(cle_core.CLEError, match="no empirical bias correction"):
+        cle_torch.equalize_model(
+            model.eval(), bias_correction="empirical", calibration=torch.randn(4, 3, 8, 8)
+        )
