@@ -6,11 +6,12 @@ images, measured on all 120), symmetric int8 weights per tensor and per channel,
 For each export (the TorchScript exporter's default, batch norms folded by it; and one
 that keeps its BatchNormalization nodes) and each deployment, rows: no CLE (BNs folded),
 CLE with the defaults, CLE + data-free bias correction, CLE + bias correction with
-input means measured on 40 calibration images (other crops), and, with BNs kept, the
+input means measured on 40 calibration images (other crops), the empirical form on the
+same crops (layer by layer, measured), and, with BNs kept, the
 PyTorch backend on the module with and without the correction. Every row is equalized
 for the deployment it is measured in.
 
-Run: ``python benchmarks/bench_bias_correction.py`` (about 5 minutes on 2 cores);
+Run: ``python benchmarks/bench_bias_correction.py`` (about 10 minutes on 2 cores);
 ``--quick`` measures per tensor only on the BN export.
 """
 
@@ -65,6 +66,14 @@ def main() -> None:
                         "CLE + bias corr., calibrated",
                         cle_onnx.equalize_model(
                             path, bias_correction=True, calibration=crops, **opts
+                        )[0],
+                    )
+                )
+                rows.append(
+                    (
+                        "CLE + bias corr., empirical",
+                        cle_onnx.equalize_model(
+                            path, bias_correction="empirical", calibration=crops, **opts
                         )[0],
                     )
                 )

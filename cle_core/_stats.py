@@ -245,8 +245,15 @@ def _layer_output(node: Node, x: ChannelStats | None):
         if (g * ig) % x.channels:
             return None, None
         x = x.repeat(g * ig // x.channels)
-    mean = np.einsum("goi,gi->go", v.sum(axis=3, dtype=np.float64), x.mean.reshape(g, ig))
-    var = np.einsum("goi,gi->go", np.square(v, dtype=np.float64).sum(axis=3), x.var.reshape(g, ig))
+    # A ConvTranspose output position receives 1 / prod(stride) of the taps on average
+    # (each input writes every tap once, onto stride^n times as many outputs).
+    share = 1.0
+    if node.op == "conv_transpose":
+        share = 1.0 / float(np.prod(node.attrs.get("stride", (1,))))
+    mean = share * np.einsum("goi,gi->go", v.sum(axis=3, dtype=np.float64), x.mean.reshape(g, ig))
+    var = share * np.einsum(
+        "goi,gi->go", np.square(v, dtype=np.float64).sum(axis=3), x.var.reshape(g, ig)
+    )
     bias = 0.0 if node.bias is None else np.asarray(node.bias, np.float64)
     return mean.reshape(-1) + bias, np.sqrt(var.reshape(-1))
 
