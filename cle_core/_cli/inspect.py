@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .._backend import get_backend_for_file
 from .._report import Report
-from ._common import EXIT_OK, add_cle_options, add_verbose_flag, cle_options
+from ._common import EXIT_OK, UsageError, add_cle_options, add_verbose_flag, cle_options
 
 
 def add_parser(sub) -> None:
@@ -23,7 +23,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    report = get_backend_for_file(args.input).inspect_file(Path(args.input), cle_options(args))
+    options = cle_options(args)
+    if options.bias_correction_form == "empirical":
+        raise UsageError(
+            "--bias-correction empirical runs the model on calibration inputs, which "
+            "inspect does not take: cle equalize --calibration ... does it"
+        )
+    report = get_backend_for_file(args.input).inspect_file(Path(args.input), options)
     print(format_inspection(report, args.verbose))
     return EXIT_OK
 

@@ -381,3 +381,12 @@ def test_the_torch_backend_says_it_has_no_empirical_form():
         cle_torch.equalize_model(
             model.eval(), bias_correction="empirical", calibration=torch.randn(4, 3, 8, 8)
         )
+
+
+def test_inspect_shows_the_analytic_correction_and_refuses_the_empirical(tmp_path, capsys):
+    src = tmp_path / "m.onnx"
+    onnx.save(om.conv_pair("relu"), str(src))
+    assert main(["inspect", str(src), "--bias-correction"]) == 0
+    assert "bias correction:    1 layers" in capsys.readouterr().out
+    assert main(["inspect", str(src), "--bias-correction", "empirical"]) == 2
+    assert "cle equalize --calibration" in capsys.readouterr().err
