@@ -42,7 +42,7 @@ def correct_biases(
     nodes that share a parameter (:func:`cle_core._fold.shared_param_owners`, by node
     id); such a layer is skipped."""
     dep = options.deployment
-    stats, _ = estimate(graph, measured)
+    stats, _ = estimate(graph, measured, transpose_taps=True)
     sizes = spatial_sizes(graph)
     records, skips, changed = [], [], set()
     for node in graph.nodes:

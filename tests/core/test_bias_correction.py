@@ -205,9 +205,9 @@ def test_measured_means_are_used_in_the_units_the_equalization_left():
 
 def test_a_conv_transpose_output_mean_is_estimated_per_output_position():
     """Each output of a stride-2, kernel-2 ConvTranspose receives one of the 4 taps: its
-    mean is a quarter of the taps' sum times the input mean (the estimate once took the
-    whole sum, four times too much, and the bias correction after an upsampling with it;
-    measured: a U-Net-style network lost 0.65 dB W8)."""
+    mean, as the bias correction estimates it, is a quarter of the taps' sum times the
+    input mean (the whole sum, four times too much, made the correction after an
+    upsampling wrong: a U-Net-style network lost 0.65 dB W8 with it)."""
     from cle_core._stats import ChannelStats, estimate
 
     rng = np.random.default_rng(3)
@@ -223,7 +223,7 @@ def test_a_conv_transpose_output_mean_is_estimated_per_output_position():
     ).outputs[0]
     g.set_outputs([y])
     mean = np.array([1.0, -2.0, 0.5])
-    stats, _ = estimate(g, {"x": ChannelStats.of(mean, mean**2 + 1.0)})
+    stats, _ = estimate(g, {"x": ChannelStats.of(mean, mean**2 + 1.0)}, transpose_taps=True)
     data = mean.reshape(1, 3, 1, 1) + rng.normal(size=(64, 3, 6, 6))
     measured = run_graph(g, {"x": data})[y.name].mean(axis=(0, 2, 3))
     np.testing.assert_allclose(stats[y.name].mean, measured, atol=0.05)
