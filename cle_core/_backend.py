@@ -77,6 +77,11 @@ class Backend(ABC):
         """The one path from a model to its equalized copy: :meth:`to_ir`, optional
         calibration, :func:`cle_core.equalize`, :meth:`apply`. Every public
         ``equalize_model`` goes through it."""
+        if options.bias_correction_form == "empirical" and calibration is None:
+            raise CLEError(
+                "empirical bias correction measures on calibration inputs: give "
+                "calibration= (--calibration)"
+            )
         translated = self.to_ir(model, **backend_options)
         if not isinstance(translated, Translated):
             translated = Translated(translated)

@@ -65,7 +65,7 @@ class EqualizeOptions:
             ``docs/core.rst``). ``True`` or ``"analytic"``: from the input means (the
             folded batch norms, or calibration statistics); ``"empirical"``: measured
             layer by layer on calibration data with the layers before already rounded
-            (a backend's, the ONNX backend's). Changes the FP32 function by design, by
+            (a backend's: ONNX and PyTorch). Changes the FP32 function by design, by
             about the weight rounding noise (the report gives it per layer): off by
             default.
         activation_weight: balance objective only (deprecated: the noise objective

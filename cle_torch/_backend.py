@@ -11,6 +11,7 @@ from torch import nn
 
 from cle_core import (
     Backend,
+    BiasCorrectionRecord,
     CLEError,
     EqualizeOptions,
     EqualizeResult,
@@ -74,6 +75,16 @@ class TorchBackend(Backend):
         if not isinstance(state, Capture) or state.model is not model:
             raise ValueError("apply() needs the state to_ir() returned for this model")
         return apply(state, result, allow_graph_module)
+
+    def correct_biases_empirically(self, model, calibration, report):
+        from ._empirical import correct_empirically
+
+        shifts = correct_empirically(model, calibration, report.options.deployment)
+        records = tuple(
+            BiasCorrectionRecord(layer, shift, "calibration (empirical)", None, False)
+            for layer, shift in shifts
+        )
+        return model, replace(report, bias_corrections=records)
 
 
 def _no_options(options: dict) -> None:

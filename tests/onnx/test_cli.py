@@ -12,7 +12,6 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import cle_core  # noqa: E402
 import cle_onnx  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 from tests.helpers import onnx_models as om  # noqa: E402
@@ -370,17 +369,6 @@ def test_empirical_bias_correction_measures_on_the_calibration_inputs(tmp_path, 
         rounded = weights_quantized(model, 8, False, True)
         errors.append(np.abs((run(rounded, x) - reference).mean(axis=(0, 2, 3))).mean())
     assert errors[1] < errors[0] / 2
-
-
-def test_the_torch_backend_says_it_has_no_empirical_form():
-    torch = pytest.importorskip("torch")
-    import cle_torch
-
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
-    with pytest.raises(cle_core.CLEError, match="no empirical bias correction"):
-        cle_torch.equalize_model(
-            model.eval(), bias_correction="empirical", calibration=torch.randn(4, 3, 8, 8)
-        )
 
 
 def test_inspect_shows_the_analytic_correction_and_refuses_the_empirical(tmp_path, capsys):
