@@ -78,9 +78,15 @@ def main() -> None:
                     )
                 )
                 if keep:
-                    for name, bc in (("PyTorch CLE", False), ("PyTorch CLE + bias corr.", True)):
+                    torch_rows = (
+                        ("PyTorch CLE", False),
+                        ("PyTorch CLE + bias corr.", True),
+                        ("PyTorch CLE + bias corr., empirical", "empirical"),
+                    )
+                    for name, bc in torch_rows:
+                        calibration = {"calibration": crops} if bc == "empirical" else {}
                         eq, _ = cle_torch.equalize_model(
-                            copy.deepcopy(model), bias_correction=bc, **opts
+                            copy.deepcopy(model), bias_correction=bc, **opts, **calibration
                         )
                         out = Path(tmp) / "torch.onnx"
                         export_onnx(eq, out)
