@@ -19,7 +19,7 @@ import numpy as np
 
 from ._deployment import Deployment
 from ._errors import CLEError
-from ._report import Report, Verification
+from ._report import EqualizeOptions, Report, Verification
 
 logger = logging.getLogger("cle_core")
 
@@ -82,3 +82,10 @@ def verdict(
             deployment.describe(),
         )
     return replace(report, verification=v), keep
+
+
+def folded_only(options: EqualizeOptions) -> EqualizeOptions:
+    """``options`` doing nothing but fold the batch norms: the original as a deployment
+    quantizes it, which ``verify`` measures the equalized model against (no scaling, no
+    high-bias absorption, no bias correction)."""
+    return replace(options, scale=False, high_bias=False, bias_correction=False)

@@ -22,7 +22,8 @@ Inputs and statistics:
 Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype, refused
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
 legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
-:func:`verdict` (``verify=``: measure the original and the result, keep the better).
+:func:`verdict`, :func:`folded_only` (``verify=``: measure the original and the
+result, keep the better).
 
 Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
 line), :func:`write_plots`, :func:`warn` (one ``cle: warning:`` line on stderr).
@@ -55,7 +56,7 @@ from ._quality import (
     non_finite_name,
 )
 from ._stats import ChannelStats, StatsAccumulator
-from ._verify import quality_key, split_inputs, verdict
+from ._verify import folded_only, quality_key, split_inputs, verdict
 
 __all__ = [
     "ChannelStats",
@@ -71,6 +72,7 @@ __all__ = [
     "discard",
     "file_mode",
     "fit_dtype",
+    "folded_only",
     "folder_of",
     "is_float_dtype",
     "load_array",

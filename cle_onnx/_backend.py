@@ -20,7 +20,7 @@ from cle_core import (
     Translated,
     equalize,
 )
-from cle_core.toolkit import check_output_path, quality_key, split_inputs, verdict
+from cle_core.toolkit import check_output_path, folded_only, quality_key, split_inputs, verdict
 
 from . import _check, _inputs, _io
 from ._apply import apply
@@ -309,9 +309,7 @@ def equalize_model(
             model, cle_options, calibration, inplace=inplace, base_dir=base_dir, owned=owned
         )
     new, report = OnnxBackend().run(model, cle_options, calibration, base_dir=base_dir)
-    folded, _ = OnnxBackend().run(
-        model, replace(cle_options, scale=False, high_bias=False), base_dir=base_dir
-    )
+    folded, _ = OnnxBackend().run(model, folded_only(cle_options), base_dir=base_dir)
     return _verified(model, folded, new, report, cle_options, calibration, inplace)
 
 

@@ -19,7 +19,7 @@ from cle_core import (
     Translated,
     equalize,
 )
-from cle_core.toolkit import quality_key, split_inputs, verdict
+from cle_core.toolkit import folded_only, quality_key, split_inputs, verdict
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
@@ -177,7 +177,7 @@ def equalize_model(
         copy.deepcopy(model), cle_options, calibration, **backend_options
     )
     folded, _ = TorchBackend().run(
-        copy.deepcopy(model), replace(cle_options, scale=False, high_bias=False), **backend_options
+        copy.deepcopy(model), folded_only(cle_options), **backend_options
     )
     deployment = cle_options.deployment
     key = quality_key(deployment)

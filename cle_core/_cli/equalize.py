@@ -11,7 +11,7 @@ from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
 from .._files import check_output_path, temp_folder, write_atomic
 from .._quality import describe_arrays
 from .._report import Report
-from .._verify import quality_key, split_inputs, verdict
+from .._verify import folded_only, quality_key, split_inputs, verdict
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -239,7 +239,7 @@ def _verify(backend, src: Path, dst: Path, options, calibration, report: Report)
     key = quality_key(deployment)
     report, keep = verdict(report, deployment, count, rows[0][1][key], rows[1][1][key])
     if not keep:
-        backend.equalize_file(src, dst, replace(options, scale=False, high_bias=False))
+        backend.equalize_file(src, dst, folded_only(options))
     return report
 
 

@@ -227,3 +227,12 @@ def test_a_conv_transpose_output_mean_is_estimated_per_output_position():
     data = mean.reshape(1, 3, 1, 1) + rng.normal(size=(64, 3, 6, 6))
     measured = run_graph(g, {"x": data})[y.name].mean(axis=(0, 2, 3))
     np.testing.assert_allclose(stats[y.name].mean, measured, atol=0.05)
+
+
+def test_verify_measures_against_the_original_without_correction():
+    from cle_core.toolkit import folded_only
+
+    options = EqualizeOptions(bias_correction="empirical", objective="balance")
+    folded = folded_only(options)
+    assert (folded.scale, folded.high_bias, folded.bias_correction) == (False, False, False)
+    assert folded.fold_bn and folded.objective == "balance"
