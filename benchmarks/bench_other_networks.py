@@ -19,7 +19,7 @@ and prints the mean per-tensor W8 and W8A8 output SQNR (dB, against FP32) after
 ``cle_torch.equalize_model`` with each setting: the paper's weight-range balance (the
 old default), the noise objective (the default), and the noise objective with
 calibration statistics from 32 inputs (``--bias-correction``: the default without and
-with bias correction, data-free and calibrated). Quantized with ``cle_torch.evaluate_torch``
+with bias correction: data-free, calibrated and empirical). Quantized with ``cle_torch.evaluate_torch``
 (fake quantization of weights and layer inputs), or with ``--onnxruntime`` as
 ``cle evaluate`` does it: both models exported (TorchScript exporter, opset 13) and
 measured with ``cle_onnx.evaluate`` (onnxruntime's ``quantize_static`` for W8A8).
@@ -51,9 +51,10 @@ SETTINGS = {
     "noise": dict(),
     "noise+calib": dict(calibrate=True),
 }
-BIAS_CORRECTION = {  # --bias-correction: the defaults with it, data-free and calibrated
+BIAS_CORRECTION = {  # --bias-correction: the defaults with it: data-free, calibrated, empirical
     "noise+bc": dict(bias_correction=True),
     "noise+calib+bc": dict(calibrate=True, bias_correction=True),
+    "noise+emp.bc": dict(calibrate=True, bias_correction="empirical"),
 }
 
 
@@ -191,8 +192,8 @@ def main() -> None:
     ap.add_argument(
         "--bias-correction",
         action="store_true",
-        help="the settings with bias correction instead (noise, and with it data-free and "
-        "calibrated)",
+        help="the settings with bias correction instead (noise, and with it data-free, "
+        "calibrated and empirical)",
     )
     args = ap.parse_args()
     if args.bias_correction:
