@@ -19,10 +19,11 @@ and prints the mean per-tensor W8 and W8A8 output SQNR (dB, against FP32) after
 ``cle_torch.equalize_model`` with each setting: the paper's weight-range balance (the
 old default), the noise objective (the default), and the noise objective with
 calibration statistics from 32 inputs (``--bias-correction``: the default without and
-with bias correction: data-free, calibrated and empirical). Quantized with ``cle_torch.evaluate_torch``
-(fake quantization of weights and layer inputs), or with ``--onnxruntime`` as
-``cle evaluate`` does it: both models exported (TorchScript exporter, opset 13) and
-measured with ``cle_onnx.evaluate`` (onnxruntime's ``quantize_static`` for W8A8).
+with bias correction: data-free, calibrated and empirical). Quantized with
+``cle_torch.evaluate_torch`` (fake quantization of weights and layer inputs), or with
+``--onnxruntime`` as ``cle evaluate`` does it: both models exported (TorchScript
+exporter, opset 13) and measured with ``cle_onnx.evaluate`` (onnxruntime's
+``quantize_static`` for W8A8).
 
 Run: ``python benchmarks/bench_other_networks.py [--onnxruntime] [--networks NAME ...]``.
 """
