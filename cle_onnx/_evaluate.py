@@ -12,7 +12,9 @@ their convolutions), then
   activations); 4, 8 or 16 bits;
 - weights only: onnxruntime has no such mode, so each Conv / ConvTranspose / Gemm /
   MatMul weight initializer is replaced by its quantized-and-dequantized values
-  (:func:`cle_core.quality.quantize_array`, the same min/max grid), any width.
+  (:func:`cle_core.quality.deployed_weights`: ``quantize_static``'s grid bit for bit at
+  4, 8 and 16 bits, per-channel grids symmetric as it makes them;
+  :func:`cle_core.quality.quantize_array`'s min/max grid at any other width).
 
 Every variant's first output is compared with the FP32 model's
 (:func:`cle_core.quality.compare_outputs`). Nothing here knows about CLE.
@@ -43,7 +45,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from cle_core import CLEError, Deployment
-from cle_core.quality import compare_outputs, quantize_array
+from cle_core.quality import compare_outputs, deployed_weights, quantize_array
 from cle_core.toolkit import deployment_of, describe_arrays, temp_folder
 
 from ._calibrate import batch_axes, examples, feeds, fixed_batch, take
@@ -267,9 +269,18 @@ def weights_quantized(
         axis = _WEIGHT_AXIS.get(node.op_type)
         if node.op_type == "Gemm":
             axis = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-        q = quantize_array(w, bits, symmetric, axis if per_channel else None)
+        q = _deployed(w, bits, symmetric, axis if per_channel else None)
         inits[name].CopyFrom(numpy_helper.from_array(q.astype(w.dtype), name))
     return out
+
+
+def _deployed(w: np.ndarray, bits: int, symmetric: bool, axis: int | None) -> np.ndarray:
+    """``w`` on the grid ``quantize_static`` would give it, bit for bit, at the widths it
+    offers (4, 8, 16 bits; per-channel grids symmetric, as it makes them whatever it is
+    told); the min/max grid of :func:`cle_core.quality.quantize_array` at any other."""
+    if bits in (4, 8, 16):
+        return deployed_weights(w, bits, symmetric or axis is not None, axis)
+    return quantize_array(w, bits, symmetric, axis)
 
 
 class _Reader(CalibrationDataReader):

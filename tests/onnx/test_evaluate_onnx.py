@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import cle_onnx  # noqa: E402
 from cle_core import CLEError  # noqa: E402
-from cle_core._quality import quantize_array, sqnr_db  # noqa: E402
+from cle_core._quality import deployed_weights, sqnr_db  # noqa: E402
 from cle_onnx._evaluate import (  # noqa: E402
     evaluate,
     prepared,
@@ -124,8 +124,10 @@ def test_weights_only_replaces_each_weight_by_its_grid_values(per_channel, symme
     got = _inits(weights_quantized(model, 8, per_channel, symmetric))
     for name, w in _inits(model).items():
         if name in _AXES:
-            want = quantize_array(w, 8, symmetric, _AXES[name] if per_channel else None)
-            np.testing.assert_array_equal(got[name], want.astype(np.float32))
+            # quantize_static's grid: per channel always symmetric, whatever it is told.
+            axis = _AXES[name] if per_channel else None
+            want = deployed_weights(w, 8, symmetric or per_channel, axis)
+            np.testing.assert_array_equal(got[name], want)
         else:  # biases are not layer weights
             np.testing.assert_array_equal(got[name], w)
 
