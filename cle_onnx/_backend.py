@@ -159,14 +159,19 @@ class OnnxBackend(FileBackend):
             new = self.apply(model, result, state=translated.state, **backend_options)
             return new, result.report
         # The model runs once per layer: its weights are loaded whole, and a file is
-        # written from the corrected proto instead of streamed.
+        # written from the corrected proto instead of streamed. The caller's proto
+        # (inplace) is written only once the correction has succeeded too.
         stream = backend_options.pop("stream", False)
+        inplace = backend_options.pop("inplace", False)
         new = self.apply(model, result, state=translated.state, **backend_options)
         if _io.has_external_data(new):
             onnx.external_data_helper.load_external_data_for_model(
                 new, _dir(backend_options.get("base_dir"))
             )
         new, report = self.correct_biases_empirically(new, calibration, result.report)
+        if inplace and new is not model:
+            model.CopyFrom(new)
+            new = model
         return (Streamed(new, {}) if stream else new), report
 
     def correct_biases_empirically(self, model, calibration, report):

@@ -345,6 +345,7 @@ def test_check_with_bias_correction_judges_the_equalization_and_shows_the_change
     # The corrected model differs from the original by design: shown, not judged.
     assert float(shown.split("SQNR ")[1].split(" dB")[0]) < 80 and "not judged" in shown
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx"]
+    assert src.read_bytes() == om.conv_pair("relu").SerializeToString()  # input untouched
 
 
 def test_empirical_bias_correction_measures_on_the_calibration_inputs(tmp_path, capsys):
@@ -378,3 +379,34 @@ def test_inspect_shows_the_analytic_correction_and_refuses_the_empirical(tmp_pat
     assert "bias correction:    1 layers" in capsys.readouterr().out
     assert main(["inspect", str(src), "--bias-correction", "empirical"]) == 2
     assert "cle equalize --calibration" in capsys.readouterr().err
+
+
+def test_empirical_correction_leaves_the_callers_proto_alone_until_it_succeeds(monkeypatch):
+    from cle_onnx import _empirical
+
+    model = om.conv_pair("relu")
+    given = model.SerializeToString()
+    x = np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32)
+    # Not in place: the input is untouched after success.
+    new, _ = cle_onnx.equalize_model(model, bias_correction="empirical", calibration=x)
+    assert model.SerializeToString() == given and new is not model
+    # In place, failing half-way through the layers: untouched too.
+    real, calls = _empirical._grid, []
+
+    def fails_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk on fire")
+        return real(*args)
+
+    monkeypatch.setattr(_empirical, "_grid", fails_second)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cle_onnx.equalize_model(model, bias_correction="empirical", calibration=x, inplace=True)
+    assert model.SerializeToString() == given
+    # In place and successful: the caller's proto is the corrected model.
+    monkeypatch.setattr(_empirical, "_grid", real)
+    out, report = cle_onnx.equalize_model(
+        model, bias_correction="empirical", calibration=x, inplace=True
+    )
+    assert out is model and report.bias_corrections
+    assert model.SerializeToString() == new.SerializeToString()
