@@ -39,6 +39,16 @@ class Translated:
     state: Any = None
 
 
+def check_calibration(options: EqualizeOptions, calibration: Any) -> None:
+    """Refuse options that measure on calibration inputs when none are given (before
+    anything runs): the empirical bias correction."""
+    if options.bias_correction_form == "empirical" and calibration is None:
+        raise CLEError(
+            "empirical bias correction measures on calibration inputs: give "
+            "calibration= (--calibration)"
+        )
+
+
 class Backend(ABC):
     """Translates one model format to the IR and writes an equalization result back:
     the translation contract, all the Python API needs (:class:`FileBackend` adds what
@@ -77,11 +87,7 @@ class Backend(ABC):
         """The one path from a model to its equalized copy: :meth:`to_ir`, optional
         calibration, :func:`cle_core.equalize`, :meth:`apply`. Every public
         ``equalize_model`` goes through it."""
-        if options.bias_correction_form == "empirical" and calibration is None:
-            raise CLEError(
-                "empirical bias correction measures on calibration inputs: give "
-                "calibration= (--calibration)"
-            )
+        check_calibration(options, calibration)
         translated = self.to_ir(model, **backend_options)
         if not isinstance(translated, Translated):
             translated = Translated(translated)

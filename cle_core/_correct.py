@@ -4,13 +4,15 @@ quantization, Nagel et al. 2019, section 4.2).
 Rounding a layer's weights to the deployment's grid shifts the mean of its output by
 ``E[(Q(W) - W) x]``, a bias error that adds up through the network and that scaling
 does not remove. This pass subtracts that shift from each layer's bias, with ``Q`` the
-grid the deployed quantizer computes (:func:`cle_core.quality.deployed_weights`, bit
+grid the deployed quantizer computes (:func:`cle_core.quality.weights_on_grid`: bit
 for bit as onnxruntime's ``quantize_static`` writes it, per tensor or per output
-channel) and ``E[x]`` the per-channel mean of the layer's input: estimated from the
-folded batch norms (clipped normals through ReLU / ReLU6, moments propagated where no
-BN is left), or measured on calibration data (restated in the units the equalization
-left the value in). Taps that read zero padding get ``0`` instead of ``E[x]``
-(:func:`cle_core._math.tap_coverage`) where the input's size is known.
+channel; the W16 scale onnxruntime widens for a large bias, which depends on the
+activation grid, is not reproduced) and ``E[x]`` the per-channel mean of the layer's
+input: estimated from the folded batch norms (clipped normals through ReLU / ReLU6,
+moments propagated where no BN is left), or measured on calibration data (restated in
+the units the equalization left the value in). Taps that read zero padding get ``0``
+instead of ``E[x]`` (:func:`cle_core._math.tap_coverage`) where the input's size is
+known.
 
 It runs last, on the final weights, and changes the FP32 function by design.
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 from ._ir import Graph
 from ._math import bias_shift, fit_dtype, tap_coverage
-from ._quality import deployed_weights, quantize_array
+from ._quality import weights_on_grid
 from ._report import BiasCorrectionRecord, EqualizeOptions, PassResult, SkipRecord
 from ._stats import ChannelStats, estimate, spatial_sizes
 
@@ -62,7 +64,8 @@ def correct_biases(
             continue
         layout = node.layout
         w = node.weight
-        q = _deployed(w, dep, layout.out_axis if dep.per_channel else None)
+        axis = layout.out_axis if dep.per_channel else None
+        q = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis, dep.quantizer)
         coverage, padding = _coverage(node, sizes.get(node.inputs[0].name))
         shift = bias_shift(w, q, layout, x.mean, coverage)
         if not np.any(shift):
@@ -73,23 +76,11 @@ def correct_biases(
         changed.add(node.name)
         out = stats.get(node.outputs[0].name)
         sqnr = None
-        if out is not None and out.channels == shift.size and np.any(shift):
+        if out is not None and out.channels == shift.size:
             sqnr = float(10 * np.log10(np.sum(out.meansq) / np.sum(shift * shift)))
         source = "calibration" if node.inputs[0].name in measured else "batch norms"
         records.append(BiasCorrectionRecord(node.name, shift, source, sqnr, padding))
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
-
-
-def _deployed(w: np.ndarray, dep, axis: int | None) -> np.ndarray:
-    """``w`` on the deployment's weight grid: onnxruntime's bit for bit
-    (:func:`cle_core.quality.deployed_weights`; it quantizes per-channel weights
-    symmetric whatever it is told) for its widths, the min/max grid of
-    :func:`cle_core.quality.quantize_array` otherwise. The scale onnxruntime widens
-    for a large bias at 16 bits is not reproduced: it depends on the activation grid."""
-    if dep.quantizer == "onnxruntime" and dep.weight_bits in (4, 8, 16):
-        symmetric = dep.weight_symmetric or axis is not None
-        return deployed_weights(w, dep.weight_bits, symmetric, axis)
-    return quantize_array(w, dep.weight_bits, dep.weight_symmetric, axis)
 
 
 def _coverage(node, size_in) -> tuple[np.ndarray | None, bool]:

@@ -243,6 +243,24 @@ _ORT_WEIGHT_RANGES = {
 }
 
 
+def weights_on_grid(
+    w,
+    bits: int = 8,
+    symmetric: bool = True,
+    axis: int | None = None,
+    quantizer: str = "onnxruntime",
+) -> np.ndarray:
+    """``w`` on the weight grid a deployment gives it: per tensor, or per slice along
+    ``axis`` (the output channels). For onnxruntime at the widths it offers (4, 8, 16
+    bits), :func:`deployed_weights`, bit for bit, per-channel grids symmetric as
+    ``quantize_static`` makes them whatever it is told; otherwise the min/max grid of
+    :func:`quantize_array`. What bias correction and the weights-only evaluation round
+    weights to."""
+    if quantizer == "onnxruntime" and bits in (4, 8, 16):
+        return deployed_weights(w, bits, symmetric or axis is not None, axis)
+    return quantize_array(w, bits, symmetric, axis)
+
+
 def deployed_weights(
     w,
     bits: int = 8,

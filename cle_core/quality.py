@@ -16,6 +16,7 @@ from ._quality import (
     quantize_array,
     sqnr_db,
     top1_agreement,
+    weights_on_grid,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "quantize_array",
     "sqnr_db",
     "top1_agreement",
+    "weights_on_grid",
 ]

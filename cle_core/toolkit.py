@@ -23,13 +23,14 @@ Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
 legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
 :func:`verdict`, :func:`folded_only` (``verify=``: measure the original and the
-result, keep the better).
+result, keep the better), :func:`check_calibration` (options that need calibration
+inputs, refused without them).
 
 Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
 line), :func:`write_plots`, :func:`warn` (one ``cle: warning:`` line on stderr).
 """
 
-from ._backend import warn
+from ._backend import check_calibration, warn
 from ._cli._common import Progress, UsageError
 from ._deployment import deployment_of
 from ._files import (
@@ -63,6 +64,7 @@ __all__ = [
     "Progress",
     "StatsAccumulator",
     "UsageError",
+    "check_calibration",
     "check_finite",
     "check_output_path",
     "check_real_dtype",

@@ -20,7 +20,14 @@ from cle_core import (
     Translated,
     equalize,
 )
-from cle_core.toolkit import check_output_path, folded_only, quality_key, split_inputs, verdict
+from cle_core.toolkit import (
+    check_calibration,
+    check_output_path,
+    folded_only,
+    quality_key,
+    split_inputs,
+    verdict,
+)
 
 from . import _check, _inputs, _io
 from ._apply import apply
@@ -147,12 +154,8 @@ class OnnxBackend(FileBackend):
             stats = self.calibration_stats(
                 None, model, calibration, backend_options.get("base_dir")
             )
+        check_calibration(options, calibration)
         empirical = options.bias_correction_form == "empirical"
-        if empirical and calibration is None:
-            raise CLEError(
-                "empirical bias correction measures on calibration inputs: give "
-                "calibration= (--calibration)"
-            )
         translated = self.to_ir(model, **backend_options)
         result = equalize(translated.graph, options, progress, stats)
         if not empirical:

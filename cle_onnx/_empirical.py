@@ -16,27 +16,14 @@ import onnx
 from onnx import numpy_helper
 
 from cle_core import CLEError, Deployment
-from cle_core.quality import deployed_weights, quantize_array
+from cle_core.quality import weights_on_grid
+from cle_core.toolkit import StatsAccumulator
 
 from ._calibrate import feeds
-from ._evaluate import _batches, _session
+from ._evaluate import _batches, _session, weight_axis
 
-_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def _weight_axis(node: onnx.NodeProto) -> int:
-    """onnxruntime's per-channel axis of the layer's weight (its output channels)."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-    return 1  # ConvTranspose (in, out/g, k), MatMul (in, out)
-
-
-def _grid(w: np.ndarray, dep: Deployment, axis: int | None) -> np.ndarray:
-    if dep.quantizer == "onnxruntime" and dep.weight_bits in (4, 8, 16):
-        return deployed_weights(w, dep.weight_bits, dep.weight_symmetric or axis is not None, axis)
-    return quantize_array(w, dep.weight_bits, dep.weight_symmetric, axis)
+# A MatMul's bias is a separate Add: left to the analytic form.
+_LAYERS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def _layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -54,8 +41,6 @@ def _layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             continue
         if readers[n.input[1]] != 1 or inits[n.input[1]].data_type not in (1, 10, 11):
             continue
-        if n.op_type == "MatMul":
-            continue  # its bias is a separate Add: left to the analytic form
         if (
             len(n.input) > 2
             and n.input[2]
@@ -66,25 +51,20 @@ def _layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return found
 
 
-def _channel_means(model: onnx.ModelProto, names: list[str], fed: dict, axes: dict) -> dict:
-    """Per-channel means of the values ``names`` of ``model`` over ``fed`` (channel axis
-    1 for a Conv's output, the last for a Gemm's)."""
+def _channel_means(model: onnx.ModelProto, names: list[str], fed: dict) -> dict:
+    """Per-channel means (channels on axis 1: a Conv's or a Gemm's output) of the values
+    ``names`` of ``model`` over ``fed``."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
     session = _session(probe, "the model")
-    sums: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
+    acc = StatsAccumulator()
     for chunk, real in _batches(probe, fed, 16):
-        outs = session.run(names, chunk)
-        for name, out in zip(names, outs, strict=True):
-            out = np.asarray(out[:real], np.float64)
-            c = axes[name]
-            moved = np.moveaxis(out, c, -1).reshape(-1, out.shape[c])  # examples x positions
-            sums[name] = sums.get(name, 0.0) + moved.sum(axis=0)
-            rows[name] = rows.get(name, 0) + moved.shape[0]
-    return {name: s / rows[name] for name, s in sums.items()}
+        for name, out in zip(names, session.run(names, chunk), strict=True):
+            acc.add(name, np.asarray(out[:real]))
+    stats = acc.result()
+    return {name: stats[name].mean for name in names}
 
 
 def correct_empirically(
@@ -97,8 +77,7 @@ def correct_empirically(
     layers = _layers(model)
     if not layers:
         return model, []
-    axes = {n.output[0]: (1 if n.op_type.startswith("Conv") else -1) for n in layers}
-    reference = _channel_means(model, [n.output[0] for n in layers], fed, axes)
+    reference = _channel_means(model, [n.output[0] for n in layers], fed)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     inits = {t.name: t for t in work.graph.initializer}
@@ -110,12 +89,12 @@ def correct_empirically(
         w_init = inits[node.input[1]]
         w = numpy_helper.to_array(w_init)
         floats[w_init.name] = w
-        axis = _weight_axis(node) if deployment.per_channel else None
-        w_init.CopyFrom(
-            numpy_helper.from_array(_grid(w, deployment, axis).astype(w.dtype), w_init.name)
-        )
+        axis = weight_axis(node) if deployment.per_channel else None
+        dep = deployment
+        rounded = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis, dep.quantizer)
+        w_init.CopyFrom(numpy_helper.from_array(rounded.astype(w.dtype), w_init.name))
         out = node.output[0]
-        measured = _channel_means(work, [out], fed, axes)[out]
+        measured = _channel_means(work, [out], fed)[out]
         shift = measured - reference[out]
         if not np.all(np.isfinite(shift)):
             raise CLEError(

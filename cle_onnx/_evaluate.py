@@ -12,9 +12,9 @@ their convolutions), then
   activations); 4, 8 or 16 bits;
 - weights only: onnxruntime has no such mode, so each Conv / ConvTranspose / Gemm /
   MatMul weight initializer is replaced by its quantized-and-dequantized values
-  (:func:`cle_core.quality.deployed_weights`: ``quantize_static``'s grid bit for bit at
-  4, 8 and 16 bits, per-channel grids symmetric as it makes them;
-  :func:`cle_core.quality.quantize_array`'s min/max grid at any other width).
+  (:func:`cle_core.quality.weights_on_grid`: ``quantize_static``'s grid bit for bit at
+  4, 8 and 16 bits, per-channel grids symmetric as it makes them; the min/max grid at
+  any other width).
 
 Every variant's first output is compared with the FP32 model's
 (:func:`cle_core.quality.compare_outputs`). Nothing here knows about CLE.
@@ -45,7 +45,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from cle_core import CLEError, Deployment
-from cle_core.quality import compare_outputs, deployed_weights, quantize_array
+from cle_core.quality import compare_outputs, weights_on_grid
 from cle_core.toolkit import deployment_of, describe_arrays, temp_folder
 
 from ._calibrate import batch_axes, examples, feeds, fixed_batch, take
@@ -247,6 +247,14 @@ def prepared(model: onnx.ModelProto) -> onnx.ModelProto:
             return model
 
 
+def weight_axis(node: onnx.NodeProto) -> int:
+    """The axis of a Conv / ConvTranspose / Gemm / MatMul weight that holds its output
+    channels: onnxruntime's per-channel axis (a Gemm's from ``transB``)."""
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return _WEIGHT_AXIS[node.op_type]
+
+
 def weights_quantized(
     model: onnx.ModelProto, bits: int = 8, per_channel: bool = False, symmetric: bool = True
 ) -> onnx.ModelProto:
@@ -266,21 +274,10 @@ def weights_quantized(
         w = numpy_helper.to_array(inits[name])
         if w.dtype.kind != "f" or w.ndim < 2:
             continue
-        axis = _WEIGHT_AXIS.get(node.op_type)
-        if node.op_type == "Gemm":
-            axis = 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-        q = _deployed(w, bits, symmetric, axis if per_channel else None)
+        axis = weight_axis(node)
+        q = weights_on_grid(w, bits, symmetric, axis if per_channel else None)
         inits[name].CopyFrom(numpy_helper.from_array(q.astype(w.dtype), name))
     return out
-
-
-def _deployed(w: np.ndarray, bits: int, symmetric: bool, axis: int | None) -> np.ndarray:
-    """``w`` on the grid ``quantize_static`` would give it, bit for bit, at the widths it
-    offers (4, 8, 16 bits; per-channel grids symmetric, as it makes them whatever it is
-    told); the min/max grid of :func:`cle_core.quality.quantize_array` at any other."""
-    if bits in (4, 8, 16):
-        return deployed_weights(w, bits, symmetric or axis is not None, axis)
-    return quantize_array(w, bits, symmetric, axis)
 
 
 class _Reader(CalibrationDataReader):

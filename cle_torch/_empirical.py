@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from cle_core import CLEError, Deployment
-from cle_core.quality import deployed_weights, quantize_array
+from cle_core.quality import weights_on_grid
+from cle_core.toolkit import StatsAccumulator
 
 from ._calibrate import _batches, _float_dtype
 
@@ -29,12 +30,6 @@ _LAYERS = (
     nn.ConvTranspose3d,
     nn.Linear,
 )
-
-
-def _grid(w: np.ndarray, dep: Deployment, axis: int | None) -> np.ndarray:
-    if dep.quantizer == "onnxruntime" and dep.weight_bits in (4, 8, 16):
-        return deployed_weights(w, dep.weight_bits, dep.weight_symmetric or axis is not None, axis)
-    return quantize_array(w, dep.weight_bits, dep.weight_symmetric, axis)
 
 
 def _out_axis(module: nn.Module) -> int:
@@ -54,26 +49,20 @@ def _run(model: nn.Module, batches: list, hooks: dict[nn.Module, Any]) -> None:
 
 
 class _Mean:
-    """Accumulates the per-channel mean of a module's output (channels on axis 1, or
-    the last axis for a Linear), and counts the calls."""
+    """The per-channel mean of a module's output (channels on axis 1, or the last axis
+    for a Linear), and how many times it was called."""
 
     def __init__(self, linear: bool):
-        self.linear, self.sum, self.rows, self.calls = linear, 0.0, 0, 0
+        self.linear, self.acc, self.calls = linear, StatsAccumulator(), 0
 
     def __call__(self, module, inputs, output) -> None:
-        y = output.detach().to(torch.float64)
-        y = (
-            y.reshape(-1, y.shape[-1])
-            if self.linear
-            else y.transpose(0, 1).reshape(y.shape[1], -1).T
-        )
-        self.sum = self.sum + y.sum(dim=0).cpu().numpy()
-        self.rows += y.shape[0]
+        y = output.detach().to(torch.float64).cpu().numpy()
+        self.acc.add("y", y.reshape(-1, y.shape[-1]) if self.linear else y)
         self.calls += 1
 
     @property
     def mean(self) -> np.ndarray:
-        return self.sum / max(self.rows, 1)
+        return self.acc.result()["y"].mean
 
 
 def correct_empirically(
@@ -88,19 +77,17 @@ def correct_empirically(
     order: list[nn.Module] = []
     reference = {m: _Mean(isinstance(m, nn.Linear)) for m in names}
 
-    def first_call(stats):
-        def hook(module, inputs, output):
+    def recording(module: nn.Module):
+        def hook(twin_module, inputs, output):
             if module not in order:
                 order.append(module)
-            stats(module, inputs, output)
+            reference[module](twin_module, inputs, output)
 
         return hook
 
     twin = copy.deepcopy(model)  # the float model, for the reference means
     twin_of = dict(zip(model.modules(), twin.modules(), strict=True))
-    hooks = {twin_of[m]: first_call(reference[m]) for m in names}
-    _run(twin, batches, hooks)
-    order = [next(m for m in names if twin_of[m] is t) for t in order]
+    _run(twin, batches, {twin_of[m]: recording(m) for m in names})
     floats, biases, shifts = {}, {}, []
     try:
         _correct(model, batches, order, reference, names, deployment, floats, biases, shifts)
@@ -127,7 +114,10 @@ def _correct(model, batches, order, reference, names, deployment, floats, biases
         w = module.weight
         floats[module] = w.detach().clone()
         axis = _out_axis(module) if deployment.per_channel else None
-        rounded = _grid(w.detach().cpu().numpy(), deployment, axis)
+        dep = deployment
+        rounded = weights_on_grid(
+            w.detach().cpu().numpy(), dep.weight_bits, dep.weight_symmetric, axis, dep.quantizer
+        )
         with torch.no_grad():
             w.copy_(torch.as_tensor(rounded, dtype=w.dtype, device=w.device))
         measured = _Mean(isinstance(module, nn.Linear))

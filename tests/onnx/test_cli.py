@@ -391,7 +391,7 @@ def test_empirical_correction_leaves_the_callers_proto_alone_until_it_succeeds(m
     new, _ = cle_onnx.equalize_model(model, bias_correction="empirical", calibration=x)
     assert model.SerializeToString() == given and new is not model
     # In place, failing half-way through the layers: untouched too.
-    real, calls = _empirical._grid, []
+    real, calls = _empirical.weights_on_grid, []
 
     def fails_second(*args):
         calls.append(1)
@@ -399,12 +399,12 @@ def test_empirical_correction_leaves_the_callers_proto_alone_until_it_succeeds(m
             raise RuntimeError("disk on fire")
         return real(*args)
 
-    monkeypatch.setattr(_empirical, "_grid", fails_second)
+    monkeypatch.setattr(_empirical, "weights_on_grid", fails_second)
     with pytest.raises(RuntimeError, match="disk on fire"):
         cle_onnx.equalize_model(model, bias_correction="empirical", calibration=x, inplace=True)
     assert model.SerializeToString() == given
     # In place and successful: the caller's proto is the corrected model.
-    monkeypatch.setattr(_empirical, "_grid", real)
+    monkeypatch.setattr(_empirical, "weights_on_grid", real)
     out, report = cle_onnx.equalize_model(
         model, bias_correction="empirical", calibration=x, inplace=True
     )

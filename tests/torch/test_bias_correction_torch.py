@@ -57,15 +57,15 @@ def test_empirical_needs_calibration_and_leaves_nothing_half_done(monkeypatch):
         cle_torch.equalize_model(copy.deepcopy(model), bias_correction="empirical")
     x = torch.randn(8, *shape[1:])
     calls = []
-    real = _empirical._grid
+    real = _empirical.weights_on_grid
 
-    def fails_third(w, dep, axis):
+    def fails_third(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("disk on fire")
-        return real(w, dep, axis)
+        return real(*args)
 
-    monkeypatch.setattr(_empirical, "_grid", fails_third)
+    monkeypatch.setattr(_empirical, "weights_on_grid", fails_third)
     eq, _ = cle_torch.equalize_model(copy.deepcopy(model))
     before = {k: v.clone() for k, v in eq.state_dict().items()}
     from cle_core import Deployment
