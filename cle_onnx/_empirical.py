@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from cle_core import CLEError, Deployment
 from cle_core.quality import weights_on_grid
@@ -22,6 +22,7 @@ from cle_core.toolkit import StatsAccumulator
 from ._calibrate import feeds
 from ._evaluate import _batches, _session, weight_axis
 
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 # A MatMul's bias is a separate Add: left to the analytic form.
 _LAYERS = ("Conv", "ConvTranspose", "Gemm")
 
@@ -39,7 +40,7 @@ def _layers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     for n in model.graph.node:
         if n.op_type not in _LAYERS or len(n.input) < 2 or n.input[1] not in inits:
             continue
-        if readers[n.input[1]] != 1 or inits[n.input[1]].data_type not in (1, 10, 11):
+        if readers[n.input[1]] != 1 or inits[n.input[1]].data_type not in _FLOATS:
             continue
         if (
             len(n.input) > 2
