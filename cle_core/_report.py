@@ -440,7 +440,9 @@ def _summary(report: Report, verbose: bool) -> str:
         + (f" ({inexact} inexact, see the report)" if inexact else ""),
     ]
     if report.options.bias_correction_form:
-        lines.append(f"bias correction:    {bias_correction_text(report.bias_corrections)}")
+        skipped = [s for s in report.skipped if s.stage == "bias_correction"]
+        text = bias_correction_text(report.bias_corrections, skipped)
+        lines.append(f"bias correction:    {text}")
     before, after = report.mean_sqnr()
     if not report.layers:
         lines.append("weight SQNR (est.): no layer was translated")
@@ -464,20 +466,27 @@ def _summary(report: Report, verbose: bool) -> str:
     return "\n".join(lines)
 
 
-def bias_correction_text(records) -> str:
+def bias_correction_text(records, skipped=()) -> str:
     """One line on the bias corrections: how many layers, from what, and the FP32
-    change they make (the worst layer's estimated SQNR of its output against it)."""
-    if not records:
-        return "0 layers"
-    sources = ", ".join(sorted({r.input_mean for r in records}))
-    known = [r.fp32_sqnr for r in records if r.fp32_sqnr is not None]
-    drift = (
-        f"; FP32 changes by design, the layer most changed by {_fmt_db(min(known))} dB "
-        "(output SQNR against the shift)"
-        if known
-        else "; FP32 changes by design"
-    )
-    return f"{len(records)} layers (input means from {sources}){drift}"
+    change they make (the worst layer's estimated SQNR of its output against it); how
+    many layers were skipped and the most frequent reason (a skipped layer has a
+    record in ``skipped``)."""
+    text = f"{len(records)} layers"
+    if records:
+        text += f" (input means from {', '.join(sorted({r.input_mean for r in records}))})"
+        known = [r.fp32_sqnr for r in records if r.fp32_sqnr is not None]
+        text += "; FP32 changes by design"
+        if known:
+            text += (
+                f", the layer most changed by {_fmt_db(min(known))} dB (output SQNR "
+                "against the shift)"
+            )
+    if skipped:
+        reason, count = max(_counts(s.reason for s in skipped), key=lambda rc: rc[1])
+        text += f"; {len(skipped)} skipped ({count} x {reason})"
+        if reason == "the mean of its input is unknown":
+            text += ": --calibration measures it"
+    return text
 
 
 def _col(x: float) -> str:

@@ -236,3 +236,15 @@ def test_verify_measures_against_the_original_without_correction():
     folded = folded_only(options)
     assert (folded.scale, folded.high_bias, folded.bias_correction) == (False, False, False)
     assert folded.fold_bn and folded.objective == "balance"
+
+
+def test_the_summary_says_why_layers_were_not_corrected():
+    g = _mlp()
+    relu = g.node("relu1")
+    relu.op, relu.attrs = "opaque", {"kind": "HardSwish", "why": "not translated"}
+    result = cle_core.equalize(g, EqualizeOptions(bias_correction=True, scale=False))
+    assert result.report.bias_corrections == ()
+    line = next(x for x in result.report.summary().splitlines() if "bias correction" in x)
+    assert line.endswith(
+        "0 layers; 1 skipped (1 x the mean of its input is unknown): --calibration measures it"
+    )
