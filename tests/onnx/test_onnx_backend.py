@@ -331,3 +331,23 @@ def test_dimensions_written_as_minus_one_are_unknown():
     assert model.SerializeToString() == before
     assert report.folds and report.regions and report.noise is not None
     assert sqnr_db(*(run(m, inputs())[0] for m in (model, eq))) >= MIN_DB
+
+
+def test_the_reader_s_mixins_shadow_none_of_each_other_s_methods():
+    # The reader finds op_X by name across its mixins (cle_onnx/_translate/ops_*.py): a
+    # method of the same name in two of them, or in the reader itself, would silently
+    # hide one (a handler never called, a helper replaced).
+    from cle_onnx._translate.reader import _Reader
+
+    seen: dict[str, str] = {}
+    clash = []
+    for cls in _Reader.__mro__[:-1]:  # the reader, then each mixin (not object)
+        for name in vars(cls):
+            if name.startswith("__"):
+                continue
+            if name in seen:
+                clash.append(f"{name}: {seen[name]} and {cls.__name__}")
+            seen.setdefault(name, cls.__name__)
+    assert not clash, clash
+    handlers = [n for n in seen if n.startswith("op_")]
+    assert "op_Conv" in handlers and "op_Resize" in handlers and "op_Add" in handlers

@@ -1,0 +1,139 @@
+"""Handlers of the ops that pass, cut or join the channels: Identity, Dropout, Split,
+Slice, Concat, Flatten, Reshape."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import _Dim
+from .proto import _attrs
+
+
+class _ChannelOps:
+    """Mixed into :class:`~.reader._Reader`, which dispatches to the ``op_*`` methods."""
+
+    def op_Identity(self, index, node, name):
+        self.add("identity", [node.input[0]], name, index)
+
+    def op_Dropout(self, index, node, name):
+        """Inference: the identity. Training mode (opset 12's third input) drops
+        random values."""
+        if len(node.input) > 2 and node.input[2]:
+            training = self.const(node.input[2])
+            if training is None:
+                return "its training_mode is not a constant"
+            if bool(np.asarray(training).reshape(-1)[0]):
+                return "training_mode=1: it drops random values"
+        mask = node.output[1] if len(node.output) > 1 else ""
+        if mask and (mask in self.users or mask in {o.name for o in self.model.graph.output}):
+            return "its mask output is used"
+        self.add("dropout", [node.input[0]], name, index, outputs=[node.output[0]])
+
+    def op_Split(self, index, node, name):
+        """A split along the channel axis: one IR ``slice`` per output, at the offsets
+        the inferred output widths give."""
+        rank = self.rank(node.input[0])
+        if rank is None:
+            return "its input's rank is not known"
+        axis = int(_attrs(node).get("axis", 0))
+        if axis % rank != 1:
+            return f"it splits axis {axis}, not the channels"
+        widths = [self.channels(o) if o else None for o in node.output]
+        if any(w is None for w in widths) or sum(widths) != self.channels(node.input[0]):
+            return "the widths of its outputs are unknown"
+        offset = 0
+        for k, (out, width) in enumerate(zip(node.output, widths, strict=True)):
+            attrs = {"offset": offset, "channels": width}
+            self.add("slice", [node.input[0]], f"{name}:{k}", index, outputs=[out], attrs=attrs)
+            offset += width
+
+    def op_Slice(self, index, node, name):
+        """Channels ``start`` to ``end`` (step 1) and nothing cut on other axes."""
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or dst is None or len(src) != len(dst) or len(src) < 2:
+            return "its input's or output's shape is not known"
+        if any(a != b for i, (a, b) in enumerate(zip(src, dst, strict=True)) if i != 1):
+            return "cuts an axis other than the channels"
+        if self.opset < 10:
+            a = _attrs(node)
+            starts, axes, steps = a.get("starts"), a.get("axes"), None
+        else:
+            names = list(node.input) + [""] * 5
+            args = [self.const(n) if n else None for n in names]
+            if any(n and a is None for n, a in zip(names[1:5], args[1:5], strict=True)):
+                return "its starts, ends, axes or steps are not constant"
+            starts, axes, steps = args[1], args[3], args[4]
+        if starts is None:
+            return "its starts are not constant"
+        if not isinstance(src[1], int) or not isinstance(dst[1], int) or dst[1] < 1:
+            return "its channel counts are not known"
+        starts = [int(v) for v in np.asarray(starts).reshape(-1)]
+        axes = list(range(len(starts))) if axes is None else list(np.asarray(axes).reshape(-1))
+        if steps is not None and any(int(v) != 1 for v in np.asarray(steps).reshape(-1)):
+            return f"steps {[int(v) for v in np.asarray(steps).reshape(-1)]}: not a run of channels"
+        found = [st for st, ax in zip(starts, axes, strict=True) if int(ax) % len(src) == 1]
+        if len(found) != 1:
+            return "it slices no channels"
+        start = min(max(found[0] + src[1] if found[0] < 0 else found[0], 0), src[1])
+        attrs = {"offset": start, "channels": dst[1]}
+        self.add("slice", [node.input[0]], name, index, attrs=attrs)
+
+    def op_Concat(self, index, node, name):
+        axis = int(_attrs(node).get("axis", 0))
+        rank = self.rank(node.output[0])
+        if rank is None:
+            return "its output's rank is not known"
+        if axis % rank != 1:
+            return f"it concatenates along axis {axis}, not the channels"
+        if any(n in self.fixed for n in node.input):
+            return "it concatenates a constant"
+        self.add("concat", list(node.input), name, index)
+
+    def op_Flatten(self, index, node, name):
+        axis = int(_attrs(node).get("axis", 1))
+        rank = self.rank(node.input[0])
+        if rank is None:
+            return "its input's rank is not known"
+        if rank < 2 or axis % rank != 1:
+            return f"axis={axis}: it does not keep the batch axis apart from the channels"
+        self.add("flatten", [node.input[0]], name, index)
+
+    def op_Reshape(self, index, node, name):
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
+            return "its input's shape is not known"
+        not_flat = "it does not reshape (N, C, ...) to (N, C * ...)"
+        features = int(np.prod(src[1:]))
+        if dst is not None and len(dst) == 2 and isinstance(dst[1], int):
+            flat = dst[1] == features
+        else:
+            shape = self.const(node.input[1])
+            if shape is None or shape.size != 2:
+                return not_flat
+            first, second = shape.reshape(-1)
+            if isinstance(second, _Dim):
+                return not_flat
+            if int(second) == features:  # (-1, C*H*W) or (N, C*H*W)
+                flat = True
+            else:
+                # (x.size(0), -1): a flatten whenever every reader is a layer that takes
+                # exactly C*H*W features, since only then can the model run at all.
+                flat = int(second) == -1 and self._read_by_layers_of_width(node.output[0], features)
+        if not flat:
+            return not_flat
+        self.add("flatten", [node.input[0]], name, index)
+
+    def _read_by_layers_of_width(self, value: str, features: int) -> bool:
+        readers = [self.model.graph.node[i] for i in self.users.get(value, [])]
+        if not readers:
+            return False
+        for r in readers:
+            if r.op_type not in ("Gemm", "MatMul") or r.input[0] != value:
+                return False
+            shape = self.const_shape(r.input[1])
+            if shape is None or len(shape) != 2:
+                return False
+            trans_b = r.op_type == "Gemm" and int(_attrs(r).get("transB", 0))
+            if (shape[1] if trans_b else shape[0]) != features:
+                return False
+        return True

@@ -1,0 +1,154 @@
+"""Handlers of the elementwise ops: activations, Clip, Mul, Div, Add, Sum."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .proto import _attrs
+from .shapes import _along_channels
+
+
+class _ElementwiseOps:
+    """Mixed into :class:`~.reader._Reader`, which dispatches to the ``op_*`` methods."""
+
+    def op_Relu(self, index, node, name):
+        self.add("relu", [node.input[0]], name, index)
+
+    def op_LeakyRelu(self, index, node, name):
+        self.add(
+            "leaky_relu",
+            [node.input[0]],
+            name,
+            index,
+            attrs={"alpha": float(_attrs(node).get("alpha", 0.01))},
+        )
+
+    def op_PRelu(self, index, node, name):
+        slope = self.const(node.input[1])
+        if slope is None:
+            return "its slope is not a constant"
+        c, rank = self.channels(node.input[0]), self.rank(node.input[0])
+        if slope.size != 1:
+            # Per channel means broadcasting along axis 1 only: (1, C, 1, ..., 1) once
+            # padded to the data's rank.
+            if not _along_channels(slope.shape, rank, c):
+                return f"its slope of shape {slope.shape} is not one value per channel"
+        if not np.all(np.isfinite(slope)):
+            return "its slope is not finite (Inf or NaN)"
+        self.add("prelu", [node.input[0]], name, index, params={"slope": slope.reshape(-1)})
+
+    def op_Clip(self, index, node, name):
+        if self.opset < 11:
+            a = _attrs(node)
+            lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+        else:
+            lo = hi = None
+            names = list(node.input) + ["", ""]
+            for which, ref in (("lo", names[1]), ("hi", names[2])):
+                if not ref:
+                    value = -np.inf if which == "lo" else np.inf
+                else:
+                    value = self.const(ref)
+                    if value is None:
+                        return f"its {'min' if which == 'lo' else 'max'} is not a constant"
+                    if value.size != 1:
+                        return f"its {'min' if which == 'lo' else 'max'} is not one value"
+                    value = float(value.reshape(-1)[0])
+                if which == "lo":
+                    lo = value
+                else:
+                    hi = value
+        for which, value in (("min", lo), ("max", hi)):
+            if np.isnan(value):
+                return f"its {which} is NaN"
+        self.add(
+            "clip",
+            [node.input[0]],
+            name,
+            index,
+            params={"lo": np.array(float(lo)), "hi": np.array(float(hi))},
+        )
+
+    def _per_channel_const(self, name: str, data: str) -> np.ndarray | None:
+        """The constant ``name`` as one value or one per channel of ``data``, if it
+        broadcasts so against it (a scalar, (C, 1, 1), (1, C, 1, 1) ...), else None."""
+        shape = self.const_shape(name)
+        rank, channels = self.rank(data), self.channels(data)
+        if shape is None or rank is None or len(shape) > rank:
+            return None
+        if int(np.prod(shape)) == 1:
+            return self.const(name).reshape(1)
+        if not _along_channels(shape, rank, channels):
+            return None
+        return self.const(name).reshape(-1)
+
+    def op_Mul(self, index, node, name):
+        """A product with a constant (one value or one per channel), or with a gate
+        (squeeze-and-excitation): scaling the data's channels scales the product's."""
+        a, b = node.input[0], node.input[1]
+        for data, other in ((a, b), (b, a)):
+            if data not in self.fixed and other in self.fixed:
+                factor = self._per_channel_const(other, data)
+                if factor is None:
+                    return "multiplies by a constant that is not per channel"
+                if not np.all(np.isfinite(factor)):
+                    return "multiplies by a constant that is not finite (Inf or NaN)"
+                self.add("mul", [data], name, index, params={"factor": factor})
+                return
+        out = self.dims.get(node.output[0])
+        if out is None:
+            return "its output's shape is not known"
+
+        def match(value: str) -> int:
+            """How many of the output's known dims ``value`` has, -1 if it cannot be of
+            the output's shape (a symbolic dim, the batch say, fits any)."""
+            dims = self.dims.get(value)
+            if dims is None or len(dims) != len(out):
+                return -1
+            pairs = [(d, o) for d, o in zip(dims, out, strict=True) if isinstance(d, int)]
+            if any(isinstance(o, int) and d != o for d, o in pairs):
+                return -1
+            return sum(isinstance(o, int) for _, o in pairs)
+
+        # The data input is the one of the output's shape; the gate broadcasts (or was
+        # expanded to it: then either would do, and the better-known one is taken).
+        data, gate = (a, b) if match(a) >= match(b) else (b, a)
+        if match(data) < 0:
+            return "neither input has the output's shape"
+        self.add("mul", [data, gate], name, index)
+
+    def op_Div(self, index, node, name):
+        x, d = node.input[0], node.input[1]
+        if d not in self.fixed:
+            return "its divisor is not a constant"
+        divisor = self._per_channel_const(d, x)
+        if divisor is None:
+            return "divides by a constant that is not per channel"
+        if np.any(np.isnan(divisor)):
+            return "divides by NaN"
+        if np.any(divisor == 0):
+            return "divides by zero"
+        factor = 1.0 / divisor.astype(np.float64)
+        self.add("mul", [x], name, index, params={"factor": factor})
+
+    def op_Sum(self, index, node, name):
+        if len(node.input) == 1:
+            self.add("identity", [node.input[0]], name, index)
+            return
+        return self.op_Add(index, node, name)
+
+    def op_Add(self, index, node, name):
+        """A residual sum of same-shape tensors (a region gives its inputs one scale)."""
+        if len(node.input) < 2:
+            return "it has one input"
+        if any(n in self.fixed for n in node.input):
+            # x + c is an affine map, not a homogeneous one: the constant would have to
+            # scale with the channel (not translated yet).
+            return "adds a constant"
+        ranks = {self.rank(n) for n in node.input}
+        if None in ranks:
+            return "the shapes of its inputs are not known"
+        dims = [self.dims[n] for n in node.input]
+        if len(ranks) != 1 or any(d != dims[0] for d in dims):
+            return "it broadcasts (a residual Add sums tensors of one shape)"
+        self.add("add", list(node.input), name, index)
