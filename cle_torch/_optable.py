@@ -1,6 +1,7 @@
-"""The functions and methods the PyTorch translation recognises: their argument
-signatures (so calls bind like Python binds them), the functional op tables, and small
-argument converters. No translation logic."""
+"""The module types, functions and methods the PyTorch translation recognises: which
+handler of the translator takes each (``_MODULE_CALLS``, ``_FUNCTIONS``, ``_METHODS``),
+their argument signatures (so calls bind like Python binds them), the functional op
+tables by dimension, and small argument converters. No translation logic."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.padding import _ConstantPadNd
+
+from ._modules import PerChannelClamp
+from ._trace import (
+    ADAPTIVE_AVG_MODULES,
+    AVGPOOL_MODULES,
+    BN_MODULES,
+    CONV_MODULES,
+    CONVT_MODULES,
+    DROPOUT_MODULES,
+    MAXPOOL_MODULES,
+)
 
 _F_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _F_CONVT = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
@@ -121,3 +135,76 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     x = t.detach()
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).cpu()
     return np.array(x.numpy(), copy=True)
+
+
+def _table(entries: dict[Any, str]) -> dict[Any, str]:
+    """``entries`` with each tuple key spread into its members."""
+    out: dict[Any, str] = {}
+    for keys, handler in entries.items():
+        for key in keys if isinstance(keys, tuple) else (keys,):
+            out[key] = handler
+    return out
+
+
+# Which method of the translator (cle_torch._translate) takes each call, by name: the
+# handlers import this module, so it cannot import them. A module is looked up by the
+# known type it behaves as (_trace.known_base; the keys are _trace.KNOWN_MODULES), its
+# handler called as (node, module, that type, input); a function by itself and a tensor
+# method by its name, their handlers called as (node, target, args, kwargs).
+_MODULE_CALLS = _table(
+    {
+        (*CONV_MODULES, *CONVT_MODULES): "m_conv",
+        nn.Linear: "m_linear",
+        tuple(BN_MODULES): "m_batchnorm",
+        nn.ReLU: "m_relu",
+        (nn.ReLU6, nn.Hardtanh): "m_clip",
+        nn.LeakyReLU: "m_leaky_relu",
+        nn.PReLU: "m_prelu",
+        PerChannelClamp: "m_per_channel_clamp",
+        nn.Identity: "m_identity",
+        DROPOUT_MODULES: "m_dropout",
+        nn.Flatten: "m_flatten",
+        tuple(MAXPOOL_MODULES): "m_maxpool",
+        tuple(AVGPOOL_MODULES): "m_avgpool",
+        tuple(ADAPTIVE_AVG_MODULES): "m_adaptive_avg",
+        nn.Upsample: "m_upsample",
+        _ConstantPadNd: "m_constant_pad",
+    }
+)
+_FUNCTIONS = _table(
+    {
+        (*_F_CONV, *_F_CONVT, F.linear): "functional_layer",
+        (F.relu, torch.relu, torch.relu_, F.relu_): "f_relu",
+        F.relu6: "f_relu6",
+        (F.hardtanh, F.hardtanh_): "f_hardtanh",
+        (F.leaky_relu, F.leaky_relu_): "f_leaky_relu",
+        (torch.clamp, torch.clip, torch.clamp_, torch.clip_): "f_clamp",
+        (torch.clamp_min, torch.clamp_max): "f_clamp",
+        (F.prelu, torch.prelu): "f_prelu",
+        (operator.add, operator.iadd, torch.add): "f_add",
+        (operator.mul, torch.mul): "f_mul",
+        (torch.cat, torch.concat, torch.concatenate): "f_cat",
+        torch.flatten: "f_flatten",
+        torch.reshape: "f_reshape",
+        F.pad: "f_pad",
+        tuple(_F_MAXPOOL): "f_maxpool",
+        tuple(_F_AVGPOOL): "f_avgpool",
+        tuple(_F_ADAPTIVE_AVG): "f_adaptive_avg",
+        (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear): "f_interpolate",
+        _F_DROPOUT: "f_dropout",
+        torch.mean: "f_mean",
+    }
+)
+_METHODS = _table(
+    {
+        ("relu", "relu_"): "f_relu",
+        ("clamp", "clip", "clamp_", "clip_"): "f_clamp",
+        ("clamp_min", "clamp_min_", "clamp_max", "clamp_max_"): "f_clamp",
+        ("add", "add_"): "f_add",
+        ("mul", "mul_"): "f_mul",
+        "flatten": "f_flatten",
+        ("view", "reshape"): "f_reshape",
+        "contiguous": "f_identity",
+        "mean": "f_mean",
+    }
+)

@@ -282,6 +282,19 @@ def test_every_functional_pattern_is_translated():
     assert cap.ir.node("w").attrs["pads"] == (1, 1, 1, 1)
 
 
+def test_every_table_entry_names_a_translator_handler():
+    """The dispatch finds handlers by name, so a misspelt or removed one would only fail
+    on a model that calls its op; and each module type that tracing keeps whole (does
+    not trace through) needs a handler."""
+    from cle_torch._optable import _FUNCTIONS, _METHODS, _MODULE_CALLS
+    from cle_torch._trace import KNOWN_MODULES
+    from cle_torch._translate.translator import _Translator
+
+    names = {*_MODULE_CALLS.values(), *_FUNCTIONS.values(), *_METHODS.values()}
+    assert sorted(n for n in names if not callable(getattr(_Translator, n, None))) == []
+    assert set(_MODULE_CALLS) == set(KNOWN_MODULES)
+
+
 def test_several_inputs_with_input_shapes():
     class TwoInputs(nn.Module):
         def __init__(self):
