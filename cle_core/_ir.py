@@ -512,16 +512,15 @@ def _infer_layout(node: Node) -> None:
     elif node.op in _SAME_AXES and x is not None:
         if node.op == "add":  # the input whose layout is known
             x = next((v for v in node.inputs if v.channel_axes is not None), x)
+        elif node.op == "mul":
+            node.attrs["carrier"] = _carrier(node)
+            x = node.inputs[node.attrs["carrier"]]
         if out.channel_axes is None:
             out.channel_axes = x.channel_axes
     if node.op in _SAME_SHAPE and x is not None and out.shape is None:
         out.shape = x.shape
-    if node.op in ("add", "mul") and out.channels is not None:
-        carrier = _carrier(node)
-        if node.op == "mul":
-            node.attrs["carrier"] = carrier
-        axes = {v.axes for v in node.inputs if v.channels == out.channels}
-        if node.op == "add" and len(axes) > 1:
+    if node.op == "add" and out.channels is not None:
+        if len({v.axes for v in node.inputs if v.channels == out.channels}) > 1:
             node.attrs["layout_why"] = "its inputs have their channels on different axes"
             for v in node.outputs:
                 v.channels = None
