@@ -196,7 +196,9 @@ class OnnxRuntimeQDQ:
     - a per-channel clip is a scalar ``Clip`` (removed so, onto the layer's output: the
       *pre-bound* grid) then ``Min``/``Max``, which are not quantized: the next quantized
       reader rounds their output again;
-    - MaxPool, AveragePool, Resize, Flatten, Reshape, Slice, Pad put their output on
+    - a MatMul of two activations quantizes both; LayerNormalization its input, its
+      output and its scale (as a per-tensor weight: a 1-D tensor has no channel axis);
+    - MaxPool, AveragePool, Resize, Flatten, Reshape, Transpose, Slice, Pad put their output on
       their input's grid when that input is quantized (a requantization that adds noise
       only where the output leaves that grid: averages and interpolation);
     - PRelu, ReduceMean, Min, Max and unknown operators are not quantized.
@@ -208,9 +210,21 @@ class OnnxRuntimeQDQ:
     name = "onnxruntime"
 
     _QUANTIZED = frozenset(
-        {"conv", "conv_transpose", "linear", "add", "mul", "concat", "global_avgpool"}
+        {
+            "conv",
+            "conv_transpose",
+            "linear",
+            "add",
+            "mul",
+            "concat",
+            "global_avgpool",
+            "matmul",
+            "norm",
+        }
     )
-    _ON_INPUT_GRID = frozenset({"maxpool", "avgpool", "resize", "flatten", "slice", "pad"})
+    _ON_INPUT_GRID = frozenset(
+        {"maxpool", "avgpool", "resize", "flatten", "slice", "pad", "transpose", "reshape"}
+    )
     _ADDS_NOISE = frozenset({"avgpool", "resize"})
 
     def __init__(self, symmetric_activations: bool = False):
@@ -259,7 +273,7 @@ class OnnxRuntimeQDQ:
         for node in graph.nodes:
             op = node.op
             if op in self._QUANTIZED or op == "leaky_relu" or op == "batchnorm":
-                data = node.inputs[:1] if node.is_layer else node.inputs
+                data = node.inputs[:1] if node.is_layer or op == "norm" else node.inputs
                 if op == "mul" and "factor" in node.params:
                     data = node.inputs[:1]
                 for v in data:

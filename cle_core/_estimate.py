@@ -117,7 +117,15 @@ class WeightTerm:
         sensitivity: np.ndarray | None = None,
     ):
         self.node = node
-        v = grouped_view(np.asarray(node.weight), node.layout)
+        if node.op == "norm":
+            # The affine's gamma as a depthwise 1x1 layer on the normalized values
+            # (mean square about 1): onnxruntime quantizes LayerNormalization's scale
+            # as a per-tensor weight (a 1-D tensor has no per-channel axis).
+            gamma = np.asarray(node.params["gamma"]).reshape(-1)
+            v = gamma.reshape(gamma.size, 1, 1, 1)
+            deployment = deployment.with_(per_channel=False)
+        else:
+            v = grouped_view(np.asarray(node.weight), node.layout)
         self.groups, self.og, self.ig, self.kernel = v.shape
         wmax = v.max(axis=3).astype(np.float64)
         wmin = v.min(axis=3).astype(np.float64)
@@ -128,7 +136,7 @@ class WeightTerm:
         self.pos = np.maximum(wmax, 0.0)
         self.neg = np.maximum(-wmin, 0.0)
         cin = self.groups * self.ig
-        x = stats_of(node.inputs[0], stats)
+        x = None if node.op == "norm" else stats_of(node.inputs[0], stats)
         if x is None:
             meansq = np.ones(cin)
         else:
@@ -316,7 +324,7 @@ class Estimate:
         self.weights = [
             WeightTerm(n, stats, gains, deployment, sens.get(n.name))
             for n in graph.nodes
-            if n.is_layer and n.weight is not None
+            if (n.is_layer and n.weight is not None) or n.op == "norm"
         ]
         self.activations: list[ActivationTerm] = []
         if not deployment.weights_only:
@@ -335,6 +343,7 @@ class Estimate:
                     if point.kind != "requant":
                         by_value.setdefault(point.value.name, term)
         self._local = [self._terms_of(k) for k in range(len(self.map.regions))]
+        self.live = [self._live(k) for k in range(len(self.map.regions))]
 
     # -- whole-graph values ------------------------------------------------------------
     def ones(self) -> list[np.ndarray]:
@@ -366,6 +375,23 @@ class Estimate:
         return -10.0 * math.log10(total) if math.isfinite(total) else -math.inf
 
     # -- one region ----------------------------------------------------------------------
+    def _live(self, k: int) -> np.ndarray:
+        """Channels of region ``k`` that some source writes (a row of weights, or a
+        norm's affine, not all zero): a dead channel keeps its scale."""
+        region = self.map.regions[k]
+        live = np.zeros(region.size, bool)
+        for node, off in region.sources:
+            if node.op == "norm":
+                rows = np.asarray(node.params["gamma"]).reshape(-1) != 0
+                beta = node.params.get("beta")
+                if beta is not None:
+                    rows = rows | (np.asarray(beta).reshape(-1) != 0)
+            else:
+                w = grouped_view(np.asarray(node.weight), node.layout)
+                rows = (np.abs(w).max(axis=(2, 3)) > 0).reshape(-1)
+            live[off : off + rows.shape[0]] |= rows
+        return live
+
     def _terms_of(self, k: int) -> tuple[list[WeightTerm], list[ActivationTerm]]:
         weights = [
             t
@@ -432,7 +458,7 @@ class Estimate:
         clip's per-channel bounds counted as if the scales were not equal."""
         region = self.map.regions[k]
         n = region.size
-        live = np.zeros(n, bool)  # channels some source writes: a dead one keeps its scale
+        live = self.live[k]
         rows: list[tuple[float, float, np.ndarray, np.ndarray]] = []
 
         def add(sign: float, logw: float, off: int, ranges: np.ndarray, c: np.ndarray) -> None:
@@ -444,11 +470,6 @@ class Estimate:
             rows.append((sign, logw, alpha, logc))
 
         weights, acts = self._local[k]
-        for t in weights:
-            wr = self.map.writes.get(id(t.node))
-            if wr is not None and wr[0] == k:
-                off = wr[1]
-                live[off : off + t.groups * t.og] |= t.abs.max(axis=2).reshape(-1) > 0
         for t in weights:
             rd, wr = self.map.reads.get(id(t.node)), self.map.writes.get(id(t.node))
             if rd is not None and rd[0] == k:

@@ -61,31 +61,34 @@ def _per_channel(a, ndim: int) -> np.ndarray:
 def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
     op, p, at = node.op, node.params, node.attrs
     x = args[0] if args else None
+    axes = node.inputs[0].axes if node.inputs else (1,)
+
+    def chan(a) -> np.ndarray:  # a per-channel parameter, along the input's channels
+        return _along(a, x, axes)
+
     if op == "conv":
         return [_conv(x, node)]
     if op == "conv_transpose":
         return [_conv_transpose(x, node)]
     if op == "linear":
-        if x.ndim != 2:
-            raise ExecutionError(f"node {node.name!r}: linear expects (N, features)")
+        if x.ndim < 2:
+            raise ExecutionError(f"node {node.name!r}: linear expects (..., features)")
         w = _f64(p["weight"])
         y = x @ (w.T if node.layout.out_axis == 0 else w)
         return [y if p.get("bias") is None else y + _f64(p["bias"])]
     if op == "batchnorm":
-        gamma = 1.0 if p.get("gamma") is None else _per_channel(p["gamma"], x.ndim)
-        beta = 0.0 if p.get("beta") is None else _per_channel(p["beta"], x.ndim)
-        mean, var = _per_channel(p["mean"], x.ndim), _per_channel(p["var"], x.ndim)
+        gamma = 1.0 if p.get("gamma") is None else chan(p["gamma"])
+        beta = 0.0 if p.get("beta") is None else chan(p["beta"])
+        mean, var = chan(p["mean"]), chan(p["var"])
         return [(x - mean) / np.sqrt(var + at["eps"]) * gamma + beta]
     if op == "relu":
         return [np.maximum(x, 0.0)]
     if op == "leaky_relu":
         return [np.where(x >= 0, x, x * at["alpha"])]
     if op == "prelu":
-        return [np.where(x >= 0, x, x * _per_channel(p["slope"], x.ndim))]
+        return [np.where(x >= 0, x, x * chan(p["slope"]))]
     if op == "clip":
-        return [
-            np.minimum(np.maximum(x, _per_channel(p["lo"], x.ndim)), _per_channel(p["hi"], x.ndim))
-        ]
+        return [np.minimum(np.maximum(x, chan(p["lo"])), chan(p["hi"]))]
     if op in ("identity", "dropout"):
         return [x]
     if op == "pad":
@@ -120,10 +123,22 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         return [x[:, off : off + int(at["channels"])]]
     if op == "mul":
         if "factor" in p:
-            return [x * _per_channel(p["factor"], x.ndim)]
+            return [x * chan(p["factor"])]
         return [x * args[1]]
     if op == "flatten":
         return [x.reshape(x.shape[0], -1)]
+    if op == "transpose":
+        return [np.transpose(x, [int(i) for i in at["perm"]])]
+    if op == "reshape":
+        shape = [
+            x.shape[0] if d is None and i == 0 else (-1 if d is None else d)
+            for i, d in enumerate(at["shape"])
+        ]
+        return [x.reshape(shape)]
+    if op == "matmul":
+        return [np.matmul(args[0], args[1])]
+    if op == "norm":
+        return [_norm(x, node)]
     if op == "opaque":
         fn = at.get("fn") or _OPAQUE_KINDS.get(at.get("kind", ""))
         if fn is None:
@@ -131,6 +146,40 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         out = fn(*args)
         return list(out) if isinstance(out, (tuple, list)) else [out]
     raise ExecutionError(f"node {node.name!r}: no executor for op {op!r}")
+
+
+def _along(a, x: np.ndarray, axes) -> np.ndarray:
+    """A scalar or per-channel vector broadcast over ``x`` whose channels lie on ``axes``
+    (in order of significance)."""
+    a = _f64(a)
+    if a.size == 1:
+        return a.reshape(-1)
+    t = a.reshape([x.shape[ax] for ax in axes])
+    t = np.transpose(t, np.argsort(axes))  # its dimensions in axis order
+    shape = [1] * x.ndim
+    for ax in axes:
+        shape[ax] = x.shape[ax]
+    return t.reshape(shape)
+
+
+def _norm(x: np.ndarray, node: Node) -> np.ndarray:
+    at, p = node.attrs, node.params
+    axis, eps, kind = int(at["axis"]), float(at.get("eps", 1e-5)), at.get("kind", "layer")
+    if kind == "group":
+        g = int(at["groups"])
+        xg = x.reshape(x.shape[0], g, -1)
+        z = (xg - xg.mean(axis=2, keepdims=True)) / np.sqrt(xg.var(axis=2, keepdims=True) + eps)
+        z = z.reshape(x.shape)
+    else:
+        red = tuple(int(a) for a in at.get("axes", (axis,)))
+        if kind == "rms":
+            z = x / np.sqrt(np.mean(x * x, axis=red, keepdims=True) + eps)
+        else:
+            z = (x - x.mean(axis=red, keepdims=True)) / np.sqrt(
+                x.var(axis=red, keepdims=True) + eps
+            )
+    y = z * _along(p["gamma"], x, (axis,))
+    return y if p.get("beta") is None else y + _along(p["beta"], x, (axis,))
 
 
 def _spatial(at: dict, key: str, nd: int, default: int) -> tuple[int, ...]:

@@ -5,8 +5,11 @@ weights keep the layout of the framework they came from and a :class:`Layout` sa
 the channels are. Mutations go through a few methods on :class:`Graph` so the use lists
 never go stale.
 
-Tensors are channel-first: the channel axis is axis 1 (``N, C, *spatial``), and a Linear
-layer takes ``(N, features)``.
+Tensors are channel-first (``N, C, *spatial``: the channel axis is axis 1) unless a
+value says otherwise: ``Value.channel_axes`` lists the axes its channels lie on (one, such
+as the last axis of a ``(B, T, C)`` token tensor, or several, where attention splits them
+into heads; see :mod:`cle_core._layout`). A Linear layer reads and writes the last axis:
+``(N, features)`` or ``(..., features)``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,25 @@ output's, so a region passes through it; the second input must stay unscaled.
 else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it blocks
 equalization."""
 
-ALL_OPS = LAYER_OPS | SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS | STRUCTURAL_OPS
+LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul"})
+"""Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr
+``perm``. ``reshape``: attr ``shape``, the output's static shape (None for a dimension of
+unknown size, such as the batch). ``matmul``: ``A @ B`` of two activations (attention's
+``softmax(Q K^T) @ V``); channels pass through the operand that is not summed over, when
+the other operand stays unscaled."""
+
+NORM_OPS = frozenset({"norm"})
+"""A normalization followed by a per-channel affine: ``y = gamma * normalize(x) + beta``
+on the channel axis ``axis`` (attr, non-negative). Params ``gamma`` and ``beta`` (one per
+channel; ``beta`` may be None). Attrs ``kind``: ``layer`` (LayerNorm: mean and variance
+over attr ``axes``), ``rms`` (RMSNorm: root mean square over ``axes``) or ``group``
+(GroupNorm: attr ``groups`` over the channel axis 1 and the spatial axes); ``eps``. The
+normalization of ``x`` does not commute with a per-channel scale, its affine does: a norm
+is the source of a region (``gamma / s``, ``beta / s``), never a sink."""
+
+ALL_OPS = (
+    LAYER_OPS | SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS | STRUCTURAL_OPS | LAYOUT_OPS | NORM_OPS
+)
 
 
 def unique_name(base: str, taken: set[str], sep: str = "_") -> str:
@@ -68,7 +89,7 @@ def unique_name(base: str, taken: set[str], sep: str = "_") -> str:
 class Value:
     """A tensor edge. ``producer`` is None for graph inputs."""
 
-    __slots__ = ("name", "producer", "uses", "channels", "spatial")
+    __slots__ = ("name", "producer", "uses", "channels", "spatial", "shape", "channel_axes")
 
     def __init__(self, name: str, channels: int | None = None):
         self.name = name
@@ -78,6 +99,20 @@ class Value:
         # Sizes of the spatial axes (H, W ...), where the backend knows them: () for a
         # (N, features) tensor. The noise objective uses them; nothing else does.
         self.spatial: tuple[int, ...] | None = None
+        # The full shape where the backend knows it (None for a dimension of unknown
+        # size): Transpose, Reshape and MatMul need it to follow the channels.
+        self.shape: tuple[int | None, ...] | None = None
+        # Where the channels are (see the module); None: axis 1, or not known.
+        self.channel_axes: tuple[int, ...] | None = None
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """The channel axes: ``channel_axes``, or axis 1 (channel-first) when not set."""
+        return self.channel_axes if self.channel_axes is not None else (1,)
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
 
     @property
     def consumers(self) -> list[Node]:
@@ -134,6 +169,8 @@ class Node:
 
     @property
     def out_channels(self) -> int:
+        if self.op == "norm":
+            return int(self.params["gamma"].size)
         return self.layout.out_channels(self.weight.shape)
 
     @property
@@ -296,7 +333,11 @@ class Graph:
         """
         self.toposort()
         for node in self.nodes:
-            _infer_channels(node)
+            if node.op in LAYOUT_OPS:
+                _infer_moved(node)
+            else:
+                _infer_channels(node)
+                _infer_layout(node)
 
     def checkpoint(self) -> Callable[[], None]:
         """Remember the structure and parameters; the returned function puts them back.
@@ -306,7 +347,9 @@ class Graph:
         leave the graph unchanged when any step fails."""
         nodes, values = list(self.nodes), dict(self.values)
         inputs, outputs = list(self.inputs), list(self.outputs)
-        value_state = [(v, v.producer, list(v.uses), v.channels) for v in values.values()]
+        value_state = [
+            (v, v.producer, list(v.uses), v.channels, v.channel_axes) for v in values.values()
+        ]
         node_state = [
             (n, n.op, list(n.inputs), list(n.outputs), dict(n.params), dict(n.attrs)) for n in nodes
         ]
@@ -314,8 +357,13 @@ class Graph:
         def restore() -> None:
             self.nodes, self.values = list(nodes), dict(values)
             self.inputs, self.outputs = list(inputs), list(outputs)
-            for v, producer, uses, channels in value_state:
-                v.producer, v.uses, v.channels = producer, list(uses), channels
+            for v, producer, uses, channels, axes in value_state:
+                v.producer, v.uses, v.channels, v.channel_axes = (
+                    producer,
+                    list(uses),
+                    channels,
+                    axes,
+                )
             for n, op, ins, outs, params, attrs in node_state:
                 n.op, n.inputs, n.outputs = op, list(ins), list(outs)
                 n.params, n.attrs = dict(params), dict(attrs)
@@ -340,14 +388,19 @@ class Graph:
                 param_ids=n.param_ids,
             )
             for old, new in zip(n.outputs, g.nodes[-1].outputs, strict=True):
-                new.channels, new.spatial = old.channels, old.spatial
+                _copy_value_info(old, new)
         for old, new in zip(self.inputs, g.inputs, strict=True):
-            new.spatial = old.spatial
+            _copy_value_info(old, new)
         g.set_outputs(v.name for v in self.outputs)
         return g
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {len(self.nodes)} nodes)"
+
+
+def _copy_value_info(old: Value, new: Value) -> None:
+    new.channels, new.spatial = old.channels, old.spatial
+    new.shape, new.channel_axes = old.shape, old.channel_axes
 
 
 def _per_channel_size(node: Node, key: str, channels: int | None) -> None:
@@ -421,8 +474,130 @@ def _infer_channels(node: Node) -> None:
             _per_channel_size(node, "factor", out)
     elif node.op == "flatten":
         out = None
+    elif node.op == "norm":
+        out = int(node.params["gamma"].size)
+        beta = node.params.get("beta")
+        if beta is not None and beta.size != out:
+            raise InvalidGraphError(f"{where}: beta has {beta.size} values, gamma has {out}")
+        if ins[0] is not None and ins[0] != out and node.attrs.get("kind") != "group":
+            raise InvalidGraphError(f"{where}: has {out} channels, its input {ins[0]}")
     else:
         out = node.attrs.get("channels")
     for value in node.outputs:
         if node.op != "opaque" or value.channels is None:
             value.channels = out
+
+
+# Ops whose output has its input's channels on the same axes (same shape but for pools,
+# pads and resizes, which change spatial sizes only).
+_SAME_AXES = SCALABLE_ACTIVATIONS | {"identity", "dropout", "mul", "add"}
+_SAME_SHAPE = SCALABLE_ACTIVATIONS | {"identity", "dropout", "norm"}
+
+
+def _infer_layout(node: Node) -> None:
+    """Where the output's channels are (``Value.channel_axes``) and, where it follows,
+    its shape; a value the backend already described keeps what it was given."""
+    out = node.outputs[0] if node.outputs else None
+    if out is None:
+        return
+    x = node.inputs[0] if node.inputs else None
+    if node.op == "linear" and x is not None and x.rank is not None:
+        if out.channel_axes is None:
+            out.channel_axes = (x.rank - 1,)
+        if out.shape is None and x.shape is not None:
+            out.shape = (*x.shape[:-1], node.out_channels)
+    elif node.op == "norm":
+        if out.channel_axes is None:
+            out.channel_axes = (int(node.attrs["axis"]),)
+    elif node.op in _SAME_AXES and x is not None:
+        if node.op == "add":  # the input whose layout is known
+            x = next((v for v in node.inputs if v.channel_axes is not None), x)
+        elif node.op == "mul":
+            node.attrs["carrier"] = _carrier(node)
+            x = node.inputs[node.attrs["carrier"]]
+        if out.channel_axes is None:
+            out.channel_axes = x.channel_axes
+    if node.op in _SAME_SHAPE and x is not None and out.shape is None:
+        out.shape = x.shape
+    if node.op == "add" and out.channels is not None:
+        if len({v.axes for v in node.inputs if v.channels == out.channels}) > 1:
+            node.attrs["layout_why"] = "its inputs have their channels on different axes"
+            for v in node.outputs:
+                v.channels = None
+
+
+def _carrier(node: Node) -> int:
+    """Which input of a two-input ``mul`` carries the channels (the other is a gate): the
+    first, unless only the second comes from a translated op (``silu(gate) * up``)."""
+    if node.op != "mul" or len(node.inputs) != 2:
+        return 0
+    a, b = node.inputs
+
+    def translated(v: Value) -> bool:
+        return v.channels is not None and (v.producer is None or v.producer.op != "opaque")
+
+    same = a.shape is not None and a.shape == b.shape
+    return 1 if same and translated(b) and not translated(a) else 0
+
+
+def _infer_moved(node: Node) -> None:
+    """Channels and layout of a Transpose, Reshape or MatMul output; where the channels
+    cannot be followed, the output has none and attr ``layout_why`` says why."""
+    from ._layout import LayoutError, matmul_axes, reshape_axes, transpose_axes
+
+    out = node.outputs[0]
+    where = f"node {node.name!r} ({node.op})"
+    node.attrs.pop("layout_why", None)
+    try:
+        if node.op == "transpose":
+            x = node.inputs[0]
+            perm = [int(p) for p in node.attrs["perm"]]
+            if x.rank is not None and x.rank != len(perm):
+                raise InvalidGraphError(f"{where}: perm {perm} for a rank-{x.rank} input")
+            if x.shape is not None and out.shape is None:
+                out.shape = tuple(x.shape[p] for p in perm)
+            if x.channels is None:
+                raise LayoutError(f"the channels of {x.name!r} are not known")
+            axes = transpose_axes(x.axes, perm)
+            channels = x.channels
+        elif node.op == "reshape":
+            x = node.inputs[0]
+            out.shape = tuple(node.attrs["shape"])
+            if x.channels is None:
+                raise LayoutError(f"the channels of {x.name!r} are not known")
+            if x.shape is None:
+                raise LayoutError(f"the shape of {x.name!r} is not known")
+            axes = reshape_axes(x.shape, x.axes, out.shape)
+            channels = x.channels
+        else:
+            if len(node.inputs) != 2:
+                raise InvalidGraphError(f"{where}: takes two inputs")
+            a, b = node.inputs
+            if a.shape is not None and b.shape is not None and out.shape is None:
+                batch = np.broadcast_shapes(
+                    *(tuple(1 if d is None else d for d in v.shape[:-2]) for v in (a, b))
+                )
+                out.shape = (*batch, a.shape[-2], b.shape[-1])
+            if a.rank is None or b.rank is None:
+                raise LayoutError("the ranks of its inputs are not known")
+            reasons, axes, channels = [], None, None
+            for index in (1, 0):  # the second operand (attention's V) first
+                v = node.inputs[index]
+                if v.channels is None or (v.producer is not None and v.producer.op == "opaque"):
+                    continue
+                try:
+                    axes = matmul_axes(a.rank, b.rank, v.axes, index)
+                except LayoutError as e:
+                    reasons.append(str(e))
+                    continue
+                channels = v.channels
+                node.attrs["carrier"] = index
+                break
+            if axes is None:
+                raise LayoutError(reasons[0] if reasons else "neither input has known channels")
+    except LayoutError as e:
+        node.attrs["layout_why"] = str(e)
+        node.attrs.pop("carrier", None)
+        out.channels, out.channel_axes = None, None
+        return
+    out.channels, out.channel_axes = channels, axes

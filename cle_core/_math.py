@@ -29,6 +29,7 @@ __all__ = [
     "region_scales",
     "scale_layer",
     "scale_bounds",
+    "scale_affine",
     "high_bias_amount",
     "absorb_high_bias",
     "shift_bounds",
@@ -264,6 +265,21 @@ def scale_bounds(lo, hi, s) -> tuple[np.ndarray, np.ndarray]:
     lo / s, hi / s)`` for ``s > 0``, so the bounds become per-channel."""
     s = np.asarray(s, dtype=np.float64)
     return np.asarray(lo, np.float64) / s, np.asarray(hi, np.float64) / s
+
+
+def scale_affine(gamma, beta, s) -> tuple[np.ndarray, np.ndarray | None]:
+    """Divide a per-channel affine ``gamma * z + beta`` (a norm's) by ``s``: its output
+    channel ``c`` becomes ``y_c / s_c``. Each array keeps its dtype."""
+    s = np.asarray(s, dtype=np.float64)
+    out = []
+    for a in (gamma, beta):
+        if a is None:
+            out.append(None)
+            continue
+        a = np.asarray(a)
+        scaled = a.astype(np.float64) / s.reshape(a.shape)
+        out.append(scaled.astype(a.dtype if a.dtype.kind == "f" else np.float64))
+    return out[0], out[1]
 
 
 def high_bias_amount(beta, gamma, lo=0.0, hi=np.inf, sigmas: float = 3.0) -> np.ndarray:

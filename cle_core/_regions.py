@@ -2,7 +2,9 @@
 
 A region is a channel space shared by source layers (whose output channels get divided
 by the scale) and sink layers (whose input channels get multiplied by it), connected only
-through scalable activations, passthroughs, residual Adds and channel Concats. Values are
+through scalable activations, passthroughs, residual Adds and channel Concats, gates
+(squeeze-and-excitation, gated MLPs), and the Transposes, Reshapes and attention MatMuls
+that move channels without mixing them. A norm's affine is a source too. Values are
 joined with a union-find that records each value's channel offset in its region, so a
 Concat places its inputs side by side and an Add lays its inputs on top of each other.
 """
@@ -11,13 +13,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph, Node, Value
+from ._ir import LAYOUT_OPS, PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph, Node, Value
 from ._report import SkipRecord
 
 _UNARY = SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS
 _TRANSPARENT = frozenset({"identity", "dropout"})
 # Multi-input or channel-moving ops a region passes through (``mul`` by its first input).
-_CARRY = frozenset({"add", "concat", "slice", "mul", "batchnorm"})
+_CARRY = frozenset({"add", "concat", "slice", "mul", "batchnorm"}) | LAYOUT_OPS
+
+
+def _carried(node: Node) -> int | None:
+    """Which input's channels a node passes to its output, for the ops whose other
+    inputs must stay unscaled (a gate, attention's probabilities); None if none does."""
+    if node.op in ("mul", "matmul"):
+        return node.attrs.get("carrier", 0 if node.op == "mul" else None)
+    if node.op in ("transpose", "reshape"):
+        return 0 if node.outputs[0].channels is not None else None
+    return 0
 
 
 @dataclass
@@ -95,8 +107,12 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
                 uf.union(id(v), id(node.outputs[0]), 0)
         elif node.op == "slice":  # channel j of the output is channel offset + j
             uf.union(id(node.outputs[0]), id(node.inputs[0]), int(node.attrs["offset"]))
-        elif node.op == "mul":  # the first input's channels carry to the output
-            uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
+        elif node.op in ("mul", "transpose", "reshape", "matmul"):
+            # one input's channels carry to the output (a gate or attention's weights
+            # stay unscaled; a reshape that mixes channels carries none)
+            carried = _carried(node)
+            if carried is not None:
+                uf.union(id(node.inputs[carried]), id(node.outputs[0]), 0)
         elif node.op == "batchnorm":  # one that could not be folded: a per-channel affine
             uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
         elif node.op == "concat" and all(v.channels is not None for v in node.inputs):
@@ -137,14 +153,19 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
     for value, off in members:
         off -= base
         if value.channels is None:
-            reasons.append(f"the channel count of {value.name!r} is unknown")
+            p = value.producer
+            why = p.attrs.get("layout_why") if p is not None else None
+            if why:
+                reasons.append(f"{p.describe()} moves the channels: {why}")
+            else:
+                reasons.append(f"the channel count of {value.name!r} is unknown")
             continue
         region.size = max(region.size, off + value.channels)
         region.values[value.name] = off
         producer = value.producer
         if producer is None:
             reasons.append(f"it reaches graph input {value.name!r}")
-        elif producer.is_layer:
+        elif producer.is_layer or producer.op == "norm":
             touches_layer = True
             blocker = shared.get(id(producer))
             if blocker:
@@ -167,14 +188,26 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                 reasons.append(f"{reader.name} concatenates values of unknown width")
             elif reader.is_layer and index == 0:
                 touches_layer = True
-                blocker = shared.get(id(reader))
+                blocker = shared.get(id(reader)) or _axis_blocker(reader, value)
                 if blocker:
                     reasons.append(blocker)
                 region.sinks.append((reader, off, 1))
-            elif reader.op in _UNARY or reader.op in _CARRY and reader.op != "mul":
+            elif reader.op in ("mul", "matmul", "transpose", "reshape"):
+                if _carried(reader) != index:
+                    # a gate or attention's weights stay as they are; a reshape that
+                    # mixes the channels ends the region
+                    why = reader.attrs.get("layout_why")
+                    reasons.append(
+                        f"{value.name!r} is read by {reader.describe()}"
+                        + (f": {why}" if why else ", which it does not carry")
+                    )
+            elif reader.op in _UNARY or reader.op in _CARRY:
                 continue
-            elif reader.op == "mul" and index == 0:
-                continue  # a gate (index 1) or a constant factor stays as it is
+            elif reader.op == "norm":
+                reasons.append(
+                    f"{value.name!r} is normalized by {reader.describe()} (a normalization "
+                    "does not commute with per-channel scales)"
+                )
             elif reader.op == "flatten":
                 touches_layer = True
                 reasons.extend(_flatten_sinks(reader, value, off, region, shared))
@@ -187,7 +220,13 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
     if not reasons:
         reasons.extend(_coverage_gaps(region))
     ops = {n.op for n in region.through}
-    if "concat" in ops:
+    if any(n.op == "norm" for n, _ in region.sources):
+        region.kind = "norm"
+    elif "matmul" in ops:
+        region.kind = "attention"
+    elif any(_elementwise_gate(n) for n in region.through):
+        region.kind = "gated" if "add" not in ops else "residual"
+    elif "concat" in ops:
         region.kind = "concat"
     elif "add" in ops:
         region.kind = "residual"
@@ -200,6 +239,29 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
     if not region.sinks:
         reasons.append("no layer reads it")
     return region, (reasons[0] if reasons else None)
+
+
+def _elementwise_gate(node: Node) -> bool:
+    """A product of two activations of one shape (a gated MLP's ``up * act(gate)``)."""
+    return (
+        node.op == "mul"
+        and len(node.inputs) == 2
+        and (node.inputs[0].shape is not None and node.inputs[0].shape == node.inputs[1].shape)
+    )
+
+
+def _axis_blocker(layer: Node, value: Value) -> str | None:
+    """Why ``layer`` does not read ``value``'s channels as its input channels (a Linear
+    reads the last axis, a convolution axis 1), or None."""
+    if value.rank is None:
+        return None
+    want = (value.rank - 1,) if layer.op == "linear" else (1,)
+    if value.axes != want:
+        return (
+            f"{layer.name} reads axis {want[0]} of {value.name!r}, whose channels are on "
+            f"axes {value.axes}"
+        )
+    return None
 
 
 def _flatten_sinks(flatten: Node, value: Value, off: int, region: Region, shared) -> list[str]:

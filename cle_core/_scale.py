@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._ir import Node
-from ._math import scale_bounds, scale_layer
+from ._math import scale_affine, scale_bounds, scale_layer
 from ._regions import Region
 
 
@@ -79,13 +79,20 @@ def _names(triples) -> list[tuple[str, str, str]]:
 
 
 def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=None) -> set[str]:
-    """Divide every source's output channels by its region's scales and multiply every
-    sink's input channels; carry the scales into clip bounds, unfolded batch norms and
-    folded-BN statistics.
+    """Divide every source's output channels (a norm's affine) by its region's scales
+    and multiply every sink's input channels; carry the scales into clip bounds,
+    unfolded batch norms and folded-BN statistics.
     Returns the names of the nodes changed."""
     links = links or _Links(regions)
     changed: set[str] = set()
     for node in links.nodes.values():
+        if node.op == "norm":  # a source only: its affine takes the scale
+            gamma, beta = scale_affine(
+                node.params["gamma"], node.params.get("beta"), links.s_out(node, scales)
+            )
+            node.params["gamma"], node.params["beta"] = gamma, beta
+            changed.add(node.name)
+            continue
         w, b = scale_layer(
             node.weight, node.bias, node.layout, links.s_in(node, scales), links.s_out(node, scales)
         )

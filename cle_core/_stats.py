@@ -231,6 +231,24 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
         stats[out.name] = ins[0]
         if node.inputs[0].name in normal:
             normal[out.name] = normal[node.inputs[0].name]
+    elif op == "norm":
+        # The normalized values have about mean 0 and variance 1 per channel: the affine
+        # sets them. Backwards, channel c passes gamma_c / (the input's rms) to its input.
+        gamma = np.asarray(node.params["gamma"], np.float64).reshape(-1)
+        beta = node.params.get("beta")
+        m = np.zeros_like(gamma) if beta is None else np.asarray(beta, np.float64).reshape(-1)
+        normal[out.name] = (m, np.abs(gamma))
+        stats[out.name] = ChannelStats.of(m, m * m + gamma * gamma)
+        if ins[0] is not None and ins[0].channels == gamma.size:
+            k = gamma / np.sqrt(max(float(ins[0].var.mean()), 1e-12))
+            deriv[node.name] = Derivative(k, k * k)
+    elif op in ("transpose", "reshape", "matmul") and out.channels is not None:
+        # The channels move unchanged (an attention average keeps the mean of V).
+        x = node.inputs[node.attrs.get("carrier", 0)]
+        if x.name in stats and stats[x.name].channels == out.channels:
+            stats[out.name] = stats[x.name]
+            if x.name in normal:
+                normal[out.name] = normal[x.name]
     elif op == "global_avgpool" and ins[0] is not None:
         # A spatial mean keeps the mean and a part of the variance (what varies between
         # examples rather than within one): a quarter, as measured on Lite0's head.
@@ -292,8 +310,18 @@ def spatial_sizes(graph: Graph) -> dict[str, tuple[int, ...] | None]:
         x = size.get(node.inputs[0].name) if node.inputs else None
         shape = _spatial_out(node, x)
         for v in node.outputs:
-            size[v.name] = v.spatial if v.spatial is not None else shape
+            size[v.name] = v.spatial if v.spatial is not None else _positions_of(v, shape)
     return size
+
+
+def _positions_of(v: Value, inferred):
+    """The axes other than the batch and the channels, from the value's shape where the
+    backend gave it and the channels are not on axis 1 (a token tensor ``(B, T, C)``:
+    ``(T,)``; heads ``(B, H, T, D)``: ``(T,)``); else what the ops say."""
+    if v.channel_axes is None or v.shape is None or v.channel_axes == (1,):
+        return inferred
+    rest = [v.shape[a] for a in range(1, len(v.shape)) if a not in v.channel_axes]
+    return None if any(d is None for d in rest) else tuple(int(d) for d in rest)
 
 
 def _feeds_conv2d(value) -> bool:
@@ -315,7 +343,7 @@ def _feeds_conv2d(value) -> bool:
 
 def _spatial_out(node: Node, x):
     op = node.op
-    if op == "linear" or op == "flatten":
+    if op == "flatten" or (op == "linear" and (node.inputs[0].rank or 2) <= 2):
         return ()
     if op == "global_avgpool":
         return None if x is None else (1,) * len(x)
@@ -362,17 +390,26 @@ def counts_known(graph: Graph) -> bool:
 
 class StatsAccumulator:
     """Per-channel statistics of named tensors (channel axis 1, ``(N, C, ...)`` or
-    ``(N, features)``), accumulated batch by batch: what calibration measures."""
+    ``(N, features)``, unless told where the channels are), accumulated batch by batch:
+    what calibration measures."""
 
     def __init__(self) -> None:
         self._acc: dict[str, list] = {}
 
-    def add(self, name: str, x: np.ndarray) -> None:
-        """Add one batch of tensor ``name``; non-float and rank < 2 tensors are ignored."""
+    def add(self, name: str, x: np.ndarray, channel_axes: tuple[int, ...] | None = None) -> None:
+        """Add one batch of tensor ``name`` whose channels are on ``channel_axes``
+        (default axis 1; see :attr:`cle_core.Value.channel_axes`); non-float and rank < 2
+        tensors are ignored."""
         x = np.asarray(x)
         if x.dtype.kind != "f" or x.ndim < 2 or x.size == 0:
             return
         x = x.astype(np.float64, copy=False)
+        if channel_axes is not None and tuple(channel_axes) != (1,):
+            if max(channel_axes) >= x.ndim:
+                return
+            rest = [a for a in range(x.ndim) if a not in channel_axes]
+            x = np.transpose(x, [rest[0], *channel_axes, *rest[1:]])
+            x = x.reshape(x.shape[0], -1, *x.shape[1 + len(channel_axes) :])
         axes = (0,) + tuple(range(2, x.ndim))
         parts = [x.sum(axes), (x * x).sum(axes), x.min(axes), x.max(axes), (x != 0).sum(axes)]
         n = x.size // x.shape[1]

@@ -15,6 +15,7 @@ import numpy as np
 from .._ir import SCALABLE_ACTIVATIONS
 from .._math import RangeSummary, region_scales, triple_scales
 from .._regions import Region
+from .._report import SkipRecord
 from .._scale import _Links, _names, _triples
 from . import ScaleOutcome, ScaleProblem, register_objective
 
@@ -32,13 +33,27 @@ class BalanceObjective:
     def choose(self, problem: ScaleProblem) -> ScaleOutcome:
         options = problem.options
         tolerance = options.tolerance if options.tolerance is not None else BALANCE_TOLERANCE
-        return scale_regions(
-            problem.regions,
+        # A norm's affine is not quantized: its "weight range" says nothing, and the
+        # balance would move every range onto it. Such regions keep scales of 1.
+        normed = [r for r in problem.regions if any(n.op == "norm" for n, _ in r.sources)]
+        outcome = scale_regions(
+            [r for r in problem.regions if r not in normed],
             options.max_sweeps,
             tolerance,
             problem.on_sweep,
             options.activation_weight,
         )
+        for r in normed:
+            outcome.scales[r.id] = np.ones(r.size)
+            outcome.skips.append(
+                SkipRecord(
+                    "scale",
+                    r.describe(),
+                    "the balance has no weight range for a norm's affine (it is not "
+                    "quantized): objective='noise' equalizes this region",
+                )
+            )
+        return outcome
 
 
 def activation_floors(regions: list[Region], weight: float, summaries) -> dict:

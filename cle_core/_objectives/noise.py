@@ -193,7 +193,7 @@ def observed_outputs(graph) -> list:
 
 def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.ndarray):
     """Candidate log-scales of region ``k`` (rows; row 0 the current ones)."""
-    live = _live(est, k, scales)
+    live = est.live[k]
     n = t_now.shape[0]
     t_bal, t_act = _balance(est, k, scales, live), _activation_balance(est, k, live)
     rows = [t_now, np.zeros(n), t_convex, 0.5 * (t_now + t_convex)]
@@ -205,19 +205,6 @@ def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.n
     if np.any(live):
         cands[:, live] += (t_now[live].mean() - cands[:, live].mean(axis=1))[:, None]
     return np.clip(cands, -_T_BOUND, _T_BOUND)
-
-
-def _live(est: Estimate, k: int, scales) -> np.ndarray:
-    """Channels some source of region ``k`` writes (a dead one keeps its scale)."""
-    region = est.map.regions[k]
-    live = np.zeros(region.size, bool)
-    weights, _ = est._local[k]
-    for t in weights:
-        wr = est.map.writes.get(id(t.node))
-        if wr is not None and wr[0] == k:
-            rows = t.abs.max(axis=2).reshape(-1) > 0
-            live[wr[1] : wr[1] + rows.shape[0]] |= rows
-    return live
 
 
 def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:

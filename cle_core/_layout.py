@@ -1,0 +1,149 @@
+"""Where a tensor's channels are: pure functions that follow them through Transpose,
+Reshape and MatMul.
+
+A value's channels may lie on one axis (``(N, C, H, W)``: axis 1; ``(B, T, C)``: axis 2)
+or on several, as when attention splits them into heads (``(B, H, T, D)``: channel
+``c = h * D + d`` lies on axes 1 and 3). ``axes`` lists them from the most significant
+to the least, so that channel ``c`` is the row-major index over those axes in that order.
+A scale per channel commutes with an op when the op moves whole channels without mixing
+them with anything else and keeps their order; these functions say where the channels
+are after the op, or why they cannot be followed (:class:`LayoutError`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Shape = Sequence[int | None]
+
+
+class LayoutError(ValueError):
+    """The channels cannot be followed through an op; the message says why."""
+
+
+def transpose_axes(axes: Sequence[int], perm: Sequence[int]) -> tuple[int, ...]:
+    """Channel axes after ``transpose(perm)`` (output axis ``k`` is input axis
+    ``perm[k]``): each channel axis moves, their order of significance does not."""
+    perm = list(perm)
+    if sorted(perm) != list(range(len(perm))):
+        raise LayoutError(f"{tuple(perm)} is not a permutation")
+    return tuple(perm.index(a) for a in axes)
+
+
+def _groups(in_shape: Shape, out_shape: Shape) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of input axes with the runs of output axes they become (equal products,
+    row-major), e.g. ``(B, T, C) -> (B, T, H, D)``: ``[0]-[0], [1]-[1], [2]-[2, 3]``.
+    An unknown size (None) must stand alone on both sides, at matching places."""
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    n_in, n_out = len(in_shape), len(out_shape)
+    while i < n_in or j < n_out:
+        if i == n_in or j == n_out:
+            # Only ones may be left over: they join the last group.
+            rest_in, rest_out = list(range(i, n_in)), list(range(j, n_out))
+            if any(in_shape[a] != 1 for a in rest_in) or any(out_shape[b] != 1 for b in rest_out):
+                raise LayoutError(f"{tuple(in_shape)} does not reshape to {tuple(out_shape)}")
+            if groups:
+                groups[-1][0].extend(rest_in)
+                groups[-1][1].extend(rest_out)
+            else:
+                groups.append((rest_in, rest_out))
+            break
+        if in_shape[i] is None or out_shape[j] is None:
+            if in_shape[i] is not None or out_shape[j] is not None:
+                raise LayoutError(
+                    f"a dimension of unknown size in {tuple(in_shape)} -> {tuple(out_shape)} "
+                    "does not map to one dimension"
+                )
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        gi, gj = [i], [j]
+        pi, pj = int(in_shape[i]), int(out_shape[j])
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                if i == n_in or in_shape[i] is None:
+                    raise LayoutError(f"{tuple(in_shape)} does not reshape to {tuple(out_shape)}")
+                gi.append(i)
+                pi *= int(in_shape[i])
+                i += 1
+            else:
+                if j == n_out or out_shape[j] is None:
+                    raise LayoutError(f"{tuple(in_shape)} does not reshape to {tuple(out_shape)}")
+                gj.append(j)
+                pj *= int(out_shape[j])
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def reshape_axes(in_shape: Shape, axes: Sequence[int], out_shape: Shape) -> tuple[int, ...]:
+    """Channel axes after reshaping ``in_shape`` (channels on ``axes``) to ``out_shape``.
+
+    The channels survive when every run of axes the reshape merges or splits holds only
+    channel axes (of size > 1), in their order of significance: heads split
+    ``(B, T, C) -> (B, T, H, D)`` and merged back, spatial axes merged beside them
+    ``(B, C, H, W) -> (B, C, H * W)``. Merging a channel axis with another axis (a
+    flatten) or merging channel axes out of order (a channel shuffle) raises."""
+    significant = [a for a in axes if in_shape[a] != 1]
+    runs: dict[int, tuple[int, list[int]]] = {}  # first axis of a run -> (length, out axes)
+    for gi, gj in _groups(in_shape, out_shape):
+        chan = [a for a in gi if a in significant]
+        other = [a for a in gi if a not in axes and in_shape[a] != 1]
+        if not chan:
+            continue
+        if other:
+            raise LayoutError(
+                f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} merges the channels "
+                "with another axis"
+            )
+        start = significant.index(chan[0])
+        if significant[start : start + len(chan)] != chan:
+            raise LayoutError(
+                f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} permutes the channels "
+                "(it merges their axes out of order)"
+            )
+        runs[chan[0]] = (len(chan), [b for b in gj if out_shape[b] != 1] or gj[-1:])
+    out: list[int] = []
+    k = 0
+    while k < len(significant):
+        length, outs = runs[significant[k]]
+        out.extend(outs)
+        k += length
+    return tuple(out)
+
+
+def matmul_axes(a_rank: int, b_rank: int, axes: Sequence[int], operand: int) -> tuple[int, ...]:
+    """Channel axes of ``A @ B`` when the channels are on ``axes`` of operand ``operand``
+    (0 for A, 1 for B) and the other operand is not scaled: the product is linear in
+    each operand, so a per-channel scale passes through unless the channels are the
+    axis the product sums over (A's last, B's second to last)."""
+    if a_rank < 2 or b_rank < 2:
+        raise LayoutError("a MatMul of a vector")
+    rank = max(a_rank, b_rank)
+    own = a_rank if operand == 0 else b_rank
+    summed = own - 1 if operand == 0 else own - 2
+    if summed in axes:
+        raise LayoutError("the MatMul sums over the channels")
+    return tuple(a + rank - own for a in axes)
+
+
+def channel_count(shape: Shape, axes: Sequence[int]) -> int | None:
+    """The number of channels: the product of the sizes of ``axes`` (None if unknown)."""
+    n = 1
+    for a in axes:
+        if shape[a] is None:
+            return None
+        n *= int(shape[a])
+    return n
+
+
+def broadcast_shape(rank: int, axes: Sequence[int], channels: int) -> tuple[int, ...]:
+    """The shape a per-channel vector takes to broadcast over a tensor of ``rank`` whose
+    channels are on ``axes`` (a single axis: ``(1, C, 1, 1)`` or ``(1, 1, C)``)."""
+    if len(axes) != 1:
+        raise LayoutError("a per-channel constant over channels spread on several axes")
+    shape = [1] * rank
+    shape[axes[0]] = channels
+    return tuple(shape)
