@@ -98,8 +98,7 @@ def _axis_orders(rank: int):
     from itertools import permutations
 
     for n in range(1, rank + 1):
-        for combo in permutations(range(rank), n):
-            yield combo
+        yield from permutations(range(rank), n)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
