@@ -9,6 +9,9 @@ beta) and the output rows of every Linear (over one decade) are spread, so that 
 equalization has per-channel work to do on an untrained model; ``spread=False`` keeps
 PyTorch's initialization (what the benchmark trains from).
 
+The default sizes differ from each other (channels, tokens, vocabulary, hidden width), so
+that an axis taken for another shows as a shape error instead of passing by chance.
+
 The exact pairs of the issue's table that each holds, and the near misses that an
 equalizer must refuse, are listed in each builder's docstring.
 """
@@ -267,13 +270,13 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     def __init__(
         self,
-        vocab=64,
+        vocab=50,
         dim=32,
         depth=2,
         n_heads=4,
         n_kv_heads=2,
         hidden=64,
-        seq_len=32,
+        seq_len=16,
         norm="manual",
         kv_repeat="repeat_interleave",
     ):
@@ -323,7 +326,7 @@ def llama(seed=0, norm="manual", kv_repeat="repeat_interleave", spread=True, **s
 
 class Bert(nn.Module):
     def __init__(
-        self, vocab=64, dim=32, depth=2, heads=4, hidden=64, seq_len=32, num_classes=4, act="gelu"
+        self, vocab=50, dim=32, depth=2, heads=4, hidden=64, seq_len=16, num_classes=4, act="gelu"
     ):
         super().__init__()
         self.tok_embed = nn.Embedding(vocab, dim)

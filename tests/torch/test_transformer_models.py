@@ -72,7 +72,25 @@ def test_export_matches_onnxruntime(name, dynamo):
     assert _sqnr_db(ref, out) > 90
 
 
-@pytest.mark.parametrize("name", sorted(tm.VARIANTS))
+#: variant -> why equalize_model with calibration fails on it today.
+EQUALIZE_FAILS = {
+    # The statistics of the token embedding (B, T, C) are measured along axis 1 (T) and
+    # those of the position embedding (T, C) along C: their Add cannot broadcast.
+    "bert": "cle_core._stats: ValueError at the Add of token and position embeddings",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n, marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=EQUALIZE_FAILS[n])
+        )
+        if n in EQUALIZE_FAILS
+        else n
+        for n in sorted(tm.VARIANTS)
+    ],
+)
 def test_equalize_model_traces_and_keeps_the_function(name):
     """cle_torch traces each variant (torch.fx) and keeps its FP32 function, whatever
     number of regions it equalizes."""
