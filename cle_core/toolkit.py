@@ -19,6 +19,10 @@ Inputs and statistics:
 - :class:`ChannelStats`, :class:`StatsAccumulator`: per-channel statistics of measured
   tensors, which ``Backend.calibration_stats`` returns.
 
+Layouts: :func:`broadcast_shape` (the shape a per-channel vector takes over a tensor
+whose channels are on given axes, for writing back clip bounds or a norm's affine on a
+channel-last value), :class:`LayoutError`.
+
 Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype, refused
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
 legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
@@ -44,6 +48,7 @@ from ._files import (
     temp_folder,
     write_atomic,
 )
+from ._layout import LayoutError, broadcast_shape
 from ._math import fit_dtype
 from ._plots import write_plots
 from ._quality import (
@@ -61,9 +66,11 @@ from ._verify import folded_only, quality_key, split_inputs, verdict
 
 __all__ = [
     "ChannelStats",
+    "LayoutError",
     "Progress",
     "StatsAccumulator",
     "UsageError",
+    "broadcast_shape",
     "check_calibration",
     "check_finite",
     "check_output_path",
