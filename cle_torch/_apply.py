@@ -105,6 +105,12 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             hi = np.asarray(node.params["hi"], np.float64)
             plan.clips.append((site, lo, hi, name))
             plan.like[site.fx] = _nearby_weight(cap, node) or ""
+        elif node.op == "norm":
+            # gamma and beta were divided by the scale; they keep the parameters' shape
+            # (one value per channel), whatever axis the channels are on.
+            plan.params.append((site.weight, node.params["gamma"]))
+            if node.params.get("beta") is not None and site.bias is not None:
+                plan.params.append((site.bias, node.params["beta"]))
         elif node.op == "batchnorm" and site.kind == "module":
             # Carried through a region: running_mean and bias were divided by the scale.
             values = {"running_mean": node.params["mean"]}

@@ -116,6 +116,8 @@ class Capture:
     temp_biases: dict[str, torch.Size] = field(default_factory=dict)  # qualname -> shape
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     opaque_layers: list[str] = field(default_factory=list)
+    # FX nodes whose channels may lie on another axis than 1 (tokens (B, T, C) ...)
+    moved: set[str] = field(default_factory=set)
 
 
 def _resolve_attr(cap: Capture, target: str) -> Any:
