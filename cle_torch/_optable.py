@@ -208,6 +208,7 @@ _FUNCTIONS = _table(
         (torch.transpose, torch.swapaxes, torch.swapdims): "f_transpose",
         torch.permute: "f_permute",
         getattr: "f_getattr",
+        operator.getitem: "f_getitem",
         torch.unflatten: "f_unflatten",
         (torch.matmul, operator.matmul, torch.bmm): "f_matmul",
         (F.softmax, torch.softmax): "f_softmax",

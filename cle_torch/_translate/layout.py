@@ -182,7 +182,20 @@ class Moves:
             name=weights,
             output=weights,
         )
+        qs, ks = self.fx_shapes.get(q.name), self.fx_shapes.get(k.name)
+        if qs is not None and ks is not None:  # (..., T_q, T_k)
+            self.ir.values[weights].shape = (*qs[:-1], ks[-2])
         self.emit("matmul", node, [weights, v], rank=ranks.pop(), channels=None)
+
+    def f_getitem(self, node, fn, args, kwargs) -> None:
+        """Indexing an activation is not translated; ``x[:, :, None]`` read only by an
+        ``expand`` is how grouped-query attention repeats K / V heads."""
+        users = list(node.users)
+        if users and all(u.op == "call_method" and u.target == "expand" for u in users):
+            x = args[0] if args else None
+            if isinstance(x, fx.Node) and x.name in self.values and x.name not in self.point:
+                raise _Opaque(GQA_WHY)
+        raise _Opaque("not understood")
 
     def f_repeat_heads(self, node, fn, args, kwargs) -> None:
         """``repeat_interleave`` / ``expand`` of an activation: refused with the reason

@@ -276,9 +276,11 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
         # A gate's sigmoid keeps its input's shape, and its way back to a feature map's
         # rank ((N, C) -> (N, C, 1, 1), or expanded) keeps its channels.
         x = inputs[0] if len(inputs) == 1 else None
-        rank = None
+        rank, channels = None, None
         if x is not None and _elementwise(node, self.modules):
-            rank = self.rank.get(x.name)
+            # SiLU, GELU ... keep their input's channels (a gated MLP's silu(gate) is
+            # multiplied by up: the product has up's channels).
+            rank, channels = self.rank.get(x.name), self.chan.get(x.name)
         elif x is not None and x.name in self.point:
             rank = self.broadcast_rank(node, x)
         self.emit(
@@ -288,7 +290,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
             rank=rank,
             channels=None if rank is None else self.chan.get(x.name),
             params=params,
-            attrs={"kind": kind, "why": why, "channels": None},
+            attrs={"kind": kind, "why": why, "channels": channels},
             param_ids=ids,
         )
         if rank is not None and x.name in self.point:
@@ -416,7 +418,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
 
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
-_ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh)
+_ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh, F.gelu)
 
 
 def _elementwise(node: fx.Node, modules: dict) -> bool:
