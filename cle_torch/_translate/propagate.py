@@ -79,7 +79,11 @@ def propagate(cap: Capture, input_shapes: Any, dummy_input: Any) -> Shapes:
     if args is None:
         return {}
     try:
-        gm = _graph_module(cap, _eval_copy(cap.model))
+        twin = _eval_copy(cap.model)
+        for m in twin.modules():  # the copy's own dicts: the caller's hooks do not run
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+        gm = _graph_module(cap, twin)
         first = _run(gm, args)
     except Exception as exc:
         log.debug("shapes unknown: the model does not run on the example input (%s)", exc)

@@ -74,6 +74,8 @@ class Shape:
         try:
             self.flatten_reshape(node, x, shape)
         except _Opaque as why:
+            if x.name in self.point:
+                raise  # a gate's way back to a feature map's rank (see ``opaque``)
             self.reshape(node, x, str(why))
 
     def flatten_reshape(self, node, x, shape) -> None:
