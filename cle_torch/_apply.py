@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, EqualizeResult, Node, NonFiniteError, unique_name
-from cle_core.toolkit import fit_dtype
+from cle_core.toolkit import LayoutError, broadcast_shape, fit_dtype
 
 from ._capture import Capture, Site
 from ._modules import NotInPlaceError, PerChannelClamp
@@ -47,6 +47,8 @@ class Plan:
     affines: list[tuple[Site, dict[str, np.ndarray]]] = field(default_factory=list)
     per_call: set[str] = field(default_factory=set)  # modules whose calls need different ones
     like: dict[str, str] = field(default_factory=dict)  # clip fx node -> a nearby weight
+    # clip fx node -> the axes its channels are on, where not axis 1 (tokens: the last)
+    axes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
 
@@ -105,6 +107,9 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             hi = np.asarray(node.params["hi"], np.float64)
             plan.clips.append((site, lo, hi, name))
             plan.like[site.fx] = _nearby_weight(cap, node) or ""
+            axes = node.outputs[0].channel_axes
+            if axes is not None and tuple(axes) != (1,) and max(lo.size, hi.size) > 1:
+                plan.axes[site.fx] = tuple(axes)
         elif node.op == "norm":
             # gamma and beta were divided by the scale; they keep the parameters' shape
             # (one value per channel), whatever axis the channels are on.
@@ -253,9 +258,22 @@ def _new_param(arr: np.ndarray, weight: torch.Tensor, what: str) -> nn.Parameter
 
 
 def _clamp_module(
-    model: nn.Module, site: Site, lo: np.ndarray, hi: np.ndarray, like_q: str | None
+    model: nn.Module,
+    site: Site,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    like_q: str | None,
+    axes: tuple[int, ...] | None = None,
 ) -> PerChannelClamp:
     like = _like_tensor(model, like_q)
+    shape = None
+    if axes is not None:  # channels not on axis 1: the bounds broadcast along them
+        if site.rank is None:
+            raise CLEError(f"{site.fx}: per-channel bounds on an input of unknown rank")
+        try:
+            shape = broadcast_shape(site.rank, axes, max(np.size(lo), np.size(hi)))
+        except LayoutError as e:
+            raise CLEError(f"{site.fx}: {e}") from None
     source = (
         type(model.get_submodule(site.module)).__name__ if site.kind == "module" else _fn_name(site)
     )
@@ -266,6 +284,7 @@ def _clamp_module(
         dtype=like.dtype if like is not None and like.is_floating_point() else torch.float32,
         device=like.device if like is not None else None,
         source=source,
+        shape=shape,
     )
 
 
@@ -319,7 +338,7 @@ def write_in_place(cap: Capture, plan: Plan) -> dict[str, int]:
         if site.module in done:
             continue
         done.add(site.module)
-        new = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
+        new = _clamp_module(model, site, lo, hi, plan.like.get(site.fx), plan.axes.get(site.fx))
         swap_everywhere(model.get_submodule(site.module), new)
 
     undo: list = []
@@ -473,7 +492,9 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
         else:
             base = f"{site.scope}.{site.fx}_clamp" if site.scope else f"{site.fx}_clamp"
         target = unique_name(base, taken)
-        new_attrs[target] = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
+        new_attrs[target] = _clamp_module(
+            model, site, lo, hi, plan.like.get(site.fx), plan.axes.get(site.fx)
+        )
         with g.inserting_before(n):
             new = g.call_module(target, (live(site.input),))
         n.replace_all_uses_with(new)

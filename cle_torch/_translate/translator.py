@@ -398,7 +398,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
             base = known_base(type(m))
             handler = _MODULE_CALLS.get(base)
             if handler is None:
-                raise _Opaque(f"{type(m).__name__} is not understood")
+                raise _Opaque(_MODULE_WHY.get(type(m), f"{type(m).__name__} is not understood"))
             if len(node.args) != 1 or node.kwargs:
                 raise _Opaque("called with extra arguments")
             getattr(self, handler)(node, m, base, self.data(node.args[0]))
@@ -416,6 +416,21 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
             raise _Opaque(f"FX op {node.op}")
 
 
+# Modules of torch that are kept whole, and why.
+_MODULE_WHY = {
+    nn.MultiheadAttention: (
+        "nn.MultiheadAttention is kept whole (its q / k / v projections are one packed "
+        "in_proj_weight): write the attention with separate q / k / v Linears and "
+        "F.scaled_dot_product_attention to equalize V -> O and the norm before it"
+    ),
+    nn.TransformerEncoderLayer: (
+        "nn.TransformerEncoderLayer is kept whole (its attention is an "
+        "nn.MultiheadAttention, its forward a fused fast path)"
+    ),
+    nn.TransformerDecoderLayer: (
+        "nn.TransformerDecoderLayer is kept whole (its attention is an nn.MultiheadAttention)"
+    ),
+}
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
 _ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh, F.gelu)
