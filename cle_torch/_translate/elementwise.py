@@ -161,8 +161,10 @@ class Elementwise:
             # a parameter or constant factor: not known to be one number per channel
             raise _Opaque("a factor that is a tensor, not a number or a gate") from None
         shape = self.fx_shapes.get(x.name)
-        if shape is not None and shape == self.fx_shapes.get(g.name) and not (
-            x.name in self.point or g.name in self.point
+        if (
+            shape is not None
+            and shape == self.fx_shapes.get(g.name)
+            and not (x.name in self.point or g.name in self.point)
         ):
             # Two tensors of one shape (a gated MLP's silu(gate) * up): the core decides
             # which one carries the channels.

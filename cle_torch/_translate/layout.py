@@ -15,6 +15,7 @@ and helpers.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.fx as fx

@@ -235,8 +235,9 @@ class Norms:
         w, wq = self.param(b["weight"], "weight") if b["weight"] is not None else (None, None)
         bias, bq = self.param(b["bias"], "bias") if b["bias"] is not None else (None, None)
         eps = _number(b["eps"], "eps")
-        self.layer_norm(node, self.data(b["input"]), b["normalized_shape"], w, bias, eps, None,
-                        (wq, bq))
+        self.layer_norm(
+            node, self.data(b["input"]), b["normalized_shape"], w, bias, eps, None, (wq, bq)
+        )
 
     def f_rms_norm(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_rms_norm, args, kwargs)
@@ -263,8 +264,9 @@ class Norms:
                 "per channel of one axis"
             )
         rank = self.norm_rank(x)
-        self.emit_norm(node, x, "layer", rank - 1, (rank - 1,), weight, bias, float(eps),
-                       module, names)
+        self.emit_norm(
+            node, x, "layer", rank - 1, (rank - 1,), weight, bias, float(eps), module, names
+        )
 
     def rms_norm(self, node, x, shape, weight, eps, module, weight_q=None) -> None:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
@@ -276,15 +278,26 @@ class Norms:
         if eps is None:  # torch's default: the machine epsilon of the input's dtype
             eps = torch.finfo(weight.dtype if weight is not None else torch.float32).eps
         rank = self.norm_rank(x)
-        self.emit_norm(node, x, "rms", rank - 1, (rank - 1,), weight, None, float(eps), module,
-                       (weight_q, None))
+        self.emit_norm(
+            node,
+            x,
+            "rms",
+            rank - 1,
+            (rank - 1,),
+            weight,
+            None,
+            float(eps),
+            module,
+            (weight_q, None),
+        )
 
     def group_norm(self, node, x, groups, weight, bias, eps, module, names=(None, None)) -> None:
         rank = self.norm_rank(x)
         if rank < 2:
             raise _Opaque("a group norm of an input of rank < 2")
-        self.emit_norm(node, x, "group", 1, None, weight, bias, float(eps), module, names,
-                       groups=groups)
+        self.emit_norm(
+            node, x, "group", 1, None, weight, bias, float(eps), module, names, groups=groups
+        )
 
     def norm_rank(self, x: fx.Node) -> int:
         rank = self.rank.get(x.name)
@@ -292,8 +305,9 @@ class Norms:
             raise _Opaque("a norm of an input of unknown rank: pass dummy_input or input_shapes")
         return rank
 
-    def emit_norm(self, node, x, kind, axis, axes, weight, bias, eps, module, names,
-                  groups=None) -> None:
+    def emit_norm(
+        self, node, x, kind, axis, axes, weight, bias, eps, module, names, groups=None
+    ) -> None:
         """One ``norm`` node; ``module`` holds ``weight`` and ``bias`` as attributes of
         those names, else ``names`` gives their qualified names."""
         if weight is None:
@@ -311,12 +325,25 @@ class Norms:
         if groups is not None:
             attrs["groups"] = groups
         owner = module or gamma_q.rpartition(".")[0]
-        name = None if node.op == "call_module" else (
-            owner if gamma_q == f"{owner}.weight" else gamma_q
+        name = (
+            None
+            if node.op == "call_module"
+            else (owner if gamma_q == f"{owner}.weight" else gamma_q)
         )
-        self.emit("norm", node, [x], rank=self.rank.get(x.name), channels=weight.numel(),
-                  params=params, attrs=attrs, param_ids=ids, name=name, owner=owner,
-                  weight=gamma_q, bias=beta_q)
+        self.emit(
+            "norm",
+            node,
+            [x],
+            rank=self.rank.get(x.name),
+            channels=weight.numel(),
+            params=params,
+            attrs=attrs,
+            param_ids=ids,
+            name=name,
+            owner=owner,
+            weight=gamma_q,
+            bias=beta_q,
+        )
 
     def decomposed_norm(self, node: fx.Node, match: NormMatch) -> None:
         """The norm that ``find_norms`` found ending at ``node``; where it cannot be one
@@ -335,11 +362,17 @@ class Norms:
                 bias, beta_q = self.param(match.beta, "bias")
             if weight.dim() != 1 or (bias is not None and bias.shape != weight.shape):
                 raise _Opaque("its affine is not one value per channel")
-            self.emit_norm(node, x, match.kind, axis, (axis,), weight, bias, match.eps, None,
-                           (gamma_q, beta_q))
+            self.emit_norm(
+                node, x, match.kind, axis, (axis,), weight, bias, match.eps, None, (gamma_q, beta_q)
+            )
         except _Opaque as why:
             inputs = [match.x] if match.x.name in self.values else []
             kind = "RMSNorm" if match.kind == "rms" else "LayerNorm"
-            self.emit("opaque", node, inputs, rank=None, channels=None,
-                      attrs={"kind": f"{kind} (decomposed)", "why": str(why), "channels": None})
-
+            self.emit(
+                "opaque",
+                node,
+                inputs,
+                rank=None,
+                channels=None,
+                attrs={"kind": f"{kind} (decomposed)", "why": str(why), "channels": None},
+            )

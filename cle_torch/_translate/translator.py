@@ -433,7 +433,15 @@ _MODULE_WHY = {
 }
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
-_ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh, F.gelu)
+_ELEMENTWISE_FUNCTIONS = (
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardsigmoid,
+    F.silu,
+    F.hardswish,
+    torch.tanh,
+    F.gelu,
+)
 
 
 def _elementwise(node: fx.Node, modules: dict) -> bool:
