@@ -81,15 +81,38 @@ def _nearby_weight(cap: Capture, node: Node) -> str | None:
     return None
 
 
+def _put_rows(cap: Capture, packed: dict, q: str, rows: tuple[int, int], arr) -> None:
+    """Write ``arr`` into ``rows`` of parameter ``q``'s new value (its current value
+    where no other layer wrote): the q, k and v of a packed in-projection are three
+    layers of one parameter."""
+    if q not in packed:
+        t = _resolve(cap.model, q).detach()
+        packed[q] = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy()
+    part = packed[q][rows[0] : rows[1]]
+    if part.size != np.size(arr):
+        raise CLEError(f"{q}[{rows[0]}:{rows[1]}]: new value has shape {np.shape(arr)}")
+    packed[q][rows[0] : rows[1]] = np.reshape(arr, part.shape)
+
+
 def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
     plan = Plan()
+    packed: dict[str, np.ndarray] = {}  # parameters written by rows (_put_rows)
     nodes = {n.name: n for n in result.graph.nodes}
     for name in result.changed:
         node = nodes.get(name)
         if node is None or node.handle not in cap.sites:
             raise CLEError(f"node {name!r} was changed but does not come from the model")
         site = cap.sites[node.handle]
-        if node.is_layer:
+        if node.is_layer and site.rows is not None:
+            _put_rows(cap, packed, site.weight, site.rows, node.weight)
+            if node.bias is not None:
+                if site.bias is None:
+                    raise CLEError(
+                        f"{name}: the equalization gives it a bias, which "
+                        f"{site.module or site.owner} has no place for; nothing was changed"
+                    )
+                _put_rows(cap, packed, site.bias, site.rows, node.bias)
+        elif node.is_layer:
             plan.params.append((site.weight, node.weight))
             if node.bias is None:
                 continue
@@ -124,6 +147,7 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             plan.affines.append((site, values))
         else:
             raise CLEError(f"cannot write back node {name!r} ({node.op})")
+    plan.params.extend(packed.items())
     for name in result.removed:
         fx_name = cap.ir_names.get(name)
         site = cap.sites.get(fx_name) if fx_name else None

@@ -191,6 +191,12 @@ class Moves:
     def f_getitem(self, node, fn, args, kwargs) -> None:
         """Indexing an activation is not translated; ``x[:, :, None]`` read only by an
         ``expand`` is how grouped-query attention repeats K / V heads."""
+        src = args[0] if args else None
+        if isinstance(src, fx.Node) and src.name in self.mha and len(args) == 2:
+            if args[1] == 0:
+                self.mha_output(node, src)
+                return
+            raise _Opaque("the attention weights of nn.MultiheadAttention")
         users = list(node.users)
         if users and all(u.op == "call_method" and u.target == "expand" for u in users):
             x = args[0] if args else None

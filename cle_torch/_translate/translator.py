@@ -47,6 +47,7 @@ from .._trace import (
 from .elementwise import Elementwise
 from .layers import Layers
 from .layout import Moves
+from .mha import Attention
 from .norms import Norms, find_norms
 from .propagate import Shapes, propagate
 from .shape import Shape
@@ -59,7 +60,7 @@ log = logging.getLogger("cle_torch")
 _MOVING = frozenset({"transpose", "reshape", "matmul", "norm", "linear"})
 
 
-class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
+class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
     def __init__(self, cap: Capture, shapes: tuple[Any, Any], fx_shapes: Shapes | None = None):
         self.cap = cap
         self.model = cap.model
@@ -84,6 +85,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
         # Values whose channels may lie on another axis than 1 (after a transpose, a
         # Linear on tokens ...): a concat along axis 1 of them is not one of channels.
         self.moved: set[str] = cap.moved
+        self.mha: set[str] = set()  # nn.MultiheadAttention calls translated (mha.py)
         self.norms = find_norms(cap.fx_graph)
         self.inside_norms = {
             n.name for m in self.norms.values() for n in m.nodes if n.op != "get_attr"
@@ -395,6 +397,11 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
                 raise _Opaque("the module has forward hooks, which tracing does not see")
             if torch.nn.utils.parametrize.is_parametrized(m):
                 raise _Opaque("parametrized module (its weight is computed)")
+            if isinstance(m, nn.MultiheadAttention) and (
+                type(m).forward is nn.MultiheadAttention.forward
+            ):
+                self.m_mha(node, m)
+                return
             base = known_base(type(m))
             handler = _MODULE_CALLS.get(base)
             if handler is None:
@@ -418,14 +425,9 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms):
 
 # Modules of torch that are kept whole, and why.
 _MODULE_WHY = {
-    nn.MultiheadAttention: (
-        "nn.MultiheadAttention is kept whole (its q / k / v projections are one packed "
-        "in_proj_weight): write the attention with separate q / k / v Linears and "
-        "F.scaled_dot_product_attention to equalize V -> O and the norm before it"
-    ),
     nn.TransformerEncoderLayer: (
-        "nn.TransformerEncoderLayer is kept whole (its attention is an "
-        "nn.MultiheadAttention, its forward a fused fast path)"
+        "nn.TransformerEncoderLayer is kept whole (a torch module with a fused fast path): "
+        "write the block with nn.MultiheadAttention, Linears and norms to equalize it"
     ),
     nn.TransformerDecoderLayer: (
         "nn.TransformerDecoderLayer is kept whole (its attention is an nn.MultiheadAttention)"

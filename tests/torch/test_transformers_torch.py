@@ -48,12 +48,11 @@ def _norm_qkv(b):
     return ("norm", (f"blocks.{b}.norm1",), tuple(f"blocks.{b}.attn.{p}" for p in "qkv"))
 
 
-def _vit_regions(attention: bool = True):
+def _vit_regions(out_proj: str = "proj"):
     out = []
     for b in (0, 1):
-        if attention:
-            out.append(_norm_qkv(b))
-            out.append(("attention", (f"blocks.{b}.attn.v",), (f"blocks.{b}.attn.proj",)))
+        out.append(_norm_qkv(b))
+        out.append(("attention", (f"blocks.{b}.attn.v",), (f"blocks.{b}.attn.{out_proj}",)))
         out.append(("norm", (f"blocks.{b}.norm2",), (f"blocks.{b}.fc1",)))
     return out
 
@@ -69,14 +68,14 @@ def _llama_regions():
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), the MultiheadAttention
-#: models' attention (kept whole), the final norm -> head through the class token
-#: slice or the mean over tokens (not translated), fc1 -> GELU -> fc2.
+#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's
+#: nn.TransformerEncoderLayer (kept whole), the final norm -> head through the class
+#: token slice or the mean over tokens (not translated), fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
     "vit_mean_pool": _vit_regions(),
     "vit_sdpa": _vit_regions(),
-    "vit_mha": _vit_regions(attention=False),
+    "vit_mha": _vit_regions("out_proj"),  # q / k / v: rows of the packed in_proj_weight
     "llama": _llama_regions(),
     "llama_expand": _llama_regions(),
     "llama_nn_rmsnorm": _llama_regions(),
@@ -96,7 +95,7 @@ REFUSED = {
         ("blocks.0.fc1 -> ?", "gelu"),
     ],
     "vit_sdpa": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
-    "vit_mha": [("blocks.0.norm1 -> ?", "nn.MultiheadAttention is kept whole")],
+    "vit_mha": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
     "llama": [("blocks.0.attn.wv -> ?", "grouped-query attention")],
     "llama_expand": [("blocks.0.attn.wv -> ?", "grouped-query attention")],
     "llama_nn_rmsnorm": [
@@ -365,6 +364,44 @@ def test_sdpa_keeps_its_call_in_a_rewritten_graph():
     assert ("attention", ("blocks.0.attn.v",), ("blocks.0.attn.proj",)) in _regions(report)
     assert ("pair", ("head.a",), ("head.b",)) in _regions(report)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+
+
+def test_multihead_attention_is_written_back_into_its_packed_parameters(always_scale):
+    model = tm.vit(0, attention="mha", depth=1)
+    x = model.example_input(2)
+    ref = _run(model, x)
+    attn = model.blocks[0].attn
+    packed, before = attn.in_proj_weight, attn.in_proj_weight.detach().clone()
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert eq is model and attn.in_proj_weight is packed
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    regions = {
+        r.kind: r for r in report.regions if "blocks.0.norm1" in r.sources or r.kind == "attention"
+    }
+    e = attn.embed_dim
+    # q, k, v rows: divided per input column by the norm's scales; v's rows also by the
+    # attention region's scales
+    norm_s = torch.from_numpy(regions["norm"].scales).float()
+    v_s = torch.from_numpy(regions["attention"].scales).float()
+    expect = before * norm_s[None, :]
+    expect[2 * e :] /= v_s[:, None]
+    torch.testing.assert_close(packed.detach(), expect)
+
+
+def test_multihead_attention_it_cannot_translate_says_why():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.attn(self.a(x), self.b(x), self.b(x), need_weights=False)[0]
+
+    model = Cross().eval()
+    _, report = cle_torch.equalize_model(model, dummy_input=torch.randn(2, 5, 8))
+    reasons = " ".join(s.reason for s in report.skipped)
+    assert "not self-attention" in reasons
 
 
 def test_gqa_and_rotary_are_refused_but_the_rest_stays_exact(always_scale):
