@@ -346,11 +346,13 @@ def test_channel_last_clip_bounds_and_the_untouched_model():
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
 
 
-def test_sdpa_keeps_its_call_in_a_rewritten_graph():
+@pytest.mark.parametrize("attention", ["sdpa", "mha"])
+def test_the_attention_keeps_its_call_in_a_rewritten_graph(attention):
     """A GraphModule written back (for a ReLU6 function in the head) still calls
-    F.scaled_dot_product_attention: its two IR nodes are one call of the model."""
+    F.scaled_dot_product_attention / the nn.MultiheadAttention module: its IR nodes are
+    one call of the model."""
     torch.manual_seed(0)
-    model = tm.vit(0, attention="sdpa", depth=1)
+    model = tm.vit(0, attention=attention, depth=1)
     model.head = _Clipped().eval()
     model.head.a = nn.Linear(32, 16).eval()
     with torch.no_grad():
@@ -359,9 +361,10 @@ def test_sdpa_keeps_its_call_in_a_rewritten_graph():
     ref = _run(model, x)
     eq, report = cle_torch.equalize_model(model, dummy_input=x, objective="balance")
     assert isinstance(eq, torch.fx.GraphModule)
-    calls = [n for n in eq.graph.nodes if n.target is F.scaled_dot_product_attention]
-    assert len(calls) == 1
-    assert ("attention", ("blocks.0.attn.v",), ("blocks.0.attn.proj",)) in _regions(report)
+    call = F.scaled_dot_product_attention if attention == "sdpa" else "blocks.0.attn"
+    assert len([n for n in eq.graph.nodes if n.target == call]) == 1
+    out = "proj" if attention == "sdpa" else "out_proj"
+    assert ("attention", ("blocks.0.attn.v",), (f"blocks.0.attn.{out}",)) in _regions(report)
     assert ("pair", ("head.a",), ("head.b",)) in _regions(report)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
 
