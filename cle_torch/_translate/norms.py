@@ -4,8 +4,8 @@
 forms that tracing decomposes:
 
 - RMSNorm (LLaMA's reference code): ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) +
-  eps) * weight``, also with ``x / torch.sqrt(...)``, ``x * x`` for the square and the
-  weight on either side;
+  eps) * weight``, also with ``x / torch.sqrt(...)``, ``x * x`` for the square, the
+  weight on either side, and computed as ``norm(x.float()).type_as(x) * weight``;
 - LayerNorm over one axis (ConvNeXt's channels-first ``LayerNorm2d``): ``u = x.mean(d,
   keepdim=True)``, ``(x - u) / torch.sqrt((x - u).pow(2).mean(d, keepdim=True) + eps)``,
   then ``weight[:, None, None] * . + bias[:, None, None]``.
@@ -168,6 +168,20 @@ def _normalized(z: Any, nodes: set) -> tuple[str, fx.Node, int, float]:
     return "layer", x, d, eps
 
 
+def _normalized_any(z: Any, nodes: set) -> tuple[str, fx.Node, int, float]:
+    """:func:`_normalized`, also computed in float32 and cast back as LLaMA's code
+    writes it: ``norm(x.float()).type_as(x)``."""
+    if isinstance(z, fx.Node) and z.op == "call_method" and z.target == "type_as":
+        inner, like = z.args
+        nodes.add(z)
+        kind, x, d, eps = _normalized(inner, nodes)
+        if x is not like:
+            _need(x.op == "call_method" and x.target == "float" and x.args[0] is like)
+            nodes.add(x)
+        return kind, like, d, eps
+    return _normalized(z, nodes)
+
+
 def _match(end: fx.Node) -> NormMatch:
     nodes: set[fx.Node] = {end}
     beta, b_trailing = None, None
@@ -189,7 +203,7 @@ def _match(end: fx.Node) -> NormMatch:
             gamma, trailing = _affine_term(w, nodes)
         except _NoMatch:
             continue
-        kind, x, d, eps = _normalized(z, nodes)
+        kind, x, d, eps = _normalized_any(z, nodes)
         _need(b_trailing is None or b_trailing == trailing)
         nodes.update(n for n in (gamma, beta) if n is not None)
         return NormMatch(kind, x, d, eps, gamma, beta, trailing, nodes)

@@ -190,6 +190,10 @@ class _RMS(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if self.form == "float":  # LLaMA's: computed in float32, cast back
+            y = x.float()
+            y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+            return y.type_as(x) * self.weight
         ms = (x * x if self.form == "x*x" else x.pow(2)).mean(-1, keepdim=True) + self.eps
         if self.form == "sqrt":
             return self.weight * (x / torch.sqrt(ms))
@@ -267,6 +271,7 @@ NORM_CASES = {
     "RMSNorm by hand": (lambda: _Tokens(_RMS(12, "rsqrt")), True),
     "RMSNorm by hand, x * x": (lambda: _Tokens(_RMS(12, "x*x")), True),
     "RMSNorm by hand, / sqrt": (lambda: _Tokens(_RMS(12, "sqrt")), True),
+    "RMSNorm by hand, float().type_as(x)": (lambda: _Tokens(_RMS(12, "float")), True),
     "nn.GroupNorm": (lambda: _Channels(nn.GroupNorm(3, 12)), True),
     "nn.GroupNorm(affine=False)": (lambda: _Channels(nn.GroupNorm(3, 12, affine=False)), False),
     "nn.LayerNorm(elementwise_affine=False)": (
@@ -312,6 +317,58 @@ def test_a_layer_norm_over_two_axes_is_opaque_with_the_reason():
     assert not report.regions
     reasons = " ".join(s.reason for s in report.skipped)
     assert "spans several axes" in reasons
+
+
+# --- channels moved and moved back ----------------------------------------------------
+
+
+class _Moved(nn.Module):
+    """Linear -> a move of the channels and its inverse -> Linear, on tokens (B, T, C)."""
+
+    def __init__(self, move):
+        super().__init__()
+        self.move, self.a, self.b = move, nn.Linear(6, 12), nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.b(self.move(self.a(x)))
+
+
+MOVES = {
+    "transpose": lambda y: y.transpose(1, 2).transpose(-1, -2),
+    "permute": lambda y: y.permute(0, 2, 1).permute(0, 2, 1),
+    "torch.permute": lambda y: torch.permute(torch.permute(y, (2, 0, 1)), (1, 2, 0)),
+    ".mT": lambda y: y.mT.mT,
+    "swapaxes / swapdims": lambda y: torch.swapaxes(y, 1, 2).swapdims(1, 2),
+    "unflatten, flatten(2)": lambda y: y.unflatten(-1, (3, 4)).flatten(2),
+    "view heads, reshape back": lambda y: y.view(y.shape[0], 7, 3, 4).reshape(y.shape[0], 7, 12),
+    "heads moved and back": lambda y: (
+        y.reshape(y.shape[0], 7, 3, 4).transpose(1, 2).transpose(1, 2).reshape(y.shape[0], 7, 12)
+    ),
+}
+
+
+@pytest.mark.usefixtures("always_scale")
+@pytest.mark.parametrize("move", sorted(MOVES))
+def test_channels_are_followed_through_moves(move):
+    torch.manual_seed(0)
+    model = _Moved(_Fn(MOVES[move])).eval()
+    with torch.no_grad():
+        model.a.weight.mul_(torch.logspace(-2, 1, 12)[:, None])
+    x = torch.randn(2, 7, 6)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x, objective="balance")
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert [(r.sources, r.sinks) for r in report.regions] == [(("a",), ("b",))]
+    assert report.regions[0].scales.max() / report.regions[0].scales.min() > 2
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
 
 
 # --- write-back and the caller's model ---------------------------------------------------
