@@ -530,3 +530,36 @@ def test_a_token_input_read_by_a_linear_has_its_channels_last():
     assert value.shape == (None, 7, 6)
     assert value.channel_axes == (2,) and value.channels == 6
     assert cap.ir.node("a").op == "linear"
+
+
+def test_a_norm_weight_shared_with_another_norm_is_refused_as_shared_weights_are():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.n1, self.b = nn.Linear(6, 12), nn.LayerNorm(12), nn.Linear(12, 12)
+            self.n2, self.c = nn.LayerNorm(12), nn.Linear(12, 5)
+            self.n2.weight = self.n1.weight  # one parameter, two norms
+
+        def forward(self, x):
+            return self.c(self.n2(self.b(self.n1(self.a(x)))))
+
+    model = _spread_norm(Tied().eval())
+    x = torch.randn(2, 7, 6)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert not [r for r in report.regions if r.kind == "norm"]
+    reasons = [s.reason for s in report.skipped if s.stage == "scale"]
+    assert any("shares a parameter" in r for r in reasons), reasons
+
+
+def test_empirical_bias_correction_on_tokens():
+    model = tm.vit(0, depth=1)
+    x = model.example_input(8, seed=2)
+    eq, report = cle_torch.equalize_model(
+        model, dummy_input=x[:2], calibration=x, bias_correction="empirical"
+    )
+    corrected = {r.layer for r in report.bias_corrections}
+    assert {"blocks.0.attn.v", "blocks.0.fc1", "head"} <= corrected
+    for r in report.bias_corrections:
+        assert np.all(np.isfinite(r.shift)) and r.shift.ndim == 1
