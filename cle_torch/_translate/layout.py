@@ -25,8 +25,8 @@ from .._optable import _bind, _number, _Opaque, _sig_sdpa, _sig_softmax, _sig_tr
 # Why a repeat of K / V heads is not translated: the core keeps one scale per channel,
 # and a repeated V channel feeds the O columns of several heads.
 GQA_WHY = (
-    "repeats heads (grouped-query attention's K / V): one V channel would feed several "
-    "heads' O columns, which the core does not equalize"
+    "repeats a tensor (as grouped-query attention repeats its K / V heads): one V channel "
+    "would feed several heads' O columns, which the core does not equalize"
 )
 
 
