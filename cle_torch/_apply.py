@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, EqualizeResult, Node, NonFiniteError, unique_name
-from cle_core.toolkit import fit_dtype
+from cle_core.toolkit import LayoutError, broadcast_shape, fit_dtype
 
 from ._capture import Capture, Site
 from ._modules import NotInPlaceError, PerChannelClamp
@@ -47,6 +47,8 @@ class Plan:
     affines: list[tuple[Site, dict[str, np.ndarray]]] = field(default_factory=list)
     per_call: set[str] = field(default_factory=set)  # modules whose calls need different ones
     like: dict[str, str] = field(default_factory=dict)  # clip fx node -> a nearby weight
+    # clip fx node -> the axes its channels are on, where not axis 1 (tokens: the last)
+    axes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
 
 
@@ -79,15 +81,38 @@ def _nearby_weight(cap: Capture, node: Node) -> str | None:
     return None
 
 
+def _put_rows(cap: Capture, packed: dict, q: str, rows: tuple[int, int], arr) -> None:
+    """Write ``arr`` into ``rows`` of parameter ``q``'s new value (its current value
+    where no other layer wrote): the q, k and v of a packed in-projection are three
+    layers of one parameter."""
+    if q not in packed:
+        t = _resolve(cap.model, q).detach()
+        packed[q] = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy()
+    part = packed[q][rows[0] : rows[1]]
+    if part.size != np.size(arr):
+        raise CLEError(f"{q}[{rows[0]}:{rows[1]}]: new value has shape {np.shape(arr)}")
+    packed[q][rows[0] : rows[1]] = np.reshape(arr, part.shape)
+
+
 def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
     plan = Plan()
+    packed: dict[str, np.ndarray] = {}  # parameters written by rows (_put_rows)
     nodes = {n.name: n for n in result.graph.nodes}
     for name in result.changed:
         node = nodes.get(name)
         if node is None or node.handle not in cap.sites:
             raise CLEError(f"node {name!r} was changed but does not come from the model")
         site = cap.sites[node.handle]
-        if node.is_layer:
+        if node.is_layer and site.rows is not None:
+            _put_rows(cap, packed, site.weight, site.rows, node.weight)
+            if node.bias is not None:
+                if site.bias is None:
+                    raise CLEError(
+                        f"{name}: the equalization gives it a bias, which "
+                        f"{site.module or site.owner} has no place for; nothing was changed"
+                    )
+                _put_rows(cap, packed, site.bias, site.rows, node.bias)
+        elif node.is_layer:
             plan.params.append((site.weight, node.weight))
             if node.bias is None:
                 continue
@@ -105,6 +130,15 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             hi = np.asarray(node.params["hi"], np.float64)
             plan.clips.append((site, lo, hi, name))
             plan.like[site.fx] = _nearby_weight(cap, node) or ""
+            axes = node.outputs[0].channel_axes
+            if axes is not None and tuple(axes) != (1,) and max(lo.size, hi.size) > 1:
+                plan.axes[site.fx] = tuple(axes)
+        elif node.op == "norm":
+            # gamma and beta were divided by the scale; they keep the parameters' shape
+            # (one value per channel), whatever axis the channels are on.
+            plan.params.append((site.weight, node.params["gamma"]))
+            if node.params.get("beta") is not None and site.bias is not None:
+                plan.params.append((site.bias, node.params["beta"]))
         elif node.op == "batchnorm" and site.kind == "module":
             # Carried through a region: running_mean and bias were divided by the scale.
             values = {"running_mean": node.params["mean"]}
@@ -113,6 +147,7 @@ def make_plan(cap: Capture, result: EqualizeResult) -> Plan:
             plan.affines.append((site, values))
         else:
             raise CLEError(f"cannot write back node {name!r} ({node.op})")
+    plan.params.extend(packed.items())
     for name in result.removed:
         fx_name = cap.ir_names.get(name)
         site = cap.sites.get(fx_name) if fx_name else None
@@ -247,9 +282,22 @@ def _new_param(arr: np.ndarray, weight: torch.Tensor, what: str) -> nn.Parameter
 
 
 def _clamp_module(
-    model: nn.Module, site: Site, lo: np.ndarray, hi: np.ndarray, like_q: str | None
+    model: nn.Module,
+    site: Site,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    like_q: str | None,
+    axes: tuple[int, ...] | None = None,
 ) -> PerChannelClamp:
     like = _like_tensor(model, like_q)
+    shape = None
+    if axes is not None:  # channels not on axis 1: the bounds broadcast along them
+        if site.rank is None:
+            raise CLEError(f"{site.fx}: per-channel bounds on an input of unknown rank")
+        try:
+            shape = broadcast_shape(site.rank, axes, max(np.size(lo), np.size(hi)))
+        except LayoutError as e:
+            raise CLEError(f"{site.fx}: {e}") from None
     source = (
         type(model.get_submodule(site.module)).__name__ if site.kind == "module" else _fn_name(site)
     )
@@ -260,6 +308,7 @@ def _clamp_module(
         dtype=like.dtype if like is not None and like.is_floating_point() else torch.float32,
         device=like.device if like is not None else None,
         source=source,
+        shape=shape,
     )
 
 
@@ -313,7 +362,7 @@ def write_in_place(cap: Capture, plan: Plan) -> dict[str, int]:
         if site.module in done:
             continue
         done.add(site.module)
-        new = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
+        new = _clamp_module(model, site, lo, hi, plan.like.get(site.fx), plan.axes.get(site.fx))
         swap_everywhere(model.get_submodule(site.module), new)
 
     undo: list = []
@@ -467,7 +516,9 @@ def build_graph_module(cap: Capture, plan: Plan) -> fx.GraphModule:
         else:
             base = f"{site.scope}.{site.fx}_clamp" if site.scope else f"{site.fx}_clamp"
         target = unique_name(base, taken)
-        new_attrs[target] = _clamp_module(model, site, lo, hi, plan.like.get(site.fx))
+        new_attrs[target] = _clamp_module(
+            model, site, lo, hi, plan.like.get(site.fx), plan.axes.get(site.fx)
+        )
         with g.inserting_before(n):
             new = g.call_module(target, (live(site.input),))
         n.replace_all_uses_with(new)

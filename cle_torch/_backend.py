@@ -122,11 +122,12 @@ def equalize_model(
     Args:
         model: a ``torch.nn.Module`` in eval mode.
         input_shapes: shape of the input (a tuple), or a list of shapes for several
-            inputs, as in AIMET. Only ranks and channel counts are used; no forward pass
-            is run.
-        dummy_input: a tensor or a tuple of tensors; an alternative to ``input_shapes``.
-            Needed when a Linear reads a graph input (an MLP): the IR takes Linear inputs
-            as ``(N, features)`` and the rank must be known.
+            inputs, as in AIMET. A copy of the model runs on zeros of these shapes to
+            measure the shape of every tensor (the model itself never runs).
+        dummy_input: a tensor or a tuple of tensors; an alternative to ``input_shapes``
+            (token ids for a language model). Needed when a Linear reads a graph input
+            (an MLP) and for transformers: transposes, reshapes and Linears on tokens
+            ``(B, T, C)`` need the shapes.
         leaf_modules: module types or qualified names not to trace into; each is kept as
             is and blocks equalization around it (for code that cannot be traced).
         allow_training_mode: equalize a model in training mode as if it were in eval

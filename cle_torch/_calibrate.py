@@ -217,7 +217,16 @@ def calibration_stats(cap: Capture, calibration: Any) -> dict[str, ChannelStats]
     """Per-channel statistics of every IR value, measured by running the captured graph
     on ``calibration`` in eval mode, without gradients, on a copy of the model that
     shares its parameters (see :func:`_eval_copy`); ``cap.model`` is never written."""
-    wanted = set(cap.ir.values)
+    # validate() says where each value's channels lie (a token tensor (B, T, C): the
+    # last axis): the statistics are per channel of that axis.
+    # A value whose channels are not known and may not lie on axis 1 (an opaque op on
+    # tokens) has no statistics per channel: none are recorded for it.
+    cap.ir.validate()
+    axes = {
+        name: v.channel_axes
+        for name, v in cap.ir.values.items()
+        if v.channels is not None or name not in cap.moved
+    }
     twin = _eval_copy(cap.model)
     gm = _graph_module(cap, twin)
     device = _device(cap.model)
@@ -226,8 +235,8 @@ def calibration_stats(cap: Capture, calibration: Any) -> dict[str, ChannelStats]
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
-            if node.name in wanted and isinstance(out, torch.Tensor) and out.is_floating_point():
-                acc.add(node.name, out.detach().float().cpu().numpy())
+            if node.name in axes and isinstance(out, torch.Tensor) and out.is_floating_point():
+                acc.add(node.name, out.detach().float().cpu().numpy(), axes[node.name])
             return out
 
     count = 0

@@ -84,7 +84,9 @@ class Site:
     place (a module layer, or a functional call whose bias argument reads
     ``owner.bias``); ``bias_is_new``: ``bias`` does not exist yet. ``input`` is the FX
     node of the data input, ``rank`` the output's rank, ``scope`` the module whose
-    ``forward`` made the call.
+    ``forward`` made the call. ``rows``: the layer's weight and bias are these rows of
+    the parameters ``weight`` and ``bias`` (``nn.MultiheadAttention``'s packed
+    in-projection, written back by rows); such a layer has no place for a new bias.
     """
 
     fx: str
@@ -101,6 +103,7 @@ class Site:
     input: str | None = None
     rank: int | None = None
     scope: str = ""
+    rows: tuple[int, int] | None = None
 
 
 @dataclass
@@ -116,6 +119,8 @@ class Capture:
     temp_biases: dict[str, torch.Size] = field(default_factory=dict)  # qualname -> shape
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     opaque_layers: list[str] = field(default_factory=list)
+    # FX nodes whose channels may lie on another axis than 1 (tokens (B, T, C) ...)
+    moved: set[str] = field(default_factory=set)
 
 
 def _resolve_attr(cap: Capture, target: str) -> Any:

@@ -58,13 +58,17 @@ class PerChannelClamp(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         source: str = "",
+        shape: tuple[int, ...] | None = None,
     ) -> PerChannelClamp:
         """Build from per-channel (or scalar) NumPy bounds for a tensor with
-        ``spatial_dims`` axes after the channel axis."""
+        ``spatial_dims`` axes after the channel axis, or of ``shape`` where given (the
+        bounds of a channel-last tensor: ``(1, 1, C)``, see
+        :func:`cle_core.toolkit.broadcast_shape`)."""
         lo = np.asarray(lo, np.float64).reshape(-1)
         hi = np.asarray(hi, np.float64).reshape(-1)
         channels = max(lo.size, hi.size)
-        shape = (channels,) + (1,) * max(spatial_dims, 0)
+        if shape is None:
+            shape = (channels,) + (1,) * max(spatial_dims, 0)
 
         def tensor(a: np.ndarray) -> torch.Tensor:
             a = np.broadcast_to(a, (channels,)).reshape(shape)
@@ -74,7 +78,7 @@ class PerChannelClamp(nn.Module):
 
     @property
     def channels(self) -> int:
-        return self.lo.shape[0]
+        return self.lo.numel()
 
     def _widest(self) -> None:
         # Plain floats (None where infinite): constants to tracing and export, and right

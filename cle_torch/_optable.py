@@ -83,6 +83,14 @@ def _sig_interpolate(input, size=None, scale_factor=None, mode="nearest", align_
 def _sig_view(input, *shape): ...
 def _sig_reshape(input, shape): ...
 def _sig_self(input): ...
+def _sig_transpose(input, dim0, dim1): ...
+def _sig_softmax(input, dim=None, _stacklevel=3, dtype=None): ...
+def _sig_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False): ...  # fmt: skip
+def _sig_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5): ...
+def _sig_rms_norm(input, normalized_shape, weight=None, eps=None): ...
+def _sig_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
+def _sig_div(input, other, rounding_mode=None): ...
 
 
 _SIGNATURES: dict[Callable, inspect.Signature] = {}
@@ -169,6 +177,9 @@ _MODULE_CALLS = _table(
         tuple(ADAPTIVE_AVG_MODULES): "m_adaptive_avg",
         nn.Upsample: "m_upsample",
         _ConstantPadNd: "m_constant_pad",
+        nn.LayerNorm: "m_layer_norm",
+        nn.RMSNorm: "m_rms_norm",
+        nn.GroupNorm: "m_group_norm",
     }
 )
 _FUNCTIONS = _table(
@@ -193,6 +204,19 @@ _FUNCTIONS = _table(
         (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear): "f_interpolate",
         _F_DROPOUT: "f_dropout",
         torch.mean: "f_mean",
+        (operator.truediv, torch.div, torch.true_divide): "f_div",
+        (torch.transpose, torch.swapaxes, torch.swapdims): "f_transpose",
+        torch.permute: "f_permute",
+        getattr: "f_getattr",
+        operator.getitem: "f_getitem",
+        torch.unflatten: "f_unflatten",
+        (torch.matmul, operator.matmul, torch.bmm): "f_matmul",
+        (F.softmax, torch.softmax): "f_softmax",
+        F.scaled_dot_product_attention: "f_sdpa",
+        torch.repeat_interleave: "f_repeat_heads",
+        F.layer_norm: "f_layer_norm",
+        F.rms_norm: "f_rms_norm",
+        F.group_norm: "f_group_norm",
     }
 )
 _METHODS = _table(
@@ -206,5 +230,12 @@ _METHODS = _table(
         ("view", "reshape"): "f_reshape",
         "contiguous": "f_identity",
         "mean": "f_mean",
+        ("div", "true_divide"): "f_div",
+        ("transpose", "swapaxes", "swapdims"): "f_transpose",
+        "permute": "f_permute",
+        "unflatten": "f_unflatten",
+        ("matmul", "bmm"): "f_matmul",
+        "softmax": "f_softmax",
+        ("repeat_interleave", "expand"): "f_repeat_heads",
     }
 )

@@ -68,6 +68,9 @@ KNOWN_MODULES: tuple[type, ...] = (
     nn.Upsample,
     _ConstantPadNd,
     PerChannelClamp,
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
 )
 
 

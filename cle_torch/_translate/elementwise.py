@@ -24,6 +24,7 @@ from .._optable import (
     _sig_clamp,
     _sig_clamp_max,
     _sig_clamp_min,
+    _sig_div,
     _sig_hardtanh,
     _sig_leaky,
     _sig_prelu,
@@ -159,6 +160,16 @@ class Elementwise:
         except _Opaque:
             # a parameter or constant factor: not known to be one number per channel
             raise _Opaque("a factor that is a tensor, not a number or a gate") from None
+        shape = self.fx_shapes.get(x.name)
+        if (
+            shape is not None
+            and shape == self.fx_shapes.get(g.name)
+            and not (x.name in self.point or g.name in self.point)
+        ):
+            # Two tensors of one shape (a gated MLP's silu(gate) * up): the core decides
+            # which one carries the channels.
+            self.emit("mul", node, [x, g], rank=len(shape), channels=None)
+            return
         if (x.name in self.point) == (g.name in self.point):
             raise _Opaque("not a gate: neither operand (or both) is known to be pooled")
         if x.name in self.point:
@@ -170,11 +181,23 @@ class Elementwise:
             raise _Opaque("the gate's channels do not match")
         self.emit("mul", node, [x, g], rank=rank, channels=channels)
 
+    def f_div(self, node, fn, args, kwargs) -> None:
+        """A division by a number: a product with its inverse."""
+        b = _bind(_sig_div, args, kwargs)
+        f = b["other"]
+        if b["rounding_mode"] is not None or isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise _Opaque("not a division by a number")
+        if f == 0 or not math.isfinite(f):
+            raise _Opaque(f"a division by {f}")
+        self.unary(node, self.data(b["input"]), "mul", params={"factor": np.array([1.0 / f])})
+
     def f_cat(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_cat, args, kwargs)
         if not isinstance(b["tensors"], (list, tuple)) or not b["tensors"]:
             raise _Opaque("not a list of tensors")
         xs = [self.data(t) for t in b["tensors"]]
+        if any(x.name in self.moved for x in xs):
+            raise _Opaque("its inputs may hold their channels on another axis than 1")
         ranks = {self.rank.get(x.name) for x in xs}
         rank = ranks.pop() if len(ranks) == 1 else None
         dim = b["dim"]

@@ -143,9 +143,12 @@ class Layers:
         ):
             self.point.add(node.name)
 
-    def check_given(self, x: fx.Node, layer: dict, rank: int, channels: Any) -> None:
+    def check_given(
+        self, x: fx.Node, layer: dict, rank: int, channels: Any, last: bool = False
+    ) -> None:
         """A layer that reads a graph input whose shape the caller gave must agree with
-        it: a mismatch is the caller's mistake, not a layer to skip silently."""
+        it: a mismatch is the caller's mistake, not a layer to skip silently. ``last``:
+        the layer reads the channels on the last axis (a Linear)."""
         shape = self.given.get(x.name)
         if shape is None or not isinstance(channels, int):
             return
@@ -155,28 +158,36 @@ class Layers:
                 f"input_shapes gives input {x.name!r} the shape {shape}, but {where} reads "
                 f"it as a rank-{rank} tensor (batch first: (N, C, ...) or (N, features))"
             )
-        if shape[1] != channels:
+        axis = len(shape) - 1 if last else 1
+        if shape[axis] != channels:
             raise CLEError(
-                f"input_shapes gives input {x.name!r} {shape[1]} channels (shape {shape}), "
+                f"input_shapes gives input {x.name!r} {shape[axis]} channels (shape {shape}), "
                 f"but {where} expects {channels}"
             )
 
     def linear(self, node, x, layer: dict) -> None:
+        """``(..., in) -> (..., out)``: a Linear reads and writes the last axis, of a
+        ``(N, features)`` input or a channel-last one such as tokens ``(B, T, C)``."""
         weight = layer["weight"]
         if weight.dim() != 2:
             raise _Opaque("unexpected weight")
-        self.check_given(x, layer, 2, weight.shape[1])
+        given = self.given.get(x.name)
+        self.check_given(x, layer, max(2, len(given or ())), weight.shape[1], last=True)
         rank = self.rank.get(x.name)
-        if rank != 2:
+        if rank is None or rank < 2:
             self.cap.opaque_layers.append(layer["owner"] or layer["weight_q"])
             raise _Opaque(
-                f"Linear on an input of rank {rank or 'unknown'}; the IR takes (N, features): "
-                "pass dummy_input or input_shapes"
+                f"Linear on an input of rank {rank or 'unknown'}; the IR takes (..., features) "
+                "of rank >= 2: pass dummy_input or input_shapes"
             )
-        if self.chan.get(x.name) not in (None, weight.shape[1]):
+        features = self.chan.get(x.name) if rank == 2 else None
+        shape = self.fx_shapes.get(x.name)
+        if shape is not None:
+            features = shape[-1]
+        if features not in (None, weight.shape[1]):
             raise _Opaque("input features do not match the weight")
         attrs = {"layout": Layout(0, 1)}
-        self.emit_layer("linear", node, x, layer, rank=2, channels=weight.shape[0], attrs=attrs)
+        self.emit_layer("linear", node, x, layer, rank=rank, channels=weight.shape[0], attrs=attrs)
         if x.name in self.point:  # a gate's fully connected layer
             self.point.add(node.name)
 

@@ -49,7 +49,17 @@ class Shape:
 
     def f_flatten(self, node, fn, args, kwargs) -> None:
         b = _bind(_sig_flatten, args, kwargs)
-        self.flatten(node, self.data(b["input"]), b["start_dim"], b["end_dim"])
+        x = self.data(b["input"])
+        try:
+            self.flatten(node, x, b["start_dim"], b["end_dim"])
+        except _Opaque as why:
+            if b["start_dim"] in (0, -self.fx_rank(x)):
+                raise  # the batch axis merged with others
+            self.reshape(node, x, str(why))
+
+    def fx_rank(self, x) -> int:
+        shape = self.fx_shapes.get(x.name)
+        return -1 if shape is None else len(shape)
 
     def f_reshape(self, node, fn, args, kwargs) -> None:
         if fn in ("view", "reshape"):
@@ -61,6 +71,14 @@ class Shape:
             b = _bind(_sig_reshape, args, kwargs)
             shape = b["shape"]
         x = self.data(b["input"])
+        try:
+            self.flatten_reshape(node, x, shape)
+        except _Opaque as why:
+            if x.name in self.point:
+                raise  # a gate's way back to a feature map's rank (see ``opaque``)
+            self.reshape(node, x, str(why))
+
+    def flatten_reshape(self, node, x, shape) -> None:
         if not isinstance(shape, (tuple, list)) or len(shape) != 2:
             raise _Opaque("not a reshape to (N, -1)")
         # (N, C, 1, ...) -> (N, C), written with the channel count: a flatten as well

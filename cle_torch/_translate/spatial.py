@@ -179,6 +179,9 @@ class Spatial:
         # (N, C, *s) -> (N, C): a global average pool, then a flatten of (N, C, 1, ...).
         pooled, name = f"{node.name}:pooled", self.unique(f"{node.name}:pool")
         self.ir.add_node("global_avgpool", [x.name], name=name, outputs=[pooled])
+        shape = self.fx_shapes.get(x.name)
+        if shape is not None:
+            self.ir.values[pooled].shape = (*shape[:2], *(1,) * (len(shape) - 2))
         self.cap.ir_names[name] = node.name
         self.emit("flatten", node, [pooled], rank=2, channels=self.chan.get(x.name))
         self.point.add(node.name)

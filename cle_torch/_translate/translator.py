@@ -46,20 +46,31 @@ from .._trace import (
 )
 from .elementwise import Elementwise
 from .layers import Layers
+from .layout import Moves
+from .mha import Attention
+from .norms import Norms, find_norms
+from .propagate import Shapes, propagate
 from .shape import Shape
 from .spatial import Spatial
 
 log = logging.getLogger("cle_torch")
 
 
-class _Translator(Layers, Elementwise, Shape, Spatial):
-    def __init__(self, cap: Capture, shapes: tuple[Any, Any]):
+# Ops whose output may hold its channels on another axis than 1 (see ``moved``).
+_MOVING = frozenset({"transpose", "reshape", "matmul", "norm", "linear"})
+
+
+class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
+    def __init__(self, cap: Capture, shapes: tuple[Any, Any], fx_shapes: Shapes | None = None):
         self.cap = cap
         self.model = cap.model
         self.ir = cap.ir
         self.modules = dict(cap.model.named_modules())
         self.pnames = _param_names(cap.model)
         self.shapes = shapes
+        # The shape of each FX node's tensor from the example runs (None: follows the
+        # batch); empty without an example input.
+        self.fx_shapes: Shapes = fx_shapes or {}
         self.rank: dict[str, int | None] = {}
         self.chan: dict[str, int | None] = {}
         self.alias: dict[str, fx.Node] = {}  # node -> the node whose tensor it returns
@@ -71,6 +82,14 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
         # ops): a product of one of them with a feature map is a gate (squeeze-and-
         # excitation), broadcast over the map's positions.
         self.point: set[str] = set()
+        # Values whose channels may lie on another axis than 1 (after a transpose, a
+        # Linear on tokens ...): a concat along axis 1 of them is not one of channels.
+        self.moved: set[str] = cap.moved
+        self.mha: set[str] = set()  # nn.MultiheadAttention calls translated (mha.py)
+        self.norms = find_norms(cap.fx_graph)
+        self.inside_norms = {
+            n.name for m in self.norms.values() for n in m.nodes if n.op != "get_attr"
+        } - set(self.norms)
 
     # --- helpers -------------------------------------------------------------------------
     def attr(self, target: str) -> Any:
@@ -201,8 +220,15 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
         )
         self.cap.ir_names[name] = node.name
         self.values.add(node.name)
+        shape = self.fx_shapes.get(node.name)
+        if shape is not None:
+            self.ir.values[node.name].shape = shape
+            rank = len(shape)  # what the run saw beats what the handler inferred
         self.rank[node.name] = rank
         self.chan[node.name] = channels
+        moving = op in _MOVING and not (op in ("linear", "norm") and rank == 2)
+        if moving or (op != "flatten" and any(i in self.moved for i in input_names)):
+            self.moved.add(node.name)
         if alias is not None:
             self.alias[node.name] = alias
 
@@ -241,6 +267,8 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
         if node.op == "call_module":
             m = self.modules.get(node.target)
             kind = type(m).__name__
+            if isinstance(m, nn.Embedding):  # (..., features): channels last
+                self.moved.add(node.name)
             for pname, t in list(m.named_parameters()) + list(m.named_buffers()):
                 read(self.pnames.get(id(t), f"{node.target}.{pname}"))
         elif node.op == "call_function":
@@ -250,9 +278,11 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
         # A gate's sigmoid keeps its input's shape, and its way back to a feature map's
         # rank ((N, C) -> (N, C, 1, 1), or expanded) keeps its channels.
         x = inputs[0] if len(inputs) == 1 else None
-        rank = None
+        rank, channels = None, None
         if x is not None and _elementwise(node, self.modules):
-            rank = self.rank.get(x.name)
+            # SiLU, GELU ... keep their input's channels (a gated MLP's silu(gate) is
+            # multiplied by up: the product has up's channels).
+            rank, channels = self.rank.get(x.name), self.chan.get(x.name)
         elif x is not None and x.name in self.point:
             rank = self.broadcast_rank(node, x)
         self.emit(
@@ -262,7 +292,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
             rank=rank,
             channels=None if rank is None else self.chan.get(x.name),
             params=params,
-            attrs={"kind": kind, "why": why, "channels": None},
+            attrs={"kind": kind, "why": why, "channels": channels},
             param_ids=ids,
         )
         if rank is not None and x.name in self.point:
@@ -302,12 +332,19 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
             self.values.add(node.name)
             self.rank[node.name] = len(shape) if shape is not None else self.batched_rank(node)
             self.chan[node.name] = channels
+            if node.name in self.fx_shapes:
+                value.shape = self.fx_shapes[node.name]
+                self.rank[node.name] = len(value.shape)
         outputs: list[str] = []
         for node in fx_graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 continue
             if node.op == "output":
                 fx.node.map_arg(node.args[0], lambda n: outputs.append(n.name))
+            elif node.name in self.inside_norms:
+                continue  # a part of a decomposed norm, translated at its last node
+            elif node.name in self.norms:
+                self.decomposed_norm(node, self.norms[node.name])
             elif self.is_shape_only(node):
                 self.shape_only.add(node.name)
             else:
@@ -316,7 +353,19 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
                 except _Opaque as why:
                     self.opaque(node, str(why))
         self.ir.set_outputs(dict.fromkeys(n for n in outputs if n in self.values))
+        self.channels_last_inputs()
         return self.cap
+
+    def channels_last_inputs(self) -> None:
+        """A float graph input of rank >= 3 that a Linear reads holds its channels on the
+        last axis (tokens ``(B, T, C)``), not on axis 1."""
+        for value in self.ir.inputs:
+            if value.rank is None or value.rank < 3:
+                continue
+            if any(n.op == "linear" for n, _ in value.uses):
+                value.channel_axes = (value.rank - 1,)
+                value.channels = value.shape[-1]
+                value.spatial = None
 
     def batched_rank(self, node: fx.Node) -> int | None:
         """A graph input read by an N-d Conv, BN, pool or pad is taken to be batched."""
@@ -348,10 +397,15 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
                 raise _Opaque("the module has forward hooks, which tracing does not see")
             if torch.nn.utils.parametrize.is_parametrized(m):
                 raise _Opaque("parametrized module (its weight is computed)")
+            if isinstance(m, nn.MultiheadAttention) and (
+                type(m).forward is nn.MultiheadAttention.forward
+            ):
+                self.m_mha(node, m)
+                return
             base = known_base(type(m))
             handler = _MODULE_CALLS.get(base)
             if handler is None:
-                raise _Opaque(f"{type(m).__name__} is not understood")
+                raise _Opaque(_MODULE_WHY.get(type(m), f"{type(m).__name__} is not understood"))
             if len(node.args) != 1 or node.kwargs:
                 raise _Opaque("called with extra arguments")
             getattr(self, handler)(node, m, base, self.data(node.args[0]))
@@ -369,9 +423,27 @@ class _Translator(Layers, Elementwise, Shape, Spatial):
             raise _Opaque(f"FX op {node.op}")
 
 
+# Modules of torch that are kept whole, and why.
+_MODULE_WHY = {
+    nn.TransformerEncoderLayer: (
+        "nn.TransformerEncoderLayer is kept whole (a torch module with a fused fast path): "
+        "write the block with nn.MultiheadAttention, Linears and norms to equalize it"
+    ),
+    nn.TransformerDecoderLayer: (
+        "nn.TransformerDecoderLayer is kept whole (its attention is an nn.MultiheadAttention)"
+    ),
+}
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
-_ELEMENTWISE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, F.silu, F.hardswish, torch.tanh)
+_ELEMENTWISE_FUNCTIONS = (
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardsigmoid,
+    F.silu,
+    F.hardswish,
+    torch.tanh,
+    F.gelu,
+)
 
 
 def _elementwise(node: fx.Node, modules: dict) -> bool:
@@ -403,7 +475,8 @@ def capture(
             )
     graph, constants, temps = trace(model, leaf_modules, allow_training_mode)
     cap = Capture(model, graph, Graph(type(model).__name__), temp_biases=temps, constants=constants)
-    _Translator(cap, (input_shapes, dummy_input)).run()
+    fx_shapes = propagate(cap, input_shapes, dummy_input)
+    _Translator(cap, (input_shapes, dummy_input), fx_shapes).run()
     if cap.opaque_layers:
         log.info(
             "left %d Linear layer(s) opaque because their input rank is unknown (%s): pass "

@@ -256,7 +256,8 @@ def test_training_mode_model_is_untouched_when_the_result_is_a_graph_module():
 
 
 def test_capture_runs_no_forward_pass_and_restores_the_flags():
-    # Tracing is symbolic: dummy_input gives shapes only, and the eval flags that
+    # Tracing is symbolic; the shapes that dummy_input gives are measured on a copy
+    # without the caller's hooks: the model itself never runs, and the eval flags that
     # tracing sets are put back.
     model = tm.randomize(ConcatBN()).train()
     calls = []

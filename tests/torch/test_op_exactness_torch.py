@@ -265,7 +265,9 @@ ROWS = [
     Row("squeeze-excitation gate (mean)", lambda: Gate(functional=True), EQ),
     Row("x * mean(x): the gate is scaled too", fn(lambda y: y * y.mean((2, 3), keepdim=True)),
         REFUSED, "is read by mul"),
-    Row("x * x", fn(lambda y: y * y), REFUSED, "mul left out: not a gate"),
+    # a product of two feature maps: the first carries the channels, the second must
+    # stay unscaled (here both are one)
+    Row("x * x", fn(lambda y: y * y), REFUSED, "which it does not carry"),
     Row("a + b", branches(lambda a, b: a + b), EQ),
     Row("torch.add(a, b, alpha=2)", branches(lambda a, b: torch.add(a, b, alpha=2)),
         REFUSED, "add left out: alpha=2"),
@@ -331,7 +333,7 @@ ROWS = [
     Row("view(size(0), -1) -> Linear", to_linear(lambda y: y.view(y.size(0), -1)), EQ),
     Row("reshape(shape[0], -1) -> Linear", to_linear(lambda y: y.reshape(y.shape[0], -1)), EQ),
     Row("view(-1, 128) -> Linear", to_linear(lambda y: y.view(-1, 128)),
-        REFUSED, "Tensor.view left out: not a reshape to (batch, -1)"),
+        REFUSED, "merges the channels with another axis"),
     Row("flatten(0) -> Linear", to_linear(lambda y: torch.flatten(y, 0).view(2, -1)),
         REFUSED, "flatten left out: start_dim=0"),
     Row("mean((2, 3)) -> Linear", to_linear(lambda y: y.mean((2, 3)), 8), EQ),

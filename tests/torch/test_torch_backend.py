@@ -647,7 +647,7 @@ def test_a_squeeze_and_excitation_gate_is_carried_like_the_onnx_backend_does(fun
     assert len(onnx_report(model, x[:1]).regions) == len(report.regions)
 
 
-def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
+def test_a_product_of_two_maps_is_carried_by_one_and_a_number_is_a_factor():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -665,9 +665,11 @@ def test_a_product_that_is_no_gate_blocks_and_a_number_is_a_factor():
         before = model(torch.ones(1, 3, 4, 4))
         eq, report = cle_torch.equalize_model(copy.deepcopy(model), input_shapes=(1, 3, 4, 4))
         torch.testing.assert_close(eq(torch.ones(1, 3, 4, 4)), before, rtol=1e-5, atol=1e-6)
-    assert [(r.sources, r.sinks) for r in report.regions] == [(("c",), ("d",))]
-    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
-    assert any("not a gate" in r for r in reasons)
+    # relu(a) * relu(b): a product of two tensors of one shape, the first carries the
+    # channels (exact while the second stays unscaled), as a gated MLP's up * silu(gate)
+    assert [(r.sources, r.sinks) for r in report.regions] == [(("a",), ("c",)), (("c",), ("d",))]
+    reasons = [s.reason for s in report.skipped if s.stage == "scale"]
+    assert any("'relu_1' is read by mul (mul), which it does not carry" in r for r in reasons)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter, on purpose
