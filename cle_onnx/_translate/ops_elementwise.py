@@ -78,7 +78,13 @@ class _ElementwiseOps:
             return None
         if int(np.prod(shape)) == 1:
             return self.const(name).reshape(1)
-        if not _along_channels(shape, rank, channels):
+        axis = self.axis.get(data)
+        if axis is not None and axis != 1:  # channels last: (C,), (1, 1, C) ...
+            padded = (1,) * (rank - len(shape)) + tuple(shape)
+            width = self.width(data)
+            if padded[axis] != width or any(d != 1 for i, d in enumerate(padded) if i != axis):
+                return None
+        elif not _along_channels(shape, rank, channels):
             return None
         return self.const(name).reshape(-1)
 
@@ -149,6 +155,10 @@ class _ElementwiseOps:
         if None in ranks:
             return "the shapes of its inputs are not known"
         dims = [self.dims[n] for n in node.input]
-        if len(ranks) != 1 or any(d != dims[0] for d in dims):
+
+        def same(a, b) -> bool:  # an unknown size (the batch) matches any
+            return all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
+
+        if len(ranks) != 1 or not all(same(d, dims[0]) for d in dims):
             return "it broadcasts (a residual Add sums tensors of one shape)"
         self.add("add", list(node.input), name, index)

@@ -12,9 +12,11 @@ from onnx import numpy_helper, shape_inference
 from cle_core import Graph, UnsupportedModelError
 
 from .constants import _constant_value, _ConstantFolding
+from .layouts import _ChannelAxes
 from .ops_channels import _ChannelOps
 from .ops_elementwise import _ElementwiseOps
 from .ops_layers import _LayerOps
+from .ops_layout import _LayoutOps
 from .ops_spatial import _SpatialOps
 from .proto import _dims, _dtypes, _tensor_array, default_opset, has_subgraph, node_reads
 
@@ -37,7 +39,7 @@ class Translation:
     derived: dict[str, tuple] = field(default_factory=dict)
 
 
-class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _ChannelOps):
+class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _ElementwiseOps, _SpatialOps, _ChannelOps):
     """Translates one node at a time; anything unsupported becomes ``opaque``.
 
     :meth:`translate` dispatches by name: ONNX op ``X`` is handled by the method
@@ -102,6 +104,7 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         # why a value computed from constants has no folded value (for skip reasons)
         self.unfolded: dict[str, str] = {}
         self._fold_constants()
+        self._follow_channel_axes()
 
     # --- helpers ----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -188,7 +191,7 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         init_names = set(self.inits)
         for vi in g.input:
             if vi.name not in init_names:
-                self.graph.add_input(vi.name, self.channels(vi.name))
+                self.graph.add_input(vi.name, self.width(vi.name))
         names_seen: set[str] = set()
         for i, node in enumerate(g.node):
             name = node.name if node.name and node.name not in names_seen else f"{node.op_type}_{i}"
@@ -200,10 +203,19 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
             self.translate(i, node, self.translation.node_names[i])
         # Outputs computed from constants alone are not in the IR (nothing changes them).
         self.graph.set_outputs([o.name for o in g.output if o.name not in self.fixed])
-        for name, value in self.graph.values.items():  # spatial sizes, where inferred
+        for name, value in self.graph.values.items():  # shapes, where inferred
             dims = self.dims.get(name)
-            if dims is not None and len(dims) >= 2 and all(isinstance(d, int) for d in dims[2:]):
-                value.spatial = tuple(dims[2:])
+            if dims is None:
+                continue
+            value.shape = tuple(dims)
+            axis = self.axis.get(name)
+            if value.producer is None or value.producer.op == "opaque":
+                # the core follows the translated ops' channels itself, not these
+                value.channel_axes = None if axis in (None, 1) else (axis,)
+            # spatial sizes: the axes besides the batch and the channels
+            rest = tuple(d for i, d in enumerate(dims) if i not in (0, axis))
+            if len(dims) >= 2 and axis is not None and all(isinstance(d, int) for d in rest):
+                value.spatial = rest
         return self.graph, self.translation
 
     def add(self, op, inputs, name, index, outputs=None, **kw):
@@ -216,7 +228,7 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         # what the subgraph computes.
         data_inputs = list(dict.fromkeys(n for n in self.reads[index] if n not in self.fixed))
         outs = [o for o in node.output if o]
-        channels = self.channels(outs[0]) if outs else None
+        channels = self.width(outs[0]) if outs else None
         self.add(
             "opaque",
             data_inputs,

@@ -1,0 +1,56 @@
+"""Handlers of the ops that move channels between axes or mix positions: Transpose,
+MatMul of two activations (attention), Softmax (opaque, runnable by the core's
+executor). Reshape is in ``ops_channels`` (a flatten, or a ``reshape``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .proto import _attrs
+
+
+def _softmax(axis: int):
+    def fn(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    return fn
+
+
+class _LayoutOps:
+    """Mixed into :class:`~.reader._Reader`, which dispatches to the ``op_*`` methods."""
+
+    def op_Transpose(self, index, node, name):
+        rank = self.rank(node.input[0])
+        a = _attrs(node)
+        if "perm" in a:
+            perm = tuple(int(p) for p in a["perm"])
+        elif rank is None:
+            return "its input's rank is not known (no perm given)"
+        else:
+            perm = tuple(range(rank))[::-1]  # the default: the axes reversed
+        self.add("transpose", [node.input[0]], name, index, attrs={"perm": perm})
+
+    def matmul_activations(self, index, node, name):
+        """``A @ B`` of two activations (attention's ``Q K^T`` and ``P V``): the core
+        tells which operand carries channels, if any."""
+        a, b = node.input[0], node.input[1]
+        if a in self.fixed:
+            return "a constant times an activation (W @ x) is not a layer on the last axis"
+        if self.rank(a) is None or self.rank(b) is None:
+            return "the ranks of its inputs are not known"
+        if min(self.rank(a), self.rank(b)) < 2:
+            return "a MatMul of a vector"
+        self.add("matmul", [a, b], name, index)
+
+    def op_Softmax(self, index, node, name):
+        """Opaque (not homogeneous); given the function where its axis is known, so the
+        core's executor can run a graph through it."""
+        rank = self.rank(node.input[0])
+        default = -1 if self.opset >= 13 else 1
+        axis = int(_attrs(node).get("axis", default))
+        if rank is None or (self.opset < 13 and axis % rank != rank - 1):
+            return "a softmax (not homogeneous)"
+        self.opaque(index, node, name, "a softmax (not homogeneous)")
+        self.graph.nodes[-1].attrs["fn"] = _softmax(axis % rank)
+        return None
