@@ -239,6 +239,24 @@ class _Writer:
         for slot, key in ((3, "mean"), (2, "beta")):
             bn.input[slot] = self.put(bn.input[slot], node.params[key], {node.handle})
 
+    def norm(self, node: Node) -> None:
+        """A norm's gamma and beta, divided by the scales: each replaces its tensor in
+        the nodes of the norm that read it (a LayerNormalization's inputs 1 and 2, the
+        Mul / Add of a decomposed form), in its own shape and dtype; copied where
+        another node reads it too."""
+        owners = set(node.handle)
+        for key, name in node.param_ids.items():
+            arr = node.params.get(key)
+            if arr is None:
+                continue
+            dims = tuple(self.inits[name].dims) if name in self.inits else None
+            new = self.put(name, arr, owners, dims=dims)
+            for i in sorted(owners):
+                onnx_node = self.nodes[i]
+                for slot, ref in enumerate(onnx_node.input):
+                    if ref == name:
+                        onnx_node.input[slot] = new
+
     # --- folded batch norms -----------------------------------------------------------
     def remove_bn(self, index: int) -> None:
         bn = self.nodes[index]
@@ -263,6 +281,8 @@ class _Writer:
                 self.clip(node)
             elif node.op == "batchnorm":
                 self.batchnorm(node)
+            elif node.op == "norm":
+                self.norm(node)
             else:
                 raise ValueError(f"cannot write back node {name!r} ({node.op})")
         handles = self.tr.node_names

@@ -114,8 +114,9 @@ class _SpatialOps:
             return attrs
         self.add("avgpool", [node.input[0]], name, index, attrs=attrs)
 
-    def op_ReduceMean(self, index, node, name):
-        """A mean over all spatial axes is a global average pool (the ``dynamo=True``
+    def reduce_mean_pool(self, index, node, name):
+        """ReduceMean (when it is no part of a decomposed norm, see ``ops_norms``): a
+        mean over all spatial axes is a global average pool (the ``dynamo=True``
         exporter writes ``x.mean((2, 3))`` so); ``keepdims=0`` also flattens."""
         a = _attrs(node)
         rank = self.rank(node.input[0])

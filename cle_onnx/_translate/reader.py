@@ -17,6 +17,7 @@ from .ops_channels import _ChannelOps
 from .ops_elementwise import _ElementwiseOps
 from .ops_layers import _LayerOps
 from .ops_layout import _LayoutOps
+from .ops_norms import _NormOps
 from .ops_spatial import _SpatialOps
 from .proto import _dims, _dtypes, _tensor_array, default_opset, has_subgraph, node_reads
 
@@ -39,7 +40,7 @@ class Translation:
     derived: dict[str, tuple] = field(default_factory=dict)
 
 
-class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _ElementwiseOps, _SpatialOps, _ChannelOps):
+class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _NormOps, _ElementwiseOps, _SpatialOps, _ChannelOps):
     """Translates one node at a time; anything unsupported becomes ``opaque``.
 
     :meth:`translate` dispatches by name: ONNX op ``X`` is handled by the method
@@ -75,6 +76,7 @@ class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _Elementwis
                 value = _constant_value(node)
                 if value is not None:
                     self.constants[node.output[0]] = value
+        self.graph_outputs = {o.name for o in g.output}
         self.users: dict[str, list[int]] = {}
         self.reads: list[list[str]] = []
         subgraph_reads: set[str] = set()
