@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from cle_core import EqualizeResult, Node, unique_name
-from cle_core.toolkit import fit_dtype
+from cle_core.toolkit import broadcast_shape, fit_dtype
 
 from ._translate import Translation, has_subgraph, np_dtype, outer_reads, subgraphs
 
@@ -153,8 +153,9 @@ class _Writer:
             self.replacements[index] = [self.scalar_clip(old, float(lo), float(hi), dtype)]
             return
         rank = self.tr.ranks.get(x) or _rank_from_layer(node)
-        shape = (1, -1) + (1,) * (rank - 2)
         channels = max(lo.size, hi.size)
+        # along the channel axis, wherever it is: (1, C, 1, 1), or (1, 1, C) on tokens
+        shape = broadcast_shape(rank, node.inputs[0].axes, channels)
         lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape)
         hi = np.broadcast_to(hi.reshape(-1), (channels,)).reshape(shape)
         made: list[onnx.NodeProto] = []

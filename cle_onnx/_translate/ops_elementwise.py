@@ -8,6 +8,10 @@ from .proto import _attrs
 from .shapes import _along_channels
 
 
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
 class _ElementwiseOps:
     """Mixed into :class:`~.reader._Reader`, which dispatches to the ``op_*`` methods."""
 
@@ -101,6 +105,14 @@ class _ElementwiseOps:
                     return "multiplies by a constant that is not finite (Inf or NaN)"
                 self.add("mul", [data], name, index, params={"factor": factor})
                 return
+        for x, y in ((a, b), (b, a)):
+            p = self.producer_of(y)
+            if p is not None and p.op_type == "Sigmoid" and p.input[0] == x:
+                # x * sigmoid(x): a SiLU (not homogeneous), which a gated MLP's product
+                # must see as the gate, not as a second carrier of channels
+                self.opaque(index, node, name, "x * sigmoid(x), a SiLU (not homogeneous)")
+                self.graph.nodes[-1].attrs["fn"] = _silu
+                return None
         out = self.dims.get(node.output[0])
         if out is None:
             return "its output's shape is not known"

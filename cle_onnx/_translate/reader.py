@@ -77,6 +77,13 @@ class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _NormOps, _
                 if value is not None:
                     self.constants[node.output[0]] = value
         self.graph_outputs = {o.name for o in g.output}
+        self.producers = {
+            o: i
+            for i, n in enumerate(g.node)
+            if n.domain in ("", "ai.onnx")
+            for o in n.output
+            if o
+        }
         self.users: dict[str, list[int]] = {}
         self.reads: list[list[str]] = []
         subgraph_reads: set[str] = set()
@@ -87,7 +94,7 @@ class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _NormOps, _
             for name in names:
                 self.users.setdefault(name, []).append(i)
         try:
-            inferred = shape_inference.infer_shapes(model, strict_mode=False)
+            inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         except Exception:
             inferred = model
         self.dims = _dims(inferred)
@@ -160,6 +167,11 @@ class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _NormOps, _
     def first_blocker(self, names) -> str | None:
         """The first of :meth:`weight_blocker`'s reasons among ``names``, or None."""
         return next(filter(None, map(self.weight_blocker, names)), None)
+
+    def producer_of(self, name: str) -> onnx.NodeProto | None:
+        """The node of the default domain that computes ``name``, if any."""
+        i = self.producers.get(name)
+        return None if i is None else self.model.graph.node[i]
 
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
