@@ -102,7 +102,12 @@ class _NormOps:
             return "the size of its normalized axis is not known"
         rank = len(dims)
         for what, ref in (("scale", gamma), ("bias", beta)):
-            if ref and not _along_axis(self.const_shape(ref), rank, axis, channels):
+            shape = self.const_shape(ref) if ref else None
+            if kind == "group":  # GroupNormalization's scale and bias are (C,)
+                per_channel = shape is not None and tuple(shape) == (channels,)
+            else:  # broadcast against the input: (C,), (C, 1, 1) ...
+                per_channel = _along_axis(shape, rank, axis, channels)
+            if ref and not per_channel:
                 shape = tuple(self.const_shape(ref))
                 return f"its {what} of shape {shape} is not one value per channel"
         params = {"gamma": self.param(gamma).reshape(-1), "beta": None}
