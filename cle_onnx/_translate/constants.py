@@ -111,7 +111,9 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
         axes = args[3] if len(args) > 3 and args[3] is not None else None
         if axes is not None and int(np.asarray(axes).reshape(-1)[0]) not in (0, -1):
             raise ValueError("cannot fold a Slice of another axis")
-        step = int(np.asarray(args[4]).reshape(-1)[0]) if len(args) > 4 and args[4] is not None else 1
+        step = (
+            int(np.asarray(args[4]).reshape(-1)[0]) if len(args) > 4 and args[4] is not None else 1
+        )
         return [data[starts:ends:step]]
     if op == "Concat":
         return [

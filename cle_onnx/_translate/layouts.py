@@ -66,7 +66,9 @@ class _ChannelAxes:
             axis = self._axis_after(node) if node.domain in ("", "ai.onnx") else None
             for o in outs:
                 rank = self.rank(o)
-                self.axis[o] = axis if rank is not None and axis is not None and axis < rank else None
+                self.axis[o] = (
+                    axis if rank is not None and axis is not None and axis < rank else None
+                )
 
     def _input_axis(self, name: str) -> int | None:
         """Axis 1, but the last for a float token tensor ``(B, T, C)`` that a MatMul with a

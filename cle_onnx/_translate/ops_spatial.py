@@ -134,7 +134,11 @@ class _SpatialOps:
         if rank is None:
             return "its input's rank is not known"
         axes = sorted(int(x) % rank for x in np.asarray(axes).reshape(-1))
-        if rank >= 3 and self.axis.get(node.input[0]) == rank - 1 and axes == list(range(1, rank - 1)):
+        if (
+            rank >= 3
+            and self.axis.get(node.input[0]) == rank - 1
+            and axes == list(range(1, rank - 1))
+        ):
             return self._token_mean(index, node, name, rank, int(a.get("keepdims", 1)))
         if rank < 3 or axes != list(range(2, rank)):
             return f"it reduces axes {axes}, not exactly the spatial ones"
@@ -154,14 +158,18 @@ class _SpatialOps:
         dims = self.dims.get(x)
         first = f"{out}::channels_first"
         perm = (0, rank - 1, *range(1, rank - 1))
-        self.add("transpose", [x], f"{name}::transpose", index, outputs=[first], attrs={"perm": perm})
+        self.add(
+            "transpose", [x], f"{name}::transpose", index, outputs=[first], attrs={"perm": perm}
+        )
         pooled = f"{out}::pooled"
         self.add("global_avgpool", [first], name, index, outputs=[pooled])
         if dims is not None:
             self.graph.values[pooled].shape = (dims[0], dims[-1], *(1,) * (rank - 2))
         if keepdims:
             back = (0, *range(2, rank), 1)
-            self.add("transpose", [pooled], f"{name}::back", index, outputs=[out], attrs={"perm": back})
+            self.add(
+                "transpose", [pooled], f"{name}::back", index, outputs=[out], attrs={"perm": back}
+            )
         else:
             self.add("flatten", [pooled], f"{name}::flatten", index, outputs=[out])
 

@@ -40,7 +40,16 @@ class Translation:
     derived: dict[str, tuple] = field(default_factory=dict)
 
 
-class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _NormOps, _ElementwiseOps, _SpatialOps, _ChannelOps):
+class _Reader(
+    _ConstantFolding,
+    _ChannelAxes,
+    _LayerOps,
+    _LayoutOps,
+    _NormOps,
+    _ElementwiseOps,
+    _SpatialOps,
+    _ChannelOps,
+):
     """Translates one node at a time; anything unsupported becomes ``opaque``.
 
     :meth:`translate` dispatches by name: ONNX op ``X`` is handled by the method
@@ -78,11 +87,7 @@ class _Reader(_ConstantFolding, _ChannelAxes, _LayerOps, _LayoutOps, _NormOps, _
                     self.constants[node.output[0]] = value
         self.graph_outputs = {o.name for o in g.output}
         self.producers = {
-            o: i
-            for i, n in enumerate(g.node)
-            if n.domain in ("", "ai.onnx")
-            for o in n.output
-            if o
+            o: i for i, n in enumerate(g.node) if n.domain in ("", "ai.onnx") for o in n.output if o
         }
         self.users: dict[str, list[int]] = {}
         self.reads: list[list[str]] = []
