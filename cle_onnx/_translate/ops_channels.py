@@ -129,8 +129,12 @@ class _ChannelOps:
                 return (None, *dst[1:])
             return tuple(dst)
         target = self.const(node.input[1])
-        if target is None or int(_attrs(node).get("allowzero", 0)):
+        if target is None:
             return None
+        if int(_attrs(node).get("allowzero", 0)) and any(
+            not isinstance(d, _Dim) and int(d) == 0 for d in target.reshape(-1)
+        ):
+            return None  # a 0 that is a size, not "copy the input's"
         out: list = []
         for i, d in enumerate(target.reshape(-1)):
             if isinstance(d, _Dim):  # a dim read with Shape: the batch, kept

@@ -9,7 +9,8 @@ from .shapes import _along_channels
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
+    """``x * sigmoid(x)``, with the sigmoid written so that no exp overflows."""
+    return x * 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 class _ElementwiseOps:

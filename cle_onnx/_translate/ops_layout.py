@@ -1,6 +1,7 @@
 """Handlers of the ops that move channels between axes or mix positions: Transpose,
-MatMul of two activations (attention), Softmax (opaque, runnable by the core's
-executor). Reshape is in ``ops_channels`` (a flatten, or a ``reshape``)."""
+Squeeze / Unsqueeze (a ``reshape``), MatMul of two activations (attention), Softmax
+(opaque, runnable by the core's executor), Expand / Tile (opaque, with the reason).
+Reshape is in ``ops_channels`` (a flatten, or a ``reshape``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ def _softmax(axis: int):
         return e / e.sum(axis=axis, keepdims=True)
 
     return fn
+
+
+# Why Expand and Tile stay opaque: grouped-query attention repeats each K / V head for
+# several query heads this way, and one V channel feeding several O columns is a pair
+# the core does not equalize.
+_REPEATS = (
+    "it repeats values (as grouped-query attention repeats its K / V heads): one "
+    "channel would feed several"
+)
 
 
 class _LayoutOps:
@@ -42,6 +52,30 @@ class _LayoutOps:
         if min(self.rank(a), self.rank(b)) < 2:
             return "a MatMul of a vector"
         self.add("matmul", [a, b], name, index)
+
+    def op_Unsqueeze(self, index, node, name):
+        """An axis of size 1 inserted (or removed): a reshape to the static output
+        shape, where shape inference knows it."""
+        return self._static_reshape(index, node, name)
+
+    def op_Squeeze(self, index, node, name):
+        return self._static_reshape(index, node, name)
+
+    def _static_reshape(self, index, node, name):
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or dst is None:
+            return "its input's or output's shape is not known"
+        if not all(isinstance(d, int) for d in (*src[1:], *dst[1:])):
+            return "its output's shape is not static (only the batch may be unknown)"
+        if (src[0] is None) != (dst[0] is None):
+            return "its batch size is not kept"
+        self.add("reshape", [node.input[0]], name, index, attrs={"shape": tuple(dst)})
+
+    def op_Expand(self, index, node, name):
+        return _REPEATS
+
+    def op_Tile(self, index, node, name):
+        return _REPEATS
 
     def op_Softmax(self, index, node, name):
         """Opaque (not homogeneous); given the function where its axis is known, so the

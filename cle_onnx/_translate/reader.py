@@ -98,10 +98,17 @@ class _Reader(
             subgraph_reads.update(names[len([n for n in node.input if n]) :])
             for name in names:
                 self.users.setdefault(name, []).append(i)
-        try:
-            inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        except Exception:
-            inferred = model
+        inferred = model
+        # Data propagation knows the shapes that exporters compute with Shape / Slice /
+        # Concat (a Reshape's target); where it fails, the plain inference still runs.
+        for data_prop in (True, False):
+            try:
+                inferred = shape_inference.infer_shapes(
+                    model, strict_mode=False, data_prop=data_prop
+                )
+                break
+            except Exception:
+                continue
         self.dims = _dims(inferred)
         self.translation = Translation(
             self.users,

@@ -66,7 +66,7 @@ EXPECTED = {
 REFUSED = {
     "vit": ["the MatMul sums over the channels", "opaque Gelu", "opaque Gather"],
     "llama": [
-        "Unsqueeze",  # grouped-query attention: V heads repeated
+        "grouped-query attention repeats its K / V heads",
         "multiplies by a constant that is not per channel",  # rotary: no Q -> K
         "opaque Sigmoid",  # SiLU
     ],
