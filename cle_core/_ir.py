@@ -484,7 +484,15 @@ def _infer_channels(node: Node) -> None:
         beta = node.params.get("beta")
         if beta is not None and beta.size != out:
             raise InvalidGraphError(f"{where}: beta has {beta.size} values, gamma has {out}")
-        if ins[0] is not None and ins[0] != out and node.attrs.get("kind") != "group":
+        # (the input's channels may lie on another axis than the one it normalizes)
+        x = node.inputs[0]
+        elsewhere = x.rank is not None and x.axes != (int(node.attrs.get("axis", 1)),)
+        if (
+            ins[0] is not None
+            and ins[0] != out
+            and node.attrs.get("kind") != "group"
+            and not elsewhere
+        ):
             raise InvalidGraphError(f"{where}: has {out} channels, its input {ins[0]}")
     else:
         out = node.attrs.get("channels")

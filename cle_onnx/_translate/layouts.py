@@ -72,7 +72,7 @@ class _ChannelAxes:
 
     def _input_axis(self, name: str) -> int | None:
         """Axis 1, but the last for a float token tensor ``(B, T, C)`` that a MatMul with a
-        weight or a LayerNormalization over its last axis reads."""
+        weight or a norm over its last axis (written out or not) reads."""
         rank = self.rank(name)
         if rank is None or rank < 2:
             return None
@@ -83,9 +83,14 @@ class _ChannelAxes:
                     continue
                 if r.op_type == "MatMul" and len(self.const_shape(r.input[1]) or ()) == 2:
                     return rank - 1
-                if r.op_type == "LayerNormalization" and int(_attrs(r).get("axis", -1)) % rank == (
-                    rank - 1
-                ):
+                if r.op_type in ("LayerNormalization", "RMSNormalization"):
+                    if int(_attrs(r).get("axis", -1)) % rank == rank - 1:
+                        return rank - 1
+                # a norm written out: the mean (of the squares) over the last axis
+                if r.op_type == "Pow":
+                    after = self.users.get(r.output[0], [])
+                    r = self.model.graph.node[after[0]] if len(after) == 1 else r
+                if r.op_type == "ReduceMean" and self._reduced_axis(r, r.input[0]) == rank - 1:
                     return rank - 1
         return 1
 

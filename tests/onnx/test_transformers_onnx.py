@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 import cle_onnx  # noqa: E402
+from cle_core import run_graph  # noqa: E402
 from cle_core._cli import main  # noqa: E402
 from cle_onnx._backend import _channel_axes  # noqa: E402
 from cle_onnx._calibrate import calibration_stats  # noqa: E402
@@ -310,3 +311,44 @@ def test_a_decomposed_layer_norm_is_one_norm_unless_an_inner_value_leaks(always_
         (mul,) = [n for n in eq.graph.node if n.op_type == "Mul"]
         (new,) = [t for t in eq.graph.initializer if t.name in mul.input]
         assert tuple(new.dims) == (8, 1, 1)
+
+
+def _rms_norm(b: _Builder, x: str, weight: str, form: str) -> str:
+    """LLaMA's RMSNorm as the exporters write it: ``x * (1 / sqrt(...))`` (TorchScript),
+    ``x * reciprocal(sqrt(...))`` (dynamo), or ``x / sqrt(...)``."""
+    squares = b.node("Pow", [x, b.init(np.array(2.0), "two")])
+    mean = b.node("ReduceMean", [squares, b.ints([-1], "axes")], keepdims=1)
+    root = b.node("Sqrt", [b.node("Add", [mean, b.init(np.array(1e-6), "eps")])])
+    if form == "div":
+        normalized = b.node("Div", [x, root])
+    else:
+        inverse = (
+            b.node("Reciprocal", [root])
+            if form == "reciprocal"
+            else b.node("Div", [b.init(np.array(1.0), "one"), root])
+        )
+        normalized = b.node("Mul", [x, inverse])
+    return b.node("Mul", [weight, normalized])
+
+
+@pytest.mark.parametrize("form", ["one_over", "reciprocal", "div"])
+def test_the_core_runs_the_translated_graph_as_onnxruntime_does(form):
+    """Tokens ``(B, T, C)`` through an RMSNorm written out, a LayerNormalization, Linears,
+    attention-style MatMul of activations and a Softmax: the IR the reader makes, run by
+    the core's executor, computes what onnxruntime does (norm kinds, axes and eps,
+    channel axes, the Softmax's function)."""
+    b = _Builder(7, 18)
+    h = _rms_norm(b, "x", b.init(10.0 ** b.rng.uniform(-1, 1, 8), "weight"), form)
+    q = _tokens(b, h, 8, 8)
+    gamma, beta = _affine(b, 8)
+    k = _tokens(b, b.node("LayerNormalization", [h, gamma, beta], axis=-1, epsilon=1e-3), 8, 8)
+    scores = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 2, 1])])
+    y = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), k])
+    model = _model(b, (2, 5, 8), [y])
+    graph, _ = cle_onnx._translate.to_ir(model)
+    graph.validate()
+    assert sorted(n.attrs["kind"] for n in graph.nodes if n.op == "norm") == ["layer", "rms"]
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    got = run_graph(graph, {"x": x})[y]
+    want = _run(model, x)
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
