@@ -155,7 +155,7 @@ def test_inspect_lists_the_regions_and_the_refusals(exported, variant, capsys):
         assert reason in out, out
 
 
-def test_calibrated_statistics_on_channel_last_values(exported):
+def test_calibrated_statistics_on_channel_last_values(exported, tmp_path):
     """``calibration=``: the statistics of token tensors ``(B, T, C)`` are per channel
     of the last axis (a wrong axis shows as a channel count the core refuses), and the
     result stays exact."""
@@ -175,6 +175,12 @@ def test_calibrated_statistics_on_channel_last_values(exported):
     eq, report = cle_onnx.equalize_model(str(path), calibration=calibration)
     assert [r.kind for r in report.regions] == EXPECTED["vit", "ts"]
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
+    # the same from the command line
+    calib, out = tmp_path / "calibration.npy", tmp_path / "out.onnx"
+    np.save(calib, calibration)
+    args = ["equalize", str(path), "-o", str(out), "--calibration", str(calib), "--quiet"]
+    assert main(args) == 0
+    assert sqnr_db(_run(model, x), _run(onnx.load(str(out)), x)) >= 90
 
 
 # --- the translation of norms, on small graphs ---------------------------------------
