@@ -84,6 +84,10 @@ class _ElementwiseOps:
         if int(np.prod(shape)) == 1:
             return self.const(name).reshape(1)
         axis = self.axis.get(data)
+        if axis is None and rank > 2:
+            # channels not on one known axis (attention heads split them over two):
+            # a constant along axis 1 would not be one per channel
+            return None
         if axis is not None and axis != 1:  # channels last: (C,), (1, 1, C) ...
             padded = (1,) * (rank - len(shape)) + tuple(shape)
             width = self.width(data)

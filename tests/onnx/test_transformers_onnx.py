@@ -358,3 +358,21 @@ def test_the_core_runs_the_translated_graph_as_onnxruntime_does(form):
     got = run_graph(graph, {"x": x})[y]
     want = _run(model, x)
     assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_per_channel_clip_bounds_on_tokens_lie_on_the_last_axis():
+    """Linear -> ReLU6 -> Linear on ``(B, T, C)``: the balanced scales make the bound per
+    channel, written as a constant of shape ``(1, 1, C)`` (on axis 1 it would not even
+    broadcast: T != C)."""
+    b = _Builder(8, 13)
+    h = _tokens(b, "x", 6, 12)
+    h = b.node("Clip", [h, b.init(np.array(0.0), "lo"), b.init(np.array(6.0), "hi")])
+    _tokens(b, h, 12, 4)
+    model = _model(b, (2, 5, 6))
+    x = (np.random.default_rng(0).standard_normal((2, 5, 6)) * 3).astype(np.float32)
+    eq, report = cle_onnx.equalize_model(model, objective="balance")
+    assert [r.kind for r in report.regions] == ["pair"]
+    (bound,) = [n for n in eq.graph.node if n.op_type == "Min"]
+    shape = [tuple(t.dims) for t in eq.graph.initializer if t.name == bound.input[1]]
+    assert shape == [(1, 1, 12)]
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
