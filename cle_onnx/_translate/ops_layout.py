@@ -65,6 +65,14 @@ class _LayoutOps:
         src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
         if src is None or dst is None:
             return "its input's or output's shape is not known"
+        axes = _attrs(node).get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = self.const(node.input[1])
+            axes = None if value is None else value.reshape(-1).tolist()
+        rank = len(dst) if node.op_type == "Unsqueeze" else len(src)
+        if axes is None or 0 in [int(a) % rank for a in axes]:
+            # the IR takes axis 0 for the batch (statistics, sizes): it stays axis 0
+            return "it removes or inserts the batch axis (or its axes are not known)"
         if not all(isinstance(d, int) for d in (*src[1:], *dst[1:])):
             return "its output's shape is not static (only the batch may be unknown)"
         if (src[0] is None) != (dst[0] is None):
