@@ -173,7 +173,7 @@ class _NormOps:
             return None
         return int(axes[0]) % rank
 
-    def _tail_affine(self, trail: list[int], value: str, axis: int, need_beta: bool):
+    def _tail_affine(self, trail: list[int], value: str, need_beta: bool):
         """``Mul(gamma)`` and, for a LayerNorm, an optional ``Add(beta)`` after the
         normalized ``value``: ``(gamma, beta, output)`` or None."""
         step = self._only_reader(value, ("Mul",))
@@ -236,7 +236,7 @@ class _NormOps:
         if div.input[1] != root or self.users.get(root) != [div_i]:
             return False
         trail.append(div_i)
-        tail = self._tail_affine(trail, div.output[0], axis, need_beta=True)
+        tail = self._tail_affine(trail, div.output[0], need_beta=True)
         if tail is None:
             return False
         gamma, beta, out = tail
@@ -294,7 +294,7 @@ class _NormOps:
                 return False
             trail.append(step[0])
             normalized = step[1].output[0]
-        tail = self._tail_affine(trail, normalized, axis, need_beta=False)
+        tail = self._tail_affine(trail, normalized, need_beta=False)
         if tail is None:
             return False
         gamma, _, out = tail
