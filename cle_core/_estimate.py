@@ -137,7 +137,9 @@ class WeightTerm:
         self.neg = np.maximum(-wmin, 0.0)
         cin = self.groups * self.ig
         x = None if node.op == "norm" else stats_of(node.inputs[0], stats)
-        if x is None:
+        if x is None or (x.channels != cin and cin % x.channels):
+            # no statistics, or not of this layer's inputs (a Linear reading another
+            # axis than the one the channels are on)
             meansq = np.ones(cin)
         else:
             meansq = x.meansq if x.channels == cin else np.repeat(x.meansq, cin // x.channels)

@@ -428,9 +428,14 @@ def _infer_channels(node: Node) -> None:
             raise InvalidGraphError(f"{where}: {exc}") from None
         if w.shape[0] % node.layout.groups:
             raise InvalidGraphError(f"{where}: weight {w.shape} does not split into groups")
-        src = node.inputs[0].producer
+        x = node.inputs[0]
+        src = x.producer
         from_flatten = src is not None and src.op == "flatten"
-        if ins[0] is not None and not from_flatten and ins[0] != cin:
+        # A Linear reads the last axis: where the input's channels lie elsewhere (a
+        # reshape kept them on axis 1), their count is not its features, and the
+        # region finder refuses the pair.
+        elsewhere = node.op == "linear" and x.rank is not None and x.axes != (x.rank - 1,)
+        if ins[0] is not None and not from_flatten and not elsewhere and ins[0] != cin:
             raise InvalidGraphError(
                 f"{where}: expects {cin} input channels but {node.inputs[0].name!r} has {ins[0]}"
             )
@@ -479,7 +484,15 @@ def _infer_channels(node: Node) -> None:
         beta = node.params.get("beta")
         if beta is not None and beta.size != out:
             raise InvalidGraphError(f"{where}: beta has {beta.size} values, gamma has {out}")
-        if ins[0] is not None and ins[0] != out and node.attrs.get("kind") != "group":
+        # (the input's channels may lie on another axis than the one it normalizes)
+        x = node.inputs[0]
+        elsewhere = x.rank is not None and x.axes != (int(node.attrs.get("axis", 1)),)
+        if (
+            ins[0] is not None
+            and ins[0] != out
+            and node.attrs.get("kind") != "group"
+            and not elsewhere
+        ):
             raise InvalidGraphError(f"{where}: has {out} channels, its input {ins[0]}")
     else:
         out = node.attrs.get("channels")

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from cle_core import EqualizeResult, Node, unique_name
-from cle_core.toolkit import fit_dtype
+from cle_core.toolkit import broadcast_shape, fit_dtype
 
 from ._translate import Translation, has_subgraph, np_dtype, outer_reads, subgraphs
 
@@ -153,8 +153,9 @@ class _Writer:
             self.replacements[index] = [self.scalar_clip(old, float(lo), float(hi), dtype)]
             return
         rank = self.tr.ranks.get(x) or _rank_from_layer(node)
-        shape = (1, -1) + (1,) * (rank - 2)
         channels = max(lo.size, hi.size)
+        # along the channel axis, wherever it is: (1, C, 1, 1), or (1, 1, C) on tokens
+        shape = broadcast_shape(rank, node.inputs[0].axes, channels)
         lo = np.broadcast_to(lo.reshape(-1), (channels,)).reshape(shape)
         hi = np.broadcast_to(hi.reshape(-1), (channels,)).reshape(shape)
         made: list[onnx.NodeProto] = []
@@ -239,6 +240,24 @@ class _Writer:
         for slot, key in ((3, "mean"), (2, "beta")):
             bn.input[slot] = self.put(bn.input[slot], node.params[key], {node.handle})
 
+    def norm(self, node: Node) -> None:
+        """A norm's gamma and beta, divided by the scales: each replaces its tensor in
+        the nodes of the norm that read it (a LayerNormalization's inputs 1 and 2, the
+        Mul / Add of a decomposed form), in its own shape and dtype; copied where
+        another node reads it too."""
+        owners = set(node.handle)
+        for key, name in node.param_ids.items():
+            arr = node.params.get(key)
+            if arr is None:
+                continue
+            dims = tuple(self.inits[name].dims) if name in self.inits else None
+            new = self.put(name, arr, owners, dims=dims)
+            for i in sorted(owners):
+                onnx_node = self.nodes[i]
+                for slot, ref in enumerate(onnx_node.input):
+                    if ref == name:
+                        onnx_node.input[slot] = new
+
     # --- folded batch norms -----------------------------------------------------------
     def remove_bn(self, index: int) -> None:
         bn = self.nodes[index]
@@ -263,6 +282,8 @@ class _Writer:
                 self.clip(node)
             elif node.op == "batchnorm":
                 self.batchnorm(node)
+            elif node.op == "norm":
+                self.norm(node)
             else:
                 raise ValueError(f"cannot write back node {name!r} ({node.op})")
         handles = self.tr.node_names

@@ -87,6 +87,19 @@ def _dir(base_dir: str | os.PathLike | None) -> str | None:
     return None if base_dir is None else str(base_dir)
 
 
+def _channel_axes(translated: Translated | None, model: onnx.ModelProto) -> dict:
+    """The channel axes of the IR values whose channels are not on axis 1 (tokens
+    ``(B, T, C)``, attention heads), for the statistics: from the translation given, or
+    from a translation of ``model`` that only reads it."""
+    graph = translated.graph if translated is not None else to_ir(model)[0]
+    graph.validate()  # where the channels are follows the ops
+    return {
+        name: v.channel_axes
+        for name, v in graph.values.items()
+        if v.channel_axes is not None and v.channel_axes != (1,)
+    }
+
+
 class OnnxBackend(FileBackend):
     """Translates ``onnx.ModelProto`` to the IR and writes results back.
 
@@ -144,7 +157,7 @@ class OnnxBackend(FileBackend):
         if _io.has_external_data(model):
             full = _copy(model)
             onnx.external_data_helper.load_external_data_for_model(full, _dir(base_dir))
-        return calibration_stats(full, calibration)
+        return calibration_stats(full, calibration, _channel_axes(translated, full))
 
     def run(self, model, options, calibration=None, progress=None, **backend_options):
         # Calibration runs the model as given: it must be read before the translation

@@ -26,10 +26,16 @@ from ._translate import np_dtype
 BATCH = 4  # every intermediate tensor of a batch is held at once
 
 
-def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelStats]:
+def calibration_stats(
+    model: onnx.ModelProto,
+    inputs: Any,
+    channel_axes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, ChannelStats]:
     """Per-channel statistics of every float tensor that a node of ``model`` (with its
     weights loaded) computes, measured on ``inputs``: an array ``(N, ...)`` for a model
-    with one input, or a dict of arrays by input name."""
+    with one input, or a dict of arrays by input name. ``channel_axes``: where the
+    channels of a tensor are when not on axis 1 (the IR values' ``channel_axes``)."""
+    channel_axes = channel_axes or {}
     try:
         import onnxruntime as ort
     except ModuleNotFoundError:
@@ -73,7 +79,7 @@ def calibration_stats(model: onnx.ModelProto, inputs: Any) -> dict[str, ChannelS
                 f"({describe_arrays(batch)}): {_first_line(exc)}"
             ) from None
         for name, out in zip(names, outs, strict=True):
-            acc.add(name, out)
+            acc.add(name, out, channel_axes=channel_axes.get(name))
     return acc.result()
 
 

@@ -1,8 +1,10 @@
 """ONNX -> IR translation, one module per purpose: ``proto`` (reading protos: tensors,
 element types, shapes, subgraphs), ``constants`` (constant folding), ``shapes`` (shape
-arithmetic of the handlers), ``reader`` (the reader's state, lookups and dispatch, and
-:func:`to_ir`), and the op handlers by kind in ``ops_layers``, ``ops_elementwise``,
-``ops_spatial`` and ``ops_channels``."""
+arithmetic of the handlers), ``layouts`` (which axis holds each value's channels),
+``reader`` (the reader's state, lookups and dispatch, and :func:`to_ir`), and the op
+handlers by kind in ``ops_layers``, ``ops_elementwise``, ``ops_spatial``,
+``ops_channels``, ``ops_layout`` (Transpose, attention's MatMul, Softmax ...) and
+``ops_norms`` (LayerNorm, RMSNorm, GroupNorm and their written-out forms)."""
 
 from .proto import default_opset, has_subgraph, np_dtype, outer_reads, subgraphs
 from .reader import Translation, restore, to_ir

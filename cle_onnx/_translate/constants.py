@@ -105,6 +105,16 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
         if op == "Unsqueeze":
             return [np.expand_dims(data, axes)]
         return [np.squeeze(data, axes)]
+    if op == "Slice" and data.ndim == 1 and opset >= 10:
+        # x.shape[1:]: one axis, constant starts / ends / steps
+        starts, ends = (int(np.asarray(v).reshape(-1)[0]) for v in args[1:3])
+        axes = args[3] if len(args) > 3 and args[3] is not None else None
+        if axes is not None and int(np.asarray(axes).reshape(-1)[0]) not in (0, -1):
+            raise ValueError("cannot fold a Slice of another axis")
+        step = (
+            int(np.asarray(args[4]).reshape(-1)[0]) if len(args) > 4 and args[4] is not None else 1
+        )
+        return [data[starts:ends:step]]
     if op == "Concat":
         return [
             np.concatenate([np.asarray(x, dtype=object) for x in args], axis=int(a.get("axis", 0)))
@@ -159,7 +169,9 @@ class _ConstantFolding:
                         for i, d in enumerate(dims)
                     ]
                     sym = sym[a.get("start", 0) : a.get("end", len(sym))]
-                    self.constants[node.output[0]] = np.array(sym, dtype=object)
+                    known = all(isinstance(d, int) for d in sym)
+                    # all known: plain integers, which every foldable op takes
+                    self.constants[node.output[0]] = np.array(sym, np.int64 if known else object)
                     continue
             why = self._why_not_folded(node, op)
             if why is None:

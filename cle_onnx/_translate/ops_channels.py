@@ -1,5 +1,5 @@
 """Handlers of the ops that pass, cut or join the channels: Identity, Dropout, Split,
-Slice, Concat, Flatten, Reshape."""
+Slice, Concat, Flatten, Reshape (a flatten, or a ``reshape`` to a static shape)."""
 
 from __future__ import annotations
 
@@ -99,9 +99,73 @@ class _ChannelOps:
         self.add("flatten", [node.input[0]], name, index)
 
     def op_Reshape(self, index, node, name):
-        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        """A flatten of channel-first data ``(N, C, ...) -> (N, C * ...)``, else a
+        ``reshape`` to the static shape it makes (the core follows the channels)."""
+        src = self.dims.get(node.input[0])
         if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
             return "its input's shape is not known"
+        why = None
+        if self.axis.get(node.input[0]) in (1, None):
+            why = self._flatten(index, node, name, src)
+            if why is None:
+                return None
+        shape = self._static_shape(node, src)
+        if shape is None:
+            return why or "its output's shape is not static (only the batch may be unknown)"
+        self.add("reshape", [node.input[0]], name, index, attrs={"shape": shape})
+
+    def _static_shape(self, node, src) -> tuple | None:
+        """The output shape of a Reshape, from shape inference or its shape input with 0
+        and -1 resolved; None at axis 0 only, for an unknown batch kept as it is."""
+        dst = self.dims.get(node.output[0])
+        if dst is not None and all(isinstance(d, int) for d in dst[1:]):
+            if dst[0] is None and src[0] is not None:
+                return None
+            if src[0] is None and dst[0] is not None:
+                # an exporter that fixed the batch in the shape, which inference did
+                # not know on the input: the batch is kept if the rest matches
+                if int(np.prod(dst[1:], dtype=np.int64)) != int(np.prod(src[1:], dtype=np.int64)):
+                    return None
+                return (None, *dst[1:])
+            return tuple(dst)
+        target = self.const(node.input[1])
+        if target is None:
+            return None
+        if int(_attrs(node).get("allowzero", 0)) and any(
+            not isinstance(d, _Dim) and int(d) == 0 for d in target.reshape(-1)
+        ):
+            return None  # a 0 that is a size, not "copy the input's"
+        out: list = []
+        for i, d in enumerate(target.reshape(-1)):
+            if isinstance(d, _Dim):  # a dim read with Shape: the batch, kept
+                out.append(None if (d.value, d.index) == (node.input[0], 0) and i == 0 else "?")
+            elif int(d) == 0:
+                out.append(src[i] if i < len(src) else "?")
+            else:
+                out.append(int(d))
+        if "?" in out or out.count(-1) > 1 or (None in out[1:]):
+            return None
+        if -1 in out:
+            known = int(np.prod([d for d in out if d not in (None, -1)], dtype=np.int64))
+            total = int(np.prod(src[1:], dtype=np.int64))
+            if out[0] is None and src[0] is None:
+                if known == 0 or total % known:
+                    return None
+                out[out.index(-1)] = total // known
+            elif src[0] is not None and out[0] is not None:
+                whole = total * src[0]
+                if known == 0 or whole % known:
+                    return None
+                out[out.index(-1)] = whole // known
+            else:
+                return None
+        if out[0] is None and src[0] is not None:
+            return None
+        return tuple(out)
+
+    def _flatten(self, index, node, name, src) -> str | None:
+        """Add a ``flatten`` if the Reshape is one; else why not."""
+        dst = self.dims.get(node.output[0])
         not_flat = "it does not reshape (N, C, ...) to (N, C * ...)"
         features = int(np.prod(src[1:]))
         if dst is not None and len(dst) == 2 and isinstance(dst[1], int):
@@ -122,6 +186,7 @@ class _ChannelOps:
         if not flat:
             return not_flat
         self.add("flatten", [node.input[0]], name, index)
+        return None
 
     def _read_by_layers_of_width(self, value: str, features: int) -> bool:
         readers = [self.model.graph.node[i] for i in self.users.get(value, [])]

@@ -8,6 +8,11 @@ from .proto import _attrs
 from .shapes import _along_channels
 
 
+def _silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)``, with the sigmoid written so that no exp overflows."""
+    return x * 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
 class _ElementwiseOps:
     """Mixed into :class:`~.reader._Reader`, which dispatches to the ``op_*`` methods."""
 
@@ -78,7 +83,17 @@ class _ElementwiseOps:
             return None
         if int(np.prod(shape)) == 1:
             return self.const(name).reshape(1)
-        if not _along_channels(shape, rank, channels):
+        axis = self.axis.get(data)
+        if axis is None and rank > 2:
+            # channels not on one known axis (attention heads split them over two):
+            # a constant along axis 1 would not be one per channel
+            return None
+        if axis is not None and axis != 1:  # channels last: (C,), (1, 1, C) ...
+            padded = (1,) * (rank - len(shape)) + tuple(shape)
+            width = self.width(data)
+            if padded[axis] != width or any(d != 1 for i, d in enumerate(padded) if i != axis):
+                return None
+        elif not _along_channels(shape, rank, channels):
             return None
         return self.const(name).reshape(-1)
 
@@ -95,6 +110,14 @@ class _ElementwiseOps:
                     return "multiplies by a constant that is not finite (Inf or NaN)"
                 self.add("mul", [data], name, index, params={"factor": factor})
                 return
+        for x, y in ((a, b), (b, a)):
+            p = self.producer_of(y)
+            if p is not None and p.op_type == "Sigmoid" and p.input[0] == x:
+                # x * sigmoid(x): a SiLU (not homogeneous), which a gated MLP's product
+                # must see as the gate, not as a second carrier of channels
+                self.opaque(index, node, name, "x * sigmoid(x), a SiLU (not homogeneous)")
+                self.graph.nodes[-1].attrs["fn"] = _silu
+                return None
         out = self.dims.get(node.output[0])
         if out is None:
             return "its output's shape is not known"
@@ -149,6 +172,10 @@ class _ElementwiseOps:
         if None in ranks:
             return "the shapes of its inputs are not known"
         dims = [self.dims[n] for n in node.input]
-        if len(ranks) != 1 or any(d != dims[0] for d in dims):
+
+        def same(a, b) -> bool:  # an unknown size (the batch) matches any
+            return all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))
+
+        if len(ranks) != 1 or not all(same(d, dims[0]) for d in dims):
             return "it broadcasts (a residual Add sums tensors of one shape)"
         self.add("add", list(node.input), name, index)

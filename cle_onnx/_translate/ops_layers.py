@@ -9,7 +9,7 @@ import onnx
 from cle_core import Layout
 
 from .proto import _attrs, _text
-from .shapes import _along_channels, _explicit_pads
+from .shapes import _along_channels, _along_last, _explicit_pads
 
 
 class _LayerOps:
@@ -121,17 +121,23 @@ class _LayerOps:
         )
 
     def op_MatMul(self, index, node, name):
+        if not self.fixed.intersection(node.input[1:2]) and node.input[1] not in self.overridable:
+            return self.matmul_activations(index, node, name)
         blocker = self.weight_blocker(node.input[1])
         if blocker:
             return blocker
-        if self.rank(node.input[0]) != 2:
-            return "its input is not of rank 2 (N, features)"
+        rank = self.rank(node.input[0])
+        if rank is None:
+            return "its input's rank is not known"
+        if rank < 2:
+            return "its input is a vector, not (..., features)"
         if len(self.const_shape(node.input[1])) != 2:
             return "its weight is not 2-D"
         w = self.param(node.input[1])
         ids = {"weight": node.input[1]}
         bias, outputs, handle = None, list(node.output), (index,)
-        fused = self.bias_add(index, node, w.shape[1], 2)
+        # a linear layer on the last axis: (N, features) or tokens (B, T, features)
+        fused = self.bias_add(index, node, w.shape[1], rank, last=True)
         if fused is not None:
             bias, ids["bias"], outputs, handle = fused
         self.graph.add_node(
@@ -145,10 +151,13 @@ class _LayerOps:
             param_ids=ids,
         )
 
-    def bias_add(self, index: int, node: onnx.NodeProto, channels: int, rank: int | None):
+    def bias_add(
+        self, index: int, node: onnx.NodeProto, channels: int, rank: int | None, last=False
+    ):
         """A bias written as a separate ``Add`` of a per-channel constant to the only
         reader of the layer's output (MatMul + Add; PaddlePaddle's Conv + Add):
-        ``(bias, constant's name, outputs, handle)`` to take it into the layer, or None."""
+        ``(bias, constant's name, outputs, handle)`` to take it into the layer, or None.
+        ``last``: the channels are the output's last axis (a MatMul's), else axis 1."""
         out = node.output[0]
         readers = self.users.get(out, [])
         if len(readers) != 1 or out in {o.name for o in self.model.graph.output}:
@@ -159,7 +168,11 @@ class _LayerOps:
         if add.op_type != "Add" or len(add.input) != 2 or len(other) != 1 or add_index <= index:
             return None
         # (C,) for a rank-2 output, (1, C, 1, 1) or (C, 1, 1) for a Conv's
-        if not _along_channels(self.const_shape(other[0]), rank, channels):
+        shape = self.const_shape(other[0])
+        if last:
+            if not _along_last(shape, rank, channels):
+                return None
+        elif not _along_channels(shape, rank, channels):
             return None
         self.consumed_adds.add(add_index)
         bias = self.param(other[0]).reshape(-1)

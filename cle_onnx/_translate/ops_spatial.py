@@ -114,8 +114,9 @@ class _SpatialOps:
             return attrs
         self.add("avgpool", [node.input[0]], name, index, attrs=attrs)
 
-    def op_ReduceMean(self, index, node, name):
-        """A mean over all spatial axes is a global average pool (the ``dynamo=True``
+    def reduce_mean_pool(self, index, node, name):
+        """ReduceMean (when it is no part of a decomposed norm, see ``ops_norms``): a
+        mean over all spatial axes is a global average pool (the ``dynamo=True``
         exporter writes ``x.mean((2, 3))`` so); ``keepdims=0`` also flattens."""
         a = _attrs(node)
         rank = self.rank(node.input[0])
@@ -133,6 +134,12 @@ class _SpatialOps:
         if rank is None:
             return "its input's rank is not known"
         axes = sorted(int(x) % rank for x in np.asarray(axes).reshape(-1))
+        if (
+            rank >= 3
+            and self.axis.get(node.input[0]) == rank - 1
+            and axes == list(range(1, rank - 1))
+        ):
+            return self._token_mean(index, node, name, rank, int(a.get("keepdims", 1)))
         if rank < 3 or axes != list(range(2, rank)):
             return f"it reduces axes {axes}, not exactly the spatial ones"
         out = node.output[0]
@@ -142,6 +149,29 @@ class _SpatialOps:
         pooled = f"{out}::pooled"  # an IR value only: the write-back never sees it
         self.add("global_avgpool", [node.input[0]], name, index, outputs=[pooled])
         self.add("flatten", [pooled], f"{name}::flatten", index, outputs=[out])
+
+    def _token_mean(self, index, node, name, rank: int, keepdims: int):
+        """The mean over the tokens (every axis but the batch and the channels, last) of
+        a channel-last tensor: in the IR, a transpose to channels first, a global
+        average pool, and a flatten or the transpose back (IR values only)."""
+        x, out = node.input[0], node.output[0]
+        dims = self.dims.get(x)
+        first = f"{out}::channels_first"
+        perm = (0, rank - 1, *range(1, rank - 1))
+        self.add(
+            "transpose", [x], f"{name}::transpose", index, outputs=[first], attrs={"perm": perm}
+        )
+        pooled = f"{out}::pooled"
+        self.add("global_avgpool", [first], name, index, outputs=[pooled])
+        if dims is not None:
+            self.graph.values[pooled].shape = (dims[0], dims[-1], *(1,) * (rank - 2))
+        if keepdims:
+            back = (0, *range(2, rank), 1)
+            self.add(
+                "transpose", [pooled], f"{name}::back", index, outputs=[out], attrs={"perm": back}
+            )
+        else:
+            self.add("flatten", [pooled], f"{name}::flatten", index, outputs=[out])
 
     def op_Resize(self, index, node, name):
         """Resize and Upsample compute each output value as a combination, with weights

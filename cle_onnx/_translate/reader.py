@@ -12,9 +12,12 @@ from onnx import numpy_helper, shape_inference
 from cle_core import Graph, UnsupportedModelError
 
 from .constants import _constant_value, _ConstantFolding
+from .layouts import _ChannelAxes
 from .ops_channels import _ChannelOps
 from .ops_elementwise import _ElementwiseOps
 from .ops_layers import _LayerOps
+from .ops_layout import _LayoutOps
+from .ops_norms import _NormOps
 from .ops_spatial import _SpatialOps
 from .proto import _dims, _dtypes, _tensor_array, default_opset, has_subgraph, node_reads
 
@@ -37,7 +40,16 @@ class Translation:
     derived: dict[str, tuple] = field(default_factory=dict)
 
 
-class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _ChannelOps):
+class _Reader(
+    _ConstantFolding,
+    _ChannelAxes,
+    _LayerOps,
+    _LayoutOps,
+    _NormOps,
+    _ElementwiseOps,
+    _SpatialOps,
+    _ChannelOps,
+):
     """Translates one node at a time; anything unsupported becomes ``opaque``.
 
     :meth:`translate` dispatches by name: ONNX op ``X`` is handled by the method
@@ -73,6 +85,10 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
                 value = _constant_value(node)
                 if value is not None:
                     self.constants[node.output[0]] = value
+        self.graph_outputs = {o.name for o in g.output}
+        self.producers = {
+            o: i for i, n in enumerate(g.node) if n.domain in ("", "ai.onnx") for o in n.output if o
+        }
         self.users: dict[str, list[int]] = {}
         self.reads: list[list[str]] = []
         subgraph_reads: set[str] = set()
@@ -82,10 +98,17 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
             subgraph_reads.update(names[len([n for n in node.input if n]) :])
             for name in names:
                 self.users.setdefault(name, []).append(i)
-        try:
-            inferred = shape_inference.infer_shapes(model, strict_mode=False)
-        except Exception:
-            inferred = model
+        inferred = model
+        # Data propagation knows the shapes that exporters compute with Shape / Slice /
+        # Concat (a Reshape's target); where it fails, the plain inference still runs.
+        for data_prop in (True, False):
+            try:
+                inferred = shape_inference.infer_shapes(
+                    model, strict_mode=False, data_prop=data_prop
+                )
+                break
+            except Exception:
+                continue
         self.dims = _dims(inferred)
         self.translation = Translation(
             self.users,
@@ -102,6 +125,7 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         # why a value computed from constants has no folded value (for skip reasons)
         self.unfolded: dict[str, str] = {}
         self._fold_constants()
+        self._follow_channel_axes()
 
     # --- helpers ----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -156,6 +180,11 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         """The first of :meth:`weight_blocker`'s reasons among ``names``, or None."""
         return next(filter(None, map(self.weight_blocker, names)), None)
 
+    def producer_of(self, name: str) -> onnx.NodeProto | None:
+        """The node of the default domain that computes ``name``, if any."""
+        i = self.producers.get(name)
+        return None if i is None else self.model.graph.node[i]
+
     def rank(self, name: str) -> int | None:
         d = self.dims.get(name)
         return None if d is None else len(d)
@@ -188,7 +217,7 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         init_names = set(self.inits)
         for vi in g.input:
             if vi.name not in init_names:
-                self.graph.add_input(vi.name, self.channels(vi.name))
+                self.graph.add_input(vi.name, self.width(vi.name))
         names_seen: set[str] = set()
         for i, node in enumerate(g.node):
             name = node.name if node.name and node.name not in names_seen else f"{node.op_type}_{i}"
@@ -200,10 +229,19 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
             self.translate(i, node, self.translation.node_names[i])
         # Outputs computed from constants alone are not in the IR (nothing changes them).
         self.graph.set_outputs([o.name for o in g.output if o.name not in self.fixed])
-        for name, value in self.graph.values.items():  # spatial sizes, where inferred
+        for name, value in self.graph.values.items():  # shapes, where inferred
             dims = self.dims.get(name)
-            if dims is not None and len(dims) >= 2 and all(isinstance(d, int) for d in dims[2:]):
-                value.spatial = tuple(dims[2:])
+            if dims is None:
+                continue
+            value.shape = tuple(dims)
+            axis = self.axis.get(name)
+            if value.producer is None or value.producer.op == "opaque":
+                # the core follows the translated ops' channels itself, not these
+                value.channel_axes = None if axis in (None, 1) else (axis,)
+            # spatial sizes: the axes besides the batch and the channels
+            rest = tuple(d for i, d in enumerate(dims) if i not in (0, axis))
+            if len(dims) >= 2 and axis is not None and all(isinstance(d, int) for d in rest):
+                value.spatial = rest
         return self.graph, self.translation
 
     def add(self, op, inputs, name, index, outputs=None, **kw):
@@ -216,7 +254,7 @@ class _Reader(_ConstantFolding, _LayerOps, _ElementwiseOps, _SpatialOps, _Channe
         # what the subgraph computes.
         data_inputs = list(dict.fromkeys(n for n in self.reads[index] if n not in self.fixed))
         outs = [o for o in node.output if o]
-        channels = self.channels(outs[0]) if outs else None
+        channels = self.width(outs[0]) if outs else None
         self.add(
             "opaque",
             data_inputs,

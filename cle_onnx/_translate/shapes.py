@@ -13,6 +13,14 @@ def _along_channels(shape, rank: int | None, channels: int | None) -> bool:
     return padded[1] == channels and all(d == 1 for i, d in enumerate(padded) if i != 1)
 
 
+def _along_last(shape, rank: int | None, channels: int | None) -> bool:
+    """Whether a tensor of ``shape`` broadcasts against a rank-``rank`` value as one number
+    per channel of its last axis: ``(C,)``, ``(1, C)``, ``(1, 1, C)`` ..."""
+    if shape is None or rank is None or channels is None or len(shape) > rank or not shape:
+        return False
+    return shape[-1] == channels and all(d == 1 for d in shape[:-1])
+
+
 def _explicit_pads(a: dict, nd: int, dims, kernel, stride, dilation) -> tuple | None:
     """A Conv's or pool's pads as begin..., end... values: ``pads``, or what
     ``auto_pad`` computes from the input's spatial size (None if that is unknown)."""

@@ -67,9 +67,7 @@ def equalized(cm: oc.CorpusModel):
 corpus = pytest.mark.parametrize("corpus_model", _NAMES, ids=_NAMES, indirect=True)
 
 # Patterns the translation does not handle yet; strict, so that support makes them fail.
-NOT_YET = {
-    "matmul_rank3": "MatMul on (N, T, F) inputs: the IR's channel axis is 1",
-}
+NOT_YET: dict[str, str] = {}  # corpus model -> why it is not equalized yet (strict xfail)
 
 
 @corpus

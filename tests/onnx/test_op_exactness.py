@@ -745,7 +745,7 @@ CASES: list[Case] = [
     _reshape("(2, -1)", [2, -1], C * 64),
     _reshape("(0, -1)", [0, -1], C * 64),
     _reshape("(-1, C*H*W)", [-1, C * 64], C * 64),
-    _reshape("(N, C, H*W)", [2, C, 64], None, refused="does not reshape"),
+    _reshape("(N, C, H*W) and back", [2, C, 64], None),
     # --- layers -----------------------------------------------------------------------
     _conv_variant("pads 1"),
     _conv_variant("auto_pad SAME_UPPER", auto_pad="SAME_UPPER"),
@@ -850,18 +850,21 @@ CASES: list[Case] = [
     ),
     Case(
         "MatMul",
-        "on a rank-3 input",
+        "on a rank-3 input, channels last after a Transpose",
         lambda b: [
             t(
                 b,
                 "MatMul",
                 [
-                    b.node("Reshape", [src(b), ints(b, [2, C, 64])]),
-                    b.init(b.spread((64, 5), axis=1)),
+                    b.node(
+                        "Transpose",
+                        [b.node("Reshape", [src(b), ints(b, [2, C, 64])])],
+                        perm=[0, 2, 1],
+                    ),
+                    b.init(b.spread((C, 5), axis=1)),
                 ],
             )
         ],
-        refused="not of rank 2",
     ),
     _bn("inference, folded into the Conv"),
     _bn("opset 7, spatial=1", opset=7, spatial=1),

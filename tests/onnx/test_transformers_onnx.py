@@ -1,0 +1,378 @@
+"""Transformers and ConvNeXt through the ONNX backend (issue 21): every model of
+``tests/helpers/transformer_models.py``, exported with the TorchScript exporter
+(``dynamo=False``) and with ``dynamo=True`` where it exports, is equalized exactly (FP32
+output SQNR >= 90 dB in onnxruntime against the original file) with the noise objective
+and with ``objective="balance"`` (which refuses norm regions); the kinds of region found
+are the list below, in graph order (a lost pair fails the test), and ``cle inspect``
+lists them and the refused ones with their reasons."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+import cle_onnx  # noqa: E402
+from cle_core import run_graph  # noqa: E402
+from cle_core._cli import main  # noqa: E402
+from cle_onnx._backend import _channel_axes  # noqa: E402
+from cle_onnx._calibrate import calibration_stats  # noqa: E402
+from tests.helpers.onnx_corpus import _Builder, sqnr_db  # noqa: E402
+from tests.helpers.transformer_models import VARIANTS  # noqa: E402
+
+# The regions (kinds, in graph order) of each model and exporter. What is not there:
+# Q -> K (scaled by rotary's per-position cos / sin, or summed over by Q K^T), GELU /
+# SiLU between layers, the residual stream (it starts at an embedding or a constant
+# Add), post-LN norms (BERT: their output feeds the residual too), V -> O with
+# grouped-query attention (the K / V heads' repetition is opaque), V -> O behind
+# nn.MultiheadAttention's packed in-projection (its q / k / v split is not a channel
+# slice the core follows), and the final norm -> head through the class token
+# (``x[:, 0]``, a Gather: no IR op selects a position).
+VIT = ["norm", "attention", "norm"] * 2
+LLAMA = ["norm", "norm", "gated"] * 2 + ["norm"]
+EXPECTED = {
+    ("vit", "ts"): VIT,
+    ("vit", "dynamo"): VIT,
+    ("vit_mean_pool", "ts"): [*VIT, "norm"],
+    ("vit_mean_pool", "dynamo"): [*VIT, "norm"],
+    ("vit_sdpa", "ts"): VIT,
+    ("vit_sdpa", "dynamo"): VIT,
+    ("vit_mha", "ts"): ["norm"] * 4,
+    # the dynamo exporter stores the two blocks' in-projection biases (zeros, as
+    # nn.MultiheadAttention initializes them) as one tensor: shared, never scaled
+    ("vit_mha", "dynamo"): ["norm"] * 2,
+    ("llama", "ts"): LLAMA,
+    ("llama", "dynamo"): LLAMA,
+    ("llama_expand", "ts"): LLAMA,
+    ("llama_expand", "dynamo"): LLAMA,
+    # nn.RMSNorm: the TorchScript exporter cannot export aten::rms_norm
+    ("llama_nn_rmsnorm", "dynamo"): LLAMA,
+    ("bert", "ts"): [],
+    ("bert", "dynamo"): [],
+    ("convnext", "ts"): ["norm"] * 4,
+    ("convnext", "dynamo"): ["norm"] * 4,
+    # opset 16: no LayerNormalization, the TorchScript exporter writes it out
+    ("vit", "ts16"): VIT,
+    # opset 23: RMSNormalization
+    ("llama_nn_rmsnorm", "dynamo23"): LLAMA,
+}
+
+# Refusals ``cle inspect -v`` must give, with (a part of) their reason.
+REFUSED = {
+    "vit": ["the MatMul sums over the channels", "opaque Gelu", "opaque Gather"],
+    "llama": [
+        "grouped-query attention repeats its K / V heads",
+        "multiplies by a constant that is not per channel",  # rotary: no Q -> K
+        "opaque Sigmoid",  # SiLU
+    ],
+    "bert": ["is normalized by", "a normalization does not commute"],
+    "convnext": ["is normalized by"],
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``(variant, exporter) -> (path, model input)``, exported once per module;
+    ``exporter``: ``ts`` or ``dynamo``, an opset after it where not the default."""
+    folder = tmp_path_factory.mktemp("transformers")
+    cache = {}
+
+    def get(variant: str, exporter: str):
+        key = (variant, exporter)
+        if key not in cache:
+            model = VARIANTS[variant]()
+            x = model.example_input(2)
+            path = folder / f"{variant}_{exporter}.onnx"
+            dynamo = exporter.startswith("dynamo")
+            opset = exporter.removeprefix("dynamo" if dynamo else "ts")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model,
+                    (x,),
+                    str(path),
+                    dynamo=dynamo,
+                    opset_version=int(opset) if opset else None,
+                    input_names=["x"],
+                    output_names=["y"],
+                )
+            cache[key] = (path, x.numpy())
+        return cache[key]
+
+    return get
+
+
+def _run(model, x):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.fixture
+def always_scale(monkeypatch):
+    """The noise objective scales every region it finds, however small its estimated
+    gain (on these untrained models it is often below the 1 dB it asks for), so that
+    the write-back of every region is exercised."""
+    from cle_core._objectives import noise
+
+    monkeypatch.setattr(noise, "MIN_GAIN_DB", float("-inf"))
+
+
+@pytest.mark.parametrize(
+    ("variant", "exporter"), list(EXPECTED), ids=[f"{v}-{e}" for v, e in EXPECTED]
+)
+def test_equalized_exactly_with_the_regions_expected(exported, always_scale, variant, exporter):
+    path, x = exported(variant, exporter)
+    expected = _run(onnx.load(str(path)), x)
+    for objective in ("noise", "balance"):
+        eq, report = cle_onnx.equalize_model(str(path), objective=objective)
+        assert sqnr_db(expected, _run(eq, x)) >= 90, report.summary(verbose=True)
+        kinds = [r.kind for r in report.regions]
+        assert kinds == EXPECTED[variant, exporter], report.summary(verbose=True)
+        spread = [float(np.max(np.abs(np.log10(r.scales)))) for r in report.regions]
+        if objective == "noise":
+            assert all(s > 0.05 for s in spread), (spread, report.summary(verbose=True))
+        else:
+            # the balance has no range for a norm's affine: it leaves those regions
+            assert all(s == 0 for s, k in zip(spread, kinds, strict=True) if k == "norm")
+            refusals = [s.reason for s in report.skipped if "norm's affine" in s.reason]
+            assert len(refusals) == kinds.count("norm")
+
+
+@pytest.mark.parametrize("variant", list(REFUSED))
+def test_inspect_lists_the_regions_and_the_refusals(exported, variant, capsys):
+    path, _ = exported(variant, "ts")
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(r"^  #\d+ ([\w-]+), \d+ channels:", out, flags=re.M)
+    assert listed == EXPECTED[variant, "ts"], out
+    for reason in REFUSED[variant]:
+        assert reason in out, out
+
+
+def test_calibrated_statistics_on_channel_last_values(exported, tmp_path):
+    """``calibration=``: the statistics of token tensors ``(B, T, C)`` are per channel
+    of the last axis (a wrong axis shows as a channel count the core refuses), and the
+    result stays exact."""
+    path, x = exported("vit", "ts")
+    rng = np.random.default_rng(1)
+    calibration = rng.standard_normal((8, *x.shape[1:])).astype(np.float32)
+    model = onnx.load(str(path))
+    axes = _channel_axes(None, model)
+    stats = calibration_stats(model, calibration, axes)
+    graph, _ = cle_onnx._translate.to_ir(model)
+    graph.validate()
+    tokens = [v for v in graph.values.values() if v.channel_axes == (2,) and v.name in stats]
+    assert tokens, "no channel-last value measured"
+    for v in tokens:
+        # 17 tokens, 32 or 64 channels: an axis taken for another shows
+        assert stats[v.name].channels == v.channels in (32, 64), v.name
+    eq, report = cle_onnx.equalize_model(str(path), calibration=calibration)
+    assert [r.kind for r in report.regions] == EXPECTED["vit", "ts"]
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
+    # the same from the command line
+    calib, out = tmp_path / "calibration.npy", tmp_path / "out.onnx"
+    np.save(calib, calibration)
+    args = ["equalize", str(path), "-o", str(out), "--calibration", str(calib), "--quiet"]
+    assert main(args) == 0
+    assert sqnr_db(_run(model, x), _run(onnx.load(str(out)), x)) >= 90
+
+
+# --- the translation of norms, on small graphs ---------------------------------------
+
+
+def _equalize_exactly(model, x):
+    """Equalize, check that every region was scaled and that the outputs agree to 90 dB;
+    the equalized model and the report."""
+    eq, report = cle_onnx.equalize_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    before = session.run(None, {"x": x})
+    after = ort.InferenceSession(eq.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, a, b in zip(names, before, after.run(names, {"x": x}), strict=True):
+        assert sqnr_db(a, b) >= 90, (name, report.summary(verbose=True))
+    for r in report.regions:  # scaled: the write-back is exercised
+        assert np.max(np.abs(np.log10(r.scales))) > 0.05, report.summary(verbose=True)
+    return eq, report
+
+
+def _model(b: _Builder, shape, outputs=None) -> onnx.ModelProto:
+    """The builder's graph as a model (the builder's own checks type the outputs by
+    strict shape inference, which GroupNormalization's function body does not pass)."""
+    outputs = outputs or [b.nodes[-1].output[0]]
+    graph = onnx.helper.make_graph(
+        b.nodes,
+        "norms",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
+        b.inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", b.opset)])
+    model.ir_version = 10
+    return model
+
+
+def _tokens(b: _Builder, x: str, c: int, out: int) -> str:
+    """A Linear on the last axis, as exporters write it: MatMul + Add(bias)."""
+    h = b.node("MatMul", [x, b.init(b.spread((c, out), axis=1))])
+    return b.node("Add", [h, b.init(b.normal(out), "bias")])
+
+
+def _affine(b: _Builder, c: int) -> tuple[str, str]:
+    gamma = b.init(10.0 ** b.rng.uniform(-1, 1, c), "gamma")
+    return gamma, b.init(b.normal(c), "beta")
+
+
+@pytest.mark.parametrize(("opset", "groups"), [(21, 2), (18, 8)])
+def test_group_normalization_is_a_source(always_scale, opset, groups):
+    """Opset 21: a scale per channel; opset 18: one per group, per channel only when
+    every group is one channel."""
+    b = _Builder(3, opset)
+    h = b.conv("x", 4, 8, 3, pad=1)
+    gamma, beta = _affine(b, 8)
+    h = b.node("GroupNormalization", [h, gamma, beta], num_groups=groups, epsilon=1e-5)
+    b.conv(h, 8, 4, 1)
+    model = _model(b, (2, 4, 6, 6))
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    _, report = _equalize_exactly(model, x)
+    assert [r.kind for r in report.regions] == ["norm"], report.summary(verbose=True)
+
+
+def test_group_normalization_with_a_scale_per_group_is_refused():
+    b = _Builder(3, 18)
+    h = b.conv("x", 4, 8, 3, pad=1)
+    h = b.node("GroupNormalization", [h, *_affine(b, 2)], num_groups=2)
+    b.conv(h, 8, 4, 1)
+    model = _model(b, (2, 4, 6, 6))
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    _, report = _equalize_exactly(model, x)
+    assert not any(r.kind == "norm" for r in report.regions)
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any("one value per group, not per channel" in r for r in reasons), reasons
+
+
+def test_a_gamma_read_elsewhere_too_is_copied(always_scale):
+    """The LayerNormalization gets its own divided gamma; the other reader keeps the
+    initializer as it was."""
+    b = _Builder(4, 17)
+    gamma, beta = _affine(b, 8)
+    y = b.node("LayerNormalization", ["x", gamma, beta], axis=-1)
+    y = _tokens(b, y, 8, 6)
+    other = b.node("Mul", ["x", gamma])
+    model = _model(b, (2, 5, 8), [y, other])
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    eq, report = _equalize_exactly(model, x)
+    assert [r.kind for r in report.regions] == ["norm"]
+    (ln,) = [n for n in eq.graph.node if n.op_type == "LayerNormalization"]
+    (mul,) = [n for n in eq.graph.node if n.op_type == "Mul"]
+    assert mul.input[1] == gamma and ln.input[1] != gamma
+    inits = {t.name: t for t in eq.graph.initializer}
+    original = {t.name: t for t in model.graph.initializer}
+    assert inits[gamma] == original[gamma]
+
+
+def test_layer_normalization_over_several_axes_is_refused():
+    b = _Builder(5, 17)
+    h = b.conv("x", 4, 8, 3, pad=1)
+    gamma = b.init(b.rng.uniform(0.5, 2, (8, 6, 6)), "gamma")
+    h = b.node("LayerNormalization", [h, gamma], axis=1)
+    b.conv(h, 8, 4, 1)
+    model = _model(b, (2, 4, 6, 6))
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    _, report = _equalize_exactly(model, x)
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any("normalizes axes 1..3: its scale is per element" in r for r in reasons), reasons
+
+
+def _decomposed_layer_norm(b: _Builder, x: str, gamma: str, beta: str, axis: int):
+    axes = b.ints([axis], "axes")
+    mean = b.node("ReduceMean", [x, axes], keepdims=1)
+    d = b.node("Sub", [x, mean])
+    var = b.node("ReduceMean", [b.node("Pow", [d, b.init(np.array(2.0), "two")]), axes])
+    root = b.node("Sqrt", [b.node("Add", [var, b.init(np.array(1e-5), "eps")])])
+    return d, b.node("Add", [b.node("Mul", [b.node("Div", [d, root]), gamma]), beta])
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_a_decomposed_layer_norm_is_one_norm_unless_an_inner_value_leaks(always_scale, leak):
+    """Channels first (ConvNeXt's LayerNorm2d): gamma and beta (C, 1, 1), written back
+    in that shape. Where the centred value is also a graph output, the pattern is not
+    matched (its nodes stay as they are, opaque)."""
+    b = _Builder(6, 18)
+    h = b.conv("x", 4, 8, 3, pad=1)
+    gamma = b.init(10.0 ** b.rng.uniform(-1, 1, (8, 1, 1)), "gamma")
+    beta = b.init(b.normal(8, 1, 1), "beta")
+    d, y = _decomposed_layer_norm(b, h, gamma, beta, 1)
+    out = b.conv(y, 8, 4, 1)
+    model = _model(b, (2, 4, 6, 6), [out, d] if leak else [out])
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    eq, report = _equalize_exactly(model, x)
+    assert [r.kind for r in report.regions] == ([] if leak else ["norm"])
+    if not leak:
+        (mul,) = [n for n in eq.graph.node if n.op_type == "Mul"]
+        (new,) = [t for t in eq.graph.initializer if t.name in mul.input]
+        assert tuple(new.dims) == (8, 1, 1)
+
+
+def _rms_norm(b: _Builder, x: str, weight: str, form: str) -> str:
+    """LLaMA's RMSNorm as the exporters write it: ``x * (1 / sqrt(...))`` (TorchScript),
+    ``x * reciprocal(sqrt(...))`` (dynamo), or ``x / sqrt(...)``."""
+    squares = b.node("Pow", [x, b.init(np.array(2.0), "two")])
+    mean = b.node("ReduceMean", [squares, b.ints([-1], "axes")], keepdims=1)
+    root = b.node("Sqrt", [b.node("Add", [mean, b.init(np.array(1e-6), "eps")])])
+    if form == "div":
+        normalized = b.node("Div", [x, root])
+    else:
+        inverse = (
+            b.node("Reciprocal", [root])
+            if form == "reciprocal"
+            else b.node("Div", [b.init(np.array(1.0), "one"), root])
+        )
+        normalized = b.node("Mul", [x, inverse])
+    return b.node("Mul", [weight, normalized])
+
+
+@pytest.mark.parametrize("form", ["one_over", "reciprocal", "div"])
+def test_the_core_runs_the_translated_graph_as_onnxruntime_does(form):
+    """Tokens ``(B, T, C)`` through an RMSNorm written out, a LayerNormalization, Linears,
+    attention-style MatMul of activations and a Softmax: the IR the reader makes, run by
+    the core's executor, computes what onnxruntime does (norm kinds, axes and eps,
+    channel axes, the Softmax's function)."""
+    b = _Builder(7, 18)
+    h = _rms_norm(b, "x", b.init(10.0 ** b.rng.uniform(-1, 1, 8), "weight"), form)
+    q = _tokens(b, h, 8, 8)
+    gamma, beta = _affine(b, 8)
+    k = _tokens(b, b.node("LayerNormalization", [h, gamma, beta], axis=-1, epsilon=1e-3), 8, 8)
+    scores = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 2, 1])])
+    y = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), k])
+    model = _model(b, (2, 5, 8), [y])
+    graph, _ = cle_onnx._translate.to_ir(model)
+    graph.validate()
+    assert sorted(n.attrs["kind"] for n in graph.nodes if n.op == "norm") == ["layer", "rms"]
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    got = run_graph(graph, {"x": x})[y]
+    want = _run(model, x)
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+def test_per_channel_clip_bounds_on_tokens_lie_on_the_last_axis():
+    """Linear -> ReLU6 -> Linear on ``(B, T, C)``: the balanced scales make the bound per
+    channel, written as a constant of shape ``(1, 1, C)`` (on axis 1 it would not even
+    broadcast: T != C)."""
+    b = _Builder(8, 13)
+    h = _tokens(b, "x", 6, 12)
+    h = b.node("Clip", [h, b.init(np.array(0.0), "lo"), b.init(np.array(6.0), "hi")])
+    _tokens(b, h, 12, 4)
+    model = _model(b, (2, 5, 6))
+    x = (np.random.default_rng(0).standard_normal((2, 5, 6)) * 3).astype(np.float32)
+    eq, report = cle_onnx.equalize_model(model, objective="balance")
+    assert [r.kind for r in report.regions] == ["pair"]
+    (bound,) = [n for n in eq.graph.node if n.op_type == "Min"]
+    shape = [tuple(t.dims) for t in eq.graph.initializer if t.name == bound.input[1]]
+    assert shape == [(1, 1, 12)]
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
