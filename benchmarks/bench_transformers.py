@@ -35,8 +35,8 @@ PyTorch and each exported model), and the seconds ``equalize_model`` takes on th
 against a plain CNN with as many parameters and weight layers (median of 5).
 
 Run: ``python benchmarks/bench_transformers.py [--models vit llama ...] [--save DIR]
-[--load DIR]``. ``--save`` writes each trained state dict to DIR; ``--load`` reads them
-back and skips the training. About 8 minutes on 2 busy cores (training ~5 of them; with
+[--load DIR]``. ``--save`` writes each trained state dict to DIR; ``--load`` reads those
+found in DIR back and trains the others. About 8 minutes on 2 busy cores (training ~5 of them; with
 ``--load`` about 3).
 """
 
@@ -53,7 +53,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -158,121 +160,134 @@ def split(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --- models and training --------------------------------------------------------------
 
 
-def train(model, batches, steps: int, loss_of, lr: float = 2e-3):
-    """Adam with a linear warm-up and cosine decay; prints the loss every quarter."""
+class Task(NamedTuple):
+    """A model to train, its data and loss; the held-out inputs and labels; the
+    calibration inputs (from the training data)."""
+
+    model: nn.Module
+    steps: int
+    batch: Callable[[int], tuple]  # step -> the arguments of loss after the model
+    loss: Callable[..., torch.Tensor]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    calib: torch.Tensor
+
+
+def classification_loss(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def image_task(name: str, quick: bool) -> Task:
+    """``vit`` or ``convnext``: which of the 20 sample images a 32 x 32 crop is of."""
+    if name == "vit":
+        model = tm.vit(0, spread=False, patch=8, dim=96, depth=4, heads=4, num_classes=20)
+    else:
+        model = tm.convnext(0, spread=False, dims=(32, 64, 128), depths=(1, 1, 2), num_classes=20)
+    steps = 40 if quick else 400
+    x, y = other.crops(steps * 64, seed=1)
+    test_x, test_y = other.crops(256, seed=2)
+    calib = other.crops(N_CALIB, seed=3)[0]
+
+    def batch(s):
+        return x[s * 64 : (s + 1) * 64], y[s * 64 : (s + 1) * 64]
+
+    return Task(model, steps, batch, classification_loss, test_x, test_y, calib)
+
+
+def llama_task(quick: bool) -> Task:
+    """Next character of the docstrings; accuracy: of the next character."""
+    model = tm.llama(
+        0, spread=False, vocab=VOCAB, dim=96, depth=3, n_heads=4, n_kv_heads=2, hidden=256,
+        seq_len=SEQ,
+    )  # fmt: skip
+    text = "\n\n".join(docstrings(m) for m in DOC_MODULES)
+    train_ids, test_ids = split(encode(text))
+    steps = 40 if quick else 600
+    x = windows(train_ids, steps * 16, SEQ + 1, seed=1)
+
+    def loss(m, xb):
+        return F.cross_entropy(m(xb[:, :-1]).reshape(-1, VOCAB), xb[:, 1:].reshape(-1))
+
+    def batch(s):
+        return (x[s * 16 : (s + 1) * 16],)
+
+    test = windows(test_ids, 256, SEQ + 1, seed=2)
+    calib = windows(train_ids, N_CALIB, SEQ, seed=3)
+    return Task(model, steps, batch, loss, test[:, :-1], test[:, 1:], calib)
+
+
+def bert_task(quick: bool) -> Task:
+    """Which of BERT_CLASSES a window of SEQ characters of docstrings comes from."""
+    model = tm.bert(
+        0, spread=False, vocab=VOCAB, dim=96, depth=3, heads=4, hidden=384, seq_len=SEQ,
+        num_classes=len(BERT_CLASSES),
+    )  # fmt: skip
+    parts = [split(encode(docstrings(m))) for m in BERT_CLASSES]
+
+    def labelled(held_out: bool, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, len(parts), (n,), generator=g)
+        starts = torch.rand(n, generator=g)
+        xs = []
+        for c, u in zip(y.tolist(), starts.tolist(), strict=True):
+            ids = parts[c][held_out]
+            s = int(u * (len(ids) - SEQ))
+            xs.append(ids[s : s + SEQ])
+        return torch.stack(xs), y
+
+    steps = 40 if quick else 400
+    x, y = labelled(False, steps * 32, seed=1)
+
+    def batch(s):
+        return x[s * 32 : (s + 1) * 32], y[s * 32 : (s + 1) * 32]
+
+    test_x, test_y = labelled(True, 256, seed=2)
+    calib = labelled(False, N_CALIB, seed=3)[0]
+    return Task(model, steps, batch, classification_loss, test_x, test_y, calib)
+
+
+def train(task: Task, lr: float = 2e-3) -> nn.Module:
+    """AdamW with a one-cycle schedule; prints the loss every quarter."""
+    model = task.model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=task.steps, pct_start=0.1)
     model.train()
     losses = []
-    for step in range(steps):
-        loss = loss_of(model, *batches(step))
+    for step in range(task.steps):
+        loss = task.loss(model, *task.batch(step))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
-        if (step + 1) % (steps // 4) == 0:
+        if (step + 1) % (task.steps // 4) == 0:
             print(f"    step {step + 1:4d}  loss {statistics.mean(losses[-20:]):.3f}", flush=True)
     return model.eval()
-
-
-def image_task(model, steps: int, seed: int):
-    x, y = other.crops(steps * 64, seed=1 + 10 * seed)
-    loss = lambda m, xb, yb: F.cross_entropy(m(xb), yb)  # noqa: E731
-    return x, y, lambda s: (x[s * 64 : (s + 1) * 64], y[s * 64 : (s + 1) * 64]), loss
 
 
 def build(name: str, load: Path | None, save: Path | None, quick: bool = False):
     """``(model, eval inputs, calibration inputs, accuracy line)``, trained or loaded."""
     torch.manual_seed(0)
-    if name in ("vit", "convnext"):
-        model = (
-            tm.vit(0, spread=False, patch=8, dim=96, depth=4, heads=4, mlp_ratio=2, num_classes=20)
-            if name == "vit"
-            else tm.convnext(0, spread=False, dims=(32, 64, 128), depths=(1, 1, 2), num_classes=20)
-        )
-        steps = 40 if quick else 400
-        test_x, test_y = other.crops(256, seed=2)
-        calib = other.crops(N_CALIB, seed=3)[0]
-        if load is None:
-            _, _, batches, loss = image_task(model, steps, 0)
-            train(model, batches, steps, loss)
-        evaluate_on = test_x[:N_EVAL]
+    if name == "llama":
+        task = llama_task(quick)
+    elif name == "bert":
+        task = bert_task(quick)
     else:
-        texts = {m: docstrings(m) for m in DOC_MODULES}
-        if name == "llama":
-            model = tm.llama(
-                0,
-                spread=False,
-                vocab=VOCAB,
-                dim=96,
-                depth=3,
-                n_heads=4,
-                n_kv_heads=2,
-                hidden=256,
-                seq_len=SEQ,
-            )
-            train_ids, test_ids = split(encode("\n\n".join(texts.values())))
-            steps = 40 if quick else 500
-            x = windows(train_ids, steps * 32, SEQ + 1, seed=1)
-
-            def loss(m, xb):
-                return F.cross_entropy(m(xb[:, :-1]).reshape(-1, VOCAB), xb[:, 1:].reshape(-1))
-
-            def batches(s):
-                return (x[s * 32 : (s + 1) * 32],)
-
-            test = windows(test_ids, 256, SEQ + 1, seed=2)
-            test_x, test_y = test[:, :-1], test[:, 1:]
-            calib = windows(train_ids, N_CALIB, SEQ, seed=3)
-        else:
-            model = tm.bert(
-                0,
-                spread=False,
-                vocab=VOCAB,
-                dim=96,
-                depth=3,
-                heads=4,
-                hidden=384,
-                seq_len=SEQ,
-                num_classes=len(BERT_CLASSES),
-            )
-            parts = [split(encode(texts[m])) for m in BERT_CLASSES]
-            steps = 40 if quick else 400
-
-            def labelled(which: int, n: int, seed: int):
-                g = torch.Generator().manual_seed(seed)
-                y = torch.randint(0, len(parts), (n,), generator=g)
-                xs = [
-                    windows(parts[c][which], 1, SEQ, seed=seed * 100003 + i)[0]
-                    for i, c in enumerate(y.tolist())
-                ]
-                return torch.stack(xs), y
-
-            x, y = labelled(0, steps * 32, seed=1)
-
-            def loss(m, xb, yb):
-                return F.cross_entropy(m(xb), yb)
-
-            def batches(s):
-                return x[s * 32 : (s + 1) * 32], y[s * 32 : (s + 1) * 32]
-
-            test_x, test_y = labelled(1, 256, seed=2)
-            calib = labelled(0, N_CALIB, seed=3)[0]
-        if load is None:
-            train(model, batches, steps, loss)
-        evaluate_on = test_x[:N_EVAL]
-    if load is not None:
+        task = image_task(name, quick)
+    model = task.model
+    if load is not None and (load / f"{name}.pt").exists():
         model.load_state_dict(torch.load(load / f"{name}.pt"))
+    else:
+        train(task)
     if save is not None:
         save.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), save / f"{name}.pt")
+    model.eval()
     with torch.no_grad():
-        pred = model(test_x).argmax(-1)
-    acc = float((pred == test_y).float().mean())
+        acc = float((model(task.test_x).argmax(-1) == task.test_y).float().mean())
     params = sum(p.numel() for p in model.parameters())
     line = f"{params / 1e6:.2f} M parameters, held-out accuracy {acc:.3f}"
-    return model.eval(), evaluate_on, calib, line
+    return model, task.test_x[:N_EVAL], task.calib, line
 
 
 # --- SmoothQuant ----------------------------------------------------------------------
@@ -502,7 +517,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=["vit", "llama", "bert", "convnext"])
     parser.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"])
     parser.add_argument("--save", type=Path, help="write the trained state dicts here")
-    parser.add_argument("--load", type=Path, help="read the state dicts from here, no training")
+    parser.add_argument(
+        "--load", type=Path, help="read the state dicts found here (the others are trained)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 training steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -510,7 +527,7 @@ def main(argv=None) -> None:
     vit_model = None
     for name in args.models:
         t0 = time.perf_counter()
-        print(f"{name}: {'loading' if args.load else 'training'}", flush=True)
+        print(f"{name}:", flush=True)
         model, x, calib, line = build(name, args.load, args.save, args.quick)
         print(f"  {line} ({time.perf_counter() - t0:.0f} s)", flush=True)
         lines = [f"{name}: {line}", *measure(name, model, x, calib, args.exporters)]
