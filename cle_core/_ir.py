@@ -549,8 +549,13 @@ def _carrier(node: Node) -> int:
     def translated(v: Value) -> bool:
         return v.channels is not None and (v.producer is None or v.producer.op != "opaque")
 
-    same = a.shape is not None and a.shape == b.shape
-    return 1 if same and translated(b) and not translated(a) else 0
+    return 1 if same_shape(a, b) and translated(b) and not translated(a) else 0
+
+
+def same_shape(a: Value, b: Value) -> bool:
+    """Whether two values are known to have one shape (every size but the batch's known
+    and equal): an elementwise product, not a gate broadcast over positions."""
+    return a.shape is not None and a.shape == b.shape and all(d is not None for d in a.shape[1:])
 
 
 def _infer_moved(node: Node) -> None:

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ._ir import LAYOUT_OPS, PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph, Node, Value
+from ._ir import (
+    LAYOUT_OPS,
+    PASSTHROUGH_OPS,
+    SCALABLE_ACTIVATIONS,
+    Graph,
+    Node,
+    Value,
+    same_shape,
+)
 from ._report import SkipRecord
 
 _UNARY = SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS
@@ -243,11 +251,7 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
 
 def _elementwise_gate(node: Node) -> bool:
     """A product of two activations of one shape (a gated MLP's ``up * act(gate)``)."""
-    return (
-        node.op == "mul"
-        and len(node.inputs) == 2
-        and (node.inputs[0].shape is not None and node.inputs[0].shape == node.inputs[1].shape)
-    )
+    return node.op == "mul" and len(node.inputs) == 2 and same_shape(*node.inputs)
 
 
 def _axis_blocker(layer: Node, value: Value) -> str | None:

@@ -74,11 +74,109 @@ def _run(gm: fx.GraphModule, args: list[Any]) -> Shapes:
     return shapes
 
 
+# What only a model whose channels leave axis 1 calls (tokens, heads, NHWC): only then do
+# the shapes pay for their run (0.3-0.7 s on a convolutional network at 224 x 224, whose
+# spatial sizes follow from its layers without it).
+_MOVING_CALLS = frozenset(
+    {
+        "transpose",
+        "permute",
+        "swapaxes",
+        "swapdims",
+        "matmul",
+        "bmm",
+        "__matmul__",
+        "scaled_dot_product_attention",
+        "softmax",
+        "layer_norm",
+        "rms_norm",
+        "group_norm",
+        "unflatten",
+        "expand",
+        "repeat_interleave",
+        "rsqrt",
+        "sqrt",
+        "embedding",
+    }
+)
+_MOVING_MODULES = (
+    torch.nn.LayerNorm,
+    torch.nn.GroupNorm,
+    torch.nn.RMSNorm,
+    torch.nn.MultiheadAttention,
+    torch.nn.Embedding,
+    torch.nn.Transformer,
+    torch.nn.TransformerEncoderLayer,
+    torch.nn.TransformerDecoderLayer,
+)
+
+
+def needs_shapes(cap: Capture) -> bool:
+    """Whether the traced graph calls anything that moves channels off axis 1 or works on
+    tokens (a norm, an attention, a transpose, a reshape to other than ``(N, features)``):
+    a plain convolutional network is translated without the shape run."""
+    modules = dict(cap.model.named_modules())
+    for node in cap.fx_graph.nodes:
+        if node.op == "call_module":
+            if isinstance(modules.get(node.target), _MOVING_MODULES):
+                return True
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name in _MOVING_CALLS:
+            return True
+        if name == "getattr" and len(node.args) > 1 and node.args[1] in ("T", "mT"):
+            return True
+        if name in ("mul", "__mul__") and _two_maps(node, modules):
+            return True
+        if name in ("view", "reshape") and len(node.args) > 1:
+            dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+            if not isinstance(dims, (tuple, list)) or len(dims) != 2:
+                return True
+    return False
+
+
+_POOLS = frozenset({"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "mean"})
+
+
+def _two_maps(node: fx.Node, modules: dict) -> bool:
+    """A product of two tensors neither of which is a squeeze-and-excitation gate (made
+    from a pooled value a few ops up): a gated MLP's ``act(gate) * up`` or ``a * b``."""
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if len(operands) != 2:
+        return False
+
+    def pooled(x: fx.Node) -> bool:
+        for _ in range(8):
+            if x.op == "call_module":
+                if isinstance(modules.get(x.target), torch.nn.AdaptiveAvgPool2d):
+                    return True
+            elif x.op in ("call_function", "call_method"):
+                target = (
+                    x.target if isinstance(x.target, str) else getattr(x.target, "__name__", "")
+                )
+                if target in _POOLS:
+                    return True
+            else:
+                return False
+            inputs = [a for a in x.args if isinstance(a, fx.Node)]
+            if not inputs:
+                return False
+            x = inputs[0]
+        return False
+
+    return not any(pooled(x) for x in operands)
+
+
 def propagate(cap: Capture, input_shapes: Any, dummy_input: Any) -> Shapes:
     """FX node name -> the shape of its tensor output (None for a dimension that follows
-    the batch); empty where no example input is given or the model does not run on it."""
+    the batch); empty where no example input is given, the model does not run on it, or
+    it needs none (:func:`needs_shapes`)."""
     from .._calibrate import _eval_copy, _graph_module  # it imports the translator's users
 
+    if not needs_shapes(cap):
+        return {}
     placeholders = [n for n in cap.fx_graph.nodes if n.op == "placeholder"]
     try:
         args = _examples(len(placeholders), input_shapes, dummy_input, cap.model)

@@ -224,6 +224,10 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
         if shape is not None:
             self.ir.values[node.name].shape = shape
             rank = len(shape)  # what the run saw beats what the handler inferred
+        elif rank is not None:
+            # No shape run (a convolutional network, see propagate.needs_shapes): the
+            # rank alone tells the core which axis a Linear's channels are on.
+            self.ir.values[node.name].shape = (None,) * rank
         self.rank[node.name] = rank
         self.chan[node.name] = channels
         moving = op in _MOVING and not (op in ("linear", "norm") and rank == 2)
@@ -335,6 +339,8 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             if node.name in self.fx_shapes:
                 value.shape = self.fx_shapes[node.name]
                 self.rank[node.name] = len(value.shape)
+            elif shape is not None:
+                value.shape = tuple(None if i == 0 else int(d) for i, d in enumerate(shape))
         outputs: list[str] = []
         for node in fx_graph.nodes:
             if node.op in ("placeholder", "get_attr"):

@@ -333,7 +333,7 @@ ROWS = [
     Row("view(size(0), -1) -> Linear", to_linear(lambda y: y.view(y.size(0), -1)), EQ),
     Row("reshape(shape[0], -1) -> Linear", to_linear(lambda y: y.reshape(y.shape[0], -1)), EQ),
     Row("view(-1, 128) -> Linear", to_linear(lambda y: y.view(-1, 128)),
-        REFUSED, "merges the channels with another axis"),
+        REFUSED, "Tensor.view left out: not a reshape to (batch, -1)"),
     Row("flatten(0) -> Linear", to_linear(lambda y: torch.flatten(y, 0).view(2, -1)),
         REFUSED, "flatten left out: start_dim=0"),
     Row("mean((2, 3)) -> Linear", to_linear(lambda y: y.mean((2, 3)), 8), EQ),
