@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -50,11 +51,21 @@ class Gains:
         return self.rounding_gain(name, channels, 1)
 
     def rounding_gain(self, name: str, channels: int, positions: int) -> np.ndarray:
-        """Gain of noise independent between positions (activation rounding)."""
+        """Gain of noise independent between positions (activation rounding). A value no
+        gain reached (behind an op the gains do not pass, such as attention's ``Q K^T``)
+        gets the mean gain of those reached: a neutral guess in the units of the rest (1
+        would be in the units of the raw output, thousands of times the others on a
+        transformer)."""
         u = self.uniform.get(name)
         if u is None or u.shape[0] != channels:
-            return np.ones(channels)
+            return np.full(channels, self.typical)
         return floored(u / max(positions, 1) + self.fluctuating[name])
+
+    @cached_property
+    def typical(self) -> float:
+        """The mean over values of their mean uniform gain (1 where none is known)."""
+        means = [float(u.mean()) for u in self.uniform.values() if u.size]
+        return float(np.mean(means)) if means else 1.0
 
 
 FLOOR = 0.1

@@ -15,6 +15,8 @@ not on the larger batch keeps fewer shapes: the run is an aid, never a requireme
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from typing import Any
 
@@ -30,9 +32,11 @@ log = logging.getLogger("cle_torch")
 Shapes = dict[str, tuple[int | None, ...]]
 
 
-def _examples(n: int, input_shapes: Any, dummy_input: Any, model) -> list[Any] | None:
+def _examples(placeholders: list, input_shapes: Any, dummy_input: Any, model) -> list[Any] | None:
     """Positional inputs for a run: the dummy input as given, or zeros of the given
-    shapes in the model's float dtype on its device; None when an input is missing."""
+    shapes in the model's float dtype on its device (token ids, for an input an
+    embedding reads); None when an input is missing."""
+    n = len(placeholders)
     if dummy_input is not None:
         items = list(dummy_input) if isinstance(dummy_input, (tuple, list)) else [dummy_input]
         return items if len(items) == n else None
@@ -42,7 +46,21 @@ def _examples(n: int, input_shapes: Any, dummy_input: Any, model) -> list[Any] |
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
     dtype = p.dtype if p is not None else torch.float32
     device = p.device if p is not None else None
-    return [torch.zeros(s, dtype=dtype, device=device) for s in shapes]
+    modules = dict(model.named_modules())
+    return [
+        torch.zeros(s, dtype=torch.long if _indexes(x, modules) else dtype, device=device)
+        for x, s in zip(placeholders, shapes, strict=True)
+    ]
+
+
+def _indexes(x: fx.Node, modules: dict) -> bool:
+    """Whether an input is read as indices (an embedding's token ids)."""
+    for user in x.users:
+        if user.op == "call_module" and isinstance(modules.get(user.target), torch.nn.Embedding):
+            return True
+        if user.op == "call_function" and user.target is torch.nn.functional.embedding:
+            return True
+    return False
 
 
 def _grown(x: Any) -> Any:
@@ -65,7 +83,10 @@ def _run(gm: fx.GraphModule, args: list[Any]) -> Shapes:
             else a
             for a in args
         ]
-    ShapeProp(gm, fake_mode=mode).propagate(*fakes)
+    # ShapeProp prints a traceback before raising; a model that does not run so is
+    # translated without shapes, which is not worth a page on the user's terminal.
+    with contextlib.redirect_stderr(io.StringIO()):
+        ShapeProp(gm, fake_mode=mode).propagate(*fakes)
     shapes: Shapes = {}
     for node in gm.graph.nodes:
         meta = node.meta.pop("tensor_meta", None)  # the graph is the capture's: no trace
@@ -179,7 +200,7 @@ def propagate(cap: Capture, input_shapes: Any, dummy_input: Any) -> Shapes:
         return {}
     placeholders = [n for n in cap.fx_graph.nodes if n.op == "placeholder"]
     try:
-        args = _examples(len(placeholders), input_shapes, dummy_input, cap.model)
+        args = _examples(placeholders, input_shapes, dummy_input, cap.model)
     except Exception:  # a malformed input_shapes: the translation says so itself
         return {}
     if args is None:

@@ -328,10 +328,15 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             placeholders, _input_shapes(len(placeholders), *self.shapes), strict=True
         ):
             channels = shape[1] if shape is not None and len(shape) >= 2 else None
+            last = shape is not None and len(shape) >= 3 and self.reads_last_axis(node)
+            if last:
+                channels = shape[-1]
             if shape is not None:
                 self.given[node.name] = shape
             value = self.ir.add_input(node.name, channels)
-            if shape is not None and len(shape) >= 2:
+            if last:
+                value.channel_axes = (len(shape) - 1,)
+            elif shape is not None and len(shape) >= 2:
                 value.spatial = tuple(int(d) for d in shape[2:])
             self.values.add(node.name)
             self.rank[node.name] = len(shape) if shape is not None else self.batched_rank(node)
@@ -361,6 +366,22 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
         self.ir.set_outputs(dict.fromkeys(n for n in outputs if n in self.values))
         self.channels_last_inputs()
         return self.cap
+
+    def reads_last_axis(self, node: fx.Node) -> bool:
+        """Whether a graph input is read by a Linear or a LayerNorm / RMSNorm (tokens
+        ``(B, T, C)``: the channels are the last axis)."""
+        for user in node.users:
+            if user.op == "call_module":
+                m = self.modules.get(user.target)
+                if isinstance(m, (nn.Linear, nn.LayerNorm, nn.RMSNorm)):
+                    return True
+            elif user.op == "call_function" and user.target in (
+                F.linear,
+                F.layer_norm,
+                F.rms_norm,
+            ):
+                return True
+        return False
 
     def channels_last_inputs(self) -> None:
         """A float graph input of rank >= 3 that a Linear reads holds its channels on the
