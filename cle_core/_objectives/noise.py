@@ -215,7 +215,7 @@ def _live(est: Estimate, k: int, scales) -> np.ndarray:
     for t in weights:
         wr = est.map.writes.get(id(t.node))
         if wr is not None and wr[0] == k:
-            rows = t.abs.max(axis=2).reshape(-1) > 0
+            rows = t.row_max.reshape(-1) > 0
             live[wr[1] : wr[1] + rows.shape[0]] |= rows
     return live
 
