@@ -124,7 +124,7 @@ class WeightTerm:
         # Per (group, out, in): the largest |W|, and for asymmetric grids the positive
         # and negative extremes. The weights are read here only: every span and range
         # below is taken over these maxima.
-        self.abs = kernel_reduce(v, absolute=True).astype(np.float64)
+        self.abs = kernel_reduce(v, tap=np.abs).astype(np.float64)
         if not self.symmetric:
             self.pos = np.maximum(kernel_reduce(v, np.maximum).astype(np.float64), 0.0)
             self.neg = np.maximum(-kernel_reduce(v, np.minimum).astype(np.float64), 0.0)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph
-from ._math import grouped_view
+from ._math import grouped_view, kernel_reduce
 from ._stats import Derivative
 
 PROJECTIONS = 16
@@ -113,9 +113,11 @@ def propagate(
         if node.is_layer:
             v = grouped_view(np.asarray(node.weight), node.layout)
             groups, og, ig, _ = v.shape
-            ksum = v.sum(axis=3, dtype=np.float64)
-            ksq = np.square(v, dtype=np.float64).sum(axis=3)
-            jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)
+            ksum = kernel_reduce(v, np.add, dtype=np.float64)
+            ksq = kernel_reduce(v, np.add, np.square, np.float64)
+            # (groups, R, og) @ (groups, og, ig): a matrix product, not einsum's loops
+            jin = np.matmul(j.reshape(-1, groups, og).transpose(1, 0, 2), ksum)
+            jin = jin.transpose(1, 0, 2).reshape(j.shape[0], -1)
             gin = np.einsum("go,goi->gi", g.reshape(groups, og), ksq).reshape(-1)
             add(x.name, jin, gin)
         elif node.name in derivatives:
