@@ -37,7 +37,7 @@ import numpy as np
 from ._deployment import Deployment, Point, grid_levels, profile_for
 from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
-from ._math import grouped_view, kernel_reduce
+from ._math import _work_dtype, grouped_view, kernel_reduce
 from ._noise import Terms
 from ._regions import Region
 from ._stats import ChannelStats
@@ -123,11 +123,13 @@ class WeightTerm:
         self.per_channel = deployment.per_channel
         # Per (group, out, in): the largest |W|, and for asymmetric grids the positive
         # and negative extremes. The weights are read here only: every span and range
-        # below is taken over these maxima.
-        self.abs = kernel_reduce(v, tap=np.abs).astype(np.float64)
+        # below is taken over these maxima, in float32 for float32 weights (they steer
+        # the scales; half the memory and bandwidth of float64).
+        dtype = _work_dtype(v.dtype)
+        self.abs = kernel_reduce(v, tap=np.abs, dtype=dtype)
         if not self.symmetric:
-            self.pos = np.maximum(kernel_reduce(v, np.maximum).astype(np.float64), 0.0)
-            self.neg = np.maximum(-kernel_reduce(v, np.minimum).astype(np.float64), 0.0)
+            self.pos = np.maximum(kernel_reduce(v, np.maximum, dtype=dtype), 0)
+            self.neg = np.maximum(-kernel_reduce(v, np.minimum, dtype=dtype), 0)
         self.row_max = self.abs.max(axis=2)  # (g, og) at scales 1: which rows are live
         # The last reduction of each kind (rows or columns of abs / pos / neg at one
         # fixed scale vector): a sweep asks for the same one several times (the convex
@@ -160,7 +162,9 @@ class WeightTerm:
         if got is not None and got[0] == key:
             return got[1]
         m = getattr(self, which)
+        s = s.astype(m.dtype)
         out = (m * s[:, None, :]).max(axis=2) if axis == 2 else (m / s[:, :, None]).max(axis=1)
+        out = out.astype(np.float64)
         self._memo[(which, str(axis))] = (key, out)
         return out
 
@@ -187,7 +191,7 @@ class WeightTerm:
         step = max(1, _CHUNK // max(1, m.size))
         out = np.empty((count, *m.shape[:2]))
         for a in range(0, count, step):
-            out[a : a + step] = (m[None] * si[a : a + step]).max(axis=3)
+            out[a : a + step] = (m[None] * si[a : a + step].astype(m.dtype)).max(axis=3)
         return out
 
     # -- spans ---------------------------------------------------------------------------
