@@ -241,10 +241,11 @@ class _PrimalDual:
         best_t = self.t.copy()
         for _ in range(max_steps):
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
-            f = self.per_region(e).sum(axis=0)
+            per_term = self.per_region(e)
+            f = per_term.sum(axis=0)
             gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
             self.grad_t = -2.0 * (sk * e).sum(axis=0)
-            self.grad_mu = 2.0 * self.per_region(e)
+            self.grad_mu = 2.0 * per_term
             better = np.isfinite(f) & (f < best_f)
             if np.any(better):  # every iterate is feasible: keep each region's best
                 best_f = np.where(better, f, best_f)
@@ -290,7 +291,7 @@ class _PrimalDual:
             self.lam = np.where(sup, np.maximum(self.lam + a_c * dlam, 1e-300), 0.0)
             self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
             self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
-        f = self.per_region(self.state(self.t, self.mu)[0]).sum(axis=0)
+        f = self.per_region(self.e).sum(axis=0)  # self.e is the state at (t, mu)
         last = np.isfinite(f) & (f <= best_f)
         return np.split(np.where(last[region], self.t, best_t), self.starts[1:])
 
