@@ -160,7 +160,7 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="T",
         help="stop when a sweep lowers the noise estimate by less than the fraction T "
-        "(default 0.01), or, with --objective balance, when no scale changes by more "
+        "(default 0.003), or, with --objective balance, when no scale changes by more "
         "than T (default 1e-4)",
     )
 
