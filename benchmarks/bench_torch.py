@@ -36,8 +36,8 @@ from cle_core import EqualizeOptions, equalize
 from cle_core._quality import calibration_images, natural_images, quality_table
 from cle_torch import evaluate_torch
 from cle_torch._apply import apply
-from cle_torch._translate import capture
 from cle_torch._examples import efficientnet_lite0
+from cle_torch._translate import capture
 
 SHAPE = (1, 3, 224, 224)
 
