@@ -19,7 +19,8 @@ itself:
   per-channel weight grids leave to gain: activation grids, at a bounded cost in the
   layers' columns), and half the convex minimizer's step.
 
-Sweeps stop when one lowers the estimate by less than ``tolerance`` of it.
+Sweeps stop when one lowers the estimate by less than ``tolerance`` of it, or after the
+first when it gained less than half of :data:`MIN_GAIN_DB` (nothing would be applied).
 """
 
 from __future__ import annotations
