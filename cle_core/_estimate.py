@@ -37,7 +37,7 @@ import numpy as np
 from ._deployment import Deployment, Point, grid_levels, profile_for
 from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
-from ._math import grouped_view
+from ._math import _work_dtype, grouped_view, kernel_reduce
 from ._noise import Terms
 from ._regions import Region
 from ._stats import ChannelStats
@@ -127,14 +127,23 @@ class WeightTerm:
         else:
             v = grouped_view(np.asarray(node.weight), node.layout)
         self.groups, self.og, self.ig, self.kernel = v.shape
-        wmax = v.max(axis=3).astype(np.float64)
-        wmin = v.min(axis=3).astype(np.float64)
         self.symmetric = deployment.weight_symmetric
         self.per_channel = deployment.per_channel
-        # Per (group, out, in): the largest |W|, or the positive and negative extremes.
-        self.abs = np.maximum(wmax, -wmin)
-        self.pos = np.maximum(wmax, 0.0)
-        self.neg = np.maximum(-wmin, 0.0)
+        # Per (group, out, in): the largest |W|, and for asymmetric grids the positive
+        # and negative extremes. The weights are read here only: every span and range
+        # below is taken over these maxima, in float32 for float32 weights (they steer
+        # the scales; half the memory and bandwidth of float64).
+        dtype = _work_dtype(v.dtype)
+        self.abs = kernel_reduce(v, tap=np.abs, dtype=dtype)
+        if not self.symmetric:
+            self.pos = np.maximum(kernel_reduce(v, np.maximum, dtype=dtype), 0)
+            self.neg = np.maximum(-kernel_reduce(v, np.minimum, dtype=dtype), 0)
+        self.row_max = self.abs.max(axis=2)  # (g, og) at scales 1: which rows are live
+        # The last reduction of each kind (rows or columns of abs / pos / neg at one
+        # fixed scale vector): a sweep asks for the same one several times (the convex
+        # model, the balance candidate, each candidate batch) while only the other side
+        # of the layer changes.
+        self._memo: dict[tuple[str, str], tuple[bytes, np.ndarray]] = {}
         cin = self.groups * self.ig
         x = None if node.op == "norm" else stats_of(node.inputs[0], stats)
         if x is None or (x.channels != cin and cin % x.channels):
@@ -153,20 +162,62 @@ class WeightTerm:
         )
         self.factor = 1.0 / (grid_levels(deployment.weight_bits) ** 2 * 12.0)
 
+    # -- reductions at one fixed scale vector, remembered -----------------------------------
+    def _reduced(self, which: str, axis: int, s: np.ndarray) -> np.ndarray:
+        """``max_i m[g,o,i] * s[g,i]`` (``axis=2``: per row, ``s`` the input scales) or
+        ``max_o m[g,o,i] / s[g,o]`` (``axis=1``: per column, ``s`` the output scales) of
+        ``m = self.<which>``; the last one of each kind is kept."""
+        key = s.tobytes()
+        got = self._memo.get((which, str(axis)))
+        if got is not None and got[0] == key:
+            return got[1]
+        m = getattr(self, which)
+        s = s.astype(m.dtype)
+        out = (m * s[:, None, :]).max(axis=2) if axis == 2 else (m / s[:, :, None]).max(axis=1)
+        out = out.astype(np.float64)
+        self._memo[(which, str(axis))] = (key, out)
+        return out
+
+    def _max_product(self, which: str, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
+        """``max_{g,o,i} m[g,o,i] * si[c,g,0,i] / so[c,g,o,0]`` per candidate ``c``,
+        formed without the (C, g, og, ig) product where one side is the same for all
+        candidates."""
+        if vary == "out":
+            row = self._reduced(which, 2, si[0, :, 0, :])  # (g, og): over the candidates' s_out
+            return (row / so[..., 0]).max(axis=(1, 2))
+        if vary == "in":
+            col = self._reduced(which, 1, so[0, :, :, 0])  # (g, ig)
+            return (col * si[:, :, 0, :]).max(axis=(1, 2))
+        m = getattr(self, which)
+        return np.array([float((m * si[c] / so[c]).max()) for c in range(si.shape[0])])
+
+    def _row_max(self, which: str, si: np.ndarray, vary: str) -> np.ndarray:
+        """``max_i m[g,o,i] * si[c,g,0,i]`` -> (C, g, og), in blocks of candidates."""
+        count = si.shape[0]
+        if vary == "out":
+            row = self._reduced(which, 2, si[0, :, 0, :])
+            return np.broadcast_to(row, (count, self.groups, self.og))
+        m = getattr(self, which)
+        step = max(1, _CHUNK // max(1, m.size))
+        out = np.empty((count, *m.shape[:2]))
+        for a in range(0, count, step):
+            out[a : a + step] = (m[None] * si[a : a + step].astype(m.dtype)).max(axis=3)
+        return out
+
     # -- spans ---------------------------------------------------------------------------
     def _tensor_span(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
         """Per candidate: the span of the whole scaled tensor. ``si`` (C, g, 1, ig),
         ``so`` (C, g, og, 1); ``vary``: which of them differ between candidates."""
         if self.symmetric:
-            return 2.0 * _max_product(self.abs, si, so, vary)
-        return _max_product(self.pos, si, so, vary) + _max_product(self.neg, si, so, vary)
+            return 2.0 * self._max_product("abs", si, so, vary)
+        return self._max_product("pos", si, so, vary) + self._max_product("neg", si, so, vary)
 
     def _row_spans(self, si: np.ndarray, vary: str) -> np.ndarray:
         """Per candidate and row: the span of row ``o`` of ``W * s_in`` (the row's own
         scale cancels in its noise). ``si`` (C, g, 1, ig) -> (C, g, og)."""
         if self.symmetric:
-            return 2.0 * _row_max(self.abs, si, vary)
-        return _row_max(self.pos, si, vary) + _row_max(self.neg, si, vary)
+            return 2.0 * self._row_max("abs", si, vary)
+        return self._row_max("pos", si, vary) + self._row_max("neg", si, vary)
 
     # -- values --------------------------------------------------------------------------
     def values(
@@ -211,7 +262,7 @@ class WeightTerm:
         coefficient at fixed output scales (the per-tensor form, which the per-channel
         grids are majorized by: a row's span is at most the tensor's)."""
         so = np.ones((self.groups, self.og)) if s_out is None else s_out.reshape(self.groups, -1)
-        ranges = (self.abs / so[:, :, None]).max(axis=1).reshape(-1)
+        ranges = self._reduced("abs", 1, so).reshape(-1)
         if self.sens is not None:
             c = np.einsum("goi,go->gi", self.sens, np.square(so))
         else:
@@ -222,7 +273,7 @@ class WeightTerm:
         """Per output channel: the largest scaled ``|W|`` of the row and the noise
         coefficient at fixed input scales."""
         si = np.ones((self.groups, self.ig)) if s_in is None else s_in.reshape(self.groups, -1)
-        ranges = (self.abs * si[:, None, :]).max(axis=2).reshape(-1)
+        ranges = self._reduced("abs", 2, si).reshape(-1)
         if self.sens is not None:
             c = np.einsum("goi,gi->go", self.sens, 1.0 / np.square(si))
         else:
@@ -232,30 +283,6 @@ class WeightTerm:
     @property
     def log_factor(self) -> float:
         return math.log(self.factor * 4.0)  # the span is twice the largest |W|
-
-
-def _max_product(m: np.ndarray, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
-    """``max_{g,o,i} m[g,o,i] * si[c,g,0,i] / so[c,g,o,0]`` per candidate ``c``, formed
-    without the (C, g, og, ig) product where one side is the same for all candidates."""
-    if vary == "out":
-        row = (m * si[:1]).max(axis=3)  # (1, g, og): over the candidates' s_out
-        return (row / so[..., 0]).max(axis=(1, 2))
-    if vary == "in":
-        col = (m / so[:1]).max(axis=2)  # (1, g, ig)
-        return (col * si[:, :, 0, :]).max(axis=(1, 2))
-    return np.array([float((m * si[c] / so[c]).max()) for c in range(si.shape[0])])
-
-
-def _row_max(m: np.ndarray, si: np.ndarray, vary: str) -> np.ndarray:
-    """``max_i m[g,o,i] * si[c,g,0,i]`` -> (C, g, og), in blocks of candidates."""
-    count = si.shape[0]
-    if vary == "out":
-        return np.broadcast_to((m * si[:1]).max(axis=3), (count, *m.shape[:2]))
-    step = max(1, _CHUNK // max(1, m.size))
-    out = np.empty((count, *m.shape[:2]))
-    for a in range(0, count, step):
-        out[a : a + step] = (m[None] * si[a : a + step]).max(axis=3)
-    return out
 
 
 @dataclass

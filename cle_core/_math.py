@@ -86,6 +86,22 @@ def grouped_view(w: np.ndarray, layout: Layout) -> np.ndarray:
     return v if layout.out_axis == 0 else v.swapaxes(1, 2)
 
 
+def kernel_reduce(v: np.ndarray, op=np.maximum, tap=None, dtype=None) -> np.ndarray:
+    """``op.reduce(tap(v), axis=-1)`` over the last axis of ``v`` (a layer's kernel, as
+    :func:`grouped_view` gives it), in ``dtype`` (default: ``v``'s), ``tap`` an elementwise
+    function (``np.abs``, ``np.square``) or None. Taken one kernel tap at a time: NumPy
+    reduces a short trailing axis element by element, about 17 times slower on a 3x3
+    convolution."""
+
+    out = v[..., 0].astype(v.dtype if dtype is None else dtype)  # a copy, written in place
+    if tap is not None:
+        tap(out, out=out)
+    for j in range(1, v.shape[-1]):
+        x = v[..., j] if dtype is None else v[..., j].astype(dtype)
+        op(out, x if tap is None else tap(x), out=out)
+    return out
+
+
 def _check_finite(name: str, *arrays: np.ndarray | None) -> None:
     for a in arrays:
         if a is not None and not np.all(np.isfinite(a)):
@@ -420,7 +436,7 @@ class RangeSummary:
     def __init__(self, w: np.ndarray, layout: Layout):
         v = grouped_view(np.asarray(w), layout)
         self._abs_needed = v.shape[3] == 1
-        self._m = v[..., 0] if self._abs_needed else np.abs(v).max(axis=3)
+        self._m = v[..., 0] if self._abs_needed else kernel_reduce(v, tap=np.abs)
         self._dtype = np.float64 if self._m.dtype == np.float64 else np.float32
         g, og, ig = self._m.shape
         raw_out = np.empty((g, og))

@@ -169,7 +169,8 @@ def _buckets(terms_per_region: list[int]) -> list[list[int]]:
 
 def _ratio(x: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Per entry, the largest ``a`` with ``x + a dx >= 0`` (``x > 0``); inf where free."""
-    return np.where(dx < 0, x / -np.minimum(dx, -1e-300), np.inf)
+    out = np.full(x.shape, np.inf)
+    return np.divide(x, -dx, out=out, where=dx < 0)
 
 
 class _PrimalDual:
@@ -240,10 +241,11 @@ class _PrimalDual:
         best_t = self.t.copy()
         for _ in range(max_steps):
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
-            f = self.per_region(e).sum(axis=0)
+            per_term = self.per_region(e)
+            f = per_term.sum(axis=0)
             gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
             self.grad_t = -2.0 * (sk * e).sum(axis=0)
-            self.grad_mu = 2.0 * self.per_region(e)
+            self.grad_mu = 2.0 * per_term
             better = np.isfinite(f) & (f < best_f)
             if np.any(better):  # every iterate is feasible: keep each region's best
                 best_f = np.where(better, f, best_f)
@@ -289,7 +291,7 @@ class _PrimalDual:
             self.lam = np.where(sup, np.maximum(self.lam + a_c * dlam, 1e-300), 0.0)
             self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
             self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
-        f = self.per_region(self.state(self.t, self.mu)[0]).sum(axis=0)
+        f = self.per_region(self.e).sum(axis=0)  # self.e is the state at (t, mu)
         last = np.isfinite(f) & (f <= best_f)
         return np.split(np.where(last[region], self.t, best_t), self.starts[1:])
 
@@ -331,8 +333,10 @@ class _PrimalDual:
     def direction(self, target, corr, corr_l, corr_h):
         """Newton step towards ``lam * slack = target`` (less a second-order correction)
         and, per region, the longest step that keeps slacks and multipliers positive."""
-        sup, sk, s, sl, sh = self.sup, self.sk, self.s, self.sl, self.sh
-        c = np.where(sup, (target - corr) / s, 0.0)
+        sk, s, sl, sh = self.sk, self.s, self.sl, self.sh
+        # Unsupported entries have s = inf, lam = d = corr = 0: they come out 0 (their
+        # ratios inf) without masking.
+        c = (target - corr) / s
         c_l, c_h = (target - corr_l) / sl, (target - corr_h) / sh
         rhs_t = -(self.grad_t + (sk * c).sum(axis=0) - c_l + c_h)
         rhs_mu = np.where(self.fixed, 0.0, self.per_region(c) - self.grad_mu)
@@ -340,15 +344,15 @@ class _PrimalDual:
         d_mu, failed = _solve_each(self.schur, rhs.T)
         d_t = (rhs_t - (self.h_tm * d_mu[:, self.region]).sum(axis=0)) / self.h_tt
         ds = d_mu[:, self.region] - sk * d_t
-        dlam = np.where(sup, (target - corr) / s - self.lam - self.d * ds, 0.0)
+        dlam = c - self.lam - self.d * ds
         dlam_l = (target - corr_l) / sl - self.lam_l - self.d_l * d_t
         dlam_h = (target - corr_h) / sh - self.lam_h + self.d_h * d_t
         per_channel = np.minimum.reduce(
             [
-                _ratio(np.where(sup, s, 1.0), np.where(sup, ds, 0.0)).min(axis=0),
+                _ratio(s, ds).min(axis=0),
                 _ratio(sl, d_t),
                 _ratio(sh, -d_t),
-                _ratio(np.where(sup, self.lam, 1.0), dlam).min(axis=0),
+                _ratio(self.lam, dlam).min(axis=0),
                 _ratio(self.lam_l, dlam_l),
                 _ratio(self.lam_h, dlam_h),
             ]

@@ -26,7 +26,7 @@ import numpy as np
 from ._ir import SCALABLE_ACTIVATIONS, Graph, Node, Value
 from ._math import _phi_cdf as _cdf
 from ._math import _phi_pdf as _phi
-from ._math import grouped_view
+from ._math import grouped_view, kernel_reduce
 
 RANGE_SIGMAS = 4.0
 """A min/max calibration over a few dozen images sees about this many standard
@@ -277,10 +277,10 @@ def _layer_output(node: Node, x: ChannelStats | None, transpose_taps: bool = Fal
     share = 1.0
     if transpose_taps and node.op == "conv_transpose":
         share = 1.0 / float(np.prod(node.attrs.get("stride", (1,))))
-    mean = share * np.einsum("goi,gi->go", v.sum(axis=3, dtype=np.float64), x.mean.reshape(g, ig))
-    var = share * np.einsum(
-        "goi,gi->go", np.square(v, dtype=np.float64).sum(axis=3), x.var.reshape(g, ig)
-    )
+    ksum = kernel_reduce(v, np.add, dtype=np.float64)
+    mean = share * np.einsum("goi,gi->go", ksum, x.mean.reshape(g, ig))
+    ksq = kernel_reduce(v, np.add, np.square, np.float64)
+    var = share * np.einsum("goi,gi->go", ksq, x.var.reshape(g, ig))
     bias = 0.0 if node.bias is None else np.asarray(node.bias, np.float64)
     return mean.reshape(-1) + bias, np.sqrt(var.reshape(-1))
 

@@ -19,6 +19,7 @@ from cle_core._math import (
     high_bias_amount,
     in_channel_ranges,
     int8_sqnr_estimate,
+    kernel_reduce,
     out_channel_ranges,
     pair_scales,
     region_scales,
@@ -216,3 +217,19 @@ def test_range_summary_matches_scaled_weights(layout, shape):
         summary.in_ranges(s_in, s_out), in_channel_ranges(scaled, layout), rtol=1e-6
     )
     np.testing.assert_allclose(summary.raw_out, out_channel_ranges(w, layout))
+
+
+@pytest.mark.parametrize(
+    "layout,shape",
+    [(Layout(0, 1, 1), (5, 4, 3, 3)), (Layout(1, 0, 2), (4, 3, 1)), (Layout(0, 1, 4), (8, 1, 3))],
+)
+def test_kernel_reduce_is_numpys_reduction_over_the_kernel(layout, shape):
+    # tap by tap, on a view that may not be contiguous (ConvTranspose swaps axes)
+    w = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+    v = grouped_view(w, layout)
+    np.testing.assert_array_equal(kernel_reduce(v, tap=np.abs), np.abs(v).max(axis=3))
+    np.testing.assert_array_equal(kernel_reduce(v, np.minimum), v.min(axis=3))
+    squares = kernel_reduce(v, np.add, np.square, np.float64)
+    assert squares.dtype == np.float64
+    np.testing.assert_allclose(squares, np.square(v, dtype=np.float64).sum(axis=3), rtol=1e-12)
+    assert np.array_equal(w, np.random.default_rng(2).normal(size=shape).astype(np.float32))

