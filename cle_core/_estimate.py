@@ -350,10 +350,14 @@ class Estimate:
         self.deployment = deployment
         self.map = ScaleMap(regions)
         sens = sensitivities or {}
+        # A norm's scale is rounded where the quantizer quantizes the norm (onnxruntime's
+        # QDQ LayerNormalization, with activations); a weights-only deployment leaves it
+        # in float, as `cle evaluate --weights-only` does.
         self.weights = [
             WeightTerm(n, stats, gains, deployment, sens.get(n.name))
             for n in graph.nodes
-            if (n.is_layer and n.weight is not None) or n.op == "norm"
+            if (n.is_layer and n.weight is not None)
+            or (n.op == "norm" and not deployment.weights_only)
         ]
         self.activations: list[ActivationTerm] = []
         if not deployment.weights_only:
