@@ -47,7 +47,8 @@ LLaMA / BERT / ConvNeXt); W8A8 is never below no scaling (the estimated W8A8 gai
 under the 1 dB rule); weights-only +0.9 / +1.8 dB on the ViT and the LM, -2.6 dB on the
 ConvNeXt; SmoothQuant moves W8A8 by 0.5 dB at most; the LM's W8A8 (about 5 dB) is set by
 ``quantize_static``'s grid on the masked attention scores (the causal mask's -inf makes
-that grid's scale infinite), which no scaling of channels can change.
+that grid's scale infinite), which no scaling of channels can change; the ViT's
+``equalize_model`` takes 1.4x the time of the plain CNN (0.071 s against 0.050 s).
 """
 
 from __future__ import annotations

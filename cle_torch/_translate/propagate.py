@@ -1,9 +1,10 @@
 """The shape of every tensor of the traced graph, from example runs.
 
 Where the caller gives ``dummy_input`` (or ``input_shapes``, from which inputs of the
-model's float dtype are made), the captured graph runs twice on fake tensors (shapes
-and dtypes only, torch's ``FakeTensorMode``: no arithmetic) over a copy of the model in
-eval mode without the caller's hooks (see ``cle_torch._calibrate._eval_copy``): once on
+model's float dtype are made), the captured graph runs twice (for real on a small
+model, else on fake tensors: shapes and dtypes only, torch's ``FakeTensorMode``, no
+arithmetic; see :data:`REAL_RUN_PARAMETERS`) over a copy of the model in eval mode
+without the caller's hooks (see ``cle_torch._calibrate._eval_copy``): once on
 the inputs and once with one more sample in the batch. A dimension that differs between the
 two runs follows the batch and is recorded as None (unknown size), so that a reshape's
 target shape holds for any batch. Transpose, Reshape and MatMul need the shapes to follow
@@ -71,21 +72,32 @@ def _grown(x: Any) -> Any:
     return x
 
 
+REAL_RUN_PARAMETERS = 4_000_000
+"""Below this many parameters the shapes come from a real run on zeros (of the eval copy
+without hooks, as calibration runs): fake tensors cost about 0.3 ms an op whatever the
+sizes, which for a small transformer is several times its arithmetic (a 0.3 M-parameter
+ViT: 0.16 s fake, a few ms real); above it, fake tensors (no arithmetic: a large model's
+real run would cost seconds)."""
+
+
 def _run(gm: fx.GraphModule, args: list[Any]) -> Shapes:
-    """The shape of every tensor of ``gm`` run on ``args``, with fake tensors: no
-    arithmetic is done (a ResNet-50 at 224 x 224 takes 0.3 s instead of 7 s of real
-    runs on a busy machine), nothing of the model is written."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
-        fakes = [
-            torch.empty(a.shape, dtype=a.dtype, device=a.device)
-            if isinstance(a, torch.Tensor)
-            else a
-            for a in args
-        ]
+    """The shape of every tensor of ``gm`` run on ``args``: for real on a small model,
+    else with fake tensors (:data:`REAL_RUN_PARAMETERS`); nothing of the caller's model
+    is written either way."""
+    small = sum(p.numel() for p in gm.parameters()) <= REAL_RUN_PARAMETERS
+    mode = None if small else FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = args
+    if mode is not None:
+        with mode:
+            fakes = [
+                torch.empty(a.shape, dtype=a.dtype, device=a.device)
+                if isinstance(a, torch.Tensor)
+                else a
+                for a in args
+            ]
     # ShapeProp prints a traceback before raising; a model that does not run so is
     # translated without shapes, which is not worth a page on the user's terminal.
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
         ShapeProp(gm, fake_mode=mode).propagate(*fakes)
     shapes: Shapes = {}
     for node in gm.graph.nodes:

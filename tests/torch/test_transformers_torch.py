@@ -563,3 +563,23 @@ def test_empirical_bias_correction_on_tokens():
     assert {"blocks.0.attn.v", "blocks.0.fc1", "head"} <= corrected
     for r in report.bias_corrections:
         assert np.all(np.isfinite(r.shift)) and r.shift.ndim == 1
+
+
+def test_real_and_fake_shape_runs_give_the_same_translation(monkeypatch):
+    """A small model's shapes come from a real run on zeros, a large one's from fake
+    tensors: both give the same shapes, so the same regions."""
+    from cle_torch._translate import capture
+    from cle_torch._translate import propagate as prop
+
+    model = tm.vit(0, attention="sdpa", depth=1)
+    x = model.example_input(2)
+
+    def shapes():
+        cap = capture(copy.deepcopy(model), dummy_input=x)
+        return {v.name: v.shape for v in cap.ir.values.values()}
+
+    real = shapes()
+    monkeypatch.setattr(prop, "REAL_RUN_PARAMETERS", 0)
+    fake = shapes()
+    assert real == fake
+    assert sum(s is not None and len(s) == 4 for s in real.values()) > 4  # the heads
