@@ -115,10 +115,8 @@ class _NormOps:
         if beta:
             params["beta"] = self.param(beta).reshape(-1)
             ids["beta"] = beta
-        for key in ("gamma", "beta"):
-            arr = params[key]
-            if arr is not None and not np.all(np.isfinite(arr)):
-                return f"its {key} is not finite (Inf or NaN)"
+        # NaN or Inf in gamma / beta is bad input, not an op to leave out: the core refuses
+        # it in one error naming the norm, as it refuses a layer's NaN weights.
         attrs = {"kind": kind, "axis": axis, "eps": eps, **extra}
         if kind != "group":
             attrs["axes"] = (axis,)

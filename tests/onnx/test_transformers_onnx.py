@@ -376,3 +376,21 @@ def test_per_channel_clip_bounds_on_tokens_lie_on_the_last_axis():
     shape = [tuple(t.dims) for t in eq.graph.initializer if t.name == bound.input[1]]
     assert shape == [(1, 1, 12)]
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
+
+
+@pytest.mark.parametrize("opset", ["", "16"])  # LayerNormalization, and the written-out form
+def test_nan_in_a_norm_s_scale_is_one_error_naming_it_and_the_input_is_untouched(exported, opset):
+    from cle_core import NonFiniteError
+
+    path, _ = exported("vit", "ts" + opset)
+    model = onnx.load(path)
+    name = next(t.name for t in model.graph.initializer if "norm1.weight" in t.name)
+    for t in model.graph.initializer:
+        if t.name == name:
+            a = onnx.numpy_helper.to_array(t).copy()
+            a[2] = np.nan
+            t.CopyFrom(onnx.numpy_helper.from_array(a, name))
+    before = model.SerializeToString()
+    with pytest.raises(NonFiniteError, match=r"norm1.*\(norm\): NaN in gamma"):
+        cle_onnx.equalize_model(model)
+    assert model.SerializeToString() == before
