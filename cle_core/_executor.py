@@ -123,7 +123,8 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         return [x[:, off : off + int(at["channels"])]]
     if op == "mul":
         if "factor" in p:
-            return [x * chan(p["factor"])]
+            along = (int(at["axis"]),) if at.get("axis") is not None else axes
+            return [x * _along(p["factor"], x, along)]
         return [x * args[1]]
     if op == "flatten":
         return [x.reshape(x.shape[0], -1)]

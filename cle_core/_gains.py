@@ -137,6 +137,10 @@ def propagate(
             add(x.name, j * d.mean, g * d.meansq + made / max(positions.get(out.name, 1), 1))
         elif op in SCALABLE_ACTIVATIONS:
             add(x.name, j * 0.5, g * 0.5)  # nothing known: half the inputs pass
+        elif op == "norm":
+            # no statistics of its input (behind an op the estimate cannot follow): a
+            # unit derivative, channel for channel, rather than no gain upstream at all
+            add(x.name, j, g)
         elif op == "batchnorm":
             p = node.params
             k = (1.0 if p.get("gamma") is None else p["gamma"]) / np.sqrt(
@@ -159,7 +163,7 @@ def propagate(
             jin[:, off : off + j.shape[1]] = j
             gin[off : off + len(g)] = g
             add(x.name, jin, gin)
-        elif op == "mul" and "factor" in node.params:
+        elif op == "mul" and "factor" in node.params and out.channels:
             a = np.asarray(node.params["factor"], np.float64).reshape(-1)
             add(x.name, j * a, g * a * a)
         elif op == "global_avgpool":

@@ -47,7 +47,8 @@ STRUCTURAL_OPS = frozenset({"batchnorm", "add", "concat", "slice", "flatten", "m
 ``slice``: channels ``offset`` to ``offset + channels`` of its input (attrs; a Split is
 one ``slice`` per output).
 ``mul``: its first input times either param ``factor`` (a constant: one value or one per
-channel) or its second input (a gate such as squeeze-and-excitation's, broadcast over the
+channel; attr ``axis``, where given, is the axis the values lie along, which must be the
+channels') or its second input (a gate such as squeeze-and-excitation's, broadcast over the
 spatial axes or of the same shape): scaling the first input's channels scales the
 output's, so a region passes through it; the second input must stay unscaled.
 ``flatten``: ``(N, C, *s) -> (N, C * prod(s))``, channel-major. ``opaque``: anything
@@ -475,7 +476,14 @@ def _infer_channels(node: Node) -> None:
         if len(node.inputs) != (1 if factor is not None else 2):
             raise InvalidGraphError(f"{where}: takes one input and a factor, or two inputs")
         out = ins[0]
-        if factor is not None:
+        axis, x = node.attrs.get("axis"), node.inputs[0]
+        if factor is not None and axis is not None and x.rank is not None and x.axes != (axis,):
+            # one value per position of another axis: not a per-channel factor
+            node.attrs["layout_why"] = (
+                f"its factor lies along axis {axis}, the channels along {x.axes}"
+            )
+            out = None
+        elif factor is not None:
             _per_channel_size(node, "factor", out)
     elif node.op == "flatten":
         out = None

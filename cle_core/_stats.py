@@ -207,7 +207,7 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
         if node.inputs[0].name in normal:
             m, sd = normal[node.inputs[0].name]
             normal[out.name] = (m[part], sd[part])
-    elif op == "mul" and "factor" in node.params and ins[0] is not None:
+    elif op == "mul" and "factor" in node.params and ins[0] is not None and out.channels:
         a = np.asarray(node.params["factor"], np.float64).reshape(-1)
         x = ins[0]
         stats[out.name] = ChannelStats(

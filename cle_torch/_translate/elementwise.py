@@ -158,8 +158,8 @@ class Elementwise:
         try:
             x, g = self.data(a), self.data(c)
         except _Opaque:
-            # a parameter or constant factor: not known to be one number per channel
-            raise _Opaque("a factor that is a tensor, not a number or a gate") from None
+            self.channel_factor(node, a, c)
+            return
         shape = self.fx_shapes.get(x.name)
         if (
             shape is not None
@@ -180,6 +180,33 @@ class Elementwise:
         if self.chan.get(g.name) not in (channels, 1):
             raise _Opaque("the gate's channels do not match")
         self.emit("mul", node, [x, g], rank=rank, channels=channels)
+
+    def channel_factor(self, node, a, c) -> None:
+        """A product with a parameter of one value per channel along one axis (ConvNeXt's
+        layer scale ``gamma * x`` on ``(B, H, W, C)``): a constant factor, which a
+        region passes through. The axis it lies along goes with it; the core checks that
+        it is the channels' axis."""
+        for x, f in ((a, c), (c, a)):
+            try:
+                data = self.data(x)
+                factor, _ = self.param(f, "factor")
+            except _Opaque:
+                continue
+            rank = self.rank.get(data.name)
+            shape = tuple(factor.shape)
+            while shape and shape[0] == 1:  # leading ones broadcast away
+                shape = shape[1:]
+            sizes = [d for d in shape if d != 1]
+            if rank is None or len(sizes) != 1 or len(shape) > rank:
+                break
+            axis = rank - len(shape) + shape.index(sizes[0])
+            values = factor.detach().cpu().double().numpy().reshape(-1)
+            if not np.all(np.isfinite(values)):
+                raise _Opaque("a factor that is not finite")
+            self.unary(node, data, "mul", params={"factor": values}, attrs={"axis": axis})
+            return
+        # a tensor factor of another shape: not known to be one number per channel
+        raise _Opaque("a factor that is a tensor, not a number, a gate or one value per channel")
 
     def f_div(self, node, fn, args, kwargs) -> None:
         """A division by a number: a product with its inverse."""

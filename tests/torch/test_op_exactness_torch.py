@@ -115,11 +115,14 @@ class Functional(nn.Module):
 
 
 class Scale(nn.Module):
-    """``x * self.factor`` with a parameter (one value per channel)."""
+    """``x * self.factor`` with a parameter: one value per channel, or per position of
+    axis ``along``."""
 
-    def __init__(self):
+    def __init__(self, along: int = 1):
         super().__init__()
-        self.factor = nn.Parameter(torch.linspace(-1, 2, 8).view(1, 8, 1, 1))
+        shape = [1, 1, 1, 1]
+        shape[along] = 8
+        self.factor = nn.Parameter(torch.linspace(-1, 2, 8).view(shape))
 
     def forward(self, x):
         return x * self.factor
@@ -259,7 +262,9 @@ ROWS = [
     Row("Tensor.mul(3)", fn(lambda y: y.mul(3.0)), EQ),
     Row("Tensor.mul_(3)", fn(lambda y: torch.relu(y).mul_(3.0)),
         REFUSED, "Tensor.mul_ left out: in place"),
-    Row("* parameter", Scale, REFUSED, "mul left out: a factor that is a tensor"),
+    Row("* parameter (one per channel)", Scale, EQ),
+    Row("* parameter (one per column)", lambda: Scale(along=3), REFUSED,
+        "its factor lies along axis 3"),
     Row("+ 1", fn(lambda y: y + 1.0), REFUSED, "add left out: adds the number 1.0"),
     Row("squeeze-excitation gate (modules)", Gate, EQ),
     Row("squeeze-excitation gate (mean)", lambda: Gate(functional=True), EQ),
