@@ -583,3 +583,35 @@ def test_real_and_fake_shape_runs_give_the_same_translation(monkeypatch):
     fake = shapes()
     assert real == fake
     assert sum(s is not None and len(s) == 4 for s in real.values()) > 4  # the heads
+
+
+@pytest.mark.parametrize("real", [True, False])
+def test_the_shape_runs_leave_the_model_untouched(monkeypatch, real):
+    """The shape runs (real on a small model, fake on a large one) run an eval copy
+    without the caller's hooks: they fire no hook beyond those symbolic tracing fires,
+    and every parameter, buffer and training flag is as it was, byte for byte."""
+    from cle_torch._translate import capture
+    from cle_torch._translate import propagate as prop
+    from cle_torch._translate import translator
+
+    def hooked():
+        model = tm.llama(0).train()
+        calls = []
+        for m in model.modules():
+            m.register_forward_pre_hook(lambda mod, args: calls.append(mod))
+        return model, calls
+
+    if not real:
+        monkeypatch.setattr(prop, "REAL_RUN_PARAMETERS", 0)
+    model, calls = hooked()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    cap = capture(model, dummy_input=model.example_input(2), allow_training_mode=True)
+    assert any(v.shape is not None and len(v.shape) == 4 for v in cap.ir.values.values())
+    assert [m.training for m in model.modules()] == flags
+    for k, v in model.state_dict().items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    traced, trace_calls = hooked()
+    monkeypatch.setattr(translator, "propagate", lambda *args, **kwargs: {})
+    capture(traced, dummy_input=traced.example_input(2), allow_training_mode=True)
+    assert len(calls) == len(trace_calls)
