@@ -144,6 +144,11 @@ _MOVING_MODULES = (
 )
 
 
+def _call_name(node: fx.Node) -> str:
+    """The name of what a call node calls (a method's name, a function's ``__name__``)."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 def needs_shapes(cap: Capture) -> bool:
     """Whether the traced graph calls anything that moves channels off axis 1 or works on
     tokens (a norm, an attention, a transpose, a reshape to other than ``(N, features)``):
@@ -156,7 +161,7 @@ def needs_shapes(cap: Capture) -> bool:
             continue
         if node.op not in ("call_function", "call_method"):
             continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        name = _call_name(node)
         if name in _MOVING_CALLS:
             return True
         if name == "getattr" and len(node.args) > 1 and node.args[1] in ("T", "mT"):
@@ -186,10 +191,7 @@ def _two_maps(node: fx.Node, modules: dict) -> bool:
                 if isinstance(modules.get(x.target), torch.nn.AdaptiveAvgPool2d):
                     return True
             elif x.op in ("call_function", "call_method"):
-                target = (
-                    x.target if isinstance(x.target, str) else getattr(x.target, "__name__", "")
-                )
-                if target in _POOLS:
+                if _call_name(x) in _POOLS:
                     return True
             else:
                 return False

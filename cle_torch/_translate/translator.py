@@ -364,16 +364,15 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
                 except _Opaque as why:
                     self.opaque(node, str(why))
         self.ir.set_outputs(dict.fromkeys(n for n in outputs if n in self.values))
-        self.channels_last_inputs()
         return self.cap
 
     def reads_last_axis(self, node: fx.Node) -> bool:
-        """Whether a graph input is read by a Linear or a LayerNorm / RMSNorm (tokens
-        ``(B, T, C)``: the channels are the last axis)."""
+        """Whether a graph input is read by a Linear, a LayerNorm / RMSNorm or an
+        attention (tokens ``(B, T, C)``: the channels are the last axis)."""
         for user in node.users:
             if user.op == "call_module":
                 m = self.modules.get(user.target)
-                if isinstance(m, (nn.Linear, nn.LayerNorm, nn.RMSNorm)):
+                if isinstance(m, (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.MultiheadAttention)):
                     return True
             elif user.op == "call_function" and user.target in (
                 F.linear,
@@ -382,17 +381,6 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             ):
                 return True
         return False
-
-    def channels_last_inputs(self) -> None:
-        """A float graph input of rank >= 3 that a Linear reads holds its channels on the
-        last axis (tokens ``(B, T, C)``), not on axis 1."""
-        for value in self.ir.inputs:
-            if value.rank is None or value.rank < 3:
-                continue
-            if any(n.op == "linear" for n, _ in value.uses):
-                value.channel_axes = (value.rank - 1,)
-                value.channels = value.shape[-1]
-                value.spatial = None
 
     def batched_rank(self, node: fx.Node) -> int | None:
         """A graph input read by an N-d Conv, BN, pool or pad is taken to be batched."""

@@ -590,9 +590,8 @@ def test_the_shape_runs_leave_the_model_untouched(monkeypatch, real):
     """The shape runs (real on a small model, fake on a large one) run an eval copy
     without the caller's hooks: they fire no hook beyond those symbolic tracing fires,
     and every parameter, buffer and training flag is as it was, byte for byte."""
-    from cle_torch._translate import capture
+    from cle_torch._translate import capture, translator
     from cle_torch._translate import propagate as prop
-    from cle_torch._translate import translator
 
     def hooked():
         model = tm.llama(0).train()
