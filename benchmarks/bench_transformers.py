@@ -55,16 +55,13 @@ the ViT's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib
 import inspect
 import io
-import logging
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -83,6 +80,7 @@ import cle_onnx  # noqa: E402
 import cle_torch  # noqa: E402
 from cle_core import Deployment  # noqa: E402
 from cle_core._quality import sqnr_db  # noqa: E402
+from tests.helpers import onnx_corpus  # noqa: E402
 from tests.helpers import transformer_models as tm  # noqa: E402
 
 ALPHA = 0.5
@@ -359,22 +357,9 @@ def smoothquant(name: str, model, calib: torch.Tensor, alpha: float = ALPHA):
 # --- export and measurement -----------------------------------------------------------
 
 
-@contextlib.contextmanager
 def quiet():
-    loggers = [
-        logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch", "cle_torch", "cle_core")
-    ]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    """The exporters' and this library's logs, warnings and prints off (errors stay)."""
+    return onnx_corpus.quiet(("cle_torch", "cle_core"), stderr=False)
 
 
 def export(model, x: torch.Tensor, exporter: str) -> onnx.ModelProto:

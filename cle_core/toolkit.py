@@ -21,7 +21,8 @@ Inputs and statistics:
 
 Layouts: :func:`broadcast_shape` (the shape a per-channel vector takes over a tensor
 whose channels are on given axes, for writing back clip bounds or a norm's affine on a
-channel-last value), :class:`LayoutError`.
+channel-last value), :func:`reshape_axes` (where the channels are after a reshape, the
+rule the core follows them by), :class:`LayoutError`.
 
 Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype, refused
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
@@ -48,7 +49,7 @@ from ._files import (
     temp_folder,
     write_atomic,
 )
-from ._layout import LayoutError, broadcast_shape
+from ._layout import LayoutError, broadcast_shape, reshape_axes
 from ._math import fit_dtype
 from ._plots import write_plots
 from ._quality import (
@@ -89,6 +90,7 @@ __all__ = [
     "load_inputs",
     "non_finite_name",
     "quality_key",
+    "reshape_axes",
     "remove_stale_temps",
     "split_inputs",
     "staged",

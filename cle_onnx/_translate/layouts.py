@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cle_core.toolkit import LayoutError, reshape_axes
+
 from .proto import _attrs
 
 # Ops whose output has its channels on axis 1 whatever the input's layout.
@@ -36,18 +38,16 @@ _REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Reduc
 
 
 def _moved_axis(src, axis: int, dst) -> int | None:
-    """Where axis ``axis`` of a tensor of shape ``src`` is after a reshape to ``dst``: the
-    output axis of the same size whose leading dimensions hold as many elements (None
-    if the reshape splits or merges it, or a size is unknown)."""
+    """Where axis ``axis`` of a tensor of shape ``src`` is after a reshape to ``dst``
+    (:func:`cle_core.toolkit.reshape_axes`, the core's rule), or None if the reshape
+    splits or merges it or a size is unknown."""
     if src is None or dst is None or not all(isinstance(d, int) for d in (*src, *dst)):
         return None
-    before = int(np.prod(src[:axis], dtype=np.int64))
-    run = 1
-    for j, d in enumerate(dst):
-        if run == before and d == src[axis]:
-            return j
-        run *= d
-    return None
+    try:
+        moved = reshape_axes(src, (axis,), dst)
+    except LayoutError:
+        return None
+    return moved[0] if len(moved) == 1 else None
 
 
 class _ChannelAxes:

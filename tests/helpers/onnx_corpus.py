@@ -480,18 +480,21 @@ TORCH_NAMES: list[str] = [f"torch_{a}_{e}" for a in TORCH_ARCHITECTURES for e in
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet(more_loggers: tuple[str, ...] = (), stderr: bool = True):
     """Silence the exporters' warnings, logs and prints (the dynamo exporter reports its
-    fallback from opset 13 to 18 with a traceback on a logger)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch")]
+    fallback from opset 13 to 18 with a traceback on a logger), and ``more_loggers``;
+    ``stderr=False`` leaves standard error alone."""
+    names = ("torch.onnx", "onnxscript", "torch", *more_loggers)
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
     sink = io.StringIO()
+    errors = contextlib.redirect_stderr(sink) if stderr else contextlib.nullcontext()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
-            with contextlib.redirect_stderr(sink):
+            with errors:
                 yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -511,7 +514,7 @@ def torch_exports(tmp_path) -> Iterator[CorpusModel]:
     for arch in TORCH_ARCHITECTURES:
         module, shape = getattr(torch_models, arch)(0)
         module.eval()
-        with _quiet():
+        with quiet():
             _, report = cle_torch.equalize_model(copy.deepcopy(module), input_shapes=shape)
         expect = {"regions_min": len(report.regions)}
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -520,7 +523,7 @@ def torch_exports(tmp_path) -> Iterator[CorpusModel]:
             path = tmp_path / f"{name}.onnx"
             pattern = f"tests/torch_models.py {arch}, {exporter} exporter, opset 13 asked"
             try:
-                with _quiet(), torch.no_grad():
+                with quiet(), torch.no_grad():
                     torch.onnx.export(
                         module,
                         (x,),
