@@ -195,7 +195,8 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
             m, sd = x[0] * k + t, x[1] * np.abs(k)
             normal[out.name] = (m, sd)
             stats[out.name] = ChannelStats.of(m, m * m + sd * sd)
-    elif op == "add" and all(s is not None for s in ins):
+    elif op == "add" and all(s is not None for s in ins) and len({s.channels for s in ins}) == 1:
+        # (an input of unknown channels may have been measured along another axis)
         mean = sum(s.mean for s in ins)
         meansq = sum(s.meansq for s in ins) + (mean * mean - sum(s.mean**2 for s in ins))
         st = ChannelStats.of(mean, meansq)

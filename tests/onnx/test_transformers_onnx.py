@@ -8,6 +8,7 @@ lists them and the refused ones with their reasons."""
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 
@@ -464,3 +465,28 @@ def test_a_selection_of_channels_or_by_computed_positions_is_refused(pick, axis,
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90  # a valid model, left as it was
     assert not report.regions
     assert any(why in s.reason for s in report.skipped), report.summary(verbose=True)
+
+
+def test_calibrated_bert_an_opaque_residual_branch_measured_along_the_tokens():
+    """nn.MultiheadAttention's output reaches the residual Add through ops the IR keeps
+    opaque (channels unknown: measured along axis 1, the tokens); the Add's estimate
+    does not sum those statistics with the channels' (it raised a broadcast error), and
+    the final norm -> head is found and equalized exactly."""
+    torch_model = VARIANTS["bert"]()
+    x = torch_model.example_input(2)
+    buffer = io.BytesIO()  # with a dynamic batch, as the benchmark exports it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            torch_model,
+            (x,),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "N"}},
+        )
+    model, x = onnx.load_from_string(buffer.getvalue()), x.numpy()
+    calibration = torch_model.example_input(8, seed=1).numpy()
+    eq, report = cle_onnx.equalize_model(model, calibration=calibration)
+    assert [r.kind for r in report.regions] == EXPECTED["bert", "ts"]
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
