@@ -47,13 +47,13 @@ model; about 40 minutes in all, 12 with ``--load``.
 What the figures show (docs/benchmarks.rst, "Transformers and ConvNeXt, trained here"):
 every equalization is exact (130-135 dB); ours finds 13 / 10 / 0 / 7 regions (ViT /
 LLaMA / BERT / ConvNeXt; ours-onnx 1 on BERT, the final norm -> head through the class
-token, not scaled: its estimated gain is under 1 dB); no deployment is below no scaling (the estimated W8A8 gains
-stay under the 1 dB rule); weights-only +0.9 / +1.8 dB on the ViT and the LM, nothing
-scaled on the ConvNeXt; SmoothQuant moves W8A8 by 0.5 dB at most; the LM's W8A8 (about
-5 dB) is set by ``quantize_static``'s grid on the masked attention scores (the causal
-mask's -inf makes that grid's scale infinite), which no scaling of channels can change;
-the ViT's
-``equalize_model`` takes 1.4x the time of the plain CNN (0.071 s against 0.050 s).
+token, not scaled: its estimated gain is under 1 dB); no deployment is below no scaling
+(the estimated W8A8 gains stay under the 1 dB rule); weights-only +0.9 / +1.8 dB on the
+ViT and the LM, nothing scaled on the ConvNeXt; SmoothQuant moves W8A8 by 0.5 dB at
+most; the LM's W8A8 (about 5 dB) is set by ``quantize_static``'s grid on the masked
+attention scores (the causal mask's -inf makes that grid's scale infinite), which no
+scaling of channels can change; the ViT's ``equalize_model`` takes 1.4x the time of the
+plain CNN (0.071 s against 0.050 s).
 """
 
 from __future__ import annotations

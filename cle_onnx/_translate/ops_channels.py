@@ -81,8 +81,11 @@ class _ChannelOps:
                 and ends[k] >= (src[ax] if isinstance(src[ax], int) else 1 << 62)
             )
         ]
+        if not cuts:  # every axis kept whole
+            self.add("identity", [node.input[0]], name, index)
+            return None
         if len(cuts) != 1:
-            return "it cuts several axes" if cuts else "it cuts nothing"
+            return "it cuts several axes"
         k = cuts[0]
         ax, step = axes[k], steps[k]
         if ax == 1 and self.axis.get(node.input[0]) in (1, None):
