@@ -391,6 +391,18 @@ def test_a_selection_of_a_channel_is_refused_with_the_reason():
     assert "selects along the channels (axis 2)" in skipped.get("a -> ?", ""), skipped
 
 
+def test_a_position_computed_from_the_data_is_refused_with_the_reason():
+    """``y[:, i]`` with ``i`` a tensor: not a constant position, left opaque."""
+    model = _Moved(_Fn(lambda y: y[:, y[0, :, 0].argmax()])).eval()
+    x = torch.randn(2, 7, 6)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert not report.regions
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any("its index is not a constant integer or slice" in r for r in reasons), reasons
+
+
 class _Fn(nn.Module):
     def __init__(self, fn):
         super().__init__()
