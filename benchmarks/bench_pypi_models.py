@@ -11,8 +11,9 @@ norms kept or folded). Get them (they are not dependencies of this project)::
 Each model is equalized by ``cle_onnx.equalize_model`` for each of the four deployments
 (W8A8 / W8, per-tensor / per-channel; quantize_static's default grids) and quantized by
 onnxruntime's ``quantize_static`` as ``cle evaluate`` does: no scaling (batch norms
-folded), the balance, and the noise objective told the deployment, on the sample images
-at the model's input size (120 images, 40 other crops calibrating; 24 and 8 for inputs
+folded), the balance, and the noise objective told the deployment (the input size given
+as ``input_shapes``, as ``--input-shape`` does), on the sample images at the model's
+input size (120 images, 40 other crops calibrating; 24 and 8 for inputs
 larger than 400 x 400). Output SQNR of the first output in dB against the FP32 model.
 
 Run: ``python benchmarks/bench_pypi_models.py FOLDER``.
@@ -71,10 +72,14 @@ def main() -> None:
         large = hw[0] * hw[1] > 400 * 400
         images = np.ascontiguousarray(natural_images(hw)[: 24 if large else None])
         calib = np.ascontiguousarray(calibration_images(hw)[: 8 if large else None])
-        balance, _ = cle_onnx.equalize_model(model, objective="balance")
+        # the size the images have, for the shapes the model computes from its input's
+        # (as --input-shape gives it: PP-OCRv4's transformer neck is found only so)
+        first = data_inputs(model)[0].name
+        sizes = {first: (1, 3, *hw)}
+        balance, _ = cle_onnx.equalize_model(model, objective="balance", input_shapes=sizes)
         for label, dep in DEPLOYMENTS.items():
             t0 = time.perf_counter()
-            eq, report = cle_onnx.equalize_model(model, deployment=dep)
+            eq, report = cle_onnx.equalize_model(model, deployment=dep, input_shapes=sizes)
             seconds = time.perf_counter() - t0
             key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
             row = [

@@ -146,19 +146,31 @@ class FileBackend(Backend):
         options: EqualizeOptions,
         progress: Callable[[str, float], None] | None = None,
         calibration: Any = None,
+        dims: dict[str, int] | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> tuple[Report, list[Path]]:
         """Equalize the file ``src`` into ``dst`` (which may be ``src``); returns the
         report and the files written. By default: :meth:`open_file`, check the output
-        path, :meth:`Backend.run`, then write ``dst`` atomically with :meth:`save`."""
+        path, :meth:`Backend.run`, then write ``dst`` atomically with :meth:`save`.
+        ``dims`` and ``shapes`` (``--dim``, ``--input-shape``; passed only where given)
+        size the inputs' dynamic dimensions as in :meth:`read_inputs`: a backend may
+        infer with them shapes the file leaves unknown (the default ignores them)."""
         model, backend_options = self.open_file(Path(src))
         check_output_path(dst)
         new, report = self.run(model, options, calibration, progress, **backend_options)
         return report, [write_atomic(dst, lambda f: self.save(new, f))]
 
-    def inspect_file(self, src: Path, options: EqualizeOptions) -> Report:
+    def inspect_file(
+        self,
+        src: Path,
+        options: EqualizeOptions,
+        dims: dict[str, int] | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> Report:
         """What equalizing ``src`` would do (nothing is written): :meth:`open_file`,
         :meth:`Backend.to_ir` and :func:`cle_core.equalize`, as :meth:`Backend.run`
-        would, without the write-back."""
+        would, without the write-back. ``dims`` and ``shapes``: as in
+        :meth:`equalize_file`."""
         model, backend_options = self.open_file(Path(src))
         translated = self.to_ir(model, **backend_options)
         graph = translated.graph if isinstance(translated, Translated) else translated

@@ -198,9 +198,9 @@ class OnnxRuntimeQDQ:
       reader rounds their output again;
     - a MatMul of two activations quantizes both; LayerNormalization its input, its
       output and its scale (as a per-tensor weight: a 1-D tensor has no channel axis);
-    - MaxPool, AveragePool, Resize, Flatten, Reshape, Transpose, Slice, Pad put their output on
-      their input's grid when that input is quantized (a requantization that adds noise
-      only where the output leaves that grid: averages and interpolation);
+    - MaxPool, AveragePool, Resize, Flatten, Reshape, Transpose, Slice, Gather, Pad put
+      their output on their input's grid when that input is quantized (a requantization
+      that adds noise only where the output leaves that grid: averages and interpolation);
     - PRelu, ReduceMean, Min, Max and unknown operators are not quantized.
 
     With symmetric activations nothing is removed: the Relu or Clip keeps grids on both
@@ -224,6 +224,7 @@ class OnnxRuntimeQDQ:
     )
     _ON_INPUT_GRID = frozenset(
         {"maxpool", "avgpool", "resize", "flatten", "slice", "pad", "transpose", "reshape"}
+        | {"select"}
     )
     _ADDS_NOISE = frozenset({"avgpool", "resize"})
 

@@ -138,6 +138,10 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         return [x.reshape(shape)]
     if op == "matmul":
         return [np.matmul(args[0], args[1])]
+    if op == "select":
+        index = at["index"]
+        index = list(index) if isinstance(index, tuple) else index
+        return [x[(slice(None),) * int(at["axis"]) + (index,)]]
     if op == "norm":
         return [_norm(x, node)]
     if op == "opaque":

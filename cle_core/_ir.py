@@ -55,12 +55,15 @@ output's, so a region passes through it; the second input must stay unscaled.
 else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it blocks
 equalization."""
 
-LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul"})
+LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr
 ``perm``. ``reshape``: attr ``shape``, the output's static shape (None for a dimension of
 unknown size, such as the batch). ``matmul``: ``A @ B`` of two activations (attention's
 ``softmax(Q K^T) @ V``); channels pass through the operand that is not summed over, when
-the other operand stays unscaled."""
+the other operand stays unscaled. ``select``: positions of one axis that is not the
+channels' (``x[:, 0]``, a class token): attrs ``axis`` (of the input) and ``index``, an
+integer (the axis goes), a ``slice`` or a tuple of integers (it stays); every channel is
+kept whole, so a per-channel scale commutes with it."""
 
 NORM_OPS = frozenset({"norm"})
 """A normalization followed by a per-channel affine: ``y = gamma * normalize(x) + beta``
@@ -567,9 +570,16 @@ def same_shape(a: Value, b: Value) -> bool:
 
 
 def _infer_moved(node: Node) -> None:
-    """Channels and layout of a Transpose, Reshape or MatMul output; where the channels
-    cannot be followed, the output has none and attr ``layout_why`` says why."""
-    from ._layout import LayoutError, matmul_axes, reshape_axes, transpose_axes
+    """Channels and layout of a Transpose, Reshape, MatMul or select output; where the
+    channels cannot be followed, the output has none and attr ``layout_why`` says why."""
+    from ._layout import (
+        LayoutError,
+        matmul_axes,
+        reshape_axes,
+        select_axes,
+        select_shape,
+        transpose_axes,
+    )
 
     out = node.outputs[0]
     where = f"node {node.name!r} ({node.op})"
@@ -595,6 +605,24 @@ def _infer_moved(node: Node) -> None:
                 raise LayoutError(f"the shape of {x.name!r} is not known")
             axes = reshape_axes(x.shape, x.axes, out.shape)
             channels = x.channels
+        elif node.op == "select":
+            x = node.inputs[0]
+            axis, index = int(node.attrs["axis"]), node.attrs["index"]
+            if len(node.inputs) != 1 or not isinstance(index, (int, slice, tuple)):
+                raise InvalidGraphError(f"{where}: one input, an integer, slice or tuple index")
+            if x.shape is not None and out.shape is None and axis < len(x.shape):
+                out.shape = select_shape(x.shape, axis, index)
+            if x.channels is None:
+                raise LayoutError(f"the channels of {x.name!r} are not known")
+            if x.rank is None:
+                raise LayoutError(f"the rank of {x.name!r} is not known")
+            axes = select_axes(x.rank, x.axes, axis, index)
+            channels = x.channels
+            if out.spatial is None and out.shape is not None:
+                # the positions left (none for a class token): what the estimate counts
+                rest = [d for i, d in enumerate(out.shape) if i != 0 and i not in axes]
+                if all(isinstance(d, int) for d in rest):
+                    out.spatial = tuple(rest)
         else:
             if len(node.inputs) != 2:
                 raise InvalidGraphError(f"{where}: takes two inputs")

@@ -1,5 +1,5 @@
 """Where a tensor's channels are: pure functions that follow them through Transpose,
-Reshape and MatMul.
+Reshape, MatMul and the selection of positions (a class token).
 
 A value's channels may lie on one axis (``(N, C, H, W)``: axis 1; ``(B, T, C)``: axis 2)
 or on several, as when attention splits them into heads (``(B, H, T, D)``: channel
@@ -127,6 +127,39 @@ def matmul_axes(a_rank: int, b_rank: int, axes: Sequence[int], operand: int) -> 
     if summed in axes:
         raise LayoutError("the MatMul sums over the channels")
     return tuple(a + rank - own for a in axes)
+
+
+Index = int | slice | tuple[int, ...]
+
+
+def select_axes(rank: int, axes: Sequence[int], axis: int, index: Index) -> tuple[int, ...]:
+    """Channel axes after selecting positions ``index`` of ``axis`` (``x[:, 0]``: an
+    integer, the axis goes; a slice or a list of indices: the axis stays, shorter). Every
+    channel is kept whole when the axis is not one of theirs, so a per-channel scale
+    commutes with it; the axes after a removed one move down by one. The batch (axis 0)
+    and the channels' own axes are refused."""
+    if not 0 <= axis < rank:
+        raise LayoutError(f"axis {axis} of a rank-{rank} tensor")
+    if axis == 0:
+        raise LayoutError("it selects along the batch axis")
+    if axis in axes:
+        raise LayoutError(f"it selects along the channels (axis {axis})")
+    if not isinstance(index, int):
+        return tuple(axes)
+    return tuple(a - (a > axis) for a in axes)
+
+
+def select_shape(shape: Shape, axis: int, index: Index) -> tuple[int | None, ...]:
+    """The shape after selecting positions ``index`` of ``axis`` (see :func:`select_axes`);
+    None for a size that is not known."""
+    size = shape[axis]
+    if isinstance(index, int):
+        return (*shape[:axis], *shape[axis + 1 :])
+    if isinstance(index, slice):
+        kept = None if size is None else len(range(*index.indices(int(size))))
+    else:
+        kept = len(index)
+    return (*shape[:axis], kept, *shape[axis + 1 :])
 
 
 def channel_count(shape: Shape, axes: Sequence[int]) -> int | None:

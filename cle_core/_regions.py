@@ -3,10 +3,11 @@
 A region is a channel space shared by source layers (whose output channels get divided
 by the scale) and sink layers (whose input channels get multiplied by it), connected only
 through scalable activations, passthroughs, residual Adds and channel Concats, gates
-(squeeze-and-excitation, gated MLPs), and the Transposes, Reshapes and attention MatMuls
-that move channels without mixing them. A norm's affine is a source too. Values are
-joined with a union-find that records each value's channel offset in its region, so a
-Concat places its inputs side by side and an Add lays its inputs on top of each other.
+(squeeze-and-excitation, gated MLPs), and the Transposes, Reshapes, attention MatMuls and
+selections of positions (a class token) that move channels without mixing them. A norm's
+affine is a source too. Values are joined with a union-find that records each value's
+channel offset in its region, so a Concat places its inputs side by side and an Add lays
+its inputs on top of each other.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _carried(node: Node) -> int | None:
     inputs must stay unscaled (a gate, attention's probabilities); None if none does."""
     if node.op in ("mul", "matmul"):
         return node.attrs.get("carrier", 0 if node.op == "mul" else None)
-    if node.op in ("transpose", "reshape"):
+    if node.op in ("transpose", "reshape", "select"):
         return 0 if node.outputs[0].channels is not None else None
     return 0
 
@@ -115,7 +116,7 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
                 uf.union(id(v), id(node.outputs[0]), 0)
         elif node.op == "slice":  # channel j of the output is channel offset + j
             uf.union(id(node.outputs[0]), id(node.inputs[0]), int(node.attrs["offset"]))
-        elif node.op in ("mul", "transpose", "reshape", "matmul"):
+        elif node.op == "mul" or node.op in LAYOUT_OPS:
             # one input's channels carry to the output (a gate or attention's weights
             # stay unscaled; a reshape that mixes channels carries none)
             carried = _carried(node)
@@ -200,7 +201,7 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                 if blocker:
                     reasons.append(blocker)
                 region.sinks.append((reader, off, 1))
-            elif reader.op in ("mul", "matmul", "transpose", "reshape"):
+            elif reader.op == "mul" or reader.op in LAYOUT_OPS:
                 if _carried(reader) != index:
                     # a gate or attention's weights stay as they are; a reshape that
                     # mixes the channels ends the region

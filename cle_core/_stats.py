@@ -195,7 +195,8 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
             m, sd = x[0] * k + t, x[1] * np.abs(k)
             normal[out.name] = (m, sd)
             stats[out.name] = ChannelStats.of(m, m * m + sd * sd)
-    elif op == "add" and all(s is not None for s in ins):
+    elif op == "add" and all(s is not None for s in ins) and len({s.channels for s in ins}) == 1:
+        # (an input of unknown channels may have been measured along another axis)
         mean = sum(s.mean for s in ins)
         meansq = sum(s.meansq for s in ins) + (mean * mean - sum(s.mean**2 for s in ins))
         st = ChannelStats.of(mean, meansq)
@@ -242,7 +243,7 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
         if ins[0] is not None and ins[0].channels == gamma.size:
             k = gamma / np.sqrt(max(float(ins[0].var.mean()), 1e-12))
             deriv[node.name] = Derivative(k, k * k)
-    elif op in ("transpose", "reshape", "matmul") and out.channels is not None:
+    elif op in ("transpose", "reshape", "matmul", "select") and out.channels is not None:
         # The channels move unchanged (an attention average keeps the mean of V).
         x = node.inputs[node.attrs.get("carrier", 0)]
         if x.name in stats and stats[x.name].channels == out.channels:

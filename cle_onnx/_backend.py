@@ -31,7 +31,7 @@ from cle_core.toolkit import (
 
 from . import _check, _inputs, _io
 from ._apply import apply
-from ._calibrate import calibration_stats
+from ._calibrate import calibration_stats, data_inputs
 from ._translate import Translation, to_ir
 
 
@@ -87,11 +87,16 @@ def _dir(base_dir: str | os.PathLike | None) -> str | None:
     return None if base_dir is None else str(base_dir)
 
 
-def _channel_axes(translated: Translated | None, model: onnx.ModelProto) -> dict:
+def _channel_axes(
+    translated: Translated | None, model: onnx.ModelProto, input_shapes: dict | None = None
+) -> dict:
     """The channel axes of the IR values whose channels are not on axis 1 (tokens
     ``(B, T, C)``, attention heads), for the statistics: from the translation given, or
     from a translation of ``model`` that only reads it."""
-    graph = translated.graph if translated is not None else to_ir(model)[0]
+    if translated is not None:
+        graph = translated.graph
+    else:
+        graph = to_ir(model, input_shapes=input_shapes)[0]
     graph.validate()  # where the channels are follows the ops
     return {
         name: v.channel_axes
@@ -118,15 +123,19 @@ class OnnxBackend(FileBackend):
         base_dir: str | os.PathLike | None = None,
         owned: bool = False,
         stream: bool = False,
+        input_shapes: dict | None = None,
         **options: Any,
     ) -> Translated:
         """Translate a working copy of ``model`` (``model`` itself with ``owned=True``: a
         proto the caller hands over), moving its weight bytes into the graph; the copy
-        and the :class:`Translation` are the state :meth:`apply` writes into."""
+        and the :class:`Translation` are the state :meth:`apply` writes into.
+        ``input_shapes``: sizes of the inputs' dynamic dimensions (see :func:`to_ir`)."""
         _no_options(options)
         _check_external(model, base_dir)
         work = model if owned else _copy(model)
-        graph, tr = to_ir(work, take_ownership=True, base_dir=_dir(base_dir))
+        graph, tr = to_ir(
+            work, take_ownership=True, base_dir=_dir(base_dir), input_shapes=input_shapes
+        )
         return Translated(graph, _State(work, tr))
 
     def apply(
@@ -138,6 +147,7 @@ class OnnxBackend(FileBackend):
         owned: bool = False,
         stream: bool = False,
         state: _State | None = None,
+        input_shapes: dict | None = None,  # the translation's (see to_ir)
         **options: Any,
     ) -> onnx.ModelProto | Streamed:
         _no_options(options)
@@ -152,12 +162,15 @@ class OnnxBackend(FileBackend):
         model.CopyFrom(state.work)  # every check passed: only now is the caller's proto touched
         return model
 
-    def calibration_stats(self, translated: Translated, model, calibration, base_dir=None):
+    def calibration_stats(
+        self, translated: Translated, model, calibration, base_dir=None, input_shapes=None
+    ):
         full = model
         if _io.has_external_data(model):
             full = _copy(model)
             onnx.external_data_helper.load_external_data_for_model(full, _dir(base_dir))
-        return calibration_stats(full, calibration, _channel_axes(translated, full))
+        axes = _channel_axes(translated, full, input_shapes)
+        return calibration_stats(full, calibration, axes)
 
     def run(self, model, options, calibration=None, progress=None, **backend_options):
         # Calibration runs the model as given: it must be read before the translation
@@ -165,7 +178,11 @@ class OnnxBackend(FileBackend):
         stats = None
         if calibration is not None:
             stats = self.calibration_stats(
-                None, model, calibration, backend_options.get("base_dir")
+                None,
+                model,
+                calibration,
+                backend_options.get("base_dir"),
+                backend_options.get("input_shapes"),
             )
         check_calibration(options, calibration)
         empirical = options.bias_correction_form == "empirical"
@@ -212,11 +229,21 @@ class OnnxBackend(FileBackend):
         # External data stays on disk: the translation memory-maps it from base_dir.
         return _io.load(path), {"base_dir": Path(path).parent, "owned": True}
 
-    def equalize_file(self, src, dst, options, progress=None, calibration=None):
+    def inspect_file(self, src, options, dims=None, shapes=None):
+        model, backend_options = self.open_file(Path(src))
+        sizes = input_sizes(model, dims, shapes)
+        translated = self.to_ir(model, input_shapes=sizes, **backend_options)
+        return equalize(translated.graph, options).report
+
+    def equalize_file(
+        self, src, dst, options, progress=None, calibration=None, dims=None, shapes=None
+    ):
         """See :func:`equalize_file`: :meth:`run` on the file's proto, external data
-        streamed."""
+        streamed; ``dims`` and ``shapes`` size the inputs' dynamic dimensions for shape
+        inference (see :func:`input_sizes`)."""
         src, dst = Path(src), Path(dst)
         model, backend_options = self.open_file(src)
+        backend_options["input_shapes"] = input_sizes(model, dims, shapes)
         reads = _io.files_read(model, src)
         check_output_path(dst)
         same = os.path.realpath(dst) == os.path.realpath(src)
@@ -276,6 +303,26 @@ class OnnxBackend(FileBackend):
         return rows, classifier, notes
 
 
+def input_sizes(model: onnx.ModelProto, dims=None, shapes=None) -> dict | None:
+    """The sizes of each data input (None where not given) from ``dims`` (``--dim``, by
+    dimension name) and ``shapes`` (``--input-shape``, by input name), for shape
+    inference; None when neither is given. A name the model does not have, or a shape
+    its input refuses, is one :class:`CLEError` naming each."""
+    if not dims and not shapes:
+        return None
+    dims, shapes = dims or {}, shapes or {}
+    problems = _inputs.unknown_names(model, dims, shapes)
+    sizes = {}
+    for vi in data_inputs(model):
+        known, bad = _inputs.input_dims(vi, dims, shapes)
+        problems += bad
+        if known is not None:
+            sizes[vi.name] = tuple(known)
+    if problems:
+        raise CLEError("; ".join(problems))
+    return sizes
+
+
 def _no_options(options: dict) -> None:
     if options:
         raise TypeError(f"unexpected options for the ONNX backend: {', '.join(sorted(options))}")
@@ -288,6 +335,7 @@ def equalize_model(
     base_dir: str | os.PathLike | None = None,
     calibration: Any = None,
     verify: bool = False,
+    input_shapes: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
     """Equalize an ONNX model. Returns ``(equalized ModelProto, report)``.
@@ -305,6 +353,12 @@ def equalize_model(
     ``docs/safety.rst``, "Calibration"). Keyword options are
     :class:`cle_core.EqualizeOptions` fields (``objective``, ``activation_bits``,
     ``per_channel``, ``deployment`` ...).
+
+    ``input_shapes``: sizes by input name (``{"x": (1, 3, 48, 320)}``; None for a size
+    left dynamic) for the dimensions the model leaves dynamic, the batch aside: shapes
+    are inferred with them, so that Reshapes and the layers after them are known where
+    the model computes its shapes from the input's (the file is not changed; the
+    equalization holds for the model as it is, at any size its ops accept).
 
     ``verify=True`` (needs ``calibration``) quantizes the original, its batch norms
     folded, and the equalized model with the deployment the scales were chosen for
@@ -325,12 +379,19 @@ def equalize_model(
         base_dir, inplace, owned = path.parent, False, not verify
     else:
         model, owned = model_or_path, False
+    sizes = {"input_shapes": dict(input_shapes)} if input_shapes else {}
     if not verify:
         return OnnxBackend().run(
-            model, cle_options, calibration, inplace=inplace, base_dir=base_dir, owned=owned
+            model,
+            cle_options,
+            calibration,
+            inplace=inplace,
+            base_dir=base_dir,
+            owned=owned,
+            **sizes,
         )
-    new, report = OnnxBackend().run(model, cle_options, calibration, base_dir=base_dir)
-    folded, _ = OnnxBackend().run(model, folded_only(cle_options), base_dir=base_dir)
+    new, report = OnnxBackend().run(model, cle_options, calibration, base_dir=base_dir, **sizes)
+    folded, _ = OnnxBackend().run(model, folded_only(cle_options), base_dir=base_dir, **sizes)
     return _verified(model, folded, new, report, cle_options, calibration, inplace)
 
 

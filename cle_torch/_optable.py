@@ -78,6 +78,7 @@ def _sig_avgpool(input, kernel_size, stride=None, padding=0, ceil_mode=False,
 def _sig_adaptive(input, output_size): ...
 def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
 def _sig_mean(input, dim=None, keepdim=False, dtype=None): ...
+def _sig_select(input, dim, index): ...
 def _sig_interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
                      recompute_scale_factor=None, antialias=False): ...  # fmt: skip
 def _sig_view(input, *shape): ...
@@ -209,6 +210,7 @@ _FUNCTIONS = _table(
         torch.permute: "f_permute",
         getattr: "f_getattr",
         operator.getitem: "f_getitem",
+        torch.select: "f_select",
         torch.unflatten: "f_unflatten",
         (torch.matmul, operator.matmul, torch.bmm): "f_matmul",
         (F.softmax, torch.softmax): "f_softmax",
@@ -233,6 +235,7 @@ _METHODS = _table(
         ("div", "true_divide"): "f_div",
         ("transpose", "swapaxes", "swapdims"): "f_transpose",
         "permute": "f_permute",
+        "select": "f_select",
         "unflatten": "f_unflatten",
         ("matmul", "bmm"): "f_matmul",
         "softmax": "f_softmax",

@@ -74,7 +74,7 @@ def add_parser(sub) -> None:
         "images, a .npy array (a model with one input) or a .npz of arrays by input name "
         "(integer and boolean inputs need their real values here)",
     )
-    add_size_options(eq, "for --check's random inputs and for images")
+    add_size_options(eq, "for --check's random inputs, images and shape inference")
     eq.add_argument(
         "--plot",
         metavar="DIR",
@@ -158,12 +158,14 @@ def run(args) -> int:
         calibration = backend.read_inputs(spec, src, dims, shapes)
     with Progress() as progress:
         progress.update("loading", 0.0)
+        sizes = {"dims": dims, "shapes": shapes} if dims or shapes else {}
         report, files = backend.equalize_file(
             src,
             dst,
             options,
             progress=lambda s, f: progress.update(s, 0.1 + 0.8 * f),
             calibration=calibration,
+            **sizes,
         )
     if args.verify:
         report = _verify(backend, src, dst, options, calibration, report)

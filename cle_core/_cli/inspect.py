@@ -6,7 +6,16 @@ from pathlib import Path
 
 from .._backend import get_backend_for_file
 from .._report import Report
-from ._common import EXIT_OK, UsageError, add_cle_options, add_verbose_flag, cle_options
+from ._common import (
+    EXIT_OK,
+    UsageError,
+    add_cle_options,
+    add_size_options,
+    add_verbose_flag,
+    cle_options,
+    parse_dims,
+    parse_shapes,
+)
 
 
 def add_parser(sub) -> None:
@@ -18,6 +27,7 @@ def add_parser(sub) -> None:
     )
     ins.add_argument("input", metavar="IN")
     add_verbose_flag(ins)
+    add_size_options(ins, "for shape inference (a backend may use them)")
     add_cle_options(ins)
     ins.set_defaults(run=run)
 
@@ -29,7 +39,9 @@ def run(args) -> int:
             "--bias-correction empirical runs the model on calibration inputs, which "
             "inspect does not take: cle equalize --calibration ... does it"
         )
-    report = get_backend_for_file(args.input).inspect_file(Path(args.input), options)
+    dims, shapes = parse_dims(args.dim), parse_shapes(args.input_shape)
+    sizes = {"dims": dims, "shapes": shapes} if dims or shapes else {}
+    report = get_backend_for_file(args.input).inspect_file(Path(args.input), options, **sizes)
     print(format_inspection(report, args.verbose))
     return EXIT_OK
 

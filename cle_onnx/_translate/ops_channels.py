@@ -1,5 +1,6 @@
 """Handlers of the ops that pass, cut or join the channels: Identity, Dropout, Split,
-Slice, Concat, Flatten, Reshape (a flatten, or a ``reshape`` to a static shape)."""
+Slice (of the channels, or a ``select`` of positions), Concat, Flatten, Reshape (a
+flatten, or a ``reshape`` to a static shape)."""
 
 from __future__ import annotations
 
@@ -48,35 +49,59 @@ class _ChannelOps:
             offset += width
 
     def op_Slice(self, index, node, name):
-        """Channels ``start`` to ``end`` (step 1) and nothing cut on other axes."""
+        """One axis cut with constant starts, ends and steps: channels ``start`` to
+        ``end`` (step 1) of channel-first data (a ``slice``), or positions of another axis
+        (a ``select``: ``x[:, 1:]`` of tokens), which the core follows where the axis is
+        not the channels'."""
         src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
         if src is None or dst is None or len(src) != len(dst) or len(src) < 2:
             return "its input's or output's shape is not known"
-        if any(a != b for i, (a, b) in enumerate(zip(src, dst, strict=True)) if i != 1):
-            return "cuts an axis other than the channels"
         if self.opset < 10:
             a = _attrs(node)
-            starts, axes, steps = a.get("starts"), a.get("axes"), None
+            args = [None, a.get("starts"), a.get("ends"), a.get("axes"), None]
         else:
             names = list(node.input) + [""] * 5
-            args = [self.const(n) if n else None for n in names]
+            args = [self.const(n) if n else None for n in names[:5]]
             if any(n and a is None for n, a in zip(names[1:5], args[1:5], strict=True)):
                 return "its starts, ends, axes or steps are not constant"
-            starts, axes, steps = args[1], args[3], args[4]
-        if starts is None:
-            return "its starts are not constant"
-        if not isinstance(src[1], int) or not isinstance(dst[1], int) or dst[1] < 1:
-            return "its channel counts are not known"
-        starts = [int(v) for v in np.asarray(starts).reshape(-1)]
-        axes = list(range(len(starts))) if axes is None else list(np.asarray(axes).reshape(-1))
-        if steps is not None and any(int(v) != 1 for v in np.asarray(steps).reshape(-1)):
-            return f"steps {[int(v) for v in np.asarray(steps).reshape(-1)]}: not a run of channels"
-        found = [st for st, ax in zip(starts, axes, strict=True) if int(ax) % len(src) == 1]
-        if len(found) != 1:
-            return "it slices no channels"
-        start = min(max(found[0] + src[1] if found[0] < 0 else found[0], 0), src[1])
-        attrs = {"offset": start, "channels": dst[1]}
-        self.add("slice", [node.input[0]], name, index, attrs=attrs)
+        if args[1] is None or args[2] is None:
+            return "its starts or ends are not given"
+        starts, ends = ([int(v) for v in np.asarray(a).reshape(-1)] for a in args[1:3])
+        rank = len(src)
+        axes = range(len(starts)) if args[3] is None else np.asarray(args[3]).reshape(-1)
+        axes = [int(v) % rank for v in axes]
+        steps = [1] * len(starts) if args[4] is None else np.asarray(args[4]).reshape(-1)
+        steps = [int(v) for v in steps]
+        cuts = [
+            k
+            for k, ax in enumerate(axes)
+            if not (
+                starts[k] == 0
+                and steps[k] == 1
+                and ends[k] >= (src[ax] if isinstance(src[ax], int) else 1 << 62)
+            )
+        ]
+        if not cuts:  # every axis kept whole
+            self.add("identity", [node.input[0]], name, index)
+            return None
+        if len(cuts) != 1:
+            return "it cuts several axes"
+        k = cuts[0]
+        ax, step = axes[k], steps[k]
+        if ax == 1 and self.axis.get(node.input[0]) in (1, None):
+            if step != 1:
+                return f"steps {steps}: not a run of channels"
+            if not isinstance(src[1], int) or not isinstance(dst[1], int) or dst[1] < 1:
+                return "its channel counts are not known"
+            start = min(max(starts[k] + src[1] if starts[k] < 0 else starts[k], 0), src[1])
+            attrs = {"offset": start, "channels": dst[1]}
+            self.add("slice", [node.input[0]], name, index, attrs=attrs)
+            return None
+        if step < 1:
+            return f"step {step}: it reverses the positions"
+        cut = slice(starts[k], ends[k], step)
+        self.add("select", [node.input[0]], name, index, attrs={"axis": ax, "index": cut})
+        return None
 
     def op_Concat(self, index, node, name):
         axis = int(_attrs(node).get("axis", 0))

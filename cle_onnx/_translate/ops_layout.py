@@ -1,7 +1,8 @@
 """Handlers of the ops that move channels between axes or mix positions: Transpose,
-Squeeze / Unsqueeze (a ``reshape``), MatMul of two activations (attention), Softmax
-(opaque, runnable by the core's executor), Expand / Tile (opaque, with the reason).
-Reshape is in ``ops_channels`` (a flatten, or a ``reshape``)."""
+Squeeze / Unsqueeze (a ``reshape``), MatMul of two activations (attention), Gather of
+constant positions (a ``select``: the class token), Softmax (opaque, runnable by the
+core's executor), Expand / Tile (opaque, with the reason). Reshape and Slice are in
+``ops_channels``."""
 
 from __future__ import annotations
 
@@ -78,6 +79,28 @@ class _LayoutOps:
         if (src[0] is None) != (dst[0] is None):
             return "its batch size is not kept"
         self.add("reshape", [node.input[0]], name, index, attrs={"shape": tuple(dst)})
+
+    def op_Gather(self, index, node, name):
+        """Constant positions of an activation's axis (``x[:, 0]``: the class token): a
+        ``select``, which the core follows where the axis is not the channels' and
+        refuses with the reason where it is. An embedding (a constant table read at data
+        positions) stays opaque."""
+        data, where = node.input[0], node.input[1]
+        if data in self.fixed:
+            return False
+        rank = self.rank(data)
+        if rank is None:
+            return "its input's rank is not known"
+        positions = self.const(where)
+        if positions is None or positions.dtype.kind not in "iu":
+            return "its indices are not constant: it selects by computed positions"
+        if positions.ndim > 1:
+            return f"its indices have rank {positions.ndim}: they reshape the axis"
+        chosen = (
+            int(positions) if positions.ndim == 0 else tuple(int(i) for i in positions.reshape(-1))
+        )
+        axis = int(_attrs(node).get("axis", 0)) % rank
+        self.add("select", [data], name, index, attrs={"axis": axis, "index": chosen})
 
     def op_Expand(self, index, node, name):
         return _REPEATS

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import numpy_helper
 
 from cle_core import Graph, UnsupportedModelError
 
 from .constants import _constant_value, _ConstantFolding
+from .inference import infer, shape_values
 from .layouts import _ChannelAxes
 from .ops_channels import _ChannelOps
 from .ops_elementwise import _ElementwiseOps
@@ -58,7 +59,13 @@ class _Reader(
     the mixins of the ``ops_*`` modules, one module per kind of op; a new op is one more
     method there. This class holds the state and the lookups they share."""
 
-    def __init__(self, model: onnx.ModelProto, take_ownership: bool, base_dir: str | None):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        take_ownership: bool,
+        base_dir: str | None,
+        input_shapes: dict | None = None,
+    ):
         self.model = model
         g = model.graph
         self.opset = default_opset(model)
@@ -85,6 +92,7 @@ class _Reader(
                 value = _constant_value(node)
                 if value is not None:
                     self.constants[node.output[0]] = value
+        self.node_constants = dict(self.constants)  # before folding adds to them
         self.graph_outputs = {o.name for o in g.output}
         self.producers = {
             o: i for i, n in enumerate(g.node) if n.domain in ("", "ai.onnx") for o in n.output if o
@@ -98,17 +106,8 @@ class _Reader(
             subgraph_reads.update(names[len([n for n in node.input if n]) :])
             for name in names:
                 self.users.setdefault(name, []).append(i)
-        inferred = model
-        # Data propagation knows the shapes that exporters compute with Shape / Slice /
-        # Concat (a Reshape's target); where it fails, the plain inference still runs.
-        for data_prop in (True, False):
-            try:
-                inferred = shape_inference.infer_shapes(
-                    model, strict_mode=False, data_prop=data_prop
-                )
-                break
-            except Exception:
-                continue
+        self.input_shapes = dict(input_shapes or {})
+        inferred = infer(model, self.input_shapes)
         self.dims = _dims(inferred)
         self.translation = Translation(
             self.users,
@@ -125,7 +124,30 @@ class _Reader(
         # why a value computed from constants has no folded value (for skip reasons)
         self.unfolded: dict[str, str] = {}
         self._fold_constants()
+        self._refine_shapes()
         self._follow_channel_axes()
+
+    def _refine_shapes(self, rounds: int = 8) -> None:
+        """Infer the shapes again with the values the folding found that onnx's own
+        inference did not (see :mod:`.inference`), while that teaches it something: a
+        later Reshape's target may read a shape learnt in the round before."""
+        given = set(self.inits) | set(self.node_constants)
+        known: dict[str, np.ndarray] = {}
+        for _ in range(rounds):
+            new = shape_values(self.model, self.constants, self.dims, given | set(known))
+            if not new:
+                return
+            known.update(new)
+            inferred = infer(self.model, self.input_shapes, known)
+            dims = _dims(inferred)
+            if dims == self.dims:
+                return
+            self.dims = dims
+            self.translation.ranks = {k: len(v) for k, v in dims.items()}
+            self.translation.dtypes = _dtypes(inferred)
+            self.constants = dict(self.node_constants)
+            self.unfolded = {}
+            self._fold_constants()
 
     # --- helpers ----------------------------------------------------------------------
     def const(self, name: str) -> np.ndarray | None:
@@ -279,15 +301,20 @@ class _Reader(
 
 
 def to_ir(
-    model: onnx.ModelProto, take_ownership: bool = False, base_dir: str | None = None
+    model: onnx.ModelProto,
+    take_ownership: bool = False,
+    base_dir: str | None = None,
+    input_shapes: dict | None = None,
 ) -> tuple[Graph, Translation]:
     """Translate ``model`` into an IR graph.
 
     With ``take_ownership`` the layer weights' bytes move from the proto into the
     graph's arrays (one copy in memory); :func:`cle_onnx._apply.apply` puts them back,
-    and so does this function if the translation fails.
+    and so does this function if the translation fails. ``input_shapes``: sizes by
+    input name (None where not given) for the dimensions the model leaves dynamic, the
+    batch aside: shapes are inferred with them (the model is not changed).
     """
-    reader = _Reader(model, take_ownership, base_dir)
+    reader = _Reader(model, take_ownership, base_dir, input_shapes)
     try:
         return reader.run()
     except BaseException:

@@ -1,7 +1,8 @@
 """Ops that move channels between axes, and attention: transpose / permute / ``.T`` /
 swapaxes, a reshape / view / flatten / unflatten with static shapes, matmul / bmm / ``@``
-of two activations, softmax, ``F.scaled_dot_product_attention``; the repeats of K / V
-heads of grouped-query attention are refused with the reason.
+of two activations, softmax, ``F.scaled_dot_product_attention``, positions of one axis
+(``x[:, 0]``, ``x[:, 1:]``, ``torch.select``); the repeats of K / V heads of
+grouped-query attention are refused with the reason.
 
 The IR's ``transpose`` and ``reshape`` take the shapes of the example run (see
 ``propagate``): without ``dummy_input`` or ``input_shapes`` a reshape other than a
@@ -20,7 +21,15 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .._optable import _bind, _number, _Opaque, _sig_sdpa, _sig_softmax, _sig_transpose
+from .._optable import (
+    _bind,
+    _number,
+    _Opaque,
+    _sig_sdpa,
+    _sig_select,
+    _sig_softmax,
+    _sig_transpose,
+)
 
 # Why a repeat of K / V heads is not translated: the core keeps one scale per channel,
 # and a repeated V channel feeds the O columns of several heads.
@@ -189,8 +198,9 @@ class Moves:
         self.emit("matmul", node, [weights, v], rank=ranks.pop(), channels=None)
 
     def f_getitem(self, node, fn, args, kwargs) -> None:
-        """Indexing an activation is not translated; ``x[:, :, None]`` read only by an
-        ``expand`` is how grouped-query attention repeats K / V heads."""
+        """``x[:, 0]``, ``x[:, 1:]``: positions of one axis (:meth:`select`); ``x[:, :,
+        None]`` read only by an ``expand`` is how grouped-query attention repeats K / V
+        heads (refused with the reason); other indexing is not translated."""
         src = args[0] if args else None
         if isinstance(src, fx.Node) and src.name in self.mha and len(args) == 2:
             if args[1] == 0:
@@ -202,7 +212,47 @@ class Moves:
             x = args[0] if args else None
             if isinstance(x, fx.Node) and x.name in self.values and x.name not in self.point:
                 raise _Opaque(GQA_WHY)
-        raise _Opaque("not understood")
+        # a tuple key: a tensor's index (``t[0]`` of a tuple of outputs is an int)
+        if len(args) != 2 or not isinstance(args[1], tuple):
+            raise _Opaque("not understood")
+        x = self.data(src)
+        rank = self.rank.get(x.name)
+        if rank is None:
+            raise _Opaque("an index of a tensor of unknown rank: pass dummy_input")
+        key = list(args[1])
+        if any(k is None for k in key):
+            raise _Opaque("it inserts an axis")
+        dots = [i for i, k in enumerate(key) if k is Ellipsis]
+        if len(dots) > 1 or len(key) - len(dots) > rank:
+            raise _Opaque("not understood")
+        if dots:
+            key[dots[0] : dots[0] + 1] = [slice(None)] * (rank - len(key) + 1)
+        cut = [(a, k) for a, k in enumerate(key) if not (isinstance(k, slice) and k == slice(None))]
+        if len(cut) != 1:
+            raise _Opaque("it indexes several axes" if cut else "it indexes nothing")
+        self.select(node, x, *cut[0])
+
+    def f_select(self, node, fn, args, kwargs) -> None:
+        """``torch.select(x, dim, index)``, ``x.select(dim, index)``."""
+        b = _bind(_sig_select, args, kwargs)
+        x = self.data(b["input"])
+        rank = self.rank.get(x.name)
+        if rank is None or not isinstance(b["dim"], int):
+            raise _Opaque("dim or rank not static: pass dummy_input")
+        self.select(node, x, b["dim"] % rank, b["index"])
+
+    def select(self, node: fx.Node, x: fx.Node, axis: int, index) -> None:
+        """Positions ``index`` (an integer or a slice of constants) of ``axis``: the core
+        follows the channels through it where the axis is not theirs, and refuses it with
+        the reason where it is."""
+        parts = (index.start, index.stop, index.step) if isinstance(index, slice) else (index,)
+        if not all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in parts):
+            raise _Opaque("its index is not a constant integer or slice")
+        if isinstance(index, slice) and (index.step or 1) < 1:
+            raise _Opaque("a slice with a step below 1")
+        rank = self.rank[x.name] - (1 if isinstance(index, int) else 0)
+        attrs = {"axis": axis, "index": index}
+        self.emit("select", node, [x], rank=rank, channels=self.chan.get(x.name), attrs=attrs)
 
     def f_repeat_heads(self, node, fn, args, kwargs) -> None:
         """``repeat_interleave`` / ``expand`` of an activation: refused with the reason

@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cle_core import EqualizeOptions, equalize, run_graph
-from cle_core._layout import LayoutError, matmul_axes, reshape_axes, transpose_axes
+from cle_core._layout import (
+    LayoutError,
+    matmul_axes,
+    reshape_axes,
+    select_axes,
+    select_shape,
+    transpose_axes,
+)
 from cle_core._regions import find_regions
 from cle_core._scale import apply_scales
 from cle_core._stats import StatsAccumulator, positions
@@ -120,6 +127,47 @@ def test_heads_split_and_merged_back_keep_the_channels(b, t, h, d, perm3):
     assert reshape_axes((b, t, h, d), back, shape) == (2,)
 
 
+@st.composite
+def _selections(draw):
+    """A shape, its channels on one or two axes (not the batch), and a selection of
+    positions of one axis: an integer (negative too), a slice or a list of indices."""
+    rank = draw(st.integers(2, 5))
+    shape = tuple(draw(st.integers(1, 4)) for _ in range(rank))
+    axes = tuple(draw(st.lists(st.integers(1, rank - 1), min_size=1, max_size=2, unique=True)))
+    axis = draw(st.integers(0, rank - 1))
+    n = shape[axis]
+    kind = draw(st.sampled_from(["int", "slice", "list"]))
+    if kind == "int":
+        index = draw(st.integers(-n, n - 1))
+    elif kind == "slice":
+        index = slice(
+            draw(st.one_of(st.none(), st.integers(-n, n))),
+            draw(st.one_of(st.none(), st.integers(-n, n))),
+            draw(st.one_of(st.none(), st.integers(1, 3))),
+        )
+    else:
+        index = tuple(draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=4)))
+    return shape, axes, axis, index
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_selections())
+def test_selected_positions_keep_every_channel_where_the_functions_say(case):
+    """Selecting positions of an axis that is not the channels' (a class token
+    ``x[:, 0]``): the channel of every element of the result, brute force, is the one
+    the layout says, and the shape is NumPy's. The batch axis and the channels' own axes
+    are refused."""
+    shape, axes, axis, index = case
+    x = _channel_index(shape, axes)
+    y = x[(slice(None),) * axis + (list(index) if isinstance(index, tuple) else index,)]
+    if axis == 0 or axis in axes:
+        with pytest.raises(LayoutError, match="batch" if axis == 0 else "along the channels"):
+            select_axes(len(shape), axes, axis, index)
+        return
+    assert select_shape(shape, axis, index) == y.shape
+    assert np.array_equal(_channel_index(y.shape, select_axes(len(shape), axes, axis, index)), y)
+
+
 def test_refusals_name_what_breaks_the_channels():
     with pytest.raises(LayoutError, match="merges the channels with another axis"):
         reshape_axes((2, 8, 3, 3), (1,), (2, 72))  # a flatten
@@ -221,6 +269,41 @@ def test_heads_merged_out_of_order_are_refused():
     regions, skips = _kinds(g)
     assert not regions
     assert any("permutes the channels" in s.reason for s in skips)
+
+
+def _class_token_head(index, axis: int = 1, seed: int = 0):
+    """Tokens -> LayerNorm -> positions ``index`` of ``axis`` -> a head Linear (a ViT's
+    or BERT's classifier on the class token)."""
+    b = TokenBuilder(seed)
+    x = b.input(8)
+    n = b.norm(x, 8)
+    shape = select_shape(b.g.values[n].shape, axis, index)
+    picked = b.op("select", [n], out_shape=shape, axis=axis, index=index)
+    return b.build([b.linear(picked, 8, 3)])
+
+
+@pytest.mark.parametrize("index", [0, -1, slice(0, 1), slice(1, None, 2), (4, 0, 0)])
+def test_the_class_token_carries_the_norm_to_the_head_exactly(index):
+    g = _class_token_head(index)
+    x = feed_tokens(g)
+    before = run_graph(g, x)
+    regions, skips = _kinds(g)
+    assert [
+        (r.kind, [n.name for n, _ in r.sources], [n.name for n, *_ in r.sinks]) for r in regions
+    ] == [("norm", ["layernorm1"], ["fc3"])], skips
+    s = np.random.default_rng(0).uniform(0.01, 100, regions[0].size)
+    apply_scales(regions, {regions[0].id: s})
+    after = run_graph(g, x)
+    for k, ref in before.items():
+        assert np.max(np.abs(after[k] - ref)) <= 1e-9 * np.max(np.abs(ref))
+    assert positions(g)[g.outputs[0].name] == int(np.prod(before[k].shape[1:-1]))
+
+
+def test_a_selection_of_channels_or_of_the_batch_is_refused_with_the_reason():
+    _, skips = _kinds(_class_token_head(0, axis=2))  # x[:, :, 0]: one channel
+    assert any("selects along the channels (axis 2)" in s.reason for s in skips), skips
+    _, skips = _kinds(_class_token_head(0, axis=0))
+    assert any("selects along the batch axis" in s.reason for s in skips), skips
 
 
 def test_post_ln_output_also_feeds_the_residual():

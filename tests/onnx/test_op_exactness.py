@@ -716,7 +716,12 @@ CASES: list[Case] = [
         refused="steps [2]",
     ),
     _slice("steps -1 (reversed channels)", [([-1], [-BIG], [1], [-1], C)], refused="steps [-1]"),
-    _slice("a spatial axis", [([1], [BIG], [2], None, C)], refused="cuts an axis other"),
+    # positions of a spatial axis: a select, every channel kept whole
+    _slice("a spatial axis", [([1], [BIG], [2], None, C)]),
+    _slice("steps 2 on a spatial axis", [([0], [BIG], [3], [2], C)]),
+    _slice("steps -1 on a spatial axis", [([-1], [-BIG], [2], [-1], C)], refused="reverses"),
+    _slice("two axes", [([1, 1], [BIG, BIG], [2, 3], None, C)], refused="cuts several axes"),
+    _slice("nothing cut (an identity)", [([0, 0], [BIG, C], [2, 1], None, C)]),
     Case("Sum", "one input", between("Sum")),
     Case("Sum", "residual", _residual("Sum")),
     Case("Add", "residual", _residual("Add")),

@@ -8,6 +8,7 @@ lists them and the refused ones with their reasons."""
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 
@@ -32,29 +33,30 @@ from tests.helpers.transformer_models import VARIANTS  # noqa: E402
 # Add), post-LN norms (BERT: their output feeds the residual too), V -> O with
 # grouped-query attention (the K / V heads' repetition is opaque), V -> O behind
 # nn.MultiheadAttention's packed in-projection (its q / k / v split is not a channel
-# slice the core follows), and the final norm -> head through the class token
-# (``x[:, 0]``, a Gather: no IR op selects a position).
-VIT = ["norm", "attention", "norm"] * 2
+# slice the core follows). The final norm -> head is there, through the class token
+# (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens.
+VIT = ["norm", "attention", "norm"] * 2 + ["norm"]
 LLAMA = ["norm", "norm", "gated"] * 2 + ["norm"]
 EXPECTED = {
     ("vit", "ts"): VIT,
     ("vit", "dynamo"): VIT,
-    ("vit_mean_pool", "ts"): [*VIT, "norm"],
-    ("vit_mean_pool", "dynamo"): [*VIT, "norm"],
+    ("vit_mean_pool", "ts"): VIT,
+    ("vit_mean_pool", "dynamo"): VIT,
     ("vit_sdpa", "ts"): VIT,
     ("vit_sdpa", "dynamo"): VIT,
-    ("vit_mha", "ts"): ["norm"] * 4,
+    ("vit_mha", "ts"): ["norm"] * 5,
     # the dynamo exporter stores the two blocks' in-projection biases (zeros, as
     # nn.MultiheadAttention initializes them) as one tensor: shared, never scaled
-    ("vit_mha", "dynamo"): ["norm"] * 2,
+    ("vit_mha", "dynamo"): ["norm"] * 3,
     ("llama", "ts"): LLAMA,
     ("llama", "dynamo"): LLAMA,
     ("llama_expand", "ts"): LLAMA,
     ("llama_expand", "dynamo"): LLAMA,
     # nn.RMSNorm: the TorchScript exporter cannot export aten::rms_norm
     ("llama_nn_rmsnorm", "dynamo"): LLAMA,
-    ("bert", "ts"): [],
-    ("bert", "dynamo"): [],
+    # post-LN: only the last norm, which feeds the head alone (through the class token)
+    ("bert", "ts"): ["norm"],
+    ("bert", "dynamo"): ["norm"],
     ("convnext", "ts"): ["norm"] * 4,
     ("convnext", "dynamo"): ["norm"] * 4,
     # opset 16: no LayerNormalization, the TorchScript exporter writes it out
@@ -65,7 +67,7 @@ EXPECTED = {
 
 # Refusals ``cle inspect -v`` must give, with (a part of) their reason.
 REFUSED = {
-    "vit": ["the MatMul sums over the channels", "opaque Gelu", "opaque Gather"],
+    "vit": ["the MatMul sums over the channels", "opaque Gelu"],
     "llama": [
         "grouped-query attention repeats its K / V heads",
         "multiplies by a constant that is not per channel",  # rotary: no Q -> K
@@ -394,3 +396,97 @@ def test_nan_in_a_norm_s_scale_is_one_error_naming_it_and_the_input_is_untouched
     with pytest.raises(NonFiniteError, match=r"norm1.*\(norm\): NaN in gamma"):
         cle_onnx.equalize_model(model)
     assert model.SerializeToString() == before
+
+
+# --- positions selected: the class token -------------------------------------------
+
+
+def _class_token_model(pick: str, axis: int = 1, constant_index: bool = True):
+    """Tokens ``(2, 5, 8)`` -> LayerNormalization -> positions of ``axis`` -> a head.
+    ``pick``: ``gather`` (``x[:, 0]``, a scalar index: Gemm head), ``gather_list``
+    (indices ``[4, 0]``), ``slice`` (``x[:, 1::2]``), ``slice_all`` (``x[:, 1:]`` with the
+    exporters' INT64_MAX end)."""
+    b = _Builder(9, 17)
+    gamma, beta = _affine(b, 8)
+    h = b.node("LayerNormalization", ["x", gamma, beta], axis=-1)
+    if pick.startswith("gather"):
+        index = np.array(0) if pick == "gather" else np.array([4, 0])
+        if constant_index:
+            where = b.ints(index, "index")
+        else:  # a position computed from the data (a scalar in 0..4)
+            where = b.node("ReduceMin", [b.node("ArgMax", ["x"], axis=1, keepdims=0)], keepdims=0)
+        picked = b.node("Gather", [h, where], axis=axis)
+    else:
+        step, end = (2, 5) if pick == "slice" else (1, np.iinfo(np.int64).max)
+        args = [b.ints([1], "starts"), b.ints([end], "ends"), b.ints([axis], "axes")]
+        picked = b.node("Slice", [h, *args, b.ints([step], "steps")])
+    if pick == "gather" and axis == 1:
+        w = b.init(b.spread((3, 8), axis=0))
+        head = b.node("Gemm", [picked, w, b.init(b.normal(3), "bias")], transB=1)
+    else:
+        index = {"gather": 0, "gather_list": [4, 0], "slice": slice(1, 5, 2)}.get(pick)
+        index = slice(1, None) if index is None else index
+        last = np.zeros((2, 5, 8))[(slice(None),) * axis + (index,)].shape[-1]
+        head = _tokens(b, picked, last, 3)
+    return _model(b, (2, 5, 8), [head])
+
+
+@pytest.mark.parametrize("pick", ["gather", "gather_list", "slice", "slice_all"])
+def test_the_class_token_carries_the_final_norm_to_the_head(always_scale, pick):
+    """``x[:, 0]`` (a Gather of one position), a list of positions, a slice of them: the
+    norm -> head pair is found through it and equalized exactly."""
+    model = _class_token_model(pick)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    _, report = _equalize_exactly(model, x)
+    assert [r.kind for r in report.regions] == ["norm"], report.summary(verbose=True)
+    # the core's executor selects what onnxruntime does
+    graph, _ = cle_onnx._translate.to_ir(model)
+    graph.validate()
+    assert [n.op for n in graph.nodes] == ["norm", "select", "linear"]
+    got = run_graph(graph, {"x": x})[model.graph.output[0].name]
+    want = _run(model, x)
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+@pytest.mark.parametrize(
+    ("pick", "axis", "constant", "why"),
+    [
+        ("gather", 2, True, "selects along the channels (axis 2)"),
+        ("slice", 2, True, "selects along the channels (axis 2)"),
+        ("gather", 0, True, "selects along the batch axis"),
+        ("gather", 1, False, "its indices are not constant"),
+    ],
+)
+def test_a_selection_of_channels_or_by_computed_positions_is_refused(pick, axis, constant, why):
+    model = _class_token_model(pick, axis, constant)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    eq, report = cle_onnx.equalize_model(model)
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90  # a valid model, left as it was
+    assert not report.regions
+    assert any(why in s.reason for s in report.skipped), report.summary(verbose=True)
+
+
+def test_calibrated_bert_an_opaque_residual_branch_measured_along_the_tokens():
+    """nn.MultiheadAttention's output reaches the residual Add through ops the IR keeps
+    opaque (channels unknown: measured along axis 1, the tokens); the Add's estimate
+    does not sum those statistics with the channels' (it raised a broadcast error), and
+    the final norm -> head is found and equalized exactly."""
+    torch_model = VARIANTS["bert"]()
+    x = torch_model.example_input(2)
+    buffer = io.BytesIO()  # with a dynamic batch, as the benchmark exports it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            torch_model,
+            (x,),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            dynamic_axes={"x": {0: "N"}},
+        )
+    model, x = onnx.load_from_string(buffer.getvalue()), x.numpy()
+    calibration = torch_model.example_input(8, seed=1).numpy()
+    eq, report = cle_onnx.equalize_model(model, calibration=calibration)
+    assert [r.kind for r in report.regions] == EXPECTED["bert", "ts"]
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90

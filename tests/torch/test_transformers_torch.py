@@ -48,13 +48,14 @@ def _norm_qkv(b):
     return ("norm", (f"blocks.{b}.norm1",), tuple(f"blocks.{b}.attn.{p}" for p in "qkv"))
 
 
-def _vit_regions(out_proj: str = "proj"):
+def _vit_regions(out_proj: str = "proj", head: bool = True):
     out = []
     for b in (0, 1):
         out.append(_norm_qkv(b))
         out.append(("attention", (f"blocks.{b}.attn.v",), (f"blocks.{b}.attn.{out_proj}",)))
         out.append(("norm", (f"blocks.{b}.norm2",), (f"blocks.{b}.fc1",)))
-    return out
+    # the final norm -> head through the class token (x[:, 0])
+    return [*out, ("norm", ("norm",), ("head",))] if head else out
 
 
 def _llama_regions():
@@ -69,11 +70,11 @@ def _llama_regions():
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
 #: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's
-#: nn.TransformerEncoderLayer (kept whole), the final norm -> head through the class
-#: token slice or the mean over tokens (not translated), fc1 -> GELU -> fc2.
+#: nn.TransformerEncoderLayer (kept whole), the final norm -> head through the mean over
+#: tokens (not translated), fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
-    "vit_mean_pool": _vit_regions(),
+    "vit_mean_pool": _vit_regions(head=False),
     "vit_sdpa": _vit_regions(),
     "vit_mha": _vit_regions("out_proj"),  # q / k / v: rows of the packed in_proj_weight
     "llama": _llama_regions(),
@@ -344,6 +345,13 @@ MOVES = {
     "heads moved and back": lambda y: (
         y.reshape(y.shape[0], 7, 3, 4).transpose(1, 2).transpose(1, 2).reshape(y.shape[0], 7, 12)
     ),
+    # positions selected: the class token and its kin (the channels stay whole)
+    "x[:, 0]": lambda y: y[:, 0],
+    "x[:, -1, :]": lambda y: y[:, -1, :],
+    "x[:, 1:]": lambda y: y[:, 1:],
+    "x[..., ::2, :]": lambda y: y[..., ::2, :],
+    "torch.select": lambda y: torch.select(y, 1, 3),
+    "Tensor.select": lambda y: y.select(-2, 0),
 }
 
 
@@ -360,6 +368,39 @@ def test_channels_are_followed_through_moves(move):
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
     assert [(r.sources, r.sinks) for r in report.regions] == [(("a",), ("b",))]
     assert report.regions[0].scales.max() / report.regions[0].scales.min() > 2
+
+
+class _PickChannel(nn.Module):
+    """A Linear over the positions of one channel (``x[:, :, 0]``): the selection takes
+    a channel, which no per-channel scale commutes with."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(7, 5)
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, :, 0])
+
+
+def test_a_selection_of_a_channel_is_refused_with_the_reason():
+    model = _PickChannel().eval()
+    x = torch.randn(2, 7, 6)
+    _, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert not report.regions
+    skipped = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
+    assert "selects along the channels (axis 2)" in skipped.get("a -> ?", ""), skipped
+
+
+def test_a_position_computed_from_the_data_is_refused_with_the_reason():
+    """``y[:, i]`` with ``i`` a tensor: not a constant position, left opaque."""
+    model = _Moved(_Fn(lambda y: y[:, y[0, :, 0].argmax()])).eval()
+    x = torch.randn(2, 7, 6)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert not report.regions
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any("its index is not a constant integer or slice" in r for r in reasons), reasons
 
 
 class _Fn(nn.Module):
@@ -499,7 +540,7 @@ def test_a_vit_block_of_any_shape_is_equalized_exactly(heads, head_dim, mlp_rati
     finally:
         noise.MIN_GAIN_DB = saved
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
-    assert [r.kind for r in report.regions] == ["norm", "attention", "norm"]
+    assert [r.kind for r in report.regions] == ["norm", "attention", "norm", "norm"]
     assert all(r.scales.max() / r.scales.min() > 1.01 for r in report.regions)
 
 

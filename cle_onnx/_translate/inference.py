@@ -1,0 +1,143 @@
+"""Shape inference for the reader: onnx's, on the model as it is, or on a light copy
+that knows more. Two things make the copy know more:
+
+- input sizes the user gave (``--input-shape``, ``--dim``, ``input_shapes=``) for the
+  dimensions the file leaves dynamic (the batch stays as declared: the IR takes axis 0
+  for it);
+- target shapes the reader folded itself where onnx's data propagation stops (a
+  Reshape's target from ``Shape -> Slice -> Concat`` with Constant nodes, PaddlePaddle's
+  flatten of the spatial axes before a transformer neck): given as initializers, they
+  make the output's rank and sizes, and so every later value's, known.
+
+The copy holds no weight bytes (a float initializer becomes an input of its type and
+shape) and is used for the shapes only; the model itself is never changed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from .constants import _Dim
+
+# Node inputs (by op, from index 1 on) that hold shapes, sizes or axes: where a folded
+# value tells the inference what it could not compute itself.
+_SHAPE_READERS = frozenset(
+    {"Reshape", "Expand", "Tile", "Slice", "Squeeze", "Unsqueeze", "ConstantOfShape", "Range"}
+)
+# Small initializers are kept in the copy (inference reads the values of shapes, axes,
+# Resize's scales); a weight becomes an input of its type and shape.
+_KEEP_ELEMENTS = 1 << 16
+_KEEP_ANY = 64
+_INTEGER_TYPES = frozenset(
+    {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8}
+)
+
+
+def infer(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int | None]] | None = None,
+    known: Mapping[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """``model`` with the shapes onnx infers (data propagation on, else off, else none);
+    with ``input_shapes`` (sizes by input name, None where not given) or ``known``
+    (folded integer values by name), a light copy that has them."""
+    if input_shapes or known:
+        model = _light_copy(model, input_shapes or {}, known or {})
+    # Data propagation knows the shapes that exporters compute with Shape / Slice /
+    # Concat (a Reshape's target); where it fails, the plain inference still runs.
+    for data_prop in (True, False):
+        try:
+            return shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+        except Exception:
+            continue
+    return model
+
+
+def _light_copy(model, input_shapes, known) -> onnx.ModelProto:
+    g = model.graph
+    graph = onnx.GraphProto(name=g.name)
+    graph.node.extend(n for n in g.node if not (len(n.output) == 1 and n.output[0] in known))
+    names = {vi.name for vi in g.input}
+    for vi in g.input:
+        copy = graph.input.add()
+        copy.CopyFrom(vi)
+        sizes = input_shapes.get(vi.name)
+        dims = copy.type.tensor_type.shape.dim if copy.type.HasField("tensor_type") else []
+        if sizes is not None and len(sizes) == len(dims):
+            for i, (d, size) in enumerate(zip(dims, sizes, strict=True)):
+                fixed = d.HasField("dim_value") and d.dim_value > 0
+                if size is not None and not fixed and i > 0:
+                    d.Clear()
+                    d.dim_value = int(size)
+    for t in g.initializer:
+        if t.name in known:
+            continue
+        size = int(np.prod(t.dims))
+        if size <= _KEEP_ANY or (t.data_type in _INTEGER_TYPES and size <= _KEEP_ELEMENTS):
+            graph.initializer.add().CopyFrom(t)
+        elif t.name not in names:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    for name, value in known.items():
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+    graph.output.extend(g.output)
+    graph.value_info.extend(g.value_info)
+    copy = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
+    copy.ir_version = max(int(model.ir_version or 0), 4)
+    copy.functions.extend(model.functions)
+    return copy
+
+
+def shape_values(
+    model: onnx.ModelProto,
+    constants: Mapping[str, np.ndarray],
+    dims: Mapping[str, tuple],
+    given: set[str],
+) -> dict[str, np.ndarray]:
+    """Folded values (``constants``) that a shape-taking input reads and that the
+    inference does not know as values: computed by a node of one output (not given as
+    an initializer or Constant, ``given``), integers, and read where an output's shape
+    is still unknown. A dimension known only as a symbol (:class:`_Dim`, the batch read
+    with Shape) is written as 0 where every reader is a Reshape of that very tensor,
+    which copies it so; else the value is left out."""
+    producers = {o: n for n in model.graph.node for o in n.output if o}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in model.graph.node:
+        for k, name in enumerate(n.input):
+            if name:
+                readers.setdefault(name, []).append((n, k))
+    out: dict[str, np.ndarray] = {}
+    for name, value in constants.items():
+        p = producers.get(name)
+        if name in given or p is None or len(p.output) != 1 or value.ndim > 1:
+            continue
+        uses = readers.get(name, [])
+        wanted = any(
+            n.op_type in _SHAPE_READERS and k >= 1 and any(o and o not in dims for o in n.output)
+            for n, k in uses
+        )
+        if not wanted or value.dtype.kind not in "iuO":
+            continue
+        if value.dtype.kind == "O":
+            value = _symbols_as_copies(value, uses)
+            if value is None:
+                continue
+        out[name] = np.asarray(value, np.int64)
+    return out
+
+
+def _symbols_as_copies(value: np.ndarray, uses) -> np.ndarray | None:
+    """``value`` with each symbolic dimension replaced by 0 (Reshape: copy the input's),
+    where that is what every reader makes of it; else None."""
+    flat = list(value.reshape(-1))
+    for node, k in uses:
+        if node.op_type != "Reshape" or k != 1:
+            return None
+        if any(a.name == "allowzero" and a.i for a in node.attribute):
+            return None
+        for i, d in enumerate(flat):
+            if isinstance(d, _Dim) and (d.value, d.index) != (node.input[0], i):
+                return None
+    return np.array([0 if isinstance(d, _Dim) else int(d) for d in flat], np.int64)
