@@ -202,9 +202,8 @@ class _PrimalDual:
         self.m = self.per_region(self.sup.astype(float)).sum(axis=0) + 2.0 * np.asarray(sizes)
         self.t = t0
         mu = np.full((kmax, len(problems)), -np.inf)
-        np.maximum.at(
-            mu, (slice(None), self.region), self.alpha + self.sk * t0  # -inf where unsupported
-        )
+        # -inf where unsupported
+        np.maximum.at(mu, (slice(None), self.region), self.alpha + self.sk * t0)
         self.mu = np.where(np.isfinite(mu), mu, 0.0) + 0.1
         self.e, self.s, self.sl, self.sh = self.state(self.t, self.mu)
         nu = np.maximum(self.per_region(self.e).sum(axis=0), 1e-3) / self.m
