@@ -190,6 +190,7 @@ def _buckets(terms_per_region: list[int]) -> list[list[int]]:
 
 
 WARM_MARGIN = 1e-2
+WARM_FLOOR = 0.1
 
 
 @dataclass(frozen=True)
@@ -275,10 +276,17 @@ class _PrimalDual:
             top = np.max(self.alpha[:k, cols] + self.sk[:k, cols] * self.t[cols], axis=1)
             self.mu[:k, r] = np.where(np.isfinite(top), top, 0.0) + WARM_MARGIN
             scale = w.f0 / self.f0[r]
-            self.lam[:k, cols] = np.where(fin, np.maximum(w.lam * scale, 1e-300), 0.0)
-            self.lam_l[cols] = np.maximum(w.lam_l * scale, 1e-300)
-            self.lam_h[cols] = np.maximum(w.lam_h * scale, 1e-300)
+            self.lam[:k, cols] = np.where(fin, w.lam * scale, 0.0)
+            self.lam_l[cols] = w.lam_l * scale
+            self.lam_h[cols] = w.lam_h * scale
         self.e, self.s, self.sl, self.sh = self.state(self.t, self.mu)
+        # No multiplier below the cold start's (every product lam * slack at least its
+        # share nu of the objective): a multiplier that was near 0 at the last solve, on
+        # a constraint that binds now, would otherwise stall the steps.
+        nu = (np.maximum(self.per_region(self.e).sum(axis=0), 1e-3) / self.m)[self.region]
+        self.lam = np.where(self.sup, np.maximum(self.lam, WARM_FLOOR * nu / self.s), 0.0)
+        self.lam_l = np.maximum(self.lam_l, WARM_FLOOR * nu / self.sl)
+        self.lam_h = np.maximum(self.lam_h, WARM_FLOOR * nu / self.sh)
 
     def per_region(self, x: np.ndarray) -> np.ndarray:
         """Sums over each region's channels: (..., N) -> (..., R)."""
@@ -384,11 +392,13 @@ class _PrimalDual:
             cols = slice(a, a + self.sizes[r])
             results[ids[r]] = t[cols]
             k = self.terms[ids[r]]
-            self.multipliers[ids[r]] = Multipliers(
-                self.lam[:k, cols].copy(),
-                self.lam_l[cols].copy(),
-                self.lam_h[cols].copy(),
-                float(self.f0[ids[r]]),
+            lam, lam_l, lam_h = self.lam[:k, cols], self.lam_l[cols], self.lam_h[cols]
+            # A region that stopped on a degenerate step (NaN multipliers) starts cold.
+            finite = np.all(np.isfinite(lam)) and np.all(np.isfinite(lam_l + lam_h))
+            self.multipliers[ids[r]] = (
+                Multipliers(lam.copy(), lam_l.copy(), lam_h.copy(), float(self.f0[ids[r]]))
+                if finite
+                else None
             )
 
     def _keep(self, keep: np.ndarray, cols: np.ndarray) -> None:
