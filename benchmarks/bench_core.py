@@ -10,7 +10,7 @@ It prints, for the default (noise objective, W8A8) and for ``objective="balance"
 - the wall time of the full ``equalize`` (fold + scale + absorb), median of ``--repeat``
   runs, each on a fresh copy of the graph;
 - the floor: one in-place NumPy multiply over every weight array, measured in the same
-  run, and the ratio of the two (target: within 40x);
+  run, and the ratio of the two (target: within 60x);
 - the peak memory that ``equalize`` allocates beyond the weights, from tracemalloc
   (target: under 1x the weight bytes);
 - the same wall time on a network one tenth as deep, and the ratio (target: linear, 10x
@@ -177,7 +177,7 @@ def main() -> None:
             f"({'converged' if report.converged else 'NOT converged'}, "
             f"max change {report.max_change:.1e})"
         )
-        print(f"  equalize: {t_full * 1e3:.1f} ms = {t_full / floor:.1f}x floor (target <= 40x)")
+        print(f"  equalize: {t_full * 1e3:.1f} ms = {t_full / floor:.1f}x floor (target <= 60x)")
         print(
             f"  peak memory beyond weights: {peak / 2**20:.1f} MiB = "
             f"{peak / weight_bytes:.2f}x weight bytes ({weight_bytes / 2**20:.1f} MiB, "
