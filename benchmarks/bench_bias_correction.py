@@ -5,11 +5,13 @@ images, measured on all 120), symmetric int8 weights per tensor and per channel,
 
 For each export (the TorchScript exporter's default, batch norms folded by it; and one
 that keeps its BatchNormalization nodes) and each deployment, rows: no CLE (BNs folded),
-CLE with the defaults, CLE + data-free bias correction, CLE + bias correction with
-input means measured on 40 calibration images (other crops), the empirical form on the
-same crops (layer by layer, measured), and, with BNs kept, the
-PyTorch backend on the module with and without the correction. Every row is equalized
-for the deployment it is measured in.
+CLE with the defaults, CLE with scales chosen from statistics measured on 40
+calibration images (other crops: the baseline of the calibrated corrections, since
+calibration changes the scales too), CLE + data-free bias correction, CLE + bias
+correction with input means measured on the same crops, the empirical form on them
+(layer by layer, measured), and, with BNs kept, the PyTorch backend on the module with
+and without the correction. Every row is equalized for the deployment it is measured
+in.
 
 Run: ``python benchmarks/bench_bias_correction.py`` (about 10 minutes on 2 cores);
 ``--quick`` measures per tensor only on the BN export.
@@ -55,6 +57,10 @@ def main() -> None:
                 rows = [("no CLE (BNs folded)", None)]
                 opts = {"deployment": dep}
                 rows.append(("CLE", cle_onnx.equalize_model(path, **opts)[0]))
+                # calibration changes the scales too: the calibrated correction's baseline
+                rows.append(
+                    ("CLE, calibrated", cle_onnx.equalize_model(path, calibration=crops, **opts)[0])
+                )
                 rows.append(
                     (
                         "CLE + bias corr.",
