@@ -57,7 +57,7 @@ def correct_biases(
             skips.append(SkipRecord("bias_correction", node.name, shared[id(node)]))
             continue
         source, pads = _unpadded(node)
-        x = stats.get(source.name)
+        x, origin = _input_stats(node.inputs[0], source, stats, measured, sizes)
         if x is None:
             skips.append(
                 SkipRecord("bias_correction", node.name, "the mean of its input is unknown")
@@ -79,7 +79,6 @@ def correct_biases(
         sqnr = None
         if out is not None and out.channels == shift.size:
             sqnr = float(10 * np.log10(np.sum(out.meansq) / np.sum(shift * shift)))
-        origin = "calibration" if source.name in measured else "batch norms"
         records.append(BiasCorrectionRecord(node.name, shift, origin, sqnr, padding))
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
 
@@ -106,6 +105,22 @@ def _unpadded(node):
         pads = pads + np.asarray(more, np.int64)
         v = v.producer.inputs[0]
     return v, tuple(int(p) for p in pads)
+
+
+def _input_stats(padded, source, stats, measured, sizes):
+    """The statistics of what a layer reads before its zero Pad nodes (``source``; the
+    layer reads ``padded``), and where they came from. Where only the padded value was
+    measured (a graph input, which a backend need not measure), its measured moments
+    restated over the unpadded positions: the zeros add nothing to the sums."""
+    origin = "calibration" if source.name in measured else "batch norms"
+    if source is padded or source.name in measured or padded.name not in measured:
+        return stats.get(source.name), origin
+    size_in, size_padded = sizes.get(source.name), sizes.get(padded.name)
+    if not size_in or not size_padded:
+        return stats.get(source.name), origin
+    m = measured[padded.name]
+    r = float(np.prod(size_padded)) / float(np.prod(size_in))
+    return ChannelStats.of(m.mean * r, m.meansq * r), "calibration"
 
 
 def _coverage(node, size_in, pads) -> tuple[np.ndarray | None, bool]:
