@@ -5,14 +5,21 @@ images, measured on all 120), symmetric int8 weights per tensor and per channel,
 
 For each export (the TorchScript exporter's default, batch norms folded by it; and one
 that keeps its BatchNormalization nodes) and each deployment, rows: no CLE (BNs folded),
-CLE with the defaults, CLE + data-free bias correction, CLE + bias correction with
-input means measured on 40 calibration images (other crops), the empirical form on the
-same crops (layer by layer, measured), and, with BNs kept, the
-PyTorch backend on the module with and without the correction. Every row is equalized
-for the deployment it is measured in.
+CLE with the defaults, CLE with scales chosen from statistics measured on 40
+calibration images (other crops: the baseline of the calibrated corrections, since
+calibration changes the scales too), CLE + data-free bias correction, CLE + bias
+correction with input means measured on the same crops, the empirical form on them
+(layer by layer, measured), and, with BNs kept, the PyTorch backend on the module with
+and without the correction. Every row is equalized for the deployment it is measured
+in.
 
 Run: ``python benchmarks/bench_bias_correction.py`` (about 10 minutes on 2 cores);
-``--quick`` measures per tensor only on the BN export.
+``--quick`` measures per tensor only on the BN export. ``--issue-script`` reproduces
+the quick script of issue #20 instead (the data-free equalization in PyTorch, input
+means of every Conv / Linear measured with forward hooks on the 40 crops, ``b -=
+sum_spatial(Q(W) - W) E[x]`` with the deployed per-tensor grid, then exported) beside
+our pass on the same equalization with means measured on the same crops, and the
+calibrated equalization without and with our correction.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+import torch
+from torch import nn
 
 import cle_onnx
 import cle_torch
 from cle_core import Deployment
-from cle_core.quality import calibration_images, natural_images, quality_table
+from cle_core.quality import calibration_images, natural_images, quality_table, weights_on_grid
 from cle_torch._examples import efficientnet_lite0, export_onnx
 
 CALIBRATION = 40
@@ -38,11 +48,18 @@ CALIBRATION = 40
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="per tensor, BN export only")
+    parser.add_argument(
+        "--issue-script", action="store_true", help="issue #20's quick script beside our pass"
+    )
     args = parser.parse_args()
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     started = time.monotonic()
     model = efficientnet_lite0()
     images, crops = natural_images(), calibration_images()
+    if args.issue_script:
+        issue_script(model, images, crops)
+        print(f"\n{time.monotonic() - started:.0f} s")
+        return
     deployments = [("per tensor", False)] + ([] if args.quick else [("per channel", True)])
     exports = [("BNs kept", True)] + ([] if args.quick else [("exporter-folded", False)])
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,6 +72,10 @@ def main() -> None:
                 rows = [("no CLE (BNs folded)", None)]
                 opts = {"deployment": dep}
                 rows.append(("CLE", cle_onnx.equalize_model(path, **opts)[0]))
+                # calibration changes the scales too: the calibrated correction's baseline
+                rows.append(
+                    ("CLE, calibrated", cle_onnx.equalize_model(path, calibration=crops, **opts)[0])
+                )
                 rows.append(
                     (
                         "CLE + bias corr.",
@@ -103,6 +124,97 @@ def main() -> None:
                 table = [(f"  {n}", f) for (n, _), f in zip(rows, figures, strict=True)]
                 print(quality_table(table, label="  pipeline", width=32), flush=True)
     print(f"\n{time.monotonic() - started:.0f} s")
+
+
+def _layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _input_means(model, data) -> dict:
+    """Per-channel mean of each Conv / Linear module's input (what its forward gets: a
+    module that pads inside its forward is measured before the padding)."""
+    sums, counts, hooks = {}, {}, []
+    for name, module in _layers(model):
+
+        def hook(module, args, name=name):
+            x = args[0].detach().double()
+            dims = [d for d in range(x.dim()) if d != 1]
+            sums[name] = sums.get(name, 0) + x.sum(dim=dims)
+            counts[name] = counts.get(name, 0) + x.numel() // x.shape[1]
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for i in range(0, len(data), 10):
+            model(torch.from_numpy(np.ascontiguousarray(data[i : i + 10])))
+    for h in hooks:
+        h.remove()
+    return {k: (sums[k] / counts[k]).numpy() for k in sums}
+
+
+def _issue_corrected(model, means):
+    """``b -= sum_spatial(Q(W) - W) E[x]``, ``Q`` the per-tensor int8 grid of
+    ``quantize_static``, on a copy of ``model``."""
+    model = copy.deepcopy(model)
+    for name, m in _layers(model):
+        w = m.weight.detach().numpy()
+        dw = weights_on_grid(w).astype(np.float64) - w.astype(np.float64)
+        mu = means[name]
+        if isinstance(m, nn.Linear):
+            shift = dw @ mu
+        else:
+            g, (out, per_group) = m.groups, dw.shape[:2]
+            d = dw.reshape(g, out // g, per_group, -1).sum(-1)
+            shift = np.einsum("goi,gi->go", d, mu.reshape(g, per_group)).reshape(-1)
+        s = torch.from_numpy(shift).to(m.weight.dtype)
+        if m.bias is None:
+            m.bias = nn.Parameter(-s)
+        else:
+            m.bias.data -= s
+    return model
+
+
+def issue_script(model, images, crops) -> None:
+    dep = Deployment()
+    eq, _ = cle_torch.equalize_model(copy.deepcopy(model), deployment=dep)
+    ours, _ = cle_torch.equalize_model(
+        copy.deepcopy(eq),
+        deployment=dep,
+        scale=False,
+        high_bias=False,
+        bias_correction=True,
+        calibration=crops,
+    )
+    calibrated, _ = cle_torch.equalize_model(
+        copy.deepcopy(model), deployment=dep, calibration=crops
+    )
+    both, _ = cle_torch.equalize_model(
+        copy.deepcopy(model), deployment=dep, calibration=crops, bias_correction=True
+    )
+    rows = [
+        ("CLE (data-free scales)", eq),
+        ("+ the issue's script", _issue_corrected(eq, _input_means(eq, crops))),
+        ("+ ours, means measured", ours),
+        ("CLE, calibrated scales", calibrated),
+        ("+ ours, calibrated", both),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "original.onnx"
+        export_onnx(model, path, keep_batchnorm=True)
+        protos = []
+        for i, (_, m) in enumerate(rows):
+            export_onnx(m, Path(tmp) / f"{i}.onnx")
+            protos.append(onnx.load(str(Path(tmp) / f"{i}.onnx")))
+        figures = cle_onnx.evaluate_all(
+            onnx.load(str(path)),
+            protos,
+            images,
+            deployment=dep,
+            calibration=images[:CALIBRATION],
+            names=["original", *(n for n, _ in rows)],
+        )
+    print("EfficientNet-Lite0, per tensor, equalized in PyTorch, exported (BNs folded):")
+    table = [(f"  {n}", f) for (n, _), f in zip(rows, figures, strict=True)]
+    print(quality_table(table, label="  pipeline", width=32), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ input: estimated from the folded batch norms (clipped normals through ReLU / ReL
 moments propagated where no BN is left), or measured on calibration data (restated in
 the units the equalization left the value in). Taps that read zero padding get ``0``
 instead of ``E[x]`` (:func:`cle_core._math.tap_coverage`) where the input's size is
-known.
+known, the padding of zero Pad nodes before the layer included.
 
 It runs last, on the final weights, and changes the FP32 function by design.
 """
@@ -56,7 +56,8 @@ def correct_biases(
         if id(node) in shared:  # one bias cannot carry two layers' corrections
             skips.append(SkipRecord("bias_correction", node.name, shared[id(node)]))
             continue
-        x = stats.get(node.inputs[0].name)
+        source, pads = _unpadded(node)
+        x, origin = _input_stats(node.inputs[0], source, stats, measured, sizes)
         if x is None:
             skips.append(
                 SkipRecord("bias_correction", node.name, "the mean of its input is unknown")
@@ -66,7 +67,7 @@ def correct_biases(
         w = node.weight
         axis = layout.out_axis if dep.per_channel else None
         q = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis, dep.quantizer)
-        coverage, padding = _coverage(node, sizes.get(node.inputs[0].name))
+        coverage, padding = _coverage(node, sizes.get(source.name), pads)
         shift = bias_shift(w, q, layout, x.mean, coverage)
         if not np.any(shift):
             continue
@@ -78,20 +79,61 @@ def correct_biases(
         sqnr = None
         if out is not None and out.channels == shift.size:
             sqnr = float(10 * np.log10(np.sum(out.meansq) / np.sum(shift * shift)))
-        source = "calibration" if node.inputs[0].name in measured else "batch norms"
-        records.append(BiasCorrectionRecord(node.name, shift, source, sqnr, padding))
+        records.append(BiasCorrectionRecord(node.name, shift, origin, sqnr, padding))
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
 
 
-def _coverage(node, size_in) -> tuple[np.ndarray | None, bool]:
+def _unpadded(node):
+    """The value a layer reads before any zero Pad nodes in front of it, and the layer's
+    pads with theirs added (None: not a Conv).
+
+    A zero padding written as its own node (PyTorch's ``ZeroPad2d``, "same" padding
+    exported as a Pad) is the layer's padding: the mean of the padded tensor counts
+    every padded position once, where a tap reads some of them at no output and others
+    at many, so it is not the ``E[x]`` of any tap (measured on Lite0's 5 x 5 depthwise
+    convolutions at 7 x 7: 0.41 of the input mean for every tap, where the taps read
+    0.51 to 1 of it)."""
+    v = node.inputs[0]
+    if node.op != "conv" or node.weight is None or node.weight.ndim < 3:
+        return v, None
+    nd = node.weight.ndim - 2
+    pads = np.asarray(node.attrs.get("pads", (0,) * (2 * nd)), np.int64)
+    while v.producer is not None and v.producer.op == "pad" and "mode" not in v.producer.attrs:
+        more = tuple(v.producer.attrs.get("pads", ()))
+        if len(more) != 2 * nd:
+            break
+        pads = pads + np.asarray(more, np.int64)
+        v = v.producer.inputs[0]
+    return v, tuple(int(p) for p in pads)
+
+
+def _input_stats(padded, source, stats, measured, sizes):
+    """The statistics of what a layer reads before its zero Pad nodes (``source``; the
+    layer reads ``padded``), and where they came from. Where only the padded value was
+    measured (a graph input, which a backend need not measure), its measured moments
+    restated over the unpadded positions: the zeros add nothing to the sums."""
+    origin = "calibration" if source.name in measured else "batch norms"
+    if source is padded or source.name in measured or padded.name not in measured:
+        return stats.get(source.name), origin
+    size_in, size_padded = sizes.get(source.name), sizes.get(padded.name)
+    if not size_in or not size_padded:
+        return stats.get(source.name), origin
+    m = measured[padded.name]
+    r = float(np.prod(size_padded)) / float(np.prod(size_in))
+    return ChannelStats.of(m.mean * r, m.meansq * r), "calibration"
+
+
+def _coverage(node, size_in, pads) -> tuple[np.ndarray | None, bool]:
     """The tap weights of ``E[x]`` for a layer (None: 1 for every tap) and whether zero
-    padding made them less than 1 somewhere."""
+    padding made them less than 1 somewhere. ``pads``: the layer's, with those of the
+    Pad nodes before it (:func:`_unpadded`); ``size_in``: the size of what they pad."""
     if node.op not in ("conv", "conv_transpose") or node.weight.ndim < 3:
         return None, False
     kernel = tuple(node.weight.shape[2:])
     nd = len(kernel)
     stride = tuple(node.attrs.get("stride", (1,) * nd))
-    pads = tuple(node.attrs.get("pads", (0,) * (2 * nd)))
+    if pads is None:
+        pads = tuple(node.attrs.get("pads", (0,) * (2 * nd)))
     dilation = tuple(node.attrs.get("dilation", (1,) * nd))
     if size_in is not None and len(size_in) != nd:
         size_in = None

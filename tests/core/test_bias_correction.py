@@ -248,3 +248,53 @@ def test_the_summary_says_why_layers_were_not_corrected():
     assert line.endswith(
         "0 layers; 1 skipped (1 x the mean of its input is unknown): --calibration measures it"
     )
+
+
+def _padded_conv(w, bias):
+    """x (2 channels, 5 x 5) -> Pad (2, 1 before; 2, 1 after) -> Conv with pads of its own."""
+    g = Graph("padded")
+    x = g.add_input("x", channels=2)
+    x.spatial = (5, 5)
+    p = g.add_node("pad", [x], name="pad", attrs={"pads": (2, 1, 2, 1)}).outputs[0]
+    y = g.add_node(
+        "conv",
+        [p],
+        name="L",
+        params={"weight": w, "bias": bias},
+        attrs={"layout": Layout(0, 1), "stride": (1, 1), "pads": (0, 1, 0, 1), "dilation": (1, 1)},
+    ).outputs[0]
+    g.set_outputs([y])
+    return g, p.name, y.name
+
+
+@pytest.mark.parametrize("measured", ["input", "both", "padded"])
+def test_a_pad_node_before_a_conv_is_the_conv_s_padding(measured):
+    """A zero padding written as its own node (PyTorch's ZeroPad2d, an exported "same"
+    padding) pads the layer's input like the layer's own pads: the correction removes
+    the mean output error exactly. Read at the Pad's output instead, a measured mean
+    counts every padded position once for every tap (on Lite0's 5 x 5 depthwise
+    convolutions at 7 x 7, 0.41 of the input's mean where the taps read 0.51 to 1 of
+    it); passed through the Pad unchanged, it counted no padding at all. Where only the
+    Pad's output was measured (the ONNX backend measures no graph input), its mean is
+    restated over the unpadded positions."""
+    from cle_core._stats import ChannelStats
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(3, 2, 5, 3))
+    g, padded, out = _padded_conv(w, np.zeros(3))
+    mean = np.array([3.0, -2.0])
+    noise = rng.normal(size=(16, 2, 5, 5))
+    data = mean.reshape(1, 2, 1, 1) + noise - noise.mean(axis=0, keepdims=True)
+    values = run_graph(g, {"x": data})
+    stats = {}
+    if measured != "padded":
+        stats["x"] = ChannelStats.of(mean, mean**2 + 1.0)
+    if measured != "input":  # as a backend measures every value a node computes
+        z = np.pad(data, ((0, 0), (0, 0), (2, 2), (1, 1)))
+        stats[padded] = ChannelStats.of(z.mean(axis=(0, 2, 3)), (z**2).mean(axis=(0, 2, 3)))
+    options = EqualizeOptions(bias_correction=True, scale=False, high_bias=False)
+    [record] = cle_core.equalize(g, options, statistics=stats).report.bias_corrections
+    assert record.padding and record.input_mean == "calibration"
+    quantized, _, _ = _padded_conv(deployed_weights(w, 8, True), -record.shift)
+    error = run_graph(quantized, {"x": data})[out] - values[out]
+    assert np.abs(error.mean(axis=(0, 2, 3))).max() < 1e-9
