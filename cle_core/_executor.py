@@ -144,6 +144,8 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         if at.get("activation") in ("hard_sigmoid", "hard_swish"):
             gate = np.clip(float(at["alpha"]) * x + float(at["beta"]), 0.0, 1.0)
             return [gate if at["activation"] == "hard_sigmoid" else x * gate]
+        if at.get("activation") == "sigmoid":
+            return [_OPAQUE_KINDS["sigmoid"](x)]
         if at.get("shift") is not None:
             return [x + chan(at["shift"])]
         fn = at.get("fn") or _OPAQUE_KINDS.get(at.get("kind", ""))

@@ -55,8 +55,8 @@ output's, so a region passes through it; the second input must stay unscaled.
 else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it blocks
 equalization. A one-input opaque node may say what it computes, for the statistics and the
 executor: attr ``activation`` ``hard_sigmoid`` (``clip(alpha x + beta, 0, 1)``, attrs
-``alpha`` > 0 and ``beta``) or ``hard_swish`` (``x`` times that), or attr ``shift``
-(``x + shift``, one value or one per channel)."""
+``alpha`` > 0 and ``beta``), ``hard_swish`` (``x`` times that) or ``sigmoid``, or attr
+``shift`` (``x + shift``, one value or one per channel)."""
 
 LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr

@@ -175,9 +175,51 @@ def hard_swish_normal(m, sd, alpha: float, beta: float) -> tuple[ChannelStats, D
     return stats, Derivative(d_mean, np.maximum(d_meansq, 0.0))
 
 
-GATING_MOMENTS = {"hard_sigmoid": hard_sigmoid_normal, "hard_swish": hard_swish_normal}
+def _logistic(x):
+    return np.exp(-np.logaddexp(0.0, -x))  # no overflow for large |x|
+
+
+def sigmoid_normal(m, sd) -> tuple[ChannelStats, Derivative]:
+    """Statistics of ``sigmoid(y)`` for ``y ~ N(m, sd^2)`` per channel, and of its
+    derivative ``sigmoid (1 - sigmoid)``: no closed form, so the normal density is
+    integrated by the trapezoid rule on the union of a grid over ``m +- 8 sd`` and one
+    over ``-20 .. 20``, where the sigmoid bends (a wide input saturates it: a grid in
+    ``sd`` alone would step over the bend). ``E[s^2] = E[s] - E[s']``, as
+    ``s' = s - s^2``."""
+    m = np.asarray(m, np.float64).reshape(-1, 1)
+    sd = np.maximum(np.asarray(sd, np.float64).reshape(-1, 1), 1e-12)
+    bend = np.broadcast_to(np.linspace(-20.0, 20.0, 257), (m.size, 257))
+    y = np.sort(np.concatenate([m + sd * np.linspace(-8.0, 8.0, 257), bend], axis=1), axis=1)
+    density = _phi((y - m) / sd) / sd
+    s = _logistic(y)
+    ds = s * (1.0 - s)
+
+    def integral(f):  # the trapezoid rule along each channel's grid
+        return 0.5 * ((f[:, 1:] + f[:, :-1]) * np.diff(y, axis=1)).sum(axis=1)
+
+    def expect(f):
+        return integral(f * density) / integral(density)
+
+    mean, d_mean = expect(s), expect(ds)
+    m, sd = m.reshape(-1), sd.reshape(-1)
+    stats = ChannelStats(
+        mean,
+        np.maximum(mean - d_mean, 0.0),
+        _logistic(m - RANGE_SIGMAS * sd),
+        _logistic(m + RANGE_SIGMAS * sd),
+        np.ones_like(mean),
+    )
+    return stats, Derivative(d_mean, expect(ds * ds))
+
+
+GATING_MOMENTS = {
+    "hard_sigmoid": lambda m, sd, at: hard_sigmoid_normal(m, sd, at["alpha"], at["beta"]),
+    "hard_swish": lambda m, sd, at: hard_swish_normal(m, sd, at["alpha"], at["beta"]),
+    "sigmoid": lambda m, sd, at: sigmoid_normal(m, sd),
+}
 """The moments of the activations an ``opaque`` node may name in attr ``activation``
-(with attrs ``alpha`` and ``beta``; see :data:`cle_core._ir.STRUCTURAL_OPS`)."""
+(see :data:`cle_core._ir.STRUCTURAL_OPS`), from the input's mean, standard deviation and
+the node's attrs."""
 
 
 def estimate(
@@ -262,7 +304,7 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
         if src is None:
             return
         moments = GATING_MOMENTS[node.attrs["activation"]]
-        st, d = moments(*src, float(node.attrs["alpha"]), float(node.attrs["beta"]))
+        st, d = moments(*src, node.attrs)
         stats[out.name], deriv[node.name] = st, d
         normal[out.name] = (st.mean, np.sqrt(st.var))
     elif op == "opaque" and node.attrs.get("shift") is not None and ins and ins[0] is not None:
@@ -284,6 +326,9 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
         # multiply, and noise on either input passes times the other (its derivative)
         carrier = int(node.attrs.get("carrier", 0))
         x, g = ins[carrier], ins[1 - carrier]
+        maker = node.inputs[1 - carrier].producer
+        if maker is not None and node.inputs[carrier] in maker.inputs:
+            return  # x * sigmoid(x) (a SiLU): not independent
         if x is None or g is None or g.channels != x.channels:
             return
         corners = [x.lo * g.lo, x.lo * g.hi, x.hi * g.lo, x.hi * g.hi]

@@ -1,4 +1,8 @@
-"""Handlers of the elementwise ops: activations, Clip, Mul, Div, Add, Sum."""
+"""Handlers of the elementwise ops: activations, Clip, Mul, Div, Add, Sum.
+
+Hard-sigmoid, hard-swish (the op, or the forms exporters write out) and the sigmoid are
+not homogeneous: each is one ``opaque`` node that ends a region, with attr ``activation``
+naming it so that the data-free statistics follow it (see :mod:`cle_core._ir`)."""
 
 from __future__ import annotations
 
@@ -115,6 +119,13 @@ class _ElementwiseOps:
             self._gating(name, (index, step[0]), x, out, "hard_swish", alpha, beta, "HardSwish")
             return None
         self._gating(name, index, x, node.output[0], "hard_sigmoid", alpha, beta, "HardSigmoid")
+        return None
+
+    def op_Sigmoid(self, index, node, name):
+        if node.input[0] in self.fixed:
+            return False
+        self.opaque(index, node, name)
+        self.graph.nodes[-1].attrs["activation"] = "sigmoid"  # the statistics follow it
         return None
 
     def op_HardSwish(self, index, node, name):
