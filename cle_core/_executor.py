@@ -145,6 +145,13 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
     if op == "norm":
         return [_norm(x, node)]
     if op == "opaque":
+        if at.get("activation") in ("hard_sigmoid", "hard_swish"):
+            gate = np.clip(float(at["alpha"]) * x + float(at["beta"]), 0.0, 1.0)
+            return [gate if at["activation"] == "hard_sigmoid" else x * gate]
+        if at.get("activation") == "sigmoid":
+            return [_OPAQUE_KINDS["sigmoid"](x)]
+        if at.get("shift") is not None:
+            return [x + chan(at["shift"])]
         fn = at.get("fn") or _OPAQUE_KINDS.get(at.get("kind", ""))
         if fn is None:
             raise ExecutionError(f"node {node.name!r}: cannot execute opaque op {at.get('kind')!r}")

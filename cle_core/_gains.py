@@ -12,7 +12,8 @@ of squared derivatives over positions (``G``), propagated as if independent. Bot
 at the outputs, where every element counts once, and go backwards:
 
 - a layer maps ``J`` through the kernel sums and ``G`` through the squared weights;
-- an activation multiplies ``J`` by the mean of its derivative and ``G`` by its mean
+- an activation (hard-swish and hard-sigmoid too, and a product with a gate whose
+  statistics are known) multiplies ``J`` by the mean of its derivative and ``G`` by its mean
   square, and turns the uniform part's fluctuating gating into ``G``
   (``d(1 - d) |J|^2 / positions`` for a 0/1 derivative);
 - a global average pool divides ``G`` by the positions it averages;
@@ -83,7 +84,7 @@ def floored(x: np.ndarray) -> np.ndarray:
 def propagate(
     graph: Graph,
     positions: Mapping[str, int],
-    derivatives: Mapping[str, Derivative],
+    derivatives: Mapping[str | tuple[str, int], Derivative],
     output_power: Mapping[str, float] | None = None,
     projections: int = PROJECTIONS,
     seed: int = 0,
@@ -131,6 +132,12 @@ def propagate(
             jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)
             gin = np.einsum("go,goi->gi", g.reshape(groups, og), ksq).reshape(-1)
             add(x.name, jin, gin)
+        elif op == "mul" and (node.name, 0) in derivatives:
+            # x * gate: noise on each input passes times the other
+            for slot, v in enumerate(node.inputs):
+                d = derivatives[(node.name, slot)]
+                made = np.maximum(d.meansq - d.mean**2, 0.0) * (j * j).sum(axis=0)
+                add(v.name, j * d.mean, g * d.meansq + made / max(positions.get(out.name, 1), 1))
         elif node.name in derivatives:
             d = derivatives[node.name]
             made = np.maximum(d.meansq - d.mean**2, 0.0) * (j * j).sum(axis=0)

@@ -53,7 +53,10 @@ spatial axes or of the same shape): scaling the first input's channels scales th
 output's, so a region passes through it; the second input must stay unscaled.
 ``flatten``: ``(N, C, *s) -> (N, C * prod(s))``, channel-major. ``opaque``: anything
 else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it blocks
-equalization."""
+equalization. A one-input opaque node may say what it computes, for the statistics and the
+executor: attr ``activation`` ``hard_sigmoid`` (``clip(alpha x + beta, 0, 1)``, attrs
+``alpha`` > 0 and ``beta``), ``hard_swish`` (``x`` times that) or ``sigmoid``, or attr
+``shift`` (``x + shift``, one value or one per channel)."""
 
 LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr

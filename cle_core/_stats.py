@@ -8,8 +8,10 @@ rounding noise). It also needs, per activation, the mean and mean square of its
 derivative (how noise passes backwards through it).
 
 Data-free estimates come from the folded batch norms: a layer whose output BN was folded
-has pre-activations of about ``N(beta, gamma^2)`` per channel, and a ReLU, ReLU6 or
-clip of a normal variable has closed-form moments. Where no BN statistics exist (an
+has pre-activations of about ``N(beta, gamma^2)`` per channel, and a ReLU, ReLU6,
+clip, hard-sigmoid or hard-swish of a normal variable has closed-form moments; an added
+constant shifts the mean, and a product with a gate (squeeze-and-excitation) multiplies
+the moments. Where no BN statistics exist (an
 exporter folded them away) the moments are propagated through the layer from its
 input: mean ``b + sum W mu``, variance ``sum W^2 var`` (inputs independent). Graph
 inputs are taken to be normalized (mean 0, variance 1), the convention of image models.
@@ -18,6 +20,7 @@ Calibrated statistics replace the estimates value by value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -109,14 +112,126 @@ def clipped_normal(m, sd, lo, hi) -> tuple[ChannelStats, np.ndarray]:
     return stats, inside
 
 
+def _partial_moments(m, sd, lo: float, hi: float, k: int) -> list[np.ndarray]:
+    """``E[y^j 1{lo < y < hi}]`` for ``j = 0 .. k`` and ``y ~ N(m, sd^2)`` per channel
+    (scalar bounds, possibly infinite), from the standard normal's partial moments
+    ``I_j = (j - 1) I_{j-2} + a^{j-1} phi(a) - b^{j-1} phi(b)`` (by parts)."""
+    a, b = (lo - m) / sd, (hi - m) / sd
+
+    def edge(z, p):  # z^p phi(z), 0 at an infinite bound
+        finite = np.isfinite(z)
+        zf = np.where(finite, z, 0.0)
+        return np.where(finite, zf**p * _phi(zf), 0.0)
+
+    ca = np.where(np.isfinite(a), _cdf(np.where(np.isfinite(a), a, 0.0)), (a > 0) * 1.0)
+    cb = np.where(np.isfinite(b), _cdf(np.where(np.isfinite(b), b, 0.0)), (b > 0) * 1.0)
+    std = [np.maximum(cb - ca, 0.0), edge(a, 0) - edge(b, 0)]
+    for j in range(2, k + 1):
+        std.append((j - 1) * std[j - 2] + edge(a, j - 1) - edge(b, j - 1))
+    # y = m + sd z: binomial expansion of y^j
+    return [
+        sum(math.comb(j, i) * m ** (j - i) * sd**i * std[i] for i in range(j + 1))
+        for j in range(k + 1)
+    ]
+
+
+def hard_sigmoid_normal(m, sd, alpha: float, beta: float) -> tuple[ChannelStats, Derivative]:
+    """Statistics of ``clip(alpha y + beta, 0, 1)`` for ``y ~ N(m, sd^2)`` per channel
+    (``alpha > 0``; PyTorch's ``hardsigmoid`` has ``alpha = 1/6``, ``beta = 1/2``), and of
+    its derivative ``alpha 1{0 < alpha y + beta < 1}``: a clip of a normal variable."""
+    m, sd = np.asarray(m, np.float64), np.maximum(np.asarray(sd, np.float64), 1e-12)
+    stats, inside = clipped_normal(alpha * m + beta, alpha * sd, 0.0, 1.0)
+    return stats, Derivative(alpha * inside, alpha * alpha * inside)
+
+
+def hard_swish_normal(m, sd, alpha: float, beta: float) -> tuple[ChannelStats, Derivative]:
+    """Statistics of ``f(y) = y clip(alpha y + beta, 0, 1)`` for ``y ~ N(m, sd^2)`` per
+    channel (``alpha > 0``; ``hardswish`` has ``1/6``, ``1/2``) and of its derivative.
+
+    ``f`` is 0 below ``a = -beta / alpha``, ``alpha y^2 + beta y`` up to
+    ``b = (1 - beta) / alpha`` and ``y`` above, so its moments and those of
+    ``f' = 2 alpha y + beta`` (1 above ``b``) are sums of the normal's partial moments
+    over the three pieces. The range is ``f`` over ``m +- RANGE_SIGMAS sd``: its
+    endpoints, and the parabola's vertex ``-beta / (2 alpha)`` where that lies inside."""
+    m, sd = np.asarray(m, np.float64), np.maximum(np.asarray(sd, np.float64), 1e-12)
+    a, b = -beta / alpha, (1.0 - beta) / alpha
+    mid = _partial_moments(m, sd, a, b, 4)
+    top = _partial_moments(m, sd, b, np.inf, 2)
+    mean = alpha * mid[2] + beta * mid[1] + top[1]
+    meansq = alpha**2 * mid[4] + 2 * alpha * beta * mid[3] + beta**2 * mid[2] + top[2]
+    d_mean = 2 * alpha * mid[1] + beta * mid[0] + top[0]
+    d_meansq = 4 * alpha**2 * mid[2] + 4 * alpha * beta * mid[1] + beta**2 * mid[0] + top[0]
+
+    def f(y):
+        return y * np.clip(alpha * y + beta, 0.0, 1.0)
+
+    low, high = m - RANGE_SIGMAS * sd, m + RANGE_SIGMAS * sd
+    vertex = -beta / (2 * alpha)
+    lo = np.minimum(f(low), f(high))
+    lo = np.where((low < vertex) & (vertex < high) & (vertex > a), np.minimum(lo, f(vertex)), lo)
+    hi = np.maximum(f(low), f(high))
+    below = 1.0 - _partial_moments(m, sd, a, np.inf, 0)[0]  # exact zeros
+    stats = ChannelStats(mean, np.maximum(meansq, 0.0), lo, np.maximum(hi, lo), 1.0 - below)
+    return stats, Derivative(d_mean, np.maximum(d_meansq, 0.0))
+
+
+def _logistic(x):
+    return np.exp(-np.logaddexp(0.0, -x))  # no overflow for large |x|
+
+
+def sigmoid_normal(m, sd) -> tuple[ChannelStats, Derivative]:
+    """Statistics of ``sigmoid(y)`` for ``y ~ N(m, sd^2)`` per channel, and of its
+    derivative ``sigmoid (1 - sigmoid)``: no closed form, so the normal density is
+    integrated by the trapezoid rule on the union of a grid over ``m +- 8 sd`` and one
+    over ``-20 .. 20``, where the sigmoid bends (a wide input saturates it: a grid in
+    ``sd`` alone would step over the bend). ``E[s^2] = E[s] - E[s']``, as
+    ``s' = s - s^2``."""
+    m = np.asarray(m, np.float64).reshape(-1, 1)
+    sd = np.maximum(np.asarray(sd, np.float64).reshape(-1, 1), 1e-12)
+    bend = np.broadcast_to(np.linspace(-20.0, 20.0, 257), (m.size, 257))
+    y = np.sort(np.concatenate([m + sd * np.linspace(-8.0, 8.0, 257), bend], axis=1), axis=1)
+    density = _phi((y - m) / sd) / sd
+    s = _logistic(y)
+    ds = s * (1.0 - s)
+
+    def integral(f):  # the trapezoid rule along each channel's grid
+        return 0.5 * ((f[:, 1:] + f[:, :-1]) * np.diff(y, axis=1)).sum(axis=1)
+
+    def expect(f):
+        return integral(f * density) / integral(density)
+
+    mean, d_mean = expect(s), expect(ds)
+    m, sd = m.reshape(-1), sd.reshape(-1)
+    stats = ChannelStats(
+        mean,
+        np.maximum(mean - d_mean, 0.0),
+        _logistic(m - RANGE_SIGMAS * sd),
+        _logistic(m + RANGE_SIGMAS * sd),
+        np.ones_like(mean),
+    )
+    return stats, Derivative(d_mean, expect(ds * ds))
+
+
+GATING_MOMENTS = {
+    "hard_sigmoid": lambda m, sd, at: hard_sigmoid_normal(m, sd, at["alpha"], at["beta"]),
+    "hard_swish": lambda m, sd, at: hard_swish_normal(m, sd, at["alpha"], at["beta"]),
+    "sigmoid": lambda m, sd, at: sigmoid_normal(m, sd),
+}
+"""The moments of the activations an ``opaque`` node may name in attr ``activation``
+(see :data:`cle_core._ir.STRUCTURAL_OPS`), from the input's mean, standard deviation and
+the node's attrs."""
+
+
 def estimate(
     graph: Graph,
     measured: Mapping[str, ChannelStats] | None = None,
     *,
     transpose_taps: bool = False,
-) -> tuple[dict[str, ChannelStats], dict[str, Derivative]]:
+) -> tuple[dict[str, ChannelStats], dict[str | tuple[str, int], Derivative]]:
     """Statistics of every value of ``graph`` (after BN folding) and the derivative
-    statistics of every activation node (by node name). ``measured`` statistics, keyed
+    statistics of every activation node (by node name) and of a product of two
+    activations whose statistics are known, for each input (by ``(node name, input
+    index)``). ``measured`` statistics, keyed
     by value name, replace the estimates for those values and feed the estimates of the
     values computed from them.
 
@@ -129,7 +244,7 @@ def estimate(
     measured = dict(measured or {})
     stats: dict[str, ChannelStats] = {}
     normal: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # value -> (mean, sd) if ~normal
-    deriv: dict[str, Derivative] = {}
+    deriv: dict[str | tuple[str, int], Derivative] = {}
     for v in graph.inputs:
         if v.channels:
             stats[v.name] = ChannelStats.of(np.zeros(v.channels), np.ones(v.channels))
@@ -184,6 +299,49 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
                 np.maximum(m + RANGE_SIGMAS * sd, 0.0),
             )
             deriv[node.name] = Derivative(p + slope * (1 - p), p + slope**2 * (1 - p))
+    elif op == "opaque" and node.attrs.get("activation") in GATING_MOMENTS:
+        src = normal.get(node.inputs[0].name) if node.inputs else None
+        if src is None:
+            return
+        moments = GATING_MOMENTS[node.attrs["activation"]]
+        st, d = moments(*src, node.attrs)
+        stats[out.name], deriv[node.name] = st, d
+        normal[out.name] = (st.mean, np.sqrt(st.var))
+    elif op == "opaque" and node.attrs.get("shift") is not None and ins and ins[0] is not None:
+        # x + c, a constant the graph keeps (an affine block's bias): the mean moves
+        x = ins[0]
+        c = np.broadcast_to(np.asarray(node.attrs["shift"], np.float64).reshape(-1), x.mean.shape)
+        stats[out.name] = ChannelStats(
+            x.mean + c,
+            x.meansq + 2 * c * x.mean + c * c,
+            x.lo + c,
+            x.hi + c,
+            np.where(c == 0, x.nonzero, 1.0),
+        )
+        if node.inputs[0].name in normal:
+            m, sd = normal[node.inputs[0].name]
+            normal[out.name] = (m + c, sd)
+    elif op == "mul" and len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1]:
+        # x * gate (squeeze-and-excitation): taken as independent, so the moments
+        # multiply, and noise on either input passes times the other (its derivative)
+        carrier = int(node.attrs.get("carrier", 0))
+        x, g = ins[carrier], ins[1 - carrier]
+        maker = node.inputs[1 - carrier].producer
+        if maker is not None and node.inputs[carrier] in maker.inputs:
+            return  # x * sigmoid(x) (a SiLU): not independent
+        if x is None or g is None or g.channels != x.channels:
+            return
+        corners = [x.lo * g.lo, x.lo * g.hi, x.hi * g.lo, x.hi * g.hi]
+        st = ChannelStats(
+            x.mean * g.mean,
+            x.meansq * g.meansq,
+            np.minimum.reduce(corners),
+            np.maximum.reduce(corners),
+            x.nonzero * g.nonzero,
+        )
+        stats[out.name], normal[out.name] = st, (st.mean, np.sqrt(st.var))
+        deriv[(node.name, carrier)] = Derivative(g.mean, g.meansq)
+        deriv[(node.name, 1 - carrier)] = Derivative(x.mean, x.meansq)
     elif op == "batchnorm":
         x = normal.get(node.inputs[0].name)
         if x is not None:

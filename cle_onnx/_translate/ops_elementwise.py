@@ -1,4 +1,8 @@
-"""Handlers of the elementwise ops: activations, Clip, Mul, Div, Add, Sum."""
+"""Handlers of the elementwise ops: activations, Clip, Mul, Div, Add, Sum.
+
+Hard-sigmoid, hard-swish (the op, or the forms exporters write out) and the sigmoid are
+not homogeneous: each is one ``opaque`` node that ends a region, with attr ``activation``
+naming it so that the data-free statistics follow it (see :mod:`cle_core._ir`)."""
 
 from __future__ import annotations
 
@@ -42,7 +46,9 @@ class _ElementwiseOps:
             return "its slope is not finite (Inf or NaN)"
         self.add("prelu", [node.input[0]], name, index, params={"slope": slope.reshape(-1)})
 
-    def op_Clip(self, index, node, name):
+    def _clip_bounds(self, node) -> tuple[float, float] | str:
+        """A Clip's ``(min, max)`` (infinite where absent), or why they are not scalar
+        constants."""
         if self.opset < 11:
             a = _attrs(node)
             lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
@@ -66,13 +72,108 @@ class _ElementwiseOps:
         for which, value in (("min", lo), ("max", hi)):
             if np.isnan(value):
                 return f"its {which} is NaN"
+        return float(lo), float(hi)
+
+    def op_Clip(self, index, node, name):
+        bounds = self._clip_bounds(node)
+        if isinstance(bounds, str):
+            return bounds
+        lo, hi = bounds
         self.add(
             "clip",
             [node.input[0]],
             name,
             index,
-            params={"lo": np.array(float(lo)), "hi": np.array(float(hi))},
+            params={"lo": np.array(lo), "hi": np.array(hi)},
         )
+
+    # --- hard-sigmoid and hard-swish ---------------------------------------------------
+    def _gating(self, name, handle, x: str, out: str, activation: str, alpha, beta, kind):
+        """One opaque node computing ``activation`` (``hard_sigmoid`` or ``hard_swish``)
+        of ``x``: not homogeneous, so it ends a region, but the statistics follow it."""
+        channels = self.width(out)
+        attrs = {"kind": kind, "why": "", "channels": channels, "activation": activation}
+        attrs.update(alpha=float(alpha), beta=float(beta))
+        self.graph.add_node("opaque", [x], name=name, outputs=[out], attrs=attrs, handle=handle)
+
+    def _divides_by(self, op, value: str, u: float) -> bool:
+        """Whether ``op`` is ``Div(value, u)`` or ``Mul(value, 1 / u)`` (the reciprocal
+        rounded to the constant's float type)."""
+        if op.op_type == "Div":
+            return op.input[0] == value and op.input[1] != value and self._scalar(op.input[1]) == u
+        factor = self._scalar(self._other(op, value) or "")
+        return factor is not None and abs(factor * u - 1.0) <= 1e-6
+
+    def op_HardSigmoid(self, index, node, name):
+        """``clip(alpha x + beta, 0, 1)``; read by ``Mul(x, .)`` alone, a hard-swish (the
+        TorchScript exporter's ``hardswish`` before opset 14)."""
+        a = _attrs(node)
+        alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+        x = node.input[0]
+        if x in self.fixed or not (alpha > 0 and np.isfinite(beta)):
+            return False
+        step = self._only_reader(node.output[0], ("Mul",))
+        if step is not None and self._other(step[1], node.output[0]) == x:
+            self.consumed_adds.add(step[0])
+            out = step[1].output[0]
+            self._gating(name, (index, step[0]), x, out, "hard_swish", alpha, beta, "HardSwish")
+            return None
+        self._gating(name, index, x, node.output[0], "hard_sigmoid", alpha, beta, "HardSigmoid")
+        return None
+
+    def op_Sigmoid(self, index, node, name):
+        if node.input[0] in self.fixed:
+            return False
+        self.opaque(index, node, name)
+        self.graph.nodes[-1].attrs["activation"] = "sigmoid"  # the statistics follow it
+        return None
+
+    def op_HardSwish(self, index, node, name):
+        if node.input[0] in self.fixed:
+            return False
+        x, out = node.input[0], node.output[0]
+        self._gating(name, index, x, out, "hard_swish", 1.0 / 6.0, 0.5, "HardSwish")
+        return None
+
+    def _decomposed_hard_swish(self, index, node, name) -> bool:
+        """``Add(x, b) -> Clip(0, u) -> Mul(x, .) -> Div(u)`` (or ``Mul(1/u)``, or the
+        division before the product): ``x * clip(x / u + b / u, 0, 1)``, a hard-swish
+        (``b = 3``, ``u = 6`` as PaddlePaddle and hand-written MobileNetV3s export it).
+        Taken whole when every intermediate has this pattern's node as its only reader
+        and the constants are the pattern's; True once added."""
+        if len(node.input) != 2:
+            return False
+        x = next((n for n in node.input if n not in self.fixed), None)
+        b = self._scalar(self._other(node, x) or "") if x is not None else None
+        if b is None or not np.isfinite(b):
+            return False
+        trail = [index]
+        step = self._only_reader(node.output[0], ("Clip",))
+        if step is None or step[1].input[0] != node.output[0]:
+            return False
+        bounds = self._clip_bounds(step[1])
+        if isinstance(bounds, str) or bounds[0] != 0.0 or not 0.0 < bounds[1] < np.inf:
+            return False
+        u = bounds[1]
+        trail.append(step[0])
+        value = step[1].output[0]
+        multiplied = divided = False
+        for _ in range(2):  # the product with x and the division by u, in either order
+            step = self._only_reader(value, ("Mul", "Div"))
+            if step is None:
+                return False
+            i, op = step
+            if op.op_type == "Mul" and self._other(op, value) == x and not multiplied:
+                multiplied = True
+            elif self._divides_by(op, value, u) and not divided:
+                divided = True
+            else:
+                return False
+            trail.append(i)
+            value = op.output[0]
+        self.consumed_adds.update(trail[1:])
+        self._gating(name, tuple(trail), x, value, "hard_swish", 1.0 / u, b / u, "HardSwish")
+        return True
 
     def _per_channel_const(self, name: str, data: str) -> np.ndarray | None:
         """The constant ``name`` as one value or one per channel of ``data``, if it
@@ -165,8 +266,17 @@ class _ElementwiseOps:
         if len(node.input) < 2:
             return "it has one input"
         if any(n in self.fixed for n in node.input):
+            if self._decomposed_hard_swish(index, node, name):
+                return None
             # x + c is an affine map, not a homogeneous one: the constant would have to
-            # scale with the channel (not translated yet).
+            # scale with the channel (not translated yet). The statistics follow it.
+            x = next((n for n in node.input if n not in self.fixed), None)
+            if x is not None and len(node.input) == 2:
+                shift = self._per_channel_const(self._other(node, x) or "", x)
+                if shift is not None and np.all(np.isfinite(shift)):
+                    self.opaque(index, node, name, "adds a constant")
+                    self.graph.nodes[-1].attrs["shift"] = shift.astype(np.float64)
+                    return None
             return "adds a constant"
         ranks = {self.rank(n) for n in node.input}
         if None in ranks:

@@ -289,6 +289,12 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             rank, channels = self.rank.get(x.name), self.chan.get(x.name)
         elif x is not None and x.name in self.point:
             rank = self.broadcast_rank(node, x)
+        attrs = {"kind": kind, "why": why, "channels": channels}
+        activation = _known_activation(node, self.modules) if x is not None else None
+        if activation is not None:  # the statistics follow it (see cle_core._ir)
+            attrs["activation"] = activation
+            if activation != "sigmoid":
+                attrs.update(alpha=1.0 / 6.0, beta=0.5)
         self.emit(
             "opaque",
             node,
@@ -296,7 +302,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             rank=rank,
             channels=None if rank is None else self.chan.get(x.name),
             params=params,
-            attrs={"kind": kind, "why": why, "channels": channels},
+            attrs=attrs,
             param_ids=ids,
         )
         if rank is not None and x.name in self.point:
@@ -459,6 +465,21 @@ _ELEMENTWISE_FUNCTIONS = (
     torch.tanh,
     F.gelu,
 )
+
+
+def _known_activation(node: fx.Node, modules: dict) -> str | None:
+    """``hard_swish``, ``hard_sigmoid`` (torch's: ``relu6(x + 3) / 6``, times ``x`` for the
+    swish) or ``sigmoid`` where ``node`` computes it, else None."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        kinds = ((nn.Hardswish, "hard_swish"), (nn.Hardsigmoid, "hard_sigmoid"))
+        kinds += ((nn.Sigmoid, "sigmoid"),)
+        return next((k for cls, k in kinds if isinstance(m, cls)), None)
+    if node.op == "call_function":
+        functions = {F.hardswish: "hard_swish", F.hardsigmoid: "hard_sigmoid"}
+        functions.update({torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"})
+        return functions.get(node.target)
+    return "sigmoid" if node.target in ("sigmoid", "sigmoid_") else None
 
 
 def _elementwise(node: fx.Node, modules: dict) -> bool:
