@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class NoiseObjective:
         deployment = options.deployment
         stats, derivatives = estimate_stats(graph, problem.statistics)
         counts = positions(graph)
-        observed = observed_outputs(graph)
+        observed = observed_outputs(graph, stats)
         if not observed:
             raise NoiseUnavailable(
                 "no output the estimate can follow: every graph output is behind an "
@@ -186,21 +187,32 @@ class NoiseObjective:
         )
 
 
-def observed_outputs(graph) -> list:
+def observed_outputs(graph, stats: Mapping | None = None) -> list:
     """The values the noise is measured at: each graph output whose channels the IR
-    knows, or else the nearest value before it that it knows (the logits before a final
-    Softmax, the features before a final Reshape or MatMul it does not translate): the
-    noise that reaches them reaches the output, and without a channel count no gain
-    reaches any layer."""
+    knows (and, given ``stats``, whose statistics the estimate has), or else the nearest
+    value before it that has them (the logits before a final Softmax, the features
+    before a final Reshape or MatMul it does not translate): the noise that reaches them
+    reaches the output; without a channel count no gain reaches any layer, and without
+    statistics the noise is not divided by any signal power."""
+
+    def known(value) -> bool:
+        return bool(value.channels) and (stats is None or value.name in stats)
+
     found, seen = [], set()
     for out in graph.outputs:
         value, steps = out, 0
-        while not value.channels and value.producer is not None and steps < 32:
+        first = out if out.channels else None  # the nearest with channels, failing better
+        while not known(value) and value.producer is not None and steps < 32:
             inputs = value.producer.inputs
             if not inputs:
                 break
-            value = next((v for v in inputs if v.channels), inputs[0])
+            value = next((v for v in inputs if known(v)), None) or next(
+                (v for v in inputs if v.channels), inputs[0]
+            )
+            first = first or (value if value.channels else None)
             steps += 1
+        if not known(value) and first is not None:
+            value = first
         if value.channels and value.name not in seen:
             seen.add(value.name)
             found.append(value)

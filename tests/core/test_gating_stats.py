@@ -167,3 +167,28 @@ def test_the_executor_runs_them():
     y = conv("c2", b)
     gate = np.clip(0.2 * conv("fc", y.mean(axis=(2, 3), keepdims=True)) + 0.5, 0, 1)
     np.testing.assert_allclose(got, conv("c3", y * gate), rtol=1e-12)
+
+
+def test_the_noise_is_observed_before_a_final_op_without_statistics():
+    """A classifier's final Softmax has channels but no statistics (an opaque op the
+    estimate cannot follow): the noise is measured at the logits before it, so that it is
+    divided by a signal power (a recognizer's estimate read -54 to -80 dB otherwise)."""
+    from cle_core._objectives.noise import observed_outputs
+    from cle_core._stats import estimate
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    g.add_input("x", 3)
+    g.add_node(
+        "conv", ["x"], name="c1", outputs=["h"], params={"weight": rng.normal(size=(4, 3, 1, 1))}
+    )
+    g.add_node("opaque", ["h"], name="softmax", outputs=["p"], attrs={"channels": 4})
+    g.set_outputs(["p"])
+    for v in g.values.values():
+        v.spatial = (5, 5)
+    g.validate()
+    stats, _ = estimate(g)
+    assert "h" in stats and "p" not in stats
+    assert [v.name for v in observed_outputs(g, stats)] == ["h"]
+    # without statistics to go by, the output itself (it has channels), as before
+    assert [v.name for v in observed_outputs(g)] == ["p"]
