@@ -96,8 +96,10 @@ def test_each_form_is_one_activation_and_equalization_stays_exact(form):
     # the IR computes what onnxruntime does (float64 against float32)
     ir_out = next(iter(run_graph(graph, {"x": x}).values()))
     assert sqnr_db(expected, ir_out) >= 100.0
+    before = m.SerializeToString()
     for objective in ("balance", "noise"):
         eq, report = cle_onnx.equalize_model(m, objective=objective)
+        assert m.SerializeToString() == before  # the caller's proto is not touched
         assert sqnr_db(expected, run(eq, x)) >= 100.0, report.summary()
         if objective == "balance":  # the region between the hard-swishes is scaled
             assert any(np.ptp(np.log10(r.scales)) > 0.2 for r in report.regions)

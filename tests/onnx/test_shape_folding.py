@@ -113,6 +113,12 @@ def test_the_command_line_takes_the_sizes(tmp_path, capsys):
     assert main(["inspect", str(path), "--input-shape", "y=1,2"]) != 0
     assert "the model has no input 'y'" in capsys.readouterr().err
     out = tmp_path / "eq.onnx"
+    source = path.read_bytes()
+    bad = ["equalize", str(path), "-o", str(out), "--input-shape", "x=1,2"]
+    assert main(bad) != 0  # a size of the wrong rank: refused, nothing written
+    assert "x" in capsys.readouterr().err
+    assert not out.exists() and path.read_bytes() == source
     args = ["equalize", str(path), "-o", str(out), "--check", "--input-shape", f"x=1,{C},3,4"]
     assert main(args) == 0
     assert "ok" in capsys.readouterr().out
+    assert path.read_bytes() == source
