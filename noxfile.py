@@ -8,7 +8,7 @@ nox.options.sessions = ["lint", "tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 # torch is pinned before the project so that pip takes the local CPU build.
-INSTALL = ("torch==2.13.0", "-e", ".[torch,onnx,examples,plot,dev]")
+INSTALL = ("torch==2.13.0", "-e", ".[torch,onnx,examples,plot,pt2e,dev]")
 
 
 @nox.session(python="3.11")

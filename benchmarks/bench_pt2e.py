@@ -8,8 +8,11 @@ spec), uint8 activations calibrated by its histogram observer. Each network is q
 
 - ``none``: as given (PT2E folds the batch norms itself);
 - ``balance``: equalized with ``objective="balance"`` (the paper's weight balance);
-- ``ours``: equalized with the defaults told the deployment (``Deployment()`` for
-  per-tensor weights, ``Deployment(per_channel=True)`` for per-channel ones).
+- ``ours``: equalized with the defaults told the deployment, this quantizer's placement
+  included (``Deployment(quantizer="torchao-x86")`` for per-tensor weights, with
+  ``per_channel=True`` for per-channel ones);
+- ``ours(ort)``: the same, chosen for onnxruntime's placement instead (the default
+  profile), to show what knowing the quantizer's grids is worth.
 
 Printed: output SQNR in dB against the FP32 model (the converted model's reference
 implementation: quantize / dequantize ops around float kernels, which is what the
@@ -136,12 +139,15 @@ def run_case(model, x, calib) -> dict[str, dict[str, float]]:
     )
     rows = {}
     for label, per_channel in (("per-tensor", False), ("per-channel", True)):
-        ours, _ = cle_torch.equalize_model(
-            copy.deepcopy(model), dummy_input=x[:1], deployment=Deployment(per_channel=per_channel)
-        )
+        candidates = {"none": model, "balance": balance}
+        for name, profile in (("ours", "torchao-x86"), ("ours_ort", "onnxruntime")):
+            deployment = Deployment(per_channel=per_channel, quantizer=profile)
+            candidates[name], _ = cle_torch.equalize_model(
+                copy.deepcopy(model), dummy_input=x[:1], deployment=deployment
+            )
         rows[label] = {
             name: sqnr_db(reference, pt2e_outputs(candidate, x, calib, per_channel))
-            for name, candidate in (("none", model), ("balance", balance), ("ours", ours))
+            for name, candidate in candidates.items()
         }
     return rows
 
@@ -155,7 +161,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(
         f"{'network':<16} {'weights':<12} {'none':>7} {'balance':>8} {'ours':>7} "
-        f"{'-none':>7} {'-balance':>9}"
+        f"{'-none':>7} {'-balance':>9} {'ours(ort)':>10}"
     )
     for name in args.networks:
         for label, model, x, calib in cases(name, args.seeds):
@@ -163,7 +169,7 @@ def main() -> None:
                 print(
                     f"{label:<16} {weights:<12} {row['none']:7.2f} {row['balance']:8.2f} "
                     f"{row['ours']:7.2f} {row['ours'] - row['none']:+7.2f} "
-                    f"{row['ours'] - row['balance']:+9.2f}",
+                    f"{row['ours'] - row['balance']:+9.2f} {row['ours_ort']:10.2f}",
                     flush=True,
                 )
 

@@ -155,6 +155,9 @@ class QuantizerProfile(Protocol):
         """Every activation grid of ``graph`` as the quantizer would place it.
         ``carried``: ids of the clip nodes whose bounds scaling may make per channel."""
 
+    # Optional: ``quantizes_weight(node, deployment) -> bool``, whether the quantizer
+    # rounds ``node``'s weights (default: every layer's; see :func:`quantizes_weight`).
+
 
 _PROFILES: dict[str, QuantizerProfile] = {}
 
@@ -174,6 +177,15 @@ def get_profile(name: str) -> QuantizerProfile:
 
 def profile_names() -> list[str]:
     return sorted(_PROFILES)
+
+
+def quantizes_weight(profile: QuantizerProfile, node: Node, deployment: Deployment) -> bool:
+    """Whether ``profile`` rounds ``node``'s weights in ``deployment``: its own
+    ``quantizes_weight`` if it has one, else every layer's (Conv, ConvTranspose, Linear)."""
+    own = getattr(profile, "quantizes_weight", None)
+    if own is not None:
+        return bool(own(node, deployment))
+    return node.is_layer and node.weight is not None
 
 
 def per_channel_bounds(clip: Node) -> bool:
@@ -230,6 +242,15 @@ class OnnxRuntimeQDQ:
 
     def __init__(self, symmetric_activations: bool = False):
         self.symmetric = symmetric_activations
+
+    @staticmethod
+    def quantizes_weight(node: Node, deployment: Deployment) -> bool:
+        """Every layer's weights; a norm's scale where activations are quantized (QDQ
+        LayerNormalization; a weights-only deployment leaves it in float, as
+        ``cle evaluate --weights-only`` does)."""
+        if node.is_layer:
+            return node.weight is not None
+        return node.op == "norm" and not deployment.weights_only
 
     def points(self, graph: Graph, carried: frozenset[int] = frozenset()) -> list[Point]:
         done: dict[str, Point] = {}
@@ -323,6 +344,128 @@ class OnnxRuntimeQDQ:
 
 
 register_profile(OnnxRuntimeQDQ())
+
+
+class TorchaoX86:
+    """torchao's PT2E ``X86InductorQuantizer`` (``prepare_pt2e`` / ``convert_pt2e``, the
+    deployment path of PyTorch models on x86), read off
+    ``torchao/quantization/pt2e/quantizer/x86_inductor_quantizer.py`` and checked against
+    the observers ``prepare_pt2e`` inserts (``tests/torch/test_pt2e_profile.py``):
+
+    - a Conv2d, a Linear, and a Conv1d whose only reader is a ReLU quantize their data
+      input and their weights; their output stays in float (a ReLU / ReLU6 / Hardtanh /
+      Hardswish / SiLU after a Conv2d is fused into it), so an activation grid sits on a
+      layer's *input*, after any bound, scalar or per channel: there is no grid before a
+      per-channel bound (onnxruntime's second grid);
+    - a MatMul of two activations and a Mul of two activations of the same shape quantize
+      both inputs; a Conv2d whose only reader is an Add quantizes the Add's other input;
+    - MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten and Cat whose inputs are outputs
+      of quantized operators (a layer, the bound fused into a Conv2d, one of these) put
+      their inputs on a grid and their output on the same one (a Flatten gives its input
+      a grid of its own, after the pool's; the inputs of a Cat share one grid, modelled
+      here as one grid each);
+    - ConvTranspose, Conv3d, other Conv1d, normalization layers (their affine included),
+      Add, and every other operator stay in float.
+    """
+
+    name = "torchao-x86"
+
+    @staticmethod
+    def quantizes_weight(node: Node, deployment: Deployment | None = None) -> bool:
+        """Conv2d and Linear weights, and those of a Conv1d whose only reader is a ReLU
+        (its one fused pattern)."""
+        if node.op == "linear":
+            return node.weight is not None
+        if node.op != "conv":
+            return False
+        if np.ndim(node.weight) == 4:
+            return True
+        readers = _readers(node.outputs[0])
+        return np.ndim(node.weight) == 3 and len(readers) == 1 and readers[0].op == "relu"
+
+    def points(self, graph: Graph, carried: frozenset[int] = frozenset()) -> list[Point]:
+        done: set[tuple[str, str]] = set()
+        order: list[Point] = []
+        quantized: set[str] = set()  # outputs of quantized operators (for the pools)
+
+        source = _past_identities
+
+        def add(v: Value, kind: PointKind = "tensor", grid_of: Value | None = None) -> None:
+            v = source(v)
+            if v.channels is None or (v.name, kind) in done:
+                return
+            done.add((v.name, kind))
+            order.append(Point(v, kind, grid_of=grid_of))
+
+        for node in graph.nodes:
+            op, out = node.op, node.outputs[0] if node.outputs else None
+            if node.is_layer:
+                if self.quantizes_weight(node):
+                    add(node.inputs[0])
+                    quantized.add(out.name)
+                    readers = _readers(out)
+                    if (
+                        np.ndim(node.weight) == 4
+                        and len(readers) == 1
+                        and (
+                            readers[0].op == "relu"
+                            or (readers[0].op == "clip" and not per_channel_bounds(readers[0]))
+                        )
+                    ):
+                        quantized.add(readers[0].outputs[0].name)  # the fused bound
+            elif op == "matmul" or (
+                op == "mul"
+                and "factor" not in node.params
+                and len(node.inputs) == 2
+                and node.inputs[0].shape is not None
+                and node.inputs[0].shape == node.inputs[1].shape
+            ):
+                for v in node.inputs:
+                    add(v)
+                quantized.add(out.name)
+            elif op == "add" and len(node.inputs) == 2:
+                for i, v in enumerate(node.inputs):
+                    conv = source(v).producer
+                    if (
+                        conv is not None
+                        and conv.op == "conv"
+                        and np.ndim(conv.weight) == 4
+                        and len(_readers(conv.outputs[0])) == 1
+                    ):
+                        add(node.inputs[1 - i])
+                        break
+            elif op in ("maxpool", "avgpool", "global_avgpool", "flatten", "concat"):
+                inputs = [source(v) for v in node.inputs]
+                if not inputs or not all(v.name in quantized for v in inputs):
+                    continue
+                for v in inputs:
+                    add(v)
+                kind = "requant" if op in ("avgpool", "global_avgpool") else "copy"
+                add(out, kind, grid_of=inputs[0])
+                quantized.add(out.name)
+        return order
+
+
+def _past_identities(v: Value) -> Value:
+    """``v``, or the value an identity or dropout before it copies (both are gone from
+    an exported eval-mode graph)."""
+    while v.producer is not None and v.producer.op in ("identity", "dropout"):
+        v = v.producer.inputs[0]
+    return v
+
+
+def _readers(v: Value) -> list[Node]:
+    """The nodes that read ``v``, looking through identities and dropouts."""
+    out = []
+    for node in v.consumers:
+        if node.op in ("identity", "dropout"):
+            out += _readers(node.outputs[0])
+        else:
+            out.append(node)
+    return out
+
+
+register_profile(TorchaoX86())
 
 
 def profile_for(deployment: Deployment) -> QuantizerProfile:

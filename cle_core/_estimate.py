@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._deployment import Deployment, Point, grid_levels, profile_for
+from ._deployment import Deployment, Point, grid_levels, profile_for, quantizes_weight
 from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
 from ._math import _work_dtype, grouped_view, kernel_reduce
@@ -350,14 +350,11 @@ class Estimate:
         self.deployment = deployment
         self.map = ScaleMap(regions)
         sens = sensitivities or {}
-        # A norm's scale is rounded where the quantizer quantizes the norm (onnxruntime's
-        # QDQ LayerNormalization, with activations); a weights-only deployment leaves it
-        # in float, as `cle evaluate --weights-only` does.
+        profile = profile_for(deployment)
         self.weights = [
             WeightTerm(n, stats, gains, deployment, sens.get(n.name))
             for n in graph.nodes
-            if (n.is_layer and n.weight is not None)
-            or (n.op == "norm" and not deployment.weights_only)
+            if quantizes_weight(profile, n, deployment)
         ]
         self.activations: list[ActivationTerm] = []
         if not deployment.weights_only:
@@ -367,7 +364,7 @@ class Estimate:
                 id(clip) for region in regions for clip, _ in region.clips if _bounded(clip)
             )
             by_value: dict[str, ActivationTerm] = {}
-            for point in profile_for(deployment).points(graph, carried):
+            for point in profile.points(graph, carried):
                 if point.kind == "copy":
                     continue  # rounds nothing
                 term = _activation_term(point, stats, gains, positions, factor, sym, by_value)

@@ -159,12 +159,16 @@ def test_the_weight_term_is_the_rounding_noise_of_the_deployed_grid(per_channel)
     st.sampled_from([True, False]),
     st.sampled_from([8, None]),
     st.sampled_from([True, False]),
+    st.sampled_from(["onnxruntime", "torchao-x86"]),
 )
-def test_equalize_is_exact_for_any_deployment(graph, per_channel, abits, sym):
+def test_equalize_is_exact_for_any_deployment(graph, per_channel, abits, sym, quantizer):
     x = feed(graph)
     before = np.concatenate([v.ravel() for v in run_graph(graph, x).values()])
     options = EqualizeOptions(
-        per_channel=per_channel, activation_bits=abits, activation_symmetric=sym
+        per_channel=per_channel,
+        activation_bits=abits,
+        activation_symmetric=sym,
+        quantizer=quantizer,
     )
     report = equalize(graph, options).report
     after = np.concatenate([v.ravel() for v in run_graph(graph, x).values()])
