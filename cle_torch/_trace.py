@@ -18,7 +18,9 @@ Tracing goes through every module except torch's own (``torch.nn``, and subclass
 layer / BN / activation / pool types that keep torch's ``forward``), so a custom Conv
 subclass such as EfficientNet's ``Conv2dStaticSamePadding`` (which pads, then calls
 ``F.conv2d(x, self.weight, self.bias, ...)``) is seen as a pad and a convolution whose
-parameters live on that module.
+parameters live on that module. ``nn.TransformerEncoderLayer`` and
+``nn.TransformerEncoder`` are traced as the computation their documentation gives
+(``_decompose``), not as their fused fast path.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.padding import _ConstantPadNd
 
+from ._decompose import decomposition
 from ._modules import PerChannelClamp, TrainingModeError, UntraceableModelError
 
 # Module types the translator understands, with their number of spatial axes (BN: the
@@ -102,7 +105,15 @@ class Tracer(fx.Tracer):
             return True
         if known_base(type(m)) is not None:
             return True
+        if decomposition(m) is not None:  # traced as its documented computation
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        parts = decomposition(m)
+        if parts is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = parts
+        return super().call_module(m, forward, args, kwargs)
 
 
 def check_eval(model: nn.Module, allow_training_mode: bool) -> None:

@@ -444,11 +444,13 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             raise _Opaque(f"FX op {node.op}")
 
 
-# Modules of torch that are kept whole, and why.
+# Modules of torch that are kept whole, and why (nn.TransformerEncoderLayer and
+# nn.TransformerEncoder are traced as their parts: cle_torch._decompose; one whose type
+# overrides their methods is kept whole).
 _MODULE_WHY = {
     nn.TransformerEncoderLayer: (
-        "nn.TransformerEncoderLayer is kept whole (a torch module with a fused fast path): "
-        "write the block with nn.MultiheadAttention, Linears and norms to equalize it"
+        "a subclass of nn.TransformerEncoderLayer that overrides its forward, _sa_block or "
+        "_ff_block is kept whole"
     ),
     nn.TransformerDecoderLayer: (
         "nn.TransformerDecoderLayer is kept whole (its attention is an nn.MultiheadAttention)"

@@ -69,9 +69,9 @@ def _llama_regions():
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's
-#: nn.TransformerEncoderLayer (kept whole), the final norm -> head through the mean over
-#: tokens (not translated), fc1 -> GELU -> fc2.
+#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's post-LN norms
+#: but the last (they feed the residual too), the final norm -> head through the mean
+#: over tokens (not translated), fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
     "vit_mean_pool": _vit_regions(head=False),
@@ -80,7 +80,11 @@ REGIONS = {
     "llama": _llama_regions(),
     "llama_expand": _llama_regions(),
     "llama_nn_rmsnorm": _llama_regions(),
-    "bert": [],
+    "bert": [  # nn.TransformerEncoderLayer as its parts (cle_torch._decompose)
+        ("attention", ("layers.0.self_attn.v",), ("layers.0.self_attn.out_proj",)),
+        ("attention", ("layers.1.self_attn.v",), ("layers.1.self_attn.out_proj",)),
+        ("norm", ("layers.1.norm2",), ("head",)),  # through x[:, 0]
+    ],
     "convnext": [
         ("norm", ("stages.0.0.norm",), ("stages.0.0.pwconv1",)),
         ("norm", ("stages.1.0",), ("stages.1.1",)),  # channels-first LayerNorm2d -> Conv
@@ -103,7 +107,11 @@ REFUSED = {
         ("blocks.0.attn.wv -> ?", "grouped-query attention"),
         ("blocks.0.mlp.gate -> ?", "silu"),
     ],
-    "bert": [("emb_norm -> ?", "nn.TransformerEncoderLayer is kept whole")],
+    "bert": [
+        ("layers.0.self_attn.q -> ?", "opaque attention_weights"),
+        ("layers.0.linear1 -> ?", "gelu"),
+        ("layers.0.norm1, layers.0.linear2 -> layers.0.linear1", "normalized by layers.0.norm2"),
+    ],
     "convnext": [("stages.0.0.pwconv1 -> ?", "gelu")],
 }
 

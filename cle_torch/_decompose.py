@@ -1,0 +1,85 @@
+"""Torch modules with a fused fast path, traced as the computation their documentation
+gives: ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``.
+
+Why. Traced whole, such a module is one opaque call, and a BERT-style encoder built
+from them equalizes nothing inside its layers. Its slow path is documented and written
+with submodules the translator knows (``nn.MultiheadAttention``, ``nn.Linear``,
+``nn.LayerNorm``, dropout, the activation): traced as that, every pair inside is found,
+and the write-back goes to those submodules' own parameters, which the fast path
+(``torch._transformer_encoder_layer_fwd``, the encoder's nested tensors) reads too. So
+the module tree is kept and the model's own ``forward`` keeps running, fast path and
+all; only a GraphModule written back (where the result needs graph edits) runs the slow
+path.
+
+The forwards here are those of torch 2.x (``norm_first`` True: ``x + sa(norm1(x))``,
+``x + ff(norm2(x))``; False: ``norm1(x + sa(x))``, ``norm2(x + ff(x))``; ``sa`` the
+self-attention then ``dropout1``, ``ff`` = ``dropout2(linear2(dropout(act(linear1(x)))))``).
+A subclass that overrides any of the methods they stand for is traced whole, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+
+def _encoder_layer(m: nn.TransformerEncoderLayer, src, src_mask=None,
+                   src_key_padding_mask=None, is_causal=False):  # fmt: skip
+    def sa(x):
+        x = m.self_attn(
+            x,
+            x,
+            x,
+            attn_mask=src_mask,
+            key_padding_mask=src_key_padding_mask,
+            need_weights=False,
+            is_causal=is_causal,
+        )[0]
+        return m.dropout1(x)
+
+    def ff(x):
+        return m.dropout2(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+    x = src
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        return x + ff(m.norm2(x))
+    x = m.norm1(x + sa(x))
+    return m.norm2(x + ff(x))
+
+
+def _encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None,
+             is_causal=None):  # fmt: skip
+    # ``is_causal=None`` with a mask: torch compares the mask with a causal one to pass
+    # the hint on; the mask itself gives the same attention, so it is passed as is.
+    output = src
+    for layer in m.layers:
+        output = layer(
+            output,
+            src_mask=mask,
+            is_causal=bool(is_causal),
+            src_key_padding_mask=src_key_padding_mask,
+        )
+    if m.norm is not None:
+        output = m.norm(output)
+    return output
+
+
+# type -> (the methods of torch's that the decomposition stands for, the decomposition)
+_DECOMPOSED: dict[type, tuple[tuple[str, ...], Callable]] = {
+    nn.TransformerEncoderLayer: (("forward", "_sa_block", "_ff_block"), _encoder_layer),
+    nn.TransformerEncoder: (("forward",), _encoder),
+}
+
+
+def decomposition(m: nn.Module) -> Callable[..., Any] | None:
+    """The documented computation of ``m`` as a function of its call's arguments, or
+    None where ``m`` is not such a module or its type overrides a method of it."""
+    for cls, (methods, fn) in _DECOMPOSED.items():
+        if isinstance(m, cls):
+            if any(getattr(type(m), name) is not getattr(cls, name) for name in methods):
+                return None
+            return lambda *args, **kwargs: fn(m, *args, **kwargs)
+    return None
