@@ -47,15 +47,18 @@ def _as_scores(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.float64)
 
 
-def _mha_weights_fn(heads: int, causal: bool, constants: dict, inputs: tuple[str, ...]):
+def _mha_weights_fn(heads: int, causal: bool, constants: dict, inputs: dict[str, bool]):
     """The attention weights of ``nn.MultiheadAttention``, ``softmax(q k^T / sqrt(d) +
     attn_mask + key_padding_mask)`` on ``q``, ``k`` of shape ``(B, H, T, D)``, in NumPy
     (for the core's executor). ``constants``: the masks that are constants of the model;
-    ``inputs``: the names of those that come as further inputs, in order. ``causal``:
-    torch took ``is_causal`` as the mask (it then drops ``attn_mask``)."""
+    ``inputs``: those that come as further inputs, in order, and whether each is boolean
+    (the executor feeds every input as float64). ``causal``: torch took ``is_causal`` as
+    the mask (it then drops ``attn_mask``)."""
 
     def weights(q: np.ndarray, k: np.ndarray, *given: np.ndarray) -> np.ndarray:
-        masks = dict(constants, **dict(zip(inputs, given, strict=True)))
+        masks = dict(constants)
+        for (name, boolean), mask in zip(inputs.items(), given, strict=True):
+            masks[name] = np.asarray(mask) != 0 if boolean else mask
         scores = np.matmul(q, np.swapaxes(k, -1, -2)) / math.sqrt(q.shape[-1])
         b, t, u = scores.shape[0], scores.shape[-2], scores.shape[-1]
         if causal:
@@ -93,10 +96,10 @@ class Attention:
             if mask is None:
                 continue
             if isinstance(mask, fx.Node) and mask.op == "get_attr":
-                t = self.attr(mask.target)
-                if not isinstance(t, torch.Tensor):
+                value = self.attr(mask.target)
+                if not isinstance(value, torch.Tensor):
                     raise _Opaque(f"{k} is not a tensor")
-                constants[k] = t.detach().cpu().numpy()
+                constants[k] = value.detach().cpu().numpy()
             elif isinstance(mask, fx.Node) and mask.name in self.values:
                 given.append((k, mask))
             else:
@@ -154,7 +157,8 @@ class Attention:
                 node, "transpose", [split], f"{q}.{part}:heads", (b, h, t, d),
                 attrs={"perm": to_heads},
             )  # fmt: skip
-        fn = _mha_weights_fn(h, causal, constants, tuple(k for k, _ in given))
+        booleans = {k: self.cap.dtypes.get(v.name) == torch.bool for k, v in given}
+        fn = _mha_weights_fn(h, causal, constants, booleans)
         p = self.mha_node(node, "opaque", [heads["q"], heads["k"], *(v.name for _, v in given)],
                           f"{q}.weights", (b, h, t, t), attrs={
                               "kind": "attention_weights",
