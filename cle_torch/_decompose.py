@@ -14,7 +14,8 @@ path.
 The forwards here are those of torch 2.x (``norm_first`` True: ``x + sa(norm1(x))``,
 ``x + ff(norm2(x))``; False: ``norm1(x + sa(x))``, ``norm2(x + ff(x))``; ``sa`` the
 self-attention then ``dropout1``, ``ff`` = ``dropout2(linear2(dropout(act(linear1(x)))))``).
-A subclass that overrides any of the methods they stand for is traced whole, as before.
+A subclass that overrides any of the methods they stand for is kept whole (a leaf: its
+forward's fast-path checks are control flow that tracing cannot follow).
 """
 
 from __future__ import annotations
@@ -83,3 +84,8 @@ def decomposition(m: nn.Module) -> Callable[..., Any] | None:
                 return None
             return lambda *args, **kwargs: fn(m, *args, **kwargs)
     return None
+
+
+def fused(m: nn.Module) -> bool:
+    """Whether ``m`` is one of the modules with a fused fast path (decomposed or not)."""
+    return isinstance(m, tuple(_DECOMPOSED))

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.padding import _ConstantPadNd
 
-from ._decompose import decomposition
+from ._decompose import decomposition, fused
 from ._modules import PerChannelClamp, TrainingModeError, UntraceableModelError
 
 # Module types the translator understands, with their number of spatial axes (BN: the
@@ -107,6 +107,8 @@ class Tracer(fx.Tracer):
             return True
         if decomposition(m) is not None:  # traced as its documented computation
             return False
+        if fused(m):  # a subclass that overrides what the decomposition stands for
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):

@@ -252,3 +252,27 @@ def test_the_ir_computes_what_the_encoder_computes(norm_first, batch_first, mask
     cap = capture(model, dummy_input=(x, pad))
     (out,) = run_graph(cap.ir, {"x": x.numpy(), "pad": pad.numpy()}).values()
     assert _sqnr_db(model(x, pad), torch.from_numpy(out)) >= MIN_SQNR_DB
+
+
+def test_an_encoder_layer_kept_whole_says_why():
+    """A subclass that overrides the feed-forward block, and a layer the caller makes a
+    leaf, are kept whole, each with its reason."""
+
+    class Gated(nn.TransformerEncoderLayer):
+        def _ff_block(self, x):
+            return self.dropout2(self.linear2(self.linear1(x) * torch.sigmoid(x)))
+
+    x = torch.randn(2, 5, 8)
+    for layer, leaves, why in [
+        (Gated(8, 2, 8, batch_first=True), (), "Gated overrides a method of torch's"),
+        (
+            nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+            (nn.TransformerEncoderLayer,),
+            "TransformerEncoderLayer is a leaf module (leaf_modules): kept whole",
+        ),
+    ]:
+        model = nn.Sequential(nn.Linear(8, 8), layer).eval()
+        _, report = cle_torch.equalize_model(model, dummy_input=x, leaf_modules=leaves)
+        assert [r for r in report.regions] == []
+        reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "translate"}
+        assert why in reasons["1"], reasons
