@@ -1,5 +1,7 @@
 """Torch modules with a fused fast path, traced as the computation their documentation
-gives: ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``.
+gives: ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``; also
+``nn.TransformerDecoderLayer`` and ``nn.TransformerDecoder``, whose forwards hold
+checks that tracing cannot follow (``is_nested``, a comparison with a causal mask).
 
 Why. Traced whole, such a module is one opaque call, and a BERT-style encoder built
 from them equalizes nothing inside its layers. Its slow path is documented and written
@@ -13,7 +15,9 @@ path.
 
 The forwards here are those of torch 2.x (``norm_first`` True: ``x + sa(norm1(x))``,
 ``x + ff(norm2(x))``; False: ``norm1(x + sa(x))``, ``norm2(x + ff(x))``; ``sa`` the
-self-attention then ``dropout1``, ``ff`` = ``dropout2(linear2(dropout(act(linear1(x)))))``).
+self-attention then ``dropout1``, ``ff`` = ``dropout2(linear2(dropout(act(linear1(x)))))``;
+a decoder layer has the cross-attention on ``memory`` between them, after ``norm2``, and
+``norm3`` / ``dropout3`` for ``ff``).
 A subclass that overrides any of the methods they stand for is kept whole (a leaf: its
 forward's fast-path checks are control flow that tracing cannot follow).
 """
@@ -68,10 +72,73 @@ def _encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None
     return output
 
 
+def _decoder_layer(m: nn.TransformerDecoderLayer, tgt, memory, tgt_mask=None,
+                   memory_mask=None, tgt_key_padding_mask=None,
+                   memory_key_padding_mask=None, tgt_is_causal=False,
+                   memory_is_causal=False):  # fmt: skip
+    def attend(attention, dropout, x, kv, mask, padding, causal):
+        x = attention(
+            x,
+            kv,
+            kv,
+            attn_mask=mask,
+            key_padding_mask=padding,
+            is_causal=causal,
+            need_weights=False,
+        )[0]
+        return dropout(x)
+
+    def sa(x):
+        return attend(m.self_attn, m.dropout1, x, x, tgt_mask, tgt_key_padding_mask,
+                      tgt_is_causal)  # fmt: skip
+
+    def mha(x):  # cross-attention: kept opaque by the translator, with the reason
+        return attend(m.multihead_attn, m.dropout2, x, memory, memory_mask,
+                      memory_key_padding_mask, memory_is_causal)  # fmt: skip
+
+    def ff(x):
+        return m.dropout3(m.linear2(m.dropout(m.activation(m.linear1(x)))))
+
+    x = tgt
+    if m.norm_first:
+        x = x + sa(m.norm1(x))
+        x = x + mha(m.norm2(x))
+        return x + ff(m.norm3(x))
+    x = m.norm1(x + sa(x))
+    x = m.norm2(x + mha(x))
+    return m.norm3(x + ff(x))
+
+
+def _decoder(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=None,
+             tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal=None,
+             memory_is_causal=False):  # fmt: skip
+    # tgt_is_causal=None: as in _encoder, the mask itself is passed on
+    output = tgt
+    for layer in m.layers:
+        output = layer(
+            output,
+            memory,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=bool(tgt_is_causal),
+            memory_is_causal=memory_is_causal,
+        )
+    if m.norm is not None:
+        output = m.norm(output)
+    return output
+
+
 # type -> (the methods of torch's that the decomposition stands for, the decomposition)
 _DECOMPOSED: dict[type, tuple[tuple[str, ...], Callable]] = {
     nn.TransformerEncoderLayer: (("forward", "_sa_block", "_ff_block"), _encoder_layer),
     nn.TransformerEncoder: (("forward",), _encoder),
+    nn.TransformerDecoderLayer: (
+        ("forward", "_sa_block", "_mha_block", "_ff_block"),
+        _decoder_layer,
+    ),
+    nn.TransformerDecoder: (("forward",), _decoder),
 }
 
 

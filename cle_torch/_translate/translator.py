@@ -24,7 +24,7 @@ from torch.nn.modules.padding import _ConstantPadNd
 from cle_core import CLEError, Graph, unique_name
 
 from .._capture import Capture, Site, _input_shapes, _param_names
-from .._decompose import decomposition
+from .._decompose import decomposition, fused
 from .._optable import (
     _F_CONV,
     _F_CONVT,
@@ -445,27 +445,19 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             raise _Opaque(f"FX op {node.op}")
 
 
-# Modules of torch that are kept whole, and why (nn.TransformerEncoderLayer and
-# nn.TransformerEncoder are traced as their parts, see cle_torch._decompose, unless a
-# subclass overrides the methods that stands for or the caller makes them leaves).
-_MODULE_WHY = {
-    nn.TransformerDecoderLayer: (
-        "nn.TransformerDecoderLayer is kept whole (its attention is an nn.MultiheadAttention)"
-    ),
-}
-
-
 def _why_whole(m: nn.Module) -> str:
-    """Why the call of ``m``, traced as one node, is not translated."""
+    """Why the call of ``m``, traced as one node, is not translated. (torch's
+    transformer modules are traced as their parts, see cle_torch._decompose, unless a
+    subclass overrides the methods that stands for or the caller makes them leaves.)"""
     name = type(m).__name__
-    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+    if fused(m):
         if decomposition(m) is None:
             return (
                 f"{name} overrides a method of torch's that tracing stands in for (forward, "
-                "_sa_block, _ff_block): kept whole"
+                "_sa_block, _mha_block, _ff_block): kept whole"
             )
         return f"{name} is a leaf module (leaf_modules): kept whole"
-    return _MODULE_WHY.get(type(m), f"{name} is not understood")
+    return f"{name} is not understood"
 
 
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})

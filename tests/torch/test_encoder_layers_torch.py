@@ -276,3 +276,52 @@ def test_an_encoder_layer_kept_whole_says_why():
         assert [r for r in report.regions] == []
         reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "translate"}
         assert why in reasons["1"], reasons
+
+
+class _Decoder(nn.Module):
+    """Tokens and a memory into one ``nn.TransformerDecoderLayer`` or a two-layer
+    ``nn.TransformerDecoder`` with a final norm, a causal target mask (a constant), a
+    head on the last token."""
+
+    def __init__(self, norm_first, stack, dim=16):
+        super().__init__()
+        self.inp, self.mem = nn.Linear(8, dim), nn.Linear(8, dim)
+        layer = nn.TransformerDecoderLayer(
+            dim, 4, 2 * dim, dropout=0.1, activation="relu", batch_first=True,
+            norm_first=norm_first,
+        )  # fmt: skip
+        self.dec = nn.TransformerDecoder(layer, 2, norm=nn.LayerNorm(dim)) if stack else layer
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x, memory):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
+        return self.head(self.dec(self.inp(x), self.mem(memory), tgt_mask=mask)[:, -1])
+
+
+@pytest.mark.usefixtures("always_scale")
+@pytest.mark.parametrize("stack", [False, True], ids=["layer", "decoder"])
+@pytest.mark.parametrize("norm_first", [True, False], ids=["pre_ln", "post_ln"])
+def test_decoder_layers_are_equalized_exactly_but_the_cross_attention(norm_first, stack):
+    """Self-attention V -> O, norms (pre-LN) and linear1 -> ReLU -> linear2 of every
+    layer; the cross-attention on the memory is refused with the reason."""
+    model = _spread(_Decoder(norm_first, stack))
+    g = torch.Generator().manual_seed(2)
+    x, memory = torch.randn(2, 6, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    ref = model(x, memory)
+    eq, report = cle_torch.equalize_model(model, dummy_input=(x, memory))
+    assert eq is model
+    layers = ["dec.layers.0.", "dec.layers.1."] if stack else ["dec."]
+    expected = []
+    for p in layers:
+        if norm_first:
+            expected.append(("norm", (f"{p}norm1",), tuple(f"{p}self_attn.{c}" for c in "qkv")))
+        expected.append(("attention", (f"{p}self_attn.v",), (f"{p}self_attn.out_proj",)))
+        if norm_first:
+            expected.append(("norm", (f"{p}norm3",), (f"{p}linear1",)))
+        expected.append(("pair", (f"{p}linear1",), (f"{p}linear2",)))
+    if stack or not norm_first:
+        expected.append(("norm", ("dec.norm" if stack else "dec.norm3",), ("head",)))
+    assert [(r.kind, r.sources, r.sinks) for r in report.regions] == expected
+    reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "translate"}
+    assert "not self-attention" in reasons[f"{layers[0]}multihead_attn"]
+    assert _sqnr_db(ref, eq(x, memory)) >= MIN_SQNR_DB
