@@ -1,7 +1,8 @@
 """Torch modules with a fused fast path, traced as the computation their documentation
 gives: ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``; also
-``nn.TransformerDecoderLayer`` and ``nn.TransformerDecoder``, whose forwards hold
-checks that tracing cannot follow (``is_nested``, a comparison with a causal mask).
+``nn.TransformerDecoderLayer`` and ``nn.TransformerDecoder`` (no fused path, but as
+torch modules they were leaves, and the decoder's forward holds checks that tracing
+cannot follow: ``is_nested``, a comparison with a causal mask).
 
 Why. Traced whole, such a module is one opaque call, and a BERT-style encoder built
 from them equalizes nothing inside its layers. Its slow path is documented and written
