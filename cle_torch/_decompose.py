@@ -143,15 +143,45 @@ _DECOMPOSED: dict[type, tuple[tuple[str, ...], Callable]] = {
 }
 
 
-def decomposition(m: nn.Module) -> Callable[..., Any] | None:
-    """The documented computation of ``m`` as a function of its call's arguments, or
-    None where ``m`` is not such a module or its type overrides a method of it."""
+def _function(m: nn.Module) -> Callable[..., Any] | None:
+    """The decomposition of ``m`` (called with ``m`` first), or None where ``m`` is not
+    such a module or its type overrides a method the decomposition stands for."""
     for cls, (methods, fn) in _DECOMPOSED.items():
         if isinstance(m, cls):
             if any(getattr(type(m), name) is not getattr(cls, name) for name in methods):
                 return None
-            return lambda *args, **kwargs: fn(m, *args, **kwargs)
+            return fn
     return None
+
+
+def decomposition(m: nn.Module) -> Callable[..., Any] | None:
+    """The documented computation of ``m`` as a function of its call's arguments, or
+    None where ``m`` is not such a module or its type overrides a method of it."""
+    fn = _function(m)
+    return None if fn is None else lambda *args, **kwargs: fn(m, *args, **kwargs)
+
+
+def root_forward(m: nn.Module) -> Callable[..., Any] | None:
+    """For a model that is itself such a module: a ``forward(self, src)`` (a decoder's:
+    ``forward(self, tgt, memory)``) that computes its decomposition without masks, for
+    symbolic tracing, which makes a placeholder of every argument of the root's forward
+    (masks and flags that tracing cannot branch on). The scales found are exact with any
+    mask; a GraphModule written back takes no masks. None where ``m`` is not such a
+    module."""
+    fn = _function(m)
+    if fn is None:
+        return None
+    if isinstance(m, (nn.TransformerDecoderLayer, nn.TransformerDecoder)):
+
+        def decoder_forward(self, tgt, memory):
+            return fn(self, tgt, memory)
+
+        return decoder_forward
+
+    def forward(self, src):
+        return fn(self, src)
+
+    return forward
 
 
 def fused(m: nn.Module) -> bool:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.padding import _ConstantPadNd
 
-from ._decompose import decomposition, fused
+from ._decompose import decomposition, fused, root_forward
 from ._modules import PerChannelClamp, TrainingModeError, UntraceableModelError
 
 # Module types the translator understands, with their number of spatial axes (BN: the
@@ -163,7 +163,10 @@ def trace(
     flags = [(m, m.training) for m in model.modules()] if allow_training_mode else []
     before = set(vars(model))
     constants: dict[str, torch.Tensor] = {}
+    cls, forward = type(model), root_forward(model)
     try:
+        if forward is not None:  # the root is traced by its class's forward
+            model.__class__ = type(cls.__name__, (cls,), {"forward": forward})
         for m, _ in flags:
             m.training = False
         for m, out in temps.values():
@@ -176,6 +179,7 @@ def trace(
         except Exception as exc:
             raise UntraceableModelError(_untraceable_message(model, exc)) from exc
     finally:
+        model.__class__ = cls
         for m, _ in temps.values():
             m._parameters["bias"] = None
         for m, flag in flags:

@@ -325,3 +325,35 @@ def test_decoder_layers_are_equalized_exactly_but_the_cross_attention(norm_first
     reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "translate"}
     assert "not self-attention" in reasons[f"{layers[0]}multihead_attn"]
     assert _sqnr_db(ref, eq(x, memory)) >= MIN_SQNR_DB
+
+
+@pytest.mark.usefixtures("always_scale")
+@pytest.mark.parametrize("kind", ["layer", "encoder", "decoder"])
+def test_a_bare_transformer_module_is_equalized_as_the_model(kind):
+    """The model itself an encoder layer, an encoder or a decoder: traced as its parts
+    (called without masks), written in place, its class as it was; exact, also when run
+    with a key padding mask afterwards."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, activation="relu")
+    model = {
+        "layer": lambda: layer,
+        "encoder": lambda: nn.TransformerEncoder(layer, 2, enable_nested_tensor=True),
+        "decoder": lambda: nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(16, 4, 32, batch_first=True, activation="relu"), 2
+        ),
+    }[kind]()
+    model, cls = _spread(model), type(model)
+    x, pad = _inputs()
+    args = (torch.randn(3, 6, 16),) + ((torch.randn(3, 5, 16),) if kind == "decoder" else ())
+    masked = {} if kind == "decoder" else {"src_key_padding_mask": pad}
+    with torch.no_grad():
+        ref, ref_masked = model(*args), model(*args, **masked)
+    eq, report = cle_torch.equalize_model(model, dummy_input=args)
+    assert eq is model and type(eq) is cls
+    prefix = "" if kind == "layer" else "layers.0."
+    assert ("attention", (f"{prefix}self_attn.v",), (f"{prefix}self_attn.out_proj",)) in [
+        (r.kind, r.sources, r.sinks) for r in report.regions
+    ]
+    with torch.no_grad():
+        assert _sqnr_db(ref, eq(*args)) >= MIN_SQNR_DB
+        assert _sqnr_db(ref_masked, eq(*args, **masked)) >= MIN_SQNR_DB
