@@ -18,9 +18,9 @@ Tracing goes through every module except torch's own (``torch.nn``, and subclass
 layer / BN / activation / pool types that keep torch's ``forward``), so a custom Conv
 subclass such as EfficientNet's ``Conv2dStaticSamePadding`` (which pads, then calls
 ``F.conv2d(x, self.weight, self.bias, ...)``) is seen as a pad and a convolution whose
-parameters live on that module. ``nn.TransformerEncoderLayer`` and
-``nn.TransformerEncoder`` are traced as the computation their documentation gives
-(``_decompose``), not as their fused fast path.
+parameters live on that module. ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``
+and the decoder ones are traced as the computation their documentation gives
+(``_decompose``), not as their fused fast path, also where one is the model itself.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def trace(
     constants: dict[str, torch.Tensor] = {}
     cls, forward = type(model), root_forward(model)
     try:
-        if forward is not None:  # the root is traced by its class's forward
+        if forward is not None:  # tracing runs the root's class forward, not call_module
             model.__class__ = type(cls.__name__, (cls,), {"forward": forward})
         for m, _ in flags:
             m.training = False
