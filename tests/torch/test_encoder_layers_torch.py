@@ -207,8 +207,9 @@ def test_a_graph_module_result_leaves_the_model_byte_identical():
 
 
 def test_masks_and_causal_flags_it_follows_and_those_it_refuses():
-    """An additive or boolean attn_mask (a buffer or an input), a causal hint with its
-    mask: followed exactly. ``is_causal=True`` without a mask is refused by torch."""
+    """An additive or boolean attn_mask (a buffer or an input of the model), a causal
+    hint with its mask: followed exactly. ``is_causal=True`` without a mask (torch
+    raises on it) is refused with the reason."""
     torch.manual_seed(0)
 
     class Causal(nn.Module):
@@ -220,19 +221,33 @@ def test_masks_and_causal_flags_it_follows_and_those_it_refuses():
             causal = nn.Transformer.generate_square_subsequent_mask(6)
             self.register_buffer("mask", causal if how == "float" else causal < 0)
 
-        def forward(self, x):
-            h = self.inp(x)
-            return self.enc(h, src_mask=self.mask, is_causal=self.how == "hint")
+        def forward(self, x, given):
+            mask = given if self.how == "input" else self.mask
+            return self.enc(self.inp(x), src_mask=mask, is_causal=self.how == "hint")
 
     x, _ = _inputs()
-    for how in ("float", "bool", "hint"):
+    given = nn.Transformer.generate_square_subsequent_mask(6)
+    for how in ("float", "bool", "hint", "input"):
         model = _spread(Causal(how))
-        ref = model(x)
-        eq, report = cle_torch.equalize_model(copy.deepcopy(model), dummy_input=x)
+        ref = model(x, given)
+        eq, report = cle_torch.equalize_model(copy.deepcopy(model), dummy_input=(x, given))
         assert ("attention", ("enc.self_attn.v",), ("enc.self_attn.out_proj",)) in [
             (r.kind, r.sources, r.sinks) for r in report.regions
         ], how
-        assert _sqnr_db(ref, eq(x)) >= MIN_SQNR_DB, how
+        assert _sqnr_db(ref, eq(x, given)) >= MIN_SQNR_DB, how
+
+    class NoMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn = nn.Linear(8, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.attn(h, h, h, is_causal=True, need_weights=False)[0]
+
+    _, report = cle_torch.equalize_model(NoMask().eval(), input_shapes=(1, 6, 8))
+    reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "translate"}
+    assert "is_causal=True without attn_mask" in reasons["attn"], reasons
 
 
 @pytest.mark.parametrize("mask", ["bool", "float"])
