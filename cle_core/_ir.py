@@ -544,6 +544,14 @@ def _infer_layout(node: Node) -> None:
             x = node.inputs[node.attrs["carrier"]]
         if out.channel_axes is None:
             out.channel_axes = x.channel_axes
+    elif node.op in PASSTHROUGH_OPS and x is not None and x.channels is not None:
+        if x.axes != (1,):  # a pool, pad or resize works on the axes after 1
+            node.attrs["layout_why"] = (
+                f"it pools, pads or resizes the axes after 1 of {x.name!r}, which hold "
+                f"its channels (axes {x.axes})"
+            )
+            for v in node.outputs:
+                v.channels = None
     if node.op in _SAME_SHAPE and x is not None and out.shape is None:
         out.shape = x.shape
     if node.op == "add" and out.channels is not None:

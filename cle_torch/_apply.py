@@ -87,7 +87,11 @@ def _put_rows(cap: Capture, packed: dict, q: str, rows: tuple[int, int], arr) ->
     layers of one parameter."""
     if q not in packed:
         t = _resolve(cap.model, q).detach()
-        packed[q] = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy()
+        t = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu()
+        # a copy: a float32 CPU parameter's numpy() shares its memory, and the model
+        # must stay as it was until the plan is written (never where it is refused or
+        # a GraphModule is returned)
+        packed[q] = np.array(t.numpy(), copy=True)
     part = packed[q][rows[0] : rows[1]]
     if part.size != np.size(arr):
         raise CLEError(f"{q}[{rows[0]}:{rows[1]}]: new value has shape {np.shape(arr)}")

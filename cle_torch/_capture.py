@@ -121,6 +121,8 @@ class Capture:
     opaque_layers: list[str] = field(default_factory=list)
     # FX nodes whose channels may lie on another axis than 1 (tokens (B, T, C) ...)
     moved: set[str] = field(default_factory=set)
+    # the dtype of each FX node's tensor, from the shape run (a mask: bool or float)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 def _resolve_attr(cap: Capture, target: str) -> Any:

@@ -18,7 +18,9 @@ Tracing goes through every module except torch's own (``torch.nn``, and subclass
 layer / BN / activation / pool types that keep torch's ``forward``), so a custom Conv
 subclass such as EfficientNet's ``Conv2dStaticSamePadding`` (which pads, then calls
 ``F.conv2d(x, self.weight, self.bias, ...)``) is seen as a pad and a convolution whose
-parameters live on that module.
+parameters live on that module. ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``
+and the decoder ones are traced as the computation their documentation gives
+(``_decompose``), not as their fused fast path, also where one is the model itself.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.padding import _ConstantPadNd
 
+from ._decompose import decomposition, fused, root_forward
 from ._modules import PerChannelClamp, TrainingModeError, UntraceableModelError
 
 # Module types the translator understands, with their number of spatial axes (BN: the
@@ -102,7 +105,17 @@ class Tracer(fx.Tracer):
             return True
         if known_base(type(m)) is not None:
             return True
+        if decomposition(m) is not None:  # traced as its documented computation
+            return False
+        if fused(m):  # a subclass that overrides what the decomposition stands for
+            return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        parts = decomposition(m)
+        if parts is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = parts
+        return super().call_module(m, forward, args, kwargs)
 
 
 def check_eval(model: nn.Module, allow_training_mode: bool) -> None:
@@ -150,7 +163,10 @@ def trace(
     flags = [(m, m.training) for m in model.modules()] if allow_training_mode else []
     before = set(vars(model))
     constants: dict[str, torch.Tensor] = {}
+    cls, forward = type(model), root_forward(model)
     try:
+        if forward is not None:  # tracing runs the root's class forward, not call_module
+            model.__class__ = type(cls.__name__, (cls,), {"forward": forward})
         for m, _ in flags:
             m.training = False
         for m, out in temps.values():
@@ -163,6 +179,7 @@ def trace(
         except Exception as exc:
             raise UntraceableModelError(_untraceable_message(model, exc)) from exc
     finally:
+        model.__class__ = cls
         for m, _ in temps.values():
             m._parameters["bias"] = None
         for m, flag in flags:

@@ -80,10 +80,10 @@ ViT: 0.16 s fake, a few ms real); above it, fake tensors (no arithmetic: a large
 real run would cost seconds)."""
 
 
-def _run(gm: fx.GraphModule, args: list[Any]) -> Shapes:
+def _run(gm: fx.GraphModule, args: list[Any], dtypes: dict | None = None) -> Shapes:
     """The shape of every tensor of ``gm`` run on ``args``: for real on a small model,
     else with fake tensors (:data:`REAL_RUN_PARAMETERS`); nothing of the caller's model
-    is written either way."""
+    is written either way. ``dtypes``, where given, gets each tensor's dtype."""
     small = sum(p.numel() for p in gm.parameters()) <= REAL_RUN_PARAMETERS
     mode = None if small else FakeTensorMode(allow_non_fake_inputs=True)
     fakes = args
@@ -104,6 +104,8 @@ def _run(gm: fx.GraphModule, args: list[Any]) -> Shapes:
         meta = node.meta.pop("tensor_meta", None)  # the graph is the capture's: no trace
         if isinstance(meta, TensorMetadata):
             shapes[node.name] = tuple(int(d) for d in meta.shape)
+            if dtypes is not None:
+                dtypes[node.name] = meta.dtype
     return shapes
 
 
@@ -225,7 +227,7 @@ def propagate(cap: Capture, input_shapes: Any, dummy_input: Any) -> Shapes:
             m._forward_hooks.clear()
             m._forward_pre_hooks.clear()
         gm = _graph_module(cap, twin)
-        first = _run(gm, args)
+        first = _run(gm, args, cap.dtypes)
     except Exception as exc:
         log.debug("shapes unknown: the model does not run on the example input (%s)", exc)
         return {}

@@ -1,5 +1,6 @@
 """Ops over the spatial axes, per channel: zero pad, max / average / adaptive average
-pools, resize (upsample, interpolate), a mean over the spatial axes.
+pools, resize (upsample, interpolate), a mean over the spatial axes or over the tokens
+of a channel-last value.
 
 A mixin of ``_Translator`` (``translator.py``): its methods use the translator's state
 and helpers.
@@ -170,21 +171,55 @@ class Spatial:
             or rank < 3
             or not isinstance(dims, (list, tuple))
             or not all(isinstance(d, int) for d in dims)
-            or sorted(d % rank for d in dims) != list(range(2, rank))
         ):
-            raise _Opaque(f"dim={b['dim']}: not a mean over the spatial axes")
+            raise _Opaque(f"dim={b['dim']}: not a mean over the spatial axes or the tokens")
+        axes = sorted(d % rank for d in dims)
+        if axes == list(range(1, rank - 1)) and x.name in self.moved:
+            self.token_mean(node, x, rank, b["keepdim"])
+            return
+        if axes != list(range(2, rank)):
+            over = "the channels (axis 1)" if 1 in axes and x.name not in self.moved else ""
+            raise _Opaque(
+                f"dim={b['dim']}: a mean over {over or f'axes {tuple(axes)}'}, not over the "
+                "spatial axes (2, ...) nor the tokens (1, ..., rank - 2) of a channel-last value"
+            )
         if b["keepdim"]:
             self.unary(node, x, "global_avgpool")
             return
         # (N, C, *s) -> (N, C): a global average pool, then a flatten of (N, C, 1, ...).
-        pooled, name = f"{node.name}:pooled", self.unique(f"{node.name}:pool")
-        self.ir.add_node("global_avgpool", [x.name], name=name, outputs=[pooled])
-        shape = self.fx_shapes.get(x.name)
-        if shape is not None:
-            self.ir.values[pooled].shape = (*shape[:2], *(1,) * (len(shape) - 2))
-        self.cap.ir_names[name] = node.name
+        pooled = self.pooled(node, x, x.name, 1)
         self.emit("flatten", node, [pooled], rank=2, channels=self.chan.get(x.name))
         self.point.add(node.name)
+
+    def token_mean(self, node, x, rank: int, keepdim: bool) -> None:
+        """The mean over the tokens (every axis but the batch and the last) of a value
+        whose channels may lie last (``(B, T, C).mean(1)``, mean pooling before a head):
+        in the IR, as the ONNX reader writes it, a transpose to channels first, a global
+        average pool, then a flatten or (``keepdim``) the transpose back. Where the
+        channels are not last, the core refuses the pool with the reason."""
+        first = f"{node.name}:channels_first"
+        perm = (0, rank - 1, *range(1, rank - 1))
+        name = self.unique(f"{node.name}:transpose")
+        self.ir.add_node("transpose", [x.name], name=name, outputs=[first], attrs={"perm": perm})
+        self.cap.ir_names[name] = node.name
+        pooled = self.pooled(node, x, first, -1)
+        if keepdim:
+            back = (0, *range(2, rank), 1)
+            self.emit("transpose", node, [pooled], rank=rank, channels=None, attrs={"perm": back})
+        else:
+            self.emit("flatten", node, [pooled], rank=2, channels=None)
+
+    def pooled(self, node, x, src: str, channel_axis: int) -> str:
+        """A global average pool of ``src`` (an IR value of ``node``'s, with
+        ``x``'s channels on ``channel_axis`` of ``x``'s shape); returns its output."""
+        pooled, name = f"{node.name}:pooled", self.unique(f"{node.name}:pool")
+        self.ir.add_node("global_avgpool", [src], name=name, outputs=[pooled])
+        shape = self.fx_shapes.get(x.name)
+        if shape is not None:
+            rest = (1,) * (len(shape) - 2)
+            self.ir.values[pooled].shape = (shape[0], shape[channel_axis], *rest)
+        self.cap.ir_names[name] = node.name
+        return pooled
 
 
 _CONSTANT_PAD = "a constant pad is exact only with 0 (a constant does not scale)"

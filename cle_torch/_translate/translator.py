@@ -24,6 +24,7 @@ from torch.nn.modules.padding import _ConstantPadNd
 from cle_core import CLEError, Graph, unique_name
 
 from .._capture import Capture, Site, _input_shapes, _param_names
+from .._decompose import decomposition, fused
 from .._optable import (
     _F_CONV,
     _F_CONVT,
@@ -426,7 +427,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             base = known_base(type(m))
             handler = _MODULE_CALLS.get(base)
             if handler is None:
-                raise _Opaque(_MODULE_WHY.get(type(m), f"{type(m).__name__} is not understood"))
+                raise _Opaque(_why_whole(m))
             if len(node.args) != 1 or node.kwargs:
                 raise _Opaque("called with extra arguments")
             getattr(self, handler)(node, m, base, self.data(node.args[0]))
@@ -444,16 +445,21 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
             raise _Opaque(f"FX op {node.op}")
 
 
-# Modules of torch that are kept whole, and why.
-_MODULE_WHY = {
-    nn.TransformerEncoderLayer: (
-        "nn.TransformerEncoderLayer is kept whole (a torch module with a fused fast path): "
-        "write the block with nn.MultiheadAttention, Linears and norms to equalize it"
-    ),
-    nn.TransformerDecoderLayer: (
-        "nn.TransformerDecoderLayer is kept whole (its attention is an nn.MultiheadAttention)"
-    ),
-}
+def _why_whole(m: nn.Module) -> str:
+    """Why the call of ``m``, traced as one node, is not translated. (torch's
+    transformer modules are traced as their parts, see cle_torch._decompose, unless a
+    subclass overrides the methods that stands for or the caller makes them leaves.)"""
+    name = type(m).__name__
+    if fused(m):
+        if decomposition(m) is None:
+            return (
+                f"{name} overrides a method of torch's that tracing stands in for (forward, "
+                "_sa_block, _mha_block, _ff_block): kept whole"
+            )
+        return f"{name} is a leaf module (leaf_modules): kept whole"
+    return f"{name} is not understood"
+
+
 _SHAPE_OF = frozenset({"expand_as", "view_as", "reshape_as"})
 _ELEMENTWISE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.SiLU, nn.Hardswish, nn.Tanh, nn.GELU)
 _ELEMENTWISE_FUNCTIONS = (

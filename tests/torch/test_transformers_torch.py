@@ -69,18 +69,21 @@ def _llama_regions():
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's
-#: nn.TransformerEncoderLayer (kept whole), the final norm -> head through the mean over
-#: tokens (not translated), fc1 -> GELU -> fc2.
+#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's post-LN norms
+#: but the last (they feed the residual too), fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
-    "vit_mean_pool": _vit_regions(head=False),
+    "vit_mean_pool": _vit_regions(),  # the final norm -> head through x.mean(dim=1)
     "vit_sdpa": _vit_regions(),
     "vit_mha": _vit_regions("out_proj"),  # q / k / v: rows of the packed in_proj_weight
     "llama": _llama_regions(),
     "llama_expand": _llama_regions(),
     "llama_nn_rmsnorm": _llama_regions(),
-    "bert": [],
+    "bert": [  # nn.TransformerEncoderLayer as its parts (cle_torch._decompose)
+        ("attention", ("layers.0.self_attn.v",), ("layers.0.self_attn.out_proj",)),
+        ("attention", ("layers.1.self_attn.v",), ("layers.1.self_attn.out_proj",)),
+        ("norm", ("layers.1.norm2",), ("head",)),  # through x[:, 0]
+    ],
     "convnext": [
         ("norm", ("stages.0.0.norm",), ("stages.0.0.pwconv1",)),
         ("norm", ("stages.1.0",), ("stages.1.1",)),  # channels-first LayerNorm2d -> Conv
@@ -103,7 +106,11 @@ REFUSED = {
         ("blocks.0.attn.wv -> ?", "grouped-query attention"),
         ("blocks.0.mlp.gate -> ?", "silu"),
     ],
-    "bert": [("emb_norm -> ?", "nn.TransformerEncoderLayer is kept whole")],
+    "bert": [
+        ("layers.0.self_attn.q -> ?", "opaque attention_weights"),
+        ("layers.0.linear1 -> ?", "gelu"),
+        ("layers.0.norm1, layers.0.linear2 -> layers.0.linear1", "normalized by layers.0.norm2"),
+    ],
     "convnext": [("stages.0.0.pwconv1 -> ?", "gelu")],
 }
 
@@ -401,6 +408,85 @@ def test_a_position_computed_from_the_data_is_refused_with_the_reason():
     assert not report.regions
     reasons = [s.reason for s in report.skipped if s.stage == "translate"]
     assert any("its index is not a constant integer or slice" in r for r in reasons), reasons
+
+
+class _MeanPool(nn.Module):
+    """A norm on tokens ``(B, T, C)`` (or NHWC ``(B, H, W, C)``), a mean over the
+    tokens, a head: the norm -> head pair passes the mean."""
+
+    def __init__(self, mean, nhwc=False, head_in=16):
+        super().__init__()
+        self.mean, self.nhwc = mean, nhwc
+        self.inp, self.norm = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.head = nn.Linear(head_in, 4)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        if self.nhwc:
+            h = h.reshape(h.shape[0], 2, 3, 16)
+        return self.head(self.mean(h))
+
+
+_TOKEN_MEANS = {
+    "dim": lambda h: h.mean(dim=1),
+    "tuple": lambda h: h.mean(dim=(1,)),
+    "negative": lambda h: h.mean(-2),
+    "keepdim": lambda h: h.mean(1, keepdim=True),
+    "function": lambda h: torch.mean(h, 1),
+}
+
+
+@pytest.mark.usefixtures("always_scale")
+@pytest.mark.parametrize("form", [*_TOKEN_MEANS, "nhwc"])
+def test_a_mean_over_the_tokens_keeps_the_channels(form):
+    torch.manual_seed(0)
+    nhwc = form == "nhwc"
+    mean = (lambda h: h.mean((1, 2))) if nhwc else _TOKEN_MEANS[form]
+    model = _spread_norm(_MeanPool(mean, nhwc).eval())
+    x = torch.randn(3, 6, 8)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert eq is model
+    assert _regions(report) == [("norm", ("norm",), ("head",))]
+    assert report.regions[0].scales.max() / report.regions[0].scales.min() > 1.01
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize(
+    "mean, pooled",
+    [  # the channels of (B, T, C) are last: a mean over them mixes them
+        (lambda h: h.mean(-1), "norm"),  # taken for a mean over the spatial axes
+        (lambda h: h.transpose(1, 2).mean(1), "mean:channels_first"),  # for the tokens
+    ],
+    ids=["last_axis", "transposed"],
+)
+def test_a_mean_over_the_channels_is_refused_with_the_reason(mean, pooled):
+    torch.manual_seed(0)
+    model = _spread_norm(_MeanPool(mean, head_in=6).eval())
+    x = torch.randn(3, 6, 8)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _regions(report) == []
+    skipped = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
+    assert skipped["norm -> ?"] == (
+        "mean:pool (global_avgpool) moves the channels: it pools, pads or resizes the axes "
+        f"after 1 of '{pooled}', which hold its channels (axes (2,))"
+    )
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+
+
+def test_a_mean_over_the_channels_of_channel_first_data_says_so():
+    class ChannelMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(4, 8, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(1))
+
+    _, report = cle_torch.equalize_model(ChannelMean().eval(), dummy_input=torch.randn(2, 4, 8))
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any("a mean over the channels (axis 1)" in r for r in reasons), reasons
 
 
 class _Fn(nn.Module):
