@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ._ir import (
     LAYOUT_OPS,
     PASSTHROUGH_OPS,
@@ -36,16 +38,44 @@ def _carried(node: Node) -> int | None:
     inputs must stay unscaled (a gate, attention's probabilities); None if none does."""
     if node.op in ("mul", "matmul"):
         return node.attrs.get("carrier", 0 if node.op == "mul" else None)
-    if node.op in ("transpose", "reshape", "select"):
+    if node.op in ("transpose", "reshape", "select", "repeat"):
         return 0 if node.outputs[0].channels is not None else None
     return 0
 
 
+# Where a value's channels, or a sink's input columns, sit in their region: from an
+# offset on, or (behind a repeat of channels, grouped-query attention's V heads) at the
+# region channel each one copies.
+Place = int | np.ndarray
+
+
+def take(scales: np.ndarray, at: Place, n: int) -> np.ndarray:
+    """The region's ``scales`` (last axis) of ``n`` channels placed at ``at``."""
+    if isinstance(at, np.ndarray):
+        return scales[..., at]
+    return scales[..., at : at + n]
+
+
+def gather_terms(size: int, at: Place, ranges: np.ndarray, c: np.ndarray):
+    """Per-column ``ranges`` and weights ``c`` placed at ``at`` as ``(offset, ranges,
+    c)`` over region channels: where several columns read one channel (copies behind a
+    repeat), its largest range and the sum of their weights, since every copy is scaled
+    as the channel is; an offset is kept as it is."""
+    if not isinstance(at, np.ndarray):
+        return at, ranges, c
+    r, w = np.zeros(size), np.zeros(size)
+    np.maximum.at(r, at, ranges)
+    np.add.at(w, at, c)
+    return 0, r, w
+
+
 @dataclass
 class Region:
-    """Sources ``(layer, offset)``, sinks ``(layer, offset, repeat)``, and the nodes in
+    """Sources ``(layer, offset)``, sinks ``(layer, place, repeat)``, and the nodes in
     between; ``clips`` are bounded activations ``(node, offset)`` whose bounds must be
-    carried, ``affines`` batch norms that could not be folded, carried the same way."""
+    carried, ``affines`` batch norms that could not be folded, carried the same way.
+    A sink's place (and a value's, in ``values``) is an offset, or an array of the
+    region channel each of its input columns reads (:data:`Place`)."""
 
     id: int
     size: int
@@ -55,7 +85,7 @@ class Region:
     clips: list[tuple[Node, int]] = field(default_factory=list)
     affines: list[tuple[Node, int]] = field(default_factory=list)
     through: list[Node] = field(default_factory=list)
-    values: dict[str, int] = field(default_factory=dict)  # value name -> channel offset
+    values: dict[str, Place] = field(default_factory=dict)  # value name -> channel place
 
     def describe(self) -> str:
         return _describe([n for n, _ in self.sources], [n for n, *_ in self.sinks])
@@ -108,8 +138,11 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
     layer (with the reason that breaks it)."""
     uf = _OffsetUnionFind()
     values: dict[int, Value] = {id(v): v for v in graph.values.values()}
+    copies: list[Node] = []  # nodes whose output's channels copy the input's by a map
     for node in graph.nodes:
-        if node.op in _UNARY:
+        if "channel_map" in node.attrs:
+            copies.append(node)
+        elif node.op in _UNARY:
             uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
         elif node.op == "add":
             for v in node.inputs:
@@ -129,10 +162,21 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
             for v in node.inputs:
                 uf.union(id(v), id(node.outputs[0]), offset)
                 offset += v.channels
-    components: dict[int, list[tuple[Value, int]]] = {}
+    components: dict[int, list[tuple[Value, Place]]] = {}
     for key, value in values.items():
         root, off = uf.find(key)
         components.setdefault(root, []).append((value, off))
+    # The channels behind a repeat are the input's, read through the map: their
+    # component joins the input's, each value placed at the channels it copies.
+    for node in reversed(copies):  # the last first: a repeat of a repeat joins in order
+        src_root, src_off = uf.find(id(node.inputs[0]))
+        root, off = uf.find(id(node.outputs[0]))
+        if root == src_root or src_root not in components:
+            uf.conflict.add(root)  # its channels reach back to the input otherwise too
+            continue
+        index = src_off + np.asarray(node.attrs["channel_map"], np.int64)
+        for value, place in components.pop(root, []):
+            components[src_root].append((value, _through(index, place, off, value)))
 
     outputs = {id(v) for v in graph.outputs}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -152,14 +196,30 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
     return regions, skips
 
 
+def _through(index: np.ndarray, place: Place, origin: int, value: Value) -> Place | None:
+    """The place of ``value`` (at ``place`` in the component of a repeat's output, which
+    sits at ``origin`` there) in the component of the repeat's input, reached through
+    the repeat's ``index``; None where it is not within the repeat's output."""
+    n = value.channels or 0
+    if isinstance(place, np.ndarray):
+        at = place - origin
+        return index[at] if at.size and 0 <= at.min() and at.max() < len(index) else None
+    start = place - origin
+    return index[start : start + n] if 0 <= start and start + n <= len(index) else None
+
+
 def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | None]:
     """Assemble one component. Returns ``(None, None)`` when it touches no layer."""
-    base = min(off for _, off in members)
+    base = min((off for _, off in members if isinstance(off, int)), default=0)
     region = Region(id=-1, size=0, kind="pair")
     reasons: list[str] = []
     seen_nodes: set[int] = set()
     touches_layer = False
     for value, off in members:
+        copied = isinstance(off, np.ndarray)  # behind a repeat of channels
+        if off is None:
+            reasons.append(f"{value.name!r} joins repeated channels with others")
+            continue
         off -= base
         if value.channels is None:
             p = value.producer
@@ -169,11 +229,13 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
             else:
                 reasons.append(f"the channel count of {value.name!r} is unknown")
             continue
-        region.size = max(region.size, off + value.channels)
+        region.size = max(region.size, int(off.max()) + 1 if copied else off + value.channels)
         region.values[value.name] = off
         producer = value.producer
         if producer is None:
             reasons.append(f"it reaches graph input {value.name!r}")
+        elif copied and (producer.is_layer or producer.op in ("norm", "clip", "batchnorm")):
+            reasons.append(f"{producer.describe()} writes into repeated channels")
         elif producer.is_layer or producer.op == "norm":
             touches_layer = True
             blocker = shared.get(id(producer))
@@ -217,6 +279,8 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                     f"{value.name!r} is normalized by {reader.describe()} (a normalization "
                     "does not commute with per-channel scales)"
                 )
+            elif reader.op == "flatten" and copied:
+                reasons.append(f"repeated channels are flattened by {reader.describe()}")
             elif reader.op == "flatten":
                 touches_layer = True
                 reasons.extend(_flatten_sinks(reader, value, off, region, shared))
@@ -305,6 +369,10 @@ def _coverage_gaps(region: Region) -> list[str]:
         for i in range(off, off + node.out_channels):
             has_src[i] = True
     for node, off, repeat in region.sinks:
+        if isinstance(off, np.ndarray):
+            for i in off.tolist():
+                has_sink[i] = True
+            continue
         for i in range(off, off + node.in_channels // repeat):
             has_sink[i] = True
     if not all(has_src):

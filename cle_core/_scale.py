@@ -8,7 +8,7 @@ import numpy as np
 
 from ._ir import Node
 from ._math import scale_affine, scale_bounds, scale_layer
-from ._regions import Region
+from ._regions import Region, take
 
 
 class _Links:
@@ -31,7 +31,7 @@ class _Links:
         if link is None:
             return None
         region, off, repeat = link
-        s = scales[region.id][off : off + node.in_channels // repeat]
+        s = take(scales[region.id], off, node.in_channels // repeat)
         return np.repeat(s, repeat) if repeat > 1 else s
 
     def s_out(self, node: Node, scales) -> np.ndarray | None:

@@ -123,6 +123,36 @@ class TokenBuilder:
         merged = self.op("reshape", [back], out_shape=(b, t, c), shape=(b, t, c))
         return self.linear(merged, c, c)
 
+    def repeat_heads(self, x: str, n: int, how: str = "interleave") -> str:
+        """Each head of ``x`` (B, H, T, D) repeated ``n`` times in a row, as grouped-query
+        attention repeats K / V: one ``repeat`` of the head axis (``repeat_interleave``),
+        or ``x[:, :, None]``, the new axis repeated (an expand or tile) and merged into
+        the head axis by a reshape (``"expand"``: what LLaMA code and ONNX exports write)."""
+        bs, h, t, d = self.g.values[x].shape
+        if how == "interleave":
+            return self.op("repeat", [x], out_shape=(bs, h * n, t, d), axis=1, repeats=n)
+        five = (bs, h, 1, t, d)
+        x = self.op("reshape", [x], out_shape=five, shape=five)
+        x = self.op("repeat", [x], out_shape=(bs, h, n, t, d), axis=2, repeats=n)
+        return self.op("reshape", [x], out_shape=(bs, h * n, t, d), shape=(bs, h * n, t, d))
+
+    def gqa_attention(self, x: str, c: int, h: int, kv: int, how: str = "interleave") -> str:
+        """Grouped-query attention: ``kv`` K / V heads, each repeated for ``h / kv`` query
+        heads (:meth:`repeat_heads`), then as :meth:`attention`."""
+        d = c // h
+        b, t = self.batch, self.tokens
+        q = self.heads(self.linear(x, c, c), h, d)
+        k = self.repeat_heads(self.heads(self.linear(x, c, kv * d), kv, d), h // kv, how)
+        v = self.repeat_heads(self.heads(self.linear(x, c, kv * d), kv, d), h // kv, how)
+        qs, ks = self.g.values[q].shape, self.g.values[k].shape
+        kt = self.op("transpose", [k], out_shape=(*ks[:-2], ks[-1], ks[-2]), perm=(0, 1, 3, 2))
+        scores = self.op("matmul", [q, kt], out_shape=(*qs[:-1], ks[-2]))
+        p = self.opaque([scores], _softmax, (*qs[:-1], ks[-2]), "softmax")
+        mixed = self.op("matmul", [p, v], out_shape=self.g.values[v].shape)
+        back = self.op("transpose", [mixed], out_shape=(b, t, h, d), perm=(0, 2, 1, 3))
+        merged = self.op("reshape", [back], out_shape=(b, t, c), shape=(b, t, c))
+        return self.linear(merged, c, c)
+
     def gated_mlp(self, x: str, c: int, hidden: int, up_first: bool = False) -> str:
         """``down(silu(gate(x)) * up(x))``; ``up_first`` writes the product ``up * silu``."""
         gate = self.linear(x, c, hidden, bias=False)
