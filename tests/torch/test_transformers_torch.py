@@ -63,13 +63,15 @@ def _llama_regions():
     for b in (0, 1):
         p = f"blocks.{b}"
         out.append(("norm", (f"{p}.attn_norm",), tuple(f"{p}.attn.w{c}" for c in "qkv")))
+        # grouped-query: each V head read by the O columns of n_heads / n_kv_heads heads
+        out.append(("attention", (f"{p}.attn.wv",), (f"{p}.attn.wo",)))
         out.append(("norm", (f"{p}.mlp_norm",), (f"{p}.mlp.gate", f"{p}.mlp.up")))
         out.append(("gated", (f"{p}.mlp.up",), (f"{p}.mlp.down",)))
     return [*out, ("norm", ("norm",), ("lm_head",))]
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's
+#: reason in REFUSED: Q -> K (every attention; in llama K is also repeated), BERT's
 #: nn.TransformerEncoderLayer (kept whole), the final norm -> head through the mean over
 #: tokens (not translated), fc1 -> GELU -> fc2.
 REGIONS = {
@@ -89,6 +91,8 @@ REGIONS = {
     ],
 }
 
+ROTARY_K = ("blocks.0.attn.wk -> ?", "a factor that is a tensor")
+
 #: variant -> (candidate, a part of the reason it is refused with).
 REFUSED = {
     "vit": [
@@ -97,10 +101,11 @@ REFUSED = {
     ],
     "vit_sdpa": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
     "vit_mha": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
-    "llama": [("blocks.0.attn.wv -> ?", "grouped-query attention")],
-    "llama_expand": [("blocks.0.attn.wv -> ?", "grouped-query attention")],
+    # K: its rotary embedding (a product with a (T, D) table) comes before its repeat
+    "llama": [ROTARY_K],
+    "llama_expand": [ROTARY_K],
     "llama_nn_rmsnorm": [
-        ("blocks.0.attn.wv -> ?", "grouped-query attention"),
+        ROTARY_K,
         ("blocks.0.mlp.gate -> ?", "silu"),
     ],
     "bert": [("emb_norm -> ?", "nn.TransformerEncoderLayer is kept whole")],
@@ -505,15 +510,50 @@ def test_multihead_attention_it_cannot_translate_says_why():
     assert "not self-attention" in reasons
 
 
-def test_gqa_and_rotary_are_refused_but_the_rest_stays_exact(always_scale):
-    model = tm.llama(0, n_heads=4, n_kv_heads=1)
+@pytest.mark.parametrize("kv_repeat", ["repeat_interleave", "expand"])
+def test_one_kv_head_is_refused_but_the_rest_stays_exact(always_scale, kv_repeat):
+    """Multi-query attention: the one K / V head's axis has size 1, so its copies are not
+    a channel axis, and merging them into the heads is refused with the reason."""
+    model = tm.llama(0, n_heads=4, n_kv_heads=1, kv_repeat=kv_repeat)
     x = model.example_input(2)
     ref = _run(model, x)
     eq, report = cle_torch.equalize_model(model, dummy_input=x, calibration=x)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
     assert "attention" not in {r.kind for r in report.regions}
     reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
-    assert "grouped-query" in reasons["blocks.0.attn.wv -> ?"]
+    assert "merges" in reasons["blocks.0.attn.wv -> ?"]
+
+
+class _GQANoRotary(nn.Module):
+    """Grouped-query attention without rotary embeddings: K is repeated as V is."""
+
+    def __init__(self, dim=16, heads=4, kv=2):
+        super().__init__()
+        self.heads, self.kv, self.d = heads, kv, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale):
+    torch.manual_seed(0)
+    model = tm.spread_channels(_GQANoRotary()).eval()
+    x = torch.randn(2, 5, 16)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert _regions(report) == [("attention", ("v",), ("o",))]
+    assert report.regions[0].channels == 8  # V's, each read by two heads' O columns
+    reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
+    assert "the MatMul sums over the channels" in reasons["k -> ?"]
 
 
 # --- a property: random head counts and widths --------------------------------------------
