@@ -30,13 +30,14 @@ from tests.helpers.transformer_models import VARIANTS  # noqa: E402
 # The regions (kinds, in graph order) of each model and exporter. What is not there:
 # Q -> K (scaled by rotary's per-position cos / sin, or summed over by Q K^T), GELU /
 # SiLU between layers, the residual stream (it starts at an embedding or a constant
-# Add), post-LN norms (BERT: their output feeds the residual too), V -> O with
-# grouped-query attention (the K / V heads' repetition is opaque), V -> O behind
+# Add), post-LN norms (BERT: their output feeds the residual too), V -> O behind
 # nn.MultiheadAttention's packed in-projection (its q / k / v split is not a channel
 # slice the core follows). The final norm -> head is there, through the class token
-# (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens.
+# (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens. LLaMA's
+# grouped-query V -> O is there through the K / V heads' repetition (Unsqueeze, Expand or
+# Tile, Reshape: a repeat the core follows with a channel map).
 VIT = ["norm", "attention", "norm"] * 2 + ["norm"]
-LLAMA = ["norm", "norm", "gated"] * 2 + ["norm"]
+LLAMA = ["norm", "attention", "norm", "gated"] * 2 + ["norm"]
 EXPECTED = {
     ("vit", "ts"): VIT,
     ("vit", "dynamo"): VIT,
@@ -69,7 +70,6 @@ EXPECTED = {
 REFUSED = {
     "vit": ["the MatMul sums over the channels", "opaque Gelu"],
     "llama": [
-        "grouped-query attention repeats its K / V heads",
         "multiplies by a constant that is not per channel",  # rotary: no Q -> K
         "opaque Sigmoid",  # SiLU
     ],
@@ -490,3 +490,75 @@ def test_calibrated_bert_an_opaque_residual_branch_measured_along_the_tokens():
     eq, report = cle_onnx.equalize_model(model, calibration=calibration)
     assert [r.kind for r in report.regions] == EXPECTED["bert", "ts"]
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
+
+
+# --- grouped-query attention ----------------------------------------------------------
+
+#: exporter -> (V's layer, O's layer) of LLaMA's first block, as each names them.
+_LLAMA_V_O = {
+    "ts": ("/blocks.0/attn/wv/MatMul", "/blocks.0/attn/wo/MatMul"),
+    "dynamo": ("node_linear_2", "node_linear_3"),
+}
+
+
+@pytest.mark.parametrize("exporter", ["ts", "dynamo"])
+@pytest.mark.parametrize("variant", ["llama", "llama_expand"])
+def test_inspect_lists_grouped_query_v_to_o(exported, variant, exporter, capsys):
+    """The K / V heads repeated (Unsqueeze, then Tile or Expand, then Reshape, as each
+    exporter writes ``repeat_interleave`` and ``expand``): V -> O over V's 16 channels
+    (2 K / V heads of 8), each read by two heads' O columns; K is refused at its rotary
+    embedding, before its repeat."""
+    path, _ = exported(variant, exporter)
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    v, o = _LLAMA_V_O[exporter]
+    assert re.search(
+        rf"^  #\d+ attention, 16 channels: {re.escape(v)} -> {re.escape(o)}$", out, re.M
+    )
+    assert "multiplies by a constant that is not per channel" in out
+
+
+class _GQANoRotary(torch.nn.Module):
+    """Grouped-query attention without rotary embeddings: K is repeated as V is."""
+
+    def __init__(self, dim=16, heads=4, kv=2):
+        super().__init__()
+        nn = torch.nn
+        self.heads, self.kv, self.d = heads, kv, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale, dynamo):
+    from tests.helpers.transformer_models import spread_channels
+
+    torch.manual_seed(0)
+    model = spread_channels(_GQANoRotary()).eval()
+    x = torch.randn(2, 5, 16)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            buffer.write(
+                torch.onnx.export(
+                    model, (x,), dynamo=True, input_names=["x"]
+                ).model_proto.SerializeToString()
+            )
+        else:
+            torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+    proto = onnx.load_from_string(buffer.getvalue())
+    eq, report = cle_onnx.equalize_model(proto)
+    assert sqnr_db(_run(proto, x.numpy()), _run(eq, x.numpy())) >= 90
+    assert [(r.kind, r.channels) for r in report.regions] == [("attention", 8)]
+    reasons = " | ".join(s.reason for s in report.skipped if s.stage == "scale")
+    assert "the MatMul sums over the channels" in reasons, report.summary(verbose=True)
