@@ -423,6 +423,8 @@ class Estimate:
                 w = grouped_view(np.asarray(node.weight), node.layout)
                 rows = (np.abs(w).max(axis=(2, 3)) > 0).reshape(-1)
             live[off : off + rows.shape[0]] |= rows
+        if region.frozen is not None:
+            live &= ~region.frozen  # a part that cannot be scaled keeps scale 1
         return live
 
     def _terms_of(self, k: int) -> tuple[list[WeightTerm], list[ActivationTerm]]:

@@ -170,7 +170,11 @@ def propagate(
             jin[:, off : off + j.shape[1]] = j
             gin[off : off + len(g)] = g
             add(x.name, jin, gin)
-        elif node.attrs.get("channel_map") is not None and x.channels:
+        elif (
+            node.attrs.get("channel_map") is not None
+            and x.channels
+            and j.shape[1] == len(node.attrs["channel_map"])
+        ):
             # copies of channels: each input channel gets what reaches all its copies
             index = node.attrs["channel_map"]
             jin, gin = np.zeros((j.shape[0], x.channels)), np.zeros(x.channels)

@@ -63,18 +63,20 @@ LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select", "repeat"})
 ``perm``. ``reshape``: attr ``shape``, the output's static shape (None for a dimension of
 unknown size, such as the batch). ``matmul``: ``A @ B`` of two activations (attention's
 ``softmax(Q K^T) @ V``); channels pass through the operand that is not summed over, when
-the other operand stays unscaled. ``select``: positions of one axis that is not the
-channels' (``x[:, 0]``, a class token): attrs ``axis`` (of the input) and ``index``, an
-integer (the axis goes), a ``slice`` or a tuple of integers (it stays); every channel is
-kept whole, so a per-channel scale commutes with it. ``repeat``: every position of attr
-``axis`` repeated attr ``repeats`` times in a row (``np.repeat``, ``repeat_interleave``;
-an expand or tile of a size-1 axis). Along a channel axis (grouped-query attention's K / V
-heads) the output's channel ``j`` copies the input's channel ``channel_map[j]``: an attr
-that :meth:`Graph.validate` sets, as it does on a ``reshape`` that merges such copies into
-the channel axis before them (``x[:, :, None].expand(...).reshape(...)``). Scaling input
-channel ``c`` by ``s_c`` scales every copy by ``s_c``: the region reads the output's
-channels through the map. Along another axis (not the batch) every channel is kept
-whole."""
+the other operand stays unscaled. ``select``: positions of one axis: attrs ``axis`` (of
+the input) and ``index``, an integer (the axis goes), a ``slice`` or a tuple of integers
+(it stays). Along an axis that is not the channels' (``x[:, 0]``, a class token) every
+channel is kept whole, so a per-channel scale commutes with it; along a channel axis
+(q, k or v cut from a packed projection) some channels are kept whole, and
+:meth:`Graph.validate` gives it a ``channel_map`` (see ``repeat``). ``repeat``: every
+position of attr ``axis`` repeated attr ``repeats`` times in a row (``np.repeat``,
+``repeat_interleave``; an expand or tile of a size-1 axis). Along a channel axis
+(grouped-query attention's K / V heads) the output's channel ``j`` copies the input's
+channel ``channel_map[j]``: an attr that :meth:`Graph.validate` sets, as it does on a
+``reshape`` that merges such copies into the channel axis before them
+(``x[:, :, None].expand(...).reshape(...)``). Scaling input channel ``c`` by ``s_c``
+scales every copy by ``s_c``: the region reads the output's channels through the map.
+Along another axis (not the batch) every channel is kept whole."""
 
 NORM_OPS = frozenset({"norm"})
 """A normalization followed by a per-channel affine: ``y = gamma * normalize(x) + beta``
@@ -600,6 +602,7 @@ def _infer_moved(node: Node) -> None:
         repeat_map,
         reshape_axes,
         select_axes,
+        select_map,
         select_shape,
         transpose_axes,
     )
@@ -669,8 +672,17 @@ def _infer_moved(node: Node) -> None:
                 raise LayoutError(f"the channels of {x.name!r} are not known")
             if x.rank is None:
                 raise LayoutError(f"the rank of {x.name!r} is not known")
-            axes = select_axes(x.rank, x.axes, axis, index)
-            channels = x.channels
+            if axis in x.axes and x.shape is not None:
+                # some channels kept whole: the output's, read through a map
+                shape = list(x.shape)
+                if len(x.axes) == 1:  # (where the backend gave no sizes)
+                    shape[x.axes[0]] = x.channels
+                axes, kept = select_map(shape, x.axes, axis, index)
+                node.attrs["channel_map"] = kept
+                channels = kept.size
+            else:
+                axes = select_axes(x.rank, x.axes, axis, index)
+                channels = x.channels
             if out.spatial is None and out.shape is not None:
                 # the positions left (none for a class token): what the estimate counts
                 rest = [d for i, d in enumerate(out.shape) if i != 0 and i not in axes]

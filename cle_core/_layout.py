@@ -151,6 +151,26 @@ def select_axes(rank: int, axes: Sequence[int], axis: int, index: Index) -> tupl
     return tuple(a - (a > axis) for a in axes)
 
 
+def select_map(
+    shape: Shape, axes: Sequence[int], axis: int, index: Index
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """Channel axes and channel map (output channel ``j`` is input channel ``map[j]``)
+    after selecting positions ``index`` of ``axis``, one of the channel ``axes``: some
+    channels kept whole (q, k or v cut from a packed projection). An integer index
+    removes the axis."""
+    if isinstance(index, int) and len(axes) == 1:
+        raise LayoutError(f"it selects one channel (axis {axis}): no channel axis is left")
+    sizes = [shape[a] for a in axes]
+    if any(d is None for d in sizes):
+        raise LayoutError("the channel axes' sizes are not known")
+    numbers = np.arange(int(np.prod(sizes, dtype=np.int64))).reshape([int(d) for d in sizes])
+    key = list(index) if isinstance(index, tuple) else index
+    kept = numbers[(slice(None),) * list(axes).index(axis) + (key,)]
+    if isinstance(index, int):
+        return tuple(a - (a > axis) for a in axes if a != axis), kept.reshape(-1)
+    return tuple(axes), kept.reshape(-1)
+
+
 def select_shape(shape: Shape, axis: int, index: Index) -> tuple[int | None, ...]:
     """The shape after selecting positions ``index`` of ``axis`` (see :func:`select_axes`);
     None for a size that is not known."""

@@ -52,11 +52,10 @@ def _is_depthwise(node: Node) -> bool:
 
 def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
     """Pairs of one-to-one regions around a depthwise conv with channel multiplier 1."""
-    by_source = {id(r.sources[0][0]): r for r in regions if r.kind == "pair"}
+    pairs = [r for r in regions if r.kind == "pair" and r.frozen is None]
+    by_source = {id(r.sources[0][0]): r for r in pairs}
     found = []
-    for first in regions:
-        if first.kind != "pair":
-            continue
+    for first in pairs:
         middle = first.sinks[0][0]
         second = by_source.get(id(middle))
         if (

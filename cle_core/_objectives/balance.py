@@ -116,7 +116,10 @@ def scale_regions(
             np.maximum(window, per_channel, out=window)
         if region.id in floors:
             np.maximum(src, floors[region.id], out=src)
-        return region_scales([src], [snk])
+        s = region_scales([src], [snk])
+        if region.frozen is not None:
+            s[region.frozen] = 1.0  # a part that cannot be scaled
+        return s
 
     def balance_triple(first: Region, second: Region) -> tuple[np.ndarray, np.ndarray]:
         # Both regions of a Conv -> depthwise -> Conv at once: a block step that the

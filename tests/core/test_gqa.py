@@ -189,3 +189,89 @@ def test_a_repeat_of_positions_keeps_every_channel():
     after = run_graph(g, xs)
     for k, ref in before.items():
         assert np.max(np.abs(after[k] - ref)) <= 1e-9 * np.max(np.abs(ref))
+
+
+# --- q / k / v cut from one packed projection --------------------------------------------
+
+
+def _packed_block(seed=0, c=8, h=2, cut="last"):
+    b = TokenBuilder(seed)
+    x = b.input(c)
+    y = b.add(x, b.packed_attention(b.norm(x, c), c, h, cut))
+    return b.build([y])
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from(["last", "front"]),
+    st.integers(0, 10_000),
+)
+def test_v_cut_from_a_packed_projection_is_scaled_q_and_k_kept(seed, heads, cut, scale_seed):
+    """q | k | v from one projection (GPT's split of the last axis, or a Gather of the
+    axis that holds the three): one region over the packed output whose q and k
+    channels, which meet in Q K^T, are kept at scale 1 (with the reason), and whose v
+    channels reach O through the cut. Random scales on the other channels: exact."""
+    c = 8
+    g = _packed_block(seed, c=c, h=heads, cut=cut)
+    x = feed_tokens(g)
+    before = run_graph(g, x)
+    regions, skips = find_regions(g, {})
+    assert sorted(r.kind for r in regions) == ["attention", "norm"]
+    attention = next(r for r in regions if r.kind == "attention")
+    assert attention.size == 3 * c
+    assert attention.frozen.tolist() == [True] * 2 * c + [False] * c
+    ((sink, cols, _),) = attention.sinks
+    assert cols.tolist() == list(range(2 * c, 3 * c))
+    kept = [s for s in skips if "kept at scale 1" in s.candidate]
+    assert sorted(s.candidate.split("(")[1] for s in kept) == [
+        f"channels 0-{c - 1} kept at scale 1)",
+        f"channels {c}-{2 * c - 1} kept at scale 1)",
+    ]
+    assert all("the MatMul sums over the channels" in s.reason for s in kept)
+    rng = np.random.default_rng(scale_seed)
+    apply_scales(
+        regions,
+        {
+            r.id: np.where(r.frozen, 1.0, 10.0 ** rng.uniform(-2, 2, r.size))
+            if r.frozen is not None
+            else 10.0 ** rng.uniform(-2, 2, r.size)
+            for r in regions
+        },
+    )
+    after = run_graph(g, x)
+    for k, ref in before.items():
+        assert np.max(np.abs(after[k] - ref)) <= 1e-9 * np.max(np.abs(ref))
+
+
+@pytest.mark.parametrize("objective", ["balance", "noise"])
+@pytest.mark.parametrize("cut", ["last", "front"])
+def test_both_objectives_keep_q_and_k_at_one(objective, cut):
+    g = _packed_block(3, c=16, h=4, cut=cut)
+    regions, _ = find_regions(g, {})
+    attention = next(r for r in regions if r.kind == "attention")
+    # v's rows over four decades, O's columns the other way: work for the objective
+    s = np.ones(attention.size)
+    s[~attention.frozen] = 10.0 ** np.linspace(-2, 2, int((~attention.frozen).sum()))
+    apply_scales(regions, {r.id: s if r is attention else np.ones(r.size) for r in regions})
+    x = feed_tokens(g)
+    before = run_graph(g, x)
+    result = equalize(g, EqualizeOptions(objective=objective))
+    got = next(r for r in result.report.regions if r.kind == "attention").scales
+    assert np.all(got[:32] == 1.0)  # q and k
+    assert np.any(got[32:] != 1.0)  # v
+    after = run_graph(g, x)
+    for k, ref in before.items():
+        assert np.max(np.abs(after[k] - ref)) <= 1e-9 * np.max(np.abs(ref))
+
+
+def test_a_part_kept_at_one_needs_scalable_channels_left():
+    """Every channel of V refused behind its repeat (a repeated K read by Q K^T): no
+    channel is left to scale, so the region is refused as before, with the reason."""
+    g = _gqa_block(0, c=8, h=4, kv=2)
+    regions, skips = find_regions(g, {})
+    assert all(r.frozen is None for r in regions)
+    assert any(
+        "the MatMul sums over the channels" in s.reason and "kept" not in s.candidate for s in skips
+    )

@@ -452,8 +452,9 @@ def test_the_class_token_carries_the_final_norm_to_the_head(always_scale, pick):
 @pytest.mark.parametrize(
     ("pick", "axis", "constant", "why"),
     [
-        ("gather", 2, True, "selects along the channels (axis 2)"),
-        ("slice", 2, True, "selects along the channels (axis 2)"),
+        # some channels: followed, but the others have no reader
+        ("gather", 2, True, "it selects one channel (axis 2)"),
+        ("slice", 2, True, "has no sink layer"),
         ("gather", 0, True, "selects along the batch axis"),
         ("gather", 1, False, "its indices are not constant"),
     ],
@@ -562,3 +563,72 @@ def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale
     assert [(r.kind, r.channels) for r in report.regions] == [("attention", 8)]
     reasons = " | ".join(s.reason for s in report.skipped if s.stage == "scale")
     assert "the MatMul sums over the channels" in reasons, report.summary(verbose=True)
+
+
+# --- q / k / v cut from one packed projection ---------------------------------------------
+
+
+class _GPTBlock(torch.nn.Module):
+    """GPT-2's attention: a LayerNorm, one packed ``c_attn`` projection split into q | k |
+    v along its last axis, heads, ``c_proj``, a residual."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        nn = torch.nn
+        self.heads, self.dim = heads, dim
+        self.ln = nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln(x)).split(self.dim, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+def _export(model, x, dynamo: bool) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            return torch.onnx.export(model, (x,), dynamo=True, input_names=["x"]).model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+        return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_v_cut_from_a_packed_projection_is_equalized_q_and_k_kept(
+    always_scale, dynamo, tmp_path, capsys
+):
+    """The Split of ``c_attn``'s output along its last axis: each part keeps its channels
+    (a ``select`` the core follows with a channel map); V -> O is equalized, q's and k's
+    rows of ``c_attn`` keep their values (they meet in Q K^T), exactly; ``cle inspect``
+    lists the pair and why q and k are kept."""
+    from tests.helpers.transformer_models import spread_channels
+
+    torch.manual_seed(0)
+    model = spread_channels(_GPTBlock()).eval()
+    x = torch.randn(2, 5, 16)
+    proto = _export(model, x, dynamo)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    eq, report = cle_onnx.equalize_model(proto)
+    assert sqnr_db(_run(proto, x.numpy()), _run(eq, x.numpy())) >= 90
+    attention = [r for r in report.regions if r.kind == "attention"]
+    assert [r.channels for r in attention] == [48], report.summary(verbose=True)
+    s = attention[0].scales
+    assert np.all(s[:32] == 1) and np.any(s[32:] != 1)
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in eq.graph.initializer}
+    (packed,) = [n for n, w in weights.items() if w.shape == (16, 48)]  # MatMul: (in, out)
+    # q's and k's outputs unscaled: only the LayerNorm's scales on c_attn's inputs
+    (s_in,) = [r.scales for r in report.regions if r.kind == "norm"]
+    want = weights[packed] * s_in[:, None]
+    np.testing.assert_allclose(after[packed][:, :32], want[:, :32], rtol=1e-6)
+    assert not np.allclose(after[packed][:, 32:], want[:, 32:], rtol=1e-3)
+    path = tmp_path / "gpt.onnx"
+    onnx.save(proto, str(path))
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  #\d+ attention, 48 channels: ", out, re.M), out
+    assert "(channels 0-15 kept at scale 1)" in out and "(channels 16-31 kept at scale 1)" in out
+    assert "the MatMul sums over the channels" in out

@@ -393,7 +393,7 @@ def test_a_selection_of_a_channel_is_refused_with_the_reason():
     _, report = cle_torch.equalize_model(model, dummy_input=x)
     assert not report.regions
     skipped = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
-    assert "selects along the channels (axis 2)" in skipped.get("a -> ?", ""), skipped
+    assert "it selects one channel (axis 2)" in skipped.get("a -> ?", ""), skipped
 
 
 def test_a_position_computed_from_the_data_is_refused_with_the_reason():
