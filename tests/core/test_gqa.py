@@ -275,3 +275,37 @@ def test_a_part_kept_at_one_needs_scalable_channels_left():
     assert any(
         "the MatMul sums over the channels" in s.reason and "kept" not in s.candidate for s in skips
     )
+
+
+@st.composite
+def _selections(draw):
+    """A rank-4 tensor with its channels on two of axes 1-3, and positions of one of
+    those axes: an integer, a slice or a tuple of integers."""
+    shape = (draw(st.integers(1, 2)), *(draw(st.integers(1, 4)) for _ in range(3)))
+    axes = tuple(draw(st.permutations([1, 2, 3]))[:2])
+    axis = draw(st.sampled_from(axes))
+    size = shape[axis]
+    kind = draw(st.sampled_from(["int", "slice", "tuple"]))
+    if kind == "int":
+        index = draw(st.integers(0, size - 1))
+    elif kind == "slice":
+        start = draw(st.integers(0, size - 1))
+        index = slice(start, draw(st.integers(start + 1, size)), draw(st.integers(1, 2)))
+    else:
+        index = tuple(draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=5)))
+    return shape, axes, axis, index
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(_selections())
+def test_selected_channels_are_the_channels_the_map_names(case):
+    """Brute force, as for the repeat: selecting positions of the tensor of each
+    element's channel number gives, at every element, the map's entry for its channel
+    in the output (channels on the axes the function gives)."""
+    from cle_core._layout import select_map
+
+    shape, axes, axis, index = case
+    out_axes, kept = select_map(shape, axes, axis, index)
+    key = list(index) if isinstance(index, tuple) else index
+    out = _channel_index(shape, axes)[(slice(None),) * axis + (key,)]
+    assert np.array_equal(kept[_channel_index(out.shape, out_axes)], out)
