@@ -695,3 +695,40 @@ def test_the_shape_runs_leave_the_model_untouched(monkeypatch, real):
     monkeypatch.setattr(translator, "propagate", lambda *args, **kwargs: {})
     capture(traced, dummy_input=traced.example_input(2), allow_training_mode=True)
     assert len(calls) == len(trace_calls)
+
+
+def _repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Hugging Face's ``repeat_kv`` (LLaMA, Mistral, Qwen), as written there."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(
+        batch, num_key_value_heads, n_rep, slen, head_dim
+    )
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+class _HFRepeatKV(_GQANoRotary):
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = _repeat_kv(k, n), _repeat_kv(v, n)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_hugging_face_repeat_kv_is_followed(always_scale):
+    """``x[:, :, None, :, :].expand(...).reshape(...)`` as Hugging Face writes it: V -> O
+    over V's channels, exact."""
+    torch.manual_seed(1)
+    model = tm.spread_channels(_HFRepeatKV(dim=24, heads=6, kv=2)).eval()
+    x = torch.randn(2, 5, 24)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert [(r.kind, r.sources, r.sinks, r.channels) for r in report.regions] == [
+        ("attention", ("v",), ("o",), 8)
+    ]
+    assert report.regions[0].scales.max() / report.regions[0].scales.min() > 1.01
