@@ -254,6 +254,11 @@ def scale_pass(
 
     problem = ScaleProblem(graph, regions, options, statistics, on_sweep)
     outcome = get_objective(options.objective).choose(problem)
+    for r in regions:
+        if r.frozen is not None:
+            # whatever an objective (a plugin's too) chose: any other scale there is
+            # not exact (the built-in objectives keep these channels at 1)
+            outcome.scales[r.id] = np.where(r.frozen, 1.0, outcome.scales[r.id])
     if not outcome.triples:
         outcome.triples = triple_names(regions)
     changed = apply_scales(regions, outcome.scales)

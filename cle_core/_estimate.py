@@ -39,7 +39,7 @@ from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
 from ._math import _work_dtype, grouped_view, kernel_reduce
 from ._noise import Terms
-from ._regions import Region
+from ._regions import Region, gather_terms, take
 from ._stats import ChannelStats
 
 _TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
@@ -83,14 +83,14 @@ class ScaleMap:
         if at is None:
             return None
         k, off = at
-        return scales[k][..., off : off + (value.channels or 0)]
+        return take(scales[k], off, value.channels or 0)
 
     def s_in(self, node: Node, scales: Sequence[np.ndarray]) -> np.ndarray | None:
         at = self.reads.get(id(node))
         if at is None:
             return None
         k, off, repeat = at
-        s = scales[k][..., off : off + node.in_channels // repeat]
+        s = take(scales[k], off, node.in_channels // repeat)
         return np.repeat(s, repeat, axis=-1) if repeat > 1 else s
 
     def s_out(self, node: Node, scales: Sequence[np.ndarray]) -> np.ndarray | None:
@@ -420,6 +420,8 @@ class Estimate:
                 w = grouped_view(np.asarray(node.weight), node.layout)
                 rows = (np.abs(w).max(axis=(2, 3)) > 0).reshape(-1)
             live[off : off + rows.shape[0]] |= rows
+        if region.frozen is not None:
+            live &= ~region.frozen  # a part that cannot be scaled keeps scale 1
         return live
 
     def _terms_of(self, k: int) -> tuple[list[WeightTerm], list[ActivationTerm]]:
@@ -491,7 +493,8 @@ class Estimate:
         live = self.live[k]
         rows: list[tuple[float, float, np.ndarray, np.ndarray]] = []
 
-        def add(sign: float, logw: float, off: int, ranges: np.ndarray, c: np.ndarray) -> None:
+        def add(sign: float, logw: float, off, ranges: np.ndarray, c: np.ndarray) -> None:
+            off, ranges, c = gather_terms(n, off, ranges, c)
             alpha, logc = np.full(n, -np.inf), np.full(n, -np.inf)
             sl = slice(off, off + ranges.shape[0])
             with np.errstate(divide="ignore"):
@@ -519,7 +522,7 @@ class Estimate:
             if at is None or at[0] != k:
                 continue  # a requantization of this region's grid elsewhere: left out
             off = at[1]
-            s = scales[k][off : off + t.lo.shape[0]]
+            s = take(scales[k], off, t.lo.shape[0])
             hi = t.cap_hi if t.cap_active(s) else t.hi
             span = np.maximum(hi, 0.0) - np.minimum(t.lo, 0.0)
             if t.symmetric:

@@ -138,6 +138,8 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         return [x.reshape(shape)]
     if op == "matmul":
         return [np.matmul(args[0], args[1])]
+    if op == "repeat":
+        return [np.repeat(x, int(at["repeats"]), axis=int(at["axis"]))]
     if op == "select":
         index = at["index"]
         index = list(index) if isinstance(index, tuple) else index

@@ -170,6 +170,17 @@ def propagate(
             jin[:, off : off + j.shape[1]] = j
             gin[off : off + len(g)] = g
             add(x.name, jin, gin)
+        elif (
+            node.attrs.get("channel_map") is not None
+            and x.channels
+            and j.shape[1] == len(node.attrs["channel_map"])
+        ):
+            # copies of channels: each input channel gets what reaches all its copies
+            index = node.attrs["channel_map"]
+            jin, gin = np.zeros((j.shape[0], x.channels)), np.zeros(x.channels)
+            np.add.at(jin, (slice(None), index), j)
+            np.add.at(gin, index, g)
+            add(x.name, jin, gin)
         elif op == "mul" and "factor" in node.params and out.channels:
             a = np.asarray(node.params["factor"], np.float64).reshape(-1)
             add(x.name, j * a, g * a * a)

@@ -58,15 +58,25 @@ executor: attr ``activation`` ``hard_sigmoid`` (``clip(alpha x + beta, 0, 1)``, 
 ``alpha`` > 0 and ``beta``), ``hard_swish`` (``x`` times that) or ``sigmoid``, or attr
 ``shift`` (``x + shift``, one value or one per channel)."""
 
-LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select"})
+LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select", "repeat"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr
 ``perm``. ``reshape``: attr ``shape``, the output's static shape (None for a dimension of
 unknown size, such as the batch). ``matmul``: ``A @ B`` of two activations (attention's
 ``softmax(Q K^T) @ V``); channels pass through the operand that is not summed over, when
-the other operand stays unscaled. ``select``: positions of one axis that is not the
-channels' (``x[:, 0]``, a class token): attrs ``axis`` (of the input) and ``index``, an
-integer (the axis goes), a ``slice`` or a tuple of integers (it stays); every channel is
-kept whole, so a per-channel scale commutes with it."""
+the other operand stays unscaled. ``select``: positions of one axis: attrs ``axis`` (of
+the input) and ``index``, an integer (the axis goes), a ``slice`` or a tuple of integers
+(it stays). Along an axis that is not the channels' (``x[:, 0]``, a class token) every
+channel is kept whole, so a per-channel scale commutes with it; along a channel axis
+(q, k or v cut from a packed projection) some channels are kept whole, and
+:meth:`Graph.validate` gives it a ``channel_map`` (see ``repeat``). ``repeat``: every
+position of attr ``axis`` repeated attr ``repeats`` times in a row (``np.repeat``,
+``repeat_interleave``; an expand or tile of a size-1 axis). Along a channel axis
+(grouped-query attention's K / V heads) the output's channel ``j`` copies the input's
+channel ``channel_map[j]``: an attr that :meth:`Graph.validate` sets, as it does on a
+``reshape`` that merges such copies into the channel axis before them
+(``x[:, :, None].expand(...).reshape(...)``). Scaling input channel ``c`` by ``s_c``
+scales every copy by ``s_c``: the region reads the output's channels through the map.
+Along another axis (not the batch) every channel is kept whole."""
 
 NORM_OPS = frozenset({"norm"})
 """A normalization followed by a per-channel affine: ``y = gamma * normalize(x) + beta``
@@ -580,14 +590,27 @@ def same_shape(a: Value, b: Value) -> bool:
     return a.shape is not None and a.shape == b.shape and all(d is not None for d in a.shape[1:])
 
 
+def _copied_axis(x: Value) -> int | None:
+    """The axis of ``x`` whose positions are copies of one position: ``x`` is a repeat
+    of an axis of size 1 (an expand or tile of an inserted axis), else None."""
+    p = x.producer
+    if p is None or p.op != "repeat" or p.inputs[0].shape is None:
+        return None
+    axis = int(p.attrs["axis"])
+    return axis if p.inputs[0].shape[axis] == 1 and axis not in x.axes else None
+
+
 def _infer_moved(node: Node) -> None:
     """Channels and layout of a Transpose, Reshape, MatMul or select output; where the
     channels cannot be followed, the output has none and attr ``layout_why`` says why."""
     from ._layout import (
         LayoutError,
         matmul_axes,
+        merged_copies,
+        repeat_map,
         reshape_axes,
         select_axes,
+        select_map,
         select_shape,
         transpose_axes,
     )
@@ -595,6 +618,7 @@ def _infer_moved(node: Node) -> None:
     out = node.outputs[0]
     where = f"node {node.name!r} ({node.op})"
     node.attrs.pop("layout_why", None)
+    node.attrs.pop("channel_map", None)
     try:
         if node.op == "transpose":
             x = node.inputs[0]
@@ -614,8 +638,37 @@ def _infer_moved(node: Node) -> None:
                 raise LayoutError(f"the channels of {x.name!r} are not known")
             if x.shape is None:
                 raise LayoutError(f"the shape of {x.name!r} is not known")
-            axes = reshape_axes(x.shape, x.axes, out.shape)
+            copies = _copied_axis(x)
+            if copies is None:
+                axes = reshape_axes(x.shape, x.axes, out.shape)
+                channels = x.channels
+            else:
+                axes, index = merged_copies(x.shape, x.axes, copies, out.shape)
+                node.attrs["channel_map"] = index
+                channels = index.size
+        elif node.op == "repeat":
+            x = node.inputs[0]
+            axis, n = int(node.attrs["axis"]), int(node.attrs["repeats"])
+            if len(node.inputs) != 1 or n < 1:
+                raise InvalidGraphError(f"{where}: one input, repeats of at least 1")
+            if x.shape is not None and out.shape is None and axis < len(x.shape):
+                size = x.shape[axis]
+                out.shape = (
+                    *x.shape[:axis],
+                    None if size is None else size * n,
+                    *x.shape[axis + 1 :],
+                )
+            if x.channels is None:
+                raise LayoutError(f"the channels of {x.name!r} are not known")
+            if x.rank is None or not 0 < axis < x.rank:
+                raise LayoutError("it repeats the batch, or an axis of a tensor of unknown rank")
+            axes = x.axes
             channels = x.channels
+            if axis in axes:
+                if x.shape is None:
+                    raise LayoutError(f"the shape of {x.name!r} is not known")
+                node.attrs["channel_map"] = repeat_map(x.shape, axes, axis, n)
+                channels = node.attrs["channel_map"].size
         elif node.op == "select":
             x = node.inputs[0]
             axis, index = int(node.attrs["axis"]), node.attrs["index"]
@@ -627,8 +680,17 @@ def _infer_moved(node: Node) -> None:
                 raise LayoutError(f"the channels of {x.name!r} are not known")
             if x.rank is None:
                 raise LayoutError(f"the rank of {x.name!r} is not known")
-            axes = select_axes(x.rank, x.axes, axis, index)
-            channels = x.channels
+            if axis in x.axes and x.shape is not None:
+                # some channels kept whole: the output's, read through a map
+                shape = list(x.shape)
+                if len(x.axes) == 1:  # (where the backend gave no sizes)
+                    shape[x.axes[0]] = x.channels
+                axes, kept = select_map(shape, x.axes, axis, index)
+                node.attrs["channel_map"] = kept
+                channels = kept.size
+            else:
+                axes = select_axes(x.rank, x.axes, axis, index)
+                channels = x.channels
             if out.spatial is None and out.shape is not None:
                 # the positions left (none for a class token): what the estimate counts
                 rest = [d for i, d in enumerate(out.shape) if i != 0 and i not in axes]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 Shape = Sequence[int | None]
 
 
@@ -149,6 +151,26 @@ def select_axes(rank: int, axes: Sequence[int], axis: int, index: Index) -> tupl
     return tuple(a - (a > axis) for a in axes)
 
 
+def select_map(
+    shape: Shape, axes: Sequence[int], axis: int, index: Index
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """Channel axes and channel map (output channel ``j`` is input channel ``map[j]``)
+    after selecting positions ``index`` of ``axis``, one of the channel ``axes``: some
+    channels kept whole (q, k or v cut from a packed projection). An integer index
+    removes the axis."""
+    if isinstance(index, int) and len(axes) == 1:
+        raise LayoutError(f"it selects one channel (axis {axis}): no channel axis is left")
+    sizes = [shape[a] for a in axes]
+    if any(d is None for d in sizes):
+        raise LayoutError("the channel axes' sizes are not known")
+    numbers = np.arange(int(np.prod(sizes, dtype=np.int64))).reshape([int(d) for d in sizes])
+    key = list(index) if isinstance(index, tuple) else index
+    kept = numbers[(slice(None),) * list(axes).index(axis) + (key,)]
+    if isinstance(index, int):
+        return tuple(a - (a > axis) for a in axes if a != axis), kept.reshape(-1)
+    return tuple(axes), kept.reshape(-1)
+
+
 def select_shape(shape: Shape, axis: int, index: Index) -> tuple[int | None, ...]:
     """The shape after selecting positions ``index`` of ``axis`` (see :func:`select_axes`);
     None for a size that is not known."""
@@ -160,6 +182,47 @@ def select_shape(shape: Shape, axis: int, index: Index) -> tuple[int | None, ...
     else:
         kept = len(index)
     return (*shape[:axis], kept, *shape[axis + 1 :])
+
+
+def repeat_map(shape: Shape, axes: Sequence[int], axis: int, repeats: int) -> np.ndarray:
+    """Which input channel each output channel copies when every position of ``axis`` (one
+    of the channel ``axes``) is repeated ``repeats`` times in a row (``repeat_interleave``,
+    as grouped-query attention repeats each K / V head for several query heads): output
+    channel ``j`` is input channel ``map[j]``. Computed by repeating the channels' own
+    numbers, so it holds for any order of significance of the axes."""
+    if axis not in axes:
+        raise LayoutError(f"axis {axis} holds no channels")
+    sizes = [shape[a] for a in axes]
+    if any(d is None for d in sizes):
+        raise LayoutError("the channel axes' sizes are not known")
+    numbers = np.arange(int(np.prod(sizes, dtype=np.int64))).reshape([int(d) for d in sizes])
+    return np.repeat(numbers, repeats, axis=list(axes).index(axis)).reshape(-1)
+
+
+def merged_copies(
+    in_shape: Shape, axes: Sequence[int], copies: int, out_shape: Shape
+) -> tuple[tuple[int, ...], np.ndarray]:
+    """Channel axes and channel map (see :func:`repeat_map`) of a reshape that merges the
+    channel axis before axis ``copies``, whose positions are copies of one another (a
+    size-1 axis expanded or tiled), into one axis: ``x[:, :, None].expand(b, h, n, t,
+    d).reshape(b, h * n, t, d)``, how LLaMA code and ONNX exporters repeat K / V heads.
+    It is a ``repeat_interleave`` of that channel axis by ``n``."""
+    n, size = in_shape[copies], in_shape[copies - 1]
+    merged = (*in_shape[: copies - 1], None, *in_shape[copies + 1 :])
+    if (
+        n is None
+        or size is None
+        or tuple(out_shape) != (*merged[: copies - 1], size * n, *merged[copies:])
+    ):
+        raise LayoutError(
+            f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} does more than merge "
+            "repeated positions into the axis before them"
+        )
+    if copies - 1 not in axes:
+        raise LayoutError("it merges repeated positions with an axis that holds no channels")
+    out_axes = tuple(a if a < copies else a - 1 for a in axes)
+    single = (*in_shape[:copies], *in_shape[copies + 1 :])  # before the copies
+    return out_axes, repeat_map(single, out_axes, copies - 1, int(n))
 
 
 def channel_count(shape: Shape, axes: Sequence[int]) -> int | None:

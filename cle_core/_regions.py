@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ._ir import (
     LAYOUT_OPS,
     PASSTHROUGH_OPS,
@@ -36,16 +38,44 @@ def _carried(node: Node) -> int | None:
     inputs must stay unscaled (a gate, attention's probabilities); None if none does."""
     if node.op in ("mul", "matmul"):
         return node.attrs.get("carrier", 0 if node.op == "mul" else None)
-    if node.op in ("transpose", "reshape", "select"):
+    if node.op in ("transpose", "reshape", "select", "repeat"):
         return 0 if node.outputs[0].channels is not None else None
     return 0
 
 
+# Where a value's channels, or a sink's input columns, sit in their region: from an
+# offset on, or (behind a repeat of channels, grouped-query attention's V heads) at the
+# region channel each one copies.
+Place = int | np.ndarray
+
+
+def take(scales: np.ndarray, at: Place, n: int) -> np.ndarray:
+    """The region's ``scales`` (last axis) of ``n`` channels placed at ``at``."""
+    if isinstance(at, np.ndarray):
+        return scales[..., at]
+    return scales[..., at : at + n]
+
+
+def gather_terms(size: int, at: Place, ranges: np.ndarray, c: np.ndarray):
+    """Per-column ``ranges`` and weights ``c`` placed at ``at`` as ``(offset, ranges,
+    c)`` over region channels: where several columns read one channel (copies behind a
+    repeat), its largest range and the sum of their weights, since every copy is scaled
+    as the channel is; an offset is kept as it is."""
+    if not isinstance(at, np.ndarray):
+        return at, ranges, c
+    r, w = np.zeros(size), np.zeros(size)
+    np.maximum.at(r, at, ranges)
+    np.add.at(w, at, c)
+    return 0, r, w
+
+
 @dataclass
 class Region:
-    """Sources ``(layer, offset)``, sinks ``(layer, offset, repeat)``, and the nodes in
+    """Sources ``(layer, offset)``, sinks ``(layer, place, repeat)``, and the nodes in
     between; ``clips`` are bounded activations ``(node, offset)`` whose bounds must be
-    carried, ``affines`` batch norms that could not be folded, carried the same way."""
+    carried, ``affines`` batch norms that could not be folded, carried the same way.
+    A sink's place (and a value's, in ``values``) is an offset, or an array of the
+    region channel each of its input columns reads (:data:`Place`)."""
 
     id: int
     size: int
@@ -55,7 +85,10 @@ class Region:
     clips: list[tuple[Node, int]] = field(default_factory=list)
     affines: list[tuple[Node, int]] = field(default_factory=list)
     through: list[Node] = field(default_factory=list)
-    values: dict[str, int] = field(default_factory=dict)  # value name -> channel offset
+    values: dict[str, Place] = field(default_factory=dict)  # value name -> channel place
+    # Channels kept at scale 1 whatever the objective chooses (None: none): a part of the
+    # region that cannot be scaled, behind a channel slice or map (see find_regions).
+    frozen: np.ndarray | None = None
 
     def describe(self) -> str:
         return _describe([n for n, _ in self.sources], [n for n, *_ in self.sinks])
@@ -107,44 +140,72 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
     """All valid regions, and a skip record for every invalid candidate that touches a
     layer (with the reason that breaks it)."""
     uf = _OffsetUnionFind()
+    # Parts: the values joined otherwise than through a channel slice or a channel map.
+    # A part that holds no source and cannot be scaled keeps its channels at scale 1
+    # (the q and k cut from a packed projection, which meet in Q K^T), the rest of its
+    # region is equalized.
+    parts = _OffsetUnionFind()
+
+    def join(a: Value, b: Value, shift: int, part: bool = True) -> None:
+        uf.union(id(a), id(b), shift)
+        if part:
+            parts.union(id(a), id(b), 0)
+
     values: dict[int, Value] = {id(v): v for v in graph.values.values()}
+    copies: list[Node] = []  # nodes whose output's channels copy the input's by a map
     for node in graph.nodes:
-        if node.op in _UNARY:
-            uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
+        if "channel_map" in node.attrs:
+            copies.append(node)
+        elif node.op in _UNARY:
+            join(node.inputs[0], node.outputs[0], 0)
         elif node.op == "add":
             for v in node.inputs:
-                uf.union(id(v), id(node.outputs[0]), 0)
+                join(v, node.outputs[0], 0)
         elif node.op == "slice":  # channel j of the output is channel offset + j
-            uf.union(id(node.outputs[0]), id(node.inputs[0]), int(node.attrs["offset"]))
+            join(node.outputs[0], node.inputs[0], int(node.attrs["offset"]), part=False)
         elif node.op == "mul" or node.op in LAYOUT_OPS:
             # one input's channels carry to the output (a gate or attention's weights
             # stay unscaled; a reshape that mixes channels carries none)
             carried = _carried(node)
             if carried is not None:
-                uf.union(id(node.inputs[carried]), id(node.outputs[0]), 0)
+                join(node.inputs[carried], node.outputs[0], 0)
         elif node.op == "batchnorm":  # one that could not be folded: a per-channel affine
-            uf.union(id(node.inputs[0]), id(node.outputs[0]), 0)
+            join(node.inputs[0], node.outputs[0], 0)
         elif node.op == "concat" and all(v.channels is not None for v in node.inputs):
             offset = 0
             for v in node.inputs:
-                uf.union(id(v), id(node.outputs[0]), offset)
+                join(v, node.outputs[0], offset)
                 offset += v.channels
-    components: dict[int, list[tuple[Value, int]]] = {}
+    components: dict[int, list[tuple[Value, Place]]] = {}
     for key, value in values.items():
         root, off = uf.find(key)
         components.setdefault(root, []).append((value, off))
+    # The channels behind a repeat are the input's, read through the map: their
+    # component joins the input's, each value placed at the channels it copies.
+    for node in reversed(copies):  # the last first: a repeat of a repeat joins in order
+        src_root, src_off = uf.find(id(node.inputs[0]))
+        root, off = uf.find(id(node.outputs[0]))
+        if root == src_root or src_root not in components:
+            uf.conflict.add(root)  # its channels reach back to the input otherwise too
+            continue
+        index = src_off + np.asarray(node.attrs["channel_map"], np.int64)
+        for value, place in components.pop(root, []):
+            components[src_root].append((value, _through(index, place, off, value)))
 
     outputs = {id(v) for v in graph.outputs}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     regions: list[Region] = []
     skips: list[SkipRecord] = []
+    part_of = {key: parts.find(key)[0] for key in values}
     for root, members in components.items():
-        region, reason = _build(members, outputs, shared, root in uf.conflict)
+        region, reason, kept = _build(members, outputs, shared, root in uf.conflict, part_of)
         if region is None:
             continue
         if reason is not None:
             skips.append(SkipRecord("scale", region.describe(), reason))
             continue
+        for channels, why in kept:
+            skips.append(SkipRecord("scale", f"{region.describe()} ({channels})", why))
         regions.append(region)
     regions.sort(key=lambda r: min(order[id(n)] for n, _ in r.sources))
     for i, region in enumerate(regions):
@@ -152,33 +213,64 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
     return regions, skips
 
 
-def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | None]:
-    """Assemble one component. Returns ``(None, None)`` when it touches no layer."""
-    base = min(off for _, off in members)
+def _through(index: np.ndarray, place: Place, origin: int, value: Value) -> Place | None:
+    """The place of ``value`` (at ``place`` in the component of a repeat's output, which
+    sits at ``origin`` there) in the component of the repeat's input, reached through
+    the repeat's ``index``; None where it is not within the repeat's output."""
+    n = value.channels or 0
+    if isinstance(place, np.ndarray):
+        at = place - origin
+        return index[at] if at.size and 0 <= at.min() and at.max() < len(index) else None
+    start = place - origin
+    return index[start : start + n] if 0 <= start and start + n <= len(index) else None
+
+
+def _build(members, outputs, shared, conflict, part_of):
+    """Assemble one component: ``(region, reason it is refused or None, [(channels,
+    reason)] of the parts kept at scale 1)``; ``(None, None, [])`` when it touches no
+    layer."""
+    base = min((off for _, off in members if isinstance(off, int)), default=0)
     region = Region(id=-1, size=0, kind="pair")
-    reasons: list[str] = []
+    reasons: list[tuple[int | None, str]] = []  # (part, why); part None: the region's
+    placed: dict[int | None, list[tuple[Place, int]]] = {}  # part -> its values' places
+    with_source: set[int | None] = set()
+    part = None
+
+    def note(why: str) -> None:
+        reasons.append((part, why))
+
     seen_nodes: set[int] = set()
     touches_layer = False
     for value, off in members:
+        copied = isinstance(off, np.ndarray)  # behind a repeat of channels
+        part = part_of[id(value)]
+        if off is None:
+            reasons.append((None, f"{value.name!r} joins repeated channels with others"))
+            continue
         off -= base
         if value.channels is None:
+            part = None  # (not placed: its part cannot be kept at scale 1)
             p = value.producer
             why = p.attrs.get("layout_why") if p is not None else None
             if why:
-                reasons.append(f"{p.describe()} moves the channels: {why}")
+                note(f"{p.describe()} moves the channels: {why}")
             else:
-                reasons.append(f"the channel count of {value.name!r} is unknown")
+                note(f"the channel count of {value.name!r} is unknown")
             continue
-        region.size = max(region.size, off + value.channels)
+        region.size = max(region.size, int(off.max()) + 1 if copied else off + value.channels)
         region.values[value.name] = off
+        placed.setdefault(part, []).append((off, value.channels))
         producer = value.producer
         if producer is None:
-            reasons.append(f"it reaches graph input {value.name!r}")
+            note(f"it reaches graph input {value.name!r}")
+        elif copied and (producer.is_layer or producer.op in ("norm", "clip", "batchnorm")):
+            note(f"{producer.describe()} writes into repeated channels")
         elif producer.is_layer or producer.op == "norm":
             touches_layer = True
+            with_source.add(part)
             blocker = shared.get(id(producer))
             if blocker:
-                reasons.append(blocker)
+                note(blocker)
             region.sources.append((producer, off))
         elif producer.op in _UNARY or producer.op in _CARRY:
             if id(producer) not in seen_nodes:
@@ -189,45 +281,49 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
                 elif producer.op == "batchnorm":
                     region.affines.append((producer, off))
         else:
-            reasons.append(f"it is produced by {producer.describe()}")
+            note(f"it is produced by {producer.describe()}")
         if id(value) in outputs:
-            reasons.append(f"{value.name!r} is a graph output")
+            note(f"{value.name!r} is a graph output")
         for reader, index in value.uses:
             if reader.op == "concat" and any(v.channels is None for v in reader.inputs):
-                reasons.append(f"{reader.name} concatenates values of unknown width")
+                note(f"{reader.name} concatenates values of unknown width")
             elif reader.is_layer and index == 0:
                 touches_layer = True
                 blocker = shared.get(id(reader)) or _axis_blocker(reader, value)
                 if blocker:
-                    reasons.append(blocker)
+                    note(blocker)
                 region.sinks.append((reader, off, 1))
             elif reader.op == "mul" or reader.op in LAYOUT_OPS:
                 if _carried(reader) != index:
                     # a gate or attention's weights stay as they are; a reshape that
                     # mixes the channels ends the region
                     why = reader.attrs.get("layout_why")
-                    reasons.append(
+                    note(
                         f"{value.name!r} is read by {reader.describe()}"
                         + (f": {why}" if why else ", which it does not carry")
                     )
             elif reader.op in _UNARY or reader.op in _CARRY:
                 continue
             elif reader.op == "norm":
-                reasons.append(
+                note(
                     f"{value.name!r} is normalized by {reader.describe()} (a normalization "
                     "does not commute with per-channel scales)"
                 )
+            elif reader.op == "flatten" and copied:
+                note(f"repeated channels are flattened by {reader.describe()}")
             elif reader.op == "flatten":
                 touches_layer = True
-                reasons.extend(_flatten_sinks(reader, value, off, region, shared))
+                for why in _flatten_sinks(reader, value, off, region, shared):
+                    note(why)
             else:
-                reasons.append(f"{value.name!r} is read by {reader.describe()}")
+                note(f"{value.name!r} is read by {reader.describe()}")
     if not touches_layer:
-        return None, None
+        return None, None, []
     if conflict:
-        reasons.append("a value appears at two different channel offsets")
+        reasons.append((None, "a value appears at two different channel offsets"))
+    kept = _keep_parts(region, reasons, placed, with_source)
     if not reasons:
-        reasons.extend(_coverage_gaps(region))
+        reasons.extend((None, why) for why in _coverage_gaps(region))
     ops = {n.op for n in region.through}
     if any(n.op == "norm" for n, _ in region.sources):
         region.kind = "norm"
@@ -244,10 +340,52 @@ def _build(members, outputs, shared, conflict) -> tuple[Region | None, str | Non
     else:
         region.kind = "fan-out"
     if not region.sources:
-        reasons.append("no layer produces it")
+        reasons.append((None, "no layer produces it"))
     if not region.sinks:
-        reasons.append("no layer reads it")
-    return region, (reasons[0] if reasons else None)
+        reasons.append((None, "no layer reads it"))
+    return region, (reasons[0][1] if reasons else None), kept
+
+
+def _keep_parts(region: Region, reasons, placed, with_source) -> list[tuple[str, str]]:
+    """Keep at scale 1 the channels of each part that holds no source and cannot be
+    scaled (read by what does not commute with the scales): exact, as the channels are
+    then not scaled at all. Their reasons leave ``reasons``; returned as ``(channels,
+    reason)``. The sinks, clips and batch norms that touch only kept channels leave the
+    region. Nothing is kept when a reason has no part, a source's part has one, or the
+    channels left to scale would not each have a source and a sink."""
+    if not reasons or any(p is None or p in with_source for p, _ in reasons):
+        return []
+    frozen = np.zeros(region.size, bool)
+    for p in dict.fromkeys(p for p, _ in reasons):
+        for off, n in placed[p]:
+            frozen[off if isinstance(off, np.ndarray) else slice(off, off + n)] = True
+    region.frozen = frozen
+    if frozen.all() or _coverage_gaps(region):
+        region.frozen = None
+        return []
+    kept = []
+    for p, why in reasons:
+        chans = np.concatenate([_channels(off, n) for off, n in placed[p]])
+        kept.append((f"channels {chans.min()}-{chans.max()} kept at scale 1", why))
+    reasons.clear()
+    region.sinks = [s for s in region.sinks if not frozen[_channels(s[1], _sink_width(s))].all()]
+    region.clips = [
+        c for c in region.clips if not frozen[_channels(c[1], c[0].inputs[0].channels)].all()
+    ]
+    region.affines = [
+        a for a in region.affines if not frozen[_channels(a[1], a[0].inputs[0].channels)].all()
+    ]
+    return kept
+
+
+def _channels(off: Place, n: int) -> np.ndarray:
+    """The region channels at ``off``: ``n`` from an offset, or an array's."""
+    return off if isinstance(off, np.ndarray) else np.arange(off, off + n)
+
+
+def _sink_width(sink) -> int:
+    node, off, repeat = sink
+    return len(off) if isinstance(off, np.ndarray) else node.in_channels // repeat
 
 
 def _elementwise_gate(node: Node) -> bool:
@@ -299,12 +437,17 @@ def _flatten_sinks(flatten: Node, value: Value, off: int, region: Region, shared
 
 
 def _coverage_gaps(region: Region) -> list[str]:
-    has_src = [False] * region.size
-    has_sink = [False] * region.size
+    kept = [False] * region.size if region.frozen is None else region.frozen.tolist()
+    has_src = list(kept)
+    has_sink = list(kept)
     for node, off in region.sources:
         for i in range(off, off + node.out_channels):
             has_src[i] = True
     for node, off, repeat in region.sinks:
+        if isinstance(off, np.ndarray):
+            for i in off.tolist():
+                has_sink[i] = True
+            continue
         for i in range(off, off + node.in_channels // repeat):
             has_sink[i] = True
     if not all(has_src):

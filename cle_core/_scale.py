@@ -8,7 +8,7 @@ import numpy as np
 
 from ._ir import Node
 from ._math import scale_affine, scale_bounds, scale_layer
-from ._regions import Region
+from ._regions import Region, take
 
 
 class _Links:
@@ -31,7 +31,7 @@ class _Links:
         if link is None:
             return None
         region, off, repeat = link
-        s = scales[region.id][off : off + node.in_channels // repeat]
+        s = take(scales[region.id], off, node.in_channels // repeat)
         return np.repeat(s, repeat) if repeat > 1 else s
 
     def s_out(self, node: Node, scales) -> np.ndarray | None:
@@ -52,11 +52,10 @@ def _is_depthwise(node: Node) -> bool:
 
 def _triples(regions: list[Region]) -> list[tuple[Region, Region]]:
     """Pairs of one-to-one regions around a depthwise conv with channel multiplier 1."""
-    by_source = {id(r.sources[0][0]): r for r in regions if r.kind == "pair"}
+    pairs = [r for r in regions if r.kind == "pair" and r.frozen is None]
+    by_source = {id(r.sources[0][0]): r for r in pairs}
     found = []
-    for first in regions:
-        if first.kind != "pair":
-            continue
+    for first in pairs:
         middle = first.sinks[0][0]
         second = by_source.get(id(middle))
         if (

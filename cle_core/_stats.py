@@ -401,10 +401,15 @@ def _estimate_node(node: Node, stats, normal, deriv, transpose_taps: bool = Fals
         if ins[0] is not None and ins[0].channels == gamma.size:
             k = gamma / np.sqrt(max(float(ins[0].var.mean()), 1e-12))
             deriv[node.name] = Derivative(k, k * k)
-    elif op in ("transpose", "reshape", "matmul", "select") and out.channels is not None:
+    elif op in ("transpose", "reshape", "matmul", "select", "repeat") and out.channels is not None:
         # The channels move unchanged (an attention average keeps the mean of V).
         x = node.inputs[node.attrs.get("carrier", 0)]
-        if x.name in stats and stats[x.name].channels == out.channels:
+        index = node.attrs.get("channel_map")  # copies of channels: theirs, gathered
+        if index is not None and x.name in stats:
+            stats[out.name] = ChannelStats(*(a[index] for a in stats[x.name]._arrays()))
+            if x.name in normal:
+                normal[out.name] = tuple(a[index] for a in normal[x.name])
+        elif x.name in stats and stats[x.name].channels == out.channels:
             stats[out.name] = stats[x.name]
             if x.name in normal:
                 normal[out.name] = normal[x.name]

@@ -14,7 +14,7 @@ import numpy as np
 
 from .._ir import SCALABLE_ACTIVATIONS
 from .._math import RangeSummary, region_scales, triple_scales
-from .._regions import Region
+from .._regions import Region, gather_terms
 from .._report import SkipRecord
 from .._scale import _Links, _names, _triples
 from . import ScaleOutcome, ScaleProblem, register_objective
@@ -111,11 +111,15 @@ def scale_regions(
         for node, off, repeat in region.sinks:
             in_r = summaries[id(node)].in_ranges(None, links.s_out(node, scales))
             per_channel = in_r.reshape(-1, repeat).max(axis=1)
+            off, per_channel, _ = gather_terms(region.size, off, per_channel, per_channel)
             window = snk[off : off + len(per_channel)]
             np.maximum(window, per_channel, out=window)
         if region.id in floors:
             np.maximum(src, floors[region.id], out=src)
-        return region_scales([src], [snk])
+        s = region_scales([src], [snk])
+        if region.frozen is not None:
+            s[region.frozen] = 1.0  # a part that cannot be scaled
+        return s
 
     def balance_triple(first: Region, second: Region) -> tuple[np.ndarray, np.ndarray]:
         # Both regions of a Conv -> depthwise -> Conv at once: a block step that the

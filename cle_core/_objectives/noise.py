@@ -34,6 +34,7 @@ import numpy as np
 from .. import _noise
 from .._estimate import Estimate
 from .._gains import propagate
+from .._regions import gather_terms
 from .._report import NOISE_TOLERANCE, NoiseEstimate, SkipRecord
 from .._stats import counts_known, positions
 from .._stats import estimate as estimate_stats
@@ -247,10 +248,11 @@ def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
             r, _ = t.source_ranges(est.map.s_in(t.node, scales))
             np.maximum(src[wr[1] : wr[1] + r.shape[0]], r, out=src[wr[1] : wr[1] + r.shape[0]])
         if rd is not None and rd[0] == k:
-            r, _ = t.sink_ranges(est.map.s_out(t.node, scales))
+            r, c = t.sink_ranges(est.map.s_out(t.node, scales))
             if rd[2] > 1:
                 r = r.reshape(-1, rd[2]).max(axis=1)
-            np.maximum(snk[rd[1] : rd[1] + r.shape[0]], r, out=snk[rd[1] : rd[1] + r.shape[0]])
+            off, r, _ = gather_terms(n, rd[1], r, c)
+            np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
     ok = live & (src > 0) & (snk > 0)
     t = np.zeros(n)
     t[ok] = 0.5 * (np.log(src[ok]) - np.log(snk[ok]))
@@ -269,7 +271,8 @@ def _activation_balance(est: Estimate, k: int, live: np.ndarray) -> np.ndarray:
             continue
         hi = t.hi if t.cap_hi is None else np.minimum(t.hi, t.cap_hi)
         s = np.maximum(hi, 0.0) - np.minimum(t.lo, 0.0)
-        sl = slice(at[1], at[1] + s.shape[0])
+        off, s, _ = gather_terms(n, at[1], s, s)
+        sl = slice(off, off + s.shape[0])
         np.maximum(span[sl], s, out=span[sl])
     ok = live & (span > 0)
     t = np.zeros(n)

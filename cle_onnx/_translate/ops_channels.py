@@ -32,13 +32,18 @@ class _ChannelOps:
 
     def op_Split(self, index, node, name):
         """A split along the channel axis: one IR ``slice`` per output, at the offsets
-        the inferred output widths give."""
+        the inferred output widths give. Along another axis (not the batch): one
+        ``select`` of consecutive positions per output, which the core follows (the
+        channels of a packed q / k / v projection, GPT's ``c_attn(x).split(C, dim=2)``:
+        each output keeps some channels whole; or positions)."""
         rank = self.rank(node.input[0])
         if rank is None:
             return "its input's rank is not known"
-        axis = int(_attrs(node).get("axis", 0))
-        if axis % rank != 1:
-            return f"it splits axis {axis}, not the channels"
+        axis = int(_attrs(node).get("axis", 0)) % rank
+        if axis == 0:
+            return "it splits the batch axis"
+        if axis != 1:
+            return self._split_positions(index, node, name, axis)
         widths = [self.channels(o) if o else None for o in node.output]
         if any(w is None for w in widths) or sum(widths) != self.channels(node.input[0]):
             return "the widths of its outputs are unknown"
@@ -47,6 +52,19 @@ class _ChannelOps:
             attrs = {"offset": offset, "channels": width}
             self.add("slice", [node.input[0]], f"{name}:{k}", index, outputs=[out], attrs=attrs)
             offset += width
+
+    def _split_positions(self, index, node, name, axis):
+        sizes = [
+            (self.dims.get(o) or (None,) * (axis + 1))[axis] if o else None for o in node.output
+        ]
+        total = (self.dims.get(node.input[0]) or (None,) * (axis + 1))[axis]
+        if any(not isinstance(w, int) for w in sizes) or sum(sizes) != total:
+            return "the sizes of its outputs along the split axis are unknown"
+        start = 0
+        for k, (out, width) in enumerate(zip(node.output, sizes, strict=True)):
+            attrs = {"axis": axis, "index": slice(start, start + width)}
+            self.add("select", [node.input[0]], f"{name}:{k}", index, outputs=[out], attrs=attrs)
+            start += width
 
     def op_Slice(self, index, node, name):
         """One axis cut with constant starts, ends and steps: channels ``start`` to

@@ -1,8 +1,9 @@
 """Handlers of the ops that move channels between axes or mix positions: Transpose,
 Squeeze / Unsqueeze (a ``reshape``), MatMul of two activations (attention), Gather of
 constant positions (a ``select``: the class token), Softmax (opaque, runnable by the
-core's executor), Expand / Tile (opaque, with the reason). Reshape and Slice are in
-``ops_channels``."""
+core's executor), Expand / Tile of one axis of size 1 (a ``repeat``: how exporters write
+grouped-query attention's repeat of K / V heads, Unsqueeze + Expand or Tile + Reshape).
+Reshape and Slice are in ``ops_channels``."""
 
 from __future__ import annotations
 
@@ -19,13 +20,10 @@ def _softmax(axis: int):
     return fn
 
 
-# Why Expand and Tile stay opaque: grouped-query attention repeats each K / V head for
-# several query heads this way, and one V channel feeding several O columns is a pair
-# the core does not equalize.
-_REPEATS = (
-    "it repeats values (as grouped-query attention repeats its K / V heads): one "
-    "channel would feed several"
-)
+# Why other Expands and Tiles stay opaque: the IR's repeat copies each position of one
+# axis in a row; a tile of a longer axis copies the whole axis, a broadcast of several
+# axes is several repeats, and neither is what exporters write for K / V heads.
+_REPEATS = "it repeats more than one axis, or an axis longer than 1, or of unknown size"
 
 
 class _LayoutOps:
@@ -103,10 +101,49 @@ class _LayoutOps:
         self.add("select", [data], name, index, attrs={"axis": axis, "index": chosen})
 
     def op_Expand(self, index, node, name):
-        return _REPEATS
+        return self._repeat(index, node, name)
 
     def op_Tile(self, index, node, name):
-        return _REPEATS
+        return self._repeat(index, node, name)
+
+    def _repeat(self, index, node, name):
+        """An Expand or Tile that grows one axis of size 1 to ``n``: a ``repeat`` of that
+        axis, which the core follows (a channel map where the axis holds channels, or
+        where a Reshape merges the copies into the channel axis before them)."""
+        if node.input[0] in self.fixed:
+            return False  # a constant broadcast (a class token over the batch)
+        src, dst = self.dims.get(node.input[0]), self.dims.get(node.output[0])
+        if src is None or dst is None or len(src) != len(dst):
+            return "its input's or output's shape is not known"
+        grown = [i for i, (a, b) in enumerate(zip(src, dst, strict=True)) if a != b]
+        if len(grown) != 1 or src[grown[0]] != 1:
+            return _REPEATS
+        axis = grown[0]
+        n = dst[axis] if isinstance(dst[axis], int) else self._merged_copies(node, axis, src)
+        if n is None:
+            return _REPEATS
+        # (what shape inference could not tell, the Reshape after it did)
+        self.dims[node.output[0]] = (*dst[:axis], n, *dst[axis + 1 :])
+        self.add("repeat", [node.input[0]], name, index, attrs={"axis": axis, "repeats": n})
+
+    def _merged_copies(self, node, axis, src) -> int | None:
+        """The copies an Expand makes of a size-1 axis, where shape inference does not
+        know them (the TorchScript exporter computes the Expand's shape from the input's
+        with a Where that is not folded): a Reshape of known shape after it keeps the
+        number of elements, so the copies are its size over the input's."""
+        readers = [self.model.graph.node[i] for i in self.users.get(node.output[0], [])]
+        if len(readers) != 1 or readers[0].op_type != "Reshape":
+            return None
+        out = self.dims.get(readers[0].output[0])
+        if out is None or not out or (out[0] is None) != (src[0] is None):
+            return None  # (an unknown batch on both sides is one size)
+        rest_in, rest_out = list(src[1:]), list(out[1:])
+        if not all(isinstance(d, int) for d in (*rest_in, *rest_out)):
+            return None
+        n, single = int(np.prod(rest_out)), int(np.prod(rest_in))
+        if src[0] is not None:
+            n, single = n * out[0], single * src[0]
+        return n // single if single and n % single == 0 else None
 
     def op_Softmax(self, index, node, name):
         """Opaque (not homogeneous); given the function where its axis is known, so the

@@ -1,8 +1,9 @@
 """Ops that move channels between axes, and attention: transpose / permute / ``.T`` /
 swapaxes, a reshape / view / flatten / unflatten with static shapes, matmul / bmm / ``@``
 of two activations, softmax, ``F.scaled_dot_product_attention``, positions of one axis
-(``x[:, 0]``, ``x[:, 1:]``, ``torch.select``); the repeats of K / V heads of
-grouped-query attention are refused with the reason.
+(``x[:, 0]``, ``x[:, 1:]``, ``torch.select``), the repeats of K / V heads of
+grouped-query attention (``repeat_interleave``, ``x[:, :, None].expand(...)``: a
+``repeat``, whose channel map is the core's).
 
 The IR's ``transpose`` and ``reshape`` take the shapes of the example run (see
 ``propagate``): without ``dummy_input`` or ``input_shapes`` a reshape other than a
@@ -31,11 +32,11 @@ from .._optable import (
     _sig_transpose,
 )
 
-# Why a repeat of K / V heads is not translated: the core keeps one scale per channel,
-# and a repeated V channel feeds the O columns of several heads.
+# Why SDPA's own repeat of K / V heads is not translated: it happens inside the call,
+# where the IR has no value for the repeated V.
 GQA_WHY = (
-    "repeats a tensor (as grouped-query attention repeats its K / V heads): one V channel "
-    "would feed several heads' O columns, which the core does not equalize"
+    "enable_gqa repeats K / V heads inside the call: repeat them before it "
+    "(repeat_interleave) for V -> O to be equalized"
 )
 
 
@@ -199,19 +200,14 @@ class Moves:
 
     def f_getitem(self, node, fn, args, kwargs) -> None:
         """``x[:, 0]``, ``x[:, 1:]``: positions of one axis (:meth:`select`); ``x[:, :,
-        None]`` read only by an ``expand`` is how grouped-query attention repeats K / V
-        heads (refused with the reason); other indexing is not translated."""
+        None]``: an axis inserted (a reshape; grouped-query attention expands it to repeat
+        K / V heads); other indexing is not translated."""
         src = args[0] if args else None
         if isinstance(src, fx.Node) and src.name in self.mha and len(args) == 2:
             if args[1] == 0:
                 self.mha_output(node, src)
                 return
             raise _Opaque("the attention weights of nn.MultiheadAttention")
-        users = list(node.users)
-        if users and all(u.op == "call_method" and u.target == "expand" for u in users):
-            x = args[0] if args else None
-            if isinstance(x, fx.Node) and x.name in self.values and x.name not in self.point:
-                raise _Opaque(GQA_WHY)
         # a tuple key: a tensor's index (``t[0]`` of a tuple of outputs is an int)
         if len(args) != 2 or not isinstance(args[1], tuple):
             raise _Opaque("not understood")
@@ -221,7 +217,10 @@ class Moves:
             raise _Opaque("an index of a tensor of unknown rank: pass dummy_input")
         key = list(args[1])
         if any(k is None for k in key):
-            raise _Opaque("it inserts an axis")
+            if not all(k is None or k is Ellipsis or k == slice(None) for k in key):
+                raise _Opaque("it inserts an axis and selects positions")
+            self.reshape(node, x, "it inserts an axis")
+            return
         dots = [i for i, k in enumerate(key) if k is Ellipsis]
         if len(dots) > 1 or len(key) - len(dots) > rank:
             raise _Opaque("not understood")
@@ -255,9 +254,28 @@ class Moves:
         self.emit("select", node, [x], rank=rank, channels=self.chan.get(x.name), attrs=attrs)
 
     def f_repeat_heads(self, node, fn, args, kwargs) -> None:
-        """``repeat_interleave`` / ``expand`` of an activation: refused with the reason
-        (grouped-query attention repeats K / V heads so)."""
-        x = args[0] if args else None
-        if isinstance(x, fx.Node) and x.name in self.values and x.name not in self.point:
-            raise _Opaque(GQA_WHY)
-        raise _Opaque("not understood")
+        """``x.repeat_interleave(n, dim)`` and ``x.expand(...)`` of one axis of size 1 (of
+        an activation): a ``repeat`` of that axis, as grouped-query attention repeats its
+        K / V heads (``x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)``).
+        The core follows the channels through it (a channel map where it repeats them)."""
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, fx.Node) or x.name not in self.values or x.name in self.point:
+            raise _Opaque("not understood")
+        rank = self.rank.get(x.name)
+        if fn in (torch.repeat_interleave, "repeat_interleave"):
+            repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+            dim = args[2] if len(args) > 2 else kwargs.get("dim")
+            if kwargs.keys() - {"repeats", "dim"} or len(args) > 3:
+                raise _Opaque("unexpected arguments")
+            if not isinstance(repeats, int) or not isinstance(dim, int) or rank is None:
+                raise _Opaque("repeats, dim or rank not static (or no dim: it flattens)")
+            axis, n = dim % rank, repeats
+        else:
+            before, after = self.fx_shapes.get(x.name), self.fx_shapes.get(node.name)
+            if before is None or after is None or len(before) != len(after):
+                raise _Opaque("an expand of unknown or other rank: pass dummy_input")
+            grown = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+            if len(grown) != 1 or before[grown[0]] != 1:
+                raise _Opaque("it expands other than one axis of size 1")
+            axis, n = grown[0], int(after[grown[0]])
+        self.emit("repeat", node, [x], rank=rank, channels=None, attrs={"axis": axis, "repeats": n})

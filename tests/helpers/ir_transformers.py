@@ -123,6 +123,64 @@ class TokenBuilder:
         merged = self.op("reshape", [back], out_shape=(b, t, c), shape=(b, t, c))
         return self.linear(merged, c, c)
 
+    def repeat_heads(self, x: str, n: int, how: str = "interleave") -> str:
+        """Each head of ``x`` (B, H, T, D) repeated ``n`` times in a row, as grouped-query
+        attention repeats K / V: one ``repeat`` of the head axis (``repeat_interleave``),
+        or ``x[:, :, None]``, the new axis repeated (an expand or tile) and merged into
+        the head axis by a reshape (``"expand"``: what LLaMA code and ONNX exports write)."""
+        bs, h, t, d = self.g.values[x].shape
+        if how == "interleave":
+            return self.op("repeat", [x], out_shape=(bs, h * n, t, d), axis=1, repeats=n)
+        five = (bs, h, 1, t, d)
+        x = self.op("reshape", [x], out_shape=five, shape=five)
+        x = self.op("repeat", [x], out_shape=(bs, h, n, t, d), axis=2, repeats=n)
+        return self.op("reshape", [x], out_shape=(bs, h * n, t, d), shape=(bs, h * n, t, d))
+
+    def gqa_attention(self, x: str, c: int, h: int, kv: int, how: str = "interleave") -> str:
+        """Grouped-query attention: ``kv`` K / V heads, each repeated for ``h / kv`` query
+        heads (:meth:`repeat_heads`), then as :meth:`attention`."""
+        d = c // h
+        b, t = self.batch, self.tokens
+        q = self.heads(self.linear(x, c, c), h, d)
+        k = self.repeat_heads(self.heads(self.linear(x, c, kv * d), kv, d), h // kv, how)
+        v = self.repeat_heads(self.heads(self.linear(x, c, kv * d), kv, d), h // kv, how)
+        qs, ks = self.g.values[q].shape, self.g.values[k].shape
+        kt = self.op("transpose", [k], out_shape=(*ks[:-2], ks[-1], ks[-2]), perm=(0, 1, 3, 2))
+        scores = self.op("matmul", [q, kt], out_shape=(*qs[:-1], ks[-2]))
+        p = self.opaque([scores], _softmax, (*qs[:-1], ks[-2]), "softmax")
+        mixed = self.op("matmul", [p, v], out_shape=self.g.values[v].shape)
+        back = self.op("transpose", [mixed], out_shape=(b, t, h, d), perm=(0, 2, 1, 3))
+        merged = self.op("reshape", [back], out_shape=(b, t, c), shape=(b, t, c))
+        return self.linear(merged, c, c)
+
+    def packed_attention(self, x: str, c: int, h: int, cut: str = "last") -> str:
+        """Attention whose q, k and v are cut from one packed projection ``(B, T, 3C)``:
+        by positions of its last axis (``"last"``: GPT's ``c_attn(x).split(C, dim=2)``,
+        ONNX Split / Slice), or by a position of the axis that holds the three after
+        ``(B, T, 3, C)`` is moved in front (``"front"``: what ``nn.MultiheadAttention``
+        and PP-OCR's SVTR exports write, a Gather of axis 0)."""
+        d = c // h
+        b, t = self.batch, self.tokens
+        qkv = self.linear(x, c, 3 * c)
+        if cut == "last":
+            thirds = [slice(i * c, (i + 1) * c) for i in range(3)]
+            cuts = [self.op("select", [qkv], out_shape=(b, t, c), axis=2, index=i) for i in thirds]
+        else:
+            four = self.op("reshape", [qkv], out_shape=(b, t, 3, c), shape=(b, t, 3, c))
+            front = self.op("transpose", [four], out_shape=(3, b, t, c), perm=(2, 0, 1, 3))
+            cuts = [
+                self.op("select", [front], out_shape=(b, t, c), axis=0, index=i) for i in (0, 1, 2)
+            ]
+        q, k, v = (self.heads(z, h, d) for z in cuts)
+        qs, ks = self.g.values[q].shape, self.g.values[k].shape
+        kt = self.op("transpose", [k], out_shape=(*ks[:-2], ks[-1], ks[-2]), perm=(0, 1, 3, 2))
+        scores = self.op("matmul", [q, kt], out_shape=(*qs[:-1], ks[-2]))
+        p = self.opaque([scores], _softmax, (*qs[:-1], ks[-2]), "softmax")
+        mixed = self.op("matmul", [p, v], out_shape=self.g.values[v].shape)
+        back = self.op("transpose", [mixed], out_shape=(b, t, h, d), perm=(0, 2, 1, 3))
+        merged = self.op("reshape", [back], out_shape=(b, t, c), shape=(b, t, c))
+        return self.linear(merged, c, c)
+
     def gated_mlp(self, x: str, c: int, hidden: int, up_first: bool = False) -> str:
         """``down(silu(gate(x)) * up(x))``; ``up_first`` writes the product ``up * silu``."""
         gate = self.linear(x, c, hidden, bias=False)

@@ -701,7 +701,9 @@ CASES: list[Case] = [
     _split("opset 13, split input [2, 4]", 13, split=[2, 4]),
     _split("opset 11, split attribute [3, 3], axis -3", 11, split=[3, 3], axis=-3),
     _split("opset 18, num_outputs=2", 18, num_outputs=2),
-    _split("axis 2", 13, refused="splits axis 2", axis=2, split=[4, 4]),
+    # positions of the spatial axis: every channel kept whole, exact
+    _split("axis 2", 13, axis=2, split=[4, 4]),
+    _split("axis 0 (the batch)", 13, refused="splits the batch axis", axis=0, split=[1, 1]),
     _slice(
         "channels [0:4] and [4:], axes [1]", [([0], [4], [1], None, 4), ([4], [BIG], [1], None, 2)]
     ),

@@ -30,13 +30,14 @@ from tests.helpers.transformer_models import VARIANTS  # noqa: E402
 # The regions (kinds, in graph order) of each model and exporter. What is not there:
 # Q -> K (scaled by rotary's per-position cos / sin, or summed over by Q K^T), GELU /
 # SiLU between layers, the residual stream (it starts at an embedding or a constant
-# Add), post-LN norms (BERT: their output feeds the residual too), V -> O with
-# grouped-query attention (the K / V heads' repetition is opaque), V -> O behind
+# Add), post-LN norms (BERT: their output feeds the residual too), V -> O behind
 # nn.MultiheadAttention's packed in-projection (its q / k / v split is not a channel
 # slice the core follows). The final norm -> head is there, through the class token
-# (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens.
+# (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens. LLaMA's
+# grouped-query V -> O is there through the K / V heads' repetition (Unsqueeze, Expand or
+# Tile, Reshape: a repeat the core follows with a channel map).
 VIT = ["norm", "attention", "norm"] * 2 + ["norm"]
-LLAMA = ["norm", "norm", "gated"] * 2 + ["norm"]
+LLAMA = ["norm", "attention", "norm", "gated"] * 2 + ["norm"]
 EXPECTED = {
     ("vit", "ts"): VIT,
     ("vit", "dynamo"): VIT,
@@ -69,7 +70,6 @@ EXPECTED = {
 REFUSED = {
     "vit": ["the MatMul sums over the channels", "opaque Gelu"],
     "llama": [
-        "grouped-query attention repeats its K / V heads",
         "multiplies by a constant that is not per channel",  # rotary: no Q -> K
         "opaque Sigmoid",  # SiLU
     ],
@@ -452,8 +452,9 @@ def test_the_class_token_carries_the_final_norm_to_the_head(always_scale, pick):
 @pytest.mark.parametrize(
     ("pick", "axis", "constant", "why"),
     [
-        ("gather", 2, True, "selects along the channels (axis 2)"),
-        ("slice", 2, True, "selects along the channels (axis 2)"),
+        # some channels: followed, but the others have no reader
+        ("gather", 2, True, "it selects one channel (axis 2)"),
+        ("slice", 2, True, "has no sink layer"),
         ("gather", 0, True, "selects along the batch axis"),
         ("gather", 1, False, "its indices are not constant"),
     ],
@@ -490,3 +491,144 @@ def test_calibrated_bert_an_opaque_residual_branch_measured_along_the_tokens():
     eq, report = cle_onnx.equalize_model(model, calibration=calibration)
     assert [r.kind for r in report.regions] == EXPECTED["bert", "ts"]
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
+
+
+# --- grouped-query attention ----------------------------------------------------------
+
+#: exporter -> (V's layer, O's layer) of LLaMA's first block, as each names them.
+_LLAMA_V_O = {
+    "ts": ("/blocks.0/attn/wv/MatMul", "/blocks.0/attn/wo/MatMul"),
+    "dynamo": ("node_linear_2", "node_linear_3"),
+}
+
+
+@pytest.mark.parametrize("exporter", ["ts", "dynamo"])
+@pytest.mark.parametrize("variant", ["llama", "llama_expand"])
+def test_inspect_lists_grouped_query_v_to_o(exported, variant, exporter, capsys):
+    """The K / V heads repeated (Unsqueeze, then Tile or Expand, then Reshape, as each
+    exporter writes ``repeat_interleave`` and ``expand``): V -> O over V's 16 channels
+    (2 K / V heads of 8), each read by two heads' O columns; K is refused at its rotary
+    embedding, before its repeat."""
+    path, _ = exported(variant, exporter)
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    v, o = _LLAMA_V_O[exporter]
+    assert re.search(
+        rf"^  #\d+ attention, 16 channels: {re.escape(v)} -> {re.escape(o)}$", out, re.M
+    )
+    assert "multiplies by a constant that is not per channel" in out
+
+
+class _GQANoRotary(torch.nn.Module):
+    """Grouped-query attention without rotary embeddings: K is repeated as V is."""
+
+    def __init__(self, dim=16, heads=4, kv=2):
+        super().__init__()
+        nn = torch.nn
+        self.heads, self.kv, self.d = heads, kv, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale, dynamo):
+    from tests.helpers.transformer_models import spread_channels
+
+    torch.manual_seed(0)
+    model = spread_channels(_GQANoRotary()).eval()
+    x = torch.randn(2, 5, 16)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            buffer.write(
+                torch.onnx.export(
+                    model, (x,), dynamo=True, input_names=["x"]
+                ).model_proto.SerializeToString()
+            )
+        else:
+            torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+    proto = onnx.load_from_string(buffer.getvalue())
+    eq, report = cle_onnx.equalize_model(proto)
+    assert sqnr_db(_run(proto, x.numpy()), _run(eq, x.numpy())) >= 90
+    assert [(r.kind, r.channels) for r in report.regions] == [("attention", 8)]
+    reasons = " | ".join(s.reason for s in report.skipped if s.stage == "scale")
+    assert "the MatMul sums over the channels" in reasons, report.summary(verbose=True)
+
+
+# --- q / k / v cut from one packed projection ---------------------------------------------
+
+
+class _GPTBlock(torch.nn.Module):
+    """GPT-2's attention: a LayerNorm, one packed ``c_attn`` projection split into q | k |
+    v along its last axis, heads, ``c_proj``, a residual."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        nn = torch.nn
+        self.heads, self.dim = heads, dim
+        self.ln = nn.LayerNorm(dim)
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.c_attn(self.ln(x)).split(self.dim, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return x + self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+def _export(model, x, dynamo: bool) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            return torch.onnx.export(model, (x,), dynamo=True, input_names=["x"]).model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"])
+        return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_v_cut_from_a_packed_projection_is_equalized_q_and_k_kept(
+    always_scale, dynamo, tmp_path, capsys
+):
+    """The Split of ``c_attn``'s output along its last axis: each part keeps its channels
+    (a ``select`` the core follows with a channel map); V -> O is equalized, q's and k's
+    rows of ``c_attn`` keep their values (they meet in Q K^T), exactly; ``cle inspect``
+    lists the pair and why q and k are kept."""
+    from tests.helpers.transformer_models import spread_channels
+
+    torch.manual_seed(0)
+    model = spread_channels(_GPTBlock()).eval()
+    x = torch.randn(2, 5, 16)
+    proto = _export(model, x, dynamo)
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    eq, report = cle_onnx.equalize_model(proto)
+    assert sqnr_db(_run(proto, x.numpy()), _run(eq, x.numpy())) >= 90
+    attention = [r for r in report.regions if r.kind == "attention"]
+    assert [r.channels for r in attention] == [48], report.summary(verbose=True)
+    s = attention[0].scales
+    assert np.all(s[:32] == 1) and np.any(s[32:] != 1)
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in eq.graph.initializer}
+    (packed,) = [n for n, w in weights.items() if w.shape == (16, 48)]  # MatMul: (in, out)
+    # q's and k's outputs unscaled: only the LayerNorm's scales on c_attn's inputs
+    (s_in,) = [r.scales for r in report.regions if r.kind == "norm"]
+    want = weights[packed] * s_in[:, None]
+    np.testing.assert_allclose(after[packed][:, :32], want[:, :32], rtol=1e-6)
+    assert not np.allclose(after[packed][:, 32:], want[:, 32:], rtol=1e-3)
+    path = tmp_path / "gpt.onnx"
+    onnx.save(proto, str(path))
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  #\d+ attention, 48 channels: ", out, re.M), out
+    assert "(channels 0-15 kept at scale 1)" in out and "(channels 16-31 kept at scale 1)" in out
+    assert "the MatMul sums over the channels" in out

@@ -63,14 +63,16 @@ def _llama_regions():
     for b in (0, 1):
         p = f"blocks.{b}"
         out.append(("norm", (f"{p}.attn_norm",), tuple(f"{p}.attn.w{c}" for c in "qkv")))
+        # grouped-query: each V head read by the O columns of n_heads / n_kv_heads heads
+        out.append(("attention", (f"{p}.attn.wv",), (f"{p}.attn.wo",)))
         out.append(("norm", (f"{p}.mlp_norm",), (f"{p}.mlp.gate", f"{p}.mlp.up")))
         out.append(("gated", (f"{p}.mlp.up",), (f"{p}.mlp.down",)))
     return [*out, ("norm", ("norm",), ("lm_head",))]
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: GQA V -> O (llama), Q -> K (every attention), BERT's post-LN norms
-#: but the last (they feed the residual too), fc1 -> GELU -> fc2.
+#: reason in REFUSED: Q -> K (every attention; in llama K is also repeated), BERT's
+#: post-LN norms but the last (they feed the residual too), fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
     "vit_mean_pool": _vit_regions(),  # the final norm -> head through x.mean(dim=1)
@@ -92,6 +94,8 @@ REGIONS = {
     ],
 }
 
+ROTARY_K = ("blocks.0.attn.wk -> ?", "a factor that is a tensor")
+
 #: variant -> (candidate, a part of the reason it is refused with).
 REFUSED = {
     "vit": [
@@ -100,10 +104,11 @@ REFUSED = {
     ],
     "vit_sdpa": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
     "vit_mha": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
-    "llama": [("blocks.0.attn.wv -> ?", "grouped-query attention")],
-    "llama_expand": [("blocks.0.attn.wv -> ?", "grouped-query attention")],
+    # K: its rotary embedding (a product with a (T, D) table) comes before its repeat
+    "llama": [ROTARY_K],
+    "llama_expand": [ROTARY_K],
     "llama_nn_rmsnorm": [
-        ("blocks.0.attn.wv -> ?", "grouped-query attention"),
+        ROTARY_K,
         ("blocks.0.mlp.gate -> ?", "silu"),
     ],
     "bert": [
@@ -395,7 +400,7 @@ def test_a_selection_of_a_channel_is_refused_with_the_reason():
     _, report = cle_torch.equalize_model(model, dummy_input=x)
     assert not report.regions
     skipped = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
-    assert "selects along the channels (axis 2)" in skipped.get("a -> ?", ""), skipped
+    assert "it selects one channel (axis 2)" in skipped.get("a -> ?", ""), skipped
 
 
 def test_a_position_computed_from_the_data_is_refused_with_the_reason():
@@ -591,15 +596,50 @@ def test_multihead_attention_it_cannot_translate_says_why():
     assert "not self-attention" in reasons
 
 
-def test_gqa_and_rotary_are_refused_but_the_rest_stays_exact(always_scale):
-    model = tm.llama(0, n_heads=4, n_kv_heads=1)
+@pytest.mark.parametrize("kv_repeat", ["repeat_interleave", "expand"])
+def test_one_kv_head_is_refused_but_the_rest_stays_exact(always_scale, kv_repeat):
+    """Multi-query attention: the one K / V head's axis has size 1, so its copies are not
+    a channel axis, and merging them into the heads is refused with the reason."""
+    model = tm.llama(0, n_heads=4, n_kv_heads=1, kv_repeat=kv_repeat)
     x = model.example_input(2)
     ref = _run(model, x)
     eq, report = cle_torch.equalize_model(model, dummy_input=x, calibration=x)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
     assert "attention" not in {r.kind for r in report.regions}
     reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
-    assert "grouped-query" in reasons["blocks.0.attn.wv -> ?"]
+    assert "merges" in reasons["blocks.0.attn.wv -> ?"]
+
+
+class _GQANoRotary(nn.Module):
+    """Grouped-query attention without rotary embeddings: K is repeated as V is."""
+
+    def __init__(self, dim=16, heads=4, kv=2):
+        super().__init__()
+        self.heads, self.kv, self.d = heads, kv, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale):
+    torch.manual_seed(0)
+    model = tm.spread_channels(_GQANoRotary()).eval()
+    x = torch.randn(2, 5, 16)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert _regions(report) == [("attention", ("v",), ("o",))]
+    assert report.regions[0].channels == 8  # V's, each read by two heads' O columns
+    reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
+    assert "the MatMul sums over the channels" in reasons["k -> ?"]
 
 
 # --- a property: random head counts and widths --------------------------------------------
@@ -741,3 +781,40 @@ def test_the_shape_runs_leave_the_model_untouched(monkeypatch, real):
     monkeypatch.setattr(translator, "propagate", lambda *args, **kwargs: {})
     capture(traced, dummy_input=traced.example_input(2), allow_training_mode=True)
     assert len(calls) == len(trace_calls)
+
+
+def _repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Hugging Face's ``repeat_kv`` (LLaMA, Mistral, Qwen), as written there."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(
+        batch, num_key_value_heads, n_rep, slen, head_dim
+    )
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+class _HFRepeatKV(_GQANoRotary):
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = _repeat_kv(k, n), _repeat_kv(v, n)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_hugging_face_repeat_kv_is_followed(always_scale):
+    """``x[:, :, None, :, :].expand(...).reshape(...)`` as Hugging Face writes it: V -> O
+    over V's channels, exact."""
+    torch.manual_seed(1)
+    model = tm.spread_channels(_HFRepeatKV(dim=24, heads=6, kv=2)).eval()
+    x = torch.randn(2, 5, 24)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    assert [(r.kind, r.sources, r.sinks, r.channels) for r in report.regions] == [
+        ("attention", ("v",), ("o",), 8)
+    ]
+    assert report.regions[0].scales.max() / report.regions[0].scales.min() > 1.01
