@@ -14,7 +14,9 @@ and without the correction. Every row is equalized for the deployment it is meas
 in.
 
 Run: ``python benchmarks/bench_bias_correction.py`` (about 10 minutes on 2 cores);
-``--quick`` measures per tensor only on the BN export. ``--issue-script`` reproduces
+``--quick`` measures per tensor only on the BN export; ``--folded`` only the
+exporter-folded export (per tensor and per channel); ``--data-free`` leaves out the
+rows measured with calibration data. ``--issue-script`` reproduces
 the quick script of issue #20 instead (the data-free equalization in PyTorch, input
 means of every Conv / Linear measured with forward hooks on the 40 crops, ``b -=
 sum_spatial(Q(W) - W) E[x]`` with the deployed per-tensor grid, then exported) beside
@@ -49,6 +51,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="per tensor, BN export only")
     parser.add_argument(
+        "--folded",
+        action="store_true",
+        help="the exporter-folded export only (no BN statistics left), both deployments",
+    )
+    parser.add_argument(
+        "--data-free",
+        action="store_true",
+        help="only the rows without calibration (no CLE, CLE, CLE + bias corr.)",
+    )
+    parser.add_argument(
         "--issue-script", action="store_true", help="issue #20's quick script beside our pass"
     )
     args = parser.parse_args()
@@ -62,6 +74,8 @@ def main() -> None:
         return
     deployments = [("per tensor", False)] + ([] if args.quick else [("per channel", True)])
     exports = [("BNs kept", True)] + ([] if args.quick else [("exporter-folded", False)])
+    if args.folded:
+        exports = [("exporter-folded", False)]
     with tempfile.TemporaryDirectory() as tmp:
         for export_name, keep in exports:
             path = Path(tmp) / f"lite0_{keep}.onnx"
@@ -72,33 +86,15 @@ def main() -> None:
                 rows = [("no CLE (BNs folded)", None)]
                 opts = {"deployment": dep}
                 rows.append(("CLE", cle_onnx.equalize_model(path, **opts)[0]))
-                # calibration changes the scales too: the calibrated correction's baseline
-                rows.append(
-                    ("CLE, calibrated", cle_onnx.equalize_model(path, calibration=crops, **opts)[0])
-                )
                 rows.append(
                     (
                         "CLE + bias corr.",
                         cle_onnx.equalize_model(path, bias_correction=True, **opts)[0],
                     )
                 )
-                rows.append(
-                    (
-                        "CLE + bias corr., calibrated",
-                        cle_onnx.equalize_model(
-                            path, bias_correction=True, calibration=crops, **opts
-                        )[0],
-                    )
-                )
-                rows.append(
-                    (
-                        "CLE + bias corr., empirical",
-                        cle_onnx.equalize_model(
-                            path, bias_correction="empirical", calibration=crops, **opts
-                        )[0],
-                    )
-                )
-                if keep:
+                if not args.data_free:
+                    _calibrated_rows(rows, path, crops, opts)
+                if keep and not args.data_free:
                     torch_rows = (
                         ("PyTorch CLE", False),
                         ("PyTorch CLE + bias corr.", True),
@@ -124,6 +120,16 @@ def main() -> None:
                 table = [(f"  {n}", f) for (n, _), f in zip(rows, figures, strict=True)]
                 print(quality_table(table, label="  pipeline", width=32), flush=True)
     print(f"\n{time.monotonic() - started:.0f} s")
+
+
+def _calibrated_rows(rows, path, crops, opts) -> None:
+    """The rows measured with the 40 crops: the calibrated scales (calibration changes
+    the scales too: the calibrated correction's baseline), the correction with means
+    measured on them, and the empirical form."""
+    rows.append(("CLE, calibrated", cle_onnx.equalize_model(path, calibration=crops, **opts)[0]))
+    for name, bc in (("calibrated", True), ("empirical", "empirical")):
+        eq = cle_onnx.equalize_model(path, bias_correction=bc, calibration=crops, **opts)[0]
+        rows.append((f"CLE + bias corr., {name}", eq))
 
 
 def _layers(model):
