@@ -21,7 +21,10 @@ the quick script of issue #20 instead (the data-free equalization in PyTorch, in
 means of every Conv / Linear measured with forward hooks on the 40 crops, ``b -=
 sum_spatial(Q(W) - W) E[x]`` with the deployed per-tensor grid, then exported) beside
 our pass on the same equalization with means measured on the same crops, and the
-calibrated equalization without and with our correction.
+calibrated equalization without and with our correction. ``--stats`` compares, layer by
+layer on the exporter-folded export, the data-free input statistics (positions taken as
+independent, and as correlated: the bias correction's) with those measured on the 40
+crops.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch import nn
 import cle_onnx
 import cle_torch
 from cle_core import Deployment
+from cle_core._math import bias_shift
 from cle_core.quality import calibration_images, natural_images, quality_table, weights_on_grid
 from cle_torch._examples import efficientnet_lite0, export_onnx
 
@@ -63,6 +67,11 @@ def main() -> None:
     parser.add_argument(
         "--issue-script", action="store_true", help="issue #20's quick script beside our pass"
     )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="the exporter-folded export's propagated input statistics against measured ones",
+    )
     args = parser.parse_args()
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     started = time.monotonic()
@@ -70,6 +79,10 @@ def main() -> None:
     images, crops = natural_images(), calibration_images()
     if args.issue_script:
         issue_script(model, images, crops)
+        print(f"\n{time.monotonic() - started:.0f} s")
+        return
+    if args.stats:
+        propagated_stats(model, crops)
         print(f"\n{time.monotonic() - started:.0f} s")
         return
     deployments = [("per tensor", False)] + ([] if args.quick else [("per channel", True)])
@@ -130,6 +143,53 @@ def _calibrated_rows(rows, path, crops, opts) -> None:
     for name, bc in (("calibrated", True), ("empirical", "empirical")):
         eq = cle_onnx.equalize_model(path, bias_correction=bc, calibration=crops, **opts)[0]
         rows.append((f"CLE + bias corr., {name}", eq))
+
+
+def propagated_stats(model, crops) -> None:
+    """Layer by layer on the exporter-folded export (no BN statistics: every input mean
+    and variance propagated from the graph input), the data-free estimate of each
+    layer's input against the statistics measured on the 40 crops, with positions taken
+    as independent and as correlated (the bias correction's model): the mean's error
+    in units of the measured standard deviation (root mean square over channels), the
+    ratio of the summed standard deviations, and the per-channel deployment's bias
+    shift left after a correction with the estimated means, relative to the shift."""
+    from cle_core._stats import _coverage, _unpadded, estimate, spatial_sizes
+    from cle_onnx._calibrate import calibration_stats
+    from cle_onnx._translate import to_ir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lite0.onnx"
+        export_onnx(model, path)
+        proto = onnx.load(str(path))
+    graph = to_ir(proto)[0]
+    measured = calibration_stats(proto, crops)
+    sizes = spatial_sizes(graph)
+    models = {
+        kind: estimate(graph, transpose_taps=True, correlated=kind == "correlated")[0]
+        for kind in ("independent", "correlated")
+    }
+    print("EfficientNet-Lite0, exporter-folded: each layer's input, estimated / measured")
+    print(f"  {'layer':<34}" + "".join(f"  {k:>12} mean err  sd ratio  left dB" for k in models))
+    left = {k: [] for k in models}
+    for node in graph.nodes:
+        source, pads = _unpadded(node)
+        m = measured.get(source.name)
+        if not node.is_layer or m is None:
+            continue  # the first layer reads the graph input, which is not measured
+        q = weights_on_grid(node.weight, 8, True, node.layout.out_axis)
+        coverage, _ = _coverage(node, sizes.get(source.name), pads)
+        true_shift = bias_shift(node.weight, q, node.layout, m.mean, coverage)
+        cells = ""
+        for kind, stats in models.items():
+            e = stats[source.name]
+            err = np.sqrt(np.mean((e.mean - m.mean) ** 2) / max(float(np.mean(m.var)), 1e-30))
+            ratio = np.sqrt(e.var).sum() / max(float(np.sqrt(m.var).sum()), 1e-30)
+            shift = bias_shift(node.weight, q, node.layout, e.mean, coverage)
+            rest = np.sum((shift - true_shift) ** 2) / max(float(np.sum(true_shift**2)), 1e-30)
+            left[kind].append(10 * np.log10(max(rest, 1e-6)))
+            cells += f"  {'':>12} {err:8.2f}  {ratio:8.2f}  {left[kind][-1]:7.1f}"
+        print(f"  {node.name[-34:]:<34}{cells}")
+    print("  mean shift left (dB): " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in left.items()))
 
 
 def _layers(model):
