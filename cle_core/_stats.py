@@ -550,12 +550,13 @@ def _correlated_moments(node: Node, v, x: ChannelStats, rho, sizes, mean, var):
     ).reshape(k, nd)
     lag = np.zeros(nd, np.int64)
     lag[-1] = stride[-1]  # the next output position along the last axis
-    w = v.astype(np.float64)
+    w = v.astype(np.float64).transpose(0, 2, 1, 3)  # (g, in/g, out/g, k)
     moments = []
     for shift in (np.zeros(nd, np.int64), lag):
         dist = np.abs(grid[:, None, :] - grid[None, :, :] + shift).sum(-1)  # (k, k)
-        r = rho[..., None, None] ** dist  # (g, ig, k, k)
-        moments.append(np.einsum("goik,gikl,goil,gi->go", w, r, w, x.var.reshape(g, ig)))
+        r = rho[..., None, None] ** dist  # (g, in/g, k, k); 0 ** 0 = 1: independent
+        per_input = ((w @ r) * w).sum(-1)  # W_k W_l rho^d summed over the taps
+        moments.append(np.einsum("gio,gi->go", per_input, x.var.reshape(g, ig)))
     var, lagged = moments
     return mean, var, (lagged / np.maximum(var, 1e-30)).reshape(-1).clip(0.0, 1.0)
 
