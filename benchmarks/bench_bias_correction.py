@@ -14,12 +14,18 @@ and without the correction. Every row is equalized for the deployment it is meas
 in.
 
 Run: ``python benchmarks/bench_bias_correction.py`` (about 10 minutes on 2 cores);
-``--quick`` measures per tensor only on the BN export. ``--issue-script`` reproduces
+``--quick`` measures per tensor only on the BN export; ``--folded`` only the
+exporter-folded export (per tensor and per channel); ``--data-free`` leaves out the
+rows measured with calibration data. ``--issue-script`` reproduces
 the quick script of issue #20 instead (the data-free equalization in PyTorch, input
 means of every Conv / Linear measured with forward hooks on the 40 crops, ``b -=
 sum_spatial(Q(W) - W) E[x]`` with the deployed per-tensor grid, then exported) beside
 our pass on the same equalization with means measured on the same crops, and the
-calibrated equalization without and with our correction.
+calibrated equalization without and with our correction. ``--stats`` compares, layer by
+layer on the exporter-folded export, the data-free input statistics (positions taken as
+independent, and as correlated: the bias correction's) with those measured on the 40
+crops; ``--cnn`` measures the data-free correction on the trained CNN of
+``bench_other_networks.py``, exporter-folded.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch import nn
 import cle_onnx
 import cle_torch
 from cle_core import Deployment
+from cle_core._math import bias_shift
 from cle_core.quality import calibration_images, natural_images, quality_table, weights_on_grid
 from cle_torch._examples import efficientnet_lite0, export_onnx
 
@@ -49,7 +56,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="per tensor, BN export only")
     parser.add_argument(
+        "--folded",
+        action="store_true",
+        help="the exporter-folded export only (no BN statistics left), both deployments",
+    )
+    parser.add_argument(
+        "--data-free",
+        action="store_true",
+        help="only the rows without calibration (no CLE, CLE, CLE + bias corr.)",
+    )
+    parser.add_argument(
         "--issue-script", action="store_true", help="issue #20's quick script beside our pass"
+    )
+    parser.add_argument(
+        "--cnn",
+        action="store_true",
+        help="the trained CNN of bench_other_networks.py, exporter-folded, data-free",
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="the exporter-folded export's propagated input statistics against measured ones",
     )
     args = parser.parse_args()
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
@@ -60,8 +87,18 @@ def main() -> None:
         issue_script(model, images, crops)
         print(f"\n{time.monotonic() - started:.0f} s")
         return
+    if args.cnn:
+        trained_cnn_folded()
+        print(f"\n{time.monotonic() - started:.0f} s")
+        return
+    if args.stats:
+        propagated_stats(model, crops)
+        print(f"\n{time.monotonic() - started:.0f} s")
+        return
     deployments = [("per tensor", False)] + ([] if args.quick else [("per channel", True)])
     exports = [("BNs kept", True)] + ([] if args.quick else [("exporter-folded", False)])
+    if args.folded:
+        exports = [("exporter-folded", False)]
     with tempfile.TemporaryDirectory() as tmp:
         for export_name, keep in exports:
             path = Path(tmp) / f"lite0_{keep}.onnx"
@@ -72,33 +109,15 @@ def main() -> None:
                 rows = [("no CLE (BNs folded)", None)]
                 opts = {"deployment": dep}
                 rows.append(("CLE", cle_onnx.equalize_model(path, **opts)[0]))
-                # calibration changes the scales too: the calibrated correction's baseline
-                rows.append(
-                    ("CLE, calibrated", cle_onnx.equalize_model(path, calibration=crops, **opts)[0])
-                )
                 rows.append(
                     (
                         "CLE + bias corr.",
                         cle_onnx.equalize_model(path, bias_correction=True, **opts)[0],
                     )
                 )
-                rows.append(
-                    (
-                        "CLE + bias corr., calibrated",
-                        cle_onnx.equalize_model(
-                            path, bias_correction=True, calibration=crops, **opts
-                        )[0],
-                    )
-                )
-                rows.append(
-                    (
-                        "CLE + bias corr., empirical",
-                        cle_onnx.equalize_model(
-                            path, bias_correction="empirical", calibration=crops, **opts
-                        )[0],
-                    )
-                )
-                if keep:
+                if not args.data_free:
+                    _calibrated_rows(rows, path, crops, opts)
+                if keep and not args.data_free:
                     torch_rows = (
                         ("PyTorch CLE", False),
                         ("PyTorch CLE + bias corr.", True),
@@ -124,6 +143,109 @@ def main() -> None:
                 table = [(f"  {n}", f) for (n, _), f in zip(rows, figures, strict=True)]
                 print(quality_table(table, label="  pipeline", width=32), flush=True)
     print(f"\n{time.monotonic() - started:.0f} s")
+
+
+def _calibrated_rows(rows, path, crops, opts) -> None:
+    """The rows measured with the 40 crops: the calibrated scales (calibration changes
+    the scales too: the calibrated correction's baseline), the correction with means
+    measured on them, and the empirical form."""
+    rows.append(("CLE, calibrated", cle_onnx.equalize_model(path, calibration=crops, **opts)[0]))
+    for name, bc in (("calibrated", True), ("empirical", "empirical")):
+        eq = cle_onnx.equalize_model(path, bias_correction=bc, calibration=crops, **opts)[0]
+        rows.append((f"CLE + bias corr., {name}", eq))
+
+
+def trained_cnn_folded() -> None:
+    """The small CNN trained in ``bench_other_networks.py`` (3 seeds), exported by the
+    TorchScript exporter, which folds its batch norms (no statistics left), equalized
+    by the ONNX backend without and with the data-free correction; mean W8 / W8A8 dB of
+    the three, its held-out crops measured, 32 other crops calibrating."""
+    import io
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_other_networks as other
+
+    figures = []
+    for seed in (0, 1, 2):
+        net, x, _ = other.trained_cnn(seed=seed)
+        calib = other.crops(32, seed=3 + 10 * seed)[0].numpy()
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                net,
+                (x[:1],),
+                buf,
+                opset_version=13,
+                input_names=["x"],
+                dynamic_axes={"x": {0: "N"}},
+                dynamo=False,
+            )
+        proto = onnx.load_from_string(buf.getvalue())
+        row = []
+        for per_channel in (False, True):
+            dep = Deployment(per_channel=per_channel)
+            models = [
+                cle_onnx.equalize_model(proto, deployment=dep, bias_correction=bc)[0]
+                for bc in (False, True)
+            ]
+            got = cle_onnx.evaluate_all(proto, models, x.numpy(), deployment=dep, calibration=calib)
+            row.append([(f["w8_sqnr"], f["w8a8_sqnr"]) for f in got])
+        figures.append(row)
+    mean = np.mean(figures, axis=0)  # deployment, model, (W8, W8A8)
+    print("Trained CNN (3 seeds), exporter-folded, W8 / W8A8 dB:")
+    for d, name in enumerate(("per tensor", "per channel")):
+        (a, b), (c, e) = mean[d]
+        print(f"  {name:<12} CLE {a:.2f} / {b:.2f}   + bias corr. {c:.2f} / {e:.2f}")
+
+
+def propagated_stats(model, crops) -> None:
+    """Layer by layer on the exporter-folded export (no BN statistics: every input mean
+    and variance propagated from the graph input), the data-free estimate of each
+    layer's input against the statistics measured on the 40 crops, with positions taken
+    as independent and as correlated (the bias correction's model): the mean's error
+    in units of the measured standard deviation (root mean square over channels), the
+    ratio of the summed standard deviations, and the per-channel deployment's bias
+    shift left after a correction with the estimated means, relative to the shift."""
+    from cle_core._stats import _coverage, _unpadded, estimate, spatial_sizes
+    from cle_onnx._calibrate import calibration_stats
+    from cle_onnx._translate import to_ir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lite0.onnx"
+        export_onnx(model, path)
+        proto = onnx.load(str(path))
+    graph = to_ir(proto)[0]
+    measured = calibration_stats(proto, crops)
+    sizes = spatial_sizes(graph)
+    models = {
+        kind: estimate(graph, transpose_taps=True, correlated=kind == "correlated")[0]
+        for kind in ("independent", "correlated")
+    }
+    print("EfficientNet-Lite0, exporter-folded: each layer's input, estimated / measured")
+    print(f"  {'layer':<34}" + "".join(f"  {k:>12} mean err  sd ratio  left dB" for k in models))
+    left = {k: [] for k in models}
+    for node in graph.nodes:
+        source, pads = _unpadded(node)
+        m = measured.get(source.name)
+        if not node.is_layer or m is None:
+            continue  # the first layer reads the graph input, which is not measured
+        q = weights_on_grid(node.weight, 8, True, node.layout.out_axis)
+        coverage, _ = _coverage(node, sizes.get(source.name), pads)
+        true_shift = bias_shift(node.weight, q, node.layout, m.mean, coverage)
+        cells = ""
+        for kind, stats in models.items():
+            e = stats[source.name]
+            err = np.sqrt(np.mean((e.mean - m.mean) ** 2) / max(float(np.mean(m.var)), 1e-30))
+            ratio = np.sqrt(e.var).sum() / max(float(np.sqrt(m.var).sum()), 1e-30)
+            shift = bias_shift(node.weight, q, node.layout, e.mean, coverage)
+            rest = np.sum((shift - true_shift) ** 2) / max(float(np.sum(true_shift**2)), 1e-30)
+            left[kind].append(10 * np.log10(max(rest, 1e-6)))
+            cells += f"  {'':>12} {err:8.2f}  {ratio:8.2f}  {left[kind][-1]:7.1f}"
+        print(f"  {node.name[-34:]:<34}{cells}")
+    print("  mean shift left (dB): " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in left.items()))
 
 
 def _layers(model):

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from ._ir import Graph
-from ._math import bias_shift, fit_dtype, tap_coverage
+from ._math import bias_shift, fit_dtype
 from ._quality import weights_on_grid
 from ._report import BiasCorrectionRecord, EqualizeOptions, PassResult, SkipRecord
-from ._stats import ChannelStats, estimate, spatial_sizes
+from ._stats import ChannelStats, _coverage, _unpadded, estimate, spatial_sizes
 
 
 def correct_biases(
@@ -44,7 +44,7 @@ def correct_biases(
     nodes that share a parameter (:func:`cle_core._fold.shared_param_owners`, by node
     id); such a layer is skipped."""
     dep = options.deployment
-    stats, _ = estimate(graph, measured, transpose_taps=True)
+    stats, _ = estimate(graph, measured, transpose_taps=True, correlated=True)
     sizes = spatial_sizes(graph)
     records, skips, changed = [], [], set()
     for node in graph.nodes:
@@ -83,30 +83,6 @@ def correct_biases(
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
 
 
-def _unpadded(node):
-    """The value a layer reads before any zero Pad nodes in front of it, and the layer's
-    pads with theirs added (None: not a Conv).
-
-    A zero padding written as its own node (PyTorch's ``ZeroPad2d``, "same" padding
-    exported as a Pad) is the layer's padding: the mean of the padded tensor counts
-    every padded position once, where a tap reads some of them at no output and others
-    at many, so it is not the ``E[x]`` of any tap (measured on Lite0's 5 x 5 depthwise
-    convolutions at 7 x 7: 0.41 of the input mean for every tap, where the taps read
-    0.51 to 1 of it)."""
-    v = node.inputs[0]
-    if node.op != "conv" or node.weight is None or node.weight.ndim < 3:
-        return v, None
-    nd = node.weight.ndim - 2
-    pads = np.asarray(node.attrs.get("pads", (0,) * (2 * nd)), np.int64)
-    while v.producer is not None and v.producer.op == "pad" and "mode" not in v.producer.attrs:
-        more = tuple(v.producer.attrs.get("pads", ()))
-        if len(more) != 2 * nd:
-            break
-        pads = pads + np.asarray(more, np.int64)
-        v = v.producer.inputs[0]
-    return v, tuple(int(p) for p in pads)
-
-
 def _input_stats(padded, source, stats, measured, sizes):
     """The statistics of what a layer reads before its zero Pad nodes (``source``; the
     layer reads ``padded``), and where they came from. Where only the padded value was
@@ -121,21 +97,3 @@ def _input_stats(padded, source, stats, measured, sizes):
     m = measured[padded.name]
     r = float(np.prod(size_padded)) / float(np.prod(size_in))
     return ChannelStats.of(m.mean * r, m.meansq * r), "calibration"
-
-
-def _coverage(node, size_in, pads) -> tuple[np.ndarray | None, bool]:
-    """The tap weights of ``E[x]`` for a layer (None: 1 for every tap) and whether zero
-    padding made them less than 1 somewhere. ``pads``: the layer's, with those of the
-    Pad nodes before it (:func:`_unpadded`); ``size_in``: the size of what they pad."""
-    if node.op not in ("conv", "conv_transpose") or node.weight.ndim < 3:
-        return None, False
-    kernel = tuple(node.weight.shape[2:])
-    nd = len(kernel)
-    stride = tuple(node.attrs.get("stride", (1,) * nd))
-    if pads is None:
-        pads = tuple(node.attrs.get("pads", (0,) * (2 * nd)))
-    dilation = tuple(node.attrs.get("dilation", (1,) * nd))
-    if size_in is not None and len(size_in) != nd:
-        size_in = None
-    cov = tap_coverage(node.op, kernel, size_in, stride, pads, dilation)
-    return cov, bool(node.op == "conv" and any(pads) and size_in is not None)
