@@ -15,15 +15,7 @@ from cle_core._layout import LayoutError, merged_copies, repeat_map
 from cle_core._regions import find_regions
 from cle_core._scale import apply_scales
 from tests.helpers.ir_transformers import TokenBuilder, feed_tokens
-
-
-def _channel_index(shape, axes) -> np.ndarray:
-    """Per element of a tensor of ``shape``: its channel (row-major over ``axes``)."""
-    grids = np.indices(shape)
-    index = np.zeros(shape, np.int64)
-    for a in axes:
-        index = index * shape[a] + grids[a]
-    return index
+from tests.helpers.strategies import channel_index
 
 
 @st.composite
@@ -45,13 +37,13 @@ def test_repeated_channels_copy_the_channels_the_map_names(case, seed):
     ``s[map]``."""
     shape, axes, axis, n = case
     index = repeat_map(shape, axes, axis, n)
-    out = np.repeat(_channel_index(shape, axes), n, axis=axis)
-    assert np.array_equal(index[_channel_index(out.shape, axes)], out)
+    out = np.repeat(channel_index(shape, axes), n, axis=axis)
+    assert np.array_equal(index[channel_index(out.shape, axes)], out)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
     s = 10.0 ** rng.uniform(-2, 2, index.max() + 1)
-    scaled_first = np.repeat(x / s[_channel_index(shape, axes)], n, axis=axis)
-    scaled_after = np.repeat(x, n, axis=axis) / s[index][_channel_index(out.shape, axes)]
+    scaled_first = np.repeat(x / s[channel_index(shape, axes)], n, axis=axis)
+    scaled_after = np.repeat(x, n, axis=axis) / s[index][channel_index(out.shape, axes)]
     np.testing.assert_allclose(scaled_first, scaled_after, rtol=1e-15)
 
 
@@ -63,11 +55,11 @@ def test_expanded_heads_merged_back_are_a_repeat_of_the_heads(b, kv, n, t, d):
     """``x[:, :, None].expand(b, kv, n, t, d).reshape(b, kv * n, t, d)`` of heads ``(B, KV,
     T, D)`` (channels on axes 1 and 3): the same map as ``repeat_interleave(n, dim=1)``,
     and the channels on the same axes."""
-    x = _channel_index((b, kv, 1, t, d), (1, 4))
+    x = channel_index((b, kv, 1, t, d), (1, 4))
     out = np.broadcast_to(x, (b, kv, n, t, d)).reshape(b, kv * n, t, d)
     axes, index = merged_copies((b, kv, n, t, d), (1, 4), 2, (b, kv * n, t, d))
     assert axes == (1, 3)
-    assert np.array_equal(index[_channel_index(out.shape, axes)], out)
+    assert np.array_equal(index[channel_index(out.shape, axes)], out)
     assert np.array_equal(index, repeat_map((b, kv, t, d), (1, 3), 1, n))
 
 
@@ -307,5 +299,5 @@ def test_selected_channels_are_the_channels_the_map_names(case):
     shape, axes, axis, index = case
     out_axes, kept = select_map(shape, axes, axis, index)
     key = list(index) if isinstance(index, tuple) else index
-    out = _channel_index(shape, axes)[(slice(None),) * axis + (key,)]
-    assert np.array_equal(kept[_channel_index(out.shape, out_axes)], out)
+    out = channel_index(shape, axes)[(slice(None),) * axis + (key,)]
+    assert np.array_equal(kept[channel_index(out.shape, out_axes)], out)

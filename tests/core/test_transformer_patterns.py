@@ -25,18 +25,9 @@ from cle_core._regions import find_regions
 from cle_core._scale import apply_scales
 from cle_core._stats import StatsAccumulator, positions
 from tests.helpers.ir_transformers import TokenBuilder, feed_tokens, pre_ln_block
+from tests.helpers.strategies import channel_index
 
 # -- layout tracking -------------------------------------------------------------------
-
-
-def _channel_index(shape, axes) -> np.ndarray:
-    """Per element of a tensor of ``shape``: the index of its channel when the channels
-    lie on ``axes`` (row-major over them, in that order)."""
-    grids = np.indices(shape)
-    index = np.zeros(shape, np.int64)
-    for a in axes:
-        index = index * shape[a] + grids[a]
-    return index
 
 
 @st.composite
@@ -76,7 +67,7 @@ def test_followed_channels_are_where_the_values_went(case):
     read from the moved tensor is the one it had: no channel mixed, none reordered. A
     move they refuse really mixes or reorders channels (checked the same way)."""
     shape, axes, ops = case
-    x = _channel_index(shape, axes)
+    x = channel_index(shape, axes)
     cur_shape, cur_axes, followed = shape, axes, True
     for kind, arg in ops:
         if kind == "transpose":
@@ -94,11 +85,11 @@ def test_followed_channels_are_where_the_values_went(case):
                     # refused: no layout of this result's axes gives every element its
                     # channel
                     assert not any(
-                        np.array_equal(_channel_index(arg, ax), x) for ax in _axis_orders(len(arg))
+                        np.array_equal(channel_index(arg, ax), x) for ax in _axis_orders(len(arg))
                     )
             cur_shape = tuple(arg)
         if followed:
-            assert np.array_equal(_channel_index(cur_shape, cur_axes), x)
+            assert np.array_equal(channel_index(cur_shape, cur_axes), x)
 
 
 def _axis_orders(rank: int):
@@ -158,14 +149,14 @@ def test_selected_positions_keep_every_channel_where_the_functions_say(case):
     the layout says, and the shape is NumPy's. The batch axis and the channels' own axes
     are refused."""
     shape, axes, axis, index = case
-    x = _channel_index(shape, axes)
+    x = channel_index(shape, axes)
     y = x[(slice(None),) * axis + (list(index) if isinstance(index, tuple) else index,)]
     if axis == 0 or axis in axes:
         with pytest.raises(LayoutError, match="batch" if axis == 0 else "along the channels"):
             select_axes(len(shape), axes, axis, index)
         return
     assert select_shape(shape, axis, index) == y.shape
-    assert np.array_equal(_channel_index(y.shape, select_axes(len(shape), axes, axis, index)), y)
+    assert np.array_equal(channel_index(y.shape, select_axes(len(shape), axes, axis, index)), y)
 
 
 def test_refusals_name_what_breaks_the_channels():

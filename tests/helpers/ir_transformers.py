@@ -140,10 +140,15 @@ class TokenBuilder:
         """Grouped-query attention: ``kv`` K / V heads, each repeated for ``h / kv`` query
         heads (:meth:`repeat_heads`), then as :meth:`attention`."""
         d = c // h
-        b, t = self.batch, self.tokens
         q = self.heads(self.linear(x, c, c), h, d)
         k = self.repeat_heads(self.heads(self.linear(x, c, kv * d), kv, d), h // kv, how)
         v = self.repeat_heads(self.heads(self.linear(x, c, kv * d), kv, d), h // kv, how)
+        return self._attend(q, k, v, c, h)
+
+    def _attend(self, q: str, k: str, v: str, c: int, h: int) -> str:
+        """Heads ``(B, H, T, D)`` of q, k, v -> softmax(q k^T) v, heads merged, then the
+        out projection."""
+        d, b, t = c // h, self.batch, self.tokens
         qs, ks = self.g.values[q].shape, self.g.values[k].shape
         kt = self.op("transpose", [k], out_shape=(*ks[:-2], ks[-1], ks[-2]), perm=(0, 1, 3, 2))
         scores = self.op("matmul", [q, kt], out_shape=(*qs[:-1], ks[-2]))
@@ -172,14 +177,7 @@ class TokenBuilder:
                 self.op("select", [front], out_shape=(b, t, c), axis=0, index=i) for i in (0, 1, 2)
             ]
         q, k, v = (self.heads(z, h, d) for z in cuts)
-        qs, ks = self.g.values[q].shape, self.g.values[k].shape
-        kt = self.op("transpose", [k], out_shape=(*ks[:-2], ks[-1], ks[-2]), perm=(0, 1, 3, 2))
-        scores = self.op("matmul", [q, kt], out_shape=(*qs[:-1], ks[-2]))
-        p = self.opaque([scores], _softmax, (*qs[:-1], ks[-2]), "softmax")
-        mixed = self.op("matmul", [p, v], out_shape=self.g.values[v].shape)
-        back = self.op("transpose", [mixed], out_shape=(b, t, h, d), perm=(0, 2, 1, 3))
-        merged = self.op("reshape", [back], out_shape=(b, t, c), shape=(b, t, c))
-        return self.linear(merged, c, c)
+        return self._attend(q, k, v, c, h)
 
     def gated_mlp(self, x: str, c: int, hidden: int, up_first: bool = False) -> str:
         """``down(silu(gate(x)) * up(x))``; ``up_first`` writes the product ``up * silu``."""

@@ -363,3 +363,14 @@ def onnx_idiom_specs(draw):
     spec = draw(onnx_specs())
     idioms = st.one_of(_RESIZE_IDIOM, _BIAS_IDIOM, _WEIGHT_IDIOM)
     return {**spec, "dtype": "float32", "idioms": draw(st.lists(idioms, min_size=1, max_size=2))}
+
+
+def channel_index(shape, axes) -> np.ndarray:
+    """Per element of a tensor of ``shape``: the index of its channel when the channels
+    lie on ``axes`` (row-major over them, in that order): a brute force to check layout
+    tracking against."""
+    grids = np.indices(shape)
+    index = np.zeros(shape, np.int64)
+    for a in axes:
+        index = index * shape[a] + grids[a]
+    return index

@@ -242,6 +242,26 @@ class GQAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
+class GQANoRotary(nn.Module):
+    """Grouped-query attention without rotary embeddings: K is repeated as V is (the
+    repeated K must be refused: Q -> K sums over its channels)."""
+
+    def __init__(self, dim=16, heads=4, kv=2):
+        super().__init__()
+        self.heads, self.kv, self.d = heads, kv, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
+        n = self.heads // self.kv
+        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
+        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()

@@ -25,7 +25,7 @@ from cle_core._cli import main  # noqa: E402
 from cle_onnx._backend import _channel_axes  # noqa: E402
 from cle_onnx._calibrate import calibration_stats  # noqa: E402
 from tests.helpers.onnx_corpus import _Builder, sqnr_db  # noqa: E402
-from tests.helpers.transformer_models import VARIANTS  # noqa: E402
+from tests.helpers.transformer_models import VARIANTS, GQANoRotary  # noqa: E402
 
 # The regions (kinds, in graph order) of each model and exporter. What is not there:
 # Q -> K (scaled by rotary's per-position cos / sin, or summed over by Q K^T), GELU /
@@ -519,32 +519,12 @@ def test_inspect_lists_grouped_query_v_to_o(exported, variant, exporter, capsys)
     assert "multiplies by a constant that is not per channel" in out
 
 
-class _GQANoRotary(torch.nn.Module):
-    """Grouped-query attention without rotary embeddings: K is repeated as V is."""
-
-    def __init__(self, dim=16, heads=4, kv=2):
-        super().__init__()
-        nn = torch.nn
-        self.heads, self.kv, self.d = heads, kv, dim // heads
-        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
-        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
-        n = self.heads // self.kv
-        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
-        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
-        return self.o(y.transpose(1, 2).reshape(b, t, -1))
-
-
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale, dynamo):
     from tests.helpers.transformer_models import spread_channels
 
     torch.manual_seed(0)
-    model = spread_channels(_GQANoRotary()).eval()
+    model = spread_channels(GQANoRotary()).eval()
     x = torch.randn(2, 5, 16)
     buffer = io.BytesIO()
     with warnings.catch_warnings():

@@ -610,28 +610,9 @@ def test_one_kv_head_is_refused_but_the_rest_stays_exact(always_scale, kv_repeat
     assert "merges" in reasons["blocks.0.attn.wv -> ?"]
 
 
-class _GQANoRotary(nn.Module):
-    """Grouped-query attention without rotary embeddings: K is repeated as V is."""
-
-    def __init__(self, dim=16, heads=4, kv=2):
-        super().__init__()
-        self.heads, self.kv, self.d = heads, kv, dim // heads
-        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.k, self.v = nn.Linear(dim, kv * self.d), nn.Linear(dim, kv * self.d)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
-        k, v = (f(x).view(b, t, self.kv, self.d).transpose(1, 2) for f in (self.k, self.v))
-        n = self.heads // self.kv
-        k, v = k.repeat_interleave(n, dim=1), v.repeat_interleave(n, dim=1)
-        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
-        return self.o(y.transpose(1, 2).reshape(b, t, -1))
-
-
 def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale):
     torch.manual_seed(0)
-    model = tm.spread_channels(_GQANoRotary()).eval()
+    model = tm.spread_channels(tm.GQANoRotary()).eval()
     x = torch.randn(2, 5, 16)
     ref = _run(model, x)
     eq, report = cle_torch.equalize_model(model, dummy_input=x)
@@ -794,7 +775,7 @@ def _repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
-class _HFRepeatKV(_GQANoRotary):
+class _HFRepeatKV(tm.GQANoRotary):
     def forward(self, x):
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.heads, self.d).transpose(1, 2)
