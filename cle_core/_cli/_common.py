@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from .._deployment import profile_names
 from .._errors import CLEError
 from .._objectives import get_objective, objective_names
 from .._report import EqualizeOptions
@@ -140,6 +141,15 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
     )
     add_deployment_flags(g)
     g.add_argument(
+        "--quantizer",
+        choices=profile_names(),
+        default=EqualizeOptions.quantizer,
+        help="whose activation grids the scales are chosen for: onnxruntime "
+        "(quantize_static's QDQ placement, the default), torchao-x86 (PyTorch PT2E's "
+        "X86InductorQuantizer: grids on layer inputs only), or a profile a plugin "
+        "registered (cle evaluate measures with onnxruntime whatever this says)",
+    )
+    g.add_argument(
         "--activation-weight",
         type=float,
         default=EqualizeOptions.activation_weight,
@@ -222,6 +232,7 @@ def cle_options(args) -> EqualizeOptions:
             tolerance=args.tolerance,
             activation_weight=args.activation_weight,
             bias_correction=args.bias_correction,
+            quantizer=args.quantizer,
             **{**deployment_fields(args), "activation_bits": activation_bits},
         )
     except CLEError as exc:  # a bad value of a flag: name the flag, not the field

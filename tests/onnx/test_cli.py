@@ -65,6 +65,20 @@ def test_options_reach_the_core(model_file, tmp_path, capsys):
     assert data["options"]["high_bias"] is False and data["sweeps"] == 1
 
 
+def test_the_quantizer_flag_picks_the_profile_the_scales_are_chosen_for(
+    model_file, tmp_path, capsys
+):
+    rep = tmp_path / "r.json"
+    args = ["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--report", str(rep)]
+    assert main([*args, "--quantizer", "torchao-x86"]) == 0
+    assert "A8 asymmetric (torchao-x86)" in capsys.readouterr().out
+    assert json.loads(rep.read_text())["options"]["quantizer"] == "torchao-x86"
+    with pytest.raises(SystemExit) as exc:  # not a registered profile: argparse's exit 2
+        main([*args, "--quantizer", "tensorrt"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
 def test_dynamic_batch_is_one_and_other_dimensions_need_a_flag(tmp_path, capsys):
     model = om.depthwise_triple()
     dims = model.graph.input[0].type.tensor_type.shape.dim
