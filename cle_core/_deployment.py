@@ -257,11 +257,7 @@ class OnnxRuntimeQDQ:
         order: list[Point] = []
         moved: dict[str, Value] = {}  # a quantized tensor -> the activation that took it
 
-        def source(v: Value) -> Value:
-            # Identity and Dropout are gone after pre-processing.
-            while v.producer is not None and v.producer.op in ("identity", "dropout"):
-                v = v.producer.inputs[0]
-            return v
+        source = _past_identities  # Identity and Dropout are gone after pre-processing
 
         def quantize(v: Value) -> None:
             v = source(v)
@@ -378,7 +374,7 @@ class TorchaoX86:
             return node.weight is not None
         if node.op != "conv":
             return False
-        if np.ndim(node.weight) == 4:
+        if _conv2d(node):
             return True
         readers = _readers(node.outputs[0])
         return np.ndim(node.weight) == 3 and len(readers) == 1 and readers[0].op == "relu"
@@ -388,10 +384,8 @@ class TorchaoX86:
         order: list[Point] = []
         quantized: set[str] = set()  # outputs of quantized operators (for the pools)
 
-        source = _past_identities
-
         def add(v: Value, kind: PointKind = "tensor", grid_of: Value | None = None) -> None:
-            v = source(v)
+            v = _past_identities(v)
             if v.channels is None or (v.name, kind) in done:
                 return
             done.add((v.name, kind))
@@ -404,15 +398,9 @@ class TorchaoX86:
                     add(node.inputs[0])
                     quantized.add(out.name)
                     readers = _readers(out)
-                    if (
-                        np.ndim(node.weight) == 4
-                        and len(readers) == 1
-                        and (
-                            readers[0].op == "relu"
-                            or (readers[0].op == "clip" and not per_channel_bounds(readers[0]))
-                        )
-                    ):
-                        quantized.add(readers[0].outputs[0].name)  # the fused bound
+                    bound = readers[0] if len(readers) == 1 else None
+                    if _conv2d(node) and bound is not None and _scalar_bound(bound):
+                        quantized.add(bound.outputs[0].name)  # fused into the Conv2d
             elif op == "matmul" or (
                 op == "mul"
                 and "factor" not in node.params
@@ -425,17 +413,12 @@ class TorchaoX86:
                 quantized.add(out.name)
             elif op == "add" and len(node.inputs) == 2:
                 for i, v in enumerate(node.inputs):
-                    conv = source(v).producer
-                    if (
-                        conv is not None
-                        and conv.op == "conv"
-                        and np.ndim(conv.weight) == 4
-                        and len(_readers(conv.outputs[0])) == 1
-                    ):
+                    conv = _past_identities(v).producer
+                    if conv is not None and _conv2d(conv) and len(_readers(conv.outputs[0])) == 1:
                         add(node.inputs[1 - i])
                         break
             elif op in ("maxpool", "avgpool", "global_avgpool", "flatten", "concat"):
-                inputs = [source(v) for v in node.inputs]
+                inputs = [_past_identities(v) for v in node.inputs]
                 if not inputs or not all(v.name in quantized for v in inputs):
                     continue
                 for v in inputs:
@@ -446,9 +429,18 @@ class TorchaoX86:
         return order
 
 
+def _conv2d(node: Node) -> bool:
+    return node.op == "conv" and np.ndim(node.weight) == 4
+
+
+def _scalar_bound(node: Node) -> bool:
+    """A ReLU, or a clip whose bounds are the same for every channel."""
+    return node.op == "relu" or (node.op == "clip" and not per_channel_bounds(node))
+
+
 def _past_identities(v: Value) -> Value:
     """``v``, or the value an identity or dropout before it copies (both are gone from
-    an exported eval-mode graph)."""
+    an exported eval-mode graph and after onnxruntime's pre-processing)."""
     while v.producer is not None and v.producer.op in ("identity", "dropout"):
         v = v.producer.inputs[0]
     return v

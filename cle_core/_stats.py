@@ -519,21 +519,20 @@ def _layer_output(
     if corr is not None:
         rho = corr.get(node.inputs[0].name)
         rho = np.zeros(g * ig) if rho is None else np.repeat(rho, rep)
-        mean, var, out_rho = _correlated_moments(node, v, x, rho, sizes, mean, var)
+        mean, var, out_rho = _correlated_moments(node, v, x, rho, sizes, mean, var, ksq)
         corr[node.outputs[0].name] = out_rho
     bias = 0.0 if node.bias is None else np.asarray(node.bias, np.float64)
     return mean.reshape(-1) + bias, np.sqrt(var.reshape(-1))
 
 
-def _correlated_moments(node: Node, v, x: ChannelStats, rho, sizes, mean, var):
+def _correlated_moments(node: Node, v, x: ChannelStats, rho, sizes, mean, var, ksq):
     """A layer's mean, variance (both ``(g, out/g)``) and output correlation with
     correlated neighbouring positions (``rho`` per input channel) and zero padding
     counted (see the module's docstring); ``mean``, ``var``: the independent ones,
     returned for what the model does not cover (a ConvTranspose, a 1 x 1 layer's
-    variance)."""
+    variance); ``ksq``: the squared weights summed over the taps."""
     g, og, ig, k = v.shape
     rho = np.clip(rho, 0.0, 1.0).reshape(g, ig)
-    ksq = kernel_reduce(v, np.add, np.square, np.float64)
     if node.op != "conv" or k == 1:
         # no neighbours inside the kernel: the inputs' correlation, weighted by W^2 var
         weight = ksq * x.var.reshape(g, 1, ig)
