@@ -91,7 +91,7 @@ def _put_rows(cap: Capture, packed: dict, q: str, rows: tuple[int, int], arr) ->
         # a copy: a float32 CPU parameter's numpy() shares its memory, and the model
         # must stay as it was until the plan is written (never where it is refused or
         # a GraphModule is returned)
-        packed[q] = np.array(t.numpy(), copy=True)
+        packed[q] = t.numpy().copy()
     part = packed[q][rows[0] : rows[1]]
     if part.size != np.size(arr):
         raise CLEError(f"{q}[{rows[0]}:{rows[1]}]: new value has shape {np.shape(arr)}")
