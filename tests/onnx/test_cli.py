@@ -68,15 +68,17 @@ def test_options_reach_the_core(model_file, tmp_path, capsys):
 def test_the_quantizer_flag_picks_the_profile_the_scales_are_chosen_for(
     model_file, tmp_path, capsys
 ):
-    rep = tmp_path / "r.json"
+    rep, before = tmp_path / "r.json", model_file.read_bytes()
     args = ["equalize", str(model_file), "-o", str(tmp_path / "o.onnx"), "--report", str(rep)]
     assert main([*args, "--quantizer", "torchao-x86"]) == 0
+    assert model_file.read_bytes() == before
     assert "A8 asymmetric (torchao-x86)" in capsys.readouterr().out
     assert json.loads(rep.read_text())["options"]["quantizer"] == "torchao-x86"
     with pytest.raises(SystemExit) as exc:  # not a registered profile: argparse's exit 2
         main([*args, "--quantizer", "tensorrt"])
     assert exc.value.code == 2
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+    assert model_file.read_bytes() == before
 
 
 def test_dynamic_batch_is_one_and_other_dimensions_need_a_flag(tmp_path, capsys):
