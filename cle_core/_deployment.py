@@ -156,7 +156,10 @@ class QuantizerProfile(Protocol):
         ``carried``: ids of the clip nodes whose bounds scaling may make per channel."""
 
     # Optional: ``quantizes_weight(node, deployment) -> bool``, whether the quantizer
-    # rounds ``node``'s weights (default: every layer's; see :func:`quantizes_weight`).
+    # rounds ``node``'s weights (default: every layer's; see :func:`quantizes_weight`);
+    # ``groups_share_row_grids(node) -> bool``, whether a per-channel weight grid spans
+    # the same row of every group (default: each output channel its own grid; see
+    # :func:`groups_share_row_grids`).
 
 
 _PROFILES: dict[str, QuantizerProfile] = {}
@@ -186,6 +189,14 @@ def quantizes_weight(profile: QuantizerProfile, node: Node, deployment: Deployme
     if own is not None:
         return bool(own(node, deployment))
     return node.is_layer and node.weight is not None
+
+
+def groups_share_row_grids(profile: QuantizerProfile, node: Node) -> bool:
+    """Whether ``profile``'s per-channel weight grids of the grouped layer ``node`` are
+    shared by output channel ``o`` of every group (one grid per row of a group, not per
+    output channel): its own ``groups_share_row_grids`` if it has one, else False."""
+    own = getattr(profile, "groups_share_row_grids", None)
+    return bool(own(node)) if own is not None else False
 
 
 def per_channel_bounds(clip: Node) -> bool:
@@ -251,6 +262,13 @@ class OnnxRuntimeQDQ:
         if node.is_layer:
             return node.weight is not None
         return node.op == "norm" and not deployment.weights_only
+
+    @staticmethod
+    def groups_share_row_grids(node: Node) -> bool:
+        """A ConvTranspose weight ``(in, out / groups, kh, kw)`` is quantized per channel
+        along axis 1 (``QDQConv``'s default axis for it): with groups, slice ``o`` holds
+        row ``o`` of every group, so a depthwise ConvTranspose gets one grid in all."""
+        return node.op == "conv_transpose" and node.layout.groups > 1
 
     def points(self, graph: Graph, carried: frozenset[int] = frozenset()) -> list[Point]:
         done: dict[str, Point] = {}

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._deployment import Deployment, Point, grid_levels, profile_for, quantizes_weight
+from ._deployment import (
+    Deployment,
+    Point,
+    grid_levels,
+    groups_share_row_grids,
+    profile_for,
+    quantizes_weight,
+)
 from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
 from ._math import _work_dtype, grouped_view, kernel_reduce
@@ -129,6 +136,14 @@ class WeightTerm:
         self.groups, self.og, self.ig, self.kernel = v.shape
         self.symmetric = deployment.weight_symmetric
         self.per_channel = deployment.per_channel
+        # Per-channel grids that span one row of every group (onnxruntime's grouped
+        # ConvTranspose): a row's span is the widest of its group-mates'.
+        self.shared_rows = (
+            self.per_channel
+            and self.groups > 1
+            and node.op != "norm"
+            and groups_share_row_grids(profile_for(deployment), node)
+        )
         # Per (group, out, in): the largest |W|, and for asymmetric grids the positive
         # and negative extremes. The weights are read here only: every span and range
         # below is taken over these maxima, in float32 for float32 weights (they steer
@@ -212,12 +227,19 @@ class WeightTerm:
             return 2.0 * self._max_product("abs", si, so, vary)
         return self._max_product("pos", si, so, vary) + self._max_product("neg", si, so, vary)
 
-    def _row_spans(self, si: np.ndarray, vary: str) -> np.ndarray:
-        """Per candidate and row: the span of row ``o`` of ``W * s_in`` (the row's own
-        scale cancels in its noise). ``si`` (C, g, 1, ig) -> (C, g, og)."""
+    def _row_spans(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
+        """Per candidate and row: the span of row ``o``'s grid over ``W * s_in``, in the
+        row's own output units (its own scale cancels in its noise). ``si`` (C, g, 1,
+        ig), ``so`` (C, g, og, 1) -> (C, g, og)."""
         if self.symmetric:
-            return 2.0 * self._row_max("abs", si, vary)
-        return self._row_max("pos", si, vary) + self._row_max("neg", si, vary)
+            spans = 2.0 * self._row_max("abs", si, vary)
+        else:
+            spans = self._row_max("pos", si, vary) + self._row_max("neg", si, vary)
+        if self.shared_rows:
+            # one grid over the scaled rows of every group, read back in each row's units
+            out = so[..., 0]
+            spans = (spans / out).max(axis=1, keepdims=True) * out
+        return spans
 
     # -- values --------------------------------------------------------------------------
     def values(
@@ -239,13 +261,13 @@ class WeightTerm:
             # times (s_out / s_in)^2 back to original units.
             reach = np.einsum("goi,cgi->cgo", self.sens, inv_sq) * np.square(so[..., 0])
             if self.per_channel:
-                spans = self._row_spans(si, vary) / so[..., 0]
+                spans = self._row_spans(si, so, vary) / so[..., 0]
                 return self.factor * np.einsum("cgo,cgo->c", np.square(spans), reach)
             span = self._tensor_span(si, so, vary)
             return self.factor * np.square(span) * reach.sum(axis=(1, 2))
         energy = np.einsum("gi,cgi->cg", self.energy, inv_sq)  # (C, g)
         if self.per_channel:
-            spans = self._row_spans(si, vary)
+            spans = self._row_spans(si, so, vary)
             return self.factor * np.einsum("cgo,go,cg->c", np.square(spans), self.gain, energy)
         out = np.einsum("go,cgo->cg", self.gain, np.square(so[..., 0]))
         span = self._tensor_span(si, so, vary)

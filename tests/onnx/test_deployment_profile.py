@@ -134,3 +134,32 @@ def test_equal_scales_leave_one_grid():
     assert any(
         v > 0 for t, v in zip(est.activations, uneven, strict=True) if t.point.unless_uniform
     )
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_per_channel_grids_of_a_grouped_conv_transpose_are_shared_as_the_profile_says(groups):
+    """``quantize_static(per_channel=True)`` quantizes a ConvTranspose weight ``(in,
+    out / groups, kh, kw)`` along axis 1: ``out / groups`` scales, each shared by that
+    row of every group; the profile's ``groups_share_row_grids`` says the same, which
+    the estimate's per-channel weight terms follow."""
+    b = OnnxBuilder(seed=5)
+    w = b.init(b.spread((4, 4 // groups, 2, 2)))
+    y = b.node("ConvTranspose", ["x", w], group=groups, strides=[2, 2])
+    graph = onnx.helper.make_graph(
+        b.nodes,
+        "deconv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 4, 8, 8])],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [4, 4, 16, 16])],
+        b.inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    x = np.random.default_rng(0).normal(size=(4, 4, 8, 8)).astype(np.float32)
+    q = static_quantized(prepared(model), x, deployment=Deployment(per_channel=True))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    (dq,) = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert inits[dq.input[1]].size == 4 // groups
+    assert next(a.i for a in dq.attribute if a.name == "axis") == 1
+    ir, _ = to_ir(model)
+    (node,) = [n for n in ir.nodes if n.op == "conv_transpose"]
+    profile = get_profile("onnxruntime")
+    assert profile.groups_share_row_grids(node) == (groups > 1)
