@@ -25,7 +25,10 @@ from ._math import Layout
 LAYER_OPS = frozenset({"conv", "conv_transpose", "linear"})
 """Weighted layers: attrs ``layout`` (:class:`Layout`), conv attrs ``stride``, ``pads``
 (begins then ends, one per spatial axis), ``dilation``, ``output_padding``; params
-``weight`` and ``bias`` (may be None)."""
+``weight`` and ``bias`` (may be None). Optional attr ``weight_group``: a key shared by
+the layers whose weights are row blocks (output channels) of one tensor of the model
+(``nn.MultiheadAttention``'s packed in-projection cut into q, k and v): a quantizer
+that rounds that tensor on one grid rounds all of them on it."""
 
 SCALABLE_ACTIVATIONS = frozenset({"relu", "leaky_relu", "prelu", "clip"})
 """Activations ``f`` with ``f(x / s) == f(x) / s`` per channel for ``s > 0`` (Clip once
