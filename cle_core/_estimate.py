@@ -548,7 +548,11 @@ class Estimate:
         other regions' ``scales``: per-tensor weight terms (per-channel grids are
         majorized by them), activation terms, a pre-bound grid on the smaller of its
         two maxima at the current scales (majorize-minimize), and a second grid after a
-        clip's per-channel bounds counted as if the scales were not equal."""
+        clip's per-channel bounds counted as if the scales were not equal. A layer whose
+        grid spans other layers' weights too (``weight_group``) counts its own weights
+        and noise only: the wider grid and the other parts' noise do not fit this form
+        (not a majorizer there); the objective judges every candidate by the estimate
+        and moves it by one number to find the shared grid's gain."""
         region = self.map.regions[k]
         n = region.size
         live = self.live[k]
