@@ -392,7 +392,12 @@ class TorchaoX86:
     - per-channel weight grids are along axis 0 of a Linear's or Conv's weight (the
       output channels): the q / k / v rows of a packed in-projection, one ``linear``
       call in the exported program, share its per-tensor grid, not a per-channel one
-      (:func:`shared_weight_grids`).
+      (:func:`shared_weight_grids`; checked: one ``MinMaxObserver`` or one
+      ``PerChannelMinMaxObserver(ch_axis=0)`` on ``in_proj_weight``). The stock
+      quantizer matches a linear by the source recorded at export, which for
+      ``nn.MultiheadAttention``'s two calls is the attention module: they stay in float
+      unless marked as ``F.linear`` (``benchmarks/bench_pt2e.py``'s ``mark_layers``),
+      which this profile assumes.
     """
 
     name = "torchao-x86"
