@@ -6,7 +6,8 @@ Rounding a layer's weights to the deployment's grid shifts the mean of its outpu
 does not remove. This pass subtracts that shift from each layer's bias, with ``Q`` the
 grid the deployed quantizer computes (:func:`cle_core.quality.weights_on_grid`: bit
 for bit as onnxruntime's ``quantize_static`` writes it, per tensor or per output
-channel; the W16 scale onnxruntime widens for a large bias, which depends on the
+channel, the parts of one packed tensor (``weight_group``) per tensor on the grid of
+the whole; the W16 scale onnxruntime widens for a large bias, which depends on the
 activation grid, is not reproduced) and ``E[x]`` the per-channel mean of the layer's
 input: estimated from the folded batch norms (clipped normals through ReLU / ReLU6,
 moments propagated where no BN is left), or measured on calibration data (restated in
@@ -23,7 +24,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._ir import Graph
+from ._deployment import profile_for, shared_weight_grids
+from ._ir import Graph, Node
 from ._math import bias_shift, fit_dtype
 from ._quality import weights_on_grid
 from ._report import BiasCorrectionRecord, EqualizeOptions, PassResult, SkipRecord
@@ -47,6 +49,10 @@ def correct_biases(
     stats, _ = estimate(graph, measured, transpose_taps=True, correlated=True)
     sizes = spatial_sizes(graph)
     records, skips, changed = [], [], set()
+    layers = [n for n in graph.nodes if n.is_layer and n.weight is not None]
+    packed = {
+        id(n): group for group in shared_weight_grids(profile_for(dep), layers, dep) for n in group
+    }
     for node in graph.nodes:
         if not node.is_layer or node.weight is None:
             continue
@@ -66,7 +72,10 @@ def correct_biases(
         layout = node.layout
         w = node.weight
         axis = layout.out_axis if dep.per_channel else None
-        q = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis, dep.quantizer)
+        if id(node) in packed:
+            q = _on_shared_grid(node, packed[id(node)], dep)
+        else:
+            q = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis, dep.quantizer)
         coverage, padding = _coverage(node, sizes.get(source.name), pads)
         shift = bias_shift(w, q, layout, x.mean, coverage)
         if not np.any(shift):
@@ -81,6 +90,16 @@ def correct_biases(
             sqnr = float(10 * np.log10(np.sum(out.meansq) / np.sum(shift * shift)))
         records.append(BiasCorrectionRecord(node.name, shift, origin, sqnr, padding))
     return PassResult(tuple(records), tuple(skips), frozenset(changed), ())
+
+
+def _on_shared_grid(node: Node, group: list[Node], dep) -> np.ndarray:
+    """``node``'s weights rounded on the one grid of the tensor whose row blocks are
+    ``group``'s weights (a packed q / k / v projection): the grid of them all stacked."""
+    axis = node.layout.out_axis
+    whole = np.concatenate([n.weight for n in group], axis=axis)
+    q = weights_on_grid(whole, dep.weight_bits, dep.weight_symmetric, None, dep.quantizer)
+    start = sum(n.weight.shape[axis] for n in group[: group.index(node)])
+    return np.take(q, np.arange(start, start + node.weight.shape[axis]), axis=axis)
 
 
 def _input_stats(padded, source, stats, measured, sizes):

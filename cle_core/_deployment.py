@@ -159,7 +159,9 @@ class QuantizerProfile(Protocol):
     # rounds ``node``'s weights (default: every layer's; see :func:`quantizes_weight`);
     # ``groups_share_row_grids(node) -> bool``, whether a per-channel weight grid spans
     # the same row of every group (default: each output channel its own grid; see
-    # :func:`groups_share_row_grids`).
+    # :func:`groups_share_row_grids`);
+    # ``shared_weight_grids(nodes, deployment) -> list[list[Node]]``, the layers whose
+    # weights it rounds on one grid (default: :func:`shared_weight_grids`).
 
 
 _PROFILES: dict[str, QuantizerProfile] = {}
@@ -199,6 +201,27 @@ def groups_share_row_grids(profile: QuantizerProfile, node: Node) -> bool:
     return bool(own(node)) if own is not None else False
 
 
+def shared_weight_grids(
+    profile: QuantizerProfile, nodes: list[Node], deployment: Deployment
+) -> list[list[Node]]:
+    """The groups of ``nodes`` whose weights ``profile`` rounds on one grid in
+    ``deployment``: its own ``shared_weight_grids`` if it has one, else, with per-tensor
+    grids, the layers of one ``weight_group`` (row blocks of one tensor: one grid over
+    the whole tensor) and, with per-channel grids, none (each output row of the tensor
+    has a grid of its own, as the layers' rows do)."""
+    own = getattr(profile, "shared_weight_grids", None)
+    if own is not None:
+        return [list(g) for g in own(nodes, deployment)]
+    if deployment.per_channel:
+        return []
+    groups: dict[str, list[Node]] = {}
+    for node in nodes:
+        key = node.attrs.get("weight_group")
+        if key is not None:
+            groups.setdefault(key, []).append(node)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def per_channel_bounds(clip: Node) -> bool:
     """Whether a clip's bounds differ between channels (after scaling): the backends then
     write it as a scalar clip to the widest bounds followed by per-channel ``Max`` /
@@ -224,7 +247,12 @@ class OnnxRuntimeQDQ:
     - MaxPool, AveragePool, Resize, Flatten, Reshape, Transpose, Slice, Gather, Pad put
       their output on their input's grid when that input is quantized (a requantization
       that adds noise only where the output leaves that grid: averages and interpolation);
-    - PRelu, ReduceMean, Min, Max and unknown operators are not quantized.
+    - PRelu, ReduceMean, Min, Max and unknown operators are not quantized;
+    - a weight tensor gets one grid per tensor, or per output channel (a MatMul's
+      ``(in, out)`` weight along axis 1, a Gemm's along its output axis,
+      ``operators/matmul.py``, ``gemm.py``; checked on a BERT export: 288 scales on
+      axis 1 of its packed ``(96, 288)`` in-projection): layers cut from one packed
+      tensor share its per-tensor grid, not a per-channel one (:func:`shared_weight_grids`).
 
     With symmetric activations nothing is removed: the Relu or Clip keeps grids on both
     sides.
@@ -379,7 +407,16 @@ class TorchaoX86:
       a grid of its own, after the pool's; the inputs of a Cat share one grid, modelled
       here as one grid each);
     - ConvTranspose, Conv3d, other Conv1d, normalization layers (their affine included),
-      Add, and every other operator stay in float.
+      Add, and every other operator stay in float;
+    - per-channel weight grids are along axis 0 of a Linear's or Conv's weight (the
+      output channels): the q / k / v rows of a packed in-projection, one ``linear``
+      call in the exported program, share its per-tensor grid, not a per-channel one
+      (:func:`shared_weight_grids`; checked: one ``MinMaxObserver`` or one
+      ``PerChannelMinMaxObserver(ch_axis=0)`` on ``in_proj_weight``). The stock
+      quantizer matches a linear by the source recorded at export, which for
+      ``nn.MultiheadAttention``'s two calls is the attention module: they stay in float
+      unless marked as ``F.linear`` (``benchmarks/bench_pt2e.py``'s ``mark_layers``),
+      which this profile assumes.
     """
 
     name = "torchao-x86"

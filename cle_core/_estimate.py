@@ -41,6 +41,7 @@ from ._deployment import (
     groups_share_row_grids,
     profile_for,
     quantizes_weight,
+    shared_weight_grids,
 )
 from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
@@ -223,9 +224,32 @@ class WeightTerm:
     def _tensor_span(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
         """Per candidate: the span of the whole scaled tensor. ``si`` (C, g, 1, ig),
         ``so`` (C, g, og, 1); ``vary``: which of them differ between candidates."""
-        if self.symmetric:
-            return 2.0 * self._max_product("abs", si, so, vary)
-        return self._max_product("pos", si, so, vary) + self._max_product("neg", si, so, vary)
+        return self.span_of(self._extremes(si, so, vary))
+
+    def _extremes(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
+        """Per candidate, the scaled tensor's largest ``|W|`` (symmetric grids) or its
+        largest positive and negative parts: (1 or 2, C)."""
+        kinds = ("abs",) if self.symmetric else ("pos", "neg")
+        return np.stack([self._max_product(w, si, so, vary) for w in kinds])
+
+    def span_of(self, extremes: np.ndarray) -> np.ndarray:
+        """The grid's span over weights with these ``extremes`` (C,)."""
+        return 2.0 * extremes[0] if self.symmetric else extremes[0] + extremes[1]
+
+    def extremes(
+        self, s_in: np.ndarray | None, s_out: np.ndarray | None, vary: str = "both"
+    ) -> np.ndarray:
+        """:meth:`_extremes` at scales given as to :meth:`values`: the part of a grid
+        shared with other layers' weights that this layer's weights span."""
+        return self._extremes(*self._shaped(s_in, s_out), vary)
+
+    def _shaped(self, s_in, s_out) -> tuple[np.ndarray, np.ndarray]:
+        """``s_in`` (C, g, 1, ig) and ``s_out`` (C, g, og, 1), ones where None."""
+        g, og, ig = self.groups, self.og, self.ig
+        count = max((len(s) for s in (s_in, s_out) if s is not None), default=1)
+        si = np.ones((1, g, 1, ig)) if s_in is None else s_in.reshape(-1, g, 1, ig)
+        so = np.ones((1, g, og, 1)) if s_out is None else s_out.reshape(-1, g, og, 1)
+        return np.broadcast_to(si, (count, g, 1, ig)), np.broadcast_to(so, (count, g, og, 1))
 
     def _row_spans(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
         """Per candidate and row: the span of row ``o``'s grid over ``W * s_in``, in the
@@ -243,18 +267,18 @@ class WeightTerm:
 
     # -- values --------------------------------------------------------------------------
     def values(
-        self, s_in: np.ndarray | None, s_out: np.ndarray | None, vary: str = "both"
+        self,
+        s_in: np.ndarray | None,
+        s_out: np.ndarray | None,
+        vary: str = "both",
+        span: np.ndarray | None = None,
     ) -> np.ndarray:
         """The term for ``C`` candidate scales at once: ``s_in`` (C, in channels) and
         ``s_out`` (C, out channels), or None for scales 1. ``vary``: ``"in"``, ``"out"``
         or ``"both"``, which of them differ between the candidates (one row of the other
-        may be given). Returns (C,)."""
-        g, og, ig = self.groups, self.og, self.ig
-        count = max((len(s) for s in (s_in, s_out) if s is not None), default=1)
-        si = np.ones((1, g, 1, ig)) if s_in is None else s_in.reshape(-1, g, 1, ig)
-        so = np.ones((1, g, og, 1)) if s_out is None else s_out.reshape(-1, g, og, 1)
-        si = np.broadcast_to(si, (count, g, 1, ig))
-        so = np.broadcast_to(so, (count, g, og, 1))
+        may be given). ``span`` (C,) overrides a per-tensor grid's span (a grid shared
+        with other layers' weights). Returns (C,)."""
+        si, so = self._shaped(s_in, s_out)
         inv_sq = 1.0 / np.square(si[:, :, 0, :])  # (C, g, ig)
         if self.sens is not None:
             # Each weight's rounding noise reaches the output through its own gradient,
@@ -263,14 +287,14 @@ class WeightTerm:
             if self.per_channel:
                 spans = self._row_spans(si, so, vary) / so[..., 0]
                 return self.factor * np.einsum("cgo,cgo->c", np.square(spans), reach)
-            span = self._tensor_span(si, so, vary)
+            span = self._tensor_span(si, so, vary) if span is None else span
             return self.factor * np.square(span) * reach.sum(axis=(1, 2))
         energy = np.einsum("gi,cgi->cg", self.energy, inv_sq)  # (C, g)
         if self.per_channel:
             spans = self._row_spans(si, so, vary)
             return self.factor * np.einsum("cgo,go,cg->c", np.square(spans), self.gain, energy)
         out = np.einsum("go,cgo->cg", self.gain, np.square(so[..., 0]))
-        span = self._tensor_span(si, so, vary)
+        span = self._tensor_span(si, so, vary) if span is None else span
         return self.factor * np.square(span) * np.einsum("cg,cg->c", out, energy)
 
     def value(self, s_in: np.ndarray | None, s_out: np.ndarray | None) -> float:
@@ -378,6 +402,14 @@ class Estimate:
             for n in graph.nodes
             if quantizes_weight(profile, n, deployment)
         ]
+        # Layers whose weights the quantizer rounds on one grid (parts of one packed
+        # tensor): each term's span is the group's, whichever region scales a part.
+        by_node = {id(t.node): t for t in self.weights}
+        self.grids: dict[int, list[WeightTerm]] = {}
+        for group in shared_weight_grids(profile, [t.node for t in self.weights], deployment):
+            terms = [by_node[id(n)] for n in group if id(n) in by_node]
+            for t in terms if len(terms) > 1 and not deployment.per_channel else ():
+                self.grids[id(t)] = terms
         self.activations: list[ActivationTerm] = []
         if not deployment.weights_only:
             factor = 1.0 / (grid_levels(deployment.activation_bits) ** 2 * 12.0)
@@ -402,10 +434,8 @@ class Estimate:
         return self.map.ones()
 
     def weight_values(self, scales: Sequence[np.ndarray]) -> list[float]:
-        return [
-            t.value(self.map.s_in(t.node, scales), self.map.s_out(t.node, scales))
-            for t in self.weights
-        ]
+        fixed = [s[None] for s in scales]
+        return [float(self._weight_values(t, fixed, None)[0]) for t in self.weights]
 
     def activation_values(self, scales: Sequence[np.ndarray]) -> list[float]:
         out = []
@@ -447,12 +477,15 @@ class Estimate:
         return live
 
     def _terms_of(self, k: int) -> tuple[list[WeightTerm], list[ActivationTerm]]:
-        weights = [
-            t
+        touched = {
+            id(t)
             for t in self.weights
             if self.map.reads.get(id(t.node), (None,))[0] == k
             or self.map.writes.get(id(t.node), (None,))[0] == k
-        ]
+        }
+        for i in list(touched):  # a shared grid's span changes every part's term
+            touched.update(id(t) for t in self.grids.get(i, ()))
+        weights = [t for t in self.weights if id(t) in touched]
         acts = []
         for t in self.activations:
             values = [t.point.value] + ([t.point.grid_of] if t.point.grid_of is not None else [])
@@ -477,14 +510,36 @@ class Estimate:
         weights, acts = self._local[k]
         with np.errstate(over="ignore", invalid="ignore"):
             for t in weights:
-                reads = self.map.reads.get(id(t.node), (None,))[0] == k
-                writes = self.map.writes.get(id(t.node), (None,))[0] == k
-                vary = "both" if reads and writes else ("in" if reads else "out")
-                total += t.values(self.map.s_in(t.node, fixed), self.map.s_out(t.node, fixed), vary)
+                total += self._weight_values(t, fixed, k)
             for t in acts:
                 s, spans = self._activation_scales(t, fixed, k, candidates.shape[0])
                 total += t.values(s, spans)
         return total
+
+    def _vary(self, t: WeightTerm, k: int | None) -> str:
+        """Which of ``t``'s scales region ``k``'s candidates change (see
+        :meth:`WeightTerm.values`); ``"out"`` where none (one candidate)."""
+        reads = k is not None and self.map.reads.get(id(t.node), (None,))[0] == k
+        writes = k is not None and self.map.writes.get(id(t.node), (None,))[0] == k
+        return "both" if reads and writes else ("in" if reads else "out")
+
+    def _weight_values(self, t: WeightTerm, scales, k: int | None) -> np.ndarray:
+        """``t`` at ``scales`` (one row per region, or candidates for region ``k``)."""
+        s_in, s_out = self.map.s_in(t.node, scales), self.map.s_out(t.node, scales)
+        group = self.grids.get(id(t))
+        span = None if group is None else self._shared_span(group, scales, k)
+        return t.values(s_in, s_out, self._vary(t, k), span)
+
+    def _shared_span(self, group: list[WeightTerm], scales, k: int | None) -> np.ndarray:
+        """The span of one grid over the weights of ``group`` at ``scales``: its largest
+        values over every part, each part scaled by the regions it reads and writes."""
+        parts = [
+            t.extremes(
+                self.map.s_in(t.node, scales), self.map.s_out(t.node, scales), self._vary(t, k)
+            )
+            for t in group
+        ]
+        return group[0].span_of(np.maximum.reduce(np.broadcast_arrays(*parts)))
 
     def _activation_scales(self, t: ActivationTerm, scales, k, count):
         """The scales of ``t``'s channels (C, c), and the spans of the grid it is
@@ -509,7 +564,11 @@ class Estimate:
         other regions' ``scales``: per-tensor weight terms (per-channel grids are
         majorized by them), activation terms, a pre-bound grid on the smaller of its
         two maxima at the current scales (majorize-minimize), and a second grid after a
-        clip's per-channel bounds counted as if the scales were not equal."""
+        clip's per-channel bounds counted as if the scales were not equal. A layer whose
+        grid spans other layers' weights too (``weight_group``) counts its own weights
+        and noise only: the wider grid and the other parts' noise do not fit this form
+        (not a majorizer there); the objective judges every candidate by the estimate
+        and moves it by one number to find the shared grid's gain."""
         region = self.map.regions[k]
         n = region.size
         live = self.live[k]

@@ -25,7 +25,10 @@ from ._math import Layout
 LAYER_OPS = frozenset({"conv", "conv_transpose", "linear"})
 """Weighted layers: attrs ``layout`` (:class:`Layout`), conv attrs ``stride``, ``pads``
 (begins then ends, one per spatial axis), ``dilation``, ``output_padding``; params
-``weight`` and ``bias`` (may be None)."""
+``weight`` and ``bias`` (may be None). Optional attr ``weight_group``: a key shared by
+the layers whose weights are row blocks (output channels) of one tensor of the model
+(``nn.MultiheadAttention``'s packed in-projection cut into q, k and v): a quantizer
+that rounds that tensor on one grid rounds all of them on it."""
 
 SCALABLE_ACTIVATIONS = frozenset({"relu", "leaky_relu", "prelu", "clip"})
 """Activations ``f`` with ``f(x / s) == f(x) / s`` per channel for ``s > 0`` (Clip once
@@ -355,6 +358,7 @@ class Graph:
             else:
                 _infer_channels(node)
                 _infer_layout(node)
+        _check_weight_groups(self.nodes)
 
     def checkpoint(self) -> Callable[[], None]:
         """Remember the structure and parameters; the returned function puts them back.
@@ -529,6 +533,35 @@ def _infer_channels(node: Node) -> None:
 # pads and resizes, which change spatial sizes only).
 _SAME_AXES = SCALABLE_ACTIVATIONS | {"identity", "dropout", "mul", "add"}
 _SAME_SHAPE = SCALABLE_ACTIVATIONS | {"identity", "dropout", "norm"}
+
+
+def _check_weight_groups(nodes: Sequence[Node]) -> None:
+    """The layers of one ``weight_group`` must be row blocks of one tensor: the same
+    layout, and weights that differ only in their output axis."""
+    first: dict[str, Node] = {}
+    for node in nodes:
+        key = node.attrs.get("weight_group")
+        if key is None:
+            continue
+        if not node.is_layer:
+            raise InvalidGraphError(
+                f"{node.name}: weight_group {key!r} on a {node.op}, not a layer"
+            )
+        ref = first.setdefault(key, node)
+        a, b = ref.layout, node.layout
+        shape = list(np.shape(node.weight))
+        other = list(np.shape(ref.weight))
+        if (
+            a != b
+            or len(shape) != len(other)
+            or any(
+                x != y for i, (x, y) in enumerate(zip(shape, other, strict=True)) if i != a.out_axis
+            )
+        ):
+            raise InvalidGraphError(
+                f"{node.name}: weight_group {key!r} joins it to {ref.name}, but their weights "
+                f"{tuple(other)} and {tuple(shape)} are not row blocks of one tensor"
+            )
 
 
 def _infer_layout(node: Node) -> None:

@@ -2,7 +2,9 @@
 
 Weights: every ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and ``nn.Linear`` (and
 subclasses, such as EfficientNet's ``Conv2dStaticSamePadding``) gets its weight
-fake-quantized in a deep copy of the model. Activations: forward pre-hooks on the same
+fake-quantized in a deep copy of the model, and so does ``nn.MultiheadAttention``'s
+packed ``in_proj_weight``, as one tensor (the exporters and PT2E quantize it so; its
+input is not). Activations: forward pre-hooks on the same
 modules fake-quantize their input 0 with one grid per module, calibrated by min/max in a
 first pass. The grids are those of :mod:`cle_core.quality`, computed in float32 (the
 ONNX weights-only figures use the same ones; its W+A figures come from onnxruntime's
@@ -54,6 +56,16 @@ def _quantize_weights(model: nn.Module, bits: int, per_channel: bool, symmetric:
         seen.add(id(weight))  # a weight shared by several layers is quantized once
         axis = _weight_axis(module) if per_channel else None
         q = quantize_array(weight.detach().cpu().numpy(), bits, symmetric, axis)
+        with torch.no_grad():
+            weight.copy_(torch.from_numpy(q).to(weight.device))
+    for module in model.modules():
+        weight = getattr(module, "in_proj_weight", None)
+        if not isinstance(module, nn.MultiheadAttention) or weight is None or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        q = quantize_array(
+            weight.detach().cpu().numpy(), bits, symmetric, 0 if per_channel else None
+        )
         with torch.no_grad():
             weight.copy_(torch.from_numpy(q).to(weight.device))
 

@@ -50,6 +50,9 @@ _BLENDS = ((1.0, 0.0), (0.5, 0.0), (0.0, 1.0), (0.0, 0.5), (0.5, 0.5), (1.0, 1.0
 # gave higher estimates than 15 on bench_deployments' networks (Lite0 W8A8 18.37 against
 # 17.98 dB) and lower measurements (Lite0 W8A8 11.44 against 12.43 dB, quantize_static).
 _CONVEX_STEPS = 15
+# The move of a region's scales by one number (_shifted): 3 levels of 17 moves, the
+# last spaced 1 % apart.
+_SHIFT_LEVELS, _SHIFT_STEPS = 3, 8
 MIN_GAIN_DB = 1.0
 """Scales whose estimated gain is smaller are not applied (see :meth:`NoiseObjective.choose`)."""
 _FIRST_SWEEP_DB = 0.5 * MIN_GAIN_DB  # less after the first sweep: stop, as nothing will be applied
@@ -134,13 +137,17 @@ class NoiseObjective:
                     cands = _candidates(est, k, scales, t_now, t_convex)
                     values = est.region_values(k, scales, np.exp(cands))
                     values = np.where(np.isfinite(values), values, np.inf)
+                    now = values[0]  # row 0: the current scales
+                    if _gauge_bound(est, k):
+                        cands, values = _shifted(est, k, scales, cands, values)
                     best = int(np.argmin(values))
-                    if values[best] < values[0]:  # row 0: the current scales
-                        scales[k] = np.exp(cands[best])
+                    t_best, v_best = cands[best], values[best]
+                    if v_best < now:
+                        scales[k] = np.exp(t_best)
                         dirty.add(k)
                         dirty.update(neighbors[k])
-                        gained += float(values[0] - values[best])
-                        change = float(np.max(np.abs(np.expm1(cands[best] - t_now))))
+                        gained += float(now - v_best)
+                        change = float(np.max(np.abs(np.expm1(t_best - t_now))))
                         max_change = max(max_change, change)
             # Each step changes the total by exactly its region's change.
             history.append(history[-1] - gained)
@@ -234,6 +241,43 @@ def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.n
     if np.any(live):
         cands[:, live] += (t_now[live].mean() - cands[:, live].mean(axis=1))[:, None]
     return np.clip(cands, -_T_BOUND, _T_BOUND)
+
+
+def _gauge_bound(est: Estimate, k: int) -> bool:
+    """Whether multiplying region ``k``'s scales by one number can change the estimate:
+    a part of one of its layers' grid lies outside it (channels kept at scale 1, or a
+    layer cut from a packed tensor whose other parts it does not scale)."""
+    weights, _ = est._local[k]
+    return est.map.regions[k].frozen is not None or any(id(t) in est.grids for t in weights)
+
+
+def _shifted(est: Estimate, k: int, scales, cands: np.ndarray, values: np.ndarray):
+    """Each candidate log-scales of region ``k`` (rows of ``cands``, estimated
+    ``values``) moved by the one number on its live channels that lowers the estimate
+    most: the candidates are all in the current gauge, but where a grid spans weights
+    outside the region, moving the region's channels together narrows it until the
+    outside weights set it (a packed q / k / v tensor whose v rows are the widest), and
+    the candidates that reshape the region's channels do not know those weights. The
+    estimate is convex along the move: a grid of moves, then finer grids about each
+    candidate's best, all candidates in one batch per grid."""
+    live = est.live[k].astype(np.float64)
+    count, n = cands.shape
+    best_t, best_v = cands.copy(), values.copy()
+    center, width = np.zeros(count), _T_BOUND
+    for _ in range(_SHIFT_LEVELS):
+        deltas = center[:, None] + np.linspace(-width, width, 2 * _SHIFT_STEPS + 1)[None, :]
+        moved = cands[:, None, :] + deltas[:, :, None] * live
+        moved = np.clip(moved, -_T_BOUND, _T_BOUND).reshape(-1, n)
+        got = est.region_values(k, scales, np.exp(moved)).reshape(count, -1)
+        got = np.where(np.isfinite(got), got, np.inf)
+        i = np.argmin(got, axis=1)
+        v = got[np.arange(count), i]
+        # A move that changes nothing but rounding (every part inside) is not taken.
+        better = v < best_v * (1.0 - 1e-9)
+        best_t[better] = moved.reshape(count, -1, n)[better, i[better]]
+        best_v[better] = v[better]
+        center, width = deltas[np.arange(count), i], width / _SHIFT_STEPS
+    return best_t, best_v
 
 
 def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:

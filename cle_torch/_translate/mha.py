@@ -3,7 +3,9 @@ three ``linear`` nodes (q, k, v: row blocks of ``in_proj_weight``), heads split 
 reshape and a transpose, the attention weights ``softmax(q k^T / sqrt(d))`` (opaque),
 ``matmul(P, v)``, heads merged, ``out_proj``. The module keeps its one call: the
 write-back puts the scaled rows back into ``in_proj_weight`` / ``in_proj_bias`` and
-``out_proj``'s parameters (``Site.rows``).
+``out_proj``'s parameters (``Site.rows``). The three share attr ``weight_group``: a
+deployment quantizes the packed tensor on one per-tensor grid (torch, the exporters and
+PT2E call one linear on it).
 
 Only self-attention as ``nn.TransformerEncoderLayer`` and pre-LN blocks call it: one
 tensor for query, key and value, ``(B, T, E)`` or, with ``batch_first=False``, ``(T, B,
@@ -141,7 +143,7 @@ class Attention:
                 ids["bias"] = f"{b_id}[{part}]"
             out = self.mha_node(
                 node, "linear", [x.name], f"{q}.{part}", (*lead, e), params=params,
-                attrs={"layout": Layout(0, 1)}, param_ids=ids,
+                attrs={"layout": Layout(0, 1), "weight_group": w_id}, param_ids=ids,
                 site=Site(
                     fx=node.name, kind="module", op="linear", target=node.target, module=q,
                     owner=q, weight=f"{q}.in_proj_weight",

@@ -359,3 +359,57 @@ def test_correlated_estimate_counts_the_padding_in_a_conv_mean():
     stats, _ = estimate(g, {"x": ChannelStats.of(mean, mean**2 + 1.0)}, correlated=True)
     data = np.broadcast_to(mean.reshape(1, 2, 1, 1), (1, 2, 5, 5))
     np.testing.assert_allclose(stats[out].mean, run_graph(g, {"x": data})[out].mean(axis=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_parts_of_a_packed_tensor_are_corrected_for_its_one_grid(per_channel):
+    """q, k and v cut from one packed tensor (``weight_group``), v's rows 10 times wider:
+    per tensor each part's shift is that of its rows on the packed tensor's grid (on a
+    grid of its own, q's shift would be about ten times smaller); per channel each row's
+    own grid."""
+    from cle_core._stats import ChannelStats
+
+    rng = np.random.default_rng(0)
+    ws = [rng.normal(size=(4, 6)) * f for f in (1.0, 1.0, 10.0)]
+    g = Graph("packed")
+    g.add_input("x", channels=6)
+    for name, w in zip("qkv", ws, strict=True):
+        g.add_node(
+            "linear",
+            ["x"],
+            name=name,
+            outputs=[f"y{name}"],
+            params={"weight": w, "bias": np.zeros(4)},
+            attrs={"layout": Layout(0, 1), "weight_group": "in_proj"},
+        )
+    g.set_outputs([f"y{n}" for n in "qkv"])
+    mean = rng.uniform(1.0, 2.0, 6)
+    options = EqualizeOptions(bias_correction=True, scale=False, per_channel=per_channel)
+    stats = {"x": ChannelStats.of(mean, mean**2 + 1.0)}
+    records = {
+        r.layer: r for r in cle_core.equalize(g, options, statistics=stats).report.bias_corrections
+    }
+    whole = np.concatenate(ws)
+    q = deployed_weights(whole, 8, True, 0 if per_channel else None)
+    for j, name in enumerate("qkv"):
+        rows = slice(4 * j, 4 * j + 4)
+        np.testing.assert_allclose(records[name].shift, (q[rows] - whole[rows]) @ mean)
+
+
+def test_a_weight_group_of_weights_that_do_not_stack_is_refused():
+    """Layers of one group whose weights are not row blocks of one tensor (here: 6 and
+    5 input columns) are refused before anything is changed, naming the layer."""
+    g = Graph("bad")
+    for name, cin in (("q", 6), ("k", 5)):
+        g.add_input(f"x{name}", channels=cin)
+        g.add_node(
+            "linear",
+            [f"x{name}"],
+            name=name,
+            outputs=[f"y{name}"],
+            params={"weight": np.ones((4, cin)), "bias": None},
+            attrs={"layout": Layout(0, 1), "weight_group": "in_proj"},
+        )
+    g.set_outputs(["yq", "yk"])
+    with pytest.raises(cle_core.InvalidGraphError, match="k: weight_group 'in_proj' joins it to q"):
+        g.validate()

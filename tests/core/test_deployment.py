@@ -238,3 +238,139 @@ def test_a_gain_within_the_estimates_error_is_not_applied(monkeypatch):
     g = build_graph(4, [("chain", "relu6")], 4, head=False)
     monkeypatch.setattr(noise_objective, "MIN_GAIN_DB", 0.0)
     assert any(np.any(r.scales != 1.0) for r in equalize(g).report.regions)
+
+
+# --- weights cut from one packed tensor (weight_group): one grid over all the parts -----
+
+
+def _packed(ws: list[np.ndarray], energy: np.ndarray, group: str | None = "in_proj") -> Graph:
+    """``x`` read by one linear per row block of a packed tensor (q, k, v), each an
+    output, the three in one ``weight_group``."""
+    g = Graph()
+    g.add_input("x", ws[0].shape[1])
+    attrs = {"layout": Layout(0, 1)} | ({"weight_group": group} if group else {})
+    for name, w in zip("qkv", ws, strict=True):
+        g.add_node(
+            "linear",
+            ["x"],
+            name=name,
+            outputs=[f"y{name}"],
+            params={"weight": w, "bias": None},
+            attrs=dict(attrs),
+        )
+    g.set_outputs([f"y{n}" for n in "qkv"])
+    g.validate()
+    return g
+
+
+def _packed_estimate(ws, energy, deployment):
+    """The estimate of :func:`_packed`'s weight noise, with one region on ``x`` (every
+    part's columns) and one on each part's rows."""
+    from cle_core._estimate import Estimate
+    from cle_core._regions import Region
+
+    g = _packed(ws, energy)
+    stats = {"x": ChannelStats.of(np.zeros(energy.size), energy)}
+    names = [f"y{n}" for n in "qkv"]
+    gains = Gains(
+        {n: np.zeros(w.shape[0]) for n, w in zip(names, ws, strict=True)},
+        {n: np.ones(w.shape[0]) for n, w in zip(names, ws, strict=True)},
+    )
+    regions = [Region(0, energy.size, "pair", sinks=[(g.node(n), 0, 1) for n in "qkv"])]
+    regions += [
+        Region(1 + j, w.shape[0], "pair", sources=[(g.node(n), 0)])
+        for j, (n, w) in enumerate(zip("qkv", ws, strict=True))
+    ]
+    return Estimate(g, regions, deployment, stats, gains, {})
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_parts_of_a_packed_tensor_are_rounded_on_its_grid(per_channel, symmetric):
+    """As the brute force above, for q, k and v cut from one packed tensor whose v rows
+    are 5 times wider: per tensor, one grid spans all three (each part on a grid of its
+    own would put q's and k's noise 25 times too low, the sum about 3 times); per channel
+    every row has its own grid, whatever the parts. Same stated tolerance (much wider v
+    rows leave q's and k's weights within a step or two of 0, where rounding is not
+    uniform and the term is high: mean 1.3, up to 3.5 at 20 times)."""
+    from cle_core._gains import floored
+
+    rng = np.random.default_rng(1)
+    dep = Deployment(per_channel=per_channel, weight_symmetric=symmetric, activation_bits=None)
+    ratios = []
+    for _ in range(100):
+        o, i = rng.integers(4, 9), rng.integers(6, 11)
+        ws = [
+            rng.normal(size=(o, i)) * np.exp(rng.normal(size=(o, 1))) * wide
+            for wide in (1.0, 1.0, 5.0)
+        ]
+        e = np.exp(rng.normal(size=i, scale=0.5))
+        est = _packed_estimate(ws, e, dep)
+        scales = [np.exp(rng.uniform(-0.5, 0.5, r.size)) for r in est.map.regions]
+        term = sum(est.weight_values(scales))
+        s_in = scales[0]
+        scaled = np.concatenate(
+            [w * s_in[None, :] / s[:, None] for w, s in zip(ws, scales[1:], strict=True)]
+        )
+        q = quantize_array(scaled, 8, symmetric, 0 if per_channel else None)
+        s_out = np.concatenate(scales[1:])
+        error = (q - scaled) * s_out[:, None] / s_in[None, :]
+        ratios.append(term / float(np.sum(error**2 * floored(e)[None, :])))
+    ratios = np.array(ratios)
+    assert 0.9 < np.mean(ratios) < 1.35
+    assert np.all((ratios > 0.5) & (ratios < 3.2))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_regions_change_counts_every_part_of_a_shared_grid(symmetric):
+    """The objective adds up each region's change: with a grid shared by parts that
+    different regions scale, the change of one region's terms is the change of the whole
+    estimate."""
+    rng = np.random.default_rng(2)
+    ws = [rng.normal(size=(5, 6)) * f for f in (1.0, 2.0, 3.0)]
+    dep = Deployment(weight_symmetric=symmetric, activation_bits=None)
+    est = _packed_estimate(ws, np.exp(rng.normal(size=6)), dep)
+    scales = [np.exp(rng.normal(size=r.size)) for r in est.map.regions]
+    for k, region in enumerate(est.map.regions):
+        cands = np.exp(rng.normal(size=(7, region.size)))
+        changes = est.region_values(k, scales, cands) - est.region_value(k, scales)
+        for c, cand in enumerate(cands):
+            trial = list(scales)
+            trial[k] = cand
+            np.testing.assert_allclose(
+                changes[c], est.total(trial) - est.total(scales), rtol=1e-9, atol=1e-15
+            )
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_v_rows_wider_than_q_and_k_narrow_the_packed_grid(grouped):
+    """v's rows 8 times wider than q's and k's, o's columns 8 times narrower (the same
+    function): moving v -> o's scales by one number narrows the packed tensor's grid
+    until q and k set it, a gain that no scales of v -> o with the same mean can give.
+    Without the shared grid every part has its own and that move changes nothing."""
+    rng = np.random.default_rng(3)
+    c = 6
+    q, k, v = (rng.normal(size=(c, c)) * f for f in (1.0, 1.0, 8.0))
+    g = _packed([q, k, v], np.ones(c), "in_proj" if grouped else None)
+    g.add_node(
+        "linear",
+        ["yv"],
+        name="o",
+        outputs=["yo"],
+        params={"weight": rng.normal(size=(c, c)) / 8.0, "bias": None},
+        attrs={"layout": Layout(0, 1)},
+    )
+    g.set_outputs(["yq", "yk", "yo"])
+    g.validate()
+    x = {"x": rng.normal(size=(4, c))}
+    before = run_graph(g, x)["yo"]
+    report = equalize(g, EqualizeOptions(activation_bits=None)).report
+    after = run_graph(g, x)["yo"]
+    np.testing.assert_allclose(after, before, rtol=1e-9, atol=1e-12)
+    widest = max(np.abs(q).max(), np.abs(k).max())
+    v_now = np.abs(g.node("v").weight).max()
+    if grouped:
+        assert [r.sources for r in report.regions] == [("v",)]
+        assert widest * 0.9 < v_now < widest * 1.1
+    else:
+        assert v_now > 4 * widest

@@ -136,6 +136,30 @@ def test_weight_quantization_is_quantize_array():
         assert res["w4_sqnr"] == pytest.approx(expected, abs=1e-3)
 
 
+def test_the_packed_in_projection_is_quantized_as_one_tensor():
+    """``nn.MultiheadAttention``'s ``in_proj_weight`` is rounded as the deployment rounds
+    the one MatMul the exporters write on it (one grid per tensor, or per row), and its
+    ``out_proj`` as a Linear: the W4 output equals the module with those weights."""
+    from cle_torch._quantsim import _quantize_weights
+
+    torch.manual_seed(5)
+    model = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    with torch.no_grad():
+        model.in_proj_weight[16:] *= 10.0  # v's rows: they set the per-tensor grid
+    x = torch.randn(3, 5, 8)
+    for per_channel in (False, True):
+        axis = 0 if per_channel else None
+        expect = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in (expect.in_proj_weight, expect.out_proj.weight):
+                p.copy_(torch.from_numpy(quantize_array(p.detach().numpy(), 4, True, axis)))
+        got = copy.deepcopy(model)
+        _quantize_weights(got, 4, per_channel, True)
+        torch.testing.assert_close(got.in_proj_weight, expect.in_proj_weight, rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(got(x, x, x)[0], expect(x, x, x)[0])
+
+
 def test_per_channel_helps_spread_channels():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 5))

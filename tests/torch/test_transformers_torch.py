@@ -580,6 +580,28 @@ def test_multihead_attention_is_written_back_into_its_packed_parameters(always_s
     torch.testing.assert_close(packed.detach(), expect)
 
 
+def test_multihead_attention_s_q_k_v_share_the_packed_tensor_s_grid():
+    """q, k and v are row blocks of ``in_proj_weight``, which the deployment quantizes
+    as one tensor: the three layers carry one ``weight_group`` (one per module), the
+    per-tensor estimate gives them one grid, a per-channel one none."""
+    from cle_core import Deployment
+    from cle_core._deployment import get_profile, shared_weight_grids
+    from cle_torch._translate import capture
+
+    model = tm.vit(0, attention="mha", depth=2)
+    ir = capture(model, dummy_input=model.example_input(2)).ir
+    layers = [n for n in ir.nodes if n.is_layer]
+    groups = {}
+    for n in layers:
+        if "weight_group" in n.attrs:
+            groups.setdefault(n.attrs["weight_group"], []).append(n.name)
+    assert sorted(groups.values()) == [[f"blocks.{b}.attn.{p}" for p in "qkv"] for b in range(2)]
+    profile = get_profile("onnxruntime")
+    shared = shared_weight_grids(profile, layers, Deployment())
+    assert sorted([n.name for n in g] for g in shared) == sorted(groups.values())
+    assert shared_weight_grids(profile, layers, Deployment(per_channel=True)) == []
+
+
 def test_multihead_attention_it_cannot_translate_says_why():
     class Cross(nn.Module):
         def __init__(self):
