@@ -116,6 +116,103 @@ def reshape_axes(in_shape: Shape, axes: Sequence[int], out_shape: Shape) -> tupl
     return tuple(out)
 
 
+def reshape_layout(
+    in_shape: Shape,
+    axes: Sequence[int],
+    outer: Sequence[int] | None,
+    out_shape: Shape,
+) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """Channel axes and their outer factors (see below) after reshaping ``in_shape``
+    (channels on ``axes``) to ``out_shape``: :func:`reshape_axes`, and also a reshape
+    that merges a non-channel axis into a channel axis as its most significant part.
+
+    ``nn.MultiheadAttention`` as both ONNX exporters write it splits the heads of a
+    ``(T, B, C)`` value as ``(T, B * H, D)``: position ``b * H + h`` of axis 1, the
+    batch merged with the heads. A per-channel scale is then still one number per
+    position of axes 1 and 2 (``s[h * D + d]``, the same for every ``b``), so it
+    commutes with what moves whole positions, and the split back ``(B * H, T, D) -> (B,
+    H, T, D)`` restores the plain layout. ``outer`` holds, for each channel axis, the
+    size of the non-channel part merged above its channels (1: none; None: all 1).
+    Such a merge is followed only while the channels lie on two axes or more, which no
+    layer and no per-channel constant reads, and only where every size involved is
+    known; what would mix the merged part with the channels otherwise raises."""
+    outer = tuple(outer) if outer is not None else (1,) * len(axes)
+    if all(o == 1 for o in outer):
+        try:
+            return reshape_axes(in_shape, axes, out_shape), None
+        except LayoutError as e:
+            if "merges the channels with another axis" not in str(e):
+                raise
+            plain_error = e
+    else:
+        plain_error = None
+    merges = LayoutError(
+        f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} merges the channels with another axis"
+    )
+    # Each axis is cut into atoms (row-major digits) so that every input and output axis
+    # is a run of atoms: a channel atom carries its place in the order of significance
+    # (its axis's rank in ``axes``, then its digits within the axis), others carry None.
+    out_atoms: dict[int, list[tuple[int, tuple | None]]] = {}
+    for gi, gj in _groups(in_shape, out_shape):
+        if any(in_shape[a] is None for a in gi) or any(out_shape[b] is None for b in gj):
+            if any(a in axes for a in gi):
+                raise plain_error or merges
+            continue
+        atoms: list[tuple[int, tuple | None]] = []
+        for a in gi:
+            size = int(in_shape[a])
+            if a in axes:
+                k = list(axes).index(a)
+                if size % outer[k]:
+                    raise LayoutError(f"axis {a} of size {size} holds {outer[k]} merged positions")
+                atoms += [(outer[k], None), (size // outer[k], (k,))]
+            else:
+                atoms.append((size, None))
+        atoms = [t for t in atoms if t[0] != 1]
+        if not any(tag is not None for _, tag in atoms):
+            continue
+        for b in gj:
+            need, mine = int(out_shape[b]), []
+            while need > 1:
+                if not atoms:
+                    raise merges
+                size, tag = atoms.pop(0)
+                if need % size == 0:
+                    mine.append((size, tag))
+                    need //= size
+                elif size % need == 0:  # the atom splits: its upper digits stay here
+                    hi, lo = (None, None) if tag is None else ((*tag, 0), (*tag, 1))
+                    mine.append((need, hi))
+                    atoms.insert(0, (size // need, lo))
+                    need = 1
+                else:
+                    raise merges
+            out_atoms[b] = mine
+    out_axes, out_outer, order = [], [], []
+    for b, mine in out_atoms.items():
+        tags = [tag for _, tag in mine if tag is not None]
+        if not tags:
+            continue
+        first = next(i for i, (_, tag) in enumerate(mine) if tag is not None)
+        if any(tag is None for _, tag in mine[first:]):
+            raise merges  # positions below channels: a flatten
+        out_axes.append(b)
+        out_outer.append(int(np.prod([size for size, _ in mine[:first]], dtype=np.int64)))
+        order.append(tags)
+    ranked = sorted(range(len(out_axes)), key=lambda i: order[i][0])
+    flat = [t for i in ranked for t in order[i]]
+    if flat != sorted(flat):
+        raise LayoutError(
+            f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} permutes the channels "
+            "(it merges their axes out of order)"
+        )
+    new_axes = tuple(out_axes[i] for i in ranked)
+    new_outer = tuple(out_outer[i] for i in ranked)
+    if any(o != 1 for o in new_outer) and len(new_axes) < 2:
+        raise plain_error or merges  # a layer would read the merged positions as channels
+    return new_axes, (new_outer if any(o != 1 for o in new_outer) else None)
+
+
 def matmul_axes(a_rank: int, b_rank: int, axes: Sequence[int], operand: int) -> tuple[int, ...]:
     """Channel axes of ``A @ B`` when the channels are on ``axes`` of operand ``operand``
     (0 for A, 1 for B) and the other operand is not scaled: the product is linear in

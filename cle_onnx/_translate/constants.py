@@ -49,6 +49,7 @@ _FOLDABLE = frozenset(
         "Sub",
         "Mul",
         "Div",
+        "Mod",
         "Neg",
         "Range",
         "Expand",
@@ -74,7 +75,7 @@ def _fold_size(node: onnx.NodeProto, args: list) -> int | None:
         if op == "Range":
             start, limit, delta = (float(a.reshape(-1)[0]) for a in args[:3])
             return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
-        if op in ("Add", "Sub", "Mul", "Div"):
+        if op in ("Add", "Sub", "Mul", "Div", "Mod"):
             return int(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
     except (TypeError, ValueError, OverflowError):
         return None

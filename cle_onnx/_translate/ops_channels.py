@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cle_core.toolkit import LAYOUT_OPS
+
 from .constants import _Dim
 from .proto import _attrs
 
@@ -148,7 +150,8 @@ class _ChannelOps:
         if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
             return "its input's shape is not known"
         why = None
-        if self.axis.get(node.input[0]) in (1, None):
+        axis = self.axis.get(node.input[0])
+        if axis == 1 or (axis is None and not self._heads(node.input[0])):
             why = self._flatten(index, node, name, src)
             if why is None:
                 return None
@@ -156,6 +159,15 @@ class _ChannelOps:
         if shape is None:
             return why or "its output's shape is not static (only the batch may be unknown)"
         self.add("reshape", [node.input[0]], name, index, attrs={"shape": shape})
+
+    def _heads(self, value: str) -> bool:
+        """Whether ``value`` comes from an op that moves channels between axes (the core
+        follows them there, spread over several axes as between a heads split and its
+        merge), so that a Reshape of it is the core's ``reshape``, not a flatten of
+        channel-first data: ``(T, 1, H, D) -> (T, H * D)`` merges the heads of a batch
+        of one."""
+        v = self.graph.values.get(value)
+        return v is not None and v.producer is not None and v.producer.op in LAYOUT_OPS
 
     def _static_shape(self, node, src) -> tuple | None:
         """The output shape of a Reshape, from shape inference or its shape input with 0

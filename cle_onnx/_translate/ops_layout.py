@@ -69,8 +69,11 @@ class _LayoutOps:
             value = self.const(node.input[1])
             axes = None if value is None else value.reshape(-1).tolist()
         rank = len(dst) if node.op_type == "Unsqueeze" else len(src)
-        if axes is None or 0 in [int(a) % rank for a in axes]:
-            # the IR takes axis 0 for the batch (statistics, sizes): it stays axis 0
+        static = all(isinstance(d, int) for d in (*src, *dst))
+        if axes is None or (0 in [int(a) % rank for a in axes] and not static):
+            # the IR takes axis 0 for the batch where its size is unknown: it stays axis 0.
+            # (Of static shapes, axis 0 may go: nn.MultiheadAttention's exports unsqueeze
+            # the packed q / k / v (T, B, 3, C) there, to move the 3 to the front.)
             return "it removes or inserts the batch axis (or its axes are not known)"
         if not all(isinstance(d, int) for d in (*src[1:], *dst[1:])):
             return "its output's shape is not static (only the batch may be unknown)"

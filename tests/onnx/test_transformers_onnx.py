@@ -30,9 +30,11 @@ from tests.helpers.transformer_models import VARIANTS, GQANoRotary  # noqa: E402
 # The regions (kinds, in graph order) of each model and exporter. What is not there:
 # Q -> K (scaled by rotary's per-position cos / sin, or summed over by Q K^T), GELU /
 # SiLU between layers, the residual stream (it starts at an embedding or a constant
-# Add), post-LN norms (BERT: their output feeds the residual too), V -> O behind
-# nn.MultiheadAttention's packed in-projection (its q / k / v split is not a channel
-# slice the core follows). The final norm -> head is there, through the class token
+# Add), post-LN norms (BERT: their output feeds the residual too). V -> O behind
+# nn.MultiheadAttention's packed in-projection is there: its (T, B, 3, C) split and its
+# heads split as (T, B * H, D), the batch merged with the heads and split back before the
+# attention (a layout the core follows, the batch being static here). The final norm ->
+# head is there, through the class token
 # (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens. LLaMA's
 # grouped-query V -> O is there through the K / V heads' repetition (Unsqueeze, Expand or
 # Tile, Reshape: a repeat the core follows with a channel map).
@@ -45,19 +47,18 @@ EXPECTED = {
     ("vit_mean_pool", "dynamo"): VIT,
     ("vit_sdpa", "ts"): VIT,
     ("vit_sdpa", "dynamo"): VIT,
-    ("vit_mha", "ts"): ["norm"] * 5,
-    # the dynamo exporter stores the two blocks' in-projection biases (zeros, as
-    # nn.MultiheadAttention initializes them) as one tensor: shared, never scaled
-    ("vit_mha", "dynamo"): ["norm"] * 3,
+    ("vit_mha", "ts"): VIT,
+    ("vit_mha", "dynamo"): VIT,
     ("llama", "ts"): LLAMA,
     ("llama", "dynamo"): LLAMA,
     ("llama_expand", "ts"): LLAMA,
     ("llama_expand", "dynamo"): LLAMA,
     # nn.RMSNorm: the TorchScript exporter cannot export aten::rms_norm
     ("llama_nn_rmsnorm", "dynamo"): LLAMA,
-    # post-LN: only the last norm, which feeds the head alone (through the class token)
-    ("bert", "ts"): ["norm"],
-    ("bert", "dynamo"): ["norm"],
+    # post-LN: V -> O in each layer and the last norm, which feeds the head alone
+    # (through the class token)
+    ("bert", "ts"): ["attention", "attention", "norm"],
+    ("bert", "dynamo"): ["attention", "attention", "norm"],
     ("convnext", "ts"): ["norm"] * 4,
     ("convnext", "dynamo"): ["norm"] * 4,
     # opset 16: no LayerNormalization, the TorchScript exporter writes it out
@@ -489,7 +490,8 @@ def test_calibrated_bert_an_opaque_residual_branch_measured_along_the_tokens():
     model, x = onnx.load_from_string(buffer.getvalue()), x.numpy()
     calibration = torch_model.example_input(8, seed=1).numpy()
     eq, report = cle_onnx.equalize_model(model, calibration=calibration)
-    assert [r.kind for r in report.regions] == EXPECTED["bert", "ts"]
+    # (V -> O is not followed where the batch, merged with the heads, is dynamic)
+    assert [r.kind for r in report.regions] == ["norm"]
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
 
 
@@ -612,3 +614,73 @@ def test_v_cut_from_a_packed_projection_is_equalized_q_and_k_kept(
     assert re.search(r"^  #\d+ attention, 48 channels: ", out, re.M), out
     assert "(channels 0-15 kept at scale 1)" in out and "(channels 16-31 kept at scale 1)" in out
     assert "the MatMul sums over the channels" in out
+
+
+# --- nn.MultiheadAttention: the batch merged with the heads ---------------------------------
+
+
+class _MHABlock(torch.nn.Module):
+    """``nn.MultiheadAttention`` alone (packed in-projection, self-attention)."""
+
+    def __init__(self, batch_first: bool, dim=16, heads=4):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _export_mha(batch_first: bool, batch: int, dynamo: bool, dynamic: bool):
+    from tests.helpers.transformer_models import spread_channels
+
+    torch.manual_seed(0)
+    model = spread_channels(_MHABlock(batch_first)).eval()
+    axis = 0 if batch_first else 1
+    x = torch.randn(batch, 5, 16) if batch_first else torch.randn(5, batch, 16)
+    kw = {}
+    if dynamic:
+        if dynamo:
+            kw["dynamic_shapes"] = ({axis: torch.export.Dim("b")},)
+        else:
+            kw["dynamic_axes"] = {"x": {axis: "b"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], **kw)
+            return proto.model_proto, x.numpy()
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], **kw)
+        return onnx.load_from_string(buffer.getvalue()), x.numpy()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_v_to_o_through_the_batch_merged_with_the_heads(
+    always_scale, batch_first, batch, dynamo
+):
+    """Both exporters split V's heads as ``(T, B * H, D)`` (the batch merged with the
+    heads), transpose, split the batch back, and merge the heads as ``(T * B, C)`` or
+    ``(T, B, C)`` before the out projection; the TorchScript one cuts q / k / v from
+    ``(T, B, 3, C)``, whose shape it computes with ``Mod``. V -> O is found over the
+    packed projection's 48 channels (q's and k's kept at scale 1) and is exact."""
+    proto, x = _export_mha(batch_first, batch, dynamo, dynamic=False)
+    eq, report = cle_onnx.equalize_model(proto)
+    assert [(r.kind, r.channels) for r in report.regions] == [("attention", 48)], (
+        report.summary(verbose=True)
+    )
+    s = report.regions[0].scales
+    assert np.all(s[:32] == 1) and np.any(np.abs(np.log10(s[32:])) > 0.05)
+    assert sqnr_db(_run(proto, x), _run(eq, x)) >= 90
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+def test_multihead_attention_with_a_dynamic_batch_is_refused_with_the_reason(dynamo):
+    """With the batch dynamic, the heads' split ``(T, B * H, D)`` has an axis of unknown
+    size merged with the channels: not followed; the reason names the Reshape."""
+    proto, x = _export_mha(False, 2, dynamo, dynamic=True)
+    eq, report = cle_onnx.equalize_model(proto)
+    assert [r.kind for r in report.regions] == [], report.summary(verbose=True)
+    reasons = " | ".join(s.reason for s in report.skipped)
+    assert "opaque Reshape: its input's shape is not known" in reasons, reasons
+    assert sqnr_db(_run(proto, x), _run(eq, x)) >= 90
