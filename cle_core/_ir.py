@@ -657,7 +657,9 @@ def _infer_moved(node: Node) -> None:
                 raise LayoutError(f"the shape of {x.name!r} is not known")
             copies = _copied_axis(x)
             if copies is None or x.channel_outer is not None:
-                axes, outer = reshape_layout(x.shape, x.axes, x.channel_outer, out.shape)
+                axes, outer = reshape_layout(
+                    x.shape, x.axes, x.channel_outer, out.shape, x.channels
+                )
                 channels = x.channels
             else:
                 axes, index = merged_copies(x.shape, x.axes, copies, out.shape)

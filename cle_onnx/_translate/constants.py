@@ -120,6 +120,16 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
         return [
             np.concatenate([np.asarray(x, dtype=object) for x in args], axis=int(a.get("axis", 0)))
         ]
+    if op in ("Mul", "Div") and len(args) == 2:
+        # a size computed from an unknown one (the TorchScript exporter's B * H): unknown,
+        # a symbol that is nobody's dimension, so that it is never taken for a copy
+        def combine(x, y):
+            if isinstance(x, _Dim) or isinstance(y, _Dim):
+                return _Dim(node.output[0], -1)
+            return int(x) * int(y) if op == "Mul" else int(x) // int(y)
+
+        x, y = (np.asarray(v, dtype=object) for v in args)
+        return [np.vectorize(combine, otypes=[object])(x, y)]
     raise ValueError(f"cannot fold {op} over symbolic dims")
 
 

@@ -147,8 +147,17 @@ class _ChannelOps:
         """A flatten of channel-first data ``(N, C, ...) -> (N, C * ...)``, else a
         ``reshape`` to the static shape it makes (the core follows the channels)."""
         src = self.dims.get(node.input[0])
-        if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
+        if src is None or len(src) < 2:
             return "its input's shape is not known"
+        if not all(isinstance(d, int) for d in src[1:]):
+            # the batch after the tokens ((T, B, C), nn.MultiheadAttention's layout)
+            if not isinstance(src[0], int) or sum(not isinstance(d, int) for d in src) > 1:
+                return "its input's shape is not known"
+            shape = self._shape_beside_the_batch(node, src)
+            if shape is None:
+                return "its output's shape is not known (one size may be unknown, the batch)"
+            self.add("reshape", [node.input[0]], name, index, attrs={"shape": shape})
+            return None
         why = None
         axis = self.axis.get(node.input[0])
         if axis == 1 or (axis is None and not self._heads(node.input[0])):
@@ -168,6 +177,30 @@ class _ChannelOps:
         of one."""
         v = self.graph.values.get(value)
         return v is not None and v.producer is not None and v.producer.op in LAYOUT_OPS
+
+    def _shape_beside_the_batch(self, node, src) -> tuple | None:
+        """The output shape of a Reshape whose input has one unknown size (the batch)
+        on another axis than the first: from shape inference or its shape input, with
+        one unknown size (None) on the output too, which the number of elements then
+        fixes (the core follows the channels so, :func:`cle_core._layout.reshape_layout`)."""
+        dst = self.dims.get(node.output[0])
+        if dst is not None and sum(not isinstance(d, int) for d in dst) == 1:
+            return tuple(d if isinstance(d, int) else None for d in dst)
+        target = self.const(node.input[1])
+        if target is None:
+            return None
+        zero_copies = not int(_attrs(node).get("allowzero", 0))
+        out: list = []
+        for i, d in enumerate(target.reshape(-1)):
+            if isinstance(d, _Dim) or int(d) == -1:
+                out.append(None)  # a size read with Shape (a product of it) or inferred
+            elif int(d) == 0 and zero_copies:
+                out.append(src[i] if i < len(src) else "?")
+            else:
+                out.append(int(d))
+        if "?" in out or out.count(None) != 1:
+            return None
+        return tuple(out)
 
     def _static_shape(self, node, src) -> tuple | None:
         """The output shape of a Reshape, from shape inference or its shape input with 0

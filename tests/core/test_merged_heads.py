@@ -53,6 +53,25 @@ def test_the_exporters_heads_split_with_the_batch_keeps_every_channel(t, b, h, d
     ]
     shape, axes, outer = _follow((t, b, c), (2,), None, steps, channel_index((t, b, c), (2,)))
     assert (axes, outer) == ((len(shape) - 1,), None)
+    if b > 1:
+        # the batch unknown: the same layouts, with the merged part unknown (None)
+        unknown = [(t, None, d), (1, 0, 2), (None, h, t, d), (2, 0, 1, 3)]
+        unknown.append((None, c) if dynamo else (t, None, c))
+        shape, axes, outer = (t, b, c), (2,), None
+        blind, blind_axes, blind_outer = (t, None, c), (2,), None
+        for (kind, arg), arg_blind in zip(steps, unknown, strict=True):
+            if kind == "transpose":
+                axes, blind_axes = transpose_axes(axes, arg), transpose_axes(blind_axes, arg)
+                shape = tuple(shape[p] for p in arg)
+                blind = tuple(blind[p] for p in arg)
+                continue
+            axes, outer = reshape_layout(shape, axes, outer, arg)
+            blind_axes, blind_outer = reshape_layout(blind, blind_axes, blind_outer, arg_blind, c)
+            assert blind_axes == axes, (blind, arg_blind)
+            assert blind_outer == (
+                None if outer is None else tuple(o if o == 1 else None for o in outer)
+            )
+            shape, blind = arg, arg_blind
 
 
 @st.composite
