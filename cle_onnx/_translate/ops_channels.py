@@ -224,9 +224,12 @@ class _ChannelOps:
         ):
             return None  # a 0 that is a size, not "copy the input's"
         out: list = []
+        other_batch = False  # the batch of another value, read with Shape
         for i, d in enumerate(target.reshape(-1)):
             if isinstance(d, _Dim):  # a dim read with Shape: the batch, kept
-                out.append(None if (d.value, d.index) == (node.input[0], 0) and i == 0 else "?")
+                copy = (d.value, d.index) == (node.input[0], 0) and i == 0
+                other_batch |= not copy and i == 0 and d.index == 0 and src[0] is None
+                out.append(None if copy or other_batch else "?")
             elif int(d) == 0:
                 out.append(src[i] if i < len(src) else "?")
             else:
@@ -239,7 +242,16 @@ class _ChannelOps:
             if out[0] is None and src[0] is None:
                 if known == 0 or total % known:
                     return None
+                last = out.index(-1) == len(out) - 1
                 out[out.index(-1)] = total // known
+                # Another value's batch (LLaMA's heads merged back, reshape(b, t, -1), after
+                # a Tile whose output's batch shape inference no longer ties to the input's)
+                # is this one's where the layers reading the result take exactly the
+                # features this gives them: with any other batch the model cannot run.
+                if other_batch and not (
+                    last and self._read_by_layers_of_width(node.output[0], out[-1])
+                ):
+                    return None
             elif src[0] is not None and out[0] is not None:
                 whole = total * src[0]
                 if known == 0 or whole % known:

@@ -686,3 +686,26 @@ def test_multihead_attention_with_a_dynamic_batch(always_scale, batch_first, dyn
     other = np.random.default_rng(1).standard_normal((3, 5, 16) if batch_first else (5, 3, 16))
     for inputs in (x, other.astype(np.float32)):
         assert sqnr_db(_run(proto, inputs), _run(eq, inputs)) >= 90
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama_expand"])
+def test_llama_torchscript_export_with_a_dynamic_batch_finds_every_region(always_scale, variant):
+    """The TorchScript exporter merges LLaMA's heads back with ``reshape(b, t, -1)``,
+    ``b`` read with Shape from the block's input: after the K / V heads' Tile, shape
+    inference no longer ties the attention's batch to it. The O projection reads
+    exactly the features the Reshape gives with the same batch, so it is that batch
+    (with another the model could not run): the regions are the dynamo export's, and
+    exact at another batch size than the exported one."""
+    model = VARIANTS[variant]()
+    x = model.example_input(2)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), buffer, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "N"}}
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    eq, report = cle_onnx.equalize_model(proto)
+    assert [r.kind for r in report.regions] == LLAMA, report.summary(verbose=True)
+    for inputs in (x.numpy(), model.example_input(3, seed=1).numpy()):
+        assert sqnr_db(_run(proto, inputs), _run(eq, inputs)) >= 90
