@@ -61,22 +61,24 @@ executor: attr ``activation`` ``hard_sigmoid`` (``clip(alpha x + beta, 0, 1)``, 
 LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select", "repeat"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr
 ``perm``. ``reshape``: attr ``shape``, the output's static shape (None for a dimension of
-unknown size, such as the batch). ``matmul``: ``A @ B`` of two activations (attention's
-``softmax(Q K^T) @ V``); channels pass through the operand that is not summed over, when
-the other operand stays unscaled. ``select``: positions of one axis: attrs ``axis`` (of
-the input) and ``index``, an integer (the axis goes), a ``slice`` or a tuple of integers
-(it stays). Along an axis that is not the channels' (``x[:, 0]``, a class token) every
-channel is kept whole, so a per-channel scale commutes with it; along a channel axis
-(q, k or v cut from a packed projection) some channels are kept whole, and
+unknown size, such as the batch: one at most); it may merge another axis above the channels
+of an axis while they lie on several axes (``Value.channel_outer``: the batch merged with
+the heads, ``(T, B * H, D)``) and split it off again. ``matmul``: ``A @ B`` of two
+activations (attention's ``softmax(Q K^T) @ V``); channels pass through the operand that is
+not summed over, when the other operand stays unscaled. ``select``: positions of one axis:
+attrs ``axis`` (of the input) and ``index``, an integer (the axis goes), a ``slice`` or a
+tuple of integers (it stays). Along an axis that is not the channels' (``x[:, 0]``, a class
+token) every channel is kept whole, so a per-channel scale commutes with it; along a
+channel axis (q, k or v cut from a packed projection) some channels are kept whole, and
 :meth:`Graph.validate` gives it a ``channel_map`` (see ``repeat``). ``repeat``: every
 position of attr ``axis`` repeated attr ``repeats`` times in a row (``np.repeat``,
 ``repeat_interleave``; an expand or tile of a size-1 axis). Along a channel axis
 (grouped-query attention's K / V heads) the output's channel ``j`` copies the input's
 channel ``channel_map[j]``: an attr that :meth:`Graph.validate` sets, as it does on a
-``reshape`` that merges such copies into the channel axis before them
-(``x[:, :, None].expand(...).reshape(...)``). Scaling input channel ``c`` by ``s_c``
-scales every copy by ``s_c``: the region reads the output's channels through the map.
-Along another axis (not the batch) every channel is kept whole."""
+``reshape`` that merges such copies into the channel axis before them (``x[:, :,
+None].expand(...).reshape(...)``). Scaling input channel ``c`` by ``s_c`` scales every copy
+by ``s_c``: the region reads the output's channels through the map. Along another axis (not
+the batch) every channel is kept whole."""
 
 NORM_OPS = frozenset({"norm"})
 """A normalization followed by a per-channel affine: ``y = gamma * normalize(x) + beta``
