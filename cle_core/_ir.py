@@ -133,9 +133,9 @@ class Value:
         # Where the channels are (see the module); None: axis 1, or not known.
         self.channel_axes: tuple[int, ...] | None = None
         # Per channel axis, the size of another axis merged above its channels (the
-        # batch merged with the heads, ``(T, B * H, D)``: ``(B, 1)``); None: none. See
-        # :func:`cle_core._layout.reshape_layout`.
-        self.channel_outer: tuple[int, ...] | None = None
+        # batch merged with the heads, ``(T, B * H, D)``: ``(B, 1)``, None for a batch of
+        # unknown size); None: none. See :func:`cle_core._layout.reshape_layout`.
+        self.channel_outer: tuple[int | None, ...] | None = None
 
     @property
     def axes(self) -> tuple[int, ...]:

@@ -126,7 +126,10 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
         def combine(x, y):
             if isinstance(x, _Dim) or isinstance(y, _Dim):
                 return _Dim(node.output[0], -1)
-            return int(x) * int(y) if op == "Mul" else int(x) // int(y)
+            if op == "Mul":
+                return int(x) * int(y)
+            q = abs(int(x)) // abs(int(y))  # integer Div truncates towards zero
+            return q if (int(x) < 0) == (int(y) < 0) else -q
 
         x, y = (np.asarray(v, dtype=object) for v in args)
         return [np.vectorize(combine, otypes=[object])(x, y)]

@@ -132,3 +132,73 @@ def test_a_merge_that_a_layer_would_read_is_refused():
     assert reshape_layout((5, 8, 4), (1, 2), (2, 1), (5, 2, 16)) == ((2,), None)
     # the plain rule is unchanged: (axes, no merged part)
     assert reshape_layout((2, 5, 16), (2,), None, (2, 5, 4, 4)) == ((2, 3), None)
+
+
+def _mha_graph(seed: int, t: int, b: int, h: int, d: int, dynamic: bool):
+    """``nn.MultiheadAttention`` as both exporters write it, in the IR: tokens ``(T, B,
+    C)``, q / k / v projections, each split as ``(T, B * H, D)``, transposed to ``(B * H,
+    T, D)`` and split back to ``(B, H, T, D)``; ``softmax(q k^T) @ v``; ``(T, B, H, D)``
+    merged to ``(T * B, C)``; the out projection. ``dynamic``: the shapes hold None
+    wherever the batch is a factor."""
+    from tests.helpers.ir_transformers import TokenBuilder, _softmax
+
+    c = h * d
+    unknown = None if dynamic else b
+    tb = TokenBuilder(seed, batch=t, tokens=b)  # (its "batch" first: here the tokens)
+    x = tb.input(c)
+    tb.g.values[x].shape = (t, unknown, c)
+
+    def heads(z):
+        bh = None if dynamic else b * h
+        z = tb.op("reshape", [z], out_shape=(t, bh, d), shape=(t, bh, d))
+        z = tb.op("transpose", [z], out_shape=(bh, t, d), perm=(1, 0, 2))
+        return tb.op("reshape", [z], out_shape=(unknown, h, t, d), shape=(unknown, h, t, d))
+
+    def project(z):
+        out = tb.linear(z, c, c)
+        return tb.shaped(out, (t, unknown, c))
+
+    q, k, v = (heads(project(x)) for _ in range(3))
+    kt = tb.op("transpose", [k], out_shape=(unknown, h, d, t), perm=(0, 1, 3, 2))
+    scores = tb.op("matmul", [q, kt], out_shape=(unknown, h, t, t))
+    p = tb.opaque([scores], _softmax, (unknown, h, t, t), "softmax")
+    mixed = tb.op("matmul", [p, v], out_shape=(unknown, h, t, d))
+    back = tb.op("transpose", [mixed], out_shape=(t, unknown, h, d), perm=(2, 0, 1, 3))
+    tbn = None if dynamic else t * b
+    merged = tb.op("reshape", [back], out_shape=(tbn, c), shape=(tbn, c))
+    out = tb.linear(merged, c, c)
+    graph = tb.build([tb.shaped(out, (tbn, c))])
+    rng = np.random.default_rng(seed + 1)
+    return graph, {"x": rng.standard_normal((t, b, c))}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.integers(0, 1000),
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from([2, 3]),
+    st.booleans(),
+    st.integers(0, 1000),
+)
+def test_v_to_o_through_the_batch_merged_with_the_heads_is_exact_for_any_scales(
+    seed, t, b, h, d, dynamic, scale_seed
+):
+    """The graph above, run by the core's executor: V -> O is one attention region over
+    V's channels (q and k meet in ``Q K^T`` and are not scaled), and any positive scales
+    on it leave the output as it was, with the batch known or not."""
+    from cle_core import run_graph
+    from cle_core._regions import find_regions
+    from cle_core._scale import apply_scales
+
+    g, x = _mha_graph(seed, t, b, h, d, dynamic)
+    before = run_graph(g, x)
+    regions, skips = find_regions(g, {})
+    attention = [r for r in regions if r.kind == "attention"]
+    assert [r.size for r in attention] == [h * d], [s.reason for s in skips]
+    rng = np.random.default_rng(scale_seed)
+    apply_scales(attention, {r.id: 10.0 ** rng.uniform(-2, 2, r.size) for r in attention})
+    after = run_graph(g, x)
+    for name, ref in before.items():
+        np.testing.assert_allclose(after[name], ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
