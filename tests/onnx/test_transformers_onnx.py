@@ -709,3 +709,36 @@ def test_llama_torchscript_export_with_a_dynamic_batch_finds_every_region(always
     assert [r.kind for r in report.regions] == LLAMA, report.summary(verbose=True)
     for inputs in (x.numpy(), model.example_input(3, seed=1).numpy()):
         assert sqnr_db(_run(proto, inputs), _run(eq, inputs)) >= 90
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+def test_inspect_lists_bert_v_to_o_with_a_dynamic_batch(dynamo, tmp_path, capsys):
+    """BERT exported as the benchmark exports it (a dynamic batch): ``cle inspect`` lists
+    V -> O of every layer, through the packed in-projection, and the last norm."""
+    model = VARIANTS["bert"]()
+    x = model.example_input(2)
+    path = tmp_path / "bert.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                input_names=["x"],
+                dynamic_shapes=({0: torch.export.Dim("N")},),
+            )
+            onnx.save(program.model_proto, str(path))
+        else:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                input_names=["x"],
+                dynamic_axes={"x": {0: "N"}},
+            )
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(r"^  #\d+ ([\w-]+), (\d+) channels:", out, flags=re.M)
+    assert listed == [("attention", "96"), ("attention", "96"), ("norm", "32")], out
