@@ -131,8 +131,11 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
     if op == "transpose":
         return [np.transpose(x, [int(i) for i in at["perm"]])]
     if op == "reshape":
+        # One unknown size follows from the number of elements (it need not be the
+        # input's batch: (B * H, T, D) -> (B, H, T, D)); of two, the first is the batch.
+        one = list(at["shape"]).count(None) == 1
         shape = [
-            x.shape[0] if d is None and i == 0 else (-1 if d is None else d)
+            x.shape[0] if d is None and i == 0 and not one else (-1 if d is None else d)
             for i, d in enumerate(at["shape"])
         ]
         return [x.reshape(shape)]

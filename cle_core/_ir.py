@@ -64,22 +64,24 @@ executor: attr ``activation`` ``hard_sigmoid`` (``clip(alpha x + beta, 0, 1)``, 
 LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select", "repeat"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr
 ``perm``. ``reshape``: attr ``shape``, the output's static shape (None for a dimension of
-unknown size, such as the batch). ``matmul``: ``A @ B`` of two activations (attention's
-``softmax(Q K^T) @ V``); channels pass through the operand that is not summed over, when
-the other operand stays unscaled. ``select``: positions of one axis: attrs ``axis`` (of
-the input) and ``index``, an integer (the axis goes), a ``slice`` or a tuple of integers
-(it stays). Along an axis that is not the channels' (``x[:, 0]``, a class token) every
-channel is kept whole, so a per-channel scale commutes with it; along a channel axis
-(q, k or v cut from a packed projection) some channels are kept whole, and
+unknown size, such as the batch: one at most); it may merge another axis above the channels
+of an axis while they lie on several axes (``Value.channel_outer``: the batch merged with
+the heads, ``(T, B * H, D)``) and split it off again. ``matmul``: ``A @ B`` of two
+activations (attention's ``softmax(Q K^T) @ V``); channels pass through the operand that is
+not summed over, when the other operand stays unscaled. ``select``: positions of one axis:
+attrs ``axis`` (of the input) and ``index``, an integer (the axis goes), a ``slice`` or a
+tuple of integers (it stays). Along an axis that is not the channels' (``x[:, 0]``, a class
+token) every channel is kept whole, so a per-channel scale commutes with it; along a
+channel axis (q, k or v cut from a packed projection) some channels are kept whole, and
 :meth:`Graph.validate` gives it a ``channel_map`` (see ``repeat``). ``repeat``: every
 position of attr ``axis`` repeated attr ``repeats`` times in a row (``np.repeat``,
 ``repeat_interleave``; an expand or tile of a size-1 axis). Along a channel axis
 (grouped-query attention's K / V heads) the output's channel ``j`` copies the input's
 channel ``channel_map[j]``: an attr that :meth:`Graph.validate` sets, as it does on a
-``reshape`` that merges such copies into the channel axis before them
-(``x[:, :, None].expand(...).reshape(...)``). Scaling input channel ``c`` by ``s_c``
-scales every copy by ``s_c``: the region reads the output's channels through the map.
-Along another axis (not the batch) every channel is kept whole."""
+``reshape`` that merges such copies into the channel axis before them (``x[:, :,
+None].expand(...).reshape(...)``). Scaling input channel ``c`` by ``s_c`` scales every copy
+by ``s_c``: the region reads the output's channels through the map. Along another axis (not
+the batch) every channel is kept whole."""
 
 NORM_OPS = frozenset({"norm"})
 """A normalization followed by a per-channel affine: ``y = gamma * normalize(x) + beta``
@@ -109,7 +111,16 @@ def unique_name(base: str, taken: set[str], sep: str = "_") -> str:
 class Value:
     """A tensor edge. ``producer`` is None for graph inputs."""
 
-    __slots__ = ("name", "producer", "uses", "channels", "spatial", "shape", "channel_axes")
+    __slots__ = (
+        "name",
+        "producer",
+        "uses",
+        "channels",
+        "spatial",
+        "shape",
+        "channel_axes",
+        "channel_outer",
+    )
 
     def __init__(self, name: str, channels: int | None = None):
         self.name = name
@@ -124,6 +135,10 @@ class Value:
         self.shape: tuple[int | None, ...] | None = None
         # Where the channels are (see the module); None: axis 1, or not known.
         self.channel_axes: tuple[int, ...] | None = None
+        # Per channel axis, the size of another axis merged above its channels (the
+        # batch merged with the heads, ``(T, B * H, D)``: ``(B, 1)``, None for a batch of
+        # unknown size); None: none. See :func:`cle_core._layout.reshape_layout`.
+        self.channel_outer: tuple[int | None, ...] | None = None
 
     @property
     def axes(self) -> tuple[int, ...]:
@@ -369,7 +384,8 @@ class Graph:
         nodes, values = list(self.nodes), dict(self.values)
         inputs, outputs = list(self.inputs), list(self.outputs)
         value_state = [
-            (v, v.producer, list(v.uses), v.channels, v.channel_axes) for v in values.values()
+            (v, v.producer, list(v.uses), v.channels, (v.channel_axes, v.channel_outer))
+            for v in values.values()
         ]
         node_state = [
             (n, n.op, list(n.inputs), list(n.outputs), dict(n.params), dict(n.attrs)) for n in nodes
@@ -378,13 +394,9 @@ class Graph:
         def restore() -> None:
             self.nodes, self.values = list(nodes), dict(values)
             self.inputs, self.outputs = list(inputs), list(outputs)
-            for v, producer, uses, channels, axes in value_state:
-                v.producer, v.uses, v.channels, v.channel_axes = (
-                    producer,
-                    list(uses),
-                    channels,
-                    axes,
-                )
+            for v, producer, uses, channels, (axes, outer) in value_state:
+                v.producer, v.uses, v.channels = producer, list(uses), channels
+                v.channel_axes, v.channel_outer = axes, outer
             for n, op, ins, outs, params, attrs in node_state:
                 n.op, n.inputs, n.outputs = op, list(ins), list(outs)
                 n.params, n.attrs = dict(params), dict(attrs)
@@ -422,6 +434,7 @@ class Graph:
 def _copy_value_info(old: Value, new: Value) -> None:
     new.channels, new.spatial = old.channels, old.spatial
     new.shape, new.channel_axes = old.shape, old.channel_axes
+    new.channel_outer = old.channel_outer
 
 
 def _per_channel_size(node: Node, key: str, channels: int | None) -> None:
@@ -586,7 +599,7 @@ def _infer_layout(node: Node) -> None:
             node.attrs["carrier"] = _carrier(node)
             x = node.inputs[node.attrs["carrier"]]
         if out.channel_axes is None:
-            out.channel_axes = x.channel_axes
+            out.channel_axes, out.channel_outer = x.channel_axes, x.channel_outer
     elif node.op in PASSTHROUGH_OPS and x is not None and x.channels is not None:
         if x.axes != (1,):  # a pool, pad or resize works on the axes after 1
             node.attrs["layout_why"] = (
@@ -598,7 +611,8 @@ def _infer_layout(node: Node) -> None:
     if node.op in _SAME_SHAPE and x is not None and out.shape is None:
         out.shape = x.shape
     if node.op == "add" and out.channels is not None:
-        if len({v.axes for v in node.inputs if v.channels == out.channels}) > 1:
+        layouts = {(v.axes, v.channel_outer) for v in node.inputs if v.channels == out.channels}
+        if len(layouts) > 1:
             node.attrs["layout_why"] = "its inputs have their channels on different axes"
             for v in node.outputs:
                 v.channels = None
@@ -641,7 +655,7 @@ def _infer_moved(node: Node) -> None:
         matmul_axes,
         merged_copies,
         repeat_map,
-        reshape_axes,
+        reshape_layout,
         select_axes,
         select_map,
         select_shape,
@@ -652,7 +666,12 @@ def _infer_moved(node: Node) -> None:
     where = f"node {node.name!r} ({node.op})"
     node.attrs.pop("layout_why", None)
     node.attrs.pop("channel_map", None)
+    outer = None  # the output's channel_outer
     try:
+        merged = [v for v in node.inputs if v.channel_outer is not None]
+        if merged and node.op in ("select", "repeat"):
+            # (their channel maps count the merged positions as channels)
+            raise LayoutError(f"the channels of {merged[0].name!r} are merged with another axis")
         if node.op == "transpose":
             x = node.inputs[0]
             perm = [int(p) for p in node.attrs["perm"]]
@@ -663,7 +682,7 @@ def _infer_moved(node: Node) -> None:
             if x.channels is None:
                 raise LayoutError(f"the channels of {x.name!r} are not known")
             axes = transpose_axes(x.axes, perm)
-            channels = x.channels
+            channels, outer = x.channels, x.channel_outer
         elif node.op == "reshape":
             x = node.inputs[0]
             out.shape = tuple(node.attrs["shape"])
@@ -672,8 +691,10 @@ def _infer_moved(node: Node) -> None:
             if x.shape is None:
                 raise LayoutError(f"the shape of {x.name!r} is not known")
             copies = _copied_axis(x)
-            if copies is None:
-                axes = reshape_axes(x.shape, x.axes, out.shape)
+            if copies is None or x.channel_outer is not None:
+                axes, outer = reshape_layout(
+                    x.shape, x.axes, x.channel_outer, out.shape, x.channels
+                )
                 channels = x.channels
             else:
                 axes, index = merged_copies(x.shape, x.axes, copies, out.shape)
@@ -750,7 +771,7 @@ def _infer_moved(node: Node) -> None:
                 except LayoutError as e:
                     reasons.append(str(e))
                     continue
-                channels = v.channels
+                channels, outer = v.channels, v.channel_outer
                 node.attrs["carrier"] = index
                 break
             if axes is None:
@@ -758,6 +779,6 @@ def _infer_moved(node: Node) -> None:
     except LayoutError as e:
         node.attrs["layout_why"] = str(e)
         node.attrs.pop("carrier", None)
-        out.channels, out.channel_axes = None, None
+        out.channels, out.channel_axes, out.channel_outer = None, None, None
         return
-    out.channels, out.channel_axes = channels, axes
+    out.channels, out.channel_axes, out.channel_outer = channels, axes, outer

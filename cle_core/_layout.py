@@ -12,6 +12,7 @@ are after the op, or why they cannot be followed (:class:`LayoutError`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -114,6 +115,151 @@ def reshape_axes(in_shape: Shape, axes: Sequence[int], out_shape: Shape) -> tupl
         out.extend(outs)
         k += length
     return tuple(out)
+
+
+# The stand-in for the one unknown size of a reshape: a prime larger than any product of
+# sizes, so that the atoms below never split it where a symbol could not be split.
+_UNKNOWN = 2**61 - 1
+
+
+def reshape_layout(
+    in_shape: Shape,
+    axes: Sequence[int],
+    outer: Sequence[int | None] | None,
+    out_shape: Shape,
+    channels: int | None = None,
+) -> tuple[tuple[int, ...], tuple[int | None, ...] | None]:
+    """Channel axes and their outer factors (see below) after reshaping ``in_shape``
+    (channels on ``axes``, ``channels`` of them) to ``out_shape``: :func:`reshape_axes`,
+    and also a reshape that merges a non-channel axis into a channel axis as its most
+    significant part.
+
+    ``nn.MultiheadAttention`` as both ONNX exporters write it splits the heads of a
+    ``(T, B, C)`` value as ``(T, B * H, D)``: position ``b * H + h`` of axis 1, the
+    batch merged with the heads. A per-channel scale is then still one number per
+    position of axes 1 and 2 (``s[h * D + d]``, the same for every ``b``), so it
+    commutes with what moves whole positions, and the split back ``(B * H, T, D) -> (B,
+    H, T, D)`` restores the plain layout. ``outer`` holds, for each channel axis, the
+    size of the non-channel part merged above its channels (1: none; None: unknown, the
+    batch; ``outer`` None: all 1). Such a merge is followed only while the channels lie
+    on two axes or more, which no layer and no per-channel constant reads.
+
+    One size may be unknown (None) on each side, the batch: the number of elements
+    fixes the one from the other. It stands for a prime larger than every product of
+    sizes, so that an answer never depends on how the batch would factor; what would
+    need that raises."""
+    outer = tuple(outer) if outer is not None else (1,) * len(axes)
+    plain_error = None
+    if all(o == 1 for o in outer):
+        try:
+            return reshape_axes(in_shape, axes, out_shape), None
+        except LayoutError as e:
+            plain_error = e
+    merges = LayoutError(
+        f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} merges the channels with another axis"
+    )
+    try:
+        in_sizes, out_sizes, outer = _stand_ins(in_shape, axes, outer, out_shape, channels)
+    except LayoutError as e:
+        raise plain_error or e from None
+    # Each axis is cut into atoms (row-major digits) so that every input and output axis
+    # is a run of atoms: a channel atom carries its place in the order of significance
+    # (its axis's rank in ``axes``, then its digits within the axis), others carry None.
+    atoms: list[tuple[int, tuple | None]] = []
+    for a, size in enumerate(in_sizes):
+        if a in axes:
+            k = list(axes).index(a)
+            atoms += [(outer[k], None), (size // outer[k], (k,))]
+        else:
+            atoms.append((size, None))
+    atoms = [t for t in atoms if t[0] != 1]
+    out_atoms: list[list[tuple[int, tuple | None]]] = []
+    for need in out_sizes:
+        mine = []
+        while need > 1:
+            if not atoms:
+                raise plain_error or merges
+            size, tag = atoms.pop(0)
+            if need % size == 0:
+                mine.append((size, tag))
+                need //= size
+            elif size % need == 0:  # the atom splits: its upper digits stay here
+                hi, lo = (None, None) if tag is None else ((*tag, 0), (*tag, 1))
+                mine.append((need, hi))
+                atoms.insert(0, (size // need, lo))
+                need = 1
+            else:
+                raise plain_error or merges
+        out_atoms.append(mine)
+    out_axes, out_outer, order = [], [], []
+    for b, mine in enumerate(out_atoms):
+        tags = [tag for _, tag in mine if tag is not None]
+        if not tags:
+            continue
+        first = next(i for i, (_, tag) in enumerate(mine) if tag is not None)
+        if any(tag is None for _, tag in mine[first:]):
+            raise plain_error or merges  # positions below channels: a flatten
+        if any(size % _UNKNOWN == 0 for size, tag in mine if tag is not None):
+            raise LayoutError(
+                f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} gives the channels "
+                "an unknown size"
+            )
+        above = int(np.prod([size for size, _ in mine[:first]], dtype=object))
+        out_axes.append(b)
+        out_outer.append(None if above % _UNKNOWN == 0 else above)
+        order.append(tags)
+    ranked = sorted(range(len(out_axes)), key=lambda i: order[i][0])
+    flat = [t for i in ranked for t in order[i]]
+    if flat != sorted(flat):
+        raise plain_error or LayoutError(
+            f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} permutes the channels "
+            "(it merges their axes out of order)"
+        )
+    new_axes = tuple(out_axes[i] for i in ranked)
+    new_outer = tuple(out_outer[i] for i in ranked)
+    if any(o != 1 for o in new_outer) and len(new_axes) < 2:
+        raise plain_error or merges  # a layer would read the merged positions as channels
+    return new_axes, (new_outer if any(o != 1 for o in new_outer) else None)
+
+
+def _stand_ins(in_shape, axes, outer, out_shape, channels):
+    """The sizes of both shapes and the outer factors, the one unknown size on each
+    side (and an unknown outer factor) replaced by multiples of :data:`_UNKNOWN`."""
+    unknown_in = [i for i, d in enumerate(in_shape) if d is None]
+    unknown_out = [i for i, d in enumerate(out_shape) if d is None]
+    if not unknown_in and not unknown_out and None not in outer:
+        return [int(d) for d in in_shape], [int(d) for d in out_shape], outer
+    if len(unknown_in) != 1 or len(unknown_out) != 1:
+        raise LayoutError(
+            f"the reshape {tuple(in_shape)} -> {tuple(out_shape)} has unknown sizes that "
+            "the number of elements does not tell"
+        )
+    k_in = int(np.prod([d for d in in_shape if d is not None], dtype=object))
+    k_out = int(np.prod([d for d in out_shape if d is not None], dtype=object))
+    g = math.gcd(k_in, k_out)
+    in_sizes = [_UNKNOWN * (k_out // g) if d is None else int(d) for d in in_shape]
+    out_sizes = [_UNKNOWN * (k_in // g) if d is None else int(d) for d in out_shape]
+    stood = []
+    for a, o in zip(axes, outer, strict=True):
+        if o is not None:
+            if in_sizes[a] % o:
+                raise LayoutError(f"axis {a} of size {in_sizes[a]} holds {o} merged positions")
+            stood.append(o)
+            continue
+        # the batch merged with the heads: the channels' own extent on this axis is what
+        # the other channel axes leave of the channel count
+        rest = int(
+            np.prod([in_sizes[b] // p for b, p in zip(axes, outer, strict=True) if p], dtype=object)
+        )
+        if (
+            channels is None
+            or a not in unknown_in
+            or channels % rest
+            or in_sizes[a] % (channels // rest)
+        ):
+            raise LayoutError(f"the positions merged into axis {a} are not known")
+        stood.append(in_sizes[a] // (channels // rest))
+    return in_sizes, out_sizes, tuple(stood)
 
 
 def matmul_axes(a_rank: int, b_rank: int, axes: Sequence[int], operand: int) -> tuple[int, ...]:

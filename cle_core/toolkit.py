@@ -22,7 +22,8 @@ Inputs and statistics:
 Layouts: :func:`broadcast_shape` (the shape a per-channel vector takes over a tensor
 whose channels are on given axes, for writing back clip bounds or a norm's affine on a
 channel-last value), :func:`reshape_axes` (where the channels are after a reshape, the
-rule the core follows them by), :class:`LayoutError`.
+rule the core follows them by), :class:`LayoutError`, ``LAYOUT_OPS`` (the IR ops that
+move channels between axes).
 
 Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype, refused
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
@@ -49,6 +50,7 @@ from ._files import (
     temp_folder,
     write_atomic,
 )
+from ._ir import LAYOUT_OPS
 from ._layout import LayoutError, broadcast_shape, reshape_axes
 from ._math import fit_dtype
 from ._plots import write_plots
@@ -66,6 +68,7 @@ from ._stats import ChannelStats, StatsAccumulator
 from ._verify import folded_only, quality_key, split_inputs, verdict
 
 __all__ = [
+    "LAYOUT_OPS",
     "ChannelStats",
     "LayoutError",
     "Progress",

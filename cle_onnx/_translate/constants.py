@@ -49,6 +49,7 @@ _FOLDABLE = frozenset(
         "Sub",
         "Mul",
         "Div",
+        "Mod",
         "Neg",
         "Range",
         "Expand",
@@ -74,7 +75,7 @@ def _fold_size(node: onnx.NodeProto, args: list) -> int | None:
         if op == "Range":
             start, limit, delta = (float(a.reshape(-1)[0]) for a in args[:3])
             return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
-        if op in ("Add", "Sub", "Mul", "Div"):
+        if op in ("Add", "Sub", "Mul", "Div", "Mod"):
             return int(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
     except (TypeError, ValueError, OverflowError):
         return None
@@ -119,6 +120,19 @@ def _evaluate_symbolic(node: onnx.NodeProto, args: list, opset: int) -> list:
         return [
             np.concatenate([np.asarray(x, dtype=object) for x in args], axis=int(a.get("axis", 0)))
         ]
+    if op in ("Mul", "Div") and len(args) == 2:
+        # a size computed from an unknown one (the TorchScript exporter's B * H): unknown,
+        # a symbol that is nobody's dimension, so that it is never taken for a copy
+        def combine(x, y):
+            if isinstance(x, _Dim) or isinstance(y, _Dim):
+                return _Dim(node.output[0], -1)
+            if op == "Mul":
+                return int(x) * int(y)
+            q = abs(int(x)) // abs(int(y))  # integer Div truncates towards zero
+            return q if (int(x) < 0) == (int(y) < 0) else -q
+
+        x, y = (np.asarray(v, dtype=object) for v in args)
+        return [np.vectorize(combine, otypes=[object])(x, y)]
     raise ValueError(f"cannot fold {op} over symbolic dims")
 
 

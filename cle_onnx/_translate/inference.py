@@ -114,8 +114,22 @@ def shape_values(
         if name in given or p is None or len(p.output) != 1 or value.ndim > 1:
             continue
         uses = readers.get(name, [])
+        # (a Reshape whose output has several unknown sizes learns from a value that
+        # leaves it one: the batch beside known sizes)
+        symbols = sum(isinstance(d, _Dim) for d in value.reshape(-1))
         wanted = any(
-            n.op_type in _SHAPE_READERS and k >= 1 and any(o and o not in dims for o in n.output)
+            n.op_type in _SHAPE_READERS
+            and k >= 1
+            and any(
+                o
+                and (
+                    o not in dims
+                    or (
+                        n.op_type == "Reshape" and sum(d is None for d in dims[o]) > min(symbols, 1)
+                    )
+                )
+                for o in n.output
+            )
             for n, k in uses
         )
         if not wanted or value.dtype.kind not in "iuO":
@@ -130,14 +144,25 @@ def shape_values(
 
 def _symbols_as_copies(value: np.ndarray, uses) -> np.ndarray | None:
     """``value`` with each symbolic dimension replaced by 0 (Reshape: copy the input's),
-    where that is what every reader makes of it; else None."""
+    where that is what every reader makes of it, and one other symbolic dimension (the
+    batch times the heads, ``(T, B * H, D)``) by -1, which the number of elements fixes
+    where no other size is unknown; else None."""
     flat = list(value.reshape(-1))
+    other = set()
     for node, k in uses:
         if node.op_type != "Reshape" or k != 1:
             return None
         if any(a.name == "allowzero" and a.i for a in node.attribute):
             return None
-        for i, d in enumerate(flat):
-            if isinstance(d, _Dim) and (d.value, d.index) != (node.input[0], i):
-                return None
-    return np.array([0 if isinstance(d, _Dim) else int(d) for d in flat], np.int64)
+        other |= {
+            i
+            for i, d in enumerate(flat)
+            if isinstance(d, _Dim) and (d.value, d.index) != (node.input[0], i)
+        }
+    inferred = any(not isinstance(d, _Dim) and int(d) == -1 for d in flat)
+    if len(other) > 1 or (other and inferred):
+        return None
+    return np.array(
+        [-1 if i in other else 0 if isinstance(d, _Dim) else int(d) for i, d in enumerate(flat)],
+        np.int64,
+    )

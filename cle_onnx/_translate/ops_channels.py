@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cle_core.toolkit import LAYOUT_OPS
+
 from .constants import _Dim
 from .proto import _attrs
 
@@ -145,10 +147,20 @@ class _ChannelOps:
         """A flatten of channel-first data ``(N, C, ...) -> (N, C * ...)``, else a
         ``reshape`` to the static shape it makes (the core follows the channels)."""
         src = self.dims.get(node.input[0])
-        if src is None or len(src) < 2 or not all(isinstance(d, int) for d in src[1:]):
+        if src is None or len(src) < 2:
             return "its input's shape is not known"
+        if not all(isinstance(d, int) for d in src[1:]):
+            # the batch after the tokens ((T, B, C), nn.MultiheadAttention's layout)
+            if not isinstance(src[0], int) or sum(not isinstance(d, int) for d in src) > 1:
+                return "its input's shape is not known"
+            shape = self._shape_beside_the_batch(node, src)
+            if shape is None:
+                return "its output's shape is not known (one size may be unknown, the batch)"
+            self.add("reshape", [node.input[0]], name, index, attrs={"shape": shape})
+            return None
         why = None
-        if self.axis.get(node.input[0]) in (1, None):
+        axis = self.axis.get(node.input[0])
+        if axis == 1 or (axis is None and not self._heads(node.input[0])):
             why = self._flatten(index, node, name, src)
             if why is None:
                 return None
@@ -156,6 +168,39 @@ class _ChannelOps:
         if shape is None:
             return why or "its output's shape is not static (only the batch may be unknown)"
         self.add("reshape", [node.input[0]], name, index, attrs={"shape": shape})
+
+    def _heads(self, value: str) -> bool:
+        """Whether ``value`` comes from an op that moves channels between axes (the core
+        follows them there, spread over several axes as between a heads split and its
+        merge), so that a Reshape of it is the core's ``reshape``, not a flatten of
+        channel-first data: ``(T, 1, H, D) -> (T, H * D)`` merges the heads of a batch
+        of one."""
+        v = self.graph.values.get(value)
+        return v is not None and v.producer is not None and v.producer.op in LAYOUT_OPS
+
+    def _shape_beside_the_batch(self, node, src) -> tuple | None:
+        """The output shape of a Reshape whose input has one unknown size (the batch)
+        on another axis than the first: from shape inference or its shape input, with
+        one unknown size (None) on the output too, which the number of elements then
+        fixes (the core follows the channels so, :func:`cle_core._layout.reshape_layout`)."""
+        dst = self.dims.get(node.output[0])
+        if dst is not None and sum(not isinstance(d, int) for d in dst) == 1:
+            return tuple(d if isinstance(d, int) else None for d in dst)
+        target = self.const(node.input[1])
+        if target is None:
+            return None
+        zero_copies = not int(_attrs(node).get("allowzero", 0))
+        out: list = []
+        for i, d in enumerate(target.reshape(-1)):
+            if isinstance(d, _Dim) or int(d) == -1:
+                out.append(None)  # a size read with Shape (a product of it) or inferred
+            elif int(d) == 0 and zero_copies:
+                out.append(src[i] if i < len(src) else "?")
+            else:
+                out.append(int(d))
+        if "?" in out or out.count(None) != 1:
+            return None
+        return tuple(out)
 
     def _static_shape(self, node, src) -> tuple | None:
         """The output shape of a Reshape, from shape inference or its shape input with 0
@@ -179,9 +224,12 @@ class _ChannelOps:
         ):
             return None  # a 0 that is a size, not "copy the input's"
         out: list = []
+        other_batch = False  # the batch of another value, read with Shape
         for i, d in enumerate(target.reshape(-1)):
             if isinstance(d, _Dim):  # a dim read with Shape: the batch, kept
-                out.append(None if (d.value, d.index) == (node.input[0], 0) and i == 0 else "?")
+                copy = (d.value, d.index) == (node.input[0], 0) and i == 0
+                other_batch |= not copy and i == 0 and d.index == 0 and src[0] is None
+                out.append(None if copy or other_batch else "?")
             elif int(d) == 0:
                 out.append(src[i] if i < len(src) else "?")
             else:
@@ -194,7 +242,16 @@ class _ChannelOps:
             if out[0] is None and src[0] is None:
                 if known == 0 or total % known:
                     return None
+                last = out.index(-1) == len(out) - 1
                 out[out.index(-1)] = total // known
+                # Another value's batch (LLaMA's heads merged back, reshape(b, t, -1), after
+                # a Tile whose output's batch shape inference no longer ties to the input's)
+                # is this one's where the layers reading the result take exactly the
+                # features this gives them: with any other batch the model cannot run.
+                if other_batch and not (
+                    last and self._read_by_layers_of_width(node.output[0], out[-1])
+                ):
+                    return None
             elif src[0] is not None and out[0] is not None:
                 whole = total * src[0]
                 if known == 0 or whole % known:

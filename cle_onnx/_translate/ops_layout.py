@@ -69,12 +69,16 @@ class _LayoutOps:
             value = self.const(node.input[1])
             axes = None if value is None else value.reshape(-1).tolist()
         rank = len(dst) if node.op_type == "Unsqueeze" else len(src)
-        if axes is None or 0 in [int(a) % rank for a in axes]:
-            # the IR takes axis 0 for the batch (statistics, sizes): it stays axis 0
+        first_known = isinstance(src[0], int) and isinstance(dst[0], int)
+        if axes is None or (0 in [int(a) % rank for a in axes] and not first_known):
+            # the IR takes axis 0 for the batch where its size is unknown: it stays axis 0.
+            # (Where axis 0 has a size, it may go: nn.MultiheadAttention's exports
+            # unsqueeze the packed q / k / v (T, B, 3, C) there, to move the 3 first.)
             return "it removes or inserts the batch axis (or its axes are not known)"
-        if not all(isinstance(d, int) for d in (*src[1:], *dst[1:])):
+        unknown = [sum(not isinstance(d, int) for d in v) for v in (src, dst)]
+        if unknown[0] != unknown[1] or unknown[0] > 1:
             return "its output's shape is not static (only the batch may be unknown)"
-        if (src[0] is None) != (dst[0] is None):
+        if not first_known and (src[0] is None) != (dst[0] is None):
             return "its batch size is not kept"
         self.add("reshape", [node.input[0]], name, index, attrs={"shape": tuple(dst)})
 

@@ -365,12 +365,16 @@ def onnx_idiom_specs(draw):
     return {**spec, "dtype": "float32", "idioms": draw(st.lists(idioms, min_size=1, max_size=2))}
 
 
-def channel_index(shape, axes) -> np.ndarray:
+def channel_index(shape, axes, outer=None) -> np.ndarray:
     """Per element of a tensor of ``shape``: the index of its channel when the channels
     lie on ``axes`` (row-major over them, in that order): a brute force to check layout
-    tracking against."""
+    tracking against. ``outer``: per channel axis, the size of a non-channel part merged
+    above the channels (position ``p`` of the axis holds channel digit ``p % (size /
+    outer)``)."""
+    outer = outer or (1,) * len(axes)
     grids = np.indices(shape)
     index = np.zeros(shape, np.int64)
-    for a in axes:
-        index = index * shape[a] + grids[a]
+    for a, o in zip(axes, outer, strict=True):
+        inner = shape[a] // o
+        index = index * inner + grids[a] % inner
     return index

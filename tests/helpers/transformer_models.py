@@ -29,11 +29,15 @@ NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 def spread_channels(model: nn.Module, seed: int = 0) -> nn.Module:
     """Spread norm gammas over two decades (random sign kept positive: a norm's gamma is
-    usually so), give every norm a non-zero beta where it has one, and spread each
-    Linear's output rows over one decade."""
+    usually so), give every norm a non-zero beta where it has one, spread each Linear's
+    output rows over one decade, and give ``nn.MultiheadAttention``'s in-projection a
+    non-zero bias (it starts at zeros, and the dynamo exporter stores equal biases of
+    several layers as one tensor, which no equalization may scale)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_bias is not None:
+                m.in_proj_bias.copy_(torch.randn(m.in_proj_bias.shape, generator=g) * 0.1)
             weight = getattr(m, "weight", None)
             if weight is None:
                 continue

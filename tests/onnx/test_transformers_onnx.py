@@ -30,9 +30,11 @@ from tests.helpers.transformer_models import VARIANTS, GQANoRotary  # noqa: E402
 # The regions (kinds, in graph order) of each model and exporter. What is not there:
 # Q -> K (scaled by rotary's per-position cos / sin, or summed over by Q K^T), GELU /
 # SiLU between layers, the residual stream (it starts at an embedding or a constant
-# Add), post-LN norms (BERT: their output feeds the residual too), V -> O behind
-# nn.MultiheadAttention's packed in-projection (its q / k / v split is not a channel
-# slice the core follows). The final norm -> head is there, through the class token
+# Add), post-LN norms (BERT: their output feeds the residual too). V -> O behind
+# nn.MultiheadAttention's packed in-projection is there: its (T, B, 3, C) split and its
+# heads split as (T, B * H, D), the batch merged with the heads and split back before the
+# attention (a layout the core follows, the batch being static here). The final norm ->
+# head is there, through the class token
 # (``x[:, 0]``, a Gather of one position: a ``select``) or the mean over tokens. LLaMA's
 # grouped-query V -> O is there through the K / V heads' repetition (Unsqueeze, Expand or
 # Tile, Reshape: a repeat the core follows with a channel map).
@@ -45,19 +47,18 @@ EXPECTED = {
     ("vit_mean_pool", "dynamo"): VIT,
     ("vit_sdpa", "ts"): VIT,
     ("vit_sdpa", "dynamo"): VIT,
-    ("vit_mha", "ts"): ["norm"] * 5,
-    # the dynamo exporter stores the two blocks' in-projection biases (zeros, as
-    # nn.MultiheadAttention initializes them) as one tensor: shared, never scaled
-    ("vit_mha", "dynamo"): ["norm"] * 3,
+    ("vit_mha", "ts"): VIT,
+    ("vit_mha", "dynamo"): VIT,
     ("llama", "ts"): LLAMA,
     ("llama", "dynamo"): LLAMA,
     ("llama_expand", "ts"): LLAMA,
     ("llama_expand", "dynamo"): LLAMA,
     # nn.RMSNorm: the TorchScript exporter cannot export aten::rms_norm
     ("llama_nn_rmsnorm", "dynamo"): LLAMA,
-    # post-LN: only the last norm, which feeds the head alone (through the class token)
-    ("bert", "ts"): ["norm"],
-    ("bert", "dynamo"): ["norm"],
+    # post-LN: V -> O in each layer and the last norm, which feeds the head alone
+    # (through the class token)
+    ("bert", "ts"): ["attention", "attention", "norm"],
+    ("bert", "dynamo"): ["attention", "attention", "norm"],
     ("convnext", "ts"): ["norm"] * 4,
     ("convnext", "dynamo"): ["norm"] * 4,
     # opset 16: no LayerNormalization, the TorchScript exporter writes it out
@@ -612,3 +613,132 @@ def test_v_cut_from_a_packed_projection_is_equalized_q_and_k_kept(
     assert re.search(r"^  #\d+ attention, 48 channels: ", out, re.M), out
     assert "(channels 0-15 kept at scale 1)" in out and "(channels 16-31 kept at scale 1)" in out
     assert "the MatMul sums over the channels" in out
+
+
+# --- nn.MultiheadAttention: the batch merged with the heads ---------------------------------
+
+
+class _MHABlock(torch.nn.Module):
+    """``nn.MultiheadAttention`` alone (packed in-projection, self-attention)."""
+
+    def __init__(self, batch_first: bool, dim=16, heads=4):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def _export_mha(batch_first: bool, batch: int, dynamo: bool, dynamic: bool):
+    from tests.helpers.transformer_models import spread_channels
+
+    torch.manual_seed(0)
+    model = spread_channels(_MHABlock(batch_first)).eval()
+    axis = 0 if batch_first else 1
+    x = torch.randn(batch, 5, 16) if batch_first else torch.randn(5, batch, 16)
+    kw = {}
+    if dynamic:
+        if dynamo:
+            kw["dynamic_shapes"] = ({axis: torch.export.Dim("b")},)
+        else:
+            kw["dynamic_axes"] = {"x": {axis: "b"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            proto = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], **kw)
+            return proto.model_proto, x.numpy()
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], **kw)
+        return onnx.load_from_string(buffer.getvalue()), x.numpy()
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_v_to_o_through_the_batch_merged_with_the_heads(
+    always_scale, batch_first, batch, dynamo
+):
+    """Both exporters split V's heads as ``(T, B * H, D)`` (the batch merged with the
+    heads), transpose, split the batch back, and merge the heads as ``(T * B, C)`` or
+    ``(T, B, C)`` before the out projection; the TorchScript one cuts q / k / v from
+    ``(T, B, 3, C)``, whose shape it computes with ``Mod``. V -> O is found over the
+    packed projection's 48 channels (q's and k's kept at scale 1) and is exact."""
+    proto, x = _export_mha(batch_first, batch, dynamo, dynamic=False)
+    eq, report = cle_onnx.equalize_model(proto)
+    summary = report.summary(verbose=True)
+    assert [(r.kind, r.channels) for r in report.regions] == [("attention", 48)], summary
+    s = report.regions[0].scales
+    assert np.all(s[:32] == 1) and np.any(np.abs(np.log10(s[32:])) > 0.05)
+    assert sqnr_db(_run(proto, x), _run(eq, x)) >= 90
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_with_a_dynamic_batch(always_scale, batch_first, dynamo):
+    """With the batch dynamic, ``(T, B * H, D)`` has one unknown size, which the number
+    of elements ties to the input's: followed all the same (the TorchScript exporter's
+    ``B * H``, computed with Shape and Mul, is taught to shape inference as -1), and
+    exact for another batch size than the exported one."""
+    proto, x = _export_mha(batch_first, 2, dynamo, dynamic=True)
+    eq, report = cle_onnx.equalize_model(proto)
+    summary = report.summary(verbose=True)
+    assert [(r.kind, r.channels) for r in report.regions] == [("attention", 48)], summary
+    other = np.random.default_rng(1).standard_normal((3, 5, 16) if batch_first else (5, 3, 16))
+    for inputs in (x, other.astype(np.float32)):
+        assert sqnr_db(_run(proto, inputs), _run(eq, inputs)) >= 90
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama_expand"])
+def test_llama_torchscript_export_with_a_dynamic_batch_finds_every_region(always_scale, variant):
+    """The TorchScript exporter merges LLaMA's heads back with ``reshape(b, t, -1)``,
+    ``b`` read with Shape from the block's input: after the K / V heads' Tile, shape
+    inference no longer ties the attention's batch to it. The O projection reads
+    exactly the features the Reshape gives with the same batch, so it is that batch
+    (with another the model could not run): the regions are the dynamo export's, and
+    exact at another batch size than the exported one."""
+    model = VARIANTS[variant]()
+    x = model.example_input(2)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), buffer, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "N"}}
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    eq, report = cle_onnx.equalize_model(proto)
+    assert [r.kind for r in report.regions] == LLAMA, report.summary(verbose=True)
+    for inputs in (x.numpy(), model.example_input(3, seed=1).numpy()):
+        assert sqnr_db(_run(proto, inputs), _run(eq, inputs)) >= 90
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+def test_inspect_lists_bert_v_to_o_with_a_dynamic_batch(dynamo, tmp_path, capsys):
+    """BERT exported as the benchmark exports it (a dynamic batch): ``cle inspect`` lists
+    V -> O of every layer, through the packed in-projection, and the last norm."""
+    model = VARIANTS["bert"]()
+    x = model.example_input(2)
+    path = tmp_path / "bert.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(
+                model,
+                (x,),
+                dynamo=True,
+                input_names=["x"],
+                dynamic_shapes=({0: torch.export.Dim("N")},),
+            )
+            onnx.save(program.model_proto, str(path))
+        else:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                input_names=["x"],
+                dynamic_axes={"x": {0: "N"}},
+            )
+    assert main(["inspect", str(path), "-v"]) == 0
+    out = capsys.readouterr().out
+    listed = re.findall(r"^  #\d+ ([\w-]+), (\d+) channels:", out, flags=re.M)
+    assert listed == [("attention", "96"), ("attention", "96"), ("norm", "32")], out
