@@ -558,15 +558,58 @@ def _scores_operands(node: Node) -> tuple[Value, Value] | str | None:
         q, k = node.inputs
     else:
         return None
-    for v in (q, k):
+    if q.channels is not None and k.channels is not None:
+        return q, k
+    if not (_from_projection(q) and _from_projection(k)):
+        return None  # (attention's weights times V, say)
+    v = q if q.channels is None else k
+    p = _lost_at(v)
+    why = p.attrs.get("layout_why")
+    return (
+        f"{v.name!r} has no channels the IR follows: {p.describe()} loses them"
+        + (f" ({why})" if why else "")
+        + (_ROTARY if p.op in _PRODUCTS or str(p.attrs.get("kind")).lower() in _PRODUCTS else "")
+    )
+
+
+# where a rotary embedding's q * cos + rotate_half(q) * sin loses the channels
+_PRODUCTS = frozenset({"mul", "add", "concat", "cat", "neg"})
+
+
+def _lost_at(value: Value) -> Node:
+    """The node before ``value`` (which has no channels) whose output lost them: the
+    first, going back, that reads a value with channels (or reads nothing)."""
+    while value.producer is not None:
+        p = value.producer
+        if not p.inputs or any(v.channels is not None for v in p.inputs):
+            return p
+        value = p.inputs[0]
+    return value.uses[0][0]
+
+
+def _from_projection(value: Value, budget: int = 24) -> bool:
+    """Whether a Linear produces ``value`` or comes before it, not through another
+    ``q k^T`` (a few nodes back at most): q or k of an attention, not its weights."""
+    stack, seen = [value], set()
+    while stack and len(seen) < budget:
+        v = stack.pop()
         p = v.producer
-        if v.channels is None:
-            if p is None or (node.op == "matmul" and (v.rank or 0) < 2):
-                return None
-            return f"{v.name!r} has no channels the IR follows: it comes from {p.describe()}" + (
-                _ROTARY if p.op in ("mul", "add", "opaque", "concat") else ""
-            )
-    return q, k
+        if p is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.op == "linear":
+            return True
+        if _is_scores(p):
+            continue
+        stack.extend(p.inputs)
+    return False
+
+
+def _is_scores(node: Node) -> bool:
+    """Whether ``node`` computes ``q k^T`` (or attention's weights from it)."""
+    return (node.op == "matmul" and "carrier" not in node.attrs) or bool(
+        node.op == "opaque" and node.attrs.get("scores")
+    )
 
 
 _ROTARY = (
