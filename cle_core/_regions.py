@@ -658,10 +658,11 @@ def _qk_meets(node: Node, q: Value, k: Value):
     together in ``q k^T``, or why it is not that product of their channels. A MatMul
     sums over q's last axis and k's second to last; an opaque ``scores`` node over both
     operands' last axes. The other axes are positions and broadcast heads."""
-    k_sum = k.rank - 2 if node.op == "matmul" else (k.rank - 1 if k.rank else None)
-    if q.shape is None or k.shape is None or k_sum is None:
-        return "the shapes of q and k are not known"
-    q_pos, k_pos = q.rank - 2, (k.rank - 1 if node.op == "matmul" else k.rank - 2)
+    if q.shape is None or k.shape is None or min(q.rank, k.rank) < 2:
+        return "the shapes of q and k are not known, or not of rank 2 or more"
+    # (a MatMul reads k transposed: (..., D, S))
+    k_sum, k_pos = (k.rank - 2, k.rank - 1) if node.op == "matmul" else (k.rank - 1, k.rank - 2)
+    q_pos = q.rank - 2
     if q.rank - 1 not in q.axes or k_sum not in k.axes:
         return "it does not sum over the channels of both q and k"
     if q_pos in q.axes or k_pos in k.axes:

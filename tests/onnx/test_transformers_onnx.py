@@ -663,3 +663,19 @@ def test_the_input_file_and_proto_are_unchanged(exported, always_scale, variant)
     eq2, _ = cle_onnx.equalize_model(proto)
     assert proto.SerializeToString() == serialized
     assert sqnr_db(_run(proto, x), _run(eq2, x)) >= 90
+
+
+@pytest.mark.parametrize(
+    ("variant", "exporter"), [("vit", "ts"), ("vit", "dynamo"), ("vit_sdpa", "ts")]
+)
+def test_q_to_k_is_exact_under_random_scales(exported, variant, exporter):
+    """Every region, Q -> K included, scaled over two decades (a test objective):
+    onnxruntime computes what it computed."""
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    path, x = exported(variant, exporter)
+    expected = _run(onnx.load(str(path)), x)
+    eq, report = cle_onnx.equalize_model(str(path), objective=random_scales_objective())
+    qk = [r for r in report.regions if r.kind == "qk"]
+    assert len(qk) == 2 and all(r.scales.max() / r.scales.min() > 10 for r in qk)
+    assert sqnr_db(expected, _run(eq, x)) >= 90

@@ -807,3 +807,27 @@ def test_hugging_face_repeat_kv_is_followed(always_scale):
         ("attention", ("v",), ("o",), 8),
     ]
     assert all(r.scales.max() / r.scales.min() > 1.01 for r in report.regions)
+
+
+# --- Q -> K under random scales ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_sdpa", "vit_mha", "bert", "gqa"])
+def test_q_to_k_is_exact_under_random_scales(name):
+    """Every region, Q -> K included, scaled over two decades (a test objective): the
+    function is kept, written into q's and k's own rows (``in_proj_weight``'s row blocks
+    for ``nn.MultiheadAttention``)."""
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    if name == "gqa":
+        torch.manual_seed(0)
+        model, x = tm.spread_channels(tm.GQANoRotary()).eval(), torch.randn(2, 5, 16)
+    else:
+        model = tm.VARIANTS[name](0)
+        x = model.example_input(2)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
+    qk = [r for r in report.regions if r.kind == "qk"]
+    assert len(qk) == (1 if name == "gqa" else 2)
+    assert all(r.scales.max() / r.scales.min() > 10 for r in qk)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
