@@ -568,8 +568,15 @@ def _scores_operands(node: Node) -> tuple[Value, Value] | str | None:
     return (
         f"{v.name!r} has no channels the IR follows: {p.describe()} loses them"
         + (f" ({why})" if why else "")
-        + (_ROTARY if p.op in _PRODUCTS or str(p.attrs.get("kind")).lower() in _PRODUCTS else "")
+        + _rotary_hint(p)
     )
+
+
+def _rotary_hint(node: Node) -> str:
+    """Where ``node`` may be a rotary embedding's product or sum, what it would take."""
+    if node.op in _PRODUCTS or str(node.attrs.get("kind")).lower() in _PRODUCTS:
+        return _ROTARY
+    return ""
 
 
 # where a rotary embedding's q * cos + rotate_half(q) * sin loses the channels
@@ -644,9 +651,7 @@ def _qk_trace(value: Value, meeting: Node, outputs: set[int]):
         scalar = p.op == "mul" and len(p.inputs) == 1 and np.size(p.params.get("factor")) == 1
         if not (p.op in _QK_CHAIN or scalar) or p.inputs[0].channels is None:
             return f"{meeting.describe()} reads {value.name!r} through {p.describe()}" + (
-                _ROTARY
-                if p.op in ("mul", "add", "opaque", "concat")
-                else ", which does not keep each channel whole"
+                _rotary_hint(p) or ", which does not keep each channel whole"
             )
         if "channel_map" in p.attrs:
             idx = np.asarray(p.attrs["channel_map"], np.int64)[idx]

@@ -189,14 +189,18 @@ def test_a_rotary_product_is_refused_with_the_reason():
     assert any("rotary embedding" in r and "rope" in r for r in reasons), skips
 
 
-def test_q_read_elsewhere_too_is_refused_with_the_reason():
+@pytest.mark.parametrize("where", ["output", "layer"])
+def test_q_read_elsewhere_too_is_refused_with_the_reason(where):
+    """q's projection output also a graph output, or read by another layer: scaling its
+    rows would change what that reads."""
     b = TokenBuilder(0)
     x = b.input(8)
     n = b.norm(x, 8)
     q_lin = b.linear(n, 8, 8)
     q, k, v = (b.heads(z, 2, 4) for z in (q_lin, b.linear(n, 8, 8), b.linear(n, 8, 8)))
-    y = b._attend(q, k, v, 8, 2)
-    g = b.build([b.add(x, y), q_lin])
+    y = b.add(x, b._attend(q, k, v, 8, 2))
+    g = b.build([y, q_lin] if where == "output" else [y, b.linear(q_lin, 8, 3)])
     regions, skips = find_regions(g, {})
     assert "qk" not in [r.kind for r in regions]
-    assert any(f"{q_lin!r} is a graph output" in s.reason for s in skips), skips
+    why = f"{q_lin!r} is a graph output" if where == "output" else f"{q_lin!r} is also read by fc"
+    assert any(why in s.reason and "(Q K^T)" in s.candidate for s in skips), skips
