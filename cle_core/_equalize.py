@@ -267,7 +267,7 @@ def scale_pass(
             id=r.id,
             kind=r.kind,
             sources=tuple(n.name for n, _ in r.sources),
-            sinks=tuple(n.name for n, *_ in r.sinks),
+            sinks=tuple(n.name for n, *_ in r.sinks) + tuple(n.name for n, _ in r.rows),
             through=tuple(n.name for n in r.through),
             channels=r.size,
             scales=outcome.scales[r.id],

@@ -47,7 +47,7 @@ from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
 from ._math import _work_dtype, grouped_view, kernel_reduce
 from ._noise import Terms
-from ._regions import Region, gather_terms, take
+from ._regions import Place, Region, gather_terms, take
 from ._stats import ChannelStats
 
 _TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
@@ -75,11 +75,18 @@ class ScaleMap:
         self.value_at: dict[str, tuple[int, int]] = {}
         self.reads: dict[int, tuple[int, int, int]] = {}  # layer -> (region, offset, repeat)
         self.writes: dict[int, tuple[int, int]] = {}  # layer -> (region, offset)
+        # A Q -> K region's q: its rows and values multiplied by the scales, not divided.
+        self.rows: dict[int, tuple[int, Place]] = {}
+        self.inverse_at: dict[str, tuple[int, Place]] = {}
         for k, region in enumerate(self.regions):
             for name, off in region.values.items():
                 self.value_at[name] = (k, off)
+            for name, at in region.inverse.items():
+                self.inverse_at[name] = (k, at)
             for node, off in region.sources:
                 self.writes[id(node)] = (k, off)
+            for node, at in region.rows:
+                self.rows[id(node)] = (k, at)
             for node, off, repeat in region.sinks:
                 self.reads[id(node)] = (k, off, repeat)
 
@@ -87,11 +94,25 @@ class ScaleMap:
         return [np.ones(r.size) for r in self.regions]
 
     def of_value(self, value: Value, scales: Sequence[np.ndarray]) -> np.ndarray | None:
+        """The scales that divide ``value``'s channels (None: not scaled)."""
         at = self.value_at.get(value.name)
         if at is None:
-            return None
+            inverse = self.inverse_at.get(value.name)
+            if inverse is None:
+                return None
+            return 1.0 / take(scales[inverse[0]], inverse[1], value.channels or 0)
         k, off = at
         return take(scales[k], off, value.channels or 0)
+
+    def region_of_value(self, value: Value) -> int | None:
+        at = self.value_at.get(value.name) or self.inverse_at.get(value.name)
+        return None if at is None else at[0]
+
+    def writer(self, node: Node) -> int | None:
+        """The region whose scales ``node``'s output rows take (divided, or multiplied
+        for a Q -> K's q), or None."""
+        at = self.writes.get(id(node)) or self.rows.get(id(node))
+        return None if at is None else at[0]
 
     def s_in(self, node: Node, scales: Sequence[np.ndarray]) -> np.ndarray | None:
         at = self.reads.get(id(node))
@@ -104,7 +125,10 @@ class ScaleMap:
     def s_out(self, node: Node, scales: Sequence[np.ndarray]) -> np.ndarray | None:
         at = self.writes.get(id(node))
         if at is None:
-            return None
+            rows = self.rows.get(id(node))
+            if rows is None:
+                return None
+            return 1.0 / take(scales[rows[0]], rows[1], node.out_channels)
         k, off = at
         return scales[k][..., off : off + node.out_channels]
 
@@ -481,7 +505,7 @@ class Estimate:
             id(t)
             for t in self.weights
             if self.map.reads.get(id(t.node), (None,))[0] == k
-            or self.map.writes.get(id(t.node), (None,))[0] == k
+            or self.map.writer(t.node) == k
         }
         for i in list(touched):  # a shared grid's span changes every part's term
             touched.update(id(t) for t in self.grids.get(i, ()))
@@ -489,7 +513,7 @@ class Estimate:
         acts = []
         for t in self.activations:
             values = [t.point.value] + ([t.point.grid_of] if t.point.grid_of is not None else [])
-            if any(self.map.value_at.get(v.name, (None,))[0] == k for v in values):
+            if any(self.map.region_of_value(v) == k for v in values):
                 acts.append(t)
         return weights, acts
 
@@ -520,7 +544,7 @@ class Estimate:
         """Which of ``t``'s scales region ``k``'s candidates change (see
         :meth:`WeightTerm.values`); ``"out"`` where none (one candidate)."""
         reads = k is not None and self.map.reads.get(id(t.node), (None,))[0] == k
-        writes = k is not None and self.map.writes.get(id(t.node), (None,))[0] == k
+        writes = k is not None and self.map.writer(t.node) == k
         return "both" if reads and writes else ("in" if reads else "out")
 
     def _weight_values(self, t: WeightTerm, scales, k: int | None) -> np.ndarray:
@@ -586,8 +610,9 @@ class Estimate:
         weights, acts = self._local[k]
         for t in weights:
             rd, wr = self.map.reads.get(id(t.node)), self.map.writes.get(id(t.node))
+            qrows = self.map.rows.get(id(t.node))
             if rd is not None and rd[0] == k:
-                if wr is not None and wr[0] == k:
+                if self.map.writer(t.node) == k:
                     continue  # reads and writes this region: not of the convex form
                 ranges, c = t.sink_ranges(self.map.s_out(t.node, scales))
                 repeat = rd[2]
@@ -598,18 +623,25 @@ class Estimate:
             elif wr is not None and wr[0] == k:
                 ranges, c = t.source_ranges(self.map.s_in(t.node, scales))
                 add(-1.0, t.log_factor, wr[1], ranges, c)
+            elif qrows is not None and qrows[0] == k:
+                # a Q -> K's q: rows multiplied by the scales, a sink's exponents
+                ranges, c = t.source_ranges(self.map.s_in(t.node, scales))
+                add(1.0, t.log_factor, qrows[1], ranges, c)
         for t in acts:
             at = self.map.value_at.get(t.point.value.name)
+            sign = -1.0
+            if at is None:
+                at, sign = self.map.inverse_at.get(t.point.value.name), 1.0
             if at is None or at[0] != k:
                 continue  # a requantization of this region's grid elsewhere: left out
             off = at[1]
-            s = take(scales[k], off, t.lo.shape[0])
+            s = take(scales[k], off, t.lo.shape[0]) ** -sign
             hi = t.cap_hi if t.cap_active(s) else t.hi
             span = np.maximum(hi, 0.0) - np.minimum(t.lo, 0.0)
             if t.symmetric:
                 span = np.maximum(np.abs(t.lo), np.abs(hi))
             logw = math.log(t.factor * (4.0 if t.symmetric else 1.0))
-            add(-1.0, logw, off, span, t.coef)
+            add(sign, logw, off, span, t.coef)
         if not rows:
             return Terms(np.zeros(0), np.zeros(0), np.zeros((0, n)), np.zeros((0, n)))
         sign, logw, alpha, logc = zip(*rows, strict=True)

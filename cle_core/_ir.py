@@ -59,7 +59,10 @@ else (attr ``kind`` names it; optional attr ``fn`` lets the executor run it); it
 equalization. A one-input opaque node may say what it computes, for the statistics and the
 executor: attr ``activation`` ``hard_sigmoid`` (``clip(alpha x + beta, 0, 1)``, attrs
 ``alpha`` > 0 and ``beta``), ``hard_swish`` (``x`` times that) or ``sigmoid``, or attr
-``shift`` (``x + shift``, one value or one per channel)."""
+``shift`` (``x + shift``, one value or one per channel). An opaque node with attr
+``scores`` (true) depends on its first two inputs, ``q`` ``(..., T, D)`` and ``k``
+``(..., S, D)``, only through ``q k^T`` over their last axes (attention weights
+``softmax(q k^T * scale + mask)``): a Q -> K region pairs their channels."""
 
 LAYOUT_OPS = frozenset({"transpose", "reshape", "matmul", "select", "repeat"})
 """Ops that move channels between axes (:mod:`cle_core._layout`). ``transpose``: attr

@@ -89,9 +89,15 @@ class Region:
     # Channels kept at scale 1 whatever the objective chooses (None: none): a part of the
     # region that cannot be scaled, behind a channel slice or map (see find_regions).
     frozen: np.ndarray | None = None
+    # A Q -> K region (kind "qk"): layers whose output rows are multiplied by the scales
+    # (q, ``(layer, place)``), where the source (k) divides its rows, and the values
+    # between q and ``Q K^T``, multiplied too (name -> place); see _qk_regions.
+    rows: list[tuple[Node, Place]] = field(default_factory=list)
+    inverse: dict[str, Place] = field(default_factory=dict)
 
     def describe(self) -> str:
-        return _describe([n for n, _ in self.sources], [n for n, *_ in self.sinks])
+        readers = [n for n, *_ in self.sinks] + [n for n, _ in self.rows]
+        return _describe([n for n, _ in self.sources], readers)
 
 
 def _describe(sources, sinks) -> str:
@@ -194,10 +200,11 @@ def find_regions(graph: Graph, shared: dict[int, str]) -> tuple[list[Region], li
 
     outputs = {id(v) for v in graph.outputs}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
-    regions: list[Region] = []
-    skips: list[SkipRecord] = []
+    regions, skips, claimed = _qk_regions(graph, shared, outputs)
     part_of = {key: parts.find(key)[0] for key in values}
     for root, members in components.items():
+        if any(id(value) in claimed for value, _ in members):
+            continue  # q's or k's values, up to Q K^T: a Q -> K region
         region, reason, kept = _build(members, outputs, shared, root in uf.conflict, part_of)
         if region is None:
             continue
@@ -455,3 +462,230 @@ def _coverage_gaps(region: Region) -> list[str]:
     if not all(has_sink):
         return [f"channel {has_sink.index(False)} has no sink layer"]
     return []
+
+
+# Ops between a projection and Q K^T that keep each channel whole (a channel map where
+# they copy or select channels): the chain of a Q -> K pair.
+_QK_CHAIN = frozenset({"transpose", "reshape", "repeat", "identity", "dropout"})
+
+
+def _qk_regions(graph: Graph, shared: dict[int, str], outputs: set[int]):
+    """Q -> K regions: where ``q k^T`` is computed (a MatMul of two activations that sums
+    over both operands' channels, or an opaque node with attr ``scores``, whose output
+    depends on q and k only through it) and each side comes from a Linear through ops
+    that keep channels whole, read by nothing else. ``q k^T`` is unchanged when q's
+    channel c is multiplied by ``s_c`` and the k channel it meets divided by it: k's
+    layer is the source (its rows divided), q's layer takes ``rows`` (its rows
+    multiplied, each by the scale of the k channel it meets: several q heads read one k
+    head in grouped-query attention). Returns the regions, the skip records of the pairs
+    refused, and the ids of the values the regions claim."""
+    regions: list[Region] = []
+    skips: list[SkipRecord] = []
+    claimed: set[int] = set()
+    for node in graph.nodes:
+        sides = _scores_operands(node)
+        if sides is None:
+            continue
+        where = f"{node.describe()} (Q K^T)"
+        if isinstance(sides, str):
+            skips.append(SkipRecord("scale", where, sides))
+            continue
+        traced = [_qk_trace(v, node, outputs) for v in sides]
+        why = next((t for t in traced if isinstance(t, str)), None)
+        if why is None:
+            (q, q_idx, q_chain), (k, k_idx, k_chain) = traced
+            where = f"{k.name} -> {q.name} (Q K^T)"
+            why = shared.get(id(q)) or shared.get(id(k))
+            if q is k:
+                why = f"q and k are one projection, {q.name}"
+        if why is None:
+            met = _qk_meets(node, *sides)
+            if isinstance(met, str):
+                why = met
+        if why is not None:
+            skips.append(SkipRecord("scale", where, why))
+            continue
+        # q channel i (of q's layer) meets k channel qmap[i] (of k's layer)
+        qmap = np.full(q.out_channels, -1, np.int64)
+        for a, b in met:
+            qa, kb = q_idx[a], k_idx[b]
+            if qmap[qa] not in (-1, kb):
+                why = (
+                    f"{q.name}'s channel {qa} meets two channels of {k.name} in Q K^T "
+                    f"({qmap[qa]} and {kb}): their scales would have to be tied"
+                )
+                break
+            qmap[qa] = kb
+        if why is None and (qmap < 0).any():
+            why = f"{q.name}'s channel {int(np.argmax(qmap < 0))} meets no channel of {k.name}"
+        if why is not None:
+            skips.append(SkipRecord("scale", where, why))
+            continue
+        region = Region(id=-1, size=k.out_channels, kind="qk", sources=[(k, 0)])
+        region.rows.append((q, qmap))
+        for value, idx in k_chain:
+            region.values[value.name] = _place(_back(idx, k_idx, value), k.out_channels)
+            if value.producer is not k:
+                region.through.append(value.producer)
+        for value, idx in q_chain:
+            region.inverse[value.name] = qmap[_back(idx, q_idx, value)]
+        claimed.update(id(v) for v, _ in (*q_chain, *k_chain))
+        regions.append(region)
+    return regions, skips, claimed
+
+
+def _back(idx: np.ndarray, layer_idx: np.ndarray, value: Value) -> np.ndarray:
+    """The layer channel each channel of ``value`` copies, from where the operand's
+    channels lie in ``value`` (``idx``) and in the layer's output (``layer_idx``)."""
+    out = np.zeros(value.channels, np.int64)
+    out[idx] = layer_idx
+    return out
+
+
+def _place(idx: np.ndarray, size: int) -> Place:
+    """An offset of 0 where ``idx`` is every channel in order, else the array."""
+    return 0 if idx.size == size and np.array_equal(idx, np.arange(size)) else idx
+
+
+def _scores_operands(node: Node) -> tuple[Value, Value] | str | None:
+    """``(q, k)`` where ``node`` computes (a function of) ``q k^T`` over their channels: a
+    MatMul of two activations that carries neither's channels, or an opaque node with
+    attr ``scores`` (its first two inputs); why not, where an operand of such a node
+    has no channels; else None."""
+    if node.op == "opaque" and node.attrs.get("scores") and len(node.inputs) >= 2:
+        q, k = node.inputs[:2]
+    elif node.op == "matmul" and "carrier" not in node.attrs and len(node.inputs) == 2:
+        q, k = node.inputs
+    else:
+        return None
+    if q.channels is not None and k.channels is not None:
+        return q, k
+    if not (_from_projection(q) and _from_projection(k)):
+        return None  # (attention's weights times V, say)
+    v = q if q.channels is None else k
+    p = _lost_at(v)
+    why = p.attrs.get("layout_why")
+    return (
+        f"{v.name!r} has no channels the IR follows: {p.describe()} loses them"
+        + (f" ({why})" if why else "")
+        + _rotary_hint(p)
+    )
+
+
+def _rotary_hint(node: Node) -> str:
+    """Where ``node`` may be a rotary embedding's product or sum, what it would take."""
+    if node.op in _PRODUCTS or str(node.attrs.get("kind")).lower() in _PRODUCTS:
+        return _ROTARY
+    return ""
+
+
+# where a rotary embedding's q * cos + rotate_half(q) * sin loses the channels
+_PRODUCTS = frozenset({"mul", "add", "concat", "cat", "neg"})
+
+
+def _lost_at(value: Value) -> Node:
+    """The node before ``value`` (which has no channels) whose output lost them: the
+    first, going back, that reads a value with channels (or reads nothing)."""
+    while value.producer is not None:
+        p = value.producer
+        if not p.inputs or any(v.channels is not None for v in p.inputs):
+            return p
+        value = p.inputs[0]
+    return value.uses[0][0]
+
+
+def _from_projection(value: Value, budget: int = 24) -> bool:
+    """Whether a Linear produces ``value`` or comes before it, not through another
+    ``q k^T`` (a few nodes back at most): q or k of an attention, not its weights."""
+    stack, seen = [value], set()
+    while stack and len(seen) < budget:
+        v = stack.pop()
+        p = v.producer
+        if p is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.op == "linear":
+            return True
+        if _is_scores(p):
+            continue
+        stack.extend(p.inputs)
+    return False
+
+
+def _is_scores(node: Node) -> bool:
+    """Whether ``node`` computes ``q k^T`` (or attention's weights from it)."""
+    return (node.op == "matmul" and "carrier" not in node.attrs) or bool(
+        node.op == "opaque" and node.attrs.get("scores")
+    )
+
+
+_ROTARY = (
+    " (a rotary embedding, q * cos + rotate_half(q) * sin, keeps Q K^T only with equal "
+    "scales on each rotated pair of channels, which are not tied)"
+)
+
+
+def _qk_trace(value: Value, meeting: Node, outputs: set[int]):
+    """From an operand of Q K^T back to its Linear: ``(layer, idx, chain)``, where the
+    operand's channel j is channel ``idx[j]`` of the layer's output and ``chain`` holds
+    ``(value, idx)`` for every value on the way, the operand's channels located in it
+    (the layer's output first); or the reason (a str) the way is not one of whole
+    channels read by nothing else. Every op on the way copies each of its input's
+    channels at least once, so each value's channels are all located."""
+    idx = np.arange(value.channels)
+    chain: list[tuple[Value, np.ndarray]] = []
+    reader = meeting
+    while True:
+        others = [n for n, _ in value.uses if n is not reader]
+        if others:
+            return f"{value.name!r} is also read by {others[0].describe()}"
+        if id(value) in outputs:
+            return f"{value.name!r} is a graph output"
+        chain.append((value, idx))
+        p = value.producer
+        if p is None:
+            return f"{value.name!r} reaches graph input {value.name!r}, not a projection"
+        if p.op == "linear" and value.rank is not None and value.axes == (value.rank - 1,):
+            chain.reverse()
+            return p, idx, chain
+        scalar = p.op == "mul" and len(p.inputs) == 1 and np.size(p.params.get("factor")) == 1
+        if not (p.op in _QK_CHAIN or scalar) or p.inputs[0].channels is None:
+            return f"{meeting.describe()} reads {value.name!r} through {p.describe()}" + (
+                _rotary_hint(p) or ", which does not keep each channel whole"
+            )
+        if "channel_map" in p.attrs:
+            idx = np.asarray(p.attrs["channel_map"], np.int64)[idx]
+        reader, value = p, p.inputs[0]
+
+
+def _qk_meets(node: Node, q: Value, k: Value):
+    """The pairs ``(q channel, k channel)`` (of the two operands) that ``node`` multiplies
+    together in ``q k^T``, or why it is not that product of their channels. A MatMul
+    sums over q's last axis and k's second to last; an opaque ``scores`` node over both
+    operands' last axes. The other axes are positions and broadcast heads."""
+    if q.shape is None or k.shape is None or min(q.rank, k.rank) < 2:
+        return "the shapes of q and k are not known, or not of rank 2 or more"
+    # (a MatMul reads k transposed: (..., D, S))
+    k_sum, k_pos = (k.rank - 2, k.rank - 1) if node.op == "matmul" else (k.rank - 1, k.rank - 2)
+    q_pos = q.rank - 2
+    if q.rank - 1 not in q.axes or k_sum not in k.axes:
+        return "it does not sum over the channels of both q and k"
+    if q_pos in q.axes or k_pos in k.axes:
+        return "q's or k's channels lie on their positions' axis"
+    numbers = []
+    for v, keep, drop in ((q, q.rank - 1, q_pos), (k, k_sum, k_pos)):
+        sizes = [v.shape[a] for a in v.axes]
+        if any(d is None for d in sizes):
+            return f"the channel axes' sizes of {v.name!r} are not known"
+        n = np.arange(int(np.prod(sizes))).reshape(sizes)
+        full = [1] * v.rank
+        for a in v.axes:
+            full[a] = v.shape[a]
+        n = np.transpose(n, np.argsort(v.axes)).reshape(full)
+        n = np.moveaxis(n, keep, -1).take(0, axis=drop if drop < keep else drop - 1)
+        numbers.append(n)
+    try:
+        a, b = np.broadcast_arrays(*numbers)
+    except ValueError:
+        return "q's and k's heads do not broadcast"
+    return np.unique(np.stack([a.reshape(-1), b.reshape(-1)], axis=1), axis=0)

@@ -191,10 +191,12 @@ class SkipRecord:
 class RegionRecord:
     """One equalization region: sources' output channels are divided by ``scales``,
     sinks' input channels multiplied. ``kind`` is ``pair``, ``fan-out``, ``residual`` or
-    ``concat``. With the noise objective, ``noise_before`` and ``noise_after`` are the
-    estimated output noise (a fraction of the output power) of every term that touches
-    the region: its sources' and sinks' weight grids and its quantized activations, at
-    scales 1 and at the chosen scales."""
+    ``concat``; in transformers also ``norm``, ``attention``, ``gated`` and ``qk`` (its
+    source is K's projection, its sink q's, whose output rows are multiplied by the
+    scale of the K channel each meets in ``Q K^T``). With the noise objective,
+    ``noise_before`` and ``noise_after`` are the estimated output noise (a fraction of
+    the output power) of every term that touches the region: its sources' and sinks'
+    weight grids and its quantized activations, at scales 1 and at the chosen scales."""
 
     id: int
     kind: str

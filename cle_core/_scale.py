@@ -8,7 +8,7 @@ import numpy as np
 
 from ._ir import Node
 from ._math import scale_affine, scale_bounds, scale_layer
-from ._regions import Region, take
+from ._regions import Place, Region, take
 
 
 class _Links:
@@ -17,10 +17,14 @@ class _Links:
     def __init__(self, regions: list[Region]):
         self.reads: dict[int, tuple[Region, int, int]] = {}
         self.writes: dict[int, tuple[Region, int]] = {}
+        self.rows: dict[int, tuple[Region, Place]] = {}  # rows multiplied (a Q -> K's q)
         self.nodes: dict[int, Node] = {}
         for region in regions:
             for node, off in region.sources:
                 self.writes[id(node)] = (region, off)
+                self.nodes[id(node)] = node
+            for node, at in region.rows:
+                self.rows[id(node)] = (region, at)
                 self.nodes[id(node)] = node
             for node, off, repeat in region.sinks:
                 self.reads[id(node)] = (region, off, repeat)
@@ -37,7 +41,11 @@ class _Links:
     def s_out(self, node: Node, scales) -> np.ndarray | None:
         link = self.writes.get(id(node))
         if link is None:
-            return None
+            rows = self.rows.get(id(node))
+            if rows is None:
+                return None
+            # q of a Q -> K pair: its rows multiplied by the scale of the k channel each meets
+            return 1.0 / take(scales[rows[0].id], rows[1], node.out_channels)
         region, off = link
         return scales[region.id][off : off + node.out_channels]
 
@@ -79,8 +87,8 @@ def _names(triples) -> list[tuple[str, str, str]]:
 
 def apply_scales(regions: list[Region], scales: dict[int, np.ndarray], links=None) -> set[str]:
     """Divide every source's output channels (a norm's affine) by its region's scales
-    and multiply every sink's input channels; carry the scales into clip bounds,
-    unfolded batch norms and folded-BN statistics.
+    and multiply every sink's input channels (and a Q -> K region's q rows); carry the
+    scales into clip bounds, unfolded batch norms and folded-BN statistics.
     Returns the names of the nodes changed."""
     links = links or _Links(regions)
     changed: set[str] = set()

@@ -114,6 +114,12 @@ def scale_regions(
             off, per_channel, _ = gather_terms(region.size, off, per_channel, per_channel)
             window = snk[off : off + len(per_channel)]
             np.maximum(window, per_channel, out=window)
+        for node, at in region.rows:
+            # q of a Q -> K pair: its rows are multiplied, as a sink's columns are
+            out_r = summaries[id(node)].out_ranges(links.s_in(node, scales))
+            at, out_r, _ = gather_terms(region.size, at, out_r, out_r)
+            window = snk[at : at + len(out_r)]
+            np.maximum(window, out_r, out=window)
         if region.id in floors:
             np.maximum(src, floors[region.id], out=src)
         s = region_scales([src], [snk])

@@ -297,6 +297,11 @@ def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
                 r = r.reshape(-1, rd[2]).max(axis=1)
             off, r, _ = gather_terms(n, rd[1], r, c)
             np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
+        rows = est.map.rows.get(id(t.node))
+        if rows is not None and rows[0] == k:  # a Q -> K's q: rows multiplied, as a sink's
+            r, c = t.source_ranges(est.map.s_in(t.node, scales))
+            off, r, _ = gather_terms(n, rows[1], r, c)
+            np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
     ok = live & (src > 0) & (snk > 0)
     t = np.zeros(n)
     t[ok] = 0.5 * (np.log(src[ok]) - np.log(snk[ok]))
@@ -307,20 +312,28 @@ def _activation_balance(est: Estimate, k: int, live: np.ndarray) -> np.ndarray:
     """Log-scales that give every channel of region ``k``'s quantized activations the same
     range (the largest of its grids' per-channel spans)."""
     n = est.map.regions[k].size
-    span = np.zeros(n)
+    # spans of the values the scales divide, and of those they multiply (a Q -> K's q)
+    span, times = np.zeros(n), np.zeros(n)
     _, acts = est._local[k]
     for t in acts:
-        at = est.map.value_at.get(t.point.value.name)
+        name = t.point.value.name
+        at, into = est.map.value_at.get(name), span
+        if at is None:
+            at, into = est.map.inverse_at.get(name), times
         if at is None or at[0] != k:
             continue
         hi = t.hi if t.cap_hi is None else np.minimum(t.hi, t.cap_hi)
         s = np.maximum(hi, 0.0) - np.minimum(t.lo, 0.0)
         off, s, _ = gather_terms(n, at[1], s, s)
         sl = slice(off, off + s.shape[0])
-        np.maximum(span[sl], s, out=span[sl])
-    ok = live & (span > 0)
+        np.maximum(into[sl], s, out=into[sl])
     t = np.zeros(n)
-    t[ok] = np.log(span[ok])
+    with np.errstate(divide="ignore"):
+        lo, hi = np.log(span), np.log(times)
+    both, one, other = live & (span > 0) & (times > 0), live & (span > 0), live & (times > 0)
+    t[one] = lo[one]
+    t[other] = -hi[other]
+    t[both] = 0.5 * (lo[both] - hi[both])  # the geometric balance of the two
     return t
 
 

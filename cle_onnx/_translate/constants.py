@@ -53,6 +53,9 @@ _FOLDABLE = frozenset(
         "Neg",
         "Range",
         "Expand",
+        # the TorchScript exporter's scaled_dot_product_attention scales q and k by
+        # sqrt(1 / sqrt(d)), computed from the head size: a scalar a Q -> K pair passes
+        "Sqrt",
     }
 )
 # Folding reads and writes whole tensors: a weight computed from constants is folded

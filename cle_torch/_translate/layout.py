@@ -139,11 +139,14 @@ class Moves:
             raise _Opaque("dim is not static")
         self.opaque_fn(node, [x], "softmax", _softmax_fn(dim), "mixes the positions it normalizes")
 
-    def opaque_fn(self, node, inputs, kind: str, fn, why: str, name=None, output=None) -> None:
+    def opaque_fn(
+        self, node, inputs, kind: str, fn, why: str, name=None, output=None, scores=False
+    ) -> None:
         """An opaque node the core's executor can run (``fn`` in NumPy). ``name`` and
         ``output`` give a node of its own to a part of one call (the attention weights of
-        an SDPA call), which never changes and maps to no site of the write-back."""
-        attrs = {"kind": kind, "why": why, "fn": fn, "channels": None}
+        an SDPA call), which never changes and maps to no site of the write-back.
+        ``scores``: its output depends on its first two inputs only through ``q k^T``."""
+        attrs = {"kind": kind, "why": why, "fn": fn, "channels": None, "scores": scores}
         if output is None:
             self.emit("opaque", node, inputs, rank=None, channels=None, attrs=attrs)
             return
@@ -192,6 +195,7 @@ class Moves:
             "softmax(q k^T): mixes positions",
             name=weights,
             output=weights,
+            scores=True,  # a Q -> K pair where q and k come from projections
         )
         qs, ks = self.fx_shapes.get(q.name), self.fx_shapes.get(k.name)
         if qs is not None and ks is not None:  # (..., T_q, T_k)

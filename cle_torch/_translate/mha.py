@@ -167,6 +167,7 @@ class Attention:
                               "why": "softmax(q k^T): mixes positions",
                               "fn": fn,
                               "channels": None,
+                              "scores": True,  # of q and k through q k^T only: Q -> K
                           })  # fmt: skip
         y = self.mha_node(node, "matmul", [p, heads["v"]], f"{q}.attention", (b, h, t, d))
         y = self.mha_node(node, "transpose", [y], f"{q}.merge", (*lead, h, d),

@@ -90,9 +90,11 @@ def test_any_scales_keep_grouped_query_attention_exact(seed, heads, how, scale_s
     x = feed_tokens(g)
     before = run_graph(g, x)
     regions, skips = find_regions(g, {})
-    assert sorted(r.kind for r in regions) == ["attention", "norm"]
+    assert sorted(r.kind for r in regions) == ["attention", "norm", "qk"]
     attention = next(r for r in regions if r.kind == "attention")
     assert attention.size == 2 * kv  # V's channels, not the repeated ones
+    qk = next(r for r in regions if r.kind == "qk")
+    assert qk.size == 2 * kv  # K's channels, each met by h / kv query heads
     rng = np.random.default_rng(scale_seed)
     apply_scales(regions, {r.id: 10.0 ** rng.uniform(-2, 2, r.size) for r in regions})
     after = run_graph(g, x)
@@ -119,8 +121,8 @@ def test_equalize_scales_v_to_o_through_the_repeat(objective, how):
     after = run_graph(g, x)
     for k, ref in before.items():
         assert np.max(np.abs(after[k] - ref)) <= 1e-9 * np.max(np.abs(ref))
-    reasons = " | ".join(s.reason for s in result.report.skipped)
-    assert "the MatMul sums over the channels" in reasons  # K, repeated or not
+    # Q K^T: K's channels, each met by two query heads' channels, are a Q -> K region
+    assert [r.channels for r in result.report.regions if r.kind == "qk"] == [8]
 
 
 def test_the_balance_reads_the_largest_column_over_the_copies():
@@ -146,7 +148,9 @@ def test_one_kv_head_is_refused_with_the_reason(how):
     so its copies are positions, which the merge of the heads mixes with the channels."""
     g = _gqa_block(0, c=8, h=4, kv=1, how=how)
     regions, skips = find_regions(g, {})
-    assert [r.kind for r in regions] == ["norm"]
+    # (Q -> K is exact there: every query head meets the one K head's channels, where
+    # the repeat of a size-1 head axis keeps them whole; the expand's reshape is refused)
+    assert [r.kind for r in regions] == ["norm"] + (["qk"] if how == "interleave" else [])
     why = {
         "interleave": "merges the channels with another axis",
         "expand": "merges repeated positions with an axis that holds no channels",
@@ -259,9 +263,15 @@ def test_both_objectives_keep_q_and_k_at_one(objective, cut):
 
 
 def test_a_part_kept_at_one_needs_scalable_channels_left():
-    """Every channel of V refused behind its repeat (a repeated K read by Q K^T): no
-    channel is left to scale, so the region is refused as before, with the reason."""
-    g = _gqa_block(0, c=8, h=4, kv=2)
+    """Every channel of K refused behind its repeat (a repeated K read by Q K^T, where q
+    is no projection's, so no Q -> K region): no channel is left to scale, so the
+    region is refused as before, with the reason."""
+    b = TokenBuilder(0)
+    x = b.input(8)
+    h = b.norm(x, 8)
+    k, v = (b.repeat_heads(b.heads(b.linear(h, 8, 4), 2, 2), 2) for _ in range(2))
+    y = b._attend(b.input_like("q", (2, 4, 5, 2)), k, v, 8, 4)
+    g = b.build([b.add(x, y)])
     regions, skips = find_regions(g, {})
     assert all(r.frozen is None for r in regions)
     assert any(

@@ -210,3 +210,28 @@ def pre_ln_block(seed: int = 0, c: int = 8, h: int = 2, norm: str = "layer", per
 def feed_tokens(graph: Graph, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {v.name: rng.standard_normal(v.shape) for v in graph.inputs}
+
+
+class _RandomScales:
+    """Every region's channels scaled by ``10 ** uniform(-1, 1)`` (seeded): exact
+    whatever the scales, so a test's way to force every region's write-back with scales
+    far from 1 in both directions."""
+
+    name = "random-scales-for-test"
+    description = "random scales over two decades"
+
+    def choose(self, problem):
+        from cle_core import ScaleOutcome
+
+        rng = np.random.default_rng(0)
+        scales = {r.id: 10.0 ** rng.uniform(-1, 1, r.size) for r in problem.regions}
+        return ScaleOutcome(scales, 1, True, 0.0)
+
+
+def random_scales_objective() -> str:
+    """The name of the test objective of random scales, registered once."""
+    from cle_core import objective_names, register_objective
+
+    if _RandomScales.name not in objective_names():
+        register_objective(_RandomScales())
+    return _RandomScales.name

@@ -100,8 +100,8 @@ def _inputs():
 
 
 def _expected(norm_first: bool, act: str, stack: bool):
-    """The regions, in the report's order: V -> O and (ReLU) linear1 -> linear2 in
-    every layer; pre-LN: norm1 -> q, k, v and norm2 -> linear1 in every layer, the final
+    """The regions, in the report's order: Q -> K, V -> O and (ReLU) linear1 ->
+    linear2 in every layer; pre-LN: norm1 -> q, k, v and norm2 -> linear1 in every layer, the final
     norm -> head (a single pre-LN layer ends in a residual Add: none); post-LN: only
     the last norm2 -> head (the others feed residuals)."""
     layers = ["enc.layers.0.", "enc.layers.1."] if stack else ["enc."]
@@ -109,6 +109,7 @@ def _expected(norm_first: bool, act: str, stack: bool):
     for p in layers:
         if norm_first:
             out.append(("norm", (f"{p}norm1",), tuple(f"{p}self_attn.{c}" for c in "qkv")))
+        out.append(("qk", (f"{p}self_attn.k",), (f"{p}self_attn.q",)))
         out.append(("attention", (f"{p}self_attn.v",), (f"{p}self_attn.out_proj",)))
         if norm_first:
             out.append(("norm", (f"{p}norm2",), (f"{p}linear1",)))
@@ -146,8 +147,9 @@ def test_encoder_layers_are_equalized_exactly_in_place(norm_first, batch_first, 
 
 def test_bert_lists_its_pairs_and_the_refused_ones_with_reasons():
     """What ``cle inspect`` prints for the BERT-style model of the helpers (post-LN,
-    GELU): V -> O in each layer and the last norm -> head through ``x[:, 0]``; every
-    other norm, Q -> K and linear1 -> GELU -> linear2 refused, each with its reason."""
+    GELU): Q -> K and V -> O in each layer and the last norm -> head through ``x[:,
+    0]``; every other norm and linear1 -> GELU -> linear2 refused, each with its
+    reason."""
     model = tm.bert(0)
     _, report = cle_torch.equalize_model(model, dummy_input=model.example_input(2))
     text = format_inspection(report)
@@ -155,8 +157,7 @@ def test_bert_lists_its_pairs_and_the_refused_ones_with_reasons():
         p = f"layers.{b}"
         assert f"attention, 32 channels: {p}.self_attn.v -> {p}.self_attn.out_proj" in text
         assert f"[scale] {p}.linear1 -> ?: 'layers_{b}_linear1' is read by gelu" in text
-        assert f"[scale] {p}.self_attn.q -> ?: " in text
-        assert "opaque attention_weights" in text
+        assert f"qk, 32 channels: {p}.self_attn.k -> {p}.self_attn.q" in text
     assert "norm, 32 channels: layers.1.norm2 -> head" in text
     # post-LN: the norms' outputs also feed the residual, which the next norm normalizes
     assert "[scale] layers.0.norm1, layers.0.linear2 -> layers.0.linear1: 'add_2' is " in text
@@ -330,6 +331,7 @@ def test_decoder_layers_are_equalized_exactly_but_the_cross_attention(norm_first
     for p in layers:
         if norm_first:
             expected.append(("norm", (f"{p}norm1",), tuple(f"{p}self_attn.{c}" for c in "qkv")))
+        expected.append(("qk", (f"{p}self_attn.k",), (f"{p}self_attn.q",)))
         expected.append(("attention", (f"{p}self_attn.v",), (f"{p}self_attn.out_proj",)))
         if norm_first:
             expected.append(("norm", (f"{p}norm3",), (f"{p}linear1",)))

@@ -52,6 +52,8 @@ def _vit_regions(out_proj: str = "proj", head: bool = True):
     out = []
     for b in (0, 1):
         out.append(_norm_qkv(b))
+        # Q -> K: K's rows divided, q's multiplied (q k^T unchanged)
+        out.append(("qk", (f"blocks.{b}.attn.k",), (f"blocks.{b}.attn.q",)))
         out.append(("attention", (f"blocks.{b}.attn.v",), (f"blocks.{b}.attn.{out_proj}",)))
         out.append(("norm", (f"blocks.{b}.norm2",), (f"blocks.{b}.fc1",)))
     # the final norm -> head through the class token (x[:, 0])
@@ -71,8 +73,8 @@ def _llama_regions():
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: Q -> K (every attention; in llama K is also repeated), BERT's
-#: post-LN norms but the last (they feed the residual too), fc1 -> GELU -> fc2.
+#: reason in REFUSED: Q -> K behind llama's rotary embedding, BERT's post-LN norms but
+#: the last (they feed the residual too), fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
     "vit_mean_pool": _vit_regions(),  # the final norm -> head through x.mean(dim=1)
@@ -82,7 +84,9 @@ REGIONS = {
     "llama_expand": _llama_regions(),
     "llama_nn_rmsnorm": _llama_regions(),
     "bert": [  # nn.TransformerEncoderLayer as its parts (cle_torch._decompose)
+        ("qk", ("layers.0.self_attn.k",), ("layers.0.self_attn.q",)),
         ("attention", ("layers.0.self_attn.v",), ("layers.0.self_attn.out_proj",)),
+        ("qk", ("layers.1.self_attn.k",), ("layers.1.self_attn.q",)),
         ("attention", ("layers.1.self_attn.v",), ("layers.1.self_attn.out_proj",)),
         ("norm", ("layers.1.norm2",), ("head",)),  # through x[:, 0]
     ],
@@ -95,24 +99,20 @@ REGIONS = {
 }
 
 ROTARY_K = ("blocks.0.attn.wk -> ?", "a factor that is a tensor")
+ROTARY_QK = ("matmul (matmul) (Q K^T)", "equal scales on each rotated pair")
 
 #: variant -> (candidate, a part of the reason it is refused with).
 REFUSED = {
-    "vit": [
-        ("blocks.0.attn.q -> ?", "the MatMul sums over the channels"),  # Q -> K
-        ("blocks.0.fc1 -> ?", "gelu"),
-    ],
-    "vit_sdpa": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
-    "vit_mha": [("blocks.0.attn.q -> ?", "opaque attention_weights")],
-    # K: its rotary embedding (a product with a (T, D) table) comes before its repeat
-    "llama": [ROTARY_K],
-    "llama_expand": [ROTARY_K],
+    "vit": [("blocks.0.fc1 -> ?", "gelu")],
+    # K: its rotary embedding (a product with a (T, D) table) comes before its repeat;
+    # Q K^T reads q and k through it
+    "llama": [ROTARY_K, ROTARY_QK],
+    "llama_expand": [ROTARY_K, ROTARY_QK],
     "llama_nn_rmsnorm": [
         ROTARY_K,
         ("blocks.0.mlp.gate -> ?", "silu"),
     ],
     "bert": [
-        ("layers.0.self_attn.q -> ?", "opaque attention_weights"),
         ("layers.0.linear1 -> ?", "gelu"),
         ("layers.0.norm1, layers.0.linear2 -> layers.0.linear1", "normalized by layers.0.norm2"),
     ],
@@ -568,14 +568,20 @@ def test_multihead_attention_is_written_back_into_its_packed_parameters(always_s
     assert eq is model and attn.in_proj_weight is packed
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
     regions = {
-        r.kind: r for r in report.regions if "blocks.0.norm1" in r.sources or r.kind == "attention"
+        r.kind: r
+        for r in report.regions
+        if "blocks.0.norm1" in r.sources or r.kind in ("attention", "qk")
     }
     e = attn.embed_dim
-    # q, k, v rows: divided per input column by the norm's scales; v's rows also by the
-    # attention region's scales
+    # q, k, v rows: divided per input column by the norm's scales; k's rows also by the
+    # Q -> K region's scales and q's multiplied by them; v's divided by the attention
+    # region's
     norm_s = torch.from_numpy(regions["norm"].scales).float()
+    k_s = torch.from_numpy(regions["qk"].scales).float()
     v_s = torch.from_numpy(regions["attention"].scales).float()
     expect = before * norm_s[None, :]
+    expect[:e] *= k_s[:, None]
+    expect[e : 2 * e] /= k_s[:, None]
     expect[2 * e :] /= v_s[:, None]
     torch.testing.assert_close(packed.detach(), expect)
 
@@ -632,17 +638,18 @@ def test_one_kv_head_is_refused_but_the_rest_stays_exact(always_scale, kv_repeat
     assert "merges" in reasons["blocks.0.attn.wv -> ?"]
 
 
-def test_a_repeated_k_is_refused_because_q_k_sums_over_its_channels(always_scale):
+def test_a_repeated_k_is_paired_with_the_query_heads_that_read_it(always_scale):
+    """Grouped-query attention without rotary: Q -> K over K's 8 channels, each met by
+    two query heads' q channels (their rows take its scale), and V -> O."""
     torch.manual_seed(0)
     model = tm.spread_channels(tm.GQANoRotary()).eval()
     x = torch.randn(2, 5, 16)
     ref = _run(model, x)
     eq, report = cle_torch.equalize_model(model, dummy_input=x)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
-    assert _regions(report) == [("attention", ("v",), ("o",))]
-    assert report.regions[0].channels == 8  # V's, each read by two heads' O columns
-    reasons = {s.candidate: s.reason for s in report.skipped if s.stage == "scale"}
-    assert "the MatMul sums over the channels" in reasons["k -> ?"]
+    assert _regions(report) == [("qk", ("k",), ("q",)), ("attention", ("v",), ("o",))]
+    assert [r.channels for r in report.regions] == [8, 8]  # K's and V's
+    assert all(r.scales.max() / r.scales.min() > 1.01 for r in report.regions)
 
 
 # --- a property: random head counts and widths --------------------------------------------
@@ -669,7 +676,7 @@ def test_a_vit_block_of_any_shape_is_equalized_exactly(heads, head_dim, mlp_rati
     finally:
         noise.MIN_GAIN_DB = saved
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
-    assert [r.kind for r in report.regions] == ["norm", "attention", "norm", "norm"]
+    assert [r.kind for r in report.regions] == ["norm", "qk", "attention", "norm", "norm"]
     assert all(r.scales.max() / r.scales.min() > 1.01 for r in report.regions)
 
 
@@ -810,7 +817,7 @@ class _HFRepeatKV(tm.GQANoRotary):
 
 def test_hugging_face_repeat_kv_is_followed(always_scale):
     """``x[:, :, None, :, :].expand(...).reshape(...)`` as Hugging Face writes it: V -> O
-    over V's channels, exact."""
+    over V's channels, and Q -> K over K's, exact."""
     torch.manual_seed(1)
     model = tm.spread_channels(_HFRepeatKV(dim=24, heads=6, kv=2)).eval()
     x = torch.randn(2, 5, 24)
@@ -818,6 +825,31 @@ def test_hugging_face_repeat_kv_is_followed(always_scale):
     eq, report = cle_torch.equalize_model(model, dummy_input=x)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
     assert [(r.kind, r.sources, r.sinks, r.channels) for r in report.regions] == [
-        ("attention", ("v",), ("o",), 8)
+        ("qk", ("k",), ("q",), 8),
+        ("attention", ("v",), ("o",), 8),
     ]
-    assert report.regions[0].scales.max() / report.regions[0].scales.min() > 1.01
+    assert all(r.scales.max() / r.scales.min() > 1.01 for r in report.regions)
+
+
+# --- Q -> K under random scales ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_sdpa", "vit_mha", "bert", "gqa"])
+def test_q_to_k_is_exact_under_random_scales(name):
+    """Every region, Q -> K included, scaled over two decades (a test objective): the
+    function is kept, written into q's and k's own rows (``in_proj_weight``'s row blocks
+    for ``nn.MultiheadAttention``)."""
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    if name == "gqa":
+        torch.manual_seed(0)
+        model, x = tm.spread_channels(tm.GQANoRotary()).eval(), torch.randn(2, 5, 16)
+    else:
+        model = tm.VARIANTS[name](0)
+        x = model.example_input(2)
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
+    qk = [r for r in report.regions if r.kind == "qk"]
+    assert len(qk) == (1 if name == "gqa" else 2)
+    assert all(r.scales.max() / r.scales.min() > 10 for r in qk)
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
