@@ -60,25 +60,18 @@ class Gains:
         u = self.uniform.get(name)
         if u is None or u.shape[0] != channels:
             return np.full(channels, self.typical)
-        return floored(u / max(positions, 1) + self.fluctuating[name])
+        # No floor under a channel's gain: a floor at a fraction of the tensor's mean (0.1,
+        # until issue 18's last round) made the estimate depend on how the same function
+        # is written (a tenth of the mean is not a tenth after rescaling), so the balance's
+        # scales were estimated 34.6 dB from the original and 37.5 dB from the balanced
+        # graph; without it, 38.1 dB both ways (bench_deployments' functional/2, W8/ch).
+        return np.asarray(u / max(positions, 1) + self.fluctuating[name], np.float64)
 
     @cached_property
     def typical(self) -> float:
         """The mean over values of their mean uniform gain (1 where none is known)."""
         means = [float(u.mean()) for u in self.uniform.values() if u.size]
         return float(np.mean(means)) if means else 1.0
-
-
-FLOOR = 0.1
-"""Every channel keeps at least this fraction of its tensor's mean gain (or energy). The
-estimates are linearizations: a channel whose activation is saturated or dead passes no
-small noise, but 8-bit rounding is not small for a channel scaled far below the rest,
-and such a channel must not be given away."""
-
-
-def floored(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x + FLOOR * float(x.mean()) if x.size else x
 
 
 def propagate(

@@ -125,7 +125,7 @@ def test_the_weight_term_is_the_rounding_noise_of_the_deployed_grid(per_channel)
     """Against a brute-force simulation: 200 random layers whose rows span a factor of
     about 20 (so that a per-tensor span in a per-channel term would be off tenfold),
     each quantized on the deployment's grid at random moderate scales, the noise measured
-    in the original units with independent inputs of energy ``e`` (the term's floored
+    in the original units with independent inputs of energy ``e`` (the term's
     energies). The term takes every rounding error as uniform over a step; a row's (or
     the tensor's) largest weight lies on the grid and rounds exactly, so the term is
     high by about one weight in a row per channel (mean ratio 1.26 here), hardly per
@@ -133,8 +133,6 @@ def test_the_weight_term_is_the_rounding_noise_of_the_deployed_grid(per_channel)
     0.9 to 1.35; every layer within 0.5 to 3.2 (a row of 6 to 10 weights rounds as it
     happens to: up to 2.9 seen). A per-tensor span in a per-channel term, or an output
     scale that did not cancel, is off tenfold on these rows."""
-    from cle_core._gains import floored
-
     rng = np.random.default_rng(0)
     ratios = []
     for _ in range(200):
@@ -148,7 +146,7 @@ def test_the_weight_term_is_the_rounding_noise_of_the_deployed_grid(per_channel)
         scaled = w * s_in[None, :] / s_out[:, None]
         q = quantize_array(scaled, 8, True, 0 if per_channel else None)
         error = (q - scaled) * s_out[:, None] / s_in[None, :]  # back to original units
-        ratios.append(term / float(np.sum(error**2 * floored(e)[None, :])))
+        ratios.append(term / float(np.sum(error**2 * e[None, :])))
     ratios = np.array(ratios)
     assert 0.9 < np.mean(ratios) < 1.35
     assert np.all((ratios > 0.5) & (ratios < 3.2))
@@ -163,8 +161,6 @@ def test_grouped_conv_transpose_rows_share_onnxruntime_s_per_channel_grid():
     the simulation (as the per-row test above), the mean ratio within 0.9 to 1.35. The
     decoder network's depthwise ConvTranspose was estimated with 16 grids: the balance
     gained 5 dB W8/ch there while the estimate saw nothing to gain."""
-    from cle_core._gains import floored
-
     rng = np.random.default_rng(1)
     ratios = []
     for _ in range(100):
@@ -195,7 +191,7 @@ def test_grouped_conv_transpose_rows_share_onnxruntime_s_per_channel_grid():
         scaled = w * (s_in[:, None] / s_out[out])[:, :, None]
         q = quantize_array(scaled, 8, True, 1)
         error = (q - scaled) * (s_out[out] / s_in[:, None])[:, :, None]
-        ratios.append(term / float(np.sum(error**2 * floored(e)[:, None, None])))
+        ratios.append(term / float(np.sum(error**2 * e[:, None, None])))
     ratios = np.array(ratios)
     assert 0.9 < np.mean(ratios) < 1.35
     assert np.all((ratios > 0.5) & (ratios < 3.2))
@@ -293,8 +289,6 @@ def test_the_parts_of_a_packed_tensor_are_rounded_on_its_grid(per_channel, symme
     every row has its own grid, whatever the parts. Same stated tolerance (much wider v
     rows leave q's and k's weights within a step or two of 0, where rounding is not
     uniform and the term is high: mean 1.3, up to 3.5 at 20 times)."""
-    from cle_core._gains import floored
-
     rng = np.random.default_rng(1)
     dep = Deployment(per_channel=per_channel, weight_symmetric=symmetric, activation_bits=None)
     ratios = []
@@ -315,7 +309,7 @@ def test_the_parts_of_a_packed_tensor_are_rounded_on_its_grid(per_channel, symme
         q = quantize_array(scaled, 8, symmetric, 0 if per_channel else None)
         s_out = np.concatenate(scales[1:])
         error = (q - scaled) * s_out[:, None] / s_in[None, :]
-        ratios.append(term / float(np.sum(error**2 * floored(e)[None, :])))
+        ratios.append(term / float(np.sum(error**2 * e[None, :])))
     ratios = np.array(ratios)
     assert 0.9 < np.mean(ratios) < 1.35
     assert np.all((ratios > 0.5) & (ratios < 3.2))
