@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cle_core import _noise
-from cle_core._gains import Gains
+from cle_core._gains import Gains, floored
 from cle_core._ir import Graph, Node, Value
 from cle_core._math import RangeSummary, grouped_view
 from cle_core._regions import Region
@@ -31,13 +31,6 @@ from cle_core._stats import ChannelStats
 
 _TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
 _KEEPS_RANGE = _TRANSPARENT | {"pad"}  # a zero pad adds zeros: the grid's span is kept
-
-
-def _floored(x) -> np.ndarray:
-    """The floor the estimate had then: every channel at least a tenth of its tensor's mean
-    gain (or energy). The library's estimate has none now (``cle_core/_gains.py``)."""
-    x = np.asarray(x, np.float64)
-    return x + 0.1 * float(x.mean()) if x.size else x
 
 
 def grid_factor(bits: int) -> float:
@@ -81,8 +74,8 @@ class _Layer:
             meansq = np.ones(cin)
         else:
             meansq = x.meansq if x.channels == cin else np.repeat(x.meansq, cin // x.channels)
-        self.energy = self.kernel * _floored(meansq)  # per input feature
-        self.gain = _floored(gains.weight_gain(node.outputs[0].name, self.groups * self.og))
+        self.energy = self.kernel * floored(meansq)  # per input feature
+        self.gain = gains.weight_gain(node.outputs[0].name, self.groups * self.og)
         self.logw = math.log(factor * 4.0)  # the grid spans -max|W| .. max|W|
         self._out_key: bytes | None = None
         self._out_ranges: np.ndarray | None = None
@@ -200,7 +193,7 @@ def _activation(value, region, offset, stats, gains, positions, logw) -> _Activa
     if st is None or st.channels != c or c == 0:
         return None
     span = np.maximum(st.hi, 0.0) - np.minimum(st.lo, 0.0)
-    gain = _floored(gains.rounding_gain(value.name, c, positions.get(value.name, 1)))
+    gain = gains.rounding_gain(value.name, c, positions.get(value.name, 1))
     with np.errstate(divide="ignore"):
         return _Activation(value, region, offset, np.log(span), np.log(st.nonzero * gain), logw)
 
@@ -237,7 +230,7 @@ def _before_bound(value, region, offset, stats, gains, positions, logw) -> _Acti
     hi = np.broadcast_to(np.asarray(clip.params["hi"], np.float64).reshape(-1), (c,))
     low = np.minimum(np.maximum(pre.lo, np.min(clip.params["lo"])), 0.0)
     name = clip.inputs[0].name
-    gain = _floored(gains.rounding_gain(name, c, positions.get(name, positions.get(value.name, 1))))
+    gain = gains.rounding_gain(name, c, positions.get(name, positions.get(value.name, 1)))
     with np.errstate(divide="ignore"):
         return _Activation(
             value,

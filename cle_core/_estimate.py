@@ -43,7 +43,7 @@ from ._deployment import (
     quantizes_weight,
     shared_weight_grids,
 )
-from ._gains import Gains
+from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
 from ._math import _work_dtype, grouped_view, kernel_reduce
 from ._noise import Terms
@@ -192,7 +192,7 @@ class WeightTerm:
             meansq = np.ones(cin)
         else:
             meansq = x.meansq if x.channels == cin else np.repeat(x.meansq, cin // x.channels)
-        self.energy = (self.kernel * np.asarray(meansq, np.float64)).reshape(self.groups, self.ig)
+        self.energy = (self.kernel * floored(meansq, gains.floor)).reshape(self.groups, self.ig)
         gain = gains.weight_gain(node.outputs[0].name, self.groups * self.og)
         self.gain = gain.reshape(self.groups, self.og)
         self.sens = (

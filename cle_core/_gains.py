@@ -40,12 +40,27 @@ PROJECTIONS = 16
 """Random output directions of ``J``: gains are estimated to about ``1/sqrt(16)``."""
 
 
+FLOOR = 0.1
+"""Where activations are rounded, every channel keeps at least this fraction of its
+tensor's mean gain (or energy) (:attr:`Gains.floor`). The estimates are linearizations: a
+channel whose activation is saturated or dead passes no small noise, but 8-bit rounding
+is not small for a channel scaled far below the rest, and such a channel must not be
+given away. The noise objective sets no floor for weights-only deployments, which round
+no activation: there the floor only made the estimate of one function depend on how its
+weights are scaled (a tenth of the mean is not a tenth after rescaling: on
+``bench_deployments.py``'s functional/2 the balanced scales were estimated 34.6 dB from
+the original graph and 37.5 dB from the balanced one, 38.1 both ways without it).
+Without it in W8A8 deployments too, the bias correction's gain over the scales fell
+(Lite0 per tensor W8A8 +0.93 -> +0.20 dB; exporter-folded +0.62 -> -0.42): kept there."""
+
+
 @dataclass(frozen=True, eq=False)
 class Gains:
     """Per value name: ``uniform`` (``|J_c|^2``) and ``fluctuating`` (``G_c``) gains."""
 
     uniform: dict[str, np.ndarray]
     fluctuating: dict[str, np.ndarray]
+    floor: float = FLOOR
 
     def weight_gain(self, name: str, channels: int) -> np.ndarray:
         """Gain of noise that is uniform over positions (a layer's weight noise)."""
@@ -60,18 +75,18 @@ class Gains:
         u = self.uniform.get(name)
         if u is None or u.shape[0] != channels:
             return np.full(channels, self.typical)
-        # No floor under a channel's gain: a floor at a fraction of the tensor's mean (0.1,
-        # until issue 18's last round) made the estimate depend on how the same function
-        # is written (a tenth of the mean is not a tenth after rescaling), so the balance's
-        # scales were estimated 34.6 dB from the original and 37.5 dB from the balanced
-        # graph; without it, 38.1 dB both ways (bench_deployments' functional/2, W8/ch).
-        return np.asarray(u / max(positions, 1) + self.fluctuating[name], np.float64)
+        return floored(u / max(positions, 1) + self.fluctuating[name], self.floor)
 
     @cached_property
     def typical(self) -> float:
         """The mean over values of their mean uniform gain (1 where none is known)."""
         means = [float(u.mean()) for u in self.uniform.values() if u.size]
         return float(np.mean(means)) if means else 1.0
+
+
+def floored(x: np.ndarray, floor: float = FLOOR) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x + floor * float(x.mean()) if x.size and floor else x
 
 
 def propagate(

@@ -6,8 +6,9 @@ model: each layer's weight grid (per tensor or per output channel) and each acti
 grid where the quantizer's profile places it, including the second grid after a clip
 whose bounds scaling makes per channel. It is minimized region by region (block
 coordinate descent, regions that share no layer solved together), starting from no
-scaling or from the weight-range balance (30 sweeps of it), whichever the estimate calls
-better. Each region keeps the best of a few candidates, measured by the estimate itself:
+scaling or, for weights-only deployments, from the weight-range balance (30 sweeps of
+it), whichever the estimate calls better. Each region keeps the best of a few
+candidates, measured by the estimate itself:
 
 - its current scales (so the estimate can never rise: the result is never estimated
   worse than no equalization, which the start is at least as good as);
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -53,10 +55,10 @@ _CONVEX_STEPS = 15
 # The move of a region's scales by one number (_shifted): 3 levels of 17 moves, the
 # last spaced 1 % apart.
 _SHIFT_LEVELS, _SHIFT_STEPS = 3, 8
-# Sweeps of the balance the search may start from (it need not be converged: it is a
-# start; the balance objective takes about 110 on Lite0). 30 on bench_deployments.py
-# (with the estimate's gain floor removed at the same time): means of the 27 cases +0.5
-# / +0.3 / +1.2 / +0.4 dB W8A8 / W8A8/ch / W8 / W8/ch, Lite0 W8 15.4 -> 18.8 dB.
+# Sweeps of the balance a weights-only search may start from (it need not be converged:
+# it is a start; the balance objective takes about 110 on Lite0). 30 on
+# bench_deployments.py (with no gain floor): the 27 cases' means +1.2 / +0.4 dB W8 /
+# W8/ch, Lite0 W8 15.4 -> 18.8 dB.
 _BALANCE_START_SWEEPS = 30
 MIN_GAIN_DB = 1.0
 """Scales whose estimated gain is smaller are not applied (see :meth:`NoiseObjective.choose`)."""
@@ -101,6 +103,8 @@ class NoiseObjective:
             if v.name in stats
         }
         gains = propagate(graph, counts, derivatives, power, outputs=observed)
+        if deployment.weights_only:
+            gains = replace(gains, floor=0.0)  # no activation grid to guard (see FLOOR)
         est = Estimate(graph, regions, deployment, stats, gains, counts)
         scales = est.ones()
         before = est.total(scales)
@@ -111,11 +115,12 @@ class NoiseObjective:
                 "weights?)"
             )
         region_before = {r.id: est.region_value(k, scales) for k, r in enumerate(regions)}
-        # The search starts from no scaling or from the weight-range balance, whichever
-        # the estimate calls better. Regions moved one at a time from no scaling stopped
-        # short of scales the estimate itself preferred (functional/2 W8/ch: 36.2 dB
-        # where the balance is 38.1 estimated, 39.6 measured).
-        start = _balance_start(problem, est)
+        # Weights only, the search starts from no scaling or from the weight-range
+        # balance, whichever the estimate calls better: regions moved one at a time from
+        # no scaling stopped short of scales the estimate itself preferred (functional/2
+        # W8/ch: 36.2 dB where the balance is 38.1 estimated, 39.6 measured). Where
+        # activations are rounded the balance, blind to them, is not tried as a start.
+        start = _balance_start(problem, est) if deployment.weights_only else None
         if start is not None:
             scales = start
         history = [est.total(scales)]
