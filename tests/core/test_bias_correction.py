@@ -11,6 +11,7 @@ import cle_core
 from cle_core import EqualizeOptions, Graph, Layout, run_graph
 from cle_core._math import bias_shift, tap_coverage
 from cle_core.quality import deployed_weights, quantize_array
+from tests.helpers.ir_transformers import packed_projections
 
 
 def _layer(op, w, b, layout, attrs):
@@ -371,18 +372,7 @@ def test_parts_of_a_packed_tensor_are_corrected_for_its_one_grid(per_channel):
 
     rng = np.random.default_rng(0)
     ws = [rng.normal(size=(4, 6)) * f for f in (1.0, 1.0, 10.0)]
-    g = Graph("packed")
-    g.add_input("x", channels=6)
-    for name, w in zip("qkv", ws, strict=True):
-        g.add_node(
-            "linear",
-            ["x"],
-            name=name,
-            outputs=[f"y{name}"],
-            params={"weight": w, "bias": np.zeros(4)},
-            attrs={"layout": Layout(0, 1), "weight_group": "in_proj"},
-        )
-    g.set_outputs([f"y{n}" for n in "qkv"])
+    g = packed_projections(ws, bias=True)
     mean = rng.uniform(1.0, 2.0, 6)
     options = EqualizeOptions(bias_correction=True, scale=False, per_channel=per_channel)
     stats = {"x": ChannelStats.of(mean, mean**2 + 1.0)}

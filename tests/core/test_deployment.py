@@ -28,6 +28,7 @@ from cle_core._gains import Gains
 from cle_core._objectives import noise as noise_objective
 from cle_core._quality import quantize_array
 from cle_core._stats import ChannelStats
+from tests.helpers.ir_transformers import packed_projections
 from tests.helpers.strategies import build_graph, feed, graphs
 
 
@@ -243,33 +244,13 @@ def test_a_gain_within_the_estimates_error_is_not_applied(monkeypatch):
 # --- weights cut from one packed tensor (weight_group): one grid over all the parts -----
 
 
-def _packed(ws: list[np.ndarray], energy: np.ndarray, group: str | None = "in_proj") -> Graph:
-    """``x`` read by one linear per row block of a packed tensor (q, k, v), each an
-    output, the three in one ``weight_group``."""
-    g = Graph()
-    g.add_input("x", ws[0].shape[1])
-    attrs = {"layout": Layout(0, 1)} | ({"weight_group": group} if group else {})
-    for name, w in zip("qkv", ws, strict=True):
-        g.add_node(
-            "linear",
-            ["x"],
-            name=name,
-            outputs=[f"y{name}"],
-            params={"weight": w, "bias": None},
-            attrs=dict(attrs),
-        )
-    g.set_outputs([f"y{n}" for n in "qkv"])
-    g.validate()
-    return g
-
-
 def _packed_estimate(ws, energy, deployment):
-    """The estimate of :func:`_packed`'s weight noise, with one region on ``x`` (every
+    """The estimate of :func:`packed_projections`' weight noise, with one region on ``x`` (every
     part's columns) and one on each part's rows."""
     from cle_core._estimate import Estimate
     from cle_core._regions import Region
 
-    g = _packed(ws, energy)
+    g = packed_projections(ws)
     stats = {"x": ChannelStats.of(np.zeros(energy.size), energy)}
     names = [f"y{n}" for n in "qkv"]
     gains = Gains(
@@ -351,7 +332,7 @@ def test_v_rows_wider_than_q_and_k_narrow_the_packed_grid(grouped):
     rng = np.random.default_rng(3)
     c = 6
     q, k, v = (rng.normal(size=(c, c)) * f for f in (1.0, 1.0, 8.0))
-    g = _packed([q, k, v], np.ones(c), "in_proj" if grouped else None)
+    g = packed_projections([q, k, v], "in_proj" if grouped else None)
     g.add_node(
         "linear",
         ["yv"],

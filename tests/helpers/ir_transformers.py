@@ -235,3 +235,26 @@ def random_scales_objective() -> str:
     if _RandomScales.name not in objective_names():
         register_objective(_RandomScales())
     return _RandomScales.name
+
+
+def packed_projections(
+    ws: list[np.ndarray], group: str | None = "in_proj", bias: bool = False
+) -> Graph:
+    """``x`` read by one linear per row block of a packed tensor (q, k, v), each an
+    output, the three in one ``weight_group`` (none for ``group=None``); zero biases
+    with ``bias``."""
+    g = Graph("packed")
+    g.add_input("x", ws[0].shape[1])
+    attrs = {"layout": Layout(0, 1)} | ({"weight_group": group} if group else {})
+    for name, w in zip("qkv", ws, strict=True):
+        g.add_node(
+            "linear",
+            ["x"],
+            name=name,
+            outputs=[f"y{name}"],
+            params={"weight": w, "bias": np.zeros(w.shape[0]) if bias else None},
+            attrs=dict(attrs),
+        )
+    g.set_outputs([f"y{n}" for n in "qkv"])
+    g.validate()
+    return g
