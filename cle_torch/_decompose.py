@@ -60,17 +60,13 @@ def _encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None
              is_causal=None):  # fmt: skip
     # ``is_causal=None`` with a mask: torch compares the mask with a causal one to pass
     # the hint on; the mask itself gives the same attention, so it is passed as is.
-    output = src
-    for layer in m.layers:
-        output = layer(
-            output,
-            src_mask=mask,
-            is_causal=bool(is_causal),
-            src_key_padding_mask=src_key_padding_mask,
-        )
-    if m.norm is not None:
-        output = m.norm(output)
-    return output
+    return _stack(
+        m,
+        src,
+        lambda layer, x: layer(
+            x, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask
+        ),
+    )
 
 
 def _decoder_layer(m: nn.TransformerDecoderLayer, tgt, memory, tgt_mask=None,
@@ -114,10 +110,11 @@ def _decoder(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=N
              tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal=None,
              memory_is_causal=False):  # fmt: skip
     # tgt_is_causal=None: as in _encoder, the mask itself is passed on
-    output = tgt
-    for layer in m.layers:
-        output = layer(
-            output,
+    return _stack(
+        m,
+        tgt,
+        lambda layer, x: layer(
+            x,
             memory,
             tgt_mask=tgt_mask,
             memory_mask=memory_mask,
@@ -125,10 +122,15 @@ def _decoder(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=N
             memory_key_padding_mask=memory_key_padding_mask,
             tgt_is_causal=bool(tgt_is_causal),
             memory_is_causal=memory_is_causal,
-        )
-    if m.norm is not None:
-        output = m.norm(output)
-    return output
+        ),
+    )
+
+
+def _stack(m: nn.TransformerEncoder | nn.TransformerDecoder, x, call: Callable):
+    """``m``'s layers one after the other (``call(layer, x)``), then its norm if any."""
+    for layer in m.layers:
+        x = call(layer, x)
+    return x if m.norm is None else m.norm(x)
 
 
 # type -> (the methods of torch's that the decomposition stands for, the decomposition)

@@ -41,7 +41,7 @@ from .._report import NOISE_TOLERANCE, NoiseEstimate, SkipRecord
 from .._stats import counts_known, positions
 from .._stats import estimate as estimate_stats
 from . import ScaleOutcome, ScaleProblem, register_objective
-from .balance import BALANCE_TOLERANCE, BalanceObjective, scale_regions
+from .balance import BalanceObjective
 
 logger = logging.getLogger("cle_core")
 
@@ -120,7 +120,7 @@ class NoiseObjective:
         # no scaling stopped short of scales the estimate itself preferred (functional/2
         # W8/ch: 36.2 dB where the balance is 38.1 estimated, 39.6 measured). Where
         # activations are rounded the balance, blind to them, is not tried as a start.
-        start = _balance_start(problem, est) if deployment.weights_only else None
+        start = _balance_start(problem, est, before) if deployment.weights_only else None
         if start is not None:
             scales = start
         history = [est.total(scales)]
@@ -260,22 +260,19 @@ def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.n
     return np.clip(cands, -_T_BOUND, _T_BOUND)
 
 
-def _balance_start(problem: ScaleProblem, est: Estimate) -> list[np.ndarray] | None:
-    """The weight-range balance after :data:`_BALANCE_START_SWEEPS` sweeps (channels kept
-    at scale 1 where a region must keep them, regions with a norm's affine at 1, as the
-    balance objective leaves them), if the estimate puts it below no scaling."""
-    regions = problem.regions
-    normed = [r for r in regions if any(n.op == "norm" for n, _ in r.sources)]
-    balanced = scale_regions(
-        [r for r in regions if r not in normed], _BALANCE_START_SWEEPS, BALANCE_TOLERANCE
-    ).scales
+def _balance_start(problem: ScaleProblem, est: Estimate, before: float) -> list[np.ndarray] | None:
+    """The balance objective's scales after :data:`_BALANCE_START_SWEEPS` sweeps (it
+    leaves regions with a norm's affine at 1; channels a region must keep are kept at 1
+    here), if the estimate puts them below ``before``, its value at no scaling."""
+    options = replace(problem.options, max_sweeps=_BALANCE_START_SWEEPS, tolerance=None)
+    balanced = BalanceObjective().choose(replace(problem, options=options, on_sweep=None))
     start = []
-    for r in regions:
+    for r in problem.regions:
         # within the candidates' bounds, so that a region's current scales are a candidate
-        s = np.exp(np.clip(np.log(balanced.get(r.id, np.ones(r.size))), -_T_BOUND, _T_BOUND))
+        s = np.exp(np.clip(np.log(balanced.scales[r.id]), -_T_BOUND, _T_BOUND))
         start.append(s if r.frozen is None else np.where(r.frozen, 1.0, s))
     value = est.total(start)
-    return start if math.isfinite(value) and value < est.total(est.ones()) else None
+    return start if math.isfinite(value) and value < before else None
 
 
 def _gauge_bound(est: Estimate, k: int) -> bool:
