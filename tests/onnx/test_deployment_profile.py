@@ -142,17 +142,7 @@ def test_per_channel_grids_of_a_grouped_conv_transpose_are_shared_as_the_profile
     out / groups, kh, kw)`` along axis 1: ``out / groups`` scales, each shared by that
     row of every group; the profile's ``groups_share_row_grids`` says the same, which
     the estimate's per-channel weight terms follow."""
-    b = OnnxBuilder(seed=5)
-    w = b.init(b.spread((4, 4 // groups, 2, 2)))
-    y = b.node("ConvTranspose", ["x", w], group=groups, strides=[2, 2])
-    graph = onnx.helper.make_graph(
-        b.nodes,
-        "deconv",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 4, 8, 8])],
-        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [4, 4, 16, 16])],
-        b.inits,
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model = _deconv(groups)
     x = np.random.default_rng(0).normal(size=(4, 4, 8, 8)).astype(np.float32)
     q = static_quantized(prepared(model), x, deployment=Deployment(per_channel=True))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
@@ -163,3 +153,50 @@ def test_per_channel_grids_of_a_grouped_conv_transpose_are_shared_as_the_profile
     (node,) = [n for n in ir.nodes if n.op == "conv_transpose"]
     profile = get_profile("onnxruntime")
     assert profile.groups_share_row_grids(node) == (groups > 1)
+
+
+def _deconv(groups: int, then_conv: bool = False):
+    """A ConvTranspose with ``groups`` (stride 2, 4 channels), optionally read by a
+    Relu and a Conv (a region through it)."""
+    b = OnnxBuilder(seed=5)
+    w = b.init(b.spread((4, 4 // groups, 2, 2)))
+    y = b.node("ConvTranspose", ["x", w], group=groups, strides=[2, 2])
+    if then_conv:
+        y = b.conv(b.node("Relu", [y]), 4, 4)
+    graph = onnx.helper.make_graph(
+        b.nodes,
+        "deconv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 4, 8, 8])],
+        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [4, 4, 16, 16])],
+        b.inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weights_only_equalization_leaves_the_given_model_and_file_as_they_were(
+    per_channel, tmp_path
+):
+    """The weights-only search (no gain floor, a start from the balance) and the grouped
+    ConvTranspose's shared grids change the scales only: the caller's proto and the
+    source file keep their bytes, the result computes what the model computed."""
+    model = _deconv(4, then_conv=True)
+    path = tmp_path / "deconv.onnx"
+    onnx.save(model, str(path))
+    before, file_before = model.SerializeToString(), path.read_bytes()
+    dep = Deployment(activation_bits=None, per_channel=per_channel)
+    x = np.random.default_rng(1).normal(size=(4, 4, 8, 8)).astype(np.float32)
+    import onnxruntime as ort
+
+    from tests.helpers.onnx_corpus import sqnr_db
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    for given in (model, str(path)):
+        eq, report = cle_onnx.equalize_model(given, deployment=dep)
+        assert report.regions
+        assert sqnr_db(run(model), run(eq)) >= 100
+    assert model.SerializeToString() == before
+    assert path.read_bytes() == file_before
