@@ -710,6 +710,48 @@ def counts_known(graph: Graph) -> bool:
     return all(v.spatial is not None for v in graph.inputs if v.uses)
 
 
+def _split_outer(x, axes, outer, channels):
+    """``x`` with each channel axis that holds another axis merged above its channels
+    split in two, ``(outer, channels of the axis)``, and the channel axes where they
+    are then (the outer parts are positions); ``(None, None)`` where the sizes do not
+    agree with ``outer`` and ``channels``."""
+    if axes is None or len(outer) != len(axes) or max(axes) >= x.ndim:
+        return None, None
+    sizes = [x.shape[a] for a in axes]
+    inner = [s // o if o and s % o == 0 else None for s, o in zip(sizes, outer, strict=True)]
+    unknown = [k for k, n in enumerate(inner) if n is None]
+    if len(unknown) > 1 or (unknown and outer[unknown[0]] is not None):
+        return None, None
+    if unknown:  # the outer size not known (the batch): the rest of the channels are here
+        known = int(np.prod([n for n in inner if n is not None]))
+        k = unknown[0]
+        if not channels or channels % known or sizes[k] % (channels // known):
+            return None, None
+        inner[k] = channels // known
+    if channels is not None and int(np.prod(inner)) != channels:
+        return None, None
+    shape, where = [], {}
+    for a, size in enumerate(x.shape):
+        if a in axes:
+            n = inner[axes.index(a)]
+            shape.append(size // n)  # the merged positions, above the channels
+            where[a] = len(shape)
+            shape.append(n)
+        else:
+            shape.append(size)
+    return x.reshape(shape), tuple(where[a] for a in axes)
+
+
+def measured_layout(value: Value) -> dict:
+    """Where ``value``'s channels lie, as :meth:`StatsAccumulator.add` takes it (its
+    keyword arguments): what a backend passes with each tensor it measures."""
+    return {
+        "channel_axes": value.channel_axes,
+        "channel_outer": value.channel_outer,
+        "channels": value.channels,
+    }
+
+
 class StatsAccumulator:
     """Per-channel statistics of named tensors (channel axis 1, ``(N, C, ...)`` or
     ``(N, features)``, unless told where the channels are), accumulated batch by batch:
@@ -718,14 +760,28 @@ class StatsAccumulator:
     def __init__(self) -> None:
         self._acc: dict[str, list] = {}
 
-    def add(self, name: str, x: np.ndarray, channel_axes: tuple[int, ...] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        x: np.ndarray,
+        channel_axes: tuple[int, ...] | None = None,
+        channel_outer: tuple[int | None, ...] | None = None,
+        channels: int | None = None,
+    ) -> None:
         """Add one batch of tensor ``name`` whose channels are on ``channel_axes``
         (default axis 1; see :attr:`cle_core.Value.channel_axes`); non-float and rank < 2
-        tensors are ignored."""
+        tensors are ignored. ``channel_outer`` (:attr:`cle_core.Value.channel_outer`):
+        per channel axis, the size of another axis merged above its channels (the batch
+        merged with the heads, ``(T, B * H, D)``), split off as positions; None for the
+        one of unknown size, found from ``channels``, the value's channel count."""
         x = np.asarray(x)
         if x.dtype.kind != "f" or x.ndim < 2 or x.size == 0:
             return
         x = x.astype(np.float64, copy=False)
+        if channel_outer is not None:
+            x, channel_axes = _split_outer(x, channel_axes, channel_outer, channels)
+            if x is None:
+                return
         if channel_axes is not None and tuple(channel_axes) != (1,):
             if max(channel_axes) >= x.ndim:
                 return

@@ -17,7 +17,8 @@ Inputs and statistics:
   files and folders of images as the command line reads them; :func:`describe_arrays`
   (``x (8, 3, 224, 224) float32``, as the command line prints the inputs it uses);
 - :class:`ChannelStats`, :class:`StatsAccumulator`: per-channel statistics of measured
-  tensors, which ``Backend.calibration_stats`` returns.
+  tensors, which ``Backend.calibration_stats`` returns; :func:`measured_layout`: where
+  an IR value's channels lie, as ``StatsAccumulator.add`` takes it.
 
 Layouts: :func:`broadcast_shape` (the shape a per-channel vector takes over a tensor
 whose channels are on given axes, for writing back clip bounds or a norm's affine on a
@@ -64,7 +65,7 @@ from ._quality import (
     load_inputs,
     non_finite_name,
 )
-from ._stats import ChannelStats, StatsAccumulator
+from ._stats import ChannelStats, StatsAccumulator, measured_layout
 from ._verify import folded_only, quality_key, split_inputs, verdict
 
 __all__ = [
@@ -91,6 +92,7 @@ __all__ = [
     "load_array",
     "load_arrays",
     "load_inputs",
+    "measured_layout",
     "non_finite_name",
     "quality_key",
     "reshape_axes",

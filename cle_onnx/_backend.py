@@ -24,6 +24,7 @@ from cle_core.toolkit import (
     check_calibration,
     check_output_path,
     folded_only,
+    measured_layout,
     quality_key,
     split_inputs,
     verdict,
@@ -87,11 +88,12 @@ def _dir(base_dir: str | os.PathLike | None) -> str | None:
     return None if base_dir is None else str(base_dir)
 
 
-def _channel_axes(
+def _channel_layouts(
     translated: Translated | None, model: onnx.ModelProto, input_shapes: dict | None = None
 ) -> dict:
-    """The channel axes of the IR values whose channels are not on axis 1 (tokens
-    ``(B, T, C)``, attention heads), for the statistics: from the translation given, or
+    """Where the channels lie (:func:`cle_core.toolkit.measured_layout`) in the IR values
+    whose channels are not on axis 1 alone (tokens ``(B, T, C)``, attention heads, the
+    batch merged with the heads), for the statistics: from the translation given, or
     from a translation of ``model`` that only reads it."""
     if translated is not None:
         graph = translated.graph
@@ -99,9 +101,9 @@ def _channel_axes(
         graph = to_ir(model, input_shapes=input_shapes)[0]
     graph.validate()  # where the channels are follows the ops
     return {
-        name: v.channel_axes
+        name: measured_layout(v)
         for name, v in graph.values.items()
-        if v.channel_axes is not None and v.channel_axes != (1,)
+        if v.channel_outer is not None or v.channel_axes not in (None, (1,))
     }
 
 
@@ -169,8 +171,8 @@ class OnnxBackend(FileBackend):
         if _io.has_external_data(model):
             full = _copy(model)
             onnx.external_data_helper.load_external_data_for_model(full, _dir(base_dir))
-        axes = _channel_axes(translated, full, input_shapes)
-        return calibration_stats(full, calibration, axes)
+        layouts = _channel_layouts(translated, full, input_shapes)
+        return calibration_stats(full, calibration, layouts)
 
     def run(self, model, options, calibration=None, progress=None, **backend_options):
         # Calibration runs the model as given: it must be read before the translation

@@ -29,13 +29,14 @@ BATCH = 4  # every intermediate tensor of a batch is held at once
 def calibration_stats(
     model: onnx.ModelProto,
     inputs: Any,
-    channel_axes: Mapping[str, tuple[int, ...]] | None = None,
+    layouts: Mapping[str, dict] | None = None,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of every float tensor that a node of ``model`` (with its
     weights loaded) computes, measured on ``inputs``: an array ``(N, ...)`` for a model
-    with one input, or a dict of arrays by input name. ``channel_axes``: where the
-    channels of a tensor are when not on axis 1 (the IR values' ``channel_axes``)."""
-    channel_axes = channel_axes or {}
+    with one input, or a dict of arrays by input name. ``layouts``: where the channels
+    of a tensor are when not on axis 1 alone (``cle_core._stats.measured_layout`` of
+    its IR value)."""
+    layouts = layouts or {}
     try:
         import onnxruntime as ort
     except ModuleNotFoundError:
@@ -79,7 +80,7 @@ def calibration_stats(
                 f"({describe_arrays(batch)}): {_first_line(exc)}"
             ) from None
         for name, out in zip(names, outs, strict=True):
-            acc.add(name, out, channel_axes=channel_axes.get(name))
+            acc.add(name, out, **layouts.get(name, {}))
     return acc.result()
 
 

@@ -18,7 +18,13 @@ import torch.fx as fx
 from torch import nn
 
 from cle_core import CLEError, NonFiniteError
-from cle_core.toolkit import ChannelStats, StatsAccumulator, check_real_dtype, non_finite_name
+from cle_core.toolkit import (
+    ChannelStats,
+    StatsAccumulator,
+    check_real_dtype,
+    measured_layout,
+    non_finite_name,
+)
 
 from ._capture import Capture, _resolve_attr
 from ._quantsim import _device
@@ -222,8 +228,8 @@ def calibration_stats(cap: Capture, calibration: Any) -> dict[str, ChannelStats]
     # A value whose channels are not known and may not lie on axis 1 (an opaque op on
     # tokens) has no statistics per channel: none are recorded for it.
     cap.ir.validate()
-    axes = {
-        name: v.channel_axes
+    layouts = {
+        name: measured_layout(v)
         for name, v in cap.ir.values.items()
         if v.channels is not None or name not in cap.moved
     }
@@ -235,8 +241,8 @@ def calibration_stats(cap: Capture, calibration: Any) -> dict[str, ChannelStats]
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
-            if node.name in axes and isinstance(out, torch.Tensor) and out.is_floating_point():
-                acc.add(node.name, out.detach().float().cpu().numpy(), axes[node.name])
+            if node.name in layouts and isinstance(out, torch.Tensor) and out.is_floating_point():
+                acc.add(node.name, out.detach().float().cpu().numpy(), **layouts[node.name])
             return out
 
     count = 0

@@ -344,6 +344,43 @@ def test_calibration_statistics_on_the_channel_axes():
     np.testing.assert_allclose(got["tokens"].hi, x.reshape(15, 8).max(axis=0))
 
 
+@pytest.mark.parametrize("outer", [(3, 1), (None, 1)], ids=["batch-known", "batch-unknown"])
+def test_calibration_statistics_of_the_batch_merged_with_the_heads(outer):
+    """``(T, B * H, D)`` (nn.MultiheadAttention's heads, as both exporters split them):
+    the batch merged above the heads is positions; each of the H * D channels gets the
+    statistics of that channel in the plain ``(B, T, H, D)`` layout, whatever the batch."""
+    rng = np.random.default_rng(0)
+    acc = StatsAccumulator()
+    plain = []
+    for b in (3, 2):  # a last, smaller batch
+        x = rng.standard_normal((b, 5, 2, 4)) * np.arange(1, 9).reshape(2, 4) + np.arange(
+            8
+        ).reshape(2, 4)
+        plain.append(x.reshape(-1, 8))
+        merged = x.transpose(1, 0, 2, 3).reshape(5, b * 2, 4)  # (T, B * H, D)
+        acc.add(
+            "merged",
+            merged,
+            channel_axes=(1, 2),
+            channel_outer=(b, 1) if outer[0] else outer,
+            channels=8,
+        )
+    want = np.concatenate(plain)
+    got = acc.result()["merged"]
+    assert got.channels == 8
+    np.testing.assert_allclose(got.mean, want.mean(axis=0))
+    np.testing.assert_allclose(got.hi, want.max(axis=0))
+    np.testing.assert_allclose(got.lo, want.min(axis=0))
+
+
+def test_calibration_statistics_refuse_sizes_that_disagree_with_the_layout():
+    """A merged axis whose size is not a multiple of its channels is not measured (no
+    statistics with a wrong channel count)."""
+    acc = StatsAccumulator()
+    acc.add("odd", np.ones((5, 7, 4)), channel_axes=(1, 2), channel_outer=(None, 1), channels=8)
+    assert "odd" not in acc.result()
+
+
 def test_token_positions_count_the_tokens():
     g = pre_ln_block(0)
     pos = positions(g)

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 import cle_onnx  # noqa: E402
 from cle_core import run_graph  # noqa: E402
 from cle_core._cli import main  # noqa: E402
-from cle_onnx._backend import _channel_axes  # noqa: E402
+from cle_onnx._backend import _channel_layouts  # noqa: E402
 from cle_onnx._calibrate import calibration_stats  # noqa: E402
 from tests.helpers.onnx_corpus import _Builder, sqnr_db  # noqa: E402
 from tests.helpers.transformer_models import VARIANTS, GQANoRotary  # noqa: E402
@@ -179,8 +179,8 @@ def test_calibrated_statistics_on_channel_last_values(exported, tmp_path):
     rng = np.random.default_rng(1)
     calibration = rng.standard_normal((8, *x.shape[1:])).astype(np.float32)
     model = onnx.load(str(path))
-    axes = _channel_axes(None, model)
-    stats = calibration_stats(model, calibration, axes)
+    layouts = _channel_layouts(None, model)
+    stats = calibration_stats(model, calibration, layouts)
     graph, _ = cle_onnx._translate.to_ir(model)
     graph.validate()
     tokens = [v for v in graph.values.values() if v.channel_axes == (2,) and v.name in stats]
@@ -809,3 +809,18 @@ def test_q_to_k_is_exact_under_random_scales(exported, variant, exporter):
     qk = [r for r in report.regions if r.kind == "qk"]
     assert len(qk) == 2 and all(r.scales.max() / r.scales.min() > 10 for r in qk)
     assert sqnr_db(expected, _run(eq, x)) >= 90
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+def test_statistics_of_the_batch_merged_with_the_heads_are_per_channel(dynamo):
+    """Calibration on an nn.MultiheadAttention export with a dynamic batch: every value
+    whose batch is merged with the heads ``(T, B * H, D)`` is measured per channel of
+    the H * D (not per B * H * D), in batches of 4 and a last one of 3."""
+    proto, x = _export_mha(True, 2, dynamo, dynamic=True)
+    calibration = np.random.default_rng(2).standard_normal((7, 5, 16)).astype(np.float32)
+    layouts = _channel_layouts(None, proto)
+    merged = {n: lay for n, lay in layouts.items() if lay["channel_outer"] is not None}
+    assert merged, "no value with the batch merged with the heads"
+    stats = calibration_stats(proto, calibration, layouts)
+    for name, lay in merged.items():
+        assert name in stats and stats[name].channels == lay["channels"] == 16, name
