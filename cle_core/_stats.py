@@ -639,10 +639,14 @@ def spatial_sizes(graph: Graph) -> dict[str, tuple[int, ...] | None]:
 def _positions_of(v: Value, inferred):
     """The axes other than the batch and the channels, from the value's shape where the
     backend gave it and the channels are not on axis 1 (a token tensor ``(B, T, C)``:
-    ``(T,)``; heads ``(B, H, T, D)``: ``(T,)``); else what the ops say."""
+    ``(T,)``; heads ``(B, H, T, D)``: ``(T,)``; the batch merged with the heads
+    ``(T, B * H, D)``: ``(T,)``); else what the ops say."""
     if v.channel_axes is None or v.shape is None or v.channel_axes == (1,):
         return inferred
-    rest = [v.shape[a] for a in range(1, len(v.shape)) if a not in v.channel_axes]
+    # The batch merged above the heads ((T, B * H, D)) leaves every other axis to positions.
+    merged = v.channel_outer is not None and any(o != 1 for o in v.channel_outer)
+    first = 0 if merged else 1
+    rest = [v.shape[a] for a in range(first, len(v.shape)) if a not in v.channel_axes]
     return None if any(d is None for d in rest) else tuple(int(d) for d in rest)
 
 

@@ -202,3 +202,18 @@ def test_v_to_o_through_the_batch_merged_with_the_heads_is_exact_for_any_scales(
     after = run_graph(g, x)
     for name, ref in before.items():
         np.testing.assert_allclose(after[name], ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_values_with_the_batch_merged_with_the_heads_count_the_tokens_as_positions(dynamic):
+    """``(T, B * H, D)`` and ``(B * H, T, D)``: the batch is inside the channel axis, so
+    every other axis, the first too, holds positions: T of them (the activation
+    rounding's gain divides by it)."""
+    from cle_core._stats import positions
+
+    g, _ = _mha_graph(0, 5, 2, 2, 3, dynamic)
+    g.validate()
+    merged = [v for v in g.values.values() if v.channel_outer is not None]
+    assert len(merged) >= 6  # q, k, v: after the split and after the transpose
+    pos = positions(g)
+    assert {pos[v.name] for v in merged} == {5}, [(v.name, v.shape, pos[v.name]) for v in merged]
