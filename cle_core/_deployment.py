@@ -271,6 +271,8 @@ class OnnxRuntimeQDQ:
             "global_avgpool",
             "matmul",
             "norm",
+            # a rotary embedding's Mul by cos rounds its input, its Add its output
+            "rotary",
         }
     )
     _ON_INPUT_GRID = frozenset(
