@@ -1,0 +1,216 @@
+"""Rotary position embeddings as one IR ``rotary`` node each: ``x * cos + rotate_half(x) *
+sin`` as LLaMA and Hugging Face write it, with ``rotate_half(x) = torch.cat((-x2, x1),
+dim=-1)`` of the halves ``x1, x2 = x.chunk(2, dim=-1)`` (or ``x[..., :h]``,
+``x[..., h:]``), the products in either order, and ``cos`` / ``sin`` tables of the model
+(buffers or constants). The core ties the two channels of each rotated pair to one
+scale, which keeps ``q k^T`` (see :mod:`cle_core._regions`).
+
+Only that form becomes a ``rotary``, and only where no intermediate tensor is read
+outside it; anything else is translated op by op (and stays opaque). A mixin of
+``_Translator`` (``translator.py``); :func:`find_rotaries` is the matcher, run over the
+FX graph before the walk, as :func:`.norms.find_norms` is.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from .._optable import _Opaque
+
+_MUL = (operator.mul, torch.mul)
+_ADD = (operator.add, torch.add)
+_NEG = (operator.neg, torch.neg)
+
+
+@dataclass
+class RotaryMatch:
+    """A rotary embedding ending at an FX node: its input, its tables (``get_attr``
+    nodes), and every node of it (the tables' aside)."""
+
+    x: fx.Node
+    cos: fx.Node
+    sin: fx.Node
+    nodes: set[fx.Node]
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _call(n: Any, functions, method: str) -> list | None:
+    """The operands of ``n`` if it calls one of ``functions`` (or the tensor method
+    ``method``) with positional operands only, else None."""
+    if not isinstance(n, fx.Node) or n.kwargs:
+        return None
+    if n.op == "call_function" and n.target in functions:
+        return list(n.args)
+    if n.op == "call_method" and n.target == method:
+        return list(n.args)
+    return None
+
+
+def _table(n: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "get_attr"
+
+
+def _product(n: Any) -> tuple[fx.Node, fx.Node]:
+    """``(data, table)`` of ``data * table`` in either order."""
+    args = _call(n, _MUL, "mul")
+    if args is None or len(args) != 2:
+        raise _NoMatch
+    a, b = args
+    if _table(b) and isinstance(a, fx.Node) and not _table(a):
+        return a, b
+    if _table(a) and isinstance(b, fx.Node) and not _table(b):
+        return b, a
+    raise _NoMatch
+
+
+def _last_dim(dim: Any, rank: int | None) -> bool:
+    return dim == -1 or (rank is not None and dim == rank - 1)
+
+
+def _halves(first: fx.Node, second: fx.Node, rank: int | None) -> tuple[fx.Node, set]:
+    """``x`` where ``first, second`` are its halves along the last axis: the two items of
+    ``x.chunk(2, dim=-1)``, or ``x[..., :h]`` and ``x[..., h:]``; and their nodes."""
+    for n in (first, second):
+        if not (n.op == "call_function" and n.target is operator.getitem and not n.kwargs):
+            raise _NoMatch
+    a, b = first.args, second.args
+    if a[0] is b[0] and a[1] == 0 and b[1] == 1:  # two items of one chunk
+        chunk = a[0]
+        if not (isinstance(chunk, fx.Node) and chunk.op in ("call_method", "call_function")):
+            raise _NoMatch
+        if chunk.target not in ("chunk", torch.chunk):
+            raise _NoMatch
+        args = list(chunk.args) + [
+            chunk.kwargs.get(k) for k in ("chunks", "dim") if k in chunk.kwargs
+        ]
+        if len(args) != 3 or args[1] != 2 or not _last_dim(args[2], rank):
+            raise _NoMatch
+        return args[0], {first, second, chunk}
+    x = a[0]
+    if b[0] is not x or not isinstance(x, fx.Node):
+        raise _NoMatch
+    lo, hi = _last_slice(a[1]), _last_slice(b[1])
+    if lo is None or hi is None or lo.start not in (None, 0) or lo.step or hi.step:
+        raise _NoMatch
+    if hi.stop is not None or not isinstance(lo.stop, int) or hi.start != lo.stop:
+        raise _NoMatch
+    return x, {first, second}
+
+
+def _last_slice(index: Any) -> slice | None:
+    """The slice of ``x[..., s]``, else None."""
+    if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:
+        s = index[1]
+        if isinstance(s, slice) and all(
+            isinstance(v, (int, type(None))) for v in (s.start, s.stop, s.step)
+        ):
+            return s
+    return None
+
+
+def _match(add: fx.Node, ranks: dict[str, int | None]) -> RotaryMatch:
+    args = _call(add, _ADD, "add")
+    if args is None or len(args) != 2:
+        raise _NoMatch
+    for straight, rotated in (args, args[::-1]):
+        try:
+            x, cos = _product(straight)
+            r, sin = _product(rotated)
+        except _NoMatch:
+            continue
+        cat_args = r.args if r.op == "call_function" and r.target is torch.cat else None
+        if cat_args is None:
+            continue
+        tensors = cat_args[0] if cat_args else r.kwargs.get("tensors")
+        dim = cat_args[1] if len(cat_args) > 1 else r.kwargs.get("dim", 0)
+        if not isinstance(tensors, (tuple, list)) or len(tensors) != 2:
+            continue
+        if not _last_dim(dim, ranks.get(x.name)):
+            continue
+        neg, x1 = tensors
+        neg_args = _call(neg, _NEG, "neg")
+        if neg_args is None or len(neg_args) != 1 or not isinstance(x1, fx.Node):
+            continue
+        try:
+            source, parts = _halves(x1, neg_args[0], ranks.get(x.name))
+        except _NoMatch:
+            continue
+        if source is not x:
+            continue
+        return RotaryMatch(x, cos, sin, {add, straight, rotated, r, neg, *parts})
+    raise _NoMatch
+
+
+def find_rotaries(graph: fx.Graph, ranks: dict[str, int | None]) -> dict[str, RotaryMatch]:
+    """The rotary embeddings of ``graph`` by the name of their last node (the Add), where
+    no intermediate is read outside them. ``ranks``: the rank of each node's tensor, where
+    known (a ``dim`` of ``rank - 1`` is the last axis)."""
+    found: dict[str, RotaryMatch] = {}
+    for node in graph.nodes:
+        try:
+            match = _match(node, ranks)
+        except _NoMatch:
+            continue
+        if any(set(n.users) - match.nodes for n in match.nodes - {node}):
+            continue  # an intermediate is read elsewhere
+        found[node.name] = match
+    return found
+
+
+class Rotary:
+    def rotary(self, node: fx.Node, match: RotaryMatch) -> None:
+        """The rotary embedding that ``find_rotaries`` found ending at ``node``; where it
+        cannot be one node, an opaque node of ``x`` (its intermediates are not
+        translated)."""
+        try:
+            x = self.data(match.x)
+            tables, ids = {}, {}
+            for key, table in (("cos", match.cos), ("sin", match.sin)):
+                value = self.attr(table.target)
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    raise _Opaque(f"its {key} is not a float tensor")
+                tables[key] = value.detach().to(torch.float64).cpu().numpy()
+                ids[key] = self.param_id(table.target)
+            shape = self.fx_shapes.get(x.name)
+            if shape is None:
+                raise _Opaque("the shape of its input is not known: pass dummy_input")
+            known = tuple(1 if d is None else d for d in shape)
+            for key, table in tables.items():
+                try:
+                    fits = (
+                        table.ndim <= len(known)
+                        and np.broadcast_shapes(table.shape, known) == known
+                    )
+                except ValueError:
+                    fits = False
+                if not fits:
+                    raise _Opaque(f"its {key} {table.shape} does not broadcast to {tuple(shape)}")
+            self.emit(
+                "rotary",
+                node,
+                [x],
+                rank=self.rank.get(x.name),
+                channels=self.chan.get(x.name),
+                params=tables,
+                attrs={"interleaved": False},
+                param_ids=ids,
+            )
+        except _Opaque as why:
+            inputs = [match.x] if match.x.name in self.values else []
+            self.emit(
+                "opaque",
+                node,
+                inputs,
+                rank=None,
+                channels=None,
+                attrs={"kind": "rotary embedding", "why": str(why), "channels": None},
+            )
