@@ -899,5 +899,7 @@ def test_a_product_with_a_table_that_is_not_a_rotary_is_refused(form, why):
     assert "qk" not in [r.kind for r in report.regions]
     reasons = " ".join(s.reason for s in report.skipped if "Q K^T" in s.candidate)
     assert why in reasons, reasons
-    if not report.regions:
-        assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+    # the refused pair's layers (q and k read the input: in no other region) and the
+    # tables are not written
+    kept = [k for k in state if not k.startswith(("v.", "o."))]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in kept), kept
