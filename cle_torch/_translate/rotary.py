@@ -76,9 +76,11 @@ def _last_dim(dim: Any, rank: int | None) -> bool:
     return dim == -1 or (rank is not None and dim == rank - 1)
 
 
-def _halves(first: fx.Node, second: fx.Node, rank: int | None) -> tuple[fx.Node, set]:
+def _halves(first: fx.Node, second: fx.Node, shapes: dict) -> tuple[fx.Node, set]:
     """``x`` where ``first, second`` are its halves along the last axis: the two items of
-    ``x.chunk(2, dim=-1)``, or ``x[..., :h]`` and ``x[..., h:]``; and their nodes."""
+    ``x.chunk(2, dim=-1)``, or ``x[..., :h]`` and ``x[..., h:]`` (``h`` a number, or
+    computed from the shape as Hugging Face writes it, ``x.shape[-1] // 2``: the sizes of
+    the example run say what it is); and their nodes."""
     for n in (first, second):
         if not (n.op == "call_function" and n.target is operator.getitem and not n.kwargs):
             raise _NoMatch
@@ -92,32 +94,39 @@ def _halves(first: fx.Node, second: fx.Node, rank: int | None) -> tuple[fx.Node,
         args = list(chunk.args) + [
             chunk.kwargs.get(k) for k in ("chunks", "dim") if k in chunk.kwargs
         ]
-        if len(args) != 3 or args[1] != 2 or not _last_dim(args[2], rank):
+        if len(args) != 3 or args[1] != 2 or not _last_dim(args[2], _rank(shapes, args[0])):
             raise _NoMatch
         return args[0], {first, second, chunk}
     x = a[0]
     if b[0] is not x or not isinstance(x, fx.Node):
         raise _NoMatch
     lo, hi = _last_slice(a[1]), _last_slice(b[1])
-    if lo is None or hi is None or lo.start not in (None, 0) or lo.step or hi.step:
+    if lo is None or hi is None or lo.start not in (None, 0) or hi.stop is not None:
         raise _NoMatch
-    if hi.stop is not None or not isinstance(lo.stop, int) or hi.start != lo.stop:
+    if lo.step not in (None, 1) or hi.step not in (None, 1):
+        raise _NoMatch
+    # a prefix and a suffix of the last axis, each half of it long
+    size = (shapes.get(x.name) or (None,))[-1]
+    ends = [(shapes.get(n.name) or (None,))[-1] for n in (first, second)]
+    if not isinstance(size, int) or size % 2 or ends != [size // 2] * 2:
         raise _NoMatch
     return x, {first, second}
+
+
+def _rank(shapes: dict, x: Any) -> int | None:
+    shape = shapes.get(x.name) if isinstance(x, fx.Node) else None
+    return None if shape is None else len(shape)
 
 
 def _last_slice(index: Any) -> slice | None:
     """The slice of ``x[..., s]``, else None."""
     if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:
-        s = index[1]
-        if isinstance(s, slice) and all(
-            isinstance(v, (int, type(None))) for v in (s.start, s.stop, s.step)
-        ):
-            return s
+        if isinstance(index[1], slice):
+            return index[1]
     return None
 
 
-def _match(add: fx.Node, ranks: dict[str, int | None]) -> RotaryMatch:
+def _match(add: fx.Node, shapes: dict) -> RotaryMatch:
     args = _call(add, _ADD, "add")
     if args is None or len(args) != 2:
         raise _NoMatch
@@ -134,14 +143,14 @@ def _match(add: fx.Node, ranks: dict[str, int | None]) -> RotaryMatch:
         dim = cat_args[1] if len(cat_args) > 1 else r.kwargs.get("dim", 0)
         if not isinstance(tensors, (tuple, list)) or len(tensors) != 2:
             continue
-        if not _last_dim(dim, ranks.get(x.name)):
+        if not _last_dim(dim, _rank(shapes, x)):
             continue
         neg, x1 = tensors
         neg_args = _call(neg, _NEG, "neg")
         if neg_args is None or len(neg_args) != 1 or not isinstance(x1, fx.Node):
             continue
         try:
-            source, parts = _halves(x1, neg_args[0], ranks.get(x.name))
+            source, parts = _halves(x1, neg_args[0], shapes)
         except _NoMatch:
             continue
         if source is not x:
@@ -150,14 +159,14 @@ def _match(add: fx.Node, ranks: dict[str, int | None]) -> RotaryMatch:
     raise _NoMatch
 
 
-def find_rotaries(graph: fx.Graph, ranks: dict[str, int | None]) -> dict[str, RotaryMatch]:
+def find_rotaries(graph: fx.Graph, shapes: dict) -> dict[str, RotaryMatch]:
     """The rotary embeddings of ``graph`` by the name of their last node (the Add), where
-    no intermediate is read outside them. ``ranks``: the rank of each node's tensor, where
-    known (a ``dim`` of ``rank - 1`` is the last axis)."""
+    no intermediate is read outside them. ``shapes``: the shape of each node's tensor in
+    the example run, where known."""
     found: dict[str, RotaryMatch] = {}
     for node in graph.nodes:
         try:
-            match = _match(node, ranks)
+            match = _match(node, shapes)
         except _NoMatch:
             continue
         if any(set(n.users) - match.nodes for n in match.nodes - {node}):

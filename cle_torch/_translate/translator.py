@@ -92,8 +92,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         self.inside_norms = {
             n.name for m in self.norms.values() for n in m.nodes if n.op != "get_attr"
         } - set(self.norms)
-        ranks = {name: len(shape) for name, shape in self.fx_shapes.items()}
-        self.rotaries = find_rotaries(cap.fx_graph, ranks)
+        self.rotaries = find_rotaries(cap.fx_graph, self.fx_shapes)
         inside = {n.name for m in self.rotaries.values() for n in m.nodes}
         self.inside_rotaries = inside - set(self.rotaries)
 

@@ -249,7 +249,8 @@ class GQAttention(nn.Module):
 class RopeAttention(nn.Module):
     """Attention with a rotary embedding on q and k written as ``form`` says: ``chunk``
     (LLaMA's rotate_half), ``slice`` (``x[..., :h]``, ``x[..., h:]``, the products'
-    operands swapped), ``computed`` (its tables computed from the data, not constants:
+    operands swapped), ``hf`` (Hugging Face's ``x[..., : x.shape[-1] // 2]``),
+    ``computed`` (its tables computed from the data, not constants:
     not translated as a rotary) or ``table`` (q and k only times a table: no rotary)."""
 
     def __init__(self, form, dim=16, heads=2, t=5):
@@ -268,6 +269,9 @@ class RopeAttention(nn.Module):
             return x * self.cos + _rotate_half(x) * self.sin
         if self.form == "slice":
             return self.sin * torch.cat((-x[..., h:], x[..., :h]), dim=-1) + self.cos * x
+        if self.form == "hf":
+            x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+            return (x * self.cos) + (torch.cat((-x2, x1), dim=-1) * self.sin)
         if self.form == "computed":  # angles that depend on the data
             a = self.angles * x.mean()
             return x * a.cos() + _rotate_half(x) * a.sin()

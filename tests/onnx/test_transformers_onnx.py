@@ -947,3 +947,28 @@ def test_a_rotary_embedding_of_merged_heads_is_refused_with_the_reason():
     assert "qk" not in [r.kind for r in report.regions]
     reasons = " ".join(s.reason for s in report.skipped)
     assert "its input is not 4-D (B, H, S, D)" in reasons, reasons
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
+@pytest.mark.parametrize("form", ["chunk", "slice", "hf"])
+def test_each_exporter_s_rotary_embedding_is_one_node(form, dynamo, tmp_path):
+    """``rotate_half`` by chunk, by slices, and as Hugging Face writes it (``x[..., :
+    x.shape[-1] // 2]``), each exporter: one ``rotary`` for q and one for k, and Q -> K
+    through them exact under random scales, the rotated pairs tied."""
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    path = tmp_path / "rope.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            RopeAttention(form).eval(), (x,), str(path), dynamo=dynamo, input_names=["x"]
+        )
+    model, x = onnx.load(str(path)), x.numpy()
+    graph = cle_onnx.OnnxBackend().to_ir(model).graph
+    assert [n.op for n in graph.nodes].count("rotary") == 2
+    eq, report = cle_onnx.equalize_model(str(path), objective=random_scales_objective())
+    (qk,) = [r for r in report.regions if r.kind == "qk"]
+    assert qk.tied == 8 and np.array_equal(qk.scales, qk.scales[np.arange(16) ^ 4])
+    assert sqnr_db(_run(model, x), _run(eq, x)) >= 90

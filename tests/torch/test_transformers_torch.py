@@ -859,7 +859,7 @@ def test_q_to_k_is_exact_under_random_scales(name):
 # --- rotary embeddings -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["chunk", "slice"])
+@pytest.mark.parametrize("form", ["chunk", "slice", "hf"])
 def test_a_rotary_embedding_is_one_node_and_q_to_k_ties_its_pairs(form):
     from tests.helpers.ir_transformers import random_scales_objective
 
