@@ -251,11 +251,12 @@ class RopeAttention(nn.Module):
     (LLaMA's rotate_half), ``slice`` (``x[..., :h]``, ``x[..., h:]``, the products'
     operands swapped), ``hf`` (Hugging Face's ``x[..., : x.shape[-1] // 2]``),
     ``computed`` (its tables computed from the data, not constants:
-    not translated as a rotary) or ``table`` (q and k only times a table: no rotary)."""
+    not translated as a rotary) or ``table`` (q and k only times a table: no rotary).
+    ``sdpa``: the attention by ``F.scaled_dot_product_attention``."""
 
-    def __init__(self, form, dim=16, heads=2, t=5):
+    def __init__(self, form, dim=16, heads=2, t=5, sdpa=False):
         super().__init__()
-        self.form, self.heads, self.d = form, heads, dim // heads
+        self.form, self.heads, self.d, self.sdpa = form, heads, dim // heads, sdpa
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         angles = torch.outer(torch.arange(t).float(), torch.rand(self.d // 2) + 0.1)
         angles = torch.cat((angles, angles), dim=-1)
@@ -283,7 +284,10 @@ class RopeAttention(nn.Module):
             f(x).view(b, t, self.heads, self.d).transpose(1, 2) for f in (self.q, self.k, self.v)
         )
         q, k = self._rope(q), self._rope(k)
-        y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
         return self.o(y.transpose(1, 2).reshape(b, t, -1))
 
 

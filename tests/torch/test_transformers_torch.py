@@ -859,12 +859,13 @@ def test_q_to_k_is_exact_under_random_scales(name):
 # --- rotary embeddings -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
 @pytest.mark.parametrize("form", ["chunk", "slice", "hf"])
-def test_a_rotary_embedding_is_one_node_and_q_to_k_ties_its_pairs(form):
+def test_a_rotary_embedding_is_one_node_and_q_to_k_ties_its_pairs(form, sdpa):
     from tests.helpers.ir_transformers import random_scales_objective
 
     torch.manual_seed(0)
-    model = tm.spread_channels(tm.RopeAttention(form)).eval()
+    model = tm.spread_channels(tm.RopeAttention(form, sdpa=sdpa)).eval()
     x = torch.randn(2, 5, 16)
     graph = cle_torch.TorchBackend().to_ir(model, dummy_input=x).graph
     assert [n.op for n in graph.nodes].count("rotary") == 2
