@@ -1,8 +1,10 @@
 """Rotary position embeddings as one IR ``rotary`` node each: ``x * cos + rotate_half(x) *
 sin`` as LLaMA and Hugging Face write it, with ``rotate_half(x) = torch.cat((-x2, x1),
 dim=-1)`` of the halves ``x1, x2 = x.chunk(2, dim=-1)`` (or ``x[..., :h]``,
-``x[..., h:]``), the products in either order, and ``cos`` / ``sin`` tables of the model
-(buffers or constants). The core ties the two channels of each rotated pair to one
+``x[..., h:]``), or GPT-J's ``rotate_every_two(x) = torch.stack((-x2, x1),
+dim=-1).flatten(-2)`` of ``x1, x2 = x[..., ::2], x[..., 1::2]`` (pairs ``(2i, 2i +
+1)``), the products in either order, and ``cos`` / ``sin`` tables of the model (buffers
+or constants). The core ties the two channels of each rotated pair to one
 scale, which keeps ``q k^T`` (see :mod:`cle_core._regions`).
 
 Only that form becomes a ``rotary``, and only where no intermediate tensor is read
@@ -37,6 +39,7 @@ class RotaryMatch:
     cos: fx.Node
     sin: fx.Node
     nodes: set[fx.Node]
+    interleaved: bool = False  # pairs (2i, 2i + 1), else (d, d + D/2)
 
 
 class _NoMatch(Exception):
@@ -118,12 +121,76 @@ def _rank(shapes: dict, x: Any) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _last_slice(index: Any) -> slice | None:
-    """The slice of ``x[..., s]``, else None."""
-    if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis:
-        if isinstance(index[1], slice):
-            return index[1]
+def _last_slice(index: Any, rank: int | None = None) -> slice | None:
+    """The slice of ``x[..., s]`` (or ``x[:, :, :, s]``, every other axis whole, of a
+    rank-``rank`` tensor), else None."""
+    if not isinstance(index, tuple) or not index or not isinstance(index[-1], slice):
+        return None
+    whole = slice(None)
+    if len(index) == 2 and index[0] is Ellipsis:
+        return index[-1]
+    if rank is not None and len(index) == rank and all(a == whole for a in index[:-1]):
+        return index[-1]
     return None
+
+
+def _every_two(first: fx.Node, second: fx.Node, shapes: dict) -> tuple[fx.Node, set]:
+    """``x`` where ``first, second`` are ``x[..., ::2]`` and ``x[..., 1::2]`` (GPT-J's
+    rotate_every_two); and their nodes."""
+    for n in (first, second):
+        if not (n.op == "call_function" and n.target is operator.getitem and not n.kwargs):
+            raise _NoMatch
+    x = first.args[0]
+    if second.args[0] is not x or not isinstance(x, fx.Node):
+        raise _NoMatch
+    rank = _rank(shapes, x)
+    even, odd = _last_slice(first.args[1], rank), _last_slice(second.args[1], rank)
+    if even != slice(None, None, 2) or odd != slice(1, None, 2):
+        raise _NoMatch
+    size = (shapes.get(x.name) or (None,))[-1]
+    if not isinstance(size, int) or size % 2:
+        raise _NoMatch
+    return x, {first, second}
+
+
+def _pair(tensors: Any) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(neg, x2, x1)`` of ``(-x2, x1)``, else None."""
+    if not isinstance(tensors, (tuple, list)) or len(tensors) != 2:
+        return None
+    neg, x1 = tensors
+    args = _call(neg, _NEG, "neg")
+    if args is None or len(args) != 1 or not isinstance(x1, fx.Node):
+        return None
+    return neg, args[0], x1
+
+
+def _rotated(r: fx.Node, x: fx.Node, shapes: dict) -> tuple[set, bool]:
+    """The nodes of ``rotate(x)`` ending at ``r`` and whether its pairs are interleaved:
+    ``torch.cat((-x2, x1), dim=-1)`` of the halves, or ``torch.stack((-x2, x1),
+    dim=-1).flatten(-2)`` of the even and odd positions."""
+    interleaved, nodes = False, {r}
+    flat = _call(r, (torch.flatten,), "flatten")
+    if flat is not None:
+        if len(flat) != 2 or flat[1] != -2 or not isinstance(flat[0], fx.Node):
+            raise _NoMatch
+        interleaved, r = True, flat[0]
+        nodes.add(r)
+        if not (r.op == "call_function" and r.target is torch.stack):
+            raise _NoMatch
+    elif not (r.op == "call_function" and r.target is torch.cat):
+        raise _NoMatch
+    args = list(r.args) + [r.kwargs[k] for k in ("tensors", "dim") if k in r.kwargs]
+    found = _pair(args[0]) if args else None
+    rank = _rank(shapes, x)
+    if rank is not None and interleaved:
+        rank += 1  # (the stack's new last axis)
+    if found is None or len(args) != 2 or not _last_dim(args[1], rank):
+        raise _NoMatch
+    neg, x2, x1 = found
+    source, parts = (_every_two if interleaved else _halves)(x1, x2, shapes)
+    if source is not x:
+        raise _NoMatch
+    return {*nodes, neg, *parts}, interleaved
 
 
 def _match(add: fx.Node, shapes: dict) -> RotaryMatch:
@@ -134,28 +201,10 @@ def _match(add: fx.Node, shapes: dict) -> RotaryMatch:
         try:
             x, cos = _product(straight)
             r, sin = _product(rotated)
+            nodes, interleaved = _rotated(r, x, shapes)
         except _NoMatch:
             continue
-        cat_args = r.args if r.op == "call_function" and r.target is torch.cat else None
-        if cat_args is None:
-            continue
-        tensors = cat_args[0] if cat_args else r.kwargs.get("tensors")
-        dim = cat_args[1] if len(cat_args) > 1 else r.kwargs.get("dim", 0)
-        if not isinstance(tensors, (tuple, list)) or len(tensors) != 2:
-            continue
-        if not _last_dim(dim, _rank(shapes, x)):
-            continue
-        neg, x1 = tensors
-        neg_args = _call(neg, _NEG, "neg")
-        if neg_args is None or len(neg_args) != 1 or not isinstance(x1, fx.Node):
-            continue
-        try:
-            source, parts = _halves(x1, neg_args[0], shapes)
-        except _NoMatch:
-            continue
-        if source is not x:
-            continue
-        return RotaryMatch(x, cos, sin, {add, straight, rotated, r, neg, *parts})
+        return RotaryMatch(x, cos, sin, {add, straight, rotated, *nodes}, interleaved)
     raise _NoMatch
 
 
@@ -210,7 +259,7 @@ class Rotary:
                 rank=self.rank.get(x.name),
                 channels=self.chan.get(x.name),
                 params=tables,
-                attrs={"interleaved": False},
+                attrs={"interleaved": match.interleaved},
                 param_ids=ids,
             )
         except _Opaque as why:

@@ -250,6 +250,7 @@ class RopeAttention(nn.Module):
     """Attention with a rotary embedding on q and k written as ``form`` says: ``chunk``
     (LLaMA's rotate_half), ``slice`` (``x[..., :h]``, ``x[..., h:]``, the products'
     operands swapped), ``hf`` (Hugging Face's ``x[..., : x.shape[-1] // 2]``),
+    ``gptj`` (GPT-J's rotate_every_two: pairs ``(2i, 2i + 1)``, tables repeated so),
     ``computed`` (its tables computed from the data, not constants:
     not translated as a rotary) or ``table`` (q and k only times a table: no rotary).
     ``sdpa``: the attention by ``F.scaled_dot_product_attention``."""
@@ -263,6 +264,9 @@ class RopeAttention(nn.Module):
         self.register_buffer("angles", angles)
         self.register_buffer("cos", angles.cos())
         self.register_buffer("sin", angles.sin())
+        every_two = angles[:, : self.d // 2].repeat_interleave(2, dim=-1)
+        self.register_buffer("cos_every_two", every_two.cos())
+        self.register_buffer("sin_every_two", every_two.sin())
 
     def _rope(self, x):
         h = self.d // 2
@@ -270,6 +274,9 @@ class RopeAttention(nn.Module):
             return x * self.cos + _rotate_half(x) * self.sin
         if self.form == "slice":
             return self.sin * torch.cat((-x[..., h:], x[..., :h]), dim=-1) + self.cos * x
+        if self.form == "gptj":
+            rot = torch.stack((-x[:, :, :, 1::2], x[:, :, :, ::2]), dim=-1).flatten(-2)
+            return x * self.cos_every_two + rot * self.sin_every_two
         if self.form == "hf":
             x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
             return (x * self.cos) + (torch.cat((-x2, x1), dim=-1) * self.sin)

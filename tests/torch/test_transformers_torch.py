@@ -860,7 +860,7 @@ def test_q_to_k_is_exact_under_random_scales(name):
 
 
 @pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
-@pytest.mark.parametrize("form", ["chunk", "slice", "hf"])
+@pytest.mark.parametrize("form", ["chunk", "slice", "hf", "gptj"])
 def test_a_rotary_embedding_is_one_node_and_q_to_k_ties_its_pairs(form, sdpa):
     from tests.helpers.ir_transformers import random_scales_objective
 
@@ -875,7 +875,8 @@ def test_a_rotary_embedding_is_one_node_and_q_to_k_ties_its_pairs(form, sdpa):
     eq, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
     (qk,) = [r for r in report.regions if r.kind == "qk"]
-    assert qk.tied == 8 and np.array_equal(qk.scales, qk.scales[np.arange(16) ^ 4])
+    pairs = np.arange(16) ^ (1 if form == "gptj" else 4)  # (2i, 2i + 1) or (d, d + 4)
+    assert qk.tied == 8 and np.array_equal(qk.scales, qk.scales[pairs])
     assert qk.scales.max() / qk.scales.min() > 10
     assert all(torch.equal(b, tables[k]) for k, b in model.named_buffers())  # not written
 
