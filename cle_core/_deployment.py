@@ -244,6 +244,11 @@ class OnnxRuntimeQDQ:
       reader rounds their output again;
     - a MatMul of two activations quantizes both; LayerNormalization its input, its
       output and its scale (as a per-tensor weight: a 1-D tensor has no channel axis);
+    - a rotary embedding (its Mul, Slice, Neg, Concat, Mul, Add) is taken as one
+      quantized operator: its input and its output (checked on the LLaMA export: QDQ
+      before the Mul by cos, after the Add; the grids of its intermediates, about the
+      input's, are not counted; opset 23's RotaryEmbedding assumed the same, not
+      checked);
     - MaxPool, AveragePool, Resize, Flatten, Reshape, Transpose, Slice, Gather, Pad put
       their output on their input's grid when that input is quantized (a requantization
       that adds noise only where the output leaves that grid: averages and interpolation);
@@ -271,6 +276,8 @@ class OnnxRuntimeQDQ:
             "global_avgpool",
             "matmul",
             "norm",
+            # a rotary embedding's Mul by cos rounds its input, its Add its output
+            "rotary",
         }
     )
     _ON_INPUT_GRID = frozenset(

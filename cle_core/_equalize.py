@@ -14,7 +14,7 @@ from ._fold import fold_batch_norms, shared_param_owners
 from ._ir import Graph
 from ._math import weight_stats
 from ._objectives import ScaleOutcome, ScaleProblem, get_objective
-from ._regions import find_regions
+from ._regions import find_regions, tie
 from ._report import (
     BiasCorrectionRecord,
     EqualizeOptions,
@@ -259,6 +259,9 @@ def scale_pass(
             # whatever an objective (a plugin's too) chose: any other scale there is
             # not exact (the built-in objectives keep these channels at 1)
             outcome.scales[r.id] = np.where(r.frozen, 1.0, outcome.scales[r.id])
+        # channels a rotary embedding rotates together: one scale each pair, whatever
+        # the objective chose (the built-in ones tie them before they estimate)
+        outcome.scales[r.id] = tie(outcome.scales[r.id], r.ties)
     if not outcome.triples:
         outcome.triples = triple_names(regions)
     changed = apply_scales(regions, outcome.scales)
@@ -273,6 +276,7 @@ def scale_pass(
             scales=outcome.scales[r.id],
             noise_before=outcome.region_before.get(r.id),
             noise_after=outcome.region_after.get(r.id),
+            tied=0 if r.ties is None else int(r.size - np.unique(r.ties).size),
         )
         for r in regions
     )

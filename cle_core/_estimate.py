@@ -47,7 +47,7 @@ from ._gains import Gains, floored
 from ._ir import Graph, Node, Value
 from ._math import _work_dtype, grouped_view, kernel_reduce
 from ._noise import Terms
-from ._regions import Place, Region, gather_terms, take
+from ._regions import Place, Region, gather_terms, take, tie
 from ._stats import ChannelStats
 
 _TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
@@ -498,6 +498,8 @@ class Estimate:
             live[off : off + rows.shape[0]] |= rows
         if region.frozen is not None:
             live &= ~region.frozen  # a part that cannot be scaled keeps scale 1
+        if region.ties is not None:  # tied channels move together
+            live = tie(live.astype(np.float64), region.ties, log=True) > 0
         return live
 
     def _terms_of(self, k: int) -> tuple[list[WeightTerm], list[ActivationTerm]]:

@@ -149,6 +149,8 @@ def _run(node: Node, args: list[np.ndarray]) -> list[np.ndarray]:
         return [x[(slice(None),) * int(at["axis"]) + (index,)]]
     if op == "norm":
         return [_norm(x, node)]
+    if op == "rotary":
+        return [x * _f64(p["cos"]) + _rotate(x, bool(at.get("interleaved"))) * _f64(p["sin"])]
     if op == "opaque":
         if at.get("activation") in ("hard_sigmoid", "hard_swish"):
             gate = np.clip(float(at["alpha"]) * x + float(at["beta"]), 0.0, 1.0)
@@ -177,6 +179,17 @@ def _along(a, x: np.ndarray, axes) -> np.ndarray:
     for ax in axes:
         shape[ax] = x.shape[ax]
     return t.reshape(shape)
+
+
+def _rotate(x: np.ndarray, interleaved: bool) -> np.ndarray:
+    """The rotary embedding's ``rotate(x)`` on the last axis: ``(-x2, x1)`` of its halves,
+    or of its odd and even positions interleaved."""
+    if interleaved:
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = -x[..., 1::2], x[..., 0::2]
+        return out
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def _norm(x: np.ndarray, node: Node) -> np.ndarray:

@@ -95,8 +95,25 @@ over attr ``axes``), ``rms`` (RMSNorm: root mean square over ``axes``) or ``grou
 normalization of ``x`` does not commute with a per-channel scale, its affine does: a norm
 is the source of a region (``gamma / s``, ``beta / s``), never a sink."""
 
+ROTARY_OPS = frozenset({"rotary"})
+"""A rotary position embedding ``y = x * cos + rotate(x) * sin`` on the last axis (of even
+size ``D``). Params ``cos`` and ``sin``: tables that broadcast against ``x`` to its shape
+(positions by ``D``, say). Attr ``interleaved``: False (the default: Hugging Face / LLaMA,
+``rotate(x) = concat(-x[..., D/2:], x[..., :D/2])``, channel ``d`` paired with ``d + D/2``)
+or True (GPT-J, ONNX ``interleaved=1``: ``(-x[..., 1::2], x[..., ::2])`` interleaved, ``2i``
+paired with ``2i + 1``). Each pair is mixed by a 2 x 2 map per position, so a scale
+commutes with it only where both channels of a pair take one scale: the Q -> K region it
+lies in ties them (``Region.ties``). The last axis must be one of the input's channel
+axes, else the output has no channels (attr ``layout_why``)."""
+
 ALL_OPS = (
-    LAYER_OPS | SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS | STRUCTURAL_OPS | LAYOUT_OPS | NORM_OPS
+    LAYER_OPS
+    | SCALABLE_ACTIVATIONS
+    | PASSTHROUGH_OPS
+    | STRUCTURAL_OPS
+    | LAYOUT_OPS
+    | NORM_OPS
+    | ROTARY_OPS
 )
 
 
@@ -523,6 +540,9 @@ def _infer_channels(node: Node) -> None:
             _per_channel_size(node, "factor", out)
     elif node.op == "flatten":
         out = None
+    elif node.op == "rotary":
+        out = ins[0]
+        _check_rotary(node, where)
     elif node.op == "norm":
         out = int(node.params["gamma"].size)
         beta = node.params.get("beta")
@@ -547,8 +567,27 @@ def _infer_channels(node: Node) -> None:
 
 # Ops whose output has its input's channels on the same axes (same shape but for pools,
 # pads and resizes, which change spatial sizes only).
-_SAME_AXES = SCALABLE_ACTIVATIONS | {"identity", "dropout", "mul", "add"}
-_SAME_SHAPE = SCALABLE_ACTIVATIONS | {"identity", "dropout", "norm"}
+_SAME_AXES = SCALABLE_ACTIVATIONS | {"identity", "dropout", "mul", "add", "rotary"}
+_SAME_SHAPE = SCALABLE_ACTIVATIONS | {"identity", "dropout", "norm", "rotary"}
+
+
+def _check_rotary(node: Node, where: str) -> None:
+    """A ``rotary`` takes one input and two tables that broadcast to its shape, whose
+    last axis has an even size."""
+    x = node.inputs[0] if len(node.inputs) == 1 else None
+    if x is None or node.params.get("cos") is None or node.params.get("sin") is None:
+        raise InvalidGraphError(f"{where}: takes one input and params cos and sin")
+    if x.shape is None or x.shape[-1] is None or x.shape[-1] % 2:
+        raise InvalidGraphError(f"{where}: the last axis of {x.name!r} is not of a known even size")
+    for key in ("cos", "sin"):
+        table = np.shape(node.params[key])
+        known = tuple(1 if d is None else d for d in x.shape)
+        try:
+            fits = len(table) <= len(known) and np.broadcast_shapes(table, known) == known
+        except ValueError:
+            fits = False
+        if not fits:
+            raise InvalidGraphError(f"{where}: {key} {table} does not broadcast to {x.shape}")
 
 
 def _check_weight_groups(nodes: Sequence[Node]) -> None:
@@ -613,6 +652,16 @@ def _infer_layout(node: Node) -> None:
                 v.channels = None
     if node.op in _SAME_SHAPE and x is not None and out.shape is None:
         out.shape = x.shape
+    if node.op == "rotary" and out.channels is not None:
+        last = (x.rank or 0) - 1
+        if last not in x.axes or x.channel_outer is not None:
+            # (the pairs it rotates are then not pairs of channels the region can tie)
+            node.attrs["layout_why"] = (
+                f"it rotates the last axis of {x.name!r}, which does not hold its channels "
+                f"alone (axes {x.axes})"
+            )
+            for v in node.outputs:
+                v.channels = None
     if node.op == "add" and out.channels is not None:
         layouts = {(v.axes, v.channel_outer) for v in node.inputs if v.channels == out.channels}
         if len(layouts) > 1:

@@ -345,6 +345,23 @@ def repeat_map(shape: Shape, axes: Sequence[int], axis: int, repeats: int) -> np
     return np.repeat(numbers, repeats, axis=list(axes).index(axis)).reshape(-1)
 
 
+def rotary_partners(shape: Shape, axes: Sequence[int], interleaved: bool) -> np.ndarray:
+    """The channel each channel is rotated with by a rotary embedding on the last axis
+    (one of the channel ``axes``, of even size ``D``): ``d`` with ``d + D / 2`` (mod ``D``),
+    or ``2i`` with ``2i + 1`` where ``interleaved``. Computed on the channels' own numbers,
+    as :func:`repeat_map`, so it holds for any order of significance of the axes."""
+    last = len(shape) - 1
+    if last not in axes:
+        raise LayoutError(f"the last axis {last} holds no channels")
+    sizes = [shape[a] for a in axes]
+    if any(d is None for d in sizes) or shape[last] % 2:
+        raise LayoutError("the channel axes' sizes are not known, or the last one is odd")
+    numbers = np.arange(int(np.prod(sizes, dtype=np.int64))).reshape([int(d) for d in sizes])
+    d = np.arange(int(shape[last]))
+    partner = d ^ 1 if interleaved else (d + d.size // 2) % d.size
+    return np.take(numbers, partner, axis=list(axes).index(last)).reshape(-1)
+
+
 def merged_copies(
     in_shape: Shape, axes: Sequence[int], copies: int, out_shape: Shape
 ) -> tuple[tuple[int, ...], np.ndarray]:

@@ -25,6 +25,7 @@ from ._ir import (
     Value,
     same_shape,
 )
+from ._layout import rotary_partners
 from ._report import SkipRecord
 
 _UNARY = SCALABLE_ACTIVATIONS | PASSTHROUGH_OPS
@@ -54,6 +55,23 @@ def take(scales: np.ndarray, at: Place, n: int) -> np.ndarray:
     if isinstance(at, np.ndarray):
         return scales[..., at]
     return scales[..., at : at + n]
+
+
+def tie(scales: np.ndarray, ties: np.ndarray | None, log: bool = False) -> np.ndarray:
+    """``scales`` (last axis: a region's channels) with each group of ``ties`` (see
+    :attr:`Region.ties`) at its geometric mean, or its mean where ``log`` (log-scales).
+    Scales already tied are returned as they are, so tying is idempotent to the bit."""
+    if ties is None:
+        return scales
+    x = np.asarray(scales, np.float64)
+    if np.array_equal(x, x[..., ties]):
+        return scales
+    flat = x.reshape(-1, x.shape[-1])
+    t = flat if log else np.log(flat)
+    sums = np.zeros_like(t)
+    np.add.at(sums, (slice(None), ties), t)
+    mean = (sums / np.maximum(np.bincount(ties, minlength=t.shape[1]), 1))[:, ties]
+    return (mean if log else np.exp(mean)).reshape(x.shape)
 
 
 def gather_terms(size: int, at: Place, ranges: np.ndarray, c: np.ndarray):
@@ -94,6 +112,11 @@ class Region:
     # between q and ``Q K^T``, multiplied too (name -> place); see _qk_regions.
     rows: list[tuple[Node, Place]] = field(default_factory=list)
     inverse: dict[str, Place] = field(default_factory=dict)
+    # Channels that must share one scale (None: none): per channel, the lowest channel
+    # of its group. A rotary embedding between a projection and Q K^T mixes each pair of
+    # channels it rotates, which a scale commutes with only where both take one scale
+    # (see :func:`tie`).
+    ties: np.ndarray | None = None
 
     def describe(self) -> str:
         readers = [n for n, *_ in self.sinks] + [n for n, _ in self.rows]
@@ -466,7 +489,7 @@ def _coverage_gaps(region: Region) -> list[str]:
 
 # Ops between a projection and Q K^T that keep each channel whole (a channel map where
 # they copy or select channels): the chain of a Q -> K pair.
-_QK_CHAIN = frozenset({"transpose", "reshape", "repeat", "identity", "dropout"})
+_QK_CHAIN = frozenset({"transpose", "reshape", "repeat", "identity", "dropout", "rotary"})
 
 
 def _qk_regions(graph: Graph, shared: dict[int, str], outputs: set[int]):
@@ -523,6 +546,7 @@ def _qk_regions(graph: Graph, shared: dict[int, str], outputs: set[int]):
             continue
         region = Region(id=-1, size=k.out_channels, kind="qk", sources=[(k, 0)])
         region.rows.append((q, qmap))
+        region.ties = _rotary_ties(k.out_channels, (k_chain, k_idx, None), (q_chain, q_idx, qmap))
         for value, idx in k_chain:
             region.values[value.name] = _place(_back(idx, k_idx, value), k.out_channels)
             if value.producer is not k:
@@ -532,6 +556,35 @@ def _qk_regions(graph: Graph, shared: dict[int, str], outputs: set[int]):
         claimed.update(id(v) for v, _ in (*q_chain, *k_chain))
         regions.append(region)
     return regions, skips, claimed
+
+
+def _rotary_ties(size: int, *sides) -> np.ndarray | None:
+    """The ties (:attr:`Region.ties`) of a Q -> K region of ``size`` channels: the two
+    channels of each pair that a rotary embedding on either side rotates, as region
+    channels (each side: its chain, where the operand's channels lie in its layer's
+    output, and the region channel each layer channel meets, None for k's own); None
+    where no rotary lies on the way."""
+    parent = np.arange(size)
+
+    def root(c: int) -> int:
+        while parent[c] != c:
+            c = parent[c]
+        return c
+
+    found = False
+    for chain, layer_idx, meets in sides:
+        for value, idx in chain:
+            p = value.producer
+            if p is None or p.op != "rotary":
+                continue
+            found = True
+            layer = _back(idx, layer_idx, value)  # the layer channel each channel copies
+            region = layer if meets is None else meets[layer]
+            partner = rotary_partners(value.shape, value.axes, bool(p.attrs.get("interleaved")))
+            for a, b in zip(region.tolist(), region[partner].tolist(), strict=True):
+                ra, rb = root(a), root(b)
+                parent[max(ra, rb)] = min(ra, rb)
+    return np.array([root(c) for c in range(size)]) if found else None
 
 
 def _back(idx: np.ndarray, layer_idx: np.ndarray, value: Value) -> np.ndarray:
@@ -620,8 +673,9 @@ def _is_scores(node: Node) -> bool:
 
 
 _ROTARY = (
-    " (a rotary embedding, q * cos + rotate_half(q) * sin, keeps Q K^T only with equal "
-    "scales on each rotated pair of channels, which are not tied)"
+    " (a rotary embedding, q * cos + rotate_half(q) * sin, keeps Q K^T with equal scales on "
+    "each rotated pair of channels, but this one was not translated as one: its cos and sin "
+    "are not constant tables, or it is written in another form)"
 )
 
 

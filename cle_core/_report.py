@@ -196,7 +196,9 @@ class RegionRecord:
     scale of the K channel each meets in ``Q K^T``). With the noise objective,
     ``noise_before`` and ``noise_after`` are the estimated output noise (a fraction of
     the output power) of every term that touches the region: its sources' and sinks'
-    weight grids and its quantized activations, at scales 1 and at the chosen scales."""
+    weight grids and its quantized activations, at scales 1 and at the chosen scales.
+    ``tied``: the pairs of channels that share one scale (those a rotary embedding
+    rotates together, in a ``qk`` region), 0 for none."""
 
     id: int
     kind: str
@@ -207,6 +209,7 @@ class RegionRecord:
     scales: np.ndarray = field(repr=False)
     noise_before: float | None = None
     noise_after: float | None = None
+    tied: int = 0
 
 
 @dataclass(frozen=True, eq=False)

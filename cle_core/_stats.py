@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._ir import SCALABLE_ACTIVATIONS, Graph, Node, Value
+from ._layout import rotary_partners
 from ._math import _phi_cdf as _cdf
 from ._math import _phi_pdf as _phi
 from ._math import grouped_view, kernel_reduce, tap_coverage
@@ -478,6 +479,15 @@ def _estimate_node(
             stats[out.name] = stats[x.name]
             if x.name in normal:
                 normal[out.name] = normal[x.name]
+    elif op == "rotary" and ins[0] is not None and out.channels == ins[0].channels:
+        # Each pair is rotated by an angle that changes along the positions: its energy
+        # is kept, shared out between its two channels, about evenly; the mean averages
+        # out.
+        x = node.inputs[0]
+        partner = rotary_partners(x.shape, x.axes, bool(node.attrs.get("interleaved")))
+        meansq = 0.5 * (ins[0].meansq + ins[0].meansq[partner])
+        stats[out.name] = ChannelStats.of(np.zeros_like(meansq), meansq)
+        normal[out.name] = (np.zeros_like(meansq), np.sqrt(meansq))
     elif op == "global_avgpool" and ins[0] is not None:
         # A spatial mean keeps the mean and a part of the variance (what varies between
         # examples rather than within one): a quarter, as measured on Lite0's head.

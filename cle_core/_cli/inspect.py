@@ -82,6 +82,7 @@ def format_inspection(report: Report, verbose: bool = True) -> str:
         lines.append(
             f"  #{r.id} {r.kind}, {r.channels} channels: {', '.join(r.sources)} -> "
             f"{', '.join(r.sinks)}"
+            + (f" ({r.tied} rotated pairs tied: one scale each)" if r.tied else "")
         )
     if report.triples:
         lines.append(f"{len(report.triples)} Conv -> depthwise -> Conv triples:")

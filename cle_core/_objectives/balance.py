@@ -14,7 +14,7 @@ import numpy as np
 
 from .._ir import SCALABLE_ACTIVATIONS
 from .._math import RangeSummary, region_scales, triple_scales
-from .._regions import Region, gather_terms
+from .._regions import Region, gather_terms, tie
 from .._report import SkipRecord
 from .._scale import _Links, _names, _triples
 from . import ScaleOutcome, ScaleProblem, register_objective
@@ -122,7 +122,7 @@ def scale_regions(
             np.maximum(window, out_r, out=window)
         if region.id in floors:
             np.maximum(src, floors[region.id], out=src)
-        s = region_scales([src], [snk])
+        s = tie(region_scales([src], [snk]), region.ties)  # a rotary's pairs: one scale
         if region.frozen is not None:
             s[region.frozen] = 1.0  # a part that cannot be scaled
         return s

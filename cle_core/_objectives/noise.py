@@ -36,7 +36,7 @@ import numpy as np
 from .. import _noise
 from .._estimate import Estimate
 from .._gains import propagate
-from .._regions import gather_terms
+from .._regions import gather_terms, tie
 from .._report import NOISE_TOLERANCE, NoiseEstimate, SkipRecord
 from .._stats import counts_known, positions
 from .._stats import estimate as estimate_stats
@@ -257,6 +257,7 @@ def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.n
     cands[:, ~live] = t_now[~live]
     if np.any(live):
         cands[:, live] += (t_now[live].mean() - cands[:, live].mean(axis=1))[:, None]
+    cands = tie(cands, est.map.regions[k].ties, log=True)  # a rotary's pairs: one scale
     return np.clip(cands, -_T_BOUND, _T_BOUND)
 
 

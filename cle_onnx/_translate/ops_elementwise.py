@@ -262,7 +262,10 @@ class _ElementwiseOps:
         return self.op_Add(index, node, name)
 
     def op_Add(self, index, node, name):
-        """A residual sum of same-shape tensors (a region gives its inputs one scale)."""
+        """A residual sum of same-shape tensors (a region gives its inputs one scale); or
+        the end of a rotary embedding (:mod:`.ops_rotary`)."""
+        if index in self.rotaries:
+            return self.rotary_at(index, name)
         if len(node.input) < 2:
             return "it has one input"
         if any(n in self.fixed for n in node.input):

@@ -19,6 +19,7 @@ from .ops_elementwise import _ElementwiseOps
 from .ops_layers import _LayerOps
 from .ops_layout import _LayoutOps
 from .ops_norms import _NormOps
+from .ops_rotary import _RotaryOps
 from .ops_spatial import _SpatialOps
 from .proto import _dims, _dtypes, _tensor_array, default_opset, has_subgraph, node_reads
 
@@ -47,6 +48,7 @@ class _Reader(
     _LayerOps,
     _LayoutOps,
     _NormOps,
+    _RotaryOps,
     _ElementwiseOps,
     _SpatialOps,
     _ChannelOps,
@@ -245,6 +247,7 @@ class _Reader(
             name = node.name if node.name and node.name not in names_seen else f"{node.op_type}_{i}"
             names_seen.add(name)
             self.translation.node_names[i] = name
+        self.find_rotaries()
         for i, node in enumerate(g.node):
             if i in self.consumed_adds:
                 continue

@@ -51,6 +51,7 @@ from .layout import Moves
 from .mha import Attention
 from .norms import Norms, find_norms
 from .propagate import Shapes, propagate
+from .rotary import Rotary, find_rotaries
 from .shape import Shape
 from .spatial import Spatial
 
@@ -61,7 +62,7 @@ log = logging.getLogger("cle_torch")
 _MOVING = frozenset({"transpose", "reshape", "matmul", "norm", "linear"})
 
 
-class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
+class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, Rotary):
     def __init__(self, cap: Capture, shapes: tuple[Any, Any], fx_shapes: Shapes | None = None):
         self.cap = cap
         self.model = cap.model
@@ -91,6 +92,9 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
         self.inside_norms = {
             n.name for m in self.norms.values() for n in m.nodes if n.op != "get_attr"
         } - set(self.norms)
+        self.rotaries = find_rotaries(cap.fx_graph, self.fx_shapes)
+        inside = {n.name for m in self.rotaries.values() for n in m.nodes}
+        self.inside_rotaries = inside - set(self.rotaries)
 
     # --- helpers -------------------------------------------------------------------------
     def attr(self, target: str) -> Any:
@@ -359,8 +363,10 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention):
                 continue
             if node.op == "output":
                 fx.node.map_arg(node.args[0], lambda n: outputs.append(n.name))
-            elif node.name in self.inside_norms:
-                continue  # a part of a decomposed norm, translated at its last node
+            elif node.name in self.inside_norms or node.name in self.inside_rotaries:
+                continue  # a part of a decomposed norm or rotary, translated at its last node
+            elif node.name in self.rotaries:
+                self.rotary(node, self.rotaries[node.name])
             elif node.name in self.norms:
                 self.decomposed_norm(node, self.norms[node.name])
             elif self.is_shape_only(node):

@@ -246,6 +246,58 @@ class GQAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
+class RopeAttention(nn.Module):
+    """Attention with a rotary embedding on q and k written as ``form`` says: ``chunk``
+    (LLaMA's rotate_half), ``slice`` (``x[..., :h]``, ``x[..., h:]``, the products'
+    operands swapped), ``hf`` (Hugging Face's ``x[..., : x.shape[-1] // 2]``),
+    ``gptj`` (GPT-J's rotate_every_two: pairs ``(2i, 2i + 1)``, tables repeated so),
+    ``computed`` (its tables computed from the data, not constants:
+    not translated as a rotary) or ``table`` (q and k only times a table: no rotary).
+    ``sdpa``: the attention by ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, form, dim=16, heads=2, t=5, sdpa=False):
+        super().__init__()
+        self.form, self.heads, self.d, self.sdpa = form, heads, dim // heads, sdpa
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        angles = torch.outer(torch.arange(t).float(), torch.rand(self.d // 2) + 0.1)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("angles", angles)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+        every_two = angles[:, : self.d // 2].repeat_interleave(2, dim=-1)
+        self.register_buffer("cos_every_two", every_two.cos())
+        self.register_buffer("sin_every_two", every_two.sin())
+
+    def _rope(self, x):
+        h = self.d // 2
+        if self.form == "chunk":
+            return x * self.cos + _rotate_half(x) * self.sin
+        if self.form == "slice":
+            return self.sin * torch.cat((-x[..., h:], x[..., :h]), dim=-1) + self.cos * x
+        if self.form == "gptj":
+            rot = torch.stack((-x[:, :, :, 1::2], x[:, :, :, ::2]), dim=-1).flatten(-2)
+            return x * self.cos_every_two + rot * self.sin_every_two
+        if self.form == "hf":
+            x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+            return (x * self.cos) + (torch.cat((-x2, x1), dim=-1) * self.sin)
+        if self.form == "computed":  # angles that depend on the data
+            a = self.angles * x.mean()
+            return x * a.cos() + _rotate_half(x) * a.sin()
+        return x * self.cos
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (
+            f(x).view(b, t, self.heads, self.d).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
+        q, k = self._rope(q), self._rope(k)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+        return self.o(y.transpose(1, 2).reshape(b, t, -1))
+
+
 class GQANoRotary(nn.Module):
     """Grouped-query attention without rotary embeddings: K is repeated as V is (the
     repeated K must be refused: Q -> K sums over its channels)."""

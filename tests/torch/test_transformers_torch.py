@@ -65,6 +65,8 @@ def _llama_regions():
     for b in (0, 1):
         p = f"blocks.{b}"
         out.append(("norm", (f"{p}.attn_norm",), tuple(f"{p}.attn.w{c}" for c in "qkv")))
+        # Q -> K through the rotary embedding: each rotated pair of K channels tied
+        out.append(("qk", (f"{p}.attn.wk",), (f"{p}.attn.wq",)))
         # grouped-query: each V head read by the O columns of n_heads / n_kv_heads heads
         out.append(("attention", (f"{p}.attn.wv",), (f"{p}.attn.wo",)))
         out.append(("norm", (f"{p}.mlp_norm",), (f"{p}.mlp.gate", f"{p}.mlp.up")))
@@ -73,8 +75,8 @@ def _llama_regions():
 
 
 #: variant -> the regions found: (kind, sources, sinks). Missing on purpose, with the
-#: reason in REFUSED: Q -> K behind llama's rotary embedding, BERT's post-LN norms but
-#: the last (they feed the residual too), fc1 -> GELU -> fc2.
+#: reason in REFUSED: BERT's post-LN norms but the last (they feed the residual too),
+#: fc1 -> GELU -> fc2.
 REGIONS = {
     "vit": _vit_regions(),
     "vit_mean_pool": _vit_regions(),  # the final norm -> head through x.mean(dim=1)
@@ -98,20 +100,12 @@ REGIONS = {
     ],
 }
 
-ROTARY_K = ("blocks.0.attn.wk -> ?", "a factor that is a tensor")
-ROTARY_QK = ("matmul (matmul) (Q K^T)", "equal scales on each rotated pair")
-
 #: variant -> (candidate, a part of the reason it is refused with).
 REFUSED = {
     "vit": [("blocks.0.fc1 -> ?", "gelu")],
-    # K: its rotary embedding (a product with a (T, D) table) comes before its repeat;
-    # Q K^T reads q and k through it
-    "llama": [ROTARY_K, ROTARY_QK],
-    "llama_expand": [ROTARY_K, ROTARY_QK],
-    "llama_nn_rmsnorm": [
-        ROTARY_K,
-        ("blocks.0.mlp.gate -> ?", "silu"),
-    ],
+    "llama": [("blocks.0.mlp.gate -> ?", "silu")],
+    "llama_expand": [("blocks.0.mlp.gate -> ?", "silu")],
+    "llama_nn_rmsnorm": [("blocks.0.mlp.gate -> ?", "silu")],
     "bert": [
         ("layers.0.linear1 -> ?", "gelu"),
         ("layers.0.norm1, layers.0.linear2 -> layers.0.linear1", "normalized by layers.0.norm2"),
@@ -834,7 +828,9 @@ def test_hugging_face_repeat_kv_is_followed(always_scale):
 # --- Q -> K under random scales ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vit", "vit_sdpa", "vit_mha", "bert", "gqa"])
+@pytest.mark.parametrize(
+    "name", ["vit", "vit_sdpa", "vit_mha", "bert", "gqa", "llama", "llama_expand"]
+)
 def test_q_to_k_is_exact_under_random_scales(name):
     """Every region, Q -> K included, scaled over two decades (a test objective): the
     function is kept, written into q's and k's own rows (``in_proj_weight``'s row blocks
@@ -851,5 +847,61 @@ def test_q_to_k_is_exact_under_random_scales(name):
     eq, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
     qk = [r for r in report.regions if r.kind == "qk"]
     assert len(qk) == (1 if name == "gqa" else 2)
-    assert all(r.scales.max() / r.scales.min() > 10 for r in qk)
+    # (tied, a pair's scales are their geometric mean: less spread)
+    spread = 5 if name.startswith("llama") else 10
+    assert all(r.scales.max() / r.scales.min() > spread for r in qk)
+    if name.startswith("llama"):  # the rotary's pairs (d, d + 4) of K's 2 heads of 8: tied
+        pairs = np.arange(16) ^ 4
+        assert all(r.tied == 8 and np.array_equal(r.scales, r.scales[pairs]) for r in qk)
     assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+
+
+# --- rotary embeddings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["matmul", "sdpa"])
+@pytest.mark.parametrize("form", ["chunk", "slice", "hf", "gptj"])
+def test_a_rotary_embedding_is_one_node_and_q_to_k_ties_its_pairs(form, sdpa):
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    torch.manual_seed(0)
+    model = tm.spread_channels(tm.RopeAttention(form, sdpa=sdpa)).eval()
+    x = torch.randn(2, 5, 16)
+    graph = cle_torch.TorchBackend().to_ir(model, dummy_input=x).graph
+    assert [n.op for n in graph.nodes].count("rotary") == 2
+    assert "neg" not in {n.attrs.get("kind") for n in graph.nodes}
+    tables = {k: b.clone() for k, b in model.named_buffers()}
+    ref = _run(model, x)
+    eq, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
+    assert _sqnr_db(ref, _run(eq, x)) >= MIN_SQNR_DB
+    (qk,) = [r for r in report.regions if r.kind == "qk"]
+    pairs = np.arange(16) ^ (1 if form == "gptj" else 4)  # (2i, 2i + 1) or (d, d + 4)
+    assert qk.tied == 8 and np.array_equal(qk.scales, qk.scales[pairs])
+    assert qk.scales.max() / qk.scales.min() > 10
+    assert all(torch.equal(b, tables[k]) for k, b in model.named_buffers())  # not written
+
+
+@pytest.mark.parametrize(
+    ("form", "why"),
+    [
+        ("computed", "was not translated as one"),
+        ("table", "a factor that is a tensor"),
+    ],
+)
+def test_a_product_with_a_table_that_is_not_a_rotary_is_refused(form, why):
+    """Tables computed from the data (not constants), or a product with a table alone (no
+    rotate_half): no rotary node, and Q -> K is refused with the reason."""
+    torch.manual_seed(0)
+    model = tm.spread_channels(tm.RopeAttention(form)).eval()
+    x = torch.randn(2, 5, 16)
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    graph = cle_torch.TorchBackend().to_ir(model, dummy_input=x).graph
+    assert "rotary" not in [n.op for n in graph.nodes]
+    _, report = cle_torch.equalize_model(model, dummy_input=x)
+    assert "qk" not in [r.kind for r in report.regions]
+    reasons = " ".join(s.reason for s in report.skipped if "Q K^T" in s.candidate)
+    assert why in reasons, reasons
+    # the refused pair's layers (q and k read the input: in no other region) and the
+    # tables are not written
+    kept = [k for k in state if not k.startswith(("v.", "o."))]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in kept), kept
