@@ -50,11 +50,12 @@ LLaMA / BERT / ConvNeXt; on BERT, V -> O and Q -> K in its 3
 the packed in-projection being refused); no deployment is below no scaling (the
 estimated W8A8 gains stay under the 1 dB rule, so those rows equal no scaling);
 weights-only +2.1 / +2.5 / +2.8 dB on the ViT, the LM and BERT, nothing scaled on the
-ConvNeXt; SmoothQuant moves W8A8 by 0.5 dB at most (BERT's two W8A8 cells, per tensor
-and per channel, are the ones where it stays above ours: by 0.03 and 0.04 dB); the LM's W8A8 (about 5 dB) is set by ``quantize_static``'s grid on
-the masked attention scores (the causal mask's -inf makes that grid's scale infinite),
-which no scaling of channels can change; the ViT's ``equalize_model`` takes 0.9x the
-time of the plain CNN (0.085 s against 0.092 s, quiet machine).
+ConvNeXt; SmoothQuant moves W8A8 by 0.5 dB at most (BERT's two W8A8 cells, per
+tensor and per channel, are the ones where it stays above ours: by 0.03 and 0.04 dB);
+the LM's W8A8 (about 5 dB) is set by ``quantize_static``'s grid on the masked attention
+scores (the causal mask's -inf makes that grid's scale infinite), which no scaling of
+channels can change; the ViT's ``equalize_model`` takes 0.9x the time of the plain CNN
+(0.085 s against 0.092 s, quiet machine).
 """
 
 from __future__ import annotations
