@@ -102,6 +102,20 @@ def kernel_reduce(v: np.ndarray, op=np.maximum, tap=None, dtype=None) -> np.ndar
     return out
 
 
+def kernel_sums(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``kernel_reduce(v, np.add, dtype=np.float64)`` and ``kernel_reduce(v, np.add,
+    np.square, np.float64)`` (the weights and squared weights summed over the kernel, in
+    float64) in one pass over the taps: each tap is gathered and converted once (the
+    same operations in the same order: the same values)."""
+    total = v[..., 0].astype(np.float64)
+    squares = np.square(total)
+    for j in range(1, v.shape[-1]):
+        x = v[..., j].astype(np.float64)
+        total += x
+        squares += np.square(x, out=x)
+    return total, squares
+
+
 def _check_finite(name: str, *arrays: np.ndarray | None) -> None:
     for a in arrays:
         if a is not None and not np.all(np.isfinite(a)):

@@ -252,7 +252,7 @@ class _PrimalDual:
         best_f = np.full(count, np.inf)
         best_t = self.t.copy()
         for _ in range(max_steps):
-            sup, sk, region = self.sup, self.sk, self.region
+            sup, sk = self.sup, self.sk
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
             per_term = self.per_region(e)
             f = per_term.sum(axis=0)
@@ -277,7 +277,7 @@ class _PrimalDual:
                 cols = keep[self.region]
                 best_t, best_f, ids, done = best_t[cols], best_f[keep], ids[keep], done[keep]
                 self._keep(keep, cols)
-                sup, sk, region = self.sup, self.sk, self.region
+                sup, sk = self.sup, self.sk
                 e, s, sl, sh = self.e, self.s, self.sl, self.sh
                 f, gap = f[keep], gap[keep]
             self.factor()

@@ -20,6 +20,7 @@ from cle_core._math import (
     in_channel_ranges,
     int8_sqnr_estimate,
     kernel_reduce,
+    kernel_sums,
     out_channel_ranges,
     pair_scales,
     region_scales,
@@ -232,4 +233,8 @@ def test_kernel_reduce_is_numpys_reduction_over_the_kernel(layout, shape):
     squares = kernel_reduce(v, np.add, np.square, np.float64)
     assert squares.dtype == np.float64
     np.testing.assert_allclose(squares, np.square(v, dtype=np.float64).sum(axis=3), rtol=1e-12)
+    # both sums in one pass: bit for bit the two reductions the gains and statistics took
+    total, both = kernel_sums(v)
+    np.testing.assert_array_equal(total, kernel_reduce(v, np.add, dtype=np.float64))
+    np.testing.assert_array_equal(both, squares)
     assert np.array_equal(w, np.random.default_rng(2).normal(size=shape).astype(np.float32))
