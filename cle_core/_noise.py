@@ -203,9 +203,8 @@ class _PrimalDual:
         self.lo_box, self.hi_box = t0 - _T_BOUND, t0 + _T_BOUND
         self.m = self.per_region(self.sup.astype(float)).sum(axis=0) + 2.0 * np.asarray(sizes)
         self.t = t0
-        mu = np.full((kmax, len(problems)), -np.inf)
         # -inf where unsupported
-        np.maximum.at(mu, (slice(None), self.region), self.alpha + self.sk * t0)
+        mu = np.maximum.reduceat(self.alpha + self.sk * t0, self.starts, axis=1)
         self.mu = np.where(np.isfinite(mu), mu, 0.0) + 0.1
         self.e, self.s, self.sl, self.sh = self.state(self.t, self.mu)
         nu = np.maximum(self.per_region(self.e).sum(axis=0), 1e-3) / self.m
@@ -264,7 +263,10 @@ class _PrimalDual:
                 best_f = np.where(better, f, best_f)
                 mask = self.expand(better)
                 best_t = np.where(mask, self.t, best_t)
-            done |= ~np.isfinite(f) | ((gap <= tolerance * f) & self.stationary(f, tolerance))
+            converged = gap <= tolerance * f
+            if np.any(converged):  # (the dual residual is a pass over every channel)
+                converged &= self.stationary(f, tolerance)
+            done |= ~np.isfinite(f) | converged
             if np.all(done):
                 break
             finished = self.sizes[done].sum()
@@ -363,8 +365,14 @@ class _PrimalDual:
         self.scaled = self.h_tm / self.h_tt
         k = w.shape[0]
         if k <= 6:  # many small regions: one broadcast product for all
-            outer = self.per_region(self.scaled[:, None, :] * self.h_tm[None, :, :])
-            outer = outer.transpose(2, 0, 1)  # (R, K, K)
+            # The rows of term variables held in every region (mu_0 at least) are set
+            # below whatever the product says: it is taken over the others only.
+            free = np.flatnonzero(~np.all(self.fixed, axis=1))
+            scaled, h_tm = self.scaled[free], self.h_tm[free]
+            outer = np.zeros((len(self.sizes), k, k))
+            outer[:, free[:, None], free[None, :]] = self.per_region(
+                scaled[:, None, :] * h_tm[None, :, :]
+            ).transpose(2, 0, 1)  # (R, K, K)
         else:  # a region of many terms (a long residual stream): a (K, K, N) array is too big
             outer = np.stack(
                 [
