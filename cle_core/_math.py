@@ -447,10 +447,16 @@ class RangeSummary:
 
     _BLOCK = 1 << 16
 
-    def __init__(self, w: np.ndarray, layout: Layout):
+    def __init__(self, w: np.ndarray, layout: Layout, magnitudes: np.ndarray | None = None):
+        """``magnitudes``: the caller's ``kernel_reduce(grouped_view(w, layout),
+        tap=np.abs)`` (in any float dtype that holds the weights' values exactly), if it
+        has it: not taken again, nor block by block at every call."""
         v = grouped_view(np.asarray(w), layout)
-        self._abs_needed = v.shape[3] == 1
-        self._m = v[..., 0] if self._abs_needed else kernel_reduce(v, tap=np.abs)
+        self._abs_needed = v.shape[3] == 1 and magnitudes is None
+        if magnitudes is not None:
+            self._m = magnitudes
+        else:
+            self._m = v[..., 0] if self._abs_needed else kernel_reduce(v, tap=np.abs)
         self._dtype = np.float64 if self._m.dtype == np.float64 else np.float32
         g, og, ig = self._m.shape
         raw_out = np.empty((g, og))

@@ -265,7 +265,9 @@ def _balance_start(problem: ScaleProblem, est: Estimate, before: float) -> list[
     leaves regions with a norm's affine at 1; channels a region must keep are kept at 1
     here), if the estimate puts them below ``before``, its value at no scaling."""
     options = replace(problem.options, max_sweeps=_BALANCE_START_SWEEPS, tolerance=None)
-    balanced = BalanceObjective().choose(replace(problem, options=options, on_sweep=None))
+    # the estimate's max |W| per kernel, the balance's summaries of the same weights
+    magnitudes = {id(t.node): t.abs for t in est.weights if t.node.op != "norm"}
+    balanced = BalanceObjective(magnitudes).choose(replace(problem, options=options, on_sweep=None))
     start = []
     for r in problem.regions:
         # within the candidates' bounds, so that a region's current scales are a candidate

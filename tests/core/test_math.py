@@ -220,6 +220,34 @@ def test_range_summary_matches_scaled_weights(layout, shape):
     np.testing.assert_allclose(summary.raw_out, out_channel_ranges(w, layout))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize(
+    "layout,shape",
+    [(Layout(0, 1, 1), (5, 4, 3)), (Layout(1, 0, 2), (4, 3, 1)), (Layout(0, 1, 4), (8, 1, 3, 3))],
+)
+def test_range_summary_from_given_magnitudes_is_the_same(layout, shape, dtype):
+    # the noise objective hands the balance start its estimate's max |W| per kernel (in
+    # the work dtype): every range must be the one the summary takes itself, bit for bit
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=shape).astype(dtype)
+    s_in = rng.uniform(0.1, 10, layout.in_channels(shape))
+    s_out = rng.uniform(0.1, 10, layout.out_channels(shape))
+    own = RangeSummary(w, layout)
+    work = np.float64 if dtype == np.float64 else np.float32
+    magnitudes = kernel_reduce(grouped_view(w, layout), tap=np.abs, dtype=work)
+    given = RangeSummary(w, layout, magnitudes)
+    for a, b in (
+        (own.raw_out, given.raw_out),
+        (own.raw_in, given.raw_in),
+        (own.out_ranges(s_in, s_out), given.out_ranges(s_in, s_out)),
+        (own.in_ranges(s_in, s_out), given.in_ranges(s_in, s_out)),
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert np.array_equal(
+        magnitudes, kernel_reduce(grouped_view(w, layout), tap=np.abs, dtype=work)
+    )
+
+
 @pytest.mark.parametrize(
     "layout,shape",
     [(Layout(0, 1, 1), (5, 4, 3, 3)), (Layout(1, 0, 2), (4, 3, 1)), (Layout(0, 1, 4), (8, 1, 3))],
