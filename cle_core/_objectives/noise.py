@@ -121,9 +121,10 @@ class NoiseObjective:
         # W8/ch: 36.2 dB where the balance is 38.1 estimated, 39.6 measured). Where
         # activations are rounded the balance, blind to them, is not tried as a start.
         start = _balance_start(problem, est, before) if deployment.weights_only else None
+        history = [before]
         if start is not None:
             scales = start
-        history = [est.total(scales)]
+            history = [est.total(scales)]
         tolerance = options.tolerance if options.tolerance is not None else NOISE_TOLERANCE
         groups, neighbors = _colors(est)
         dirty = set(range(len(regions)))
