@@ -283,6 +283,13 @@ def test_parameters_read_in_a_forward_are_named_as_fx_names_them():
     tied, _, _ = _trace.trace(Tied().eval())
     weights = [n.target for n in tied.nodes if n.op == "get_attr" and "weight" in n.target]
     assert weights == ["c1.weight", "c3.weight"]  # one get_attr, read by both convs
+    # one tracer, then the same parameters under another root: named from that root
+    tracer, inner = _trace.Tracer(), Tied().eval()
+    tracer.trace(inner)
+    outer = nn.Sequential(inner).eval()
+    again = tracer.trace(outer)
+    assert str(again) == str(_trace.Tracer().trace(outer))
+    assert "0.c1.weight" in {n.target for n in again.nodes if n.op == "get_attr"}
 
 
 def test_custom_conv_whose_forward_drops_the_bias_needs_a_graph_module(caplog):
