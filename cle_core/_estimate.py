@@ -428,7 +428,7 @@ class Estimate:
         ]
         # Layers whose weights the quantizer rounds on one grid (parts of one packed
         # tensor): each term's span is the group's, whichever region scales a part.
-        by_node = {id(t.node): t for t in self.weights}
+        by_node = self._weight_of = {id(t.node): t for t in self.weights}
         self.grids: dict[int, list[WeightTerm]] = {}
         for group in shared_weight_grids(profile, [t.node for t in self.weights], deployment):
             terms = [by_node[id(n)] for n in group if id(n) in by_node]
@@ -492,6 +492,8 @@ class Estimate:
                 beta = node.params.get("beta")
                 if beta is not None:
                     rows = rows | (np.asarray(beta).reshape(-1) != 0)
+            elif id(node) in self._weight_of:  # its largest |W| per row, already taken
+                rows = (self._weight_of[id(node)].row_max > 0).reshape(-1)
             else:
                 w = grouped_view(np.asarray(node.weight), node.layout)
                 rows = (np.abs(w).max(axis=(2, 3)) > 0).reshape(-1)

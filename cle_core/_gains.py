@@ -33,7 +33,7 @@ from functools import cached_property
 import numpy as np
 
 from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph
-from ._math import grouped_view, kernel_reduce
+from ._math import grouped_view, kernel_sums
 from ._stats import Derivative
 
 PROJECTIONS = 16
@@ -133,8 +133,7 @@ def propagate(
         if node.is_layer:
             v = grouped_view(np.asarray(node.weight), node.layout)
             groups, og, ig, _ = v.shape
-            ksum = kernel_reduce(v, np.add, dtype=np.float64)
-            ksq = kernel_reduce(v, np.add, np.square, np.float64)
+            ksum, ksq = kernel_sums(v)
             # einsum, not a BLAS product: multithreaded OpenBLAS was 1-6x slower than
             # einsum on a loaded 2-core machine (4x faster on one thread).
             jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)

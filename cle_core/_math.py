@@ -102,6 +102,20 @@ def kernel_reduce(v: np.ndarray, op=np.maximum, tap=None, dtype=None) -> np.ndar
     return out
 
 
+def kernel_sums(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``kernel_reduce(v, np.add, dtype=np.float64)`` and ``kernel_reduce(v, np.add,
+    np.square, np.float64)`` (the weights and squared weights summed over the kernel, in
+    float64) in one pass over the taps: each tap is gathered and converted once (the
+    same operations in the same order: the same values)."""
+    total = v[..., 0].astype(np.float64)
+    squares = np.square(total)
+    for j in range(1, v.shape[-1]):
+        x = v[..., j].astype(np.float64)
+        total += x
+        squares += np.square(x, out=x)
+    return total, squares
+
+
 def _check_finite(name: str, *arrays: np.ndarray | None) -> None:
     for a in arrays:
         if a is not None and not np.all(np.isfinite(a)):
@@ -433,10 +447,16 @@ class RangeSummary:
 
     _BLOCK = 1 << 16
 
-    def __init__(self, w: np.ndarray, layout: Layout):
+    def __init__(self, w: np.ndarray, layout: Layout, magnitudes: np.ndarray | None = None):
+        """``magnitudes``: the caller's ``kernel_reduce(grouped_view(w, layout),
+        tap=np.abs)`` (in any float dtype that holds the weights' values exactly), if it
+        has it: not taken again, nor block by block at every call."""
         v = grouped_view(np.asarray(w), layout)
-        self._abs_needed = v.shape[3] == 1
-        self._m = v[..., 0] if self._abs_needed else kernel_reduce(v, tap=np.abs)
+        self._abs_needed = v.shape[3] == 1 and magnitudes is None
+        if magnitudes is not None:
+            self._m = magnitudes
+        else:
+            self._m = v[..., 0] if self._abs_needed else kernel_reduce(v, tap=np.abs)
         self._dtype = np.float64 if self._m.dtype == np.float64 else np.float32
         g, og, ig = self._m.shape
         raw_out = np.empty((g, og))

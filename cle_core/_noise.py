@@ -179,6 +179,7 @@ class _PrimalDual:
     def __init__(self, problems: list[Terms], starts: list[np.ndarray], scales: list[float]):
         kmax = max(p.alpha.shape[0] for p in problems)
         sizes = [p.alpha.shape[1] for p in problems]
+        self.sizes = np.asarray(sizes)
         self.starts = np.cumsum([0] + sizes[:-1])
         self.region = np.repeat(np.arange(len(problems)), sizes)
         n = int(sum(sizes))
@@ -195,39 +196,51 @@ class _PrimalDual:
             sign[:k, r] = p.sign
             self.fixed[1:k, r] = False  # the objective is flat along a common shift
         self.sup = np.isfinite(self.alpha)  # alpha stays -inf where unsupported: slack inf
-        self.sk = sign[:, self.region]
+        self.sk = self.expand(sign)
         # d2/(dmu dt) is -sign * (4e + d) for the free term variables, 0 for held ones
-        self.h_sign = np.where(self.fixed[:, self.region], 0.0, -self.sk)
+        self.h_sign = np.where(self.expand(self.fixed), 0.0, -self.sk)
         t0 = np.concatenate(starts)
         self.lo_box, self.hi_box = t0 - _T_BOUND, t0 + _T_BOUND
         self.m = self.per_region(self.sup.astype(float)).sum(axis=0) + 2.0 * np.asarray(sizes)
         self.t = t0
-        mu = np.full((kmax, len(problems)), -np.inf)
         # -inf where unsupported
-        np.maximum.at(mu, (slice(None), self.region), self.alpha + self.sk * t0)
+        mu = np.maximum.reduceat(self.alpha + self.sk * t0, self.starts, axis=1)
         self.mu = np.where(np.isfinite(mu), mu, 0.0) + 0.1
         self.e, self.s, self.sl, self.sh = self.state(self.t, self.mu)
         nu = np.maximum(self.per_region(self.e).sum(axis=0), 1e-3) / self.m
-        nu_c = nu[self.region]
+        nu_c = self.expand(nu)
         self.lam = np.where(self.sup, nu_c / self.s, 0.0)
         self.lam_l, self.lam_h = nu_c / self.sl, nu_c / self.sh
-        self.sizes = np.asarray(sizes)
 
     def per_region(self, x: np.ndarray) -> np.ndarray:
         """Sums over each region's channels: (..., N) -> (..., R)."""
         return np.add.reduceat(x, self.starts, axis=-1)
 
+    def expand(self, x: np.ndarray) -> np.ndarray:
+        """Per region -> per channel along the last axis: (..., R) -> (..., N) (the same
+        as indexing with ``self.region``, a few times faster)."""
+        return np.repeat(x, self.sizes, axis=-1)
+
     def state(self, t, mu):
         """Exponentials and slacks at ``(t, mu)``."""
-        u = mu[:, self.region] - self.sk * t
-        e = np.exp(np.minimum(self.logwc + 2.0 * u, 700.0))
+        # (K, N) arrays are updated in place where an expression would allocate a
+        # temporary: the same operations in the same order, so the same values.
+        u = self.expand(mu)
+        u -= self.sk * t
+        e = np.multiply(u, 2.0)
+        e += self.logwc
+        np.minimum(e, 700.0, out=e)
+        np.exp(e, out=e)
         # slacks stay positive in exact arithmetic; rounding must not make them 0 (and
         # they are inf where unsupported: alpha is -inf there)
-        s = np.maximum(u - self.alpha, 1e-300)
+        u -= self.alpha
+        s = np.maximum(u, 1e-300, out=u)
         return e, s, np.maximum(t - self.lo_box, 1e-300), np.maximum(self.hi_box - t, 1e-300)
 
     def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> np.ndarray:
-        comp = (lam * np.where(self.sup, s, 0.0)).sum(axis=0) + lam_l * sl + lam_h * sh
+        comp = np.where(self.sup, s, 0.0)
+        comp *= lam
+        comp = comp.sum(axis=0) + lam_l * sl + lam_h * sh
         return np.add.reduceat(comp, self.starts)
 
     def run(self, tolerance: float, max_steps: int = 80) -> list[np.ndarray]:
@@ -238,7 +251,7 @@ class _PrimalDual:
         best_f = np.full(count, np.inf)
         best_t = self.t.copy()
         for _ in range(max_steps):
-            sup, sk, region = self.sup, self.sk, self.region
+            sup, sk = self.sup, self.sk
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
             per_term = self.per_region(e)
             f = per_term.sum(axis=0)
@@ -248,9 +261,12 @@ class _PrimalDual:
             better = np.isfinite(f) & (f < best_f)
             if np.any(better):  # every iterate is feasible: keep each region's best
                 best_f = np.where(better, f, best_f)
-                mask = better[region]
+                mask = self.expand(better)
                 best_t = np.where(mask, self.t, best_t)
-            done |= ~np.isfinite(f) | ((gap <= tolerance * f) & self.stationary(f, tolerance))
+            converged = gap <= tolerance * f
+            if np.any(converged):  # (the dual residual is a pass over every channel)
+                converged &= self.stationary(f, tolerance)
+            done |= ~np.isfinite(f) | converged
             if np.all(done):
                 break
             finished = self.sizes[done].sum()
@@ -263,13 +279,13 @@ class _PrimalDual:
                 cols = keep[self.region]
                 best_t, best_f, ids, done = best_t[cols], best_f[keep], ids[keep], done[keep]
                 self._keep(keep, cols)
-                sup, sk, region = self.sup, self.sk, self.region
+                sup, sk = self.sup, self.sk
                 e, s, sl, sh = self.e, self.s, self.sl, self.sh
                 f, gap = f[keep], gap[keep]
             self.factor()
             pred = self.direction()
             d_t, ds, a = pred[0], pred[2], pred[6]
-            a_c = a[region]
+            a_c = self.expand(a)
             gap_aff = self.gaps(
                 self.lam + a_c * pred[3],
                 s + a_c * ds,
@@ -279,7 +295,7 @@ class _PrimalDual:
                 sh - a_c * d_t,
             )
             sigma = np.minimum(1.0, (gap_aff / gap) ** 3)
-            target = (sigma * gap / self.m)[region]
+            target = self.expand(sigma * gap / self.m)
             d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(
                 target, np.where(sup, ds * pred[3], 0.0), d_t * pred[4], -d_t * pred[5]
             )
@@ -287,7 +303,7 @@ class _PrimalDual:
             # The objective is not quadratic: shorten a step whose linearization is poor
             # (the objective may rise a little on the way, not by much).
             for _ in range(45):
-                new = self.state(self.t + a[region] * d_t, self.mu + a * d_mu)
+                new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
                 bad = self.per_region(new[0]).sum(axis=0) > 1.1 * f + 2.0 * gap
                 bad &= a > 0
                 if not np.any(bad):
@@ -295,12 +311,14 @@ class _PrimalDual:
                 a = np.where(bad, 0.5 * a, a)
             else:
                 a = np.where(bad, 0.0, a)
-                new = self.state(self.t + a[region] * d_t, self.mu + a * d_mu)
+                new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
             done |= a <= 1e-12
-            a_c = a[region]
+            a_c = self.expand(a)
             self.t, self.mu = self.t + a_c * d_t, self.mu + a * d_mu
             self.e, self.s, self.sl, self.sh = new
-            self.lam = np.where(sup, np.maximum(self.lam + a_c * dlam, 1e-300), 0.0)
+            dlam *= a_c
+            dlam += self.lam
+            self.lam = np.where(sup, np.maximum(dlam, 1e-300, out=dlam), 0.0)
             self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
             self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
         f = self.per_region(self.e).sum(axis=0)  # self.e is the state at (t, mu)
@@ -311,7 +329,7 @@ class _PrimalDual:
         """Each region of ``which``'s result: its last iterate, or its best one if that
         was better (``f``: the objective at the last)."""
         last = np.isfinite(f) & (f <= best_f)
-        t = np.where(last[self.region], self.t, best_t)
+        t = np.where(self.expand(last), self.t, best_t)
         for r in np.flatnonzero(which):
             a = self.starts[r]
             results[ids[r]] = t[a : a + self.sizes[r]]
@@ -339,15 +357,22 @@ class _PrimalDual:
         """Per region, the Newton matrix reduced to the term variables (a Schur
         complement over the diagonal channel block)."""
         self.d = self.lam / self.s  # 0 where unsupported (s = inf)
-        w = 4.0 * self.e + self.d
+        w = np.multiply(self.e, 4.0)
+        w += self.d
         self.d_l, self.d_h = self.lam_l / self.sl, self.lam_h / self.sh
         self.h_tt = w.sum(axis=0) + self.d_l + self.d_h
         self.h_tm = self.h_sign * w  # d2/(dmu dt)
         self.scaled = self.h_tm / self.h_tt
         k = w.shape[0]
         if k <= 6:  # many small regions: one broadcast product for all
-            outer = self.per_region(self.scaled[:, None, :] * self.h_tm[None, :, :])
-            outer = outer.transpose(2, 0, 1)  # (R, K, K)
+            # The rows of term variables held in every region (mu_0 at least) are set
+            # below whatever the product says: it is taken over the others only.
+            free = np.flatnonzero(~np.all(self.fixed, axis=1))
+            scaled, h_tm = self.scaled[free], self.h_tm[free]
+            outer = np.zeros((len(self.sizes), k, k))
+            outer[:, free[:, None], free[None, :]] = self.per_region(
+                scaled[:, None, :] * h_tm[None, :, :]
+            ).transpose(2, 0, 1)  # (R, K, K)
         else:  # a region of many terms (a long residual stream): a (K, K, N) array is too big
             outer = np.stack(
                 [
@@ -381,20 +406,23 @@ class _PrimalDual:
             rhs_mu = np.where(self.fixed, 0.0, self.per_region(c) - self.grad_mu)
         rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
         d_mu, failed = _solve_each(self.schur, rhs.T)
-        d_mu_c = d_mu[:, self.region]
-        d_t = (rhs_t - (self.h_tm * d_mu_c).sum(axis=0)) / self.h_tt
-        ds = d_mu_c - sk * d_t
-        dlam = c - self.lam - self.d * ds
+        d_mu_c = self.expand(d_mu)
+        scratch = self.h_tm * d_mu_c
+        d_t = (rhs_t - scratch.sum(axis=0)) / self.h_tt
+        ds = d_mu_c
+        ds -= np.multiply(sk, d_t, out=scratch)
+        dlam = c - self.lam
+        dlam -= np.multiply(self.d, ds, out=scratch)
         dlam_l = c_l - self.lam_l - self.d_l * d_t
         dlam_h = c_h - self.lam_h + self.d_h * d_t
         # Per channel, the most negative relative change dx / x of a slack or multiplier
         # (NaN where both are 0, unsupported: fmin skips it); the step is -1 / that.
         per_channel = np.fmin.reduce(
             [
-                np.fmin.reduce(ds / s, axis=0),
+                np.fmin.reduce(np.divide(ds, s, out=scratch), axis=0),
                 d_t / sl,
                 -d_t / sh,
-                np.fmin.reduce(dlam / self.lam, axis=0),
+                np.fmin.reduce(np.divide(dlam, self.lam, out=scratch), axis=0),
                 dlam_l / self.lam_l,
                 dlam_h / self.lam_h,
             ]

@@ -45,7 +45,7 @@ from ._ir import SCALABLE_ACTIVATIONS, Graph, Node, Value
 from ._layout import rotary_partners
 from ._math import _phi_cdf as _cdf
 from ._math import _phi_pdf as _phi
-from ._math import grouped_view, kernel_reduce, tap_coverage
+from ._math import grouped_view, kernel_sums, tap_coverage
 
 INPUT_CORRELATION = 0.95
 """The correlation of neighbouring pixels assumed at a graph input for
@@ -522,9 +522,8 @@ def _layer_output(
     share = 1.0
     if transpose_taps and node.op == "conv_transpose":
         share = 1.0 / float(np.prod(node.attrs.get("stride", (1,))))
-    ksum = kernel_reduce(v, np.add, dtype=np.float64)
+    ksum, ksq = kernel_sums(v)
     mean = share * np.einsum("goi,gi->go", ksum, x.mean.reshape(g, ig))
-    ksq = kernel_reduce(v, np.add, np.square, np.float64)
     var = share * np.einsum("goi,gi->go", ksq, x.var.reshape(g, ig))
     if corr is not None:
         rho = corr.get(node.inputs[0].name)

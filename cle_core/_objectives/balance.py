@@ -10,6 +10,8 @@ scale moves by more than the tolerance.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from .._ir import SCALABLE_ACTIVATIONS
@@ -30,6 +32,11 @@ class BalanceObjective:
     name = "balance"
     description = "the paper's and AIMET's equal per-channel weight ranges, converged"
 
+    def __init__(self, magnitudes: Mapping[int, np.ndarray] | None = None):
+        # Per layer (by the id of its node), max |W| over its kernel where the caller
+        # has it (the noise objective's estimate keeps it): not taken again.
+        self.magnitudes = magnitudes
+
     def choose(self, problem: ScaleProblem) -> ScaleOutcome:
         options = problem.options
         tolerance = options.tolerance if options.tolerance is not None else BALANCE_TOLERANCE
@@ -42,6 +49,7 @@ class BalanceObjective:
             tolerance,
             problem.on_sweep,
             options.activation_weight,
+            self.magnitudes,
         )
         for r in normed:
             outcome.scales[r.id] = np.ones(r.size)
@@ -94,10 +102,16 @@ def scale_regions(
     tolerance: float,
     on_sweep=None,
     activation_weight: float = 0.0,
+    magnitudes: Mapping[int, np.ndarray] | None = None,
 ) -> ScaleOutcome:
-    """The balanced scales of every region (the graph is not changed)."""
+    """The balanced scales of every region (the graph is not changed). ``magnitudes``:
+    see :class:`cle_core._math.RangeSummary`, by the id of each layer's node."""
     links = _Links(regions)
-    summaries = {key: RangeSummary(node.weight, node.layout) for key, node in links.nodes.items()}
+    given = magnitudes or {}
+    summaries = {
+        key: RangeSummary(node.weight, node.layout, given.get(key))
+        for key, node in links.nodes.items()
+    }
     scales = {r.id: np.ones(r.size) for r in regions}
     floors = activation_floors(regions, activation_weight, summaries)
 

@@ -121,9 +121,10 @@ class NoiseObjective:
         # W8/ch: 36.2 dB where the balance is 38.1 estimated, 39.6 measured). Where
         # activations are rounded the balance, blind to them, is not tried as a start.
         start = _balance_start(problem, est, before) if deployment.weights_only else None
+        history = [before]
         if start is not None:
             scales = start
-        history = [est.total(scales)]
+            history = [est.total(scales)]
         tolerance = options.tolerance if options.tolerance is not None else NOISE_TOLERANCE
         groups, neighbors = _colors(est)
         dirty = set(range(len(regions)))
@@ -266,7 +267,9 @@ def _balance_start(problem: ScaleProblem, est: Estimate, before: float) -> list[
     leaves regions with a norm's affine at 1; channels a region must keep are kept at 1
     here), if the estimate puts them below ``before``, its value at no scaling."""
     options = replace(problem.options, max_sweeps=_BALANCE_START_SWEEPS, tolerance=None)
-    balanced = BalanceObjective().choose(replace(problem, options=options, on_sweep=None))
+    # the estimate's max |W| per kernel, the balance's summaries of the same weights
+    magnitudes = {id(t.node): t.abs for t in est.weights if t.node.op != "norm"}
+    balanced = BalanceObjective(magnitudes).choose(replace(problem, options=options, on_sweep=None))
     start = []
     for r in problem.regions:
         # within the candidates' bounds, so that a region's current scales are a candidate

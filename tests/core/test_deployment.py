@@ -403,3 +403,49 @@ def test_a_weights_only_estimate_does_not_depend_on_how_the_weights_are_scaled()
         differences.append(abs(at_scales - rescaled) / rescaled)
     assert np.median(differences) < 1e-12
     assert np.quantile(differences, 0.8) < 1e-9
+
+
+def test_live_channels_are_the_rows_of_weights_not_all_zero():
+    """The estimate reads which channels are live off its weight terms' row maxima; they
+    must be the rows of the sources' weights that are not all zero (dead channels keep
+    their scale), on graphs with zeroed channels, every region, four deployments."""
+    from cle_core._estimate import Estimate
+    from cle_core._gains import propagate
+    from cle_core._math import grouped_view
+    from cle_core._regions import find_regions
+    from cle_core._stats import estimate as estimate_stats
+    from cle_core._stats import positions
+    from tests.helpers.strategies import ACTS, BLOCKS
+
+    rng = np.random.default_rng(1)
+    checked = dead = 0
+    for seed in range(30):
+        blocks = [
+            (BLOCKS[rng.integers(len(BLOCKS))], ACTS[rng.integers(len(ACTS))])
+            for _ in range(rng.integers(1, 4))
+        ]
+        graph = build_graph(seed, blocks, 4, True, zero_channels=True)
+        equalize(graph, EqualizeOptions(scale=False, high_bias=False))  # batch norms folded
+        regions, _ = find_regions(graph, shared_param_owners(graph))
+        stats, derivatives = estimate_stats(graph)
+        counts = positions(graph)
+        gains = propagate(graph, counts, derivatives)
+        for deployment in (
+            Deployment(),
+            Deployment(per_channel=True),
+            Deployment(activation_bits=None),
+            Deployment(weight_symmetric=False),
+        ):
+            est = Estimate(graph, regions, deployment, stats, gains, counts)
+            for k, region in enumerate(regions):
+                expected = np.zeros(region.size, bool)
+                for node, off in region.sources:
+                    w = grouped_view(np.asarray(node.weight), node.layout)
+                    rows = (np.abs(w).max(axis=(2, 3)) > 0).reshape(-1)
+                    expected[off : off + rows.shape[0]] |= rows
+                if region.frozen is not None:
+                    expected &= ~region.frozen
+                np.testing.assert_array_equal(est.live[k], expected)
+                checked += 1
+                dead += int((~expected).sum())
+    assert checked > 50 and dead > 0

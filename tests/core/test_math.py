@@ -20,6 +20,7 @@ from cle_core._math import (
     in_channel_ranges,
     int8_sqnr_estimate,
     kernel_reduce,
+    kernel_sums,
     out_channel_ranges,
     pair_scales,
     region_scales,
@@ -219,6 +220,34 @@ def test_range_summary_matches_scaled_weights(layout, shape):
     np.testing.assert_allclose(summary.raw_out, out_channel_ranges(w, layout))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize(
+    "layout,shape",
+    [(Layout(0, 1, 1), (5, 4, 3)), (Layout(1, 0, 2), (4, 3, 1)), (Layout(0, 1, 4), (8, 1, 3, 3))],
+)
+def test_range_summary_from_given_magnitudes_is_the_same(layout, shape, dtype):
+    # the noise objective hands the balance start its estimate's max |W| per kernel (in
+    # the work dtype): every range must be the one the summary takes itself, bit for bit
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=shape).astype(dtype)
+    s_in = rng.uniform(0.1, 10, layout.in_channels(shape))
+    s_out = rng.uniform(0.1, 10, layout.out_channels(shape))
+    own = RangeSummary(w, layout)
+    work = np.float64 if dtype == np.float64 else np.float32
+    magnitudes = kernel_reduce(grouped_view(w, layout), tap=np.abs, dtype=work)
+    given = RangeSummary(w, layout, magnitudes)
+    for a, b in (
+        (own.raw_out, given.raw_out),
+        (own.raw_in, given.raw_in),
+        (own.out_ranges(s_in, s_out), given.out_ranges(s_in, s_out)),
+        (own.in_ranges(s_in, s_out), given.in_ranges(s_in, s_out)),
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert np.array_equal(
+        magnitudes, kernel_reduce(grouped_view(w, layout), tap=np.abs, dtype=work)
+    )
+
+
 @pytest.mark.parametrize(
     "layout,shape",
     [(Layout(0, 1, 1), (5, 4, 3, 3)), (Layout(1, 0, 2), (4, 3, 1)), (Layout(0, 1, 4), (8, 1, 3))],
@@ -232,4 +261,8 @@ def test_kernel_reduce_is_numpys_reduction_over_the_kernel(layout, shape):
     squares = kernel_reduce(v, np.add, np.square, np.float64)
     assert squares.dtype == np.float64
     np.testing.assert_allclose(squares, np.square(v, dtype=np.float64).sum(axis=3), rtol=1e-12)
+    # both sums in one pass: bit for bit the two reductions the gains and statistics took
+    total, both = kernel_sums(v)
+    np.testing.assert_array_equal(total, kernel_reduce(v, np.add, dtype=np.float64))
+    np.testing.assert_array_equal(both, squares)
     assert np.array_equal(w, np.random.default_rng(2).normal(size=shape).astype(np.float32))

@@ -249,6 +249,49 @@ def test_custom_conv_subclass_traced_through_gets_a_bias_parameter():
     assert isinstance(model.c1.static_padding, nn.ZeroPad2d)
 
 
+def test_parameters_read_in_a_forward_are_named_as_fx_names_them():
+    """The tracer looks up the name of a parameter a forward reads (fx walks every
+    parameter per access): the same graph as fx's own lookup, a tied parameter under its
+    first name, temporary biases included."""
+    from cle_torch import _trace
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = tm.SamePadConv(8, 8, 3, groups=8)
+            self.c2 = tm.SamePadConv(8, 8, 3, groups=8, bias=False)
+            self.c2.weight = self.c1.weight
+            self.c3 = tm.SamePadConv(8, 4, 1)
+
+        def forward(self, x):
+            return self.c3(F.relu(self.c2(F.relu(self.c1(x)))))
+
+    class FxLookup(_trace.Tracer):
+        getattr = fx.Tracer.getattr
+
+    for model in (Tied().eval(), tm.custom_conv()[0].eval(), tm.Functions().eval()):
+        graph, _, shapes = _trace.trace(model)
+        original = _trace.Tracer
+        try:
+            _trace.Tracer = FxLookup
+            expected, _, expected_shapes = _trace.trace(model)
+        finally:
+            _trace.Tracer = original
+        assert str(graph) == str(expected) and shapes == expected_shapes
+    targets = [n.target for n in graph.nodes if n.op == "get_attr"]
+    assert targets  # Functions reads parameters in its forward
+    tied, _, _ = _trace.trace(Tied().eval())
+    weights = [n.target for n in tied.nodes if n.op == "get_attr" and "weight" in n.target]
+    assert weights == ["c1.weight", "c3.weight"]  # one get_attr, read by both convs
+    # one tracer, then the same parameters under another root: named from that root
+    tracer, inner = _trace.Tracer(), Tied().eval()
+    tracer.trace(inner)
+    outer = nn.Sequential(inner).eval()
+    again = tracer.trace(outer)
+    assert str(again) == str(_trace.Tracer().trace(outer))
+    assert "0.c1.weight" in {n.target for n in again.nodes if n.op == "get_attr"}
+
+
 def test_custom_conv_whose_forward_drops_the_bias_needs_a_graph_module(caplog):
     with caplog.at_level(logging.WARNING, logger="cle_torch"):
         model, new, _ = check("custom_conv_no_bias_arg", inplace=False)
