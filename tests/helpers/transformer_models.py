@@ -424,10 +424,12 @@ def _hf_rotate_half(x):
 
 
 class HFAttention(nn.Module):
-    """Hugging Face's ``LlamaAttention`` with sdpa: q / k / v / o projections, the
-    rotary's ``cos`` / ``sin`` ``(B, T, D)`` given by the model, unsqueezed for the heads
-    (``apply_rotary_pos_emb``), K and V repeated by ``repeat_kv`` (expand, reshape),
-    ``F.scaled_dot_product_attention(is_causal=True)``."""
+    """Hugging Face's ``LlamaAttention`` with its eager attention: q / k / v / o
+    projections, the rotary's ``cos`` / ``sin`` ``(B, T, D)`` given by the model,
+    unsqueezed for the heads (``apply_rotary_pos_emb``), K and V repeated by ``repeat_kv``
+    (expand, reshape), ``softmax(q k^T / sqrt(D) + causal mask) v``. (Not
+    ``F.scaled_dot_product_attention``: the dynamo exporter merges its batch with the
+    repeated K heads, where Q -> K is lost whatever the rotary.)"""
 
     def __init__(self, dim, n_heads, n_kv_heads):
         super().__init__()
@@ -451,7 +453,10 @@ class HFAttention(nn.Module):
         q = (q * cos) + (_hf_rotate_half(q) * sin)
         k = (k * cos) + (_hf_rotate_half(k) * sin)
         k, v = self._repeat_kv(k), self._repeat_kv(v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Hugging Face's eager attention; the causal mask made for the input's length
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        scores = q @ k.transpose(2, 3) * self.head_dim**-0.5 + mask
+        y = scores.softmax(dim=-1) @ v
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -511,7 +516,7 @@ def llama_hf(seed=0, positions="arange", spread=True, **sizes) -> LlamaHF:
     """LLaMA-style decoder as Hugging Face writes it: :func:`llama`'s layers, but the
     rotary tables computed in forward from ``inv_freq`` and the positions (any sequence
     length runs), ``rotate_half`` cutting the halves at ``x.shape[-1] // 2``, ``repeat_kv``
-    and ``F.scaled_dot_product_attention(is_causal=True)``. ``positions``: ``"arange"``
+    and the eager attention (a causal mask made for the input's length). ``positions``: ``"arange"``
     (one input, the token ids; any length) or ``"input"`` (a second input
     ``position_ids``, int64 ``(B, T)``).
 
