@@ -88,9 +88,9 @@ def _shape_read(n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in ("size", "dim")
 
 
-def table_nodes(table: fx.Node) -> list[fx.Node]:
-    """The nodes ``table`` is computed from, itself included, in graph order; a shape
-    read is one of them, not the tensor it reads."""
+def table_nodes(table: fx.Node) -> set[fx.Node]:
+    """The nodes ``table`` is computed from, itself included; a shape read is one of
+    them, not the tensor it reads."""
     seen, todo = {table}, [table]
     while todo:
         n = todo.pop()
@@ -100,8 +100,7 @@ def table_nodes(table: fx.Node) -> list[fx.Node]:
             if a not in seen:
                 seen.add(a)
                 todo.append(a)
-    order = {n: i for i, n in enumerate(table.graph.nodes)}
-    return sorted(seen, key=order.__getitem__)
+    return seen
 
 
 def _last_dim(dim: Any, rank: int | None) -> bool:
@@ -292,8 +291,10 @@ class Rotary:
                 if _table(table):
                     value = self.attr(table.target)
                     ids[key] = self.param_id(table.target)
-                else:
-                    value = self.table(key, table)
+                else:  # (one table is often every layer's: computed once)
+                    if table.name not in self.table_values:
+                        self.table_values[table.name] = self.table(key, table)
+                    value = self.table_values[table.name]
                 if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                     raise _Opaque(f"its {key} is not a float tensor")
                 tables[key] = _one_sample(key, value.detach().to(torch.float64).cpu(), shape)
@@ -335,7 +336,8 @@ class Rotary:
         in ``dummy_input`` and, for the shapes they read, stand-ins of the example run's
         shapes and dtypes. Refused where it depends on anything else: a float input, a
         parameter (equalization may scale it), a layer."""
-        nodes = table_nodes(table)
+        computed = table_nodes(table)
+        nodes = [n for n in table.graph.nodes if n in computed]  # in graph order
         example = self.example.get("shapes") or {}
         inputs = self.example.get("inputs")
         placeholders = [n for n in table.graph.nodes if n.op == "placeholder"]

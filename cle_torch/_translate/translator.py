@@ -82,6 +82,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         # The first example run's own shapes and inputs (see propagate): what tables
         # computed in forward are computed from.
         self.example: dict = example or {}
+        self.table_values: dict[str, Any] = {}  # FX node -> a rotary table it computes
         self.rank: dict[str, int | None] = {}
         self.chan: dict[str, int | None] = {}
         self.alias: dict[str, fx.Node] = {}  # node -> the node whose tensor it returns
