@@ -1042,3 +1042,42 @@ def test_rotary_tables_computed_in_forward_are_the_same_after_a_fake_shape_run(m
         assert all(np.array_equal(t, u) for t, u in zip(a, b, strict=True))
     angles = np.outer(np.arange(16), model.rotary.inv_freq.numpy())
     assert np.allclose(real[0][0][0, 0, :, :4], np.cos(angles), atol=1e-6)
+
+
+class _CachedRope(tm.RopeAttention):
+    """Tables cached for 12 positions, cut to the input's length in forward: by
+    ``torch.narrow`` (traced), or by ``self.cos[:t]`` (``slice``: torch.fx reads a buffer
+    as a tensor, which a traced length cannot index)."""
+
+    def __init__(self, slicing: bool = False):
+        torch.manual_seed(0)
+        super().__init__("chunk", t=12)
+        self.slicing = slicing
+
+    def _rope(self, x):
+        t = x.shape[2]
+        if self.slicing:
+            cos, sin = self.cos[:t], self.sin[:t]
+        else:
+            cos, sin = torch.narrow(self.cos, 0, 0, t), torch.narrow(self.sin, 0, 0, t)
+        return x * cos + tm._rotate_half(x) * sin
+
+
+def test_a_cached_table_cut_to_the_length_is_a_table_exact_at_any_length():
+    """A cached table cut to the input's length (``torch.narrow``): one rotary each for
+    q and k, Q -> K tied, exact under random scales at the example's length (5) and at
+    another (9). The slicing form does not trace (the error says so, as before)."""
+    from cle_torch import UntraceableModelError
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    model = tm.spread_channels(_CachedRope()).eval()
+    x, longer = torch.randn(2, 5, 16), torch.randn(3, 9, 16)
+    graph = cle_torch.TorchBackend().to_ir(model, dummy_input=x).graph
+    assert [n.op for n in graph.nodes].count("rotary") == 2
+    refs = [_run(model, v) for v in (x, longer)]
+    _, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
+    assert _pairs_tied(report, np.arange(16) ^ 4)
+    for v, ref in zip((x, longer), refs, strict=True):
+        assert _sqnr_db(ref, _run(model, v)) >= MIN_SQNR_DB
+    with pytest.raises(UntraceableModelError, match="slice indices"):
+        cle_torch.equalize_model(_CachedRope(slicing=True).eval(), dummy_input=x)
