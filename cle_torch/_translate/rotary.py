@@ -21,6 +21,7 @@ FX graph before the walk, as :func:`.norms.find_norms` is.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,10 +243,13 @@ def _match(add: fx.Node, shapes: dict) -> RotaryMatch:
     raise _NoMatch
 
 
-def find_rotaries(graph: fx.Graph, shapes: dict) -> dict[str, RotaryMatch]:
+def find_rotaries(
+    graph: fx.Graph, shapes: dict, parameter: Callable[[str], bool] = lambda target: False
+) -> dict[str, RotaryMatch]:
     """The rotary embeddings of ``graph`` by the name of their last node (the Add), where
     no intermediate is read outside them. ``shapes``: the shape of each node's tensor in
-    the example run, where known."""
+    the example run, where known; ``parameter``: whether a ``get_attr`` target is a
+    parameter of the model."""
     found: dict[str, RotaryMatch] = {}
     for node in graph.nodes:
         try:
@@ -255,15 +259,25 @@ def find_rotaries(graph: fx.Graph, shapes: dict) -> dict[str, RotaryMatch]:
         if any(set(n.users) - match.nodes for n in match.nodes - {node}):
             continue  # an intermediate is read elsewhere
         found[node.name] = match
+
     # The nodes that compute tables in forward and that nothing else reads are the
     # rotaries' own (their values are computed from the example run, see
     # Rotary.table): users first, so that a node whose users are all inside is too.
+    # Not those of a table computed by a layer or from a parameter (refused): they are
+    # translated, so that what they read stays read in the IR.
+    def own(nodes: set[fx.Node]) -> bool:
+        return not any(
+            n.op == "call_module" or (n.op == "get_attr" and parameter(n.target)) for n in nodes
+        )
+
     computed = {
         n
         for m in found.values()
         for t in (m.cos, m.sin)
         if not _table(t)
-        for n in table_nodes(t)
+        for nodes in [table_nodes(t)]
+        if own(nodes)
+        for n in nodes
         if n.op in ("call_function", "call_method")
     }
     rotary_nodes = {n for m in found.values() for n in m.nodes}

@@ -102,7 +102,7 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         self.inside_norms = {
             n.name for m in self.norms.values() for n in m.nodes if n.op != "get_attr"
         } - set(self.norms)
-        self.rotaries = find_rotaries(cap.fx_graph, self.fx_shapes)
+        self.rotaries = find_rotaries(cap.fx_graph, self.fx_shapes, self.is_parameter)
         inside = {n.name for m in self.rotaries.values() for n in m.nodes | m.inside}
         self.inside_rotaries = inside - set(self.rotaries)
 
@@ -114,6 +114,12 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def is_parameter(self, target: str) -> bool:
+        try:
+            return isinstance(self.attr(target), nn.Parameter)
+        except AttributeError:
+            return False
 
     def param_id(self, target: str) -> str:
         if target in self.cap.temp_biases:

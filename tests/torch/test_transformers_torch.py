@@ -1002,6 +1002,9 @@ def test_rotary_tables_computed_from_what_is_not_a_table_are_refused(always_scal
     state = {k: t.clone() for k, t in model.state_dict().items()}
     graph = cle_torch.TorchBackend().to_ir(model, dummy_input=(x, extra)).graph
     assert "rotary" not in [n.op for n in graph.nodes]
+    # a refused table's nodes are translated: what they read stays read in the IR
+    read = {i for n in graph.nodes for i in n.param_ids.values()} | {n.name for n in graph.nodes}
+    assert {"parameter": "freq", "layer": "proj"}.get(how, "q") in read
     ref = _run(model, x, extra)
     _, report = cle_torch.equalize_model(model, dummy_input=(x, extra))
     assert "qk" not in [r.kind for r in report.regions]
