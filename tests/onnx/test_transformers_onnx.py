@@ -1066,3 +1066,36 @@ def test_rotary_tables_computed_at_run_time_are_refused_with_the_reason(
         model = onnx.load(str(path))
         graph = cle_onnx.OnnxBackend().to_ir(model, input_shapes={"x": [2, 16]}).graph
         assert [n.op for n in graph.nodes].count("rotary") == 4
+
+
+@pytest.mark.parametrize("n", [16, 5000])
+def test_a_matmul_of_constants_is_folded_up_to_the_fold_limit(n):
+    """The reader folds a MatMul of constants (a rotary's ``inv_freq @ positions``), but
+    bounds it by its output, not its operands: an outer product of ``n`` by ``n`` is
+    folded for n = 16, not for n = 5000 (25 M elements, over the limit), which says so."""
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from cle_onnx._translate.constants import _FOLD_LIMIT
+    from cle_onnx._translate.reader import _Reader
+
+    column, row = np.ones((n, 1), np.float32), np.ones((1, n), np.float32)
+    nodes = [
+        h.make_node("Constant", [], ["a"], value=nh.from_array(column)),
+        h.make_node("Constant", [], ["b"], value=nh.from_array(row)),
+        h.make_node("MatMul", ["a", "b"], ["outer"]),
+        h.make_node("Add", ["x", "outer"], ["y"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "outer",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+    )
+    reader = _Reader(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), False, None)
+    if n * n <= _FOLD_LIMIT:
+        np.testing.assert_array_equal(reader.constants["outer"], column @ row)
+    else:
+        assert "outer" not in reader.constants
+        assert "too large to fold (of 25000000 elements)" in reader.unfolded["outer"]
