@@ -675,7 +675,7 @@ def _is_scores(node: Node) -> bool:
 _ROTARY = (
     " (a rotary embedding, q * cos + rotate_half(q) * sin, keeps Q K^T with equal scales on "
     "each rotated pair of channels, but this one was not translated as one: its cos and sin "
-    "are not constant tables, or it is written in another form)"
+    "depend on the data it rotates, or it is written in another form)"
 )
 
 

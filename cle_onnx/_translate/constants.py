@@ -56,6 +56,11 @@ _FOLDABLE = frozenset(
         # the TorchScript exporter's scaled_dot_product_attention scales q and k by
         # sqrt(1 / sqrt(d)), computed from the head size: a scalar a Q -> K pair passes
         "Sqrt",
+        # a rotary embedding's tables computed in forward (Hugging Face's
+        # inv_freq @ positions, then cos and sin) on a static sequence length
+        "MatMul",
+        "Cos",
+        "Sin",
     }
 )
 # Folding reads and writes whole tensors: a weight computed from constants is folded
@@ -80,6 +85,10 @@ def _fold_size(node: onnx.NodeProto, args: list) -> int | None:
             return max(int(np.ceil((limit - start) / delta)), 0) if delta else None
         if op in ("Add", "Sub", "Mul", "Div", "Mod"):
             return int(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
+        if op == "MatMul":  # (an outer product is larger than its operands)
+            a, b = (x.shape for x in args[:2])
+            rows, cols = a[-2:-1] if len(a) > 1 else (), b[-1:] if len(b) > 1 else ()
+            return int(np.prod(np.broadcast_shapes(a[:-2], b[:-2]) + rows + cols))
     except (TypeError, ValueError, OverflowError):
         return None
     return sum(sizes)  # the other foldable ops rearrange, select or cast their inputs

@@ -2,10 +2,17 @@
 ``RotaryEmbedding``, and the form both torch exporters write for ``x * cos +
 rotate_half(x) * sin``: ``Mul(x, cos)``, the halves of ``x`` along its last axis
 (``Slice`` twice, or a ``Split`` in two), ``Neg`` of the second, ``Concat((-x2, x1),
-axis=-1)``, ``Mul`` of that by ``sin``, ``Add`` of the two products, with constant tables.
-The core ties the two channels of each rotated pair to one scale, which keeps ``q k^T``.
-Where an intermediate is read elsewhere, or a table is not constant, the ops are
-translated one by one (and stay opaque)."""
+axis=-1)``, ``Mul`` of that by ``sin``, ``Add`` of the two products, with constant tables
+(initializers, or computed from constants and static shapes and folded: the TorchScript
+exporter writes Hugging Face's tables computed in forward as ``MatMul``, ``Transpose``,
+``Concat``, ``Cos``, ``Sin`` of constants). GPT-J's interleaved form too
+(``torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)``: strided ``Slice``,
+``Neg``, ``Unsqueeze``, ``Concat``, ``Reshape``). The core ties the two channels of each
+rotated pair to one scale, which keeps ``q k^T``. Tables computed at run time (from a
+``position_ids`` input, or a sequence length left dynamic) have no value here: that
+rotary is refused with the reason (an opaque node of its input). Where an intermediate is
+read elsewhere, or a table depends on the data it rotates, the ops are translated one by
+one (and stay opaque)."""
 
 from __future__ import annotations
 
@@ -20,24 +27,65 @@ class _RotaryOps:
     ``rotary`` (:meth:`rotary_at`)."""
 
     def find_rotaries(self) -> None:
-        self.rotaries: dict[int, tuple[str, str, str]] = {}  # Add's index -> x, cos, sin
+        # Add's index -> x, cos, sin, interleaved
+        self.rotaries: dict[int, tuple[str, str, str, bool]] = {}
         for i, node in enumerate(self.model.graph.node):
             if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
                 found = self._rotary(node)
                 if found is not None:
-                    x, cos, sin, inner = found
-                    self.rotaries[i] = (x, cos, sin)
+                    x, cos, sin, inner, interleaved = found
+                    self.rotaries[i] = (x, cos, sin, interleaved)
                     self.consumed_adds.update(inner)  # translated as part of the rotary
 
     def rotary_at(self, index: int, name: str):
-        """The ``rotary`` ending at the Add ``index``, or why not (the tables must
-        broadcast to its input's shape)."""
-        x, cos, sin = self.rotaries[index]
-        dims = self.dims.get(x)
-        if dims is None:
-            return "its input's shape is not known"
-        tables = {"cos": self.const(cos), "sin": self.const(sin)}
-        return self._add_rotary(index, name, x, tables, False)
+        """The ``rotary`` ending at the Add ``index``; where it cannot be one (its tables
+        have no constant value, or do not broadcast to its input's shape), an opaque node
+        of its input saying why (its other nodes are not translated)."""
+        x, cos, sin, interleaved = self.rotaries[index]
+        why = None if self.dims.get(x) is not None else "its input's shape is not known"
+        tables = {}
+        for key, table in (("cos", cos), ("sin", sin)):
+            tables[key] = self.const(table) if self.is_const(table) else None
+            if why is None and tables[key] is None:
+                why = self._no_table(key, table)
+        if why is None:
+            why = self._add_rotary(index, name, x, tables, interleaved)
+        if why is not None:
+            attrs = {"kind": "rotary embedding", "why": why, "channels": None}
+            self.add("opaque", [x], name, index, attrs=attrs)
+        return None
+
+    def _no_table(self, key: str, table: str) -> str:
+        """Why ``table`` has no constant value: computed at run time from a graph input,
+        or from constants and shapes it was not folded from."""
+        if table in self.fixed:  # (the end of the chain of why says what was not known)
+            why = self.unfolded.get(table, "has no value")
+            return (
+                f"its {key} {table!r} is computed from constants and shapes, but has no "
+                f"value here (a sequence length left dynamic?): {why.rsplit(', which ', 1)[-1]}"
+            )
+        source = self._input_of(table)
+        return (
+            f"its {key} {table!r} is computed at run time from the graph input {source!r} "
+            "(position ids, say): only tables of constants and static shapes are taken, whose "
+            "values are known here"
+        )
+
+    def _input_of(self, value: str, avoid: str | None = None) -> str | None:
+        """The first graph input ``value`` is computed from (None if none), or ``avoid``
+        where it is computed from that value."""
+        seen, todo = {value}, [value]
+        inputs = {v.name for v in self.model.graph.input}
+        while todo:
+            name = todo.pop()
+            if name == avoid or (name in inputs and avoid is None):
+                return name
+            p = self.producer_of(name)
+            for n in () if p is None else p.input:
+                if n and n not in seen and n not in self.fixed:
+                    seen.add(n)
+                    todo.append(n)
+        return None
 
     def _add_rotary(self, index, name, x, tables, interleaved):
         known = tuple(d if isinstance(d, int) else 1 for d in self.dims[x])
@@ -57,47 +105,110 @@ class _RotaryOps:
         embedding, else None."""
         if len(add.input) != 2:
             return None
-        for straight, rotated in (tuple(add.input), tuple(add.input)[::-1]):
-            a = self._table_product(straight)
-            b = self._table_product(rotated)
-            if a is None or b is None:
-                continue
-            (x, cos, i_a), (cat, sin, i_b) = a, b
+        orders = (tuple(add.input), tuple(add.input)[::-1])
+        ways = [
+            (a, b)
+            for straight, rotated in orders
+            for a in self._table_products(straight)
+            for b in self._table_products(rotated)
+        ]
+        for (x, cos, i_a), (rotated, sin, i_b) in ways:
             rank = self.rank(x)
-            c = self.producer_of(cat)
-            if rank is None or c is None or c.op_type != "Concat" or len(c.input) != 2:
+            found = None if rank is None else self._rotated(rotated, x, rank)
+            if found is None:
                 continue
-            if int(_attrs(c).get("axis", 0)) % rank != rank - 1:
-                continue
-            neg = self.producer_of(c.input[0])
-            if neg is None or neg.op_type != "Neg":
-                continue
-            halves = self._halves(x, neg.input[0], c.input[1], rank)
-            if halves is None:
-                continue
-            inner = [i_a, i_b, self.producers[cat], self.producers[c.input[0]], *halves]
+            inner = [i_a, i_b, *found[0]]
             if not self._read_within(inner, {*inner, self.producers[add.output[0]]}):
                 continue  # an intermediate is read elsewhere
-            return x, cos, sin, inner
+            if any(self._input_of(t, avoid=x) for t in (cos, sin)):
+                continue  # angles of the data it rotates: not a rotary
+            return x, cos, sin, inner, found[1]
         return None
 
+    def _rotated(self, value: str, x: str, rank: int):
+        """``([indices of its nodes], interleaved)`` where ``value`` is ``rotate(x)``:
+        ``Concat((Neg(x2), x1), axis=-1)`` of the halves, or GPT-J's interleaved form;
+        else None."""
+        c = self.producer_of(value)
+        if c is not None and c.op_type == "Reshape":
+            return self._every_two(c, x, rank)
+        if c is None or c.op_type != "Concat" or len(c.input) != 2:
+            return None
+        if int(_attrs(c).get("axis", 0)) % rank != rank - 1:
+            return None
+        neg = self.producer_of(c.input[0])
+        if neg is None or neg.op_type != "Neg":
+            return None
+        halves = self._halves(x, neg.input[0], c.input[1], rank)
+        if halves is None:
+            return None
+        return [self.producers[value], self.producers[c.input[0]], *halves], False
+
+    def _every_two(self, reshape, x: str, rank: int):
+        """GPT-J's ``torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)`` as both
+        exporters write it: ``Slice`` of the odd and of the even positions of the last
+        axis (steps of 2), ``Neg`` of the odd, ``Unsqueeze`` of each on a new last axis,
+        ``Concat`` on it, ``Reshape`` back to the shape of ``x``. ``([indices],
+        True)``, or None."""
+        dims = self.dims.get(x)
+        size = (dims or [None])[-1]
+        if not isinstance(size, int) or size % 2 or self.dims.get(reshape.output[0]) != dims:
+            return None
+        c = self.producer_of(reshape.input[0])
+        if c is None or c.op_type != "Concat" or len(c.input) != 2:
+            return None
+        if int(_attrs(c).get("axis", 0)) % (rank + 1) != rank:
+            return None
+        parts = [self._unsqueezed_last(n, rank) for n in c.input]
+        if None in parts:
+            return None
+        neg = self.producer_of(parts[0])
+        if neg is None or neg.op_type != "Neg":
+            return None
+        odd, even = self.producer_of(neg.input[0]), self.producer_of(parts[1])
+        if odd is None or even is None or odd.input[0] != x or even.input[0] != x:
+            return None
+        cuts = [self._last_axis_cut(n, rank, step=2) for n in (odd, even)]
+        if cuts != [(1, size), (0, size)]:
+            return None
+        names = [reshape.output[0], reshape.input[0], *c.input, parts[0], neg.input[0], parts[1]]
+        return [self.producers[n] for n in names], True
+
+    def _unsqueezed_last(self, value: str, rank: int) -> str | None:
+        """The input of an ``Unsqueeze`` that adds a last axis to a rank-``rank`` value."""
+        p = self.producer_of(value)
+        if p is None or p.op_type != "Unsqueeze":
+            return None
+        axes = _attrs(p).get("axes") if self.opset < 13 else None
+        if self.opset >= 13 and len(p.input) > 1:
+            axes = self.const(p.input[1])
+        if axes is None or [int(a) % (rank + 1) for a in np.reshape(axes, -1)] != [rank]:
+            return None
+        return p.input[0]
+
     def _read_within(self, nodes: list[int], readers: set[int]) -> bool:
-        """Whether the outputs of ``nodes`` are read by ``readers`` alone."""
+        """Whether the outputs of ``nodes`` are read by ``readers`` alone (or by nodes
+        that read only their shapes: whose outputs are all shapes or constants)."""
         for i in nodes:
             for out in self.model.graph.node[i].output:
-                if out in self.graph_outputs or not set(self.users.get(out, ())) <= readers:
+                others = set(self.users.get(out, ())) - readers
+                shapes = all(
+                    all(o in self.fixed for o in self.model.graph.node[j].output if o)
+                    for j in others
+                )
+                if out in self.graph_outputs or not shapes:
                     return False
         return True
 
-    def _table_product(self, value: str):
-        """``(data, table, index)`` where ``value`` is a Mul of data by a constant."""
+    def _table_products(self, value: str) -> list:
+        """The ways to read ``value`` as a Mul of data by a table, ``(data, table,
+        index)``: both orders, the data never a constant (which operand is the data
+        depends on what is rotated)."""
         p = self.producer_of(value)
         if p is None or p.op_type != "Mul" or len(p.input) != 2:
-            return None
-        for data, table in (tuple(p.input), tuple(p.input)[::-1]):
-            if table in self.fixed and data not in self.fixed and self.const(table) is not None:
-                return data, table, self.producers[value]
-        return None
+            return []
+        pairs = (tuple(p.input), tuple(p.input)[::-1])
+        return [(d, t, self.producers[value]) for d, t in pairs if d not in self.fixed]
 
     def _halves(self, x: str, second: str, first: str, rank: int):
         """The indices of the nodes that cut ``first`` and ``second``, the halves of ``x``
@@ -122,9 +233,9 @@ class _RotaryOps:
             return None
         return [self.producers[first], self.producers[second]]
 
-    def _last_axis_cut(self, node, rank: int) -> tuple[int, int] | None:
-        """``(start, end)`` of a Slice (opset 10 or later) of the last axis in steps of 1,
-        clamped to its size, or None."""
+    def _last_axis_cut(self, node, rank: int, step: int = 1) -> tuple[int, int] | None:
+        """``(start, end)`` of a Slice (opset 10 or later) of the last axis in steps of
+        ``step``, clamped to its size, or None."""
         if node.op_type != "Slice" or self.opset < 10 or len(node.input) < 3:
             return None
         names = list(node.input) + [""] * 2
@@ -139,7 +250,7 @@ class _RotaryOps:
         axes = np.arange(len(starts)) if values[2] is None else np.asarray(values[2]).reshape(-1)
         steps = np.ones(len(starts)) if values[3] is None else np.asarray(values[3]).reshape(-1)
         size = (self.dims.get(node.input[0]) or [None])[-1]
-        if len(starts) != 1 or int(axes[0]) % rank != rank - 1 or int(steps[0]) != 1:
+        if len(starts) != 1 or int(axes[0]) % rank != rank - 1 or int(steps[0]) != step:
             return None
         start, end = (int(v) + size if int(v) < 0 else int(v) for v in (starts[0], ends[0]))
         return min(max(start, 0), size), min(max(end, 0), size)

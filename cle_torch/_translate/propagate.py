@@ -206,10 +206,16 @@ def _two_maps(node: fx.Node, modules: dict) -> bool:
     return not any(pooled(x) for x in operands)
 
 
-def propagate(cap: Capture, input_shapes: Any, dummy_input: Any) -> Shapes:
+def propagate(
+    cap: Capture, input_shapes: Any, dummy_input: Any, example: dict | None = None
+) -> Shapes:
     """FX node name -> the shape of its tensor output (None for a dimension that follows
     the batch); empty where no example input is given, the model does not run on it, or
-    it needs none (:func:`needs_shapes`)."""
+    it needs none (:func:`needs_shapes`). ``example``, where given, gets the first run's
+    own shapes (``"shapes"``, the batch as it was) and the caller's ``dummy_input``
+    (``"inputs"``, a list; None where the run's inputs were made from ``input_shapes``):
+    what a rotary embedding's tables computed in forward are computed from (see
+    :mod:`.rotary`)."""
     from .._calibrate import _eval_copy, _graph_module  # it imports the translator's users
 
     if not needs_shapes(cap):
@@ -231,6 +237,8 @@ def propagate(cap: Capture, input_shapes: Any, dummy_input: Any) -> Shapes:
     except Exception as exc:
         log.debug("shapes unknown: the model does not run on the example input (%s)", exc)
         return {}
+    if example is not None:
+        example.update(shapes=first, inputs=args if dummy_input is not None else None)
     try:
         second = _run(gm, [_grown(a) for a in args])
     except Exception as exc:  # the batch size is fixed somewhere: keep it

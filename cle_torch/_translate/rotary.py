@@ -4,8 +4,13 @@ dim=-1)`` of the halves ``x1, x2 = x.chunk(2, dim=-1)`` (or ``x[..., :h]``,
 ``x[..., h:]``), or GPT-J's ``rotate_every_two(x) = torch.stack((-x2, x1),
 dim=-1).flatten(-2)`` of ``x1, x2 = x[..., ::2], x[..., 1::2]`` (pairs ``(2i, 2i +
 1)``), the products in either order, and ``cos`` / ``sin`` tables of the model (buffers
-or constants). The core ties the two channels of each rotated pair to one
-scale, which keeps ``q k^T`` (see :mod:`cle_core._regions`).
+or constants) or computed in forward from buffers, constants, shapes and integer inputs
+alone (Hugging Face's ``LlamaRotaryEmbedding``: ``inv_freq`` times the positions,
+``torch.arange(T)`` or a ``position_ids`` input). The core ties the two channels of each
+rotated pair to one scale, which keeps ``q k^T`` (see :mod:`cle_core._regions`); with one
+scale a pair, any per-position 2 x 2 map of the pair commutes with it, so the scales are
+exact whatever the tables are: for every sequence length and positions. The IR's tables
+(which the executor and the statistics read) are those of the example input's run.
 
 Only that form becomes a ``rotary``, and only where no intermediate tensor is read
 outside it; anything else is translated op by op (and stays opaque). A mixin of
@@ -16,14 +21,16 @@ FX graph before the walk, as :func:`.norms.find_norms` is.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
+from torch import nn
 
-from .._optable import _Opaque
+from .._optable import _SHAPE_ATTRS, _Opaque
 
 _MUL = (operator.mul, torch.mul)
 _ADD = (operator.add, torch.add)
@@ -32,14 +39,16 @@ _NEG = (operator.neg, torch.neg)
 
 @dataclass
 class RotaryMatch:
-    """A rotary embedding ending at an FX node: its input, its tables (``get_attr``
-    nodes), and every node of it (the tables' aside)."""
+    """A rotary embedding ending at an FX node: its input, its tables (FX nodes that do
+    not depend on the input), and every node of it (the tables' aside)."""
 
     x: fx.Node
     cos: fx.Node
     sin: fx.Node
     nodes: set[fx.Node]
     interleaved: bool = False  # pairs (2i, 2i + 1), else (d, d + D/2)
+    # the nodes that compute the tables and are read by nothing else (not translated)
+    inside: set[fx.Node] = field(default_factory=set)
 
 
 class _NoMatch(Exception):
@@ -62,17 +71,37 @@ def _table(n: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "get_attr"
 
 
-def _product(n: Any) -> tuple[fx.Node, fx.Node]:
-    """``(data, table)`` of ``data * table`` in either order."""
+def _products(n: Any) -> list[tuple[fx.Node, fx.Node]]:
+    """The ways to read ``n`` as ``data * table``: both orders of its operands, but a
+    ``get_attr`` is never the data (which of the two is depends on what is rotated)."""
     args = _call(n, _MUL, "mul")
-    if args is None or len(args) != 2:
+    if args is None or len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
         raise _NoMatch
     a, b = args
-    if _table(b) and isinstance(a, fx.Node) and not _table(a):
-        return a, b
-    if _table(a) and isinstance(b, fx.Node) and not _table(b):
-        return b, a
-    raise _NoMatch
+    return [(d, t) for d, t in ((a, b), (b, a)) if not _table(d)]
+
+
+def _shape_read(n: fx.Node) -> bool:
+    """``x.shape``, ``x.dtype``, ``x.device`` ..., ``x.size()``, ``x.dim()``: what they
+    read of ``x`` is not its values."""
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def table_nodes(table: fx.Node) -> set[fx.Node]:
+    """The nodes ``table`` is computed from, itself included; a shape read is one of
+    them, not the tensor it reads."""
+    seen, todo = {table}, [table]
+    while todo:
+        n = todo.pop()
+        if _shape_read(n):
+            continue
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def _last_dim(dim: Any, rank: int | None) -> bool:
@@ -199,19 +228,28 @@ def _match(add: fx.Node, shapes: dict) -> RotaryMatch:
         raise _NoMatch
     for straight, rotated in (args, args[::-1]):
         try:
-            x, cos = _product(straight)
-            r, sin = _product(rotated)
-            nodes, interleaved = _rotated(r, x, shapes)
+            ways = [(a, b) for a in _products(straight) for b in _products(rotated)]
         except _NoMatch:
             continue
-        return RotaryMatch(x, cos, sin, {add, straight, rotated, *nodes}, interleaved)
+        for (x, cos), (r, sin) in ways:
+            try:
+                nodes, interleaved = _rotated(r, x, shapes)
+            except _NoMatch:
+                continue
+            # the tables must not depend on what they rotate (angles of the data)
+            if any(x in table_nodes(t) for t in (cos, sin)):
+                continue
+            return RotaryMatch(x, cos, sin, {add, straight, rotated, *nodes}, interleaved)
     raise _NoMatch
 
 
-def find_rotaries(graph: fx.Graph, shapes: dict) -> dict[str, RotaryMatch]:
+def find_rotaries(
+    graph: fx.Graph, shapes: dict, parameter: Callable[[str], bool] = lambda target: False
+) -> dict[str, RotaryMatch]:
     """The rotary embeddings of ``graph`` by the name of their last node (the Add), where
     no intermediate is read outside them. ``shapes``: the shape of each node's tensor in
-    the example run, where known."""
+    the example run, where known; ``parameter``: whether a ``get_attr`` target is a
+    parameter of the model."""
     found: dict[str, RotaryMatch] = {}
     for node in graph.nodes:
         try:
@@ -221,6 +259,34 @@ def find_rotaries(graph: fx.Graph, shapes: dict) -> dict[str, RotaryMatch]:
         if any(set(n.users) - match.nodes for n in match.nodes - {node}):
             continue  # an intermediate is read elsewhere
         found[node.name] = match
+
+    # The nodes that compute tables in forward and that nothing else reads are the
+    # rotaries' own (their values are computed from the example run, see
+    # Rotary.table): users first, so that a node whose users are all inside is too.
+    # Not those of a table computed by a layer or from a parameter (refused): they are
+    # translated, so that what they read stays read in the IR.
+    def own(nodes: set[fx.Node]) -> bool:
+        return not any(
+            n.op == "call_module" or (n.op == "get_attr" and parameter(n.target)) for n in nodes
+        )
+
+    computed = {
+        n
+        for m in found.values()
+        for t in (m.cos, m.sin)
+        if not _table(t)
+        for nodes in [table_nodes(t)]
+        if own(nodes)
+        for n in nodes
+        if n.op in ("call_function", "call_method")
+    }
+    rotary_nodes = {n for m in found.values() for n in m.nodes}
+    inside: set[fx.Node] = set()
+    for n in reversed(graph.nodes):
+        if n in computed and set(n.users) <= inside | rotary_nodes:
+            inside.add(n)
+    for m in found.values():
+        m.inside = {n for t in (m.cos, m.sin) for n in table_nodes(t)} & inside
     return found
 
 
@@ -231,16 +297,21 @@ class Rotary:
         translated)."""
         try:
             x = self.data(match.x)
-            tables, ids = {}, {}
-            for key, table in (("cos", match.cos), ("sin", match.sin)):
-                value = self.attr(table.target)
-                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                    raise _Opaque(f"its {key} is not a float tensor")
-                tables[key] = value.detach().to(torch.float64).cpu().numpy()
-                ids[key] = self.param_id(table.target)
             shape = self.fx_shapes.get(x.name)
             if shape is None:
                 raise _Opaque("the shape of its input is not known: pass dummy_input")
+            tables, ids = {}, {}
+            for key, table in (("cos", match.cos), ("sin", match.sin)):
+                if _table(table):
+                    value = self.attr(table.target)
+                    ids[key] = self.param_id(table.target)
+                else:  # (one table is often every layer's: computed once)
+                    if table.name not in self.table_values:
+                        self.table_values[table.name] = self.table(key, table)
+                    value = self.table_values[table.name]
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    raise _Opaque(f"its {key} is not a float tensor")
+                tables[key] = _one_sample(key, value.detach().to(torch.float64).cpu(), shape)
             known = tuple(1 if d is None else d for d in shape)
             for key, table in tables.items():
                 try:
@@ -272,3 +343,79 @@ class Rotary:
                 channels=None,
                 attrs={"kind": "rotary embedding", "why": str(why), "channels": None},
             )
+
+    def table(self, key: str, table: fx.Node) -> Any:
+        """The value of a table computed in forward, as the example run computed it: its
+        nodes run again on the model's buffers and constants, the integer inputs given
+        in ``dummy_input`` and, for the shapes they read, stand-ins of the example run's
+        shapes and dtypes. Refused where it depends on anything else: a float input, a
+        parameter (equalization may scale it), a layer."""
+        computed = table_nodes(table)
+        nodes = [n for n in table.graph.nodes if n in computed]  # in graph order
+        example = self.example.get("shapes") or {}
+        inputs = self.example.get("inputs")
+        placeholders = [n for n in table.graph.nodes if n.op == "placeholder"]
+        env: dict[str, Any] = {}
+        layer = next((n for n in nodes if n.op == "call_module"), None)
+        if layer is not None:  # (what it reads is data: say so before the input it reaches)
+            raise _Opaque(f"its {key} is computed by the layer {layer.target!r} ({layer.name})")
+        for n in nodes:
+            if n.op == "get_attr":
+                value = self.attr(n.target)
+                if isinstance(value, nn.Parameter):
+                    raise _Opaque(
+                        f"its {key} is computed from the parameter {n.target!r} ({n.name}), "
+                        "which equalization may scale"
+                    )
+                env[n.name] = value
+            elif n.op == "placeholder":
+                dtype = self.cap.dtypes.get(n.name)
+                if dtype is None or dtype.is_floating_point or dtype.is_complex:
+                    raise _Opaque(
+                        f"its {key} is computed from the input {n.name!r}, not an integer "
+                        "one: only buffers, constants, shapes and integer positions are"
+                    )
+                if inputs is None:
+                    raise _Opaque(
+                        f"its {key} is computed from the input {n.name!r}: pass dummy_input"
+                    )
+                env[n.name] = inputs[placeholders.index(n)]
+            elif _shape_read(n) and n.args[0].name not in env:
+                # a stand-in of the example run's shape and dtype (no values, no memory)
+                src = n.args[0]
+                size, dtype = example.get(src.name), self.cap.dtypes.get(src.name)
+                if size is None or dtype is None:
+                    raise _Opaque(f"its {key} reads the shape of {src.name}, which is not known")
+                device = next((t.device for t in self.model.parameters()), None)
+                env[src.name] = torch.zeros((), dtype=dtype, device=device).expand(size)
+        try:
+            with torch.no_grad():
+                for n in nodes:
+                    if n.op not in ("call_function", "call_method"):
+                        continue
+                    args = fx.node.map_arg(n.args, lambda a: env[a.name])
+                    kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a.name])
+                    if n.op == "call_function":
+                        env[n.name] = n.target(*args, **kwargs)
+                    else:
+                        env[n.name] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        except Exception as exc:
+            raise _Opaque(f"its {key} could not be computed again ({n.name}: {exc})") from exc
+        return env[table.name]
+
+
+def _one_sample(key: str, table: torch.Tensor, shape: tuple) -> np.ndarray:
+    """``table`` with one entry on each axis of the input's that follows the batch
+    (``position_ids`` of the example's batch give a table per sample): the IR holds
+    one, which must be the same for every sample."""
+    out = table
+    for axis in range(1, min(table.dim(), len(shape)) + 1):
+        if shape[-axis] is None and out.shape[-axis] > 1:
+            first = out.narrow(-axis, 0, 1)
+            if not torch.equal(out, first.expand_as(out)):
+                raise _Opaque(
+                    f"its {key} differs between the samples of the example batch (positions "
+                    "per sample): the IR holds one table for them all"
+                )
+            out = first
+    return out.numpy()

@@ -63,7 +63,13 @@ _MOVING = frozenset({"transpose", "reshape", "matmul", "norm", "linear"})
 
 
 class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, Rotary):
-    def __init__(self, cap: Capture, shapes: tuple[Any, Any], fx_shapes: Shapes | None = None):
+    def __init__(
+        self,
+        cap: Capture,
+        shapes: tuple[Any, Any],
+        fx_shapes: Shapes | None = None,
+        example: dict | None = None,
+    ):
         self.cap = cap
         self.model = cap.model
         self.ir = cap.ir
@@ -73,6 +79,10 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         # The shape of each FX node's tensor from the example runs (None: follows the
         # batch); empty without an example input.
         self.fx_shapes: Shapes = fx_shapes or {}
+        # The first example run's own shapes and inputs (see propagate): what tables
+        # computed in forward are computed from.
+        self.example: dict = example or {}
+        self.table_values: dict[str, Any] = {}  # FX node -> a rotary table it computes
         self.rank: dict[str, int | None] = {}
         self.chan: dict[str, int | None] = {}
         self.alias: dict[str, fx.Node] = {}  # node -> the node whose tensor it returns
@@ -92,8 +102,8 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         self.inside_norms = {
             n.name for m in self.norms.values() for n in m.nodes if n.op != "get_attr"
         } - set(self.norms)
-        self.rotaries = find_rotaries(cap.fx_graph, self.fx_shapes)
-        inside = {n.name for m in self.rotaries.values() for n in m.nodes}
+        self.rotaries = find_rotaries(cap.fx_graph, self.fx_shapes, self.is_parameter)
+        inside = {n.name for m in self.rotaries.values() for n in m.nodes | m.inside}
         self.inside_rotaries = inside - set(self.rotaries)
 
     # --- helpers -------------------------------------------------------------------------
@@ -104,6 +114,12 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def is_parameter(self, target: str) -> bool:
+        try:
+            return isinstance(self.attr(target), nn.Parameter)
+        except AttributeError:
+            return False
 
     def param_id(self, target: str) -> str:
         if target in self.cap.temp_biases:
@@ -523,8 +539,9 @@ def capture(
             )
     graph, constants, temps = trace(model, leaf_modules, allow_training_mode)
     cap = Capture(model, graph, Graph(type(model).__name__), temp_biases=temps, constants=constants)
-    fx_shapes = propagate(cap, input_shapes, dummy_input)
-    _Translator(cap, (input_shapes, dummy_input), fx_shapes).run()
+    example: dict = {}
+    fx_shapes = propagate(cap, input_shapes, dummy_input, example)
+    _Translator(cap, (input_shapes, dummy_input), fx_shapes, example).run()
     if cap.opaque_layers:
         log.info(
             "left %d Linear layer(s) opaque because their input rank is unknown (%s): pass "

@@ -397,6 +397,139 @@ def llama(seed=0, norm="manual", kv_repeat="repeat_interleave", spread=True, **s
     return model.eval()
 
 
+class RotaryEmbedding(nn.Module):
+    """Hugging Face's ``LlamaRotaryEmbedding``: ``cos`` and ``sin`` computed in forward
+    from the ``inv_freq`` buffer and the positions ``(B, T)``, as
+    ``(inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)``
+    (the positions' batch, or 1), the angles repeated for the two halves, cast to the
+    dtype of ``x``."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, position_ids):
+        # (Hugging Face expands inv_freq to the batch first: torch.fx cannot trace that on
+        # a buffer, which it reads as a tensor, not a proxy; the matmul broadcasts it.)
+        freqs = (self.inv_freq[None, :, None] @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def _hf_rotate_half(x):
+    """Hugging Face's ``rotate_half``: the halves cut by a bound read from the shape."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class HFAttention(nn.Module):
+    """Hugging Face's ``LlamaAttention`` with its eager attention: q / k / v / o
+    projections, the rotary's ``cos`` / ``sin`` ``(B, T, D)`` given by the model,
+    unsqueezed for the heads (``apply_rotary_pos_emb``), K and V repeated by ``repeat_kv``
+    (expand, reshape), ``softmax(q k^T / sqrt(D) + causal mask) v``. (Not
+    ``F.scaled_dot_product_attention``: the dynamo exporter merges its batch with the
+    repeated K heads, where Q -> K is lost whatever the rotary.)"""
+
+    def __init__(self, dim, n_heads, n_kv_heads):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def _repeat_kv(self, x):
+        b, h, t, d = x.shape
+        rep = self.n_heads // self.n_kv_heads
+        return x[:, :, None, :, :].expand(b, h, rep, t, d).reshape(b, h * rep, t, d)
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = (q * cos) + (_hf_rotate_half(q) * sin)
+        k = (k * cos) + (_hf_rotate_half(k) * sin)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
+        # Hugging Face's eager attention; the causal mask made for the input's length
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        scores = q @ k.transpose(2, 3) * self.head_dim**-0.5 + mask
+        y = scores.softmax(dim=-1) @ v
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class HFBlock(LlamaBlock):
+    def __init__(self, dim, n_heads, n_kv_heads, hidden):
+        nn.Module.__init__(self)
+        self.attn_norm = RMSNorm(dim)
+        self.attn = HFAttention(dim, n_heads, n_kv_heads)
+        self.mlp_norm = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaHF(nn.Module):
+    """A LLaMA-style decoder written as Hugging Face writes it: the rotary tables computed
+    in forward (:class:`RotaryEmbedding`) from ``position_ids``, which are
+    ``torch.arange(T).unsqueeze(0)`` of the input's length (``positions="arange"``) or
+    the model's second input (``positions="input"``, int64 ``(B, T)``)."""
+
+    def __init__(
+        self, positions="arange", vocab=50, dim=32, depth=2, n_heads=4, n_kv_heads=2, hidden=64,
+        seq_len=16,
+    ):  # fmt: skip
+        super().__init__()
+        if positions not in ("arange", "input"):
+            raise ValueError(f"positions={positions!r}")
+        self.embed = nn.Embedding(vocab, dim)
+        self.rotary = RotaryEmbedding(dim // n_heads)
+        self.blocks = nn.ModuleList(HFBlock(dim, n_heads, n_kv_heads, hidden) for _ in range(depth))
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.example_input = _token_input(vocab, seq_len)
+
+    def forward(self, tokens):
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        return self.decode(tokens, position_ids)
+
+    def decode(self, tokens, position_ids):
+        x = self.embed(tokens)
+        cos, sin = self.rotary(x, position_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+class LlamaHFPositions(LlamaHF):
+    """:class:`LlamaHF` with ``position_ids`` as its second input."""
+
+    def forward(self, tokens, position_ids):
+        return self.decode(tokens, position_ids)
+
+
+def llama_hf(seed=0, positions="arange", spread=True, **sizes) -> LlamaHF:
+    """LLaMA-style decoder as Hugging Face writes it: :func:`llama`'s layers, but the
+    rotary tables computed in forward from ``inv_freq`` and the positions (any sequence
+    length runs), ``rotate_half`` cutting the halves at ``x.shape[-1] // 2``, ``repeat_kv``
+    and the eager attention (a causal mask made for the input's length). ``positions``: ``"arange"``
+    (one input, the token ids; any length) or ``"input"`` (a second input
+    ``position_ids``, int64 ``(B, T)``).
+
+    Exact pairs: :func:`llama`'s, Q -> K through the computed rotary tables with each
+    rotated pair (i, i + head_dim / 2) tied.
+    """
+    torch.manual_seed(seed)
+    model = (LlamaHF if positions == "arange" else LlamaHFPositions)(positions, **sizes)
+    if spread:
+        spread_channels(model, seed)
+    return model.eval()
+
+
 # --- BERT -----------------------------------------------------------------------------
 
 
@@ -526,6 +659,7 @@ VARIANTS = {
     "llama": lambda seed=0: llama(seed),
     "llama_expand": lambda seed=0: llama(seed, kv_repeat="expand"),
     "llama_nn_rmsnorm": lambda seed=0: llama(seed, norm="torch"),
+    "llama_hf": lambda seed=0: llama_hf(seed),
     "bert": lambda seed=0: bert(seed),
     "convnext": lambda seed=0: convnext(seed),
 }

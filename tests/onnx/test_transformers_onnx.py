@@ -26,6 +26,7 @@ from cle_onnx._backend import _channel_layouts  # noqa: E402
 from cle_onnx._calibrate import calibration_stats  # noqa: E402
 from tests.helpers.onnx_corpus import _Builder, sqnr_db  # noqa: E402
 from tests.helpers.transformer_models import VARIANTS, GQANoRotary, RopeAttention  # noqa: E402
+from tests.helpers.transformer_models import llama_hf as tm_llama_hf  # noqa: E402
 
 # The regions (kinds, in graph order) of each model and exporter. What is not there:
 # Q -> K where the dynamo exporter's
@@ -58,6 +59,10 @@ EXPECTED = {
     ("llama", "dynamo"): LLAMA,
     ("llama_expand", "ts"): LLAMA,
     ("llama_expand", "dynamo"): LLAMA,
+    # the rotary tables computed in forward: folded by the dynamo exporter, by the reader
+    # from the TorchScript exporter's MatMul, Concat, Cos, Sin of constants
+    ("llama_hf", "ts"): LLAMA,
+    ("llama_hf", "dynamo"): LLAMA,
     # nn.RMSNorm: the TorchScript exporter cannot export aten::rms_norm
     ("llama_nn_rmsnorm", "dynamo"): LLAMA,
     # post-LN: V -> O in each layer and the last norm, which feeds the head alone
@@ -796,7 +801,7 @@ def test_inspect_lists_q_to_k_and_the_rotary_ties(exported, exporter, capsys):
         ]
 
 
-@pytest.mark.parametrize("variant", ["vit", "llama", "rope_table"])  # Q -> K found, refused
+@pytest.mark.parametrize("variant", ["vit", "llama", "llama_hf", "rope_table"])
 def test_the_input_file_and_proto_are_unchanged(exported, always_scale, variant, tmp_path):
     if variant == "rope_table":  # q and k times a table, not a rotary: Q -> K refused
         torch.manual_seed(0)
@@ -833,6 +838,8 @@ def test_the_input_file_and_proto_are_unchanged(exported, always_scale, variant,
         ("llama", "ts"),
         ("llama", "dynamo"),
         ("llama_expand", "dynamo"),
+        ("llama_hf", "ts"),
+        ("llama_hf", "dynamo"),
     ],
 )
 def test_q_to_k_is_exact_under_random_scales(exported, variant, exporter):
@@ -965,11 +972,13 @@ def test_a_rotary_embedding_of_merged_heads_is_refused_with_the_reason():
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
-@pytest.mark.parametrize("form", ["chunk", "slice", "hf"])
+@pytest.mark.parametrize("form", ["chunk", "slice", "hf", "gptj"])
 def test_each_exporter_s_rotary_embedding_is_one_node(form, dynamo, tmp_path):
     """``rotate_half`` by chunk, by slices, and as Hugging Face writes it (``x[..., :
-    x.shape[-1] // 2]``), each exporter: one ``rotary`` for q and one for k, and Q -> K
-    through them exact under random scales, the rotated pairs tied."""
+    x.shape[-1] // 2]``), and GPT-J's ``rotate_every_two`` (strided Slices, Neg,
+    Unsqueeze, Concat, Reshape: pairs (2i, 2i + 1)), each exporter: one ``rotary`` for q
+    and one for k, and Q -> K through them exact under random scales, the rotated pairs
+    tied."""
     from tests.helpers.ir_transformers import random_scales_objective
 
     torch.manual_seed(0)
@@ -982,8 +991,111 @@ def test_each_exporter_s_rotary_embedding_is_one_node(form, dynamo, tmp_path):
         )
     model, x = onnx.load(str(path)), x.numpy()
     graph = cle_onnx.OnnxBackend().to_ir(model).graph
-    assert [n.op for n in graph.nodes].count("rotary") == 2
+    rotaries = [n for n in graph.nodes if n.op == "rotary"]
+    assert [n.attrs["interleaved"] for n in rotaries] == [form == "gptj"] * 2
+    # the IR runs it as onnxruntime does
+    np.testing.assert_allclose(
+        run_graph(graph, {"x": x})[graph.outputs[0].name], _run(model, x), rtol=1e-4, atol=1e-5
+    )
+    before = path.read_bytes()
     eq, report = cle_onnx.equalize_model(str(path), objective=random_scales_objective())
+    assert path.read_bytes() == before
     (qk,) = [r for r in report.regions if r.kind == "qk"]
-    assert qk.tied == 8 and np.array_equal(qk.scales, qk.scales[np.arange(16) ^ 4])
+    pairs = np.arange(16) ^ (1 if form == "gptj" else 4)  # (2i, 2i + 1) or (d, d + 4)
+    assert qk.tied == 8 and np.array_equal(qk.scales, qk.scales[pairs])
+    assert qk.scales.max() / qk.scales.min() > 5
     assert sqnr_db(_run(model, x), _run(eq, x)) >= 90
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("position_ids-ts", "is computed at run time from the graph input 'position_ids'"),
+        ("position_ids-dynamo", "is computed at run time from the graph input 'position_ids'"),
+        ("dynamic-ts", "has no value here (a sequence length left dynamic?)"),
+    ],
+)
+def test_rotary_tables_computed_at_run_time_are_refused_with_the_reason(
+    always_scale, case, why, tmp_path
+):
+    """Hugging Face's rotary tables from a ``position_ids`` input (both exporters), or
+    from a sequence length left dynamic: no value to give the IR's ``rotary``, so each is
+    an opaque node saying why, Q -> K is refused, and the rest is equalized exactly; the
+    file is left byte-identical. With the length given (``input_shapes``) the reader
+    folds the tables: one ``rotary`` each for q and k."""
+    variant, exporter = case.split("-")
+    model = tm_llama_hf(positions="input" if variant == "position_ids" else "arange")
+    tokens = model.example_input(2)
+    feeds = {"x": tokens.numpy()}
+    args = (tokens,)
+    if variant == "position_ids":
+        feeds["position_ids"] = np.tile(np.arange(16), (2, 1))
+        args = (tokens, torch.from_numpy(feeds["position_ids"]))
+    path = tmp_path / f"{case}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(path),
+            dynamo=exporter == "dynamo",
+            opset_version=None if exporter == "dynamo" else 17,
+            input_names=list(feeds),
+            dynamic_axes={"x": {0: "batch", 1: "length"}} if variant == "dynamic" else None,
+        )
+    before = path.read_bytes()
+    graph = cle_onnx.OnnxBackend().to_ir(onnx.load(str(path))).graph
+    assert "rotary" not in [n.op for n in graph.nodes]
+    rotaries = [n for n in graph.nodes if n.attrs.get("kind") == "rotary embedding"]
+    assert len(rotaries) == 4 and all(why in n.attrs["why"] for n in rotaries)
+    eq, report = cle_onnx.equalize_model(str(path))
+    assert path.read_bytes() == before
+    assert "qk" not in [r.kind for r in report.regions] and report.regions
+    reasons = " ".join(s.reason for s in report.skipped if "Q K^T" in s.candidate)
+    if variant == "position_ids":  # (a dynamic length loses q's heads before, at a Reshape)
+        assert "opaque rotary embedding" in reasons and why in reasons, reasons
+
+    def run(proto):
+        session = ort.InferenceSession(
+            proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, feeds)[0]
+
+    assert sqnr_db(run(onnx.load(str(path))), run(eq)) >= 90
+    if variant == "dynamic":
+        model = onnx.load(str(path))
+        graph = cle_onnx.OnnxBackend().to_ir(model, input_shapes={"x": [2, 16]}).graph
+        assert [n.op for n in graph.nodes].count("rotary") == 4
+
+
+@pytest.mark.parametrize("n", [16, 5000])
+def test_a_matmul_of_constants_is_folded_up_to_the_fold_limit(n):
+    """The reader folds a MatMul of constants (a rotary's ``inv_freq @ positions``), but
+    bounds it by its output, not its operands: an outer product of ``n`` by ``n`` is
+    folded for n = 16, not for n = 5000 (25 M elements, over the limit), which says so."""
+    from onnx import TensorProto
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from cle_onnx._translate.constants import _FOLD_LIMIT
+    from cle_onnx._translate.reader import _Reader
+
+    column, row = np.ones((n, 1), np.float32), np.ones((1, n), np.float32)
+    nodes = [
+        h.make_node("Constant", [], ["a"], value=nh.from_array(column)),
+        h.make_node("Constant", [], ["b"], value=nh.from_array(row)),
+        h.make_node("MatMul", ["a", "b"], ["outer"]),
+        h.make_node("Add", ["x", "outer"], ["y"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "outer",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+    )
+    reader = _Reader(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), False, None)
+    if n * n <= _FOLD_LIMIT:
+        np.testing.assert_array_equal(reader.constants["outer"], column @ row)
+    else:
+        assert "outer" not in reader.constants
+        assert "too large to fold (of 25000000 elements)" in reader.unfolded["outer"]

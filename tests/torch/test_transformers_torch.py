@@ -39,9 +39,9 @@ def _sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return 10 * np.log10(float((ref**2).sum()) / max(noise, 1e-300))
 
 
-def _run(model, x):
+def _run(model, *x):
     with torch.no_grad():
-        return model(x)
+        return model(*x)
 
 
 def _norm_qkv(b):
@@ -85,6 +85,7 @@ REGIONS = {
     "llama": _llama_regions(),
     "llama_expand": _llama_regions(),
     "llama_nn_rmsnorm": _llama_regions(),
+    "llama_hf": _llama_regions(),  # the rotary tables computed in forward
     "bert": [  # nn.TransformerEncoderLayer as its parts (cle_torch._decompose)
         ("qk", ("layers.0.self_attn.k",), ("layers.0.self_attn.q",)),
         ("attention", ("layers.0.self_attn.v",), ("layers.0.self_attn.out_proj",)),
@@ -106,6 +107,7 @@ REFUSED = {
     "llama": [("blocks.0.mlp.gate -> ?", "silu")],
     "llama_expand": [("blocks.0.mlp.gate -> ?", "silu")],
     "llama_nn_rmsnorm": [("blocks.0.mlp.gate -> ?", "silu")],
+    "llama_hf": [("blocks.0.mlp.gate -> ?", "silu")],
     "bert": [
         ("layers.0.linear1 -> ?", "gelu"),
         ("layers.0.norm1, layers.0.linear2 -> layers.0.linear1", "normalized by layers.0.norm2"),
@@ -829,7 +831,7 @@ def test_hugging_face_repeat_kv_is_followed(always_scale):
 
 
 @pytest.mark.parametrize(
-    "name", ["vit", "vit_sdpa", "vit_mha", "bert", "gqa", "llama", "llama_expand"]
+    "name", ["vit", "vit_sdpa", "vit_mha", "bert", "gqa", "llama", "llama_expand", "llama_hf"]
 )
 def test_q_to_k_is_exact_under_random_scales(name):
     """Every region, Q -> K included, scaled over two decades (a test objective): the
@@ -905,3 +907,180 @@ def test_a_product_with_a_table_that_is_not_a_rotary_is_refused(form, why):
     # tables are not written
     kept = [k for k in state if not k.startswith(("v.", "o."))]
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in kept), kept
+
+
+def _pairs_tied(report, partner: np.ndarray) -> bool:
+    qk = [r for r in report.regions if r.kind == "qk"]
+    return bool(qk) and all(
+        r.tied == len(partner) // 2 and np.array_equal(r.scales, r.scales[partner]) for r in qk
+    )
+
+
+@pytest.mark.parametrize("positions", ["arange", "input"])
+def test_rotary_tables_computed_in_forward_keep_q_to_k_exact_for_any_input(positions):
+    """Hugging Face's rotary embedding, its cos / sin computed in forward from inv_freq
+    and the positions (``torch.arange`` of the input's length, or a ``position_ids``
+    input): one rotary node each for q and k (the IR holds the example's tables), Q -> K
+    found with its pairs tied, and the scales written back exact under random scales at
+    the example's length and positions and at others (another length, batch, and
+    positions that differ per sample): one scale a pair commutes with any per-position
+    2 x 2 map of it."""
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    model = tm.llama_hf(0, positions=positions)
+    tokens = model.example_input(2)
+    other = model.example_input(3, seed=1)[:, :9]
+    if positions == "input":
+        shifted = torch.arange(9) + torch.tensor([[0], [5], [11]])
+        example, other = (tokens, torch.arange(16).expand(2, 16)), (other, shifted)
+    else:
+        example, other = tokens, other
+    graph = cle_torch.TorchBackend().to_ir(model, dummy_input=example).graph
+    assert [n.op for n in graph.nodes].count("rotary") == 4
+    refs = [_run(model, *([x] if torch.is_tensor(x) else x)) for x in (example, other)]
+    assert refs[1].shape[1] == 9
+    inv_freq = model.rotary.inv_freq.clone()
+    eq, report = cle_torch.equalize_model(
+        model, dummy_input=example, objective=random_scales_objective()
+    )
+    assert _regions(report) == REGIONS["llama_hf"]
+    assert _pairs_tied(report, np.arange(16) ^ 4)  # (d, d + 4) of K's 2 heads of 8
+    assert all(r.scales.max() / r.scales.min() > 5 for r in report.regions if r.kind == "qk")
+    for x, ref in zip((example, other), refs, strict=True):
+        assert _sqnr_db(ref, _run(eq, *([x] if torch.is_tensor(x) else x))) >= MIN_SQNR_DB
+    assert torch.equal(model.rotary.inv_freq, inv_freq)  # the tables' buffer: not written
+
+
+class _ComputedRope(tm.RopeAttention):
+    """A rotary embedding whose tables are computed in forward from ``how``:
+    ``parameter`` (a learnt frequency: equalization may scale it), ``layer`` (a Linear
+    of the input), ``float`` (a float input of angles), ``positions`` (an int64 input of
+    positions ``(B, T)`` times a frequency buffer: a table, if the same for each
+    sample)."""
+
+    def __init__(self, how):
+        torch.manual_seed(0)
+        super().__init__("chunk")
+        self.how = how
+        self.freq = nn.Parameter(torch.rand(self.d // 2) + 0.1)
+        self.register_buffer("inv_freq", torch.rand(self.d // 2) + 0.1)
+        self.proj = nn.Linear(16, self.d // 2)
+
+    def _rope(self, x):
+        if self.how == "parameter":
+            a = torch.outer(torch.arange(x.shape[2]).float(), self.freq)
+        elif self.how == "layer":
+            a = self.proj(self.inp)[:, None]
+        else:
+            a = (self.extra[..., None].float() * self.inv_freq)[:, None]
+        a = torch.cat((a, a), -1)
+        return x * a.cos() + tm._rotate_half(x) * a.sin()
+
+    def forward(self, x, extra):
+        self.inp, self.extra = x, extra
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(
+    ("how", "why"),
+    [
+        ("parameter", "computed from the parameter 'freq'"),
+        ("layer", "computed by the layer 'proj'"),
+        ("float", "from the input 'extra', not an integer one"),
+        ("positions", "differs between the samples of the example batch"),
+    ],
+)
+def test_rotary_tables_computed_from_what_is_not_a_table_are_refused(always_scale, how, why):
+    """Tables computed in forward from a parameter, through a layer, from a float input,
+    or from positions that differ per sample in the example (the IR holds one table):
+    no rotary node, Q -> K refused with the reason naming the op, q's and k's parameters
+    and the tables' tensors unwritten. Positions equal for each sample are a table."""
+    model = tm.spread_channels(_ComputedRope(how)).eval()
+    x = torch.randn(2, 5, 16)
+    positions = torch.arange(5) + torch.tensor([[0], [3]])
+    extra = {"float": torch.randn(2, 5), "positions": positions}.get(how, torch.zeros(2, 5))
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    graph = cle_torch.TorchBackend().to_ir(model, dummy_input=(x, extra)).graph
+    assert "rotary" not in [n.op for n in graph.nodes]
+    # a refused table's nodes are translated: what they read stays read in the IR
+    read = {i for n in graph.nodes for i in n.param_ids.values()} | {n.name for n in graph.nodes}
+    assert {"parameter": "freq", "layer": "proj"}.get(how, "q") in read
+    ref = _run(model, x, extra)
+    _, report = cle_torch.equalize_model(model, dummy_input=(x, extra))
+    assert "qk" not in [r.kind for r in report.regions]
+    reasons = " ".join(s.reason for s in report.skipped if "Q K^T" in s.candidate)
+    assert why in reasons and "opaque rotary embedding" in reasons, reasons
+    assert _sqnr_db(ref, _run(model, x, extra)) >= MIN_SQNR_DB
+    kept = [k for k in state if not k.startswith(("v.", "o."))]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in kept), kept
+    if how == "positions":  # the same positions in each sample: a table, Q -> K found
+        model = tm.spread_channels(_ComputedRope(how)).eval()
+        same = torch.arange(5).expand(2, 5)
+        graph = cle_torch.TorchBackend().to_ir(model, dummy_input=(x, same)).graph
+        assert [n.op for n in graph.nodes].count("rotary") == 2
+        ref = _run(model, x, positions)
+        _, report = cle_torch.equalize_model(model, dummy_input=(x, same))
+        assert _pairs_tied(report, np.arange(16) ^ 4)
+        assert _sqnr_db(ref, _run(model, x, positions)) >= MIN_SQNR_DB
+
+
+def test_rotary_tables_computed_in_forward_are_the_same_after_a_fake_shape_run(monkeypatch):
+    """A large model's shapes come from fake tensors (no values): the tables computed in
+    forward are computed again from the buffers and the example's inputs and shapes, the
+    same as after a real run."""
+    from cle_torch._translate import propagate as prop
+
+    model = tm.llama_hf(0, positions="input")
+    example = (model.example_input(2), torch.arange(16).expand(2, 16))
+
+    def tables():
+        graph = cle_torch.TorchBackend().to_ir(model, dummy_input=example).graph
+        return [(n.params["cos"], n.params["sin"]) for n in graph.nodes if n.op == "rotary"]
+
+    real = tables()
+    monkeypatch.setattr(prop, "REAL_RUN_PARAMETERS", 0)
+    fake = tables()
+    assert len(real) == 4 and real[0][0].shape == (1, 1, 16, 8)
+    for a, b in zip(real, fake, strict=True):
+        assert all(np.array_equal(t, u) for t, u in zip(a, b, strict=True))
+    angles = np.outer(np.arange(16), model.rotary.inv_freq.numpy())
+    assert np.allclose(real[0][0][0, 0, :, :4], np.cos(angles), atol=1e-6)
+
+
+class _CachedRope(tm.RopeAttention):
+    """Tables cached for 12 positions, cut to the input's length in forward: by
+    ``torch.narrow`` (traced), or by ``self.cos[:t]`` (``slice``: torch.fx reads a buffer
+    as a tensor, which a traced length cannot index)."""
+
+    def __init__(self, slicing: bool = False):
+        torch.manual_seed(0)
+        super().__init__("chunk", t=12)
+        self.slicing = slicing
+
+    def _rope(self, x):
+        t = x.shape[2]
+        if self.slicing:
+            cos, sin = self.cos[:t], self.sin[:t]
+        else:
+            cos, sin = torch.narrow(self.cos, 0, 0, t), torch.narrow(self.sin, 0, 0, t)
+        return x * cos + tm._rotate_half(x) * sin
+
+
+def test_a_cached_table_cut_to_the_length_is_a_table_exact_at_any_length():
+    """A cached table cut to the input's length (``torch.narrow``): one rotary each for
+    q and k, Q -> K tied, exact under random scales at the example's length (5) and at
+    another (9). The slicing form does not trace (the error says so, as before)."""
+    from cle_torch import UntraceableModelError
+    from tests.helpers.ir_transformers import random_scales_objective
+
+    model = tm.spread_channels(_CachedRope()).eval()
+    x, longer = torch.randn(2, 5, 16), torch.randn(3, 9, 16)
+    graph = cle_torch.TorchBackend().to_ir(model, dummy_input=x).graph
+    assert [n.op for n in graph.nodes].count("rotary") == 2
+    refs = [_run(model, v) for v in (x, longer)]
+    _, report = cle_torch.equalize_model(model, dummy_input=x, objective=random_scales_objective())
+    assert _pairs_tied(report, np.arange(16) ^ 4)
+    for v, ref in zip((x, longer), refs, strict=True):
+        assert _sqnr_db(ref, _run(model, v)) >= MIN_SQNR_DB
+    with pytest.raises(UntraceableModelError, match="slice indices"):
+        cle_torch.equalize_model(_CachedRope(slicing=True).eval(), dummy_input=x)
