@@ -114,11 +114,11 @@ class _NormOps:
             if ref and not per_channel:
                 shape = tuple(self.const_shape(ref))
                 return f"its {what} of shape {shape} is not one value per channel"
-        params = {"gamma": self.param(gamma).reshape(-1), "beta": None}
-        ids = {"gamma": gamma}
-        if beta:
-            params["beta"] = self.param(beta).reshape(-1)
-            ids["beta"] = beta
+        ids, params = {}, {"beta": None}
+        for key, ref in (("gamma", gamma), ("beta", beta)):
+            if ref:
+                arr, ids[key] = self.vector(ref, index)
+                params[key] = arr.reshape(-1)
         # NaN or Inf in gamma / beta is bad input, not an op to leave out: the core refuses
         # it in one error naming the norm, as it refuses a layer's NaN weights.
         attrs = {"kind": kind, "axis": axis, "eps": eps, **extra}
