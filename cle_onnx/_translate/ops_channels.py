@@ -171,7 +171,7 @@ class _ChannelOps:
         if not all(isinstance(d, int) for d in src[1:]):
             # the batch after the tokens ((T, B, C), nn.MultiheadAttention's layout)
             if not isinstance(src[0], int) or sum(not isinstance(d, int) for d in src) > 1:
-                return "its input's shape is not known"
+                return _dynamic(src)
             shape = self._shape_beside_the_batch(node, src)
             if shape is None:
                 return "its output's shape is not known (one size may be unknown, the batch)"
@@ -321,3 +321,16 @@ class _ChannelOps:
             if (shape[1] if trans_b else shape[0]) != features:
                 return False
         return True
+
+
+def _dynamic(src) -> str:
+    """Why a Reshape of a tensor of shape ``src`` (None: a dynamic size) is left out."""
+    unknown = [i for i, d in enumerate(src) if not isinstance(d, int)]
+    if unknown[:1] == [0] and len(unknown) > 1:
+        # (a dynamic sequence length: the sizes a user can give, the batch aside)
+        axes = ", ".join(map(str, unknown[1:]))
+        return (
+            f"its input's size on axis {axes} is dynamic besides the batch: give it with "
+            "input_shapes= (--dim NAME=SIZE on the command line) or fix it at export"
+        )
+    return "its input's shape is not known"

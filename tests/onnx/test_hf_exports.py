@@ -32,6 +32,7 @@ from tests.helpers.onnx_corpus import _Builder, sqnr_db  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
+TOKENS = MANIFEST["files"]["bert_ts.onnx"]["input"][1]
 
 # Per layer: BERT (post-LN) K -> q and V -> O; its norms feed the residual stream, all but
 # the last, which feeds the classifier alone (through the class token). ViT and LLaMA
@@ -50,6 +51,9 @@ EXPECTED = {
     "bert_dynamo.onnx": BERT,
     "bert_ts_dynbatch.onnx": BERT,
     "bert_dynamo_hfinit.onnx": BERT,
+    # a dynamic sequence length too: the heads' Reshapes have two unknown sizes (below:
+    # with the length given)
+    "bert_dynamo_dynseq.onnx": ["norm"],
     "vit_ts.onnx": VIT,
     "vit_dynamo.onnx": VIT,
     "llama_ts.onnx": LLAMA_TS,
@@ -110,6 +114,26 @@ def test_hf_export_is_equalized_exactly_with_the_regions_promised(name):
     for reason in REFUSED[model] + (REFUSED_TS.get(model, []) if ts else []):
         assert reason in reasons, summary
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_a_dynamic_sequence_length_is_named_and_can_be_given():
+    """Left dynamic, the heads' Reshapes say which size to give; given, the pairs are
+    found, and the equalized file is exact at every length (the scales do not depend on
+    it)."""
+    path = FIXTURES / "bert_dynamo_dynseq.onnx"
+    _, report = cle_onnx.equalize_model(str(path))
+    reasons = [s.reason for s in report.skipped if s.stage == "translate"]
+    assert any(
+        "axis 1 is dynamic besides the batch: give it with input_shapes=" in r for r in reasons
+    )
+    eq, report = cle_onnx.equalize_model(
+        str(path), objective=random_scales_objective(), input_shapes={"x": (None, TOKENS)}
+    )
+    assert [r.kind for r in report.regions] == BERT, report.summary(verbose=True)
+    rng = np.random.default_rng(1)
+    for tokens in (TOKENS, 3, 16):
+        x = rng.integers(0, MANIFEST["files"][path.name]["vocab"], (3, tokens))
+        assert sqnr_db(_run(path.read_bytes(), x), _run(eq, x)) >= 90, tokens
 
 
 @pytest.mark.parametrize("name", ["bert_ts.onnx", "llama_dynamo.onnx"])
