@@ -62,11 +62,12 @@ EXPECTED = {
     "gpt2_dynamo.onnx": GPT2,
 }
 # (a part of) the reasons the report gives for what is refused
+GELU = "x * f(x), an activation that gates its own input (GELU ...)"
 REFUSED = {
-    "bert": ["is normalized by", "opaque Erf", "opaque Tanh"],
-    "vit": ["opaque Erf"],
+    "bert": ["is normalized by", GELU, "opaque Tanh"],
+    "vit": [GELU],
     "llama": ["a SiLU (not homogeneous)"],
-    "gpt2": ["the MatMul sums over the channels", "opaque Pow"],
+    "gpt2": ["the MatMul sums over the channels", GELU],
 }
 REFUSED_TS = {"llama": ["multiplies by a constant that is not per channel"]}
 
@@ -285,3 +286,38 @@ def test_heads_split_with_the_batch_of_another_value_under_a_dynamic_batch():
     x = np.random.default_rng(0).standard_normal((3, t, c)).astype(np.float32)
     _, report = _exact(model, x, random_scales_objective())
     assert [r.kind for r in report.regions] == ["norm", "qk", "attention"], report.summary(True)
+
+
+def _gelu(b: _Builder, x: str, form: str) -> str:
+    """GELU written out as the exporters write it: ``x * 0.5 * (1 + erf(x / sqrt(2)))``
+    (TorchScript) or its tanh form, ``0.5 * (x * (1 + tanh(c * (x + 0.044715 x^3))))``
+    (Hugging Face's ``gelu_pytorch_tanh``, Gemma's gate), the constant last."""
+    one = b.init(np.array(1.0), "one")
+    if form == "erf":
+        inner = b.node("Erf", [b.node("Div", [x, b.init(np.array(np.sqrt(2.0)), "root2")])])
+        return b.node("Mul", [b.node("Mul", [x, b.node("Add", [inner, one])]), b.init(0.5)])
+    cube = b.node("Mul", [x, b.node("Mul", [x, x])])
+    inner = b.node("Add", [x, b.node("Mul", [b.init(np.array(0.044715), "c3"), cube])])
+    t = b.node("Tanh", [b.node("Mul", [b.init(np.array(0.7978845608), "c"), inner])])
+    return b.node(
+        "Mul", [b.init(np.array(0.5), "half"), b.node("Mul", [x, b.node("Add", [one, t])])]
+    )
+
+
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+@pytest.mark.parametrize("act_first", [True, False])
+def test_a_geglu_mlp_is_a_gated_region(form, act_first):
+    """``down(gelu(gate(x)) * up(x))`` with the GELU written out: its final product is
+    the activation (opaque, it gates its own input), and the MLP's product carries up's
+    channels to down whichever operand comes first."""
+    b = _Builder(5, 17)
+    gamma, beta = b.init(10.0 ** b.rng.uniform(-1, 1, 8), "gamma"), b.init(b.normal(8), "beta")
+    n = b.node("LayerNormalization", ["x", gamma, beta], axis=-1)
+    act, up = _gelu(b, _linear(b, n, 8, 12), form), _linear(b, n, 8, 12)
+    _linear(b, b.node("Mul", [act, up] if act_first else [up, act]), 12, 8)
+    model = _model(b, (2, 5, 8))
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    _, report = _exact(model, x, random_scales_objective())
+    assert [r.kind for r in report.regions] == ["norm", "gated"], report.summary(True)
+    reasons = [s.reason for s in report.skipped]
+    assert any("an activation that gates its own input" in r for r in reasons), reasons
