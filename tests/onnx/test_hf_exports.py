@@ -321,3 +321,23 @@ def test_a_geglu_mlp_is_a_gated_region(form, act_first):
     assert [r.kind for r in report.regions] == ["norm", "gated"], report.summary(True)
     reasons = [s.reason for s in report.skipped]
     assert any("an activation that gates its own input" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize(
+    ("model", "exporter"), [("bert", "ts"), ("llama", "dynamo"), ("gpt2", "ts")]
+)
+def test_a_fresh_export_with_the_installed_transformers_finds_the_same(model, exporter):
+    """With ``transformers`` installed (whatever its version): the model exported now, as
+    ``make_fixtures.py`` does, gives the regions its stored file gives, exactly."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    net, x = make.build(model)
+    proto = make.export(net, x, exporter, "")
+    eq, report = cle_onnx.equalize_model(proto, objective=random_scales_objective())
+    assert [r.kind for r in report.regions] == EXPECTED[f"{model}_{exporter}.onnx"]
+    assert sqnr_db(_run(proto, x.numpy()), _run(eq, x.numpy())) >= 90
