@@ -246,10 +246,11 @@ class _Writer:
         Mul / Add of a decomposed form), in its own shape and dtype; copied where
         another node reads it too."""
         owners = set(node.handle)
-        for key, name in node.param_ids.items():
+        for key, ident in node.param_ids.items():
             arr = node.params.get(key)
             if arr is None:
                 continue
+            name = self.tr.untied.get(ident, ident)  # a merged initializer's copy
             dims = tuple(self.inits[name].dims) if name in self.inits else None
             new = self.put(name, arr, owners, dims=dims)
             for i in sorted(owners):

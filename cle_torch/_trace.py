@@ -225,8 +225,19 @@ def _untraceable_message(model: nn.Module, exc: Exception) -> str:
             where = f" in {names[id(slf)] or '(root)'} ({type(slf).__name__}.forward)"
             break
     why = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    # Hugging Face's models build masks, positions and caches with Python control flow
+    # on tensor values: making a leaf of the module that fails there (the whole
+    # LlamaModel, GPT2Model ...) would leave nothing to equalize.
+    hf = any(type(m).__module__.startswith("transformers.") for m in model.modules())
+    route = (
+        " This is a Hugging Face transformers model, which torch.fx does not trace in "
+        "general: export it to ONNX (torch.onnx.export, dynamo=True) and equalize the "
+        "file with cle_onnx (docs: Transformers and ConvNeXt, Hugging Face models)."
+        if hf
+        else ""
+    )
     return (
-        f"torch.fx cannot trace {type(model).__name__}{where}: {why}. "
+        f"torch.fx cannot trace {type(model).__name__}{where}: {why}.{route} "
         "Hints: mark the module that fails as a leaf (leaf_modules=[TheModuleClass] or its "
         "qualified name; it is then left as is and blocks equalization around it), or "
         "rewrite data-dependent Python control flow in its forward; pass dummy_input or "

@@ -95,13 +95,15 @@ def shape_values(
     constants: Mapping[str, np.ndarray],
     dims: Mapping[str, tuple],
     given: set[str],
+    batch_names: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Folded values (``constants``) that a shape-taking input reads and that the
     inference does not know as values: computed by a node of one output (not given as
     an initializer or Constant, ``given``), integers, and read where an output's shape
     is still unknown. A dimension known only as a symbol (:class:`_Dim`, the batch read
     with Shape) is written as 0 where every reader is a Reshape of that very tensor,
-    which copies it so; else the value is left out."""
+    which copies it so (or of a tensor whose axis 0 inference named alike,
+    ``batch_names``: the same size); else the value is left out."""
     producers = {o: n for n in model.graph.node for o in n.output if o}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for n in model.graph.node:
@@ -135,14 +137,14 @@ def shape_values(
         if not wanted or value.dtype.kind not in "iuO":
             continue
         if value.dtype.kind == "O":
-            value = _symbols_as_copies(value, uses)
+            value = _symbols_as_copies(value, uses, batch_names or {})
             if value is None:
                 continue
         out[name] = np.asarray(value, np.int64)
     return out
 
 
-def _symbols_as_copies(value: np.ndarray, uses) -> np.ndarray | None:
+def _symbols_as_copies(value: np.ndarray, uses, batch_names) -> np.ndarray | None:
     """``value`` with each symbolic dimension replaced by 0 (Reshape: copy the input's),
     where that is what every reader makes of it, and one other symbolic dimension (the
     batch times the heads, ``(T, B * H, D)``) by -1, which the number of elements fixes
@@ -154,10 +156,15 @@ def _symbols_as_copies(value: np.ndarray, uses) -> np.ndarray | None:
             return None
         if any(a.name == "allowzero" and a.i for a in node.attribute):
             return None
+        batch = batch_names.get(node.input[0])
         other |= {
             i
             for i, d in enumerate(flat)
-            if isinstance(d, _Dim) and (d.value, d.index) != (node.input[0], i)
+            if isinstance(d, _Dim)
+            and (d.value, d.index) != (node.input[0], i)
+            # Hugging Face's attention reads the batch of the hidden states once
+            # (``hidden_states.shape[:-1]``) for every head split and merge
+            and not (i == d.index == 0 and batch and batch_names.get(d.value) == batch)
         }
     inferred = any(not isinstance(d, _Dim) and int(d) == -1 for d in flat)
     if len(other) > 1 or (other and inferred):

@@ -1,4 +1,5 @@
-"""Handlers of the ops that pass, cut or join the channels: Identity, Dropout, Split,
+"""Handlers of the ops that pass, cut or join the channels: Identity, Cast to the
+input's own type, Dropout, Split,
 Slice (of the channels, or a ``select`` of positions), Concat, Flatten, Reshape (a
 flatten, or a ``reshape`` to a static shape)."""
 
@@ -9,7 +10,7 @@ import numpy as np
 from cle_core.toolkit import LAYOUT_OPS
 
 from .constants import _Dim
-from .proto import _attrs
+from .proto import _attrs, np_dtype
 
 
 class _ChannelOps:
@@ -17,6 +18,24 @@ class _ChannelOps:
 
     def op_Identity(self, index, node, name):
         self.add("identity", [node.input[0]], name, index)
+
+    def op_Cast(self, index, node, name):
+        """A Cast to the type its input already has is the identity: Hugging Face's
+        RMSNorm computes in float32 (``x.to(torch.float32)``, ``.to(input_dtype)``) and
+        its softmax is cast back to the query's type, which the TorchScript exporter
+        writes as ``Cast(to=FLOAT)`` of float32 values. A Cast to another type rounds or
+        truncates: not homogeneous, left out."""
+        if not self.keeps_type(node):
+            return "it converts to another element type"
+        self.add("identity", [node.input[0]], name, index)
+
+    def keeps_type(self, node) -> bool:
+        """Whether ``node`` is a Cast of a float tensor to its own element type."""
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            return False
+        source = self.translation.dtypes.get(node.input[0])
+        target = np_dtype(int(_attrs(node).get("to", 0)))
+        return source is not None and source.kind == "f" and source == target
 
     def op_Dropout(self, index, node, name):
         """Inference: the identity. Training mode (opset 12's third input) drops
@@ -152,7 +171,7 @@ class _ChannelOps:
         if not all(isinstance(d, int) for d in src[1:]):
             # the batch after the tokens ((T, B, C), nn.MultiheadAttention's layout)
             if not isinstance(src[0], int) or sum(not isinstance(d, int) for d in src) > 1:
-                return "its input's shape is not known"
+                return _dynamic(src)
             shape = self._shape_beside_the_batch(node, src)
             if shape is None:
                 return "its output's shape is not known (one size may be unknown, the batch)"
@@ -302,3 +321,16 @@ class _ChannelOps:
             if (shape[1] if trans_b else shape[0]) != features:
                 return False
         return True
+
+
+def _dynamic(src) -> str:
+    """Why a Reshape of a tensor of shape ``src`` (None: a dynamic size) is left out."""
+    unknown = [i for i, d in enumerate(src) if not isinstance(d, int)]
+    if unknown[:1] == [0] and len(unknown) > 1:
+        # (a dynamic sequence length: the sizes a user can give, the batch aside)
+        axes = ", ".join(map(str, unknown[1:]))
+        return (
+            f"its input's size on axis {axes} is dynamic besides the batch: give it with "
+            "input_shapes= (--dim NAME=SIZE on the command line) or fix it at export"
+        )
+    return "its input's shape is not known"

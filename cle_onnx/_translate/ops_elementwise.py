@@ -17,6 +17,14 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x * 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+# Ops an activation written out is made of (their other inputs constants, or the same x)
+_ELEMENTWISE = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Erf", "Tanh", "Sigmoid", "Sqrt", "Exp", "Cast"}
+)
+
+_ACTIVATIONS = frozenset({"Erf", "Tanh", "Sigmoid", "Exp"})
+
+
 class _ElementwiseOps:
     """Mixed into :class:`~.reader._Reader`, which dispatches to the ``op_*`` methods."""
 
@@ -219,6 +227,14 @@ class _ElementwiseOps:
                 self.opaque(index, node, name, "x * sigmoid(x), a SiLU (not homogeneous)")
                 self.graph.nodes[-1].attrs["fn"] = _silu
                 return None
+        if self._elementwise_sources(a) & self._elementwise_sources(b):
+            # x * f(x) written out: GELU's ``x * (1 + erf(x / sqrt(2)))``, its tanh form
+            # (Gemma's GeGLU gate) ... Not homogeneous, and a gated MLP's product must see
+            # it as the gate, not as a second carrier of channels.
+            why = "x * f(x), an activation that gates its own input (GELU ...): not homogeneous"
+            self.opaque(index, node, name, why)
+            self.graph.nodes[-1].attrs["fn"] = np.multiply
+            return None
         out = self.dims.get(node.output[0])
         if out is None:
             return "its output's shape is not known"
@@ -237,9 +253,33 @@ class _ElementwiseOps:
         # The data input is the one of the output's shape; the gate broadcasts (or was
         # expanded to it: then either would do, and the better-known one is taken).
         data, gate = (a, b) if match(a) >= match(b) else (b, a)
+        if match(a) == match(b) and self._after_activation(a) and not self._after_activation(b):
+            # ``0.5 * (x * (1 + tanh(...))) * up``: a GeGLU's gate, scaled by a constant
+            # after its activation, is the gate; ``up`` carries the channels
+            data, gate = b, a
         if match(data) < 0:
             return "neither input has the output's shape"
         self.add("mul", [data, gate], name, index)
+
+    def _elementwise_sources(self, value: str, limit: int = 16) -> set[str]:
+        """``value`` and the values it is computed from through elementwise ops alone (a
+        few steps: an activation written out), not through layers or constants."""
+        seen, todo = {value}, [value]
+        while todo and len(seen) < limit:
+            p = self.producer_of(todo.pop())
+            if p is None or p.op_type not in _ELEMENTWISE:
+                continue
+            for n in p.input:
+                if n and n not in self.fixed and n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return seen
+
+    def _after_activation(self, value: str) -> bool:
+        """Whether ``value`` is computed, through elementwise ops alone, from the output of
+        an activation that is not homogeneous (erf, tanh, sigmoid, exp)."""
+        producers = (self.producer_of(v) for v in self._elementwise_sources(value))
+        return any(p is not None and p.op_type in _ACTIVATIONS for p in producers)
 
     def op_Div(self, index, node, name):
         x, d = node.input[0], node.input[1]

@@ -53,9 +53,9 @@ class _LayerOps:
         if transposed:
             attrs["output_padding"] = tuple(a.get("output_padding", (0,) * (w.ndim - 2)))
         ids = {"weight": node.input[1]}
-        bias = self.param(node.input[2]) if has_bias else None
+        bias = None
         if has_bias:
-            ids["bias"] = node.input[2]
+            bias, ids["bias"] = self.vector(node.input[2], index)
         group = int(a.get("group", 1))
         outputs, handle = list(node.output), index
         if not has_bias:
@@ -100,7 +100,7 @@ class _LayerOps:
         alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
         bias = None
         if has_c:
-            c = self.param(node.input[2])
+            c, c_id = self.vector(node.input[2], index)
             bias = np.broadcast_to(c.reshape(-1), (out,))
         # The IR holds the effective weight and bias; apply() writes them with alpha = beta = 1.
         if alpha != 1.0:
@@ -109,7 +109,7 @@ class _LayerOps:
             bias = bias * np.asarray(beta, bias.dtype)
         ids = {"weight": node.input[1]}
         if has_c:
-            ids["bias"] = node.input[2]
+            ids["bias"] = c_id
         self.add(
             "linear",
             [node.input[0]],
@@ -175,8 +175,8 @@ class _LayerOps:
         elif not _along_channels(shape, rank, channels):
             return None
         self.consumed_adds.add(add_index)
-        bias = self.param(other[0]).reshape(-1)
-        return bias, other[0], list(add.output), (index, add_index)
+        bias, ident = self.vector(other[0], add_index)
+        return bias.reshape(-1), ident, list(add.output), (index, add_index)
 
     def op_BatchNormalization(self, index, node, name):
         a = _attrs(node)

@@ -10,6 +10,10 @@ forms exporters write, matched as a whole:
   Mul(x) -> Mul(gamma)`` (LLaMA's ``x * rsqrt(mean(x^2) + eps) * weight``), or
   ``... Sqrt -> Div(x, .) -> Mul(gamma)``.
 
+A Cast to the type a value already has may sit before ``Mul(gamma)`` (Hugging Face's
+RMSNorm: ``weight * x.to(input_dtype)``, written by the TorchScript exporter as
+``Cast(to=FLOAT)`` of float32 values): the identity, it is taken into the norm.
+
 A decomposed form is taken only when each of its intermediate values has no reader
 outside it (and none is a graph output) and its constants are what the pattern needs
 (exponent 2, numerator 1, a scalar eps, gamma and beta one value per channel of the
@@ -110,11 +114,11 @@ class _NormOps:
             if ref and not per_channel:
                 shape = tuple(self.const_shape(ref))
                 return f"its {what} of shape {shape} is not one value per channel"
-        params = {"gamma": self.param(gamma).reshape(-1), "beta": None}
-        ids = {"gamma": gamma}
-        if beta:
-            params["beta"] = self.param(beta).reshape(-1)
-            ids["beta"] = beta
+        ids, params = {}, {"beta": None}
+        for key, ref in (("gamma", gamma), ("beta", beta)):
+            if ref:
+                arr, ids[key] = self.vector(ref, index)
+                params[key] = arr.reshape(-1)
         # NaN or Inf in gamma / beta is bad input, not an op to leave out: the core refuses
         # it in one error naming the norm, as it refuses a layer's NaN weights.
         attrs = {"kind": kind, "axis": axis, "eps": eps, **extra}
@@ -174,6 +178,9 @@ class _NormOps:
     def _tail_affine(self, trail: list[int], value: str, need_beta: bool):
         """``Mul(gamma)`` and, for a LayerNorm, an optional ``Add(beta)`` after the
         normalized ``value``: ``(gamma, beta, output)`` or None."""
+        while (step := self._only_reader(value, ("Cast",))) and self.keeps_type(step[1]):
+            trail.append(step[0])
+            value = step[1].output[0]
         step = self._only_reader(value, ("Mul",))
         if step is None:
             return None

@@ -105,6 +105,19 @@ def np_dtype(elem: int) -> np.dtype | None:
         return None
 
 
+def _batch_names(model: onnx.ModelProto) -> dict[str, str]:
+    """The symbolic name of axis 0 of each value where it has one (``dim_param``): the
+    name a dynamic axis was given, carried by shape inference, or one it made up
+    (``unk__6``) for a size it knows equal on the values that bear it."""
+    g = model.graph
+    out = {}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        t = vi.type.tensor_type
+        if t.HasField("shape") and t.shape.dim and t.shape.dim[0].dim_param:
+            out[vi.name] = t.shape.dim[0].dim_param
+    return out
+
+
 def _dims(model: onnx.ModelProto) -> dict[str, tuple]:
     g = model.graph
     out = {}

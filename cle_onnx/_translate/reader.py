@@ -21,7 +21,15 @@ from .ops_layout import _LayoutOps
 from .ops_norms import _NormOps
 from .ops_rotary import _RotaryOps
 from .ops_spatial import _SpatialOps
-from .proto import _dims, _dtypes, _tensor_array, default_opset, has_subgraph, node_reads
+from .proto import (
+    _batch_names,
+    _dims,
+    _dtypes,
+    _tensor_array,
+    default_opset,
+    has_subgraph,
+    node_reads,
+)
 
 MIN_OPSET = 7
 
@@ -40,6 +48,8 @@ class Translation:
     node_names: dict[int, str] = field(default_factory=dict)
     # parameters computed from constants (not initializers) -> (shape, dtype)
     derived: dict[str, tuple] = field(default_factory=dict)
+    # the storage id of a vector parameter given its own copy -> its initializer's name
+    untied: dict[str, str] = field(default_factory=dict)
 
 
 class _Reader(
@@ -111,6 +121,7 @@ class _Reader(
         self.input_shapes = dict(input_shapes or {})
         inferred = infer(model, self.input_shapes)
         self.dims = _dims(inferred)
+        self.batch_names = _batch_names(inferred)
         self.translation = Translation(
             self.users,
             {k: len(v) for k, v in self.dims.items()},
@@ -136,7 +147,9 @@ class _Reader(
         given = set(self.inits) | set(self.node_constants)
         known: dict[str, np.ndarray] = {}
         for _ in range(rounds):
-            new = shape_values(self.model, self.constants, self.dims, given | set(known))
+            new = shape_values(
+                self.model, self.constants, self.dims, given | set(known), self.batch_names
+            )
             if not new:
                 return
             known.update(new)
@@ -145,6 +158,7 @@ class _Reader(
             if dims == self.dims:
                 return
             self.dims = dims
+            self.batch_names = _batch_names(inferred)
             self.translation.ranks = {k: len(v) for k, v in dims.items()}
             self.translation.dtypes = _dtypes(inferred)
             self.constants = dict(self.node_constants)
@@ -183,6 +197,22 @@ class _Reader(
                 t.ClearField(f)
         self.params[name] = arr
         return arr
+
+    def vector(self, name: str, index: int) -> tuple[np.ndarray, str]:
+        """A per-channel vector parameter (a bias, a norm's gamma or beta) of the node at
+        ``index``, and its storage id. Where other nodes read the same initializer, the
+        node gets a copy and an id of its own: exporters merge initializers of equal
+        values (the dynamo exporter's optimizer: every zero bias and every LayerNorm's
+        ones of an untrained model become one tensor), which ties nothing the model
+        meant to share, and would leave each of those layers out. The write-back gives
+        each its own initializer (``cle_onnx._apply._Writer.put`` clones a tensor
+        another node reads). Weight matrices stay shared: tying them is meant."""
+        arr = self.param(name)
+        if len(set(self.users.get(name, []))) <= 1:
+            return arr, name
+        ident = f"{name}@{index}"
+        self.translation.untied[ident] = name
+        return np.array(arr), ident
 
     def weight_blocker(self, name: str) -> str | None:
         """Why the tensor ``name`` cannot be a layer parameter, or None if it can."""
