@@ -41,10 +41,9 @@ TOKENS = MANIFEST["files"]["bert_ts.onnx"]["input"][1]
 # q and k are cut from one packed c_attn: no K -> q, V -> O through it.
 BERT = ["qk", "attention", "qk", "attention", "norm"]
 VIT = ["norm", "qk", "attention", "norm"] * 2 + ["norm"]
+# (Both exporters: the TorchScript one computes the rotary tables in the graph from the
+# positions, a MatMul, Cos and Sin of constants that the reader folds.)
 LLAMA = ["norm", "qk", "attention", "norm", "gated"] * 2 + ["norm"]
-# The TorchScript export of LLaMA computes its rotary tables in the graph (from the
-# positions): the rotary embedding is not recognized there, and K -> q is refused.
-LLAMA_TS = ["norm", "attention", "norm", "gated"] * 2 + ["norm"]
 GPT2 = ["norm", "attention", "norm"] * 2 + ["norm"]
 EXPECTED = {
     "bert_ts.onnx": BERT,
@@ -56,7 +55,7 @@ EXPECTED = {
     "bert_dynamo_dynseq.onnx": ["norm"],
     "vit_ts.onnx": VIT,
     "vit_dynamo.onnx": VIT,
-    "llama_ts.onnx": LLAMA_TS,
+    "llama_ts.onnx": LLAMA,
     "llama_dynamo.onnx": LLAMA,
     "gpt2_ts.onnx": GPT2,
     "gpt2_dynamo.onnx": GPT2,
@@ -69,7 +68,6 @@ REFUSED = {
     "llama": ["a SiLU (not homogeneous)"],
     "gpt2": ["the MatMul sums over the channels", GELU],
 }
-REFUSED_TS = {"llama": ["multiplies by a constant that is not per channel"]}
 
 
 def test_the_fixtures_are_all_here_and_small():
@@ -106,13 +104,12 @@ def test_hf_export_is_equalized_exactly_with_the_regions_promised(name):
     assert all(r.scales.max() / r.scales.min() > 3 for r in report.regions), summary
     # ... and the function kept
     assert sqnr_db(expected, _run(eq, x)) >= 90, summary
-    if name.startswith("llama_dynamo"):  # K -> q through the rotary embedding
+    if name.startswith("llama"):  # K -> q through the rotary embedding
         qk = [r for r in report.regions if r.kind == "qk"]
         assert [r.tied for r in qk] == [8, 8], summary
     model = name.split("_")[0]
     reasons = " | ".join(s.reason for s in report.skipped)
-    ts = "_ts" in name
-    for reason in REFUSED[model] + (REFUSED_TS.get(model, []) if ts else []):
+    for reason in REFUSED[model]:
         assert reason in reasons, summary
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
