@@ -380,13 +380,5 @@ class Norms:
                 node, x, match.kind, axis, (axis,), weight, bias, match.eps, None, (gamma_q, beta_q)
             )
         except _Opaque as why:
-            inputs = [match.x] if match.x.name in self.values else []
             kind = "RMSNorm" if match.kind == "rms" else "LayerNorm"
-            self.emit(
-                "opaque",
-                node,
-                inputs,
-                rank=None,
-                channels=None,
-                attrs={"kind": f"{kind} (decomposed)", "why": str(why), "channels": None},
-            )
+            self.refused_match(node, match.x, f"{kind} (decomposed)", why)

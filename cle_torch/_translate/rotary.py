@@ -334,15 +334,7 @@ class Rotary:
                 param_ids=ids,
             )
         except _Opaque as why:
-            inputs = [match.x] if match.x.name in self.values else []
-            self.emit(
-                "opaque",
-                node,
-                inputs,
-                rank=None,
-                channels=None,
-                attrs={"kind": "rotary embedding", "why": str(why), "channels": None},
-            )
+            self.refused_match(node, match.x, "rotary embedding", why)
 
     def table(self, key: str, table: fx.Node) -> Any:
         """The value of a table computed in forward, as the example run computed it: its

@@ -273,6 +273,19 @@ class _Translator(Layers, Elementwise, Shape, Spatial, Moves, Norms, Attention, 
             alias=x if alias else None,
         )
 
+    def refused_match(self, node: fx.Node, x: fx.Node, kind: str, why: object) -> None:
+        """A pattern matched as a whole (a decomposed norm, a rotary embedding) that
+        cannot be translated: one opaque node for all of it, reading its input ``x``,
+        with the reason."""
+        self.emit(
+            "opaque",
+            node,
+            [x] if x.name in self.values else [],
+            rank=None,
+            channels=None,
+            attrs={"kind": kind, "why": str(why), "channels": None},
+        )
+
     def opaque(self, node: fx.Node, why: str) -> None:
         inputs: list[fx.Node] = []
         params: dict[str, np.ndarray] = {}
