@@ -580,14 +580,22 @@ def _check_rotary(node: Node, where: str) -> None:
     if x.shape is None or x.shape[-1] is None or x.shape[-1] % 2:
         raise InvalidGraphError(f"{where}: the last axis of {x.name!r} is not of a known even size")
     for key in ("cos", "sin"):
-        table = np.shape(node.params[key])
-        known = tuple(1 if d is None else d for d in x.shape)
-        try:
-            fits = len(table) <= len(known) and np.broadcast_shapes(table, known) == known
-        except ValueError:
-            fits = False
-        if not fits:
-            raise InvalidGraphError(f"{where}: {key} {table} does not broadcast to {x.shape}")
+        misfit = rotary_table_misfit(key, np.shape(node.params[key]), x.shape)
+        if misfit:
+            raise InvalidGraphError(f"{where}: {misfit}")
+
+
+def rotary_table_misfit(key: str, table: tuple[int, ...], shape) -> str | None:
+    """Why a rotary embedding's table ``key`` (cos or sin) of shape ``table`` does not
+    broadcast to its input's ``shape`` (None for a size not known, taken as any), or
+    None where it does: what :meth:`Graph.validate` checks, for a backend to refuse the
+    pattern before it makes a ``rotary`` node."""
+    known = tuple(1 if d is None else d for d in shape)
+    try:
+        fits = len(table) <= len(known) and np.broadcast_shapes(tuple(table), known) == known
+    except ValueError:
+        fits = False
+    return None if fits else f"{key} {tuple(table)} does not broadcast to {tuple(shape)}"
 
 
 def _check_weight_groups(nodes: Sequence[Node]) -> None:

@@ -20,6 +20,9 @@ Inputs and statistics:
   tensors, which ``Backend.calibration_stats`` returns; :func:`measured_layout`: where
   an IR value's channels lie, as ``StatsAccumulator.add`` takes it.
 
+Rotary embeddings: :func:`rotary_table_misfit` (why a cos / sin table does not fit the
+``rotary`` node a backend would make of it).
+
 Layouts: :func:`broadcast_shape` (the shape a per-channel vector takes over a tensor
 whose channels are on given axes, for writing back clip bounds or a norm's affine on a
 channel-last value), :func:`reshape_axes` (where the channels are after a reshape, the
@@ -51,7 +54,7 @@ from ._files import (
     temp_folder,
     write_atomic,
 )
-from ._ir import LAYOUT_OPS
+from ._ir import LAYOUT_OPS, rotary_table_misfit
 from ._layout import LayoutError, broadcast_shape, reshape_axes
 from ._math import fit_dtype
 from ._plots import write_plots
@@ -96,6 +99,7 @@ __all__ = [
     "non_finite_name",
     "quality_key",
     "reshape_axes",
+    "rotary_table_misfit",
     "remove_stale_temps",
     "split_inputs",
     "staged",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cle_core.toolkit import rotary_table_misfit
+
 from .proto import _attrs
 
 
@@ -88,14 +90,11 @@ class _RotaryOps:
         return None
 
     def _add_rotary(self, index, name, x, tables, interleaved):
-        known = tuple(d if isinstance(d, int) else 1 for d in self.dims[x])
+        shape = tuple(d if isinstance(d, int) else None for d in self.dims[x])
         for key, table in tables.items():
-            try:
-                fits = table.ndim <= len(known) and np.broadcast_shapes(table.shape, known) == known
-            except ValueError:
-                fits = False
-            if not fits:
-                return f"its {key} {table.shape} does not broadcast to {tuple(self.dims[x])}"
+            misfit = rotary_table_misfit(key, table.shape, shape)
+            if misfit:
+                return f"its {misfit}"
         params = {k: np.asarray(t, np.float64) for k, t in tables.items()}
         self.add("rotary", [x], name, index, params=params, attrs={"interleaved": interleaved})
         return None

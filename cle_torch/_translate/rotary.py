@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from cle_core.toolkit import rotary_table_misfit
+
 from .._optable import _SHAPE_ATTRS, _Opaque
 
 _MUL = (operator.mul, torch.mul)
@@ -312,17 +314,10 @@ class Rotary:
                 if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                     raise _Opaque(f"its {key} is not a float tensor")
                 tables[key] = _one_sample(key, value.detach().to(torch.float64).cpu(), shape)
-            known = tuple(1 if d is None else d for d in shape)
             for key, table in tables.items():
-                try:
-                    fits = (
-                        table.ndim <= len(known)
-                        and np.broadcast_shapes(table.shape, known) == known
-                    )
-                except ValueError:
-                    fits = False
-                if not fits:
-                    raise _Opaque(f"its {key} {table.shape} does not broadcast to {tuple(shape)}")
+                misfit = rotary_table_misfit(key, table.shape, shape)
+                if misfit:
+                    raise _Opaque(f"its {misfit}")
             self.emit(
                 "rotary",
                 node,
