@@ -115,9 +115,7 @@ def _halves(first: fx.Node, second: fx.Node, shapes: dict) -> tuple[fx.Node, set
     ``x.chunk(2, dim=-1)``, or ``x[..., :h]`` and ``x[..., h:]`` (``h`` a number, or
     computed from the shape as Hugging Face writes it, ``x.shape[-1] // 2``: the sizes of
     the example run say what it is); and their nodes."""
-    for n in (first, second):
-        if not (n.op == "call_function" and n.target is operator.getitem and not n.kwargs):
-            raise _NoMatch
+    _items(first, second)
     a, b = first.args, second.args
     if a[0] is b[0] and a[1] == 0 and b[1] == 1:  # two items of one chunk
         chunk = a[0]
@@ -140,11 +138,23 @@ def _halves(first: fx.Node, second: fx.Node, shapes: dict) -> tuple[fx.Node, set
     if lo.step not in (None, 1) or hi.step not in (None, 1):
         raise _NoMatch
     # a prefix and a suffix of the last axis, each half of it long
-    size = (shapes.get(x.name) or (None,))[-1]
-    ends = [(shapes.get(n.name) or (None,))[-1] for n in (first, second)]
+    size = _last_size(shapes, x)
+    ends = [_last_size(shapes, n) for n in (first, second)]
     if not isinstance(size, int) or size % 2 or ends != [size // 2] * 2:
         raise _NoMatch
     return x, {first, second}
+
+
+def _items(*nodes: fx.Node) -> None:
+    """Each of ``nodes`` an index ``x[...]`` (with positional operands), else no match."""
+    for n in nodes:
+        if not (n.op == "call_function" and n.target is operator.getitem and not n.kwargs):
+            raise _NoMatch
+
+
+def _last_size(shapes: dict, n: fx.Node) -> int | None:
+    """The size of the last axis of ``n``'s tensor in the example run, where known."""
+    return (shapes.get(n.name) or (None,))[-1]
 
 
 def _rank(shapes: dict, x: Any) -> int | None:
@@ -168,9 +178,7 @@ def _last_slice(index: Any, rank: int | None = None) -> slice | None:
 def _every_two(first: fx.Node, second: fx.Node, shapes: dict) -> tuple[fx.Node, set]:
     """``x`` where ``first, second`` are ``x[..., ::2]`` and ``x[..., 1::2]`` (GPT-J's
     rotate_every_two); and their nodes."""
-    for n in (first, second):
-        if not (n.op == "call_function" and n.target is operator.getitem and not n.kwargs):
-            raise _NoMatch
+    _items(first, second)
     x = first.args[0]
     if second.args[0] is not x or not isinstance(x, fx.Node):
         raise _NoMatch
@@ -178,7 +186,7 @@ def _every_two(first: fx.Node, second: fx.Node, shapes: dict) -> tuple[fx.Node, 
     even, odd = _last_slice(first.args[1], rank), _last_slice(second.args[1], rank)
     if even != slice(None, None, 2) or odd != slice(1, None, 2):
         raise _NoMatch
-    size = (shapes.get(x.name) or (None,))[-1]
+    size = _last_size(shapes, x)
     if not isinstance(size, int) or size % 2:
         raise _NoMatch
     return x, {first, second}
