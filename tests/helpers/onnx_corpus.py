@@ -64,6 +64,22 @@ class _Builder(OnnxBuilder):
     def normal(self, *shape) -> np.ndarray:
         return self.rng.normal(size=shape)
 
+    def untyped_model(self, shape, outputs=None, name: str = "graph") -> onnx.ModelProto:
+        """The graph as a model with input ``x`` of ``shape`` and outputs (default: the
+        last node's first) left untyped: no strict shape inference, which some function
+        bodies (GroupNormalization's) do not pass."""
+        outputs = outputs or [self.nodes[-1].output[0]]
+        graph = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = 10
+        return model
+
     def node(self, op: str, inputs, n_out: int = 1, **attrs) -> str | list[str]:
         outs = [self.name(op.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.name(op), **attrs))

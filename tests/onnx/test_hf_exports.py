@@ -154,20 +154,6 @@ def test_inspect_lists_the_pairs_and_the_refusals(capsys):
 # --- the translations, on small graphs ---------------------------------------------------
 
 
-def _model(b: _Builder, shape, outputs=None) -> onnx.ModelProto:
-    outputs = outputs or [b.nodes[-1].output[0]]
-    graph = onnx.helper.make_graph(
-        b.nodes,
-        "hf",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
-        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
-        b.inits,
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", b.opset)])
-    model.ir_version = 9
-    return model
-
-
 def _linear(b: _Builder, x: str, cin: int, cout: int, bias: str | None = None) -> str:
     h = b.node("MatMul", [x, b.init(b.spread((cin, cout), axis=1))])
     return b.node("Add", [h, bias or b.init(b.normal(cout), "bias")])
@@ -195,7 +181,7 @@ def _hf_rms_norm(b: _Builder, x: str, c: int, to: int = onnx.TensorProto.FLOAT) 
 def test_a_cast_to_the_same_type_is_the_identity_inside_a_norm_too():
     b = _Builder(0, 17)
     _linear(b, _hf_rms_norm(b, "x", 8), 8, 6)
-    model = _model(b, (2, 5, 8))
+    model = b.untyped_model((2, 5, 8))
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     _, report = _exact(model, x, random_scales_objective())
     assert [r.kind for r in report.regions] == ["norm"], report.summary(verbose=True)
@@ -208,7 +194,7 @@ def test_a_cast_to_another_type_is_left_out_with_the_reason():
     h = b.node("Cast", [_linear(b, "x", 8, 8)], to=onnx.TensorProto.FLOAT16)
     h = b.node("Cast", [h], to=onnx.TensorProto.FLOAT)
     _linear(b, h, 8, 6)
-    model = _model(b, (2, 5, 8))
+    model = b.untyped_model((2, 5, 8))
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     _, report = _exact(model, x)
     assert list(report.regions) == []
@@ -229,7 +215,7 @@ def test_initializers_merged_for_equal_values_are_given_one_copy_each():
         h = b.node("LayerNormalization", ["x", gamma, beta], axis=-1)
         h = b.node("Relu", [_linear(b, h, 8, 8, bias)])
         outs.append(_linear(b, h, 8, 8, bias))
-    model = _model(b, (2, 5, 8), outs)
+    model = b.untyped_model((2, 5, 8), outs)
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     eq, report = _exact(model, x, random_scales_objective())
     assert sorted(r.kind for r in report.regions) == ["norm", "norm", "pair", "pair"]
@@ -248,7 +234,7 @@ def test_a_weight_matrix_read_by_two_layers_stays_shared_and_refused():
     w = b.init(b.spread((8, 8), axis=1))
     h = b.node("Relu", [b.node("MatMul", ["x", w])])
     b.node("MatMul", [h, w])
-    model = _model(b, (2, 5, 8))
+    model = b.untyped_model((2, 5, 8))
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     _, report = _exact(model, x)
     assert list(report.regions) == []
@@ -279,7 +265,7 @@ def test_heads_split_with_the_batch_of_another_value_under_a_dynamic_batch():
     mixed = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
     merged = b.node("Reshape", [b.node("Transpose", [mixed], perm=[0, 2, 1, 3]), merge])
     _linear(b, merged, c, c)
-    model = _model(b, ("batch", t, c))
+    model = b.untyped_model(("batch", t, c))
     x = np.random.default_rng(0).standard_normal((3, t, c)).astype(np.float32)
     _, report = _exact(model, x, random_scales_objective())
     assert [r.kind for r in report.regions] == ["norm", "qk", "attention"], report.summary(True)
@@ -312,7 +298,7 @@ def test_a_geglu_mlp_is_a_gated_region(form, act_first):
     n = b.node("LayerNormalization", ["x", gamma, beta], axis=-1)
     act, up = _gelu(b, _linear(b, n, 8, 12), form), _linear(b, n, 8, 12)
     _linear(b, b.node("Mul", [act, up] if act_first else [up, act]), 12, 8)
-    model = _model(b, (2, 5, 8))
+    model = b.untyped_model((2, 5, 8))
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     _, report = _exact(model, x, random_scales_objective())
     assert [r.kind for r in report.regions] == ["norm", "gated"], report.summary(True)

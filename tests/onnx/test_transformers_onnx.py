@@ -229,22 +229,6 @@ def _equalize_exactly(model, x):
     return eq, report
 
 
-def _model(b: _Builder, shape, outputs=None) -> onnx.ModelProto:
-    """The builder's graph as a model (the builder's own checks type the outputs by
-    strict shape inference, which GroupNormalization's function body does not pass)."""
-    outputs = outputs or [b.nodes[-1].output[0]]
-    graph = onnx.helper.make_graph(
-        b.nodes,
-        "norms",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
-        [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs],
-        b.inits,
-    )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", b.opset)])
-    model.ir_version = 10
-    return model
-
-
 def _tokens(b: _Builder, x: str, c: int, out: int) -> str:
     """A Linear on the last axis, as exporters write it: MatMul + Add(bias)."""
     h = b.node("MatMul", [x, b.init(b.spread((c, out), axis=1))])
@@ -265,7 +249,7 @@ def test_group_normalization_is_a_source(always_scale, opset, groups):
     gamma, beta = _affine(b, 8)
     h = b.node("GroupNormalization", [h, gamma, beta], num_groups=groups, epsilon=1e-5)
     b.conv(h, 8, 4, 1)
-    model = _model(b, (2, 4, 6, 6))
+    model = b.untyped_model((2, 4, 6, 6))
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
     _, report = _equalize_exactly(model, x)
     assert [r.kind for r in report.regions] == ["norm"], report.summary(verbose=True)
@@ -276,7 +260,7 @@ def test_group_normalization_with_a_scale_per_group_is_refused():
     h = b.conv("x", 4, 8, 3, pad=1)
     h = b.node("GroupNormalization", [h, *_affine(b, 2)], num_groups=2)
     b.conv(h, 8, 4, 1)
-    model = _model(b, (2, 4, 6, 6))
+    model = b.untyped_model((2, 4, 6, 6))
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
     _, report = _equalize_exactly(model, x)
     assert not any(r.kind == "norm" for r in report.regions)
@@ -292,7 +276,7 @@ def test_a_gamma_read_elsewhere_too_is_copied(always_scale):
     y = b.node("LayerNormalization", ["x", gamma, beta], axis=-1)
     y = _tokens(b, y, 8, 6)
     other = b.node("Mul", ["x", gamma])
-    model = _model(b, (2, 5, 8), [y, other])
+    model = b.untyped_model((2, 5, 8), [y, other])
     x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
     eq, report = _equalize_exactly(model, x)
     assert [r.kind for r in report.regions] == ["norm"]
@@ -310,7 +294,7 @@ def test_layer_normalization_over_several_axes_is_refused():
     gamma = b.init(b.rng.uniform(0.5, 2, (8, 6, 6)), "gamma")
     h = b.node("LayerNormalization", [h, gamma], axis=1)
     b.conv(h, 8, 4, 1)
-    model = _model(b, (2, 4, 6, 6))
+    model = b.untyped_model((2, 4, 6, 6))
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
     _, report = _equalize_exactly(model, x)
     reasons = [s.reason for s in report.skipped if s.stage == "translate"]
@@ -337,7 +321,7 @@ def test_a_decomposed_layer_norm_is_one_norm_unless_an_inner_value_leaks(always_
     beta = b.init(b.normal(8, 1, 1), "beta")
     d, y = _decomposed_layer_norm(b, h, gamma, beta, 1)
     out = b.conv(y, 8, 4, 1)
-    model = _model(b, (2, 4, 6, 6), [out, d] if leak else [out])
+    model = b.untyped_model((2, 4, 6, 6), [out, d] if leak else [out])
     x = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
     eq, report = _equalize_exactly(model, x)
     assert [r.kind for r in report.regions] == ([] if leak else ["norm"])
@@ -378,7 +362,7 @@ def test_the_core_runs_the_translated_graph_as_onnxruntime_does(form):
     k = _tokens(b, b.node("LayerNormalization", [h, gamma, beta], axis=-1, epsilon=1e-3), 8, 8)
     scores = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 2, 1])])
     y = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), k])
-    model = _model(b, (2, 5, 8), [y])
+    model = b.untyped_model((2, 5, 8), [y])
     graph, _ = cle_onnx._translate.to_ir(model)
     graph.validate()
     assert sorted(n.attrs["kind"] for n in graph.nodes if n.op == "norm") == ["layer", "rms"]
@@ -396,7 +380,7 @@ def test_per_channel_clip_bounds_on_tokens_lie_on_the_last_axis():
     h = _tokens(b, "x", 6, 12)
     h = b.node("Clip", [h, b.init(np.array(0.0), "lo"), b.init(np.array(6.0), "hi")])
     _tokens(b, h, 12, 4)
-    model = _model(b, (2, 5, 6))
+    model = b.untyped_model((2, 5, 6))
     x = (np.random.default_rng(0).standard_normal((2, 5, 6)) * 3).astype(np.float32)
     eq, report = cle_onnx.equalize_model(model, objective="balance")
     assert [r.kind for r in report.regions] == ["pair"]
@@ -454,7 +438,7 @@ def _class_token_model(pick: str, axis: int = 1, constant_index: bool = True):
         index = slice(1, None) if index is None else index
         last = np.zeros((2, 5, 8))[(slice(None),) * axis + (index,)].shape[-1]
         head = _tokens(b, picked, last, 3)
-    return _model(b, (2, 5, 8), [head])
+    return b.untyped_model((2, 5, 8), [head])
 
 
 @pytest.mark.parametrize("pick", ["gather", "gather_list", "slice", "slice_all"])
@@ -801,18 +785,24 @@ def test_inspect_lists_q_to_k_and_the_rotary_ties(exported, exporter, capsys):
         ]
 
 
+def _export_rope(form: str, dynamo: bool, folder):
+    """``RopeAttention(form)`` (tests.helpers.transformer_models) exported to a file in
+    ``folder``, and its example input."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    path = folder / f"rope_{form}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            RopeAttention(form).eval(), (x,), str(path), dynamo=dynamo, input_names=["x"]
+        )
+    return path, x.numpy()
+
+
 @pytest.mark.parametrize("variant", ["vit", "llama", "llama_hf", "rope_table"])
 def test_the_input_file_and_proto_are_unchanged(exported, always_scale, variant, tmp_path):
     if variant == "rope_table":  # q and k times a table, not a rotary: Q -> K refused
-        torch.manual_seed(0)
-        x = torch.randn(2, 5, 16)
-        path = tmp_path / "rope_table.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                RopeAttention("table").eval(), (x,), str(path), dynamo=False, input_names=["x"]
-            )
-        x = x.numpy()
+        path, x = _export_rope("table", False, tmp_path)
     else:
         path, x = exported(variant, "ts")
     before = path.read_bytes()
@@ -981,15 +971,8 @@ def test_each_exporter_s_rotary_embedding_is_one_node(form, dynamo, tmp_path):
     tied."""
     from tests.helpers.ir_transformers import random_scales_objective
 
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 16)
-    path = tmp_path / "rope.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            RopeAttention(form).eval(), (x,), str(path), dynamo=dynamo, input_names=["x"]
-        )
-    model, x = onnx.load(str(path)), x.numpy()
+    path, x = _export_rope(form, dynamo, tmp_path)
+    model = onnx.load(str(path))
     graph = cle_onnx.OnnxBackend().to_ir(model).graph
     rotaries = [n for n in graph.nodes if n.op == "rotary"]
     assert [n.attrs["interleaved"] for n in rotaries] == [form == "gptj"] * 2
