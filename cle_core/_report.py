@@ -12,10 +12,9 @@ import numpy as np
 
 from ._deployment import Deployment
 from ._errors import CLEError
-from ._objectives import get_objective
+from ._objectives import get_objective, objective_trait
 
 NOISE_TOLERANCE = 0.003
-BALANCE_TOLERANCE = 1e-4
 _DEPLOYMENT_FIELDS = (
     "weight_bits",
     "per_channel",
@@ -101,11 +100,11 @@ class EqualizeOptions:
             raise CLEError("max_sweeps must be at least 1")
         if self.tolerance is not None and not (self.tolerance > 0):
             raise CLEError("tolerance must be positive")
-        if self.activation_weight and self.objective == "noise":
+        if self.activation_weight and not objective_trait(self.objective, "uses_activation_weight"):
             raise CLEError(
-                "activation_weight applies to objective='balance'; the noise objective "
-                "weighs activations by activation_bits (set activation_bits=None for a "
-                "weights-only deployment)"
+                f"activation_weight applies to objective='balance', not {self.objective!r}; "
+                "the noise objective weighs activations by activation_bits (set "
+                "activation_bits=None for a weights-only deployment)"
             )
         if self.high_bias_form not in ("exact", "classic"):
             raise CLEError("high_bias_form must be 'exact' or 'classic'")
@@ -130,13 +129,6 @@ class EqualizeOptions:
     def deployment(self) -> Deployment:
         """The deployment the scales are chosen for."""
         return Deployment(**{name: getattr(self, name) for name in _DEPLOYMENT_FIELDS})
-
-    @property
-    def stop_tolerance(self) -> float:
-        """``tolerance``, or the objective's default."""
-        if self.tolerance is not None:
-            return self.tolerance
-        return NOISE_TOLERANCE if self.objective == "noise" else BALANCE_TOLERANCE
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> tuple[EqualizeOptions, dict[str, Any]]:
@@ -418,8 +410,9 @@ def _stop_reason(report: Report) -> str:
 
 def _summary(report: Report, verbose: bool) -> str:
     objective = report.options.objective
-    if objective == "noise" and report.noise is None and report.regions:
-        objective = "balance (the noise estimate is not finite on this model, see skipped)"
+    fallback = objective_trait(objective, "fallback")
+    if fallback and report.noise is None and report.regions:
+        objective = f"{fallback} (the {objective} estimate is not finite here, see skipped)"
     elif report.noise is not None and report.regions:
         objective += ": " + estimate_text(report.noise, report.options.deployment.short())
     kinds = _counts(r.kind for r in report.regions)

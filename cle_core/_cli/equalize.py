@@ -9,6 +9,7 @@ from pathlib import Path
 from .._backend import get_backend_for_file
 from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
 from .._files import check_output_path, temp_folder, write_atomic
+from .._objectives import objective_trait
 from .._quality import describe_arrays
 from .._report import Report
 from .._verify import folded_only, quality_key, split_inputs, verdict
@@ -133,11 +134,11 @@ def run(args) -> int:
         check_output_path(args.plot, "--plot")  # created, but only where -o could write
     if (
         args.calibration
-        and options.objective == "balance"
+        and not objective_trait(options.objective, "uses_statistics")
         and not (args.verify or options.bias_correction)
     ):
         raise UsageError(
-            "--calibration measures statistics the balance objective does not use "
+            f"--calibration measures statistics the {options.objective} objective does not use "
             "(give --objective noise, --bias-correction, or --verify to measure on it)"
         )
     if options.bias_correction_form == "empirical" and not args.calibration:

@@ -58,7 +58,15 @@ class ScaleOutcome:
 
 
 class Objective(Protocol):
-    """Chooses the scales of every region."""
+    """Chooses the scales of every region.
+
+    Optional attributes, read with these defaults where an objective does not have them
+    (the options and the command line check them instead of the objective's name):
+    ``uses_statistics`` (True): calibration statistics change its scales;
+    ``uses_activation_weight`` (False): it reads ``EqualizeOptions.activation_weight``;
+    ``fallback`` (None): the name of the objective whose scales it returns, with a skip
+    record saying why, where its own criterion cannot be evaluated on a graph.
+    """
 
     name: str
     description: str  # one line, for ``--help`` and the docs
@@ -87,6 +95,13 @@ def get_objective(name: str) -> Objective:
         raise CLEError(
             f"unknown objective {name!r} (known: {', '.join(objective_names())})"
         ) from None
+
+
+def objective_trait(name: str, trait: str) -> bool | str | None:
+    """An optional attribute of the objective registered as ``name`` (see
+    :class:`Objective`), or its default."""
+    defaults = {"uses_statistics": True, "uses_activation_weight": False, "fallback": None}
+    return getattr(get_objective(name), trait, defaults[trait])
 
 
 def objective_names() -> list[str]:

@@ -31,6 +31,8 @@ class BalanceObjective:
 
     name = "balance"
     description = "the paper's and AIMET's equal per-channel weight ranges, converged"
+    uses_statistics = False  # weights only: calibration statistics change nothing
+    uses_activation_weight = True
 
     def __init__(self, magnitudes: Mapping[int, np.ndarray] | None = None):
         # Per layer (by the id of its node), max |W| over its kernel where the caller

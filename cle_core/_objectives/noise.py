@@ -74,6 +74,7 @@ class NoiseObjective:
 
     name = "noise"
     description = "the least estimated quantization noise for the deployment (default)"
+    fallback = "balance"  # where the estimate is not finite (NoiseUnavailable)
 
     def choose(self, problem: ScaleProblem) -> ScaleOutcome:
         try:

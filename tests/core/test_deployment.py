@@ -449,3 +449,35 @@ def test_live_channels_are_the_rows_of_weights_not_all_zero():
                 checked += 1
                 dead += int((~expected).sum())
     assert checked > 50 and dead > 0
+
+
+class _Estimating:
+    """An objective of a test that, like the noise objective, falls back to the balance
+    (and reports no estimate): it returns the balance's scales."""
+
+    name = "falls-back-for-test"
+    description = "the balance, as a fallback"
+    fallback = "balance"
+
+    def choose(self, problem):
+        from cle_core._objectives import get_objective
+
+        return get_objective("balance").choose(problem)
+
+
+def test_objectives_are_asked_what_they_read_not_named():
+    """``activation_weight`` is refused for every objective that does not declare it
+    (the noise objective and a plugin's), and a declared fallback is what the summary
+    names when no estimate came back."""
+    if "falls-back-for-test" not in objective_names():
+        register_objective(_Estimating())
+    EqualizeOptions(objective="balance", activation_weight=1.0)
+    for name in ("noise", "falls-back-for-test"):
+        with pytest.raises(CLEError, match=f"not {name!r}"):
+            EqualizeOptions(objective=name, activation_weight=1.0)
+    g = build_graph(4, [("chain", "relu6")], 4, head=False)
+    report = equalize(g, EqualizeOptions(objective="falls-back-for-test")).report
+    assert report.regions and report.noise is None
+    assert "balance (the falls-back-for-test estimate is not finite" in report.summary()
+    report = equalize(g, EqualizeOptions(objective="balance")).report
+    assert "not finite" not in report.summary()

@@ -341,3 +341,42 @@ def test_load_array_maps_the_file_read_only(tmp_path):
     arr = load_array(path)
     assert isinstance(arr, np.memmap) and not arr.flags.writeable
     np.testing.assert_array_equal(arr, X)
+
+
+class _NoStatistics:
+    """A plugin's objective that reads no calibration statistics (no scaling)."""
+
+    name = "no-statistics-for-test"
+    description = "every scale 1"
+    uses_statistics = False
+
+    def choose(self, problem):
+        from cle_core import ScaleOutcome
+
+        return ScaleOutcome({r.id: np.ones(r.size) for r in problem.regions}, 1, True, 0.0)
+
+
+@pytest.mark.parametrize("objective", ["balance", "no-statistics-for-test"])
+def test_cli_calibration_for_an_objective_that_reads_no_statistics_is_refused(
+    tmp_path, capsys, objective
+):
+    """The refusal asks the objective (``uses_statistics``), not its name: the balance
+    and a plugin's objective alike; nothing is written."""
+    from cle_core import objective_names, register_objective
+
+    if "no-statistics-for-test" not in objective_names():
+        register_objective(_NoStatistics())
+    src = tmp_path / "in.onnx"
+    onnx.save(om.depthwise_triple(), str(src))
+    npy = tmp_path / "c.npy"
+    np.save(npy, X)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out.onnx"
+    args = ["equalize", str(src), "-o", str(out), "--calibration", str(npy)]
+    assert main([*args, "--objective", objective]) == 2
+    err = capsys.readouterr().err
+    assert f"statistics the {objective} objective does not use" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    # The same run with --verify measures on them: accepted.
+    assert main([*args, "--objective", objective, "--verify", "--quiet"]) == 0
+    assert main([*args, "--quiet"]) == 0  # the noise objective reads them
