@@ -90,23 +90,7 @@ class NoiseObjective:
     def _choose(self, problem: ScaleProblem) -> ScaleOutcome:
         graph, regions, options = problem.graph, problem.regions, problem.options
         deployment = options.deployment
-        stats, derivatives = estimate_stats(graph, problem.statistics)
-        counts = positions(graph)
-        observed = observed_outputs(graph, stats)
-        if not observed:
-            raise NoiseUnavailable(
-                "no output the estimate can follow: every graph output is behind an "
-                "operation the IR does not translate"
-            )
-        power = {
-            v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
-            for v in observed
-            if v.name in stats
-        }
-        gains = propagate(graph, counts, derivatives, power, outputs=observed)
-        if deployment.weights_only:
-            gains = replace(gains, floor=0.0)  # no activation grid to guard (see FLOOR)
-        est = Estimate(graph, regions, deployment, stats, gains, counts)
+        est = problem_estimate(problem)
         scales = est.ones()
         before = est.total(scales)
         if not math.isfinite(before):
@@ -212,6 +196,30 @@ class NoiseObjective:
             region_after={r.id: est.region_value(k, scales) for k, r in enumerate(regions)},
             skips=skips,
         )
+
+
+def problem_estimate(problem: ScaleProblem) -> Estimate:
+    """The noise estimate of ``problem``'s deployment on its graph and regions (data-free
+    statistics, or the measured ones ``problem`` carries); :class:`NoiseUnavailable` where
+    no graph output can be followed."""
+    graph = problem.graph
+    stats, derivatives = estimate_stats(graph, problem.statistics)
+    counts = positions(graph)
+    observed = observed_outputs(graph, stats)
+    if not observed:
+        raise NoiseUnavailable(
+            "no output the estimate can follow: every graph output is behind an "
+            "operation the IR does not translate"
+        )
+    power = {
+        v.name: float(stats[v.name].meansq.sum()) * counts.get(v.name, 1)
+        for v in observed
+        if v.name in stats
+    }
+    gains = propagate(graph, counts, derivatives, power, outputs=observed)
+    if problem.options.deployment.weights_only:
+        gains = replace(gains, floor=0.0)  # no activation grid to guard (see FLOOR)
+    return Estimate(graph, problem.regions, problem.options.deployment, stats, gains, counts)
 
 
 def observed_outputs(graph, stats: Mapping | None = None) -> list:
