@@ -52,6 +52,9 @@ from ._stats import ChannelStats
 
 _TRANSPARENT = frozenset({"identity", "dropout", "flatten"})
 _CHUNK = 1 << 22  # elements of a (candidates, rows, columns) block of per-channel spans
+# Candidates x weights from which per-channel row maxima are taken from the columns that
+# can hold them (_pruned_row_max): below, its extra passes cost more than they save.
+_PRUNE_FROM = 1 << 15
 
 
 def stats_of(value: Value, stats: Mapping[str, ChannelStats]) -> ChannelStats | None:
@@ -238,6 +241,8 @@ class WeightTerm:
             row = self._reduced(which, 2, si[0, :, 0, :])
             return np.broadcast_to(row, (count, self.groups, self.og))
         m = getattr(self, which)
+        if count > 1 and m.size * count >= _PRUNE_FROM:
+            return _pruned_row_max(m, si[:, :, 0, :].astype(m.dtype))
         step = max(1, _CHUNK // max(1, m.size))
         out = np.empty((count, *m.shape[:2]))
         for a in range(0, count, step):
@@ -452,6 +457,7 @@ class Estimate:
                         by_value.setdefault(point.value.name, term)
         self._local = [self._terms_of(k) for k in range(len(self.map.regions))]
         self.live = [self._live(k) for k in range(len(self.map.regions))]
+        self._ones: tuple[dict[int, float], float] | None = None  # see _at_ones
 
     # -- whole-graph values ------------------------------------------------------------
     def ones(self) -> list[np.ndarray]:
@@ -470,8 +476,22 @@ class Estimate:
 
     def total(self, scales: Sequence[np.ndarray] | None = None) -> float:
         """The estimated output noise-to-signal ratio at ``scales`` (default: all 1)."""
-        scales = self.ones() if scales is None else scales
+        if scales is None or _all_ones(scales):
+            return self._at_ones()[1]
         return float(sum(self.weight_values(scales)) + sum(self.activation_values(scales)))
+
+    def _at_ones(self) -> tuple[dict[int, float], float]:
+        """Each term's value at no scaling (by ``id`` of the term) and the total, taken
+        once: the search starts there, and each region's part of it is reported. The
+        terms do not change after ``__init__``; at scales 1 every way of forming a term
+        (whichever side a region's candidates vary) gives the same value."""
+        if self._ones is None:
+            ones = self.ones()
+            weights, acts = self.weight_values(ones), self.activation_values(ones)
+            values = dict(zip(map(id, self.weights), weights, strict=True))
+            values.update(zip(map(id, self.activations), acts, strict=True))
+            self._ones = values, float(sum(weights) + sum(acts))
+        return self._ones
 
     @staticmethod
     def sqnr_db(total: float) -> float:
@@ -522,6 +542,11 @@ class Estimate:
 
     def region_value(self, k: int, scales: Sequence[np.ndarray]) -> float:
         """The terms that region ``k``'s scales change, at ``scales``."""
+        if _all_ones(scales):
+            values, total = self._at_ones()[0], 0.0
+            for t in (*self._local[k][0], *self._local[k][1]):  # region_values' order
+                total += values[id(t)]
+            return total
         return float(self.region_values(k, scales, scales[k][None])[0])
 
     def region_values(
@@ -651,6 +676,27 @@ class Estimate:
         alpha = np.where(live, np.stack(alpha), -np.inf)
         logc = np.where(live, np.stack(logc), -np.inf)
         return Terms(np.array(sign), np.array(logw), alpha, logc)
+
+
+def _all_ones(scales: Sequence[np.ndarray]) -> bool:
+    return not any(np.any(s != 1.0) for s in scales)
+
+
+def _pruned_row_max(m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``max_i m[g,o,i] * s[c,g,i]`` -> (C, g, og) in float64, for ``m >= 0`` and ``s > 0``
+    of one dtype: the same values as the full (C, g, og, ig) product, from the columns
+    that can hold a row's maximum for some candidate only. A column whose product at the
+    candidates' largest scale stays below the row's maximum at their smallest cannot
+    (rounding is monotone, so the comparison is exact in the products' dtype). On
+    Lite0's per-channel solve about 3 % of the entries are kept."""
+    floor = (m * s.min(axis=0)[:, None, :]).max(axis=2)  # (g, og): no row max is below
+    keep = m * s.max(axis=0)[:, None, :] >= floor[:, :, None]
+    g, o, i = np.nonzero(keep)  # row-major: each row's columns together, every row kept
+    starts = np.zeros(floor.size, np.intp)
+    np.cumsum(keep.sum(axis=2).reshape(-1)[:-1], out=starts[1:])
+    products = m[g, o, i] * s[:, g, i]  # (C, kept)
+    out = np.maximum.reduceat(products, starts, axis=1)
+    return out.reshape(s.shape[0], *floor.shape).astype(np.float64)
 
 
 def _bounded(clip: Node) -> bool:

@@ -144,7 +144,11 @@ def _rescale(w: np.ndarray, layout: Layout, out_factor=None, in_factor=None) -> 
     if out_factor is not None:
         scaled = scaled * _factor(out_factor, w.dtype).reshape(g, -1)[:, :, None, None]
     if in_factor is not None:
-        scaled = scaled * _factor(in_factor, w.dtype).reshape(g, -1)[:, None, :, None]
+        factor = _factor(in_factor, w.dtype).reshape(g, -1)[:, None, :, None]
+        if scaled is v:
+            scaled = scaled * factor
+        else:  # already a new array: multiplied in place (no second full-size temporary)
+            scaled *= factor
     back = scaled.swapaxes(1, 2) if layout.out_axis == 1 else scaled
     with np.errstate(over="ignore"):  # overflow is reported by the caller, with a name
         return np.ascontiguousarray(back, dtype=w.dtype if w.dtype.kind == "f" else None).reshape(
