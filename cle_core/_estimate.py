@@ -258,8 +258,9 @@ class WeightTerm:
     def _extremes(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
         """Per candidate, the scaled tensor's largest ``|W|`` (symmetric grids) or its
         largest positive and negative parts: (1 or 2, C)."""
-        kinds = ("abs",) if self.symmetric else ("pos", "neg")
-        return np.stack([self._max_product(w, si, so, vary) for w in kinds])
+        if self.symmetric:
+            return self._max_product("abs", si, so, vary)[None]
+        return np.stack([self._max_product(w, si, so, vary) for w in ("pos", "neg")])
 
     def span_of(self, extremes: np.ndarray) -> np.ndarray:
         """The grid's span over weights with these ``extremes`` (C,)."""
@@ -278,7 +279,13 @@ class WeightTerm:
         count = max((len(s) for s in (s_in, s_out) if s is not None), default=1)
         si = np.ones((1, g, 1, ig)) if s_in is None else s_in.reshape(-1, g, 1, ig)
         so = np.ones((1, g, og, 1)) if s_out is None else s_out.reshape(-1, g, og, 1)
-        return np.broadcast_to(si, (count, g, 1, ig)), np.broadcast_to(so, (count, g, og, 1))
+        # (broadcast only where needed: np.broadcast_to costs more than the small
+        # arrays' arithmetic, at every candidate batch)
+        if si.shape[0] != count:
+            si = np.broadcast_to(si, (count, g, 1, ig))
+        if so.shape[0] != count:
+            so = np.broadcast_to(so, (count, g, og, 1))
+        return si, so
 
     def _row_spans(self, si: np.ndarray, so: np.ndarray, vary: str) -> np.ndarray:
         """Per candidate and row: the span of row ``o``'s grid over ``W * s_in``, in the
@@ -332,23 +339,32 @@ class WeightTerm:
         return float(self.values(si, so, "out")[0])
 
     # -- the convex model of one region's solve --------------------------------------------
-    def sink_ranges(self, s_out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def sink_ranges(
+        self, s_out: np.ndarray | None, coefficients: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Per input channel: the largest scaled ``|W|`` over the rows, and the noise
         coefficient at fixed output scales (the per-tensor form, which the per-channel
-        grids are majorized by: a row's span is at most the tensor's)."""
+        grids are majorized by: a row's span is at most the tensor's); None for it
+        unless ``coefficients`` (the balance needs the ranges only)."""
         so = np.ones((self.groups, self.og)) if s_out is None else s_out.reshape(self.groups, -1)
         ranges = self._reduced("abs", 1, so).reshape(-1)
+        if not coefficients:
+            return ranges, None
         if self.sens is not None:
             c = np.einsum("goi,go->gi", self.sens, np.square(so))
         else:
             c = (self.gain * np.square(so)).sum(axis=1)[:, None] * self.energy
         return ranges, c.reshape(-1)
 
-    def source_ranges(self, s_in: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def source_ranges(
+        self, s_in: np.ndarray | None, coefficients: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Per output channel: the largest scaled ``|W|`` of the row and the noise
-        coefficient at fixed input scales."""
+        coefficient at fixed input scales (None unless ``coefficients``)."""
         si = np.ones((self.groups, self.ig)) if s_in is None else s_in.reshape(self.groups, -1)
         ranges = self._reduced("abs", 2, si).reshape(-1)
+        if not coefficients:
+            return ranges, None
         if self.sens is not None:
             c = np.einsum("goi,gi->go", self.sens, 1.0 / np.square(si))
         else:

@@ -324,19 +324,21 @@ def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
     weights, _ = est._local[k]
     for t in weights:
         rd, wr = est.map.reads.get(id(t.node)), est.map.writes.get(id(t.node))
+        # (ranges only: the noise coefficients are not needed, gather_terms' second
+        # array is a stand-in)
         if wr is not None and wr[0] == k:
-            r, _ = t.source_ranges(est.map.s_in(t.node, scales))
+            r, _ = t.source_ranges(est.map.s_in(t.node, scales), coefficients=False)
             np.maximum(src[wr[1] : wr[1] + r.shape[0]], r, out=src[wr[1] : wr[1] + r.shape[0]])
         if rd is not None and rd[0] == k:
-            r, c = t.sink_ranges(est.map.s_out(t.node, scales))
+            r, _ = t.sink_ranges(est.map.s_out(t.node, scales), coefficients=False)
             if rd[2] > 1:
                 r = r.reshape(-1, rd[2]).max(axis=1)
-            off, r, _ = gather_terms(n, rd[1], r, c)
+            off, r, _ = gather_terms(n, rd[1], r, r)
             np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
         rows = est.map.rows.get(id(t.node))
         if rows is not None and rows[0] == k:  # a Q -> K's q: rows multiplied, as a sink's
-            r, c = t.source_ranges(est.map.s_in(t.node, scales))
-            off, r, _ = gather_terms(n, rows[1], r, c)
+            r, _ = t.source_ranges(est.map.s_in(t.node, scales), coefficients=False)
+            off, r, _ = gather_terms(n, rows[1], r, r)
             np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
     ok = live & (src > 0) & (snk > 0)
     t = np.zeros(n)
