@@ -518,6 +518,8 @@ def fit_dtype(arr, dtype, what: str) -> np.ndarray:
     becoming Inf."""
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(arr, dtype=dtype)
+    if isinstance(arr, np.ndarray) and arr.dtype == out.dtype:
+        return out  # the same values: nothing can have overflowed (no pass to check)
     if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
         if np.all(np.isfinite(np.asarray(arr))):
             raise NonFiniteError(

@@ -98,3 +98,18 @@ def test_the_estimate_at_no_scaling_is_taken_once_with_the_plain_values(deployme
         assert got != est.region_value(k, ones)
         plain = float(sum(est.weight_values(scales)) + sum(est.activation_values(scales)))
         assert est.total(scales) == plain != est.total()
+
+
+def test_fit_dtype_checks_only_what_a_conversion_can_overflow():
+    from cle_core import NonFiniteError
+    from cle_core.toolkit import fit_dtype
+
+    big = np.array([1.0, 7e4], np.float32)
+    with pytest.raises(NonFiniteError, match="do not fit float16"):
+        fit_dtype(big, np.float16, "w")
+    # the same dtype: the values as they are (an Inf already there is not news here)
+    given = np.array([[1.0, np.inf]], np.float32)
+    out = fit_dtype(given.T, np.float32, "w")
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, given.T)
+    np.testing.assert_array_equal(fit_dtype(big, np.float64, "w"), big.astype(np.float64))
