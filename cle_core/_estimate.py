@@ -237,7 +237,7 @@ class WeightTerm:
     def _row_max(self, which: str, si: np.ndarray, vary: str) -> np.ndarray:
         """``max_i m[g,o,i] * si[c,g,0,i]`` -> (C, g, og), in blocks of candidates."""
         count = si.shape[0]
-        if vary == "out":
+        if vary == "out" or count == 1:  # one input scale vector: the remembered rows
             row = self._reduced(which, 2, si[0, :, 0, :])
             return np.broadcast_to(row, (count, self.groups, self.og))
         m = getattr(self, which)

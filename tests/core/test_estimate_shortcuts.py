@@ -73,6 +73,14 @@ def test_the_pruned_path_of_the_row_maxima_is_the_blockwise_one(monkeypatch, dep
         pruned = est.region_values(k, scales, cands)
         monkeypatch.setattr(estimate_module, "_PRUNE_FROM", 1 << 62)
         np.testing.assert_array_equal(pruned, est.region_values(k, scales, cands))
+    # One candidate: the remembered rows of its input scales, the same maxima.
+    monkeypatch.setattr(estimate_module, "_PRUNE_FROM", 0)
+    for t in est.weights:
+        si = np.exp(rng.normal(scale=2.0, size=(5, t.groups, 1, t.ig)))
+        for which in ("abs",) if t.symmetric else ("pos", "neg"):
+            batch = t._row_max(which, si, "in")
+            for c in range(si.shape[0]):
+                np.testing.assert_array_equal(t._row_max(which, si[c : c + 1], "in")[0], batch[c])
 
 
 @pytest.mark.parametrize(
