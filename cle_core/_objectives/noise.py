@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -249,7 +250,7 @@ def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.n
     """Candidate log-scales of region ``k`` (rows; row 0 the current ones)."""
     live = est.live[k]
     n = t_now.shape[0]
-    t_bal, t_act = _balance(est, k, scales, live), _activation_balance(est, k, live)
+    t_bal, t_act = _balance(est, k, scales, live), _activation_balance_of(est, k)
     rows = [t_now, np.zeros(n), t_convex, 0.5 * (t_now + t_convex)]
     rows += [a * t_bal + b * t_act for a, b in _BLENDS]
     cands = np.stack(rows)
@@ -344,6 +345,23 @@ def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
     t = np.zeros(n)
     t[ok] = 0.5 * (np.log(src[ok]) - np.log(snk[ok]))
     return t
+
+
+# Per estimate, each region's activation balance: it depends on nothing a sweep changes
+# (the region's activation terms and live channels), and is asked for at every visit.
+_ACTIVATION_BALANCES: weakref.WeakKeyDictionary[Estimate, dict[int, np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _activation_balance_of(est: Estimate, k: int) -> np.ndarray:
+    """:func:`_activation_balance` of region ``k`` at its live channels, taken once per
+    estimate (read only: the candidates are new arrays made from it)."""
+    known = _ACTIVATION_BALANCES.setdefault(est, {})
+    if k not in known:
+        known[k] = _activation_balance(est, k, est.live[k])
+        known[k].flags.writeable = False
+    return known[k]
 
 
 def _activation_balance(est: Estimate, k: int, live: np.ndarray) -> np.ndarray:

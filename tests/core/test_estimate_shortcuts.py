@@ -121,3 +121,27 @@ def test_fit_dtype_checks_only_what_a_conversion_can_overflow():
     assert out.flags.c_contiguous
     np.testing.assert_array_equal(out, given.T)
     np.testing.assert_array_equal(fit_dtype(big, np.float64, "w"), big.astype(np.float64))
+
+
+def test_the_activation_balance_is_taken_once_per_estimate():
+    import gc
+
+    from cle_core._objectives import noise
+
+    est = _estimate_of(7, Deployment())
+    assert est.map.regions
+    for k in range(len(est.map.regions)):
+        got = noise._activation_balance_of(est, k)
+        np.testing.assert_array_equal(got, noise._activation_balance(est, k, est.live[k]))
+        assert noise._activation_balance_of(est, k) is got and not got.flags.writeable
+    # Another estimate (other terms) has its own; a dropped one leaves nothing behind.
+    other = _estimate_of(8, Deployment())
+    for k in range(len(other.map.regions)):
+        np.testing.assert_array_equal(
+            noise._activation_balance_of(other, k),
+            noise._activation_balance(other, k, other.live[k]),
+        )
+    held = len(noise._ACTIVATION_BALANCES)
+    del est, other
+    gc.collect()
+    assert len(noise._ACTIVATION_BALANCES) == held - 2
