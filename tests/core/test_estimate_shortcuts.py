@@ -145,3 +145,30 @@ def test_the_activation_balance_is_taken_once_per_estimate():
     del est, other
     gc.collect()
     assert len(noise._ACTIVATION_BALANCES) == held - 2
+
+
+def test_a_layers_kernel_sums_are_remembered_while_its_weight_lives():
+    import gc
+
+    from cle_core import Layout, _math
+
+    rng = np.random.default_rng(3)
+    layout = Layout(groups=2)
+    w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    plain = _math.kernel_sums(_math.grouped_view(w, layout))
+    got = _math.layer_kernel_sums(w, layout)
+    for a, b in zip(got, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not a.flags.writeable
+    assert _math.layer_kernel_sums(w, layout) is got  # the same weight: not taken again
+    # Another layout, or another array with the same values (a pass replaced the
+    # weight), is taken anew.
+    assert _math.layer_kernel_sums(w, Layout()) is not got
+    replaced = w * 2
+    again = _math.layer_kernel_sums(replaced, layout)
+    np.testing.assert_array_equal(again[0], 2 * plain[0])
+    np.testing.assert_array_equal(again[1], 4 * plain[1])
+    # The remembered sums go with their weight.
+    del replaced
+    gc.collect()
+    assert _math._last_sums is None
