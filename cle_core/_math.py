@@ -97,9 +97,16 @@ def kernel_reduce(v: np.ndarray, op=np.maximum, tap=None, dtype=None) -> np.ndar
     out = v[..., 0].astype(v.dtype if dtype is None else dtype)  # a copy, written in place
     if tap is not None:
         tap(out, out=out)
+    # Each further tap goes through one buffer (converted as astype would): a new array
+    # per tap costs more than the arithmetic (first touch of fresh memory).
+    buffered = tap is not None or (dtype is not None and np.dtype(dtype) != v.dtype)
+    x = np.empty_like(out) if buffered and v.shape[-1] > 1 else None
     for j in range(1, v.shape[-1]):
-        x = v[..., j] if dtype is None else v[..., j].astype(dtype)
-        op(out, x if tap is None else tap(x), out=out)
+        if x is None:
+            op(out, v[..., j], out=out)
+            continue
+        np.copyto(x, v[..., j])
+        op(out, x if tap is None else tap(x, out=x), out=out)
     return out
 
 
@@ -110,8 +117,9 @@ def kernel_sums(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     same operations in the same order: the same values)."""
     total = v[..., 0].astype(np.float64)
     squares = np.square(total)
+    x = np.empty_like(total) if v.shape[-1] > 1 else None
     for j in range(1, v.shape[-1]):
-        x = v[..., j].astype(np.float64)
+        np.copyto(x, v[..., j])  # one buffer for every tap (see kernel_reduce)
         total += x
         squares += np.square(x, out=x)
     return total, squares
