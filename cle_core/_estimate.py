@@ -558,7 +558,7 @@ class Estimate:
 
     def region_value(self, k: int, scales: Sequence[np.ndarray]) -> float:
         """The terms that region ``k``'s scales change, at ``scales``."""
-        if _all_ones(scales):
+        if _all_ones(scales, k):
             values, total = self._at_ones()[0], 0.0
             for t in (*self._local[k][0], *self._local[k][1]):  # region_values' order
                 total += values[id(t)]
@@ -694,8 +694,11 @@ class Estimate:
         return Terms(np.array(sign), np.array(logw), alpha, logc)
 
 
-def _all_ones(scales: Sequence[np.ndarray]) -> bool:
-    return not any(np.any(s != 1.0) for s in scales)
+def _all_ones(scales: Sequence[np.ndarray], first: int | None = None) -> bool:
+    """Whether every scale is 1 (``scales[first]`` looked at first: the likeliest not)."""
+    if first is not None and np.any(scales[first] != 1.0):
+        return False
+    return not len(scales) or bool(np.all(np.concatenate([np.ravel(s) for s in scales]) == 1.0))
 
 
 def _pruned_row_max(m: np.ndarray, s: np.ndarray) -> np.ndarray:
