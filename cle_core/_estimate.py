@@ -242,7 +242,9 @@ class WeightTerm:
             return np.broadcast_to(row, (count, self.groups, self.og))
         m = getattr(self, which)
         if count > 1 and m.size * count >= _PRUNE_FROM:
-            return _pruned_row_max(m, si[:, :, 0, :].astype(m.dtype))
+            got = _pruned_row_max(m, si[:, :, 0, :].astype(m.dtype))
+            if got is not None:
+                return got
         step = max(1, _CHUNK // max(1, m.size))
         out = np.empty((count, *m.shape[:2]))
         for a in range(0, count, step):
@@ -701,18 +703,24 @@ def _all_ones(scales: Sequence[np.ndarray], first: int | None = None) -> bool:
     return not len(scales) or bool(np.all(np.concatenate([np.ravel(s) for s in scales]) == 1.0))
 
 
-def _pruned_row_max(m: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """``max_i m[g,o,i] * s[c,g,i]`` -> (C, g, og) in float64, for ``m >= 0`` and ``s > 0``
+def _pruned_row_max(m: np.ndarray, s: np.ndarray) -> np.ndarray | None:
+    """``max_i m[g,o,i] * s[c,g,i]`` -> (C, g, og) in float64, for ``m >= 0`` and ``s``
     of one dtype: the same values as the full (C, g, og, ig) product, from the columns
     that can hold a row's maximum for some candidate only. A column whose product at the
     candidates' largest scale stays below the row's maximum at their smallest cannot
     (rounding is monotone, so the comparison is exact in the products' dtype). On
-    Lite0's per-channel solve about 3 % of the entries are kept."""
+    Lite0's per-channel solve about 3 % of the entries are kept. None where that does
+    not hold (a scale not finite and positive, a row of NaN): take the full product."""
+    if not (np.all(s > 0) and np.all(np.isfinite(s))):
+        return None
     floor = (m * s.min(axis=0)[:, None, :]).max(axis=2)  # (g, og): no row max is below
     keep = m * s.max(axis=0)[:, None, :] >= floor[:, :, None]
-    g, o, i = np.nonzero(keep)  # row-major: each row's columns together, every row kept
+    counts = keep.sum(axis=2).reshape(-1)
+    if not counts.all():  # (a row of NaN keeps nothing)
+        return None
+    g, o, i = np.nonzero(keep)  # row-major: each row's columns together
     starts = np.zeros(floor.size, np.intp)
-    np.cumsum(keep.sum(axis=2).reshape(-1)[:-1], out=starts[1:])
+    np.cumsum(counts[:-1], out=starts[1:])
     products = m[g, o, i] * s[:, g, i]  # (C, kept)
     out = np.maximum.reduceat(products, starts, axis=1)
     return out.reshape(s.shape[0], *floor.shape).astype(np.float64)

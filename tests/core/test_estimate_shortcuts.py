@@ -46,6 +46,19 @@ def test_pruned_row_maxima_are_those_of_the_full_product(seed, g, og, ig, count,
     np.testing.assert_array_equal(got, _full_row_max(m, s))
 
 
+def test_row_maxima_the_pruning_cannot_take_are_left_to_the_full_product():
+    m = np.ones((1, 2, 3), np.float32)
+    s = np.ones((2, 1, 3), np.float32)
+    for bad in (np.inf, 0.0, np.nan):
+        t = s.copy()
+        t[1, 0, 2] = bad
+        assert _pruned_row_max(m, t) is None
+    nan_row = m.copy()
+    nan_row[0, 1] = np.nan
+    assert _pruned_row_max(nan_row, s) is None
+    np.testing.assert_array_equal(_pruned_row_max(m, s), _full_row_max(m, s))
+
+
 def _estimate_of(seed: int, deployment: Deployment) -> Estimate:
     blocks = [("triple", "relu6"), ("residual", "relu"), ("chain", "relu6")]
     graph = build_graph(seed, blocks, 4, True)
