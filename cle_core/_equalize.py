@@ -111,7 +111,7 @@ def _non_finite_param(node):
     for key, arr in node.params.items():
         if arr is None or arr.dtype.kind not in "fc":
             continue
-        if np.any(np.isnan(arr) if node.op == "clip" else ~np.isfinite(arr)):
+        if np.any(np.isnan(arr)) if node.op == "clip" else not np.isfinite(arr).all():
             return key, arr
     return None, None
 

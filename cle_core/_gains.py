@@ -33,7 +33,7 @@ from functools import cached_property
 import numpy as np
 
 from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph
-from ._math import grouped_view, kernel_sums
+from ._math import grouped_view, layer_kernel_sums
 from ._stats import Derivative
 
 PROJECTIONS = 16
@@ -131,9 +131,9 @@ def propagate(
         x = node.inputs[0]
         op = node.op
         if node.is_layer:
-            v = grouped_view(np.asarray(node.weight), node.layout)
-            groups, og, ig, _ = v.shape
-            ksum, ksq = kernel_sums(v)
+            w = np.asarray(node.weight)
+            groups, og, ig, _ = grouped_view(w, node.layout).shape
+            ksum, ksq = layer_kernel_sums(w, node.layout)
             # einsum, not a BLAS product: multithreaded OpenBLAS was 1-6x slower than
             # einsum on a loaded 2-core machine (4x faster on one thread).
             jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)

@@ -9,6 +9,7 @@ their dtype.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,9 +97,16 @@ def kernel_reduce(v: np.ndarray, op=np.maximum, tap=None, dtype=None) -> np.ndar
     out = v[..., 0].astype(v.dtype if dtype is None else dtype)  # a copy, written in place
     if tap is not None:
         tap(out, out=out)
+    # Each further tap goes through one buffer (converted as astype would): a new array
+    # per tap costs more than the arithmetic (first touch of fresh memory).
+    buffered = tap is not None or (dtype is not None and np.dtype(dtype) != v.dtype)
+    x = np.empty_like(out) if buffered and v.shape[-1] > 1 else None
     for j in range(1, v.shape[-1]):
-        x = v[..., j] if dtype is None else v[..., j].astype(dtype)
-        op(out, x if tap is None else tap(x), out=out)
+        if x is None:
+            op(out, v[..., j], out=out)
+            continue
+        np.copyto(x, v[..., j])
+        op(out, x if tap is None else tap(x, out=x), out=out)
     return out
 
 
@@ -109,11 +117,44 @@ def kernel_sums(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     same operations in the same order: the same values)."""
     total = v[..., 0].astype(np.float64)
     squares = np.square(total)
+    x = np.empty_like(total) if v.shape[-1] > 1 else None
     for j in range(1, v.shape[-1]):
-        x = v[..., j].astype(np.float64)
+        np.copyto(x, v[..., j])  # one buffer for every tap (see kernel_reduce)
         total += x
         squares += np.square(x, out=x)
     return total, squares
+
+
+# The last weight's kernel sums (see layer_kernel_sums): (a weak reference to the weight,
+# its layout, the sums).
+_last_sums: tuple[weakref.ref, Layout, tuple[np.ndarray, np.ndarray]] | None = None
+
+
+def layer_kernel_sums(w: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`kernel_sums` of ``grouped_view(w, layout)`` (read only), the last one
+    remembered while ``w`` lives: the statistics take those of a layer without a folded
+    BN, and the gains, walking the graph backwards, start with the same head layer (two
+    float64 copies of its weights: ResNet-50's head took 0.1 s each time, mostly the
+    first touch of new memory). Passes replace parameter arrays and never write into
+    them (:meth:`cle_core.Graph.checkpoint` relies on it too), so a live array's sums
+    stay what they were."""
+    global _last_sums
+    last = _last_sums
+    if last is not None and last[0]() is w and last[1] == layout:
+        return last[2]
+    sums = kernel_sums(grouped_view(w, layout))
+    for a in sums:
+        a.flags.writeable = False
+    if isinstance(w, np.ndarray):
+        _last_sums = (weakref.ref(w, _forget_sums), layout, sums)
+    return sums
+
+
+def _forget_sums(ref: weakref.ref) -> None:
+    """The remembered sums go with their weight."""
+    global _last_sums
+    if _last_sums is not None and _last_sums[0] is ref:
+        _last_sums = None
 
 
 def _check_finite(name: str, *arrays: np.ndarray | None) -> None:
@@ -144,7 +185,11 @@ def _rescale(w: np.ndarray, layout: Layout, out_factor=None, in_factor=None) -> 
     if out_factor is not None:
         scaled = scaled * _factor(out_factor, w.dtype).reshape(g, -1)[:, :, None, None]
     if in_factor is not None:
-        scaled = scaled * _factor(in_factor, w.dtype).reshape(g, -1)[:, None, :, None]
+        factor = _factor(in_factor, w.dtype).reshape(g, -1)[:, None, :, None]
+        if scaled is v:
+            scaled = scaled * factor
+        else:  # already a new array: multiplied in place (no second full-size temporary)
+            scaled *= factor
     back = scaled.swapaxes(1, 2) if layout.out_axis == 1 else scaled
     with np.errstate(over="ignore"):  # overflow is reported by the caller, with a name
         return np.ascontiguousarray(back, dtype=w.dtype if w.dtype.kind == "f" else None).reshape(
@@ -514,6 +559,8 @@ def fit_dtype(arr, dtype, what: str) -> np.ndarray:
     becoming Inf."""
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(arr, dtype=dtype)
+    if isinstance(arr, np.ndarray) and arr.dtype == out.dtype:
+        return out  # the same values: nothing can have overflowed (no pass to check)
     if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
         if np.all(np.isfinite(np.asarray(arr))):
             raise NonFiniteError(

@@ -45,7 +45,7 @@ from ._ir import SCALABLE_ACTIVATIONS, Graph, Node, Value
 from ._layout import rotary_partners
 from ._math import _phi_cdf as _cdf
 from ._math import _phi_pdf as _phi
-from ._math import grouped_view, kernel_sums, tap_coverage
+from ._math import grouped_view, layer_kernel_sums, tap_coverage
 
 INPUT_CORRELATION = 0.95
 """The correlation of neighbouring pixels assumed at a graph input for
@@ -509,7 +509,8 @@ def _layer_output(
         return np.asarray(bn["beta"], np.float64), np.abs(np.asarray(bn["gamma"], np.float64))
     if x is None:
         return None, None
-    v = grouped_view(np.asarray(node.weight), node.layout)
+    w = np.asarray(node.weight)
+    v = grouped_view(w, node.layout)
     g, og, ig, _ = v.shape
     rep = 1
     if x.channels != g * ig:
@@ -522,7 +523,7 @@ def _layer_output(
     share = 1.0
     if transpose_taps and node.op == "conv_transpose":
         share = 1.0 / float(np.prod(node.attrs.get("stride", (1,))))
-    ksum, ksq = kernel_sums(v)
+    ksum, ksq = layer_kernel_sums(w, node.layout)
     mean = share * np.einsum("goi,gi->go", ksum, x.mean.reshape(g, ig))
     var = share * np.einsum("goi,gi->go", ksq, x.var.reshape(g, ig))
     if corr is not None:

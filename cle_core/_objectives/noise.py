@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -258,7 +259,7 @@ def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.n
     """Candidate log-scales of region ``k`` (rows; row 0 the current ones)."""
     live = est.live[k]
     n = t_now.shape[0]
-    t_bal, t_act = _balance(est, k, scales, live), _activation_balance(est, k, live)
+    t_bal, t_act = _balance(est, k, scales, live), _activation_balance_of(est, k)
     rows = [t_now, np.zeros(n), t_convex, 0.5 * (t_now + t_convex)]
     rows += [a * t_bal + b * t_act for a, b in _BLENDS]
     cands = np.stack(rows)
@@ -333,24 +334,43 @@ def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
     weights, _ = est._local[k]
     for t in weights:
         rd, wr = est.map.reads.get(id(t.node)), est.map.writes.get(id(t.node))
+        # (ranges only: the noise coefficients are not needed, gather_terms' second
+        # array is a stand-in)
         if wr is not None and wr[0] == k:
-            r, _ = t.source_ranges(est.map.s_in(t.node, scales))
+            r, _ = t.source_ranges(est.map.s_in(t.node, scales), coefficients=False)
             np.maximum(src[wr[1] : wr[1] + r.shape[0]], r, out=src[wr[1] : wr[1] + r.shape[0]])
         if rd is not None and rd[0] == k:
-            r, c = t.sink_ranges(est.map.s_out(t.node, scales))
+            r, _ = t.sink_ranges(est.map.s_out(t.node, scales), coefficients=False)
             if rd[2] > 1:
                 r = r.reshape(-1, rd[2]).max(axis=1)
-            off, r, _ = gather_terms(n, rd[1], r, c)
+            off, r, _ = gather_terms(n, rd[1], r, r)
             np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
         rows = est.map.rows.get(id(t.node))
         if rows is not None and rows[0] == k:  # a Q -> K's q: rows multiplied, as a sink's
-            r, c = t.source_ranges(est.map.s_in(t.node, scales))
-            off, r, _ = gather_terms(n, rows[1], r, c)
+            r, _ = t.source_ranges(est.map.s_in(t.node, scales), coefficients=False)
+            off, r, _ = gather_terms(n, rows[1], r, r)
             np.maximum(snk[off : off + r.shape[0]], r, out=snk[off : off + r.shape[0]])
     ok = live & (src > 0) & (snk > 0)
     t = np.zeros(n)
     t[ok] = 0.5 * (np.log(src[ok]) - np.log(snk[ok]))
     return t
+
+
+# Per estimate, each region's activation balance: it depends on nothing a sweep changes
+# (the region's activation terms and live channels), and is asked for at every visit.
+_ACTIVATION_BALANCES: weakref.WeakKeyDictionary[Estimate, dict[int, np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _activation_balance_of(est: Estimate, k: int) -> np.ndarray:
+    """:func:`_activation_balance` of region ``k`` at its live channels, taken once per
+    estimate (read only: the candidates are new arrays made from it)."""
+    known = _ACTIVATION_BALANCES.setdefault(est, {})
+    if k not in known:
+        known[k] = _activation_balance(est, k, est.live[k])
+        known[k].flags.writeable = False
+    return known[k]
 
 
 def _activation_balance(est: Estimate, k: int, live: np.ndarray) -> np.ndarray:

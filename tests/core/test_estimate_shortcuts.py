@@ -1,0 +1,187 @@
+"""The estimate's shortcuts give the values of the plain computation, bit for bit: the
+per-channel row maxima from the columns that can hold them, and the estimate at no
+scaling taken once (issue 18's speed work must not move a scale)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cle_core import Deployment
+from cle_core import _estimate as estimate_module
+from cle_core._estimate import Estimate, _pruned_row_max
+from cle_core._fold import fold_batch_norms, shared_param_owners
+from cle_core._gains import propagate
+from cle_core._regions import find_regions
+from cle_core._stats import estimate, positions
+from tests.helpers.strategies import build_graph
+
+
+def _full_row_max(m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return (m[None] * s[:, :, None, :]).max(axis=3).astype(np.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 3),  # groups
+    st.integers(1, 7),  # rows per group
+    st.integers(1, 9),  # columns per group
+    st.integers(2, 12),  # candidates
+    st.floats(0.0, 9.0),  # spread of the candidates' log-scales
+    st.sampled_from([np.float32, np.float64]),
+)
+def test_pruned_row_maxima_are_those_of_the_full_product(seed, g, og, ig, count, spread, dtype):
+    rng = np.random.default_rng(seed)
+    m = np.abs(rng.standard_normal((g, og, ig))) * np.exp(rng.normal(size=(g, og, ig)))
+    m[rng.random((g, og, ig)) < 0.3] = 0.0  # zero weights and rows
+    m[:, 0] = m[:, 0, :1]  # ties within a row
+    m = m.astype(dtype)
+    s = np.exp(rng.uniform(-spread, spread, (count, g, ig))).astype(dtype)
+    s[-1] = s[0]  # equal candidates
+    got = _pruned_row_max(m, s)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, _full_row_max(m, s))
+
+
+def test_row_maxima_the_pruning_cannot_take_are_left_to_the_full_product():
+    m = np.ones((1, 2, 3), np.float32)
+    s = np.ones((2, 1, 3), np.float32)
+    for bad in (np.inf, 0.0, np.nan):
+        t = s.copy()
+        t[1, 0, 2] = bad
+        assert _pruned_row_max(m, t) is None
+    nan_row = m.copy()
+    nan_row[0, 1] = np.nan
+    assert _pruned_row_max(nan_row, s) is None
+    np.testing.assert_array_equal(_pruned_row_max(m, s), _full_row_max(m, s))
+
+
+def _estimate_of(seed: int, deployment: Deployment) -> Estimate:
+    blocks = [("triple", "relu6"), ("residual", "relu"), ("chain", "relu6")]
+    graph = build_graph(seed, blocks, 4, True)
+    fold_batch_norms(graph, shared_param_owners(graph))
+    regions, _ = find_regions(graph, {})
+    stats, derivatives = estimate(graph)
+    counts = positions(graph)
+    gains = propagate(graph, counts, derivatives)
+    return Estimate(graph, regions, deployment, stats, gains, counts)
+
+
+@pytest.mark.parametrize(
+    "deployment",
+    [Deployment(), Deployment(per_channel=True), Deployment(weight_symmetric=False)],
+)
+def test_the_pruned_path_of_the_row_maxima_is_the_blockwise_one(monkeypatch, deployment):
+    """Per-channel spans of every layer for a batch of candidates, with and without the
+    pruning (its threshold at 0 and beyond any size): the same values."""
+    est = _estimate_of(3, deployment.with_(per_channel=True))
+    rng = np.random.default_rng(0)
+    scales = [np.exp(rng.normal(size=r.size)) for r in est.map.regions]
+    for k, region in enumerate(est.map.regions):
+        cands = np.exp(rng.normal(scale=2.0, size=(9, region.size)))
+        monkeypatch.setattr(estimate_module, "_PRUNE_FROM", 0)
+        pruned = est.region_values(k, scales, cands)
+        monkeypatch.setattr(estimate_module, "_PRUNE_FROM", 1 << 62)
+        np.testing.assert_array_equal(pruned, est.region_values(k, scales, cands))
+    # One candidate: the remembered rows of its input scales, the same maxima.
+    monkeypatch.setattr(estimate_module, "_PRUNE_FROM", 0)
+    for t in est.weights:
+        si = np.exp(rng.normal(scale=2.0, size=(5, t.groups, 1, t.ig)))
+        for which in ("abs",) if t.symmetric else ("pos", "neg"):
+            batch = t._row_max(which, si, "in")
+            for c in range(si.shape[0]):
+                np.testing.assert_array_equal(t._row_max(which, si[c : c + 1], "in")[0], batch[c])
+
+
+@pytest.mark.parametrize(
+    "deployment",
+    [Deployment(), Deployment(per_channel=True), Deployment(activation_bits=None)],
+)
+def test_the_estimate_at_no_scaling_is_taken_once_with_the_plain_values(deployment):
+    est = _estimate_of(5, deployment)
+    ones = est.ones()
+    plain = float(sum(est.weight_values(ones)) + sum(est.activation_values(ones)))
+    assert est.total() == plain and est.total(ones) == plain
+    kept = est._ones
+    for k in range(len(est.map.regions)):
+        assert est.region_value(k, ones) == float(est.region_values(k, ones, ones[k][None])[0])
+    assert est._ones is kept  # taken once
+    # Other scales are computed, not read from it.
+    rng = np.random.default_rng(1)
+    for k, region in enumerate(est.map.regions):
+        scales = est.ones()
+        scales[k] = np.exp(rng.normal(size=region.size))
+        got = est.region_value(k, scales)
+        assert got == float(est.region_values(k, scales, scales[k][None])[0])
+        assert got != est.region_value(k, ones)
+        plain = float(sum(est.weight_values(scales)) + sum(est.activation_values(scales)))
+        assert est.total(scales) == plain != est.total()
+
+
+def test_fit_dtype_checks_only_what_a_conversion_can_overflow():
+    from cle_core import NonFiniteError
+    from cle_core.toolkit import fit_dtype
+
+    big = np.array([1.0, 7e4], np.float32)
+    with pytest.raises(NonFiniteError, match="do not fit float16"):
+        fit_dtype(big, np.float16, "w")
+    # the same dtype: the values as they are (an Inf already there is not news here)
+    given = np.array([[1.0, np.inf]], np.float32)
+    out = fit_dtype(given.T, np.float32, "w")
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, given.T)
+    np.testing.assert_array_equal(fit_dtype(big, np.float64, "w"), big.astype(np.float64))
+
+
+def test_the_activation_balance_is_taken_once_per_estimate():
+    import gc
+
+    from cle_core._objectives import noise
+
+    est = _estimate_of(7, Deployment())
+    assert est.map.regions
+    for k in range(len(est.map.regions)):
+        got = noise._activation_balance_of(est, k)
+        np.testing.assert_array_equal(got, noise._activation_balance(est, k, est.live[k]))
+        assert noise._activation_balance_of(est, k) is got and not got.flags.writeable
+    # Another estimate (other terms) has its own; a dropped one leaves nothing behind.
+    other = _estimate_of(8, Deployment())
+    for k in range(len(other.map.regions)):
+        np.testing.assert_array_equal(
+            noise._activation_balance_of(other, k),
+            noise._activation_balance(other, k, other.live[k]),
+        )
+    held = len(noise._ACTIVATION_BALANCES)
+    del est, other
+    gc.collect()
+    assert len(noise._ACTIVATION_BALANCES) == held - 2
+
+
+def test_a_layers_kernel_sums_are_remembered_while_its_weight_lives():
+    import gc
+
+    from cle_core import Layout, _math
+
+    rng = np.random.default_rng(3)
+    layout = Layout(groups=2)
+    w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    plain = _math.kernel_sums(_math.grouped_view(w, layout))
+    got = _math.layer_kernel_sums(w, layout)
+    for a, b in zip(got, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not a.flags.writeable
+    assert _math.layer_kernel_sums(w, layout) is got  # the same weight: not taken again
+    # Another layout, or another array with the same values (a pass replaced the
+    # weight), is taken anew.
+    assert _math.layer_kernel_sums(w, Layout()) is not got
+    replaced = w * 2
+    again = _math.layer_kernel_sums(replaced, layout)
+    np.testing.assert_array_equal(again[0], 2 * plain[0])
+    np.testing.assert_array_equal(again[1], 4 * plain[1])
+    # The remembered sums go with their weight.
+    del replaced
+    gc.collect()
+    assert _math._last_sums is None
