@@ -25,12 +25,54 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 # |log-scale change| allowed in one solve: a factor of 10^4. A channel on which the
 # objective is flat (a row of zeros, say) stays within it rather than running off.
 _T_BOUND = math.log(1e4)
+
+# The interior point's constants.
+# Fraction of the longest step that keeps every slack and multiplier positive: the
+# usual interior-point margin, so that none of them lands on 0 exactly.
+_STEP_FRACTION = 0.99
+# Halvings of a step whose objective rises too much before it is given up (0.5**45 is
+# about 3e-14 of the step: below it, the iterate would not move in float64).
+_MAX_HALVINGS = 45
+# A step is accepted while the region's objective stays below this factor of its value
+# plus this many duality gaps: the objective is not quadratic and may rise a little on
+# the way to the optimum (the epigraph variables and the barrier move with it).
+_RISE_FACTOR, _RISE_GAPS = 1.1, 2.0
+# Regions that are done leave the batch once they hold this share of its channels:
+# dropping them costs a copy of every array, worth it only when it spares many.
+_DROP_SHARE = 0.2
+# Smallest slack or multiplier: they stay positive in exact arithmetic, and rounding
+# must not make them 0 (a division by them follows).
+_TINY = 1e-300
+# Largest exponent taken: exp(700) is near float64's largest value (exp(709.8)), so a
+# wild trial step gives a huge but finite objective (rejected by the line search)
+# rather than inf.
+_MAX_EXP = 700.0
+
+
+class _Step(NamedTuple):
+    """A Newton direction of :class:`_PrimalDual` and its step lengths.
+
+    ``d_t`` (N,): log-scales; ``d_mu`` (K, R): term variables; ``ds`` (K, N): the
+    constraints' slacks; ``dlam`` (K, N): their multipliers; ``dlam_l``, ``dlam_h`` (N,):
+    the multipliers of the box's lower and upper bounds; ``a`` (R,): per region, the
+    longest step (at most 1) that keeps every slack and multiplier positive (0 for a
+    region whose Newton system could not be solved).
+    """
+
+    d_t: np.ndarray
+    d_mu: np.ndarray
+    ds: np.ndarray
+    dlam: np.ndarray
+    dlam_l: np.ndarray
+    dlam_h: np.ndarray
+    a: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -229,13 +271,13 @@ class _PrimalDual:
         u -= self.sk * t
         e = np.multiply(u, 2.0)
         e += self.logwc
-        np.minimum(e, 700.0, out=e)
+        np.minimum(e, _MAX_EXP, out=e)
         np.exp(e, out=e)
         # slacks stay positive in exact arithmetic; rounding must not make them 0 (and
         # they are inf where unsupported: alpha is -inf there)
         u -= self.alpha
-        s = np.maximum(u, 1e-300, out=u)
-        return e, s, np.maximum(t - self.lo_box, 1e-300), np.maximum(self.hi_box - t, 1e-300)
+        s = np.maximum(u, _TINY, out=u)
+        return e, s, np.maximum(t - self.lo_box, _TINY), np.maximum(self.hi_box - t, _TINY)
 
     def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> np.ndarray:
         comp = np.where(self.sup, s, 0.0)
@@ -270,7 +312,7 @@ class _PrimalDual:
             if np.all(done):
                 break
             finished = self.sizes[done].sum()
-            if finished >= 0.2 * self.t.shape[0]:
+            if finished >= _DROP_SHARE * self.t.shape[0]:
                 # Regions that are done no longer move: their result is final, and
                 # dropping them spares every later step their channels (regions of a
                 # batch converge in 5 to 15 steps).
@@ -284,27 +326,30 @@ class _PrimalDual:
                 f, gap = f[keep], gap[keep]
             self.factor()
             pred = self.direction()
-            d_t, ds, a = pred[0], pred[2], pred[6]
-            a_c = self.expand(a)
+            a_c = self.expand(pred.a)
             gap_aff = self.gaps(
-                self.lam + a_c * pred[3],
-                s + a_c * ds,
-                self.lam_l + a_c * pred[4],
-                sl + a_c * d_t,
-                self.lam_h + a_c * pred[5],
-                sh - a_c * d_t,
+                self.lam + a_c * pred.dlam,
+                s + a_c * pred.ds,
+                self.lam_l + a_c * pred.dlam_l,
+                sl + a_c * pred.d_t,
+                self.lam_h + a_c * pred.dlam_h,
+                sh - a_c * pred.d_t,
             )
             sigma = np.minimum(1.0, (gap_aff / gap) ** 3)
             target = self.expand(sigma * gap / self.m)
             d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(
-                target, np.where(sup, ds * pred[3], 0.0), d_t * pred[4], -d_t * pred[5]
+                target,
+                np.where(sup, pred.ds * pred.dlam, 0.0),
+                pred.d_t * pred.dlam_l,
+                -pred.d_t * pred.dlam_h,
             )
-            a = np.where(done, 0.0, 0.99 * a)
+            a = np.where(done, 0.0, _STEP_FRACTION * a)
             # The objective is not quadratic: shorten a step whose linearization is poor
             # (the objective may rise a little on the way, not by much).
-            for _ in range(45):
+            rise = _RISE_FACTOR * f + _RISE_GAPS * gap
+            for _ in range(_MAX_HALVINGS):
                 new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
-                bad = self.per_region(new[0]).sum(axis=0) > 1.1 * f + 2.0 * gap
+                bad = self.per_region(new[0]).sum(axis=0) > rise
                 bad &= a > 0
                 if not np.any(bad):
                     break
@@ -318,9 +363,9 @@ class _PrimalDual:
             self.e, self.s, self.sl, self.sh = new
             dlam *= a_c
             dlam += self.lam
-            self.lam = np.where(sup, np.maximum(dlam, 1e-300, out=dlam), 0.0)
-            self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
-            self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
+            self.lam = np.where(sup, np.maximum(dlam, _TINY, out=dlam), 0.0)
+            self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, _TINY)
+            self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, _TINY)
         f = self.per_region(self.e).sum(axis=0)  # self.e is the state at (t, mu)
         self._finish(np.ones(len(ids), bool), f, best_f, best_t, ids, results)
         return results
@@ -388,7 +433,7 @@ class _PrimalDual:
         schur[:, np.arange(k), np.arange(k)] += np.where(fixed, 1.0, 0.0)
         self.schur = schur
 
-    def direction(self, target=None, corr=None, corr_l=None, corr_h=None):
+    def direction(self, target=None, corr=None, corr_l=None, corr_h=None) -> _Step:
         """Newton step towards ``lam * slack = target`` (less a second-order correction;
         no target: the affine step, towards 0) and, per region, the longest step that
         keeps slacks and multipliers positive."""
@@ -430,4 +475,4 @@ class _PrimalDual:
         q = np.fmin.reduceat(per_channel, self.starts)
         a = np.where(q < -1.0, -1.0 / q, 1.0)
         a = np.where(failed, 0.0, a)  # a degenerate region stops where it is
-        return d_t, d_mu, ds, dlam, dlam_l, dlam_h, a
+        return _Step(d_t, d_mu, ds, dlam, dlam_l, dlam_h, a)
