@@ -486,9 +486,12 @@ class _PrimalDual:
         res = self.per_region(np.abs(r_t)) + np.abs(r_mu).sum(axis=0)
         return res <= tolerance * f
 
-    def factor(self) -> None:
+    def factor(self, to_channels: bool = True) -> None:
         """Per region, the Newton matrix reduced to the term variables (a Schur
-        complement over the diagonal channel block)."""
+        complement over the diagonal channel block), or to the channels (over the
+        diagonal block of the term variables) for a region with more terms than
+        channels: the smaller system of the two (both unless ``to_channels`` is False,
+        for tests: they give the same step up to rounding)."""
         self.d = self.lam / self.s  # 0 where unsupported (s = inf)
         w = np.multiply(self.e, 4.0)
         w += self.d
@@ -497,6 +500,8 @@ class _PrimalDual:
         self.h_tm = self.h_sign * w  # d2/(dmu dt)
         self.scaled = self.h_tm / self.h_tt
         k = w.shape[0]
+        self.diag_mu = diag = np.where(self.fixed, 1.0, self.per_region(w))  # (K, R)
+        self.by_channel = np.zeros(len(self.sizes), bool)
         if k <= 6:  # many small regions: one broadcast product for all
             # The rows of term variables held in every region (mu_0 at least) are set
             # below whatever the product says: it is taken over the others only.
@@ -507,19 +512,46 @@ class _PrimalDual:
                 scaled[:, None, :] * h_tm[None, :, :]
             ).transpose(2, 0, 1)  # (R, K, K)
         else:  # a region of many terms (a long residual stream): a (K, K, N) array is too big
-            outer = np.stack(
-                [
-                    self.scaled[:, a : a + n] @ self.h_tm[:, a : a + n].T
-                    for a, n in zip(self.starts, self.sizes, strict=True)
-                ]
-            )
-        diag = np.where(self.fixed, 1.0, self.per_region(w))  # (K, R)
+            # A region with more free term variables than channels (a residual stream
+            # of many blocks) is reduced to its channels instead: its system's size no
+            # longer grows with the depth. Its row of `outer` is left 0 (not solved).
+            self.by_channel = ((~self.fixed).sum(axis=0) > self.sizes) & to_channels
+            outer = np.zeros((len(self.sizes), k, k))
+            self.channel_systems = {}
+            for r, (a, n) in enumerate(zip(self.starts, self.sizes, strict=True)):
+                h_tm = self.h_tm[:, a : a + n]
+                if not self.by_channel[r]:
+                    outer[r] = self.scaled[:, a : a + n] @ h_tm.T
+                    continue
+                # (held rows: h_tm 0, diag 1, so they drop out)
+                over = h_tm / diag[:, r : r + 1]  # B / D_mu
+                m = -(over.T @ h_tm)
+                m[np.arange(n), np.arange(n)] += self.h_tt[a : a + n]
+                self.channel_systems[r] = (m, over)
         schur = -outer
         schur[:, np.arange(k), np.arange(k)] += diag.T
         fixed = self.fixed.T  # (R, K)
         schur = np.where(fixed[:, :, None] | fixed[:, None, :], 0.0, schur)
         schur[:, np.arange(k), np.arange(k)] += np.where(fixed, 1.0, 0.0)
         self.schur = schur
+
+    def solve(self, rhs_t: np.ndarray, rhs_mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The Newton system's term part ``d_mu`` (K, R) for the right-hand sides
+        ``rhs_t`` (N,) and ``rhs_mu`` (K, R), and which regions' systems failed."""
+        rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
+        if not np.any(self.by_channel):
+            return _solve_each(self.schur, rhs.T)
+        by_term = ~self.by_channel
+        d_mu, failed = np.zeros_like(rhs), np.zeros(len(self.sizes), bool)
+        d_mu[:, by_term], failed[by_term] = _solve_each(self.schur[by_term], rhs.T[by_term])
+        for r, (m, over) in self.channel_systems.items():
+            # d_t from (H_tt - B' D_mu^-1 B) d_t = rhs_t - B' D_mu^-1 rhs_mu, then
+            # d_mu = D_mu^-1 (rhs_mu - B d_t)
+            cols = slice(self.starts[r], self.starts[r] + self.sizes[r])
+            d_t, bad = _solve_each(m[None], (rhs_t[cols] - over.T @ rhs_mu[:, r])[None])
+            d_mu[:, r] = (rhs_mu[:, r] - self.h_tm[:, cols] @ d_t[:, 0]) / self.diag_mu[:, r]
+            failed[r] = bad[0]
+        return d_mu, failed
 
     def direction(self, target=None, corr=None, corr_l=None, corr_h=None) -> _Step:
         """Newton step towards ``lam * slack = target`` (less a second-order correction;
@@ -537,8 +569,7 @@ class _PrimalDual:
             c_l, c_h = (target - corr_l) / sl, (target - corr_h) / sh
             rhs_t = -(self.grad_t + (sk * c).sum(axis=0) - c_l + c_h)
             rhs_mu = np.where(self.fixed, 0.0, self.per_region(c) - self.grad_mu)
-        rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
-        d_mu, failed = _solve_each(self.schur, rhs.T)
+        d_mu, failed = self.solve(rhs_t, rhs_mu)
         d_mu_c = self.expand(d_mu)
         scratch = self.h_tm * d_mu_c
         d_t = (rhs_t - scratch.sum(axis=0)) / self.h_tt
