@@ -357,11 +357,13 @@ class _PrimalDual:
         s = np.maximum(u, _TINY, out=u)
         return e, s, np.maximum(t - self.lo_box, _TINY), np.maximum(self.hi_box - t, _TINY)
 
-    def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> np.ndarray:
+    def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> tuple[np.ndarray, np.ndarray]:
+        """Each region's duality gap (the sum of its products of slack and multiplier),
+        and their sums per channel."""
         comp = np.where(self.sup, s, 0.0)
         comp *= lam
         comp = comp.sum(axis=0) + lam_l * sl + lam_h * sh
-        return np.add.reduceat(comp, self.starts)
+        return np.add.reduceat(comp, self.starts), comp
 
     def run(self, tolerance: float, max_steps: int = 80) -> list[np.ndarray]:
         count = len(self.sizes)
@@ -370,12 +372,12 @@ class _PrimalDual:
         done = np.zeros(count, bool)
         best_f = np.full(count, np.inf)
         best_t = self.t.copy()
+        per_term = self.per_region(self.e)  # then the line search's, at the step it took
         for _ in range(max_steps):
             sup, sk = self.sup, self.sk
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
-            per_term = self.per_region(e)
             f = per_term.sum(axis=0)
-            gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
+            gap, comp = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
             self.grad_t = -2.0 * (sk * e).sum(axis=0)
             self.grad_mu = 2.0 * per_term
             better = np.isfinite(f) & (f < best_f)
@@ -401,33 +403,31 @@ class _PrimalDual:
                 self._keep(keep, cols)
                 sup, sk = self.sup, self.sk
                 e, s, sl, sh = self.e, self.s, self.sl, self.sh
-                f, gap = f[keep], gap[keep]
+                f, gap, comp = f[keep], gap[keep], comp[cols]
             self.factor()
             pred = self.direction()
+            # The products of the affine step's changes: the corrector's second-order
+            # terms, and the gap after the affine step. Along it each pair of slack and
+            # multiplier goes to (lam + a dlam)(s + a ds) = (1 - a) lam s + a^2 dlam ds
+            # (its Newton equation is lam ds + s dlam = -lam s): no pass over the
+            # (K, N) arrays beyond this product.
+            corr = np.where(sup, pred.ds * pred.dlam, 0.0)
+            corr_l, corr_h = pred.d_t * pred.dlam_l, -pred.d_t * pred.dlam_h
             a_c = self.expand(pred.a)
-            gap_aff = self.gaps(
-                self.lam + a_c * pred.dlam,
-                s + a_c * pred.ds,
-                self.lam_l + a_c * pred.dlam_l,
-                sl + a_c * pred.d_t,
-                self.lam_h + a_c * pred.dlam_h,
-                sh - a_c * pred.d_t,
+            gap_aff = self.per_region(
+                (1.0 - a_c) * comp + a_c**2 * (corr.sum(axis=0) + corr_l + corr_h)
             )
             sigma = np.minimum(1.0, (gap_aff / gap) ** 3)
             target = self.expand(sigma * gap / self.m)
-            d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(
-                target,
-                np.where(sup, pred.ds * pred.dlam, 0.0),
-                pred.d_t * pred.dlam_l,
-                -pred.d_t * pred.dlam_h,
-            )
+            d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(target, corr, corr_l, corr_h)
             a = np.where(done, 0.0, _STEP_FRACTION * a)
             # The objective is not quadratic: shorten a step whose linearization is poor
             # (the objective may rise a little on the way, not by much).
             rise = _RISE_FACTOR * f + _RISE_GAPS * gap
             for _ in range(_MAX_HALVINGS):
                 new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
-                bad = self.per_region(new[0]).sum(axis=0) > rise
+                per_term = self.per_region(new[0])
+                bad = per_term.sum(axis=0) > rise
                 bad &= a > 0
                 if not np.any(bad):
                     break
@@ -435,6 +435,7 @@ class _PrimalDual:
             else:
                 a = np.where(bad, 0.0, a)
                 new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
+                per_term = self.per_region(new[0])
             done |= a <= 1e-12
             a_c = self.expand(a)
             self.t, self.mu = self.t + a_c * d_t, self.mu + a * d_mu
