@@ -134,16 +134,11 @@ def solve_many(
     starts: list[np.ndarray],
     tolerance: float = 1e-5,
     max_steps: int = 80,
-    warm: list | None = None,
 ) -> list[np.ndarray]:
     """:func:`solve` for several independent regions at once: one interior-point run
     over all of them, each with its own step lengths and stopping test, so that many
     small regions cost about as much as one. ``max_steps`` bounds the Newton steps (an
-    inexact solve is still never worse than its start).
-
-    ``warm``: one entry per problem, the :class:`Multipliers` of an earlier solve of the
-    same region (or None); each is replaced by this solve's. A region whose terms moved
-    little since starts from them, and needs fewer steps to the same tolerance."""
+    inexact solve is still never worse than its start)."""
     results = [np.asarray(t0, dtype=np.float64).copy() for t0 in starts]
     batch = []
     for i, (terms, t0) in enumerate(zip(problems, results, strict=True)):
@@ -163,33 +158,17 @@ def solve_many(
         f0 = objective(sub, t0[idx])
         if np.isfinite(f0) and f0 > 0:
             batch.append((i, terms, sub, idx, f0))
-        elif warm is not None:
-            warm[i] = None
     if not batch:
         return results
     # Regions with few terms are not padded to the many-term ones: one run per size.
     solved: dict[int, np.ndarray] = {}
     for bucket in _buckets([b[2].alpha.shape[0] for b in batch]):
         group = [batch[j] for j in bucket]
-        before = None
-        if warm is not None:
-            before = [warm[b[0]] for b in group]
-            before = [
-                w if w is not None and w.fits(b[2]) else None
-                for w, b in zip(before, group, strict=True)
-            ]
         with np.errstate(all="ignore"):  # a degenerate step is caught below, not warned about
-            ipm = _PrimalDual(
-                [b[2] for b in group],
-                [results[b[0]][b[3]] for b in group],
-                [b[4] for b in group],
-                before,
-            )
-            ts = ipm.run(tolerance, max_steps)
+            ts = _PrimalDual(
+                [b[2] for b in group], [results[b[0]][b[3]] for b in group], [b[4] for b in group]
+            ).run(tolerance, max_steps)
         solved.update(zip(bucket, ts, strict=True))
-        if warm is not None:
-            for b, m in zip(group, ipm.multipliers, strict=True):
-                warm[b[0]] = m
     for j, (i, _terms, sub, idx, f0) in enumerate(batch):
         t = solved[j]
         t0 = results[i]
@@ -231,27 +210,6 @@ def _buckets(terms_per_region: list[int]) -> list[list[int]]:
     return [groups[g] for g in sorted(groups)]
 
 
-# A warm start puts each term variable this far above its maximum (the binding slacks
-# small, as they were at the end of the last solve), and no multiplier below this share
-# of the cold start's (see _PrimalDual._warm).
-_WARM_MARGIN = 1e-2
-_WARM_FLOOR = 0.1
-
-
-@dataclass(frozen=True)
-class Multipliers:
-    """The multipliers at the end of one region's solve (in the objective's units), to
-    start a later solve of the same region from."""
-
-    lam: np.ndarray  # (K, n): of the max constraints
-    lam_l: np.ndarray  # (n,): of the box's lower and upper sides
-    lam_h: np.ndarray
-    f0: float  # the objective at that solve's start (the units it ran in)
-
-    def fits(self, terms: Terms) -> bool:
-        return self.lam.shape == terms.alpha.shape
-
-
 class _PrimalDual:
     """A primal-dual interior-point method (Mehrotra's predictor-corrector) for the
     epigraph form of several regions at once: minimize ``sum_kj exp(logwc_kj + 2 mu_k -
@@ -260,13 +218,7 @@ class _PrimalDual:
     in a contiguous block); term ``k`` of every region is row ``k`` (``K`` rows, the
     most terms a region has; missing ones are empty)."""
 
-    def __init__(
-        self,
-        problems: list[Terms],
-        starts: list[np.ndarray],
-        scales: list[float],
-        warm: list[Multipliers | None] | None = None,
-    ):
+    def __init__(self, problems: list[Terms], starts: list[np.ndarray], scales: list[float]):
         kmax = max(p.alpha.shape[0] for p in problems)
         sizes = [p.alpha.shape[1] for p in problems]
         self.sizes = np.asarray(sizes)
@@ -301,36 +253,6 @@ class _PrimalDual:
         nu_c = self.expand(nu)
         self.lam = np.where(self.sup, nu_c / self.s, 0.0)
         self.lam_l, self.lam_h = nu_c / self.sl, nu_c / self.sh
-        self.f0 = np.asarray(scales, np.float64)
-        self.terms = [p.alpha.shape[0] for p in problems]
-        self.multipliers: list[Multipliers | None] = [None] * len(problems)
-        if warm is not None and any(w is not None for w in warm):
-            self._warm(warm)
-
-    def _warm(self, warm: list[Multipliers | None]) -> None:
-        """Start the regions that have an earlier solve's multipliers from them, with
-        the term variables just above their maxima (slacks of the binding entries small,
-        as they were at that solve's end)."""
-        for r, w in enumerate(warm):
-            if w is None:
-                continue
-            cols = slice(self.starts[r], self.starts[r] + self.sizes[r])
-            k = w.lam.shape[0]
-            fin = np.isfinite(self.alpha[:k, cols])
-            top = np.max(self.alpha[:k, cols] + self.sk[:k, cols] * self.t[cols], axis=1)
-            self.mu[:k, r] = np.where(np.isfinite(top), top, 0.0) + _WARM_MARGIN
-            scale = w.f0 / self.f0[r]
-            self.lam[:k, cols] = np.where(fin, w.lam * scale, 0.0)
-            self.lam_l[cols] = w.lam_l * scale
-            self.lam_h[cols] = w.lam_h * scale
-        self.e, self.s, self.sl, self.sh = self.state(self.t, self.mu)
-        # No multiplier below the cold start's (every product lam * slack at least its
-        # share nu of the objective): a multiplier that was near 0 at the last solve, on
-        # a constraint that binds now, would otherwise stall the steps.
-        nu = self.expand(np.maximum(self.per_region(self.e).sum(axis=0), 1e-3) / self.m)
-        self.lam = np.where(self.sup, np.maximum(self.lam, _WARM_FLOOR * nu / self.s), 0.0)
-        self.lam_l = np.maximum(self.lam_l, _WARM_FLOOR * nu / self.sl)
-        self.lam_h = np.maximum(self.lam_h, _WARM_FLOOR * nu / self.sh)
 
     def per_region(self, x: np.ndarray) -> np.ndarray:
         """Sums over each region's channels: (..., N) -> (..., R)."""
@@ -456,17 +378,7 @@ class _PrimalDual:
         t = np.where(self.expand(last), self.t, best_t)
         for r in np.flatnonzero(which):
             a = self.starts[r]
-            cols = slice(a, a + self.sizes[r])
-            results[ids[r]] = t[cols]
-            k = self.terms[ids[r]]
-            lam, lam_l, lam_h = self.lam[:k, cols], self.lam_l[cols], self.lam_h[cols]
-            # A region that stopped on a degenerate step (NaN multipliers) starts cold.
-            finite = np.all(np.isfinite(lam)) and np.all(np.isfinite(lam_l + lam_h))
-            self.multipliers[ids[r]] = (
-                Multipliers(lam.copy(), lam_l.copy(), lam_h.copy(), float(self.f0[ids[r]]))
-                if finite
-                else None
-            )
+            results[ids[r]] = t[a : a + self.sizes[r]]
 
     def _keep(self, keep: np.ndarray, cols: np.ndarray) -> None:
         """Go on with the regions ``keep`` only (``cols``: their channels)."""

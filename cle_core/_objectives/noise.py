@@ -128,7 +128,6 @@ class NoiseObjective:
         tolerance = options.tolerance if options.tolerance is not None else NOISE_TOLERANCE
         groups, neighbors = _colors(est)
         dirty = set(range(len(regions)))
-        multipliers: dict[int, _noise.Multipliers | None] = {}
         sweeps, converged, max_change = 0, not regions, 0.0
         while regions and sweeps < options.max_sweeps:
             sweeps += 1
@@ -145,18 +144,12 @@ class NoiseObjective:
                 # An inexact solve is enough: it is one candidate, and the estimate
                 # itself decides. (Solving it in the first sweep only saves a third of
                 # the time and cost 0.7 dB W8A8 on average over bench_deployments.py.)
-                # Each solve starts from the region's multipliers at its last solve: a
-                # later sweep's problem moved little (3-5 steps instead of 8-12 by the
-                # fifth sweep on Lite0).
-                warm = [multipliers.get(k) for k in group]
                 convex = _noise.solve_many(
                     [est.region_terms(k, scales) for k in group],
                     [np.log(scales[k]) for k in group],
                     tolerance=1e-3,
                     max_steps=_CONVEX_STEPS,
-                    warm=warm,
                 )
-                multipliers.update(zip(group, warm, strict=True))
                 for k, t_convex in zip(group, convex, strict=True):
                     t_now = np.log(scales[k])
                     cands = _candidates(est, k, scales, t_now, t_convex)
