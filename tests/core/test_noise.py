@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from cle_core import CLEError, EqualizeOptions, Graph, Layout, equalize, run_graph
 from cle_core._cli import format_summary
 from cle_core._gains import propagate
-from cle_core._noise import Terms, _PrimalDual, objective, solve, solve_many
+from cle_core._noise import Terms, _PrimalDual, _solve_blocks, objective, solve, solve_many
 from cle_core._stats import ChannelStats, StatsAccumulator, clipped_normal, estimate, positions
 from tests.helpers.strategies import build_graph, feed
 
@@ -102,6 +102,19 @@ def test_a_system_reduced_to_the_channels_gives_the_same_step(problem):
         for a, b in zip(full, reduced, strict=True):
             a, b = np.nan_to_num(a), np.nan_to_num(b)
             assert np.allclose(a, b, rtol=1e-7, atol=1e-9 * max(1.0, np.max(np.abs(a))))
+
+
+@given(st.integers(100, 260), st.integers(1, 3), st.integers(0, 2**16))
+def test_a_large_system_solved_by_blocks_is_solved(n, r, seed):
+    # Systems of 100 rows or more (a wide residual stream's channels) are solved by
+    # blocks under that size, where OpenBLAS stays on one thread: the same solution.
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, n)) * np.exp(rng.uniform(-3, 3, n))
+    m = a @ a.T + np.diag(np.exp(rng.uniform(-2, 2, n)))  # positive definite, like the Schur
+    y = rng.normal(size=(n, r))
+    x = _solve_blocks(m, y)
+    assert np.allclose(m @ x, y, rtol=0, atol=1e-8 * np.max(np.abs(m)) * np.max(np.abs(x)))
+    assert np.allclose(x, np.linalg.solve(m, y), rtol=1e-6, atol=1e-9 * np.max(np.abs(x)))
 
 
 @given(st.lists(region_terms(), min_size=1, max_size=5))
