@@ -25,12 +25,54 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 # |log-scale change| allowed in one solve: a factor of 10^4. A channel on which the
 # objective is flat (a row of zeros, say) stays within it rather than running off.
 _T_BOUND = math.log(1e4)
+
+# The interior point's constants.
+# Fraction of the longest step that keeps every slack and multiplier positive: the
+# usual interior-point margin, so that none of them lands on 0 exactly.
+_STEP_FRACTION = 0.99
+# Halvings of a step whose objective rises too much before it is given up (0.5**45 is
+# about 3e-14 of the step: below it, the iterate would not move in float64).
+_MAX_HALVINGS = 45
+# A step is accepted while the region's objective stays below this factor of its value
+# plus this many duality gaps: the objective is not quadratic and may rise a little on
+# the way to the optimum (the epigraph variables and the barrier move with it).
+_RISE_FACTOR, _RISE_GAPS = 1.1, 2.0
+# Regions that are done leave the batch once they hold this share of its channels:
+# dropping them costs a copy of every array, worth it only when it spares many.
+_DROP_SHARE = 0.2
+# Smallest slack or multiplier: they stay positive in exact arithmetic, and rounding
+# must not make them 0 (a division by them follows).
+_TINY = 1e-300
+# Largest exponent taken: exp(700) is near float64's largest value (exp(709.8)), so a
+# wild trial step gives a huge but finite objective (rejected by the line search)
+# rather than inf.
+_MAX_EXP = 700.0
+
+
+class _Step(NamedTuple):
+    """A Newton direction of :class:`_PrimalDual` and its step lengths.
+
+    ``d_t`` (N,): log-scales; ``d_mu`` (K, R): term variables; ``ds`` (K, N): the
+    constraints' slacks; ``dlam`` (K, N): their multipliers; ``dlam_l``, ``dlam_h`` (N,):
+    the multipliers of the box's lower and upper bounds; ``a`` (R,): per region, the
+    longest step (at most 1) that keeps every slack and multiplier positive (0 for a
+    region whose Newton system could not be solved).
+    """
+
+    d_t: np.ndarray
+    d_mu: np.ndarray
+    ds: np.ndarray
+    dlam: np.ndarray
+    dlam_l: np.ndarray
+    dlam_h: np.ndarray
+    a: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -160,6 +202,28 @@ def _solve_each(matrices: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.n
     return out.T, failed
 
 
+# OpenBLAS factors a system of this many rows or more on several threads; on a loaded
+# machine that costs 10-20x the time of one thread (a 144-row system: 0.7 to 13.5 ms,
+# 99 rows 0.08 ms). Larger systems are solved by blocks below this size.
+_THREADED_ROWS = 100
+
+
+def _solve_blocks(m: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``m x = y`` (``y``: (n, r)) by block elimination over halves of ``m`` until
+    they are under :data:`_THREADED_ROWS` rows. No pivoting across the blocks: for a
+    positive definite ``m`` (a Newton system's Schur complement), whose leading blocks
+    are too."""
+    n = m.shape[0]
+    if n < _THREADED_ROWS:
+        return np.linalg.solve(m, y)
+    h = n // 2
+    a, b, c, d = m[:h, :h], m[:h, h:], m[h:, :h], m[h:, h:]
+    x = _solve_blocks(a, np.concatenate([b, y[:h]], axis=1))  # A^-1 [B, y1]
+    x_b, x_y = x[:, : n - h], x[:, n - h :]
+    z = _solve_blocks(d - c @ x_b, y[h:] - c @ x_y)
+    return np.concatenate([x_y - x_b @ z, z])
+
+
 def _buckets(terms_per_region: list[int]) -> list[list[int]]:
     """Indices grouped by term count: up to 3, 4 to 6, more."""
     groups: dict[int, list[int]] = {}
@@ -229,19 +293,21 @@ class _PrimalDual:
         u -= self.sk * t
         e = np.multiply(u, 2.0)
         e += self.logwc
-        np.minimum(e, 700.0, out=e)
+        np.minimum(e, _MAX_EXP, out=e)
         np.exp(e, out=e)
         # slacks stay positive in exact arithmetic; rounding must not make them 0 (and
         # they are inf where unsupported: alpha is -inf there)
         u -= self.alpha
-        s = np.maximum(u, 1e-300, out=u)
-        return e, s, np.maximum(t - self.lo_box, 1e-300), np.maximum(self.hi_box - t, 1e-300)
+        s = np.maximum(u, _TINY, out=u)
+        return e, s, np.maximum(t - self.lo_box, _TINY), np.maximum(self.hi_box - t, _TINY)
 
-    def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> np.ndarray:
+    def gaps(self, lam, s, lam_l, sl, lam_h, sh) -> tuple[np.ndarray, np.ndarray]:
+        """Each region's duality gap (the sum of its products of slack and multiplier),
+        and their sums per channel."""
         comp = np.where(self.sup, s, 0.0)
         comp *= lam
         comp = comp.sum(axis=0) + lam_l * sl + lam_h * sh
-        return np.add.reduceat(comp, self.starts)
+        return np.add.reduceat(comp, self.starts), comp
 
     def run(self, tolerance: float, max_steps: int = 80) -> list[np.ndarray]:
         count = len(self.sizes)
@@ -250,12 +316,12 @@ class _PrimalDual:
         done = np.zeros(count, bool)
         best_f = np.full(count, np.inf)
         best_t = self.t.copy()
+        per_term = self.per_region(self.e)  # then the line search's, at the step it took
         for _ in range(max_steps):
             sup, sk = self.sup, self.sk
             e, s, sl, sh = self.e, self.s, self.sl, self.sh
-            per_term = self.per_region(e)
             f = per_term.sum(axis=0)
-            gap = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
+            gap, comp = self.gaps(self.lam, s, self.lam_l, sl, self.lam_h, sh)
             self.grad_t = -2.0 * (sk * e).sum(axis=0)
             self.grad_mu = 2.0 * per_term
             better = np.isfinite(f) & (f < best_f)
@@ -270,7 +336,7 @@ class _PrimalDual:
             if np.all(done):
                 break
             finished = self.sizes[done].sum()
-            if finished >= 0.2 * self.t.shape[0]:
+            if finished >= _DROP_SHARE * self.t.shape[0]:
                 # Regions that are done no longer move: their result is final, and
                 # dropping them spares every later step their channels (regions of a
                 # batch converge in 5 to 15 steps).
@@ -281,30 +347,31 @@ class _PrimalDual:
                 self._keep(keep, cols)
                 sup, sk = self.sup, self.sk
                 e, s, sl, sh = self.e, self.s, self.sl, self.sh
-                f, gap = f[keep], gap[keep]
+                f, gap, comp = f[keep], gap[keep], comp[cols]
             self.factor()
             pred = self.direction()
-            d_t, ds, a = pred[0], pred[2], pred[6]
-            a_c = self.expand(a)
-            gap_aff = self.gaps(
-                self.lam + a_c * pred[3],
-                s + a_c * ds,
-                self.lam_l + a_c * pred[4],
-                sl + a_c * d_t,
-                self.lam_h + a_c * pred[5],
-                sh - a_c * d_t,
+            # The products of the affine step's changes: the corrector's second-order
+            # terms, and the gap after the affine step. Along it each pair of slack and
+            # multiplier goes to (lam + a dlam)(s + a ds) = (1 - a) lam s + a^2 dlam ds
+            # (its Newton equation is lam ds + s dlam = -lam s): no pass over the
+            # (K, N) arrays beyond this product.
+            corr = np.where(sup, pred.ds * pred.dlam, 0.0)
+            corr_l, corr_h = pred.d_t * pred.dlam_l, -pred.d_t * pred.dlam_h
+            a_c = self.expand(pred.a)
+            gap_aff = self.per_region(
+                (1.0 - a_c) * comp + a_c**2 * (corr.sum(axis=0) + corr_l + corr_h)
             )
             sigma = np.minimum(1.0, (gap_aff / gap) ** 3)
             target = self.expand(sigma * gap / self.m)
-            d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(
-                target, np.where(sup, ds * pred[3], 0.0), d_t * pred[4], -d_t * pred[5]
-            )
-            a = np.where(done, 0.0, 0.99 * a)
+            d_t, d_mu, ds, dlam, dlam_l, dlam_h, a = self.direction(target, corr, corr_l, corr_h)
+            a = np.where(done, 0.0, _STEP_FRACTION * a)
             # The objective is not quadratic: shorten a step whose linearization is poor
             # (the objective may rise a little on the way, not by much).
-            for _ in range(45):
+            rise = _RISE_FACTOR * f + _RISE_GAPS * gap
+            for _ in range(_MAX_HALVINGS):
                 new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
-                bad = self.per_region(new[0]).sum(axis=0) > 1.1 * f + 2.0 * gap
+                per_term = self.per_region(new[0])
+                bad = per_term.sum(axis=0) > rise
                 bad &= a > 0
                 if not np.any(bad):
                     break
@@ -312,15 +379,16 @@ class _PrimalDual:
             else:
                 a = np.where(bad, 0.0, a)
                 new = self.state(self.t + self.expand(a) * d_t, self.mu + a * d_mu)
+                per_term = self.per_region(new[0])
             done |= a <= 1e-12
             a_c = self.expand(a)
             self.t, self.mu = self.t + a_c * d_t, self.mu + a * d_mu
             self.e, self.s, self.sl, self.sh = new
             dlam *= a_c
             dlam += self.lam
-            self.lam = np.where(sup, np.maximum(dlam, 1e-300, out=dlam), 0.0)
-            self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, 1e-300)
-            self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, 1e-300)
+            self.lam = np.where(sup, np.maximum(dlam, _TINY, out=dlam), 0.0)
+            self.lam_l = np.maximum(self.lam_l + a_c * dlam_l, _TINY)
+            self.lam_h = np.maximum(self.lam_h + a_c * dlam_h, _TINY)
         f = self.per_region(self.e).sum(axis=0)  # self.e is the state at (t, mu)
         self._finish(np.ones(len(ids), bool), f, best_f, best_t, ids, results)
         return results
@@ -353,9 +421,12 @@ class _PrimalDual:
         res = self.per_region(np.abs(r_t)) + np.abs(r_mu).sum(axis=0)
         return res <= tolerance * f
 
-    def factor(self) -> None:
+    def factor(self, to_channels: bool = True) -> None:
         """Per region, the Newton matrix reduced to the term variables (a Schur
-        complement over the diagonal channel block)."""
+        complement over the diagonal channel block), or to the channels (over the
+        diagonal block of the term variables) for a region with more terms than
+        channels: the smaller system of the two (both unless ``to_channels`` is False,
+        for tests: they give the same step up to rounding)."""
         self.d = self.lam / self.s  # 0 where unsupported (s = inf)
         w = np.multiply(self.e, 4.0)
         w += self.d
@@ -364,6 +435,8 @@ class _PrimalDual:
         self.h_tm = self.h_sign * w  # d2/(dmu dt)
         self.scaled = self.h_tm / self.h_tt
         k = w.shape[0]
+        self.diag_mu = diag = np.where(self.fixed, 1.0, self.per_region(w))  # (K, R)
+        self.by_channel = np.zeros(len(self.sizes), bool)
         if k <= 6:  # many small regions: one broadcast product for all
             # The rows of term variables held in every region (mu_0 at least) are set
             # below whatever the product says: it is taken over the others only.
@@ -374,13 +447,22 @@ class _PrimalDual:
                 scaled[:, None, :] * h_tm[None, :, :]
             ).transpose(2, 0, 1)  # (R, K, K)
         else:  # a region of many terms (a long residual stream): a (K, K, N) array is too big
-            outer = np.stack(
-                [
-                    self.scaled[:, a : a + n] @ self.h_tm[:, a : a + n].T
-                    for a, n in zip(self.starts, self.sizes, strict=True)
-                ]
-            )
-        diag = np.where(self.fixed, 1.0, self.per_region(w))  # (K, R)
+            # A region with more free term variables than channels (a residual stream
+            # of many blocks) is reduced to its channels instead: its system's size no
+            # longer grows with the depth. Its row of `outer` is left 0 (not solved).
+            self.by_channel = ((~self.fixed).sum(axis=0) > self.sizes) & to_channels
+            outer = np.zeros((len(self.sizes), k, k))
+            self.channel_systems = {}
+            for r, (a, n) in enumerate(zip(self.starts, self.sizes, strict=True)):
+                h_tm = self.h_tm[:, a : a + n]
+                if not self.by_channel[r]:
+                    outer[r] = self.scaled[:, a : a + n] @ h_tm.T
+                    continue
+                # (held rows: h_tm 0, diag 1, so they drop out)
+                over = h_tm / diag[:, r : r + 1]  # B / D_mu
+                m = -(over.T @ h_tm)
+                m[np.arange(n), np.arange(n)] += self.h_tt[a : a + n]
+                self.channel_systems[r] = (m, over)
         schur = -outer
         schur[:, np.arange(k), np.arange(k)] += diag.T
         fixed = self.fixed.T  # (R, K)
@@ -388,7 +470,28 @@ class _PrimalDual:
         schur[:, np.arange(k), np.arange(k)] += np.where(fixed, 1.0, 0.0)
         self.schur = schur
 
-    def direction(self, target=None, corr=None, corr_l=None, corr_h=None):
+    def solve(self, rhs_t: np.ndarray, rhs_mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The Newton system's term part ``d_mu`` (K, R) for the right-hand sides
+        ``rhs_t`` (N,) and ``rhs_mu`` (K, R), and which regions' systems failed."""
+        rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
+        if not np.any(self.by_channel):
+            return _solve_each(self.schur, rhs.T)
+        by_term = ~self.by_channel
+        d_mu, failed = np.zeros_like(rhs), np.zeros(len(self.sizes), bool)
+        d_mu[:, by_term], failed[by_term] = _solve_each(self.schur[by_term], rhs.T[by_term])
+        for r, (m, over) in self.channel_systems.items():
+            # d_t from (H_tt - B' D_mu^-1 B) d_t = rhs_t - B' D_mu^-1 rhs_mu, then
+            # d_mu = D_mu^-1 (rhs_mu - B d_t)
+            cols = slice(self.starts[r], self.starts[r] + self.sizes[r])
+            y = rhs_t[cols] - over.T @ rhs_mu[:, r]
+            try:
+                d_t = _solve_blocks(m, y[:, None])[:, 0]
+            except np.linalg.LinAlgError:
+                d_t, failed[r] = np.zeros_like(y), True
+            d_mu[:, r] = (rhs_mu[:, r] - self.h_tm[:, cols] @ d_t) / self.diag_mu[:, r]
+        return d_mu, failed
+
+    def direction(self, target=None, corr=None, corr_l=None, corr_h=None) -> _Step:
         """Newton step towards ``lam * slack = target`` (less a second-order correction;
         no target: the affine step, towards 0) and, per region, the longest step that
         keeps slacks and multipliers positive."""
@@ -404,8 +507,7 @@ class _PrimalDual:
             c_l, c_h = (target - corr_l) / sl, (target - corr_h) / sh
             rhs_t = -(self.grad_t + (sk * c).sum(axis=0) - c_l + c_h)
             rhs_mu = np.where(self.fixed, 0.0, self.per_region(c) - self.grad_mu)
-        rhs = rhs_mu - self.per_region(self.scaled * rhs_t)  # (K, R)
-        d_mu, failed = _solve_each(self.schur, rhs.T)
+        d_mu, failed = self.solve(rhs_t, rhs_mu)
         d_mu_c = self.expand(d_mu)
         scratch = self.h_tm * d_mu_c
         d_t = (rhs_t - scratch.sum(axis=0)) / self.h_tt
@@ -430,4 +532,4 @@ class _PrimalDual:
         q = np.fmin.reduceat(per_channel, self.starts)
         a = np.where(q < -1.0, -1.0 / q, 1.0)
         a = np.where(failed, 0.0, a)  # a degenerate region stops where it is
-        return d_t, d_mu, ds, dlam, dlam_l, dlam_h, a
+        return _Step(d_t, d_mu, ds, dlam, dlam_l, dlam_h, a)

@@ -14,24 +14,24 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from cle_core import CLEError, EqualizeOptions, Graph, Layout, equalize, run_graph
 from cle_core._cli import format_summary
 from cle_core._gains import propagate
-from cle_core._noise import Terms, objective, solve, solve_many
+from cle_core._noise import Terms, _PrimalDual, _solve_blocks, objective, solve, solve_many
 from cle_core._stats import ChannelStats, StatsAccumulator, clipped_normal, estimate, positions
 from tests.helpers.strategies import build_graph, feed
 
 
 @st.composite
-def region_terms(draw):
-    """One region's terms: a sink (sign +1) and one to three sources or activations,
-    log-ranges and log-coefficients over four decades, some channels untouched by a
-    term."""
-    n = draw(st.integers(1, 12))
-    k = draw(st.integers(2, 4))
+def region_terms(draw, terms=(2, 4), channels=(1, 12)):
+    """One region's terms: a sink (sign +1) and one to three sources or activations
+    (more with ``terms``), log-ranges and log-coefficients over four decades, some
+    channels untouched by a term."""
+    n = draw(st.integers(*channels))
+    k = draw(st.integers(*terms))
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     alpha = rng.normal(size=(k, n)) * 2.0
@@ -42,9 +42,23 @@ def region_terms(draw):
     return Terms(sign, rng.normal(size=k), alpha, logc), rng.normal(size=n) * 0.5
 
 
+# A residual stream over many blocks: more terms than channels (its Newton systems are
+# reduced to the channels).
+many_terms = region_terms(terms=(7, 14), channels=(1, 6))
+
+
 @given(region_terms())
 def test_solve_finds_the_minimum(problem):
     terms, t0 = problem
+    assert_solves_to_the_minimum(terms, t0)
+
+
+@given(many_terms)
+def test_a_region_of_many_terms_is_solved_to_its_minimum(problem):
+    assert_solves_to_the_minimum(*problem)
+
+
+def assert_solves_to_the_minimum(terms, t0):
     t = solve(terms, t0)
     f = objective(terms, t)
     assert f <= objective(terms, t0) * (1 + 1e-12)
@@ -55,6 +69,52 @@ def test_solve_finds_the_minimum(problem):
             moved = t + rng.normal(size=t.shape) * eps
             if np.all(np.abs(moved - t0) < bound):
                 assert objective(terms, moved) >= f * (1 - 1e-5)
+
+
+@given(many_terms)
+def test_a_system_reduced_to_the_channels_gives_the_same_step(problem):
+    # Eliminating the term variables instead of the channels solves the same Newton
+    # system: the steps agree to rounding, predictor and corrector alike.
+    terms, t0 = problem
+    keep = np.any(np.isfinite(terms.alpha), axis=1) & np.any(np.isfinite(terms.logc), axis=1)
+    active = np.any(np.isfinite(terms.alpha[keep]), axis=0) & np.any(
+        np.isfinite(terms.logc[keep]), axis=0
+    )
+    sub = Terms(
+        terms.sign[keep],
+        terms.logw[keep],
+        terms.alpha[keep][:, active],
+        terms.logc[keep][:, active],
+    )
+    assume(sub.alpha.shape[0] > 6 and sub.alpha.shape[0] - 1 > sub.alpha.shape[1] > 0)
+    ipm = _PrimalDual([sub], [t0[active]], [objective(sub, t0[active])])
+    ipm.grad_t = -2.0 * (ipm.sk * ipm.e).sum(axis=0)  # as run() sets them at each step
+    ipm.grad_mu = 2.0 * ipm.per_region(ipm.e)
+    steps = []
+    for to_channels in (False, True):
+        with np.errstate(all="ignore"):  # as in solve_many: inf / inf where unsupported
+            ipm.factor(to_channels)
+            pred = ipm.direction()
+            target = ipm.expand(np.array([1e-2]))
+            steps.append((pred, ipm.direction(target, pred.ds * pred.dlam, 0.0, 0.0)))
+        assert bool(ipm.by_channel[0]) is to_channels
+    for full, reduced in zip(*steps, strict=True):
+        for a, b in zip(full, reduced, strict=True):
+            a, b = np.nan_to_num(a), np.nan_to_num(b)
+            assert np.allclose(a, b, rtol=1e-7, atol=1e-9 * max(1.0, np.max(np.abs(a))))
+
+
+@given(st.integers(100, 260), st.integers(1, 3), st.integers(0, 2**16))
+def test_a_large_system_solved_by_blocks_is_solved(n, r, seed):
+    # Systems of 100 rows or more (a wide residual stream's channels) are solved by
+    # blocks under that size, where OpenBLAS stays on one thread: the same solution.
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, n)) * np.exp(rng.uniform(-3, 3, n))
+    m = a @ a.T + np.diag(np.exp(rng.uniform(-2, 2, n)))  # positive definite, like the Schur
+    y = rng.normal(size=(n, r))
+    x = _solve_blocks(m, y)
+    assert np.allclose(m @ x, y, rtol=0, atol=1e-8 * np.max(np.abs(m)) * np.max(np.abs(x)))
+    assert np.allclose(x, np.linalg.solve(m, y), rtol=1e-6, atol=1e-9 * np.max(np.abs(x)))
 
 
 @given(st.lists(region_terms(), min_size=1, max_size=5))
