@@ -8,6 +8,7 @@ their dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -126,18 +127,35 @@ def kernel_sums(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # The last weight's kernel sums (see layer_kernel_sums): (a weak reference to the weight,
-# its layout, the sums).
+# its layout, the sums), kept only inside remembering_kernel_sums().
 _last_sums: tuple[weakref.ref, Layout, tuple[np.ndarray, np.ndarray]] | None = None
+_remembering = 0
+
+
+@contextlib.contextmanager
+def remembering_kernel_sums():
+    """Within it :func:`layer_kernel_sums` remembers the last layer's sums: one
+    :func:`cle_core.equalize` run, whose passes replace parameter arrays and never write
+    into them. Outside it nothing is remembered, and leaving it forgets: between runs a
+    caller may change its own arrays in place."""
+    global _remembering, _last_sums
+    _remembering += 1
+    try:
+        yield
+    finally:
+        _remembering -= 1
+        if not _remembering:
+            _last_sums = None
 
 
 def layer_kernel_sums(w: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`kernel_sums` of ``grouped_view(w, layout)`` (read only), the last one
-    remembered while ``w`` lives: the statistics take those of a layer without a folded
-    BN, and the gains, walking the graph backwards, start with the same head layer (two
-    float64 copies of its weights: ResNet-50's head took 0.1 s each time, mostly the
-    first touch of new memory). Passes replace parameter arrays and never write into
-    them (:meth:`cle_core.Graph.checkpoint` relies on it too), so a live array's sums
-    stay what they were."""
+    """:func:`kernel_sums` of ``grouped_view(w, layout)`` (read only); inside
+    :func:`remembering_kernel_sums`, the last one remembered while ``w`` lives: the
+    statistics take those of a layer without a folded BN, and the gains, walking the
+    graph backwards, start with the same head layer (two float64 copies of its weights:
+    ResNet-50's head took 0.1 s each time, mostly the first touch of new memory). Passes
+    replace parameter arrays and never write into them (:meth:`cle_core.Graph.checkpoint`
+    relies on it too), so within a run a live array's sums stay what they were."""
     global _last_sums
     last = _last_sums
     if last is not None and last[0]() is w and last[1] == layout:
@@ -145,7 +163,7 @@ def layer_kernel_sums(w: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.nda
     sums = kernel_sums(grouped_view(w, layout))
     for a in sums:
         a.flags.writeable = False
-    if isinstance(w, np.ndarray):
+    if _remembering and isinstance(w, np.ndarray):
         _last_sums = (weakref.ref(w, _forget_sums), layout, sums)
     return sums
 

@@ -169,19 +169,56 @@ def test_a_layers_kernel_sums_are_remembered_while_its_weight_lives():
     layout = Layout(groups=2)
     w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
     plain = _math.kernel_sums(_math.grouped_view(w, layout))
-    got = _math.layer_kernel_sums(w, layout)
-    for a, b in zip(got, plain, strict=True):
-        np.testing.assert_array_equal(a, b)
-        assert not a.flags.writeable
-    assert _math.layer_kernel_sums(w, layout) is got  # the same weight: not taken again
-    # Another layout, or another array with the same values (a pass replaced the
-    # weight), is taken anew.
-    assert _math.layer_kernel_sums(w, Layout()) is not got
-    replaced = w * 2
-    again = _math.layer_kernel_sums(replaced, layout)
-    np.testing.assert_array_equal(again[0], 2 * plain[0])
-    np.testing.assert_array_equal(again[1], 4 * plain[1])
-    # The remembered sums go with their weight.
-    del replaced
-    gc.collect()
+    with _math.remembering_kernel_sums():  # as inside one equalize run
+        got = _math.layer_kernel_sums(w, layout)
+        for a, b in zip(got, plain, strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert not a.flags.writeable
+        assert _math.layer_kernel_sums(w, layout) is got  # the same weight: not taken again
+        # Another layout, or another array with the same values (a pass replaced the
+        # weight), is taken anew.
+        assert _math.layer_kernel_sums(w, Layout()) is not got
+        replaced = w * 2
+        again = _math.layer_kernel_sums(replaced, layout)
+        np.testing.assert_array_equal(again[0], 2 * plain[0])
+        np.testing.assert_array_equal(again[1], 4 * plain[1])
+        # The remembered sums go with their weight.
+        del replaced
+        gc.collect()
+        assert _math._last_sums is None
+        _math.layer_kernel_sums(w, layout)
+    # Leaving the run forgets, and outside one nothing is remembered: a caller may
+    # write into its own array between runs.
     assert _math._last_sums is None
+    w *= 3
+    # (3 w rounds in float32: equal to 3x the sums up to that rounding, not 1x)
+    np.testing.assert_allclose(_math.layer_kernel_sums(w, layout)[0], 3 * plain[0], rtol=1e-6)
+    assert _math._last_sums is None
+
+
+def test_equalize_sees_a_weight_changed_in_place_between_runs():
+    """Runs on graphs that share the caller's first weight array (a layer without a batch
+    norm, the last one whose kernel sums the gains take), changed in place between them:
+    the run after the change estimates what a fresh copy of the changed weight gives
+    (nothing remembered from the run before)."""
+    from cle_core import equalize
+    from tests.helpers.strategies import Builder
+
+    def before(weight):
+        b = Builder(np.random.default_rng(5), False)
+        b.g.add_input("x", 3)
+        h = b.act(b.conv("x", 3, 8, 3, pad=1), "relu", 8)
+        first = b.g.nodes[0]
+        h = b.act(b.bn(b.conv(h, 8, 8, 1), 8), "relu6", 8)
+        b.g.set_outputs([b.conv(h, 8, 4, 1)])
+        if weight is not None:
+            first.params["weight"] = weight
+        return equalize(b.g).report.noise.before, first
+
+    _, first = before(None)
+    shared = first.params["weight"].copy()
+    start = before(shared)[0]
+    shared[0] *= 10  # the caller's own array, in place
+    changed = before(shared)[0]
+    assert changed != start
+    assert changed == before(shared.copy())[0]
