@@ -102,9 +102,9 @@ class EqualizeOptions:
             raise CLEError("tolerance must be positive")
         if self.activation_weight and not objective_trait(self.objective, "uses_activation_weight"):
             raise CLEError(
-                f"activation_weight applies to objective='balance', not {self.objective!r}; "
-                "the noise objective weighs activations by activation_bits (set "
-                "activation_bits=None for a weights-only deployment)"
+                "activation_weight applies to objective='balance'; the noise objective "
+                "weighs activations by activation_bits (set activation_bits=None for a "
+                f"weights-only deployment); objective {self.objective!r} does not read it"
             )
         if self.high_bias_form not in ("exact", "classic"):
             raise CLEError("high_bias_form must be 'exact' or 'classic'")

@@ -473,7 +473,7 @@ def test_objectives_are_asked_what_they_read_not_named():
         register_objective(_Estimating())
     EqualizeOptions(objective="balance", activation_weight=1.0)
     for name in ("noise", "falls-back-for-test"):
-        with pytest.raises(CLEError, match=f"not {name!r}"):
+        with pytest.raises(CLEError, match=f"objective {name!r} does not read it"):
             EqualizeOptions(objective=name, activation_weight=1.0)
     g = build_graph(4, [("chain", "relu6")], 4, head=False)
     report = equalize(g, EqualizeOptions(objective="falls-back-for-test")).report
