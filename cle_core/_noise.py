@@ -118,7 +118,11 @@ def solve(terms: Terms, t0: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
     """Log-scales minimizing ``objective(terms, t)``; ``t0`` is the start and fixes the
     gauge (the channels the terms touch keep their mean). Stops when the duality gap, a
     bound on the distance to the optimum, is below ``tolerance`` times the objective.
-    Channels no term touches keep ``t0``; the result is never worse than ``t0``.
+    Channels no term touches keep ``t0``; the result is never worse than ``t0``. Along a
+    direction where the objective is nearly flat the gap test can pass early: over
+    5378 random regions, 30 ended more than 1e-5 above the minimum (one examined, whose
+    minimum is inside the box, 2.2e-3 above it;
+    ``test_a_flat_direction_can_stop_the_solve_short``).
 
     Method: the epigraph form (one variable ``mu_k`` per term bounding its max) is a
     sum of exponentials under linear constraints, solved by a primal-dual interior-point

@@ -3,7 +3,9 @@ report.
 
 Tolerances: the solver's result is a minimum to 1e-5 relative, its stopping gap (no
 random perturbation of
-it, at any of three step sizes, lowers the objective by more); data-free moments agree
+it, at any of three step sizes, lowers the objective by more), on the examples
+hypothesis draws; not on every region: see
+``test_a_flat_direction_can_stop_the_solve_short``; data-free moments agree
 with 200 000-sample Monte Carlo estimates to 2 %.
 """
 
@@ -56,6 +58,30 @@ def test_solve_finds_the_minimum(problem):
 @given(many_terms)
 def test_a_region_of_many_terms_is_solved_to_its_minimum(problem):
     assert_solves_to_the_minimum(*problem)
+
+
+def _random_region(seed: int, k: int, n: int) -> tuple[Terms, np.ndarray]:
+    """One region as :func:`region_terms` draws them, from a seed outside hypothesis."""
+    rng = np.random.default_rng(seed * 100 + k * 13 + n)
+    alpha = rng.normal(size=(k, n)) * 2.0
+    logc = rng.normal(size=(k, n)) * 2.0
+    alpha[rng.random((k, n)) < 0.15] = -np.inf
+    logc[rng.random((k, n)) < 0.1] = -np.inf
+    sign = np.array([1.0] + [float(rng.choice([-1.0, 1.0])) for _ in range(k - 2)] + [-1.0])
+    return Terms(sign, rng.normal(size=k), alpha, logc), rng.normal(size=n) * 0.5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: the interior point can stop short along a flat direction. Over 5378 "
+    "random regions (300 seeds x 2-4 terms x 1-12 channels, as region_terms draws them) "
+    "30 miss the 1e-5 of assert_solves_to_the_minimum; of 4 examined, 2 run towards the "
+    "10^4 box through a flat objective and end at the 80 steps, 2 stop inside it after "
+    "16-20 steps, as this one (2.2e-3 above Nelder-Mead's minimum, which moves channel 2 "
+    "by 0.36)",
+)
+def test_a_flat_direction_can_stop_the_solve_short():
+    assert_solves_to_the_minimum(*_random_region(2, 2, 3))
 
 
 def assert_solves_to_the_minimum(terms, t0):
