@@ -35,7 +35,11 @@ def region_terms(draw, terms=(2, 4), channels=(1, 12)):
     n = draw(st.integers(*channels))
     k = draw(st.integers(*terms))
     seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
+    return _region(np.random.default_rng(seed), k, n)
+
+
+def _region(rng, k: int, n: int) -> tuple[Terms, np.ndarray]:
+    """``k`` terms over ``n`` channels drawn from ``rng``, and a start."""
     alpha = rng.normal(size=(k, n)) * 2.0
     logc = rng.normal(size=(k, n)) * 2.0
     alpha[rng.random((k, n)) < 0.15] = -np.inf
@@ -62,13 +66,7 @@ def test_a_region_of_many_terms_is_solved_to_its_minimum(problem):
 
 def _random_region(seed: int, k: int, n: int) -> tuple[Terms, np.ndarray]:
     """One region as :func:`region_terms` draws them, from a seed outside hypothesis."""
-    rng = np.random.default_rng(seed * 100 + k * 13 + n)
-    alpha = rng.normal(size=(k, n)) * 2.0
-    logc = rng.normal(size=(k, n)) * 2.0
-    alpha[rng.random((k, n)) < 0.15] = -np.inf
-    logc[rng.random((k, n)) < 0.1] = -np.inf
-    sign = np.array([1.0] + [float(rng.choice([-1.0, 1.0])) for _ in range(k - 2)] + [-1.0])
-    return Terms(sign, rng.normal(size=k), alpha, logc), rng.normal(size=n) * 0.5
+    return _region(np.random.default_rng(seed * 100 + k * 13 + n), k, n)
 
 
 def test_a_stalled_solve_is_restarted_to_the_minimum():
