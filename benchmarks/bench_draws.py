@@ -15,7 +15,12 @@ W8A8, as ``bench_deployments.py``). It prints per draw set:
 - the noise objective's estimate (data-free) of the undrawn scales and the mean of
   the draws' estimates (dB).
 
-Run: ``python benchmarks/bench_draws.py [--networks ...] [--draws N] [--eps E]``.
+``--case-means`` instead prints, per deployment, the default scales' SQNR averaged over
+``bench_deployments.py``'s 27 other cases, undrawn and for each draw: how far such a
+mean moves by the rounding alone.
+
+Run: ``python benchmarks/bench_draws.py [--networks ...] [--draws N] [--eps E]``, or
+``python benchmarks/bench_draws.py --case-means --draws 3``.
 """
 
 from __future__ import annotations
@@ -86,6 +91,38 @@ def db(signal: float, noise: float) -> float:
     return 10.0 * np.log10(signal / noise)
 
 
+def measured(jitter: Jittered, model, x, calib, original, dep: Deployment) -> float:
+    """The SQNR (dB) of ``model`` equalized with ``jitter``'s scales, quantized for ``dep``."""
+    eq, _ = cle_torch.equalize_model(
+        copy.deepcopy(model), dummy_input=x[:1], objective=jitter.name, deployment=dep
+    )
+    err, ref = errors(original, exported(eq, x), x.numpy(), calib, dep)
+    return db(float(np.sum(ref**2)), float(np.sum(err**2)))
+
+
+def case_means(jitter: Jittered, draws: int, eps: float, deployments) -> None:
+    """Per deployment, the mean over the 27 cases of the default scales' SQNR, undrawn
+    (bench_deployments.py's figure) and for each draw."""
+    figures = {dep: [] for dep in deployments}
+    jitter.base = "noise"
+    for name in ["trained_cnn", *other.RANDOM]:
+        for label, model, x, calib in bd.cases(name, 3):
+            original = exported(model, x)
+            for dep in deployments:
+                row = []
+                for d in range(draws + 1):
+                    jitter.eps, jitter.seed = (0.0 if d == 0 else eps), d
+                    row.append(measured(jitter, model, x, calib, original, bd.DEPLOYMENTS[dep]))
+                figures[dep].append(row)
+                print(f"{label:<16}{dep:<8}" + "".join(f"{v:7.2f}" for v in row), flush=True)
+    print(f"means over the cases, undrawn then {draws} draws of eps {eps}:")
+    for dep, rows in figures.items():
+        means = np.mean(rows, axis=0)
+        print(
+            f"  {dep:<8}" + "".join(f"{m:7.2f}" for m in means) + f"   spread {np.ptp(means):.2f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", nargs="+", default=["lite0", "trained_cnn", "resnet"])
@@ -95,12 +132,21 @@ def main() -> None:
     ap.add_argument(
         "--deployments", nargs="+", default=["W8", "W8A8"], choices=list(bd.DEPLOYMENTS)
     )
+    ap.add_argument(
+        "--case-means",
+        action="store_true",
+        help="instead: the means over bench_deployments.py's 27 other cases, per draw of "
+        "the default scales (how far one run's means move by the rounding alone)",
+    )
     args = ap.parse_args()
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     jitter = Jittered()
     if jitter.name not in objective_names():
         register_objective(jitter)
+    if args.case_means:
+        case_means(jitter, args.draws, args.eps, args.deployments)
+        return
     print(f"eps {args.eps}, {args.draws} draws per row")
     print(
         f"{'network':<16}{'deploy':<7}{'scales':<7}{'min':>7}{'median':>8}{'max':>7}"
