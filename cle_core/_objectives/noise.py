@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -113,6 +112,8 @@ class NoiseObjective:
             history = [est.total(scales)]
         tolerance = options.tolerance if options.tolerance is not None else NOISE_TOLERANCE
         groups, neighbors = _colors(est)
+        # each region's activation balance depends on nothing a sweep changes
+        act_balances = [_activation_balance(est, k, est.live[k]) for k in range(len(regions))]
         dirty = set(range(len(regions)))
         sweeps, converged, max_change = 0, not regions, 0.0
         while regions and sweeps < options.max_sweeps:
@@ -138,7 +139,7 @@ class NoiseObjective:
                 )
                 for k, t_convex in zip(group, convex, strict=True):
                     t_now = np.log(scales[k])
-                    cands = _candidates(est, k, scales, t_now, t_convex)
+                    cands = _candidates(est, k, scales, t_now, t_convex, act_balances[k])
                     values = est.region_values(k, scales, np.exp(cands))
                     values = np.where(np.isfinite(values), values, np.inf)
                     now = values[0]  # row 0: the current scales
@@ -255,11 +256,14 @@ def observed_outputs(graph, stats: Mapping | None = None) -> list:
     return found
 
 
-def _candidates(est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.ndarray):
-    """Candidate log-scales of region ``k`` (rows; row 0 the current ones)."""
+def _candidates(
+    est: Estimate, k: int, scales, t_now: np.ndarray, t_convex: np.ndarray, t_act: np.ndarray
+):
+    """Candidate log-scales of region ``k`` (rows; row 0 the current ones); ``t_act``:
+    its :func:`_activation_balance`."""
     live = est.live[k]
     n = t_now.shape[0]
-    t_bal, t_act = _balance(est, k, scales, live), _activation_balance_of(est, k)
+    t_bal = _balance(est, k, scales, live)
     rows = [t_now, np.zeros(n), t_convex, 0.5 * (t_now + t_convex)]
     rows += [a * t_bal + b * t_act for a, b in _BLENDS]
     cands = np.stack(rows)
@@ -354,23 +358,6 @@ def _balance(est: Estimate, k: int, scales, live: np.ndarray) -> np.ndarray:
     t = np.zeros(n)
     t[ok] = 0.5 * (np.log(src[ok]) - np.log(snk[ok]))
     return t
-
-
-# Per estimate, each region's activation balance: it depends on nothing a sweep changes
-# (the region's activation terms and live channels), and is asked for at every visit.
-_ACTIVATION_BALANCES: weakref.WeakKeyDictionary[Estimate, dict[int, np.ndarray]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _activation_balance_of(est: Estimate, k: int) -> np.ndarray:
-    """:func:`_activation_balance` of region ``k`` at its live channels, taken once per
-    estimate (read only: the candidates are new arrays made from it)."""
-    known = _ACTIVATION_BALANCES.setdefault(est, {})
-    if k not in known:
-        known[k] = _activation_balance(est, k, est.live[k])
-        known[k].flags.writeable = False
-    return known[k]
 
 
 def _activation_balance(est: Estimate, k: int, live: np.ndarray) -> np.ndarray:

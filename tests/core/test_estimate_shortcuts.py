@@ -136,28 +136,31 @@ def test_fit_dtype_checks_only_what_a_conversion_can_overflow():
     np.testing.assert_array_equal(fit_dtype(big, np.float64, "w"), big.astype(np.float64))
 
 
-def test_the_activation_balance_is_taken_once_per_estimate():
-    import gc
-
+def test_the_activation_balance_is_taken_once_per_region_and_search(monkeypatch):
+    """Each region's activation balance (nothing a sweep changes) is taken once per
+    search, however many sweeps visit the region, and the candidates use that value."""
+    from cle_core import EqualizeOptions, equalize
     from cle_core._objectives import noise
+    from tests.helpers.strategies import build_graph
 
-    est = _estimate_of(7, Deployment())
-    assert est.map.regions
-    for k in range(len(est.map.regions)):
-        got = noise._activation_balance_of(est, k)
-        np.testing.assert_array_equal(got, noise._activation_balance(est, k, est.live[k]))
-        assert noise._activation_balance_of(est, k) is got and not got.flags.writeable
-    # Another estimate (other terms) has its own; a dropped one leaves nothing behind.
-    other = _estimate_of(8, Deployment())
-    for k in range(len(other.map.regions)):
-        np.testing.assert_array_equal(
-            noise._activation_balance_of(other, k),
-            noise._activation_balance(other, k, other.live[k]),
-        )
-    held = len(noise._ACTIVATION_BALANCES)
-    del est, other
-    gc.collect()
-    assert len(noise._ACTIVATION_BALANCES) == held - 2
+    taken, used = [], []
+    plain, candidates = noise._activation_balance, noise._candidates
+
+    def counted(est, k, live):
+        taken.append(k)
+        return plain(est, k, live)
+
+    def checked(est, k, scales, t_now, t_convex, t_act):
+        np.testing.assert_array_equal(t_act, plain(est, k, est.live[k]))
+        used.append(k)
+        return candidates(est, k, scales, t_now, t_convex, t_act)
+
+    monkeypatch.setattr(noise, "_activation_balance", counted)
+    monkeypatch.setattr(noise, "_candidates", checked)
+    g = build_graph(7, [("chain", "relu6"), ("triple", "relu6"), ("residual", "relu6")], 4, True)
+    report = equalize(g, EqualizeOptions(tolerance=1e-9)).report
+    assert report.sweeps > 1 and len(used) > len(set(used))  # regions visited again
+    assert sorted(taken) == list(range(len(report.regions)))
 
 
 def test_a_layers_kernel_sums_are_remembered_while_its_weight_lives():
