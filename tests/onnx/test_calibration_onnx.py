@@ -371,12 +371,15 @@ def test_cli_calibration_for_an_objective_that_reads_no_statistics_is_refused(
     npy = tmp_path / "c.npy"
     np.save(npy, X)
     listing = sorted(p.name for p in tmp_path.iterdir())
+    inputs = {p: p.read_bytes() for p in (src, npy)}
     out = tmp_path / "out.onnx"
     args = ["equalize", str(src), "-o", str(out), "--calibration", str(npy)]
     assert main([*args, "--objective", objective]) == 2
     err = capsys.readouterr().err
     assert f"statistics the {objective} objective does not use" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert {p: p.read_bytes() for p in inputs} == inputs
     # The same run with --verify measures on them: accepted.
     assert main([*args, "--objective", objective, "--verify", "--quiet"]) == 0
     assert main([*args, "--quiet"]) == 0  # the noise objective reads them
+    assert {p: p.read_bytes() for p in inputs} == inputs  # and after success
