@@ -137,11 +137,7 @@ class ScaleMap:
 
 
 class WeightTerm:
-    """The noise of one layer's weight grid as a function of its input and output scales.
-
-    ``sensitivity`` (optional, measured): per (group, out, in), the sum over the kernel of
-    ``E (d out / d W[o, i, k])^2`` normalized by the output power; it replaces the
-    separable estimate ``gain_o * e_i``."""
+    """The noise of one layer's weight grid as a function of its input and output scales."""
 
     def __init__(
         self,
@@ -149,7 +145,6 @@ class WeightTerm:
         stats: Mapping[str, ChannelStats],
         gains: Gains,
         deployment: Deployment,
-        sensitivity: np.ndarray | None = None,
     ):
         self.node = node
         if node.op == "norm":
@@ -198,11 +193,6 @@ class WeightTerm:
         self.energy = (self.kernel * floored(meansq, gains.floor)).reshape(self.groups, self.ig)
         gain = gains.weight_gain(node.outputs[0].name, self.groups * self.og)
         self.gain = gain.reshape(self.groups, self.og)
-        self.sens = (
-            None
-            if sensitivity is None
-            else np.asarray(sensitivity, np.float64).reshape(self.groups, self.og, self.ig)
-        )
         self.factor = 1.0 / (grid_levels(deployment.weight_bits) ** 2 * 12.0)
 
     # -- reductions at one fixed scale vector, remembered -----------------------------------
@@ -318,15 +308,6 @@ class WeightTerm:
         with other layers' weights). Returns (C,)."""
         si, so = self._shaped(s_in, s_out)
         inv_sq = 1.0 / np.square(si[:, :, 0, :])  # (C, g, ig)
-        if self.sens is not None:
-            # Each weight's rounding noise reaches the output through its own gradient,
-            # times (s_out / s_in)^2 back to original units.
-            reach = np.einsum("goi,cgi->cgo", self.sens, inv_sq) * np.square(so[..., 0])
-            if self.per_channel:
-                spans = self._row_spans(si, so, vary) / so[..., 0]
-                return self.factor * np.einsum("cgo,cgo->c", np.square(spans), reach)
-            span = self._tensor_span(si, so, vary) if span is None else span
-            return self.factor * np.square(span) * reach.sum(axis=(1, 2))
         energy = np.einsum("gi,cgi->cg", self.energy, inv_sq)  # (C, g)
         if self.per_channel:
             spans = self._row_spans(si, so, vary)
@@ -352,10 +333,7 @@ class WeightTerm:
         ranges = self._reduced("abs", 1, so).reshape(-1)
         if not coefficients:
             return ranges, None
-        if self.sens is not None:
-            c = np.einsum("goi,go->gi", self.sens, np.square(so))
-        else:
-            c = (self.gain * np.square(so)).sum(axis=1)[:, None] * self.energy
+        c = (self.gain * np.square(so)).sum(axis=1)[:, None] * self.energy
         return ranges, c.reshape(-1)
 
     def source_ranges(
@@ -367,10 +345,7 @@ class WeightTerm:
         ranges = self._reduced("abs", 2, si).reshape(-1)
         if not coefficients:
             return ranges, None
-        if self.sens is not None:
-            c = np.einsum("goi,gi->go", self.sens, 1.0 / np.square(si))
-        else:
-            c = self.gain * (self.energy / np.square(si)).sum(axis=1)[:, None]
+        c = self.gain * (self.energy / np.square(si)).sum(axis=1)[:, None]
         return ranges, c.reshape(-1)
 
     @property
@@ -437,15 +412,13 @@ class Estimate:
         stats: Mapping[str, ChannelStats],
         gains: Gains,
         positions: Mapping[str, int],
-        sensitivities: Mapping[str, np.ndarray] | None = None,
     ):
         self.graph = graph
         self.deployment = deployment
         self.map = ScaleMap(regions)
-        sens = sensitivities or {}
         profile = profile_for(deployment)
         self.weights = [
-            WeightTerm(n, stats, gains, deployment, sens.get(n.name))
+            WeightTerm(n, stats, gains, deployment)
             for n in graph.nodes
             if quantizes_weight(profile, n, deployment)
         ]

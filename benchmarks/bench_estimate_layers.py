@@ -1,0 +1,244 @@
+"""The noise estimate layer by layer: each layer's weight noise, estimated and measured.
+
+``bench_deployments.py`` compares the estimate's total with onnxruntime's figure; this
+benchmark opens the total up. For each network and weights-only deployment it takes the
+noise objective's scales (``ours``) and no scaling (``none``: batch norms folded), and
+for every layer the quantizer rounds:
+
+- ``est``: the layer's weight term of the noise estimate (``Estimate.weight_values``),
+  a noise-to-signal ratio of the graph output;
+- ``meas``: that layer's weights alone put on the deployment's grid
+  (``cle_core.quality.weights_on_grid``, onnxruntime's grid bit for bit), every other
+  weight and activation in float, run by onnxruntime after ``quant_pre_process`` as
+  ``cle evaluate`` does: the output's error power over its power on the evaluation
+  inputs.
+
+Per network it prints the ratio ``meas / est`` (dB, median and range; positive: the
+estimate is optimistic), the rank correlation of the two over the layers, how often the
+estimate calls the right direction where the measured change from none to ours is
+larger than 1 dB, and the median ratio per kind of layer (the first layer, depthwise,
+a layer on one position such as a squeeze-and-excitation FC, the rest). ``--layers``
+prints every layer.
+
+Networks: ``lite0`` (EfficientNet-Lite0, TorchScript export), ``trained_cnn``
+(``bench_other_networks.py``'s, seed 0), and every ``.onnx`` file of ``--folder`` (the
+PyPI models of ``bench_pypi_models.py``: its input sizes and images).
+
+Run: ``python benchmarks/bench_estimate_layers.py [--networks lite0 trained_cnn]
+[--folder DIR] [--images N] [--layers]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
+import bench_deployments as bd  # noqa: E402
+import bench_pypi_models as pypi  # noqa: E402
+
+import cle_onnx  # noqa: E402
+from cle_core import Deployment, ScaleOutcome, objective_names, register_objective  # noqa: E402
+from cle_core._objectives import get_objective  # noqa: E402
+from cle_core._objectives.noise import problem_estimate  # noqa: E402
+from cle_core._stats import positions  # noqa: E402
+from cle_core.quality import weights_on_grid  # noqa: E402
+from cle_onnx._calibrate import data_inputs  # noqa: E402
+from cle_onnx._evaluate import prepared, run, weight_axis  # noqa: E402
+
+DEPLOYMENTS = {
+    "W8": Deployment(activation_bits=None),
+    "W8/ch": Deployment(activation_bits=None, per_channel=True),
+}
+
+
+class Recorded:
+    """The noise objective's scales (or, with ``base`` None, no scaling), recording each
+    layer's estimated weight noise at them: ``(name, weight shape, kind, value)``."""
+
+    name = "layers-for-bench"
+    description = "the noise objective's scales, recorded layer by layer"
+    base: str | None = "noise"
+    layers: list = []
+
+    def choose(self, problem):
+        if self.base is None:
+            out = ScaleOutcome({r.id: np.ones(r.size) for r in problem.regions}, 0, True, 0.0)
+        else:
+            out = get_objective(self.base).choose(problem)
+        est = problem_estimate(problem)
+        counts = positions(problem.graph)
+        scales = [out.scales[r.id] for r in problem.regions]
+        first = est.weights[0].node if est.weights else None
+        self.layers = []
+        for term, value in zip(est.weights, est.weight_values(scales), strict=True):
+            node = term.node
+            if node is first:
+                kind = "first"
+            elif counts.get(node.inputs[0].name, 1) == 1 and node.op == "conv":
+                kind = "one position"
+            elif term.groups > 1 and term.ig == 1:
+                kind = "depthwise"
+            else:
+                kind = "other"
+            self.layers.append((node.name, tuple(np.shape(node.weight)), kind, float(value)))
+        return out
+
+
+RECORDED = Recorded()
+
+
+def measured(model: onnx.ModelProto, images: np.ndarray, dep: Deployment) -> list:
+    """``(weight shape, noise-to-signal)`` per rounded weight of ``model`` (graph order),
+    each layer's weights alone on ``dep``'s grid."""
+    model = prepared(model)
+    reference = run(model, images).astype(np.float64)
+    power = float(np.mean(reference**2))
+    inits = {t.name: t for t in model.graph.initializer}
+    rows, seen = [], set()
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        name = node.input[1] if len(node.input) > 1 else ""
+        if name not in inits or name in seen:
+            continue
+        seen.add(name)
+        w = numpy_helper.to_array(inits[name])
+        if w.dtype.kind != "f" or w.ndim < 2:
+            continue
+        axis = weight_axis(node) if dep.per_channel else None
+        q = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis).astype(w.dtype)
+        saved = onnx.TensorProto()
+        saved.CopyFrom(inits[name])
+        inits[name].CopyFrom(numpy_helper.from_array(q, name))
+        out = run(model, images).astype(np.float64)
+        inits[name].CopyFrom(saved)
+        rows.append((tuple(w.shape), float(np.mean((out - reference) ** 2)) / power))
+    return rows
+
+
+def equalized(model, sizes, dep: Deployment, base: str | None):
+    RECORDED.base = base
+    with contextlib.redirect_stdout(io.StringIO()):
+        out, _ = cle_onnx.equalize_model(
+            model, input_shapes=sizes, deployment=dep, objective=RECORDED.name
+        )
+    return out, list(RECORDED.layers)
+
+
+def db(x: float) -> float:
+    return 10.0 * np.log10(x) if x > 0 else -np.inf
+
+
+def ranks(x: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(x)).astype(np.float64)
+
+
+def report(label: str, dep_label: str, est: dict, meas: dict, show: bool) -> None:
+    """One network and deployment: ``est`` / ``meas`` map none / ours to per-layer rows."""
+    names = [row[0] for row in est["none"]]
+    kinds = [row[2] for row in est["none"]]
+    e = {k: np.array([row[3] for row in v]) for k, v in est.items()}
+    m = {k: np.array([row[1] for row in v]) for k, v in meas.items()}
+    live = (e["none"] > 0) & (m["none"] > 0)
+    ratio = np.full(len(names), np.nan)
+    ratio[live] = 10.0 * np.log10(m["none"][live] / e["none"][live])
+    if show:
+        print(
+            f"  {'layer':<44}{'kind':<14}{'est none':>10}{'meas':>10}{'dB':>7}"
+            f"{'est ours':>10}{'meas':>10}"
+        )
+        for i, name in enumerate(names):
+            print(
+                f"  {name[:43]:<44}{kinds[i]:<14}{e['none'][i]:10.2e}{m['none'][i]:10.2e}"
+                f"{ratio[i]:+7.1f}{e['ours'][i]:10.2e}{m['ours'][i]:10.2e}"
+            )
+    r = ratio[np.isfinite(ratio)]
+    rho = np.nan
+    if live.sum() > 2:
+        rho = np.corrcoef(ranks(e["none"][live]), ranks(m["none"][live]))[0, 1]
+    moved = [
+        (db(m["ours"][i] / m["none"][i]), db(e["ours"][i] / e["none"][i]))
+        for i in range(len(names))
+        if live[i] and m["ours"][i] > 0 and e["ours"][i] > 0
+    ]
+    moved = [(a, b) for a, b in moved if abs(a) > 1.0]
+    agree = sum(1 for a, b in moved if a * b > 0)
+    by_kind = "  ".join(
+        f"{k} {np.nanmedian(ratio[[j for j, kk in enumerate(kinds) if kk == k]]):+.1f} "
+        f"({kinds.count(k)})"
+        for k in ("first", "depthwise", "one position", "other")
+        if k in kinds
+    )
+    total_e = {k: db(1.0 / v.sum()) for k, v in e.items()}
+    total_m = {k: db(1.0 / v.sum()) for k, v in m.items()}
+    print(
+        f"{label[:28]:<29}{dep_label:<7}{len(names):4d}  ratio dB median {np.median(r):+6.1f} "
+        f"[{r.min():+6.1f}, {r.max():+6.1f}]  rank corr {rho:5.2f}  "
+        f"direction {agree}/{len(moved)}  sum est {total_e['none']:5.1f} -> {total_e['ours']:5.1f}"
+        f" meas {total_m['none']:5.1f} -> {total_m['ours']:5.1f}\n"
+        f"{'':36}by kind: {by_kind}",
+        flush=True,
+    )
+
+
+def networks(args):
+    """``(label, ONNX model, input sizes, images)`` per network asked for."""
+    for name in args.networks:
+        for label, model, x, _calib in bd.cases(name, 1):
+            x = x[: args.images]
+            with contextlib.redirect_stdout(io.StringIO()):
+                onnx_model = bd.other.exported(model, x)
+            first = data_inputs(onnx_model)[0].name
+            yield label, onnx_model, {first: (1, *x.shape[1:])}, x.numpy()
+    if args.folder is not None:
+        from cle_core._quality import natural_images
+
+        for path in sorted(args.folder.glob("*.onnx")):
+            model = onnx.load(str(path))
+            hw = pypi.input_size(model, path.stem)
+            images = np.ascontiguousarray(natural_images(hw)[: args.images])
+            first = data_inputs(model)[0].name
+            yield path.stem, model, {first: (1, 3, *hw)}, images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--networks", nargs="*", default=["lite0", "trained_cnn"])
+    ap.add_argument("--folder", type=Path, default=None)
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--deployments", nargs="*", default=list(DEPLOYMENTS))
+    ap.add_argument("--layers", action="store_true", help="print every layer")
+    args = ap.parse_args()
+    logging.getLogger("cle_core").setLevel(logging.ERROR)
+    if RECORDED.name not in objective_names():
+        register_objective(RECORDED)
+    for label, model, sizes, images in networks(args):
+        for dep_label in args.deployments:
+            dep = DEPLOYMENTS[dep_label]
+            est, meas = {}, {}
+            for key, base in (("none", None), ("ours", "noise")):
+                out, est[key] = equalized(model, sizes, dep, base)
+                meas[key] = measured(out, images, dep)
+            shapes_e = [row[1] for row in est["none"]]
+            shapes_m = [row[0] for row in meas["none"]]
+            if shapes_e != shapes_m:
+                print(
+                    f"{label}: the quantized weights do not match the estimate's layers "
+                    f"({len(shapes_m)} vs {len(shapes_e)}); skipped"
+                )
+                continue
+            report(label, dep_label, est, meas, args.layers)
+
+
+if __name__ == "__main__":
+    main()
