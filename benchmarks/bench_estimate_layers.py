@@ -13,14 +13,15 @@ for every layer the quantizer rounds:
   ``cle evaluate`` does: the output's error power over its power on the evaluation
   inputs.
 
-Per network it prints the ratio ``meas / est`` (dB, median and range; positive: the
-estimate is optimistic), the rank correlation of the two over the layers, how often the
-estimate calls the right direction where the measured change from none to ours is
-larger than 1 dB, and the median ratio per kind of layer (the first layer, depthwise,
-a layer on one position such as a squeeze-and-excitation FC, the rest). ``--layers``
-prints every layer.
+Per network it prints the ratio ``meas / est`` (dB, median, range and interquartile
+range; positive: the estimate is optimistic), the rank correlation of the two over the
+layers, how often the estimate calls the right direction where the measured change from
+none to ours is larger than 1 dB, and the median ratio per kind of layer (the first
+layer, depthwise, a layer on one position such as a squeeze-and-excitation FC, the
+rest). ``--layers`` prints every layer.
 
-Networks: ``lite0`` (EfficientNet-Lite0, TorchScript export), ``trained_cnn``
+Networks: ``lite0`` and ``lite0_bn`` (EfficientNet-Lite0, TorchScript export: batch norms
+folded by the exporter, so without statistics, or kept), ``trained_cnn``
 (``bench_other_networks.py``'s, seed 0), and every ``.onnx`` file of ``--folder`` (the
 PyPI models of ``bench_pypi_models.py``: its input sizes and images).
 
@@ -35,6 +36,7 @@ import contextlib
 import io
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +100,8 @@ RECORDED = Recorded()
 
 
 def measured(model: onnx.ModelProto, images: np.ndarray, dep: Deployment) -> list:
-    """``(weight shape, noise-to-signal)`` per rounded weight of ``model`` (graph order),
-    each layer's weights alone on ``dep``'s grid."""
+    """``(node name, weight shape, noise-to-signal)`` per rounded weight of ``model``
+    (graph order), each layer's weights alone on ``dep``'s grid."""
     model = prepared(model)
     reference = run(model, images).astype(np.float64)
     power = float(np.mean(reference**2))
@@ -122,8 +124,21 @@ def measured(model: onnx.ModelProto, images: np.ndarray, dep: Deployment) -> lis
         inits[name].CopyFrom(numpy_helper.from_array(q, name))
         out = run(model, images).astype(np.float64)
         inits[name].CopyFrom(saved)
-        rows.append((tuple(w.shape), float(np.mean((out - reference) ** 2)) / power))
+        rows.append((node.name, tuple(w.shape), float(np.mean((out - reference) ** 2)) / power))
     return rows
+
+
+def matched(layers: list, rows: list) -> list | None:
+    """``rows`` (measured) in the order of ``layers`` (estimated): by node name where the
+    ONNX nodes are named (the reader keeps their names), else in graph order where the
+    weight shapes agree; None if neither matches."""
+    by_name = {row[0]: row for row in rows}
+    if len(rows) == len(layers) and all(layer[0] in by_name for layer in layers):
+        ordered = [by_name[layer[0]] for layer in layers]
+    else:
+        ordered = rows
+    shapes = [row[1] for row in ordered]
+    return ordered if shapes == [layer[1] for layer in layers] else None
 
 
 def equalized(model, sizes, dep: Deployment, base: str | None):
@@ -148,7 +163,7 @@ def report(label: str, dep_label: str, est: dict, meas: dict, show: bool) -> Non
     names = [row[0] for row in est["none"]]
     kinds = [row[2] for row in est["none"]]
     e = {k: np.array([row[3] for row in v]) for k, v in est.items()}
-    m = {k: np.array([row[1] for row in v]) for k, v in meas.items()}
+    m = {k: np.array([row[2] for row in v]) for k, v in meas.items()}
     live = (e["none"] > 0) & (m["none"] > 0)
     ratio = np.full(len(names), np.nan)
     ratio[live] = 10.0 * np.log10(m["none"][live] / e["none"][live])
@@ -163,6 +178,7 @@ def report(label: str, dep_label: str, est: dict, meas: dict, show: bool) -> Non
                 f"{ratio[i]:+7.1f}{e['ours'][i]:10.2e}{m['ours'][i]:10.2e}"
             )
     r = ratio[np.isfinite(ratio)]
+    iqr = float(np.subtract(*np.percentile(r, [75, 25])))
     rho = np.nan
     if live.sum() > 2:
         rho = np.corrcoef(ranks(e["none"][live]), ranks(m["none"][live]))[0, 1]
@@ -183,7 +199,7 @@ def report(label: str, dep_label: str, est: dict, meas: dict, show: bool) -> Non
     total_m = {k: db(1.0 / v.sum()) for k, v in m.items()}
     print(
         f"{label[:28]:<29}{dep_label:<7}{len(names):4d}  ratio dB median {np.median(r):+6.1f} "
-        f"[{r.min():+6.1f}, {r.max():+6.1f}]  rank corr {rho:5.2f}  "
+        f"[{r.min():+6.1f}, {r.max():+6.1f}] IQR {iqr:4.1f}  rank corr {rho:5.2f}  "
         f"direction {agree}/{len(moved)}  sum est {total_e['none']:5.1f} -> {total_e['ours']:5.1f}"
         f" meas {total_m['none']:5.1f} -> {total_m['ours']:5.1f}\n"
         f"{'':36}by kind: {by_kind}",
@@ -194,6 +210,19 @@ def report(label: str, dep_label: str, est: dict, meas: dict, show: bool) -> Non
 def networks(args):
     """``(label, ONNX model, input sizes, images)`` per network asked for."""
     for name in args.networks:
+        if name in ("lite0", "lite0_bn"):
+            # the pretrained network as its ONNX file: the exporter folds the batch norms
+            # (no statistics left) unless they are kept
+            from cle_core._quality import natural_images
+            from cle_torch._examples import efficientnet_lite0, export_onnx
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "lite0.onnx"
+                export_onnx(efficientnet_lite0(), path, keep_batchnorm=name == "lite0_bn")
+                model = onnx.load(str(path))
+            images = np.ascontiguousarray(natural_images()[: args.images])
+            yield name, model, {"input": (1, 3, 224, 224)}, images
+            continue
         for label, model, x, _calib in bd.cases(name, 1):
             x = x[: args.images]
             with contextlib.redirect_stdout(io.StringIO()):
@@ -213,7 +242,7 @@ def networks(args):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--networks", nargs="*", default=["lite0", "trained_cnn"])
+    ap.add_argument("--networks", nargs="*", default=["lite0", "lite0_bn", "trained_cnn"])
     ap.add_argument("--folder", type=Path, default=None)
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--deployments", nargs="*", default=list(DEPLOYMENTS))
@@ -229,12 +258,12 @@ def main() -> None:
             for key, base in (("none", None), ("ours", "noise")):
                 out, est[key] = equalized(model, sizes, dep, base)
                 meas[key] = measured(out, images, dep)
-            shapes_e = [row[1] for row in est["none"]]
-            shapes_m = [row[0] for row in meas["none"]]
-            if shapes_e != shapes_m:
+            count = len(meas["none"])
+            meas = {key: matched(est[key], rows) for key, rows in meas.items()}
+            if any(rows is None for rows in meas.values()):
                 print(
                     f"{label}: the quantized weights do not match the estimate's layers "
-                    f"({len(shapes_m)} vs {len(shapes_e)}); skipped"
+                    f"({count} vs {len(est['none'])}, by name or in order); skipped"
                 )
                 continue
             report(label, dep_label, est, meas, args.layers)
