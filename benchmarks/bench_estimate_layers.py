@@ -55,7 +55,7 @@ from cle_core._objectives.noise import problem_estimate  # noqa: E402
 from cle_core._stats import positions  # noqa: E402
 from cle_core.quality import weights_on_grid  # noqa: E402
 from cle_onnx._calibrate import data_inputs  # noqa: E402
-from cle_onnx._evaluate import prepared, run, weight_axis  # noqa: E402
+from cle_onnx._evaluate import prepared, rounded_weights, run, weight_axis  # noqa: E402
 
 DEPLOYMENTS = {
     "W8": Deployment(activation_bits=None),
@@ -105,25 +105,15 @@ def measured(model: onnx.ModelProto, images: np.ndarray, dep: Deployment) -> lis
     model = prepared(model)
     reference = run(model, images).astype(np.float64)
     power = float(np.mean(reference**2))
-    inits = {t.name: t for t in model.graph.initializer}
-    rows, seen = [], set()
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            continue
-        name = node.input[1] if len(node.input) > 1 else ""
-        if name not in inits or name in seen:
-            continue
-        seen.add(name)
-        w = numpy_helper.to_array(inits[name])
-        if w.dtype.kind != "f" or w.ndim < 2:
-            continue
+    rows = []
+    for node, tensor, w in list(rounded_weights(model.graph)):
         axis = weight_axis(node) if dep.per_channel else None
         q = weights_on_grid(w, dep.weight_bits, dep.weight_symmetric, axis).astype(w.dtype)
         saved = onnx.TensorProto()
-        saved.CopyFrom(inits[name])
-        inits[name].CopyFrom(numpy_helper.from_array(q, name))
+        saved.CopyFrom(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(q, tensor.name))
         out = run(model, images).astype(np.float64)
-        inits[name].CopyFrom(saved)
+        tensor.CopyFrom(saved)
         rows.append((node.name, tuple(w.shape), float(np.mean((out - reference) ** 2)) / power))
     return rows
 

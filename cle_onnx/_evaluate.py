@@ -255,16 +255,15 @@ def weight_axis(node: onnx.NodeProto) -> int:
     return _WEIGHT_AXIS[node.op_type]
 
 
-def weights_quantized(
-    model: onnx.ModelProto, bits: int = 8, per_channel: bool = False, symmetric: bool = True
-) -> onnx.ModelProto:
-    """A copy with every Conv / ConvTranspose / Gemm / MatMul weight initializer replaced
-    by its quantized-and-dequantized values (activations stay float)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
+def rounded_weights(
+    graph: onnx.GraphProto,
+) -> Iterator[tuple[onnx.NodeProto, onnx.TensorProto, np.ndarray]]:
+    """``(node, initializer, values)`` of every weight a weights-only deployment rounds:
+    each float Conv / ConvTranspose / Gemm / MatMul weight initializer of at least two
+    dimensions, once (with the first node that reads it), in graph order."""
+    inits = {t.name: t for t in graph.initializer}
     done: set[str] = set()
-    for node in out.graph.node:
+    for node in graph.node:
         if node.op_type not in (*_WEIGHT_AXIS, "Gemm") or len(node.input) < 2:
             continue
         name = node.input[1]
@@ -272,11 +271,21 @@ def weights_quantized(
             continue
         done.add(name)
         w = numpy_helper.to_array(inits[name])
-        if w.dtype.kind != "f" or w.ndim < 2:
-            continue
+        if w.dtype.kind == "f" and w.ndim >= 2:
+            yield node, inits[name], w
+
+
+def weights_quantized(
+    model: onnx.ModelProto, bits: int = 8, per_channel: bool = False, symmetric: bool = True
+) -> onnx.ModelProto:
+    """A copy with every Conv / ConvTranspose / Gemm / MatMul weight initializer replaced
+    by its quantized-and-dequantized values (activations stay float)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node, tensor, w in list(rounded_weights(out.graph)):
         axis = weight_axis(node)
         q = weights_on_grid(w, bits, symmetric, axis if per_channel else None)
-        inits[name].CopyFrom(numpy_helper.from_array(q.astype(w.dtype), name))
+        tensor.CopyFrom(numpy_helper.from_array(q.astype(w.dtype), tensor.name))
     return out
 
 
