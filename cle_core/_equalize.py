@@ -12,7 +12,7 @@ from ._correct import correct_biases
 from ._errors import NonFiniteError
 from ._fold import fold_batch_norms, shared_param_owners
 from ._ir import Graph
-from ._math import remembering_kernel_sums, weight_stats
+from ._math import weight_stats
 from ._objectives import ScaleOutcome, ScaleProblem, get_objective
 from ._regions import find_regions, tie
 from ._report import (
@@ -82,8 +82,7 @@ def equalize(
     check_finite(graph)
     restore = graph.checkpoint()
     try:
-        with remembering_kernel_sums():
-            result = _passes(graph, options, report_progress, statistics)
+        result = _passes(graph, options, report_progress, statistics)
         check_results_finite(graph, result.changed)
     except BaseException:
         restore()

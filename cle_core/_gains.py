@@ -33,7 +33,7 @@ from functools import cached_property
 import numpy as np
 
 from ._ir import PASSTHROUGH_OPS, SCALABLE_ACTIVATIONS, Graph
-from ._math import grouped_view, layer_kernel_sums
+from ._math import LastKernelSums, grouped_view
 from ._stats import Derivative
 
 PROJECTIONS = 16
@@ -97,11 +97,14 @@ def propagate(
     projections: int = PROJECTIONS,
     seed: int = 0,
     outputs: list | None = None,
+    kernel_sums: LastKernelSums | None = None,
 ) -> Gains:
     """Gains of every value of ``graph`` (after BN folding). ``output_power`` weighs each
     output by ``1 / power`` (so that the total is a noise-to-signal ratio summed over
     outputs); default 1. ``outputs``: the values the gains are measured at (default: the
-    graph outputs)."""
+    graph outputs). ``kernel_sums``: shared with :func:`cle_core._stats.estimate` by a
+    caller that runs both."""
+    sums = kernel_sums or LastKernelSums()
     rng = np.random.default_rng(seed)
     jac: dict[str, np.ndarray] = {}
     fluct: dict[str, np.ndarray] = {}
@@ -133,7 +136,7 @@ def propagate(
         if node.is_layer:
             w = np.asarray(node.weight)
             groups, og, ig, _ = grouped_view(w, node.layout).shape
-            ksum, ksq = layer_kernel_sums(w, node.layout)
+            ksum, ksq = sums(w, node.layout)
             # einsum, not a BLAS product: multithreaded OpenBLAS was 1-6x slower than
             # einsum on a loaded 2-core machine (4x faster on one thread).
             jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)

@@ -8,9 +8,7 @@ their dtype.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,53 +124,27 @@ def kernel_sums(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return total, squares
 
 
-# The last weight's kernel sums (see layer_kernel_sums): (a weak reference to the weight,
-# its layout, the sums), kept only inside remembering_kernel_sums().
-_last_sums: tuple[weakref.ref, Layout, tuple[np.ndarray, np.ndarray]] | None = None
-_remembering = 0
+class LastKernelSums:
+    """:func:`kernel_sums` of a layer's grouped weights (read only), the last layer's
+    remembered: in one estimate's set-up the statistics, walking forward, end with the
+    head layer and the gains, walking backward, start with it (two float64 copies of its
+    weights: ResNet-50's head took 0.1 s each time, mostly the first touch of new
+    memory). One layer's sums are kept, so the memory stays one layer's. An instance
+    lives for one set-up, in which nothing writes into the weights (passes replace
+    parameter arrays, :meth:`cle_core.Graph.checkpoint` relies on it too)."""
 
+    def __init__(self) -> None:
+        self._weight: np.ndarray | None = None  # held: its identity names it
+        self._layout: Layout | None = None
+        self._sums: tuple[np.ndarray, np.ndarray] | None = None
 
-@contextlib.contextmanager
-def remembering_kernel_sums():
-    """Within it :func:`layer_kernel_sums` remembers the last layer's sums: one
-    :func:`cle_core.equalize` run, whose passes replace parameter arrays and never write
-    into them. Outside it nothing is remembered, and leaving it forgets: between runs a
-    caller may change its own arrays in place."""
-    global _remembering, _last_sums
-    _remembering += 1
-    try:
-        yield
-    finally:
-        _remembering -= 1
-        if not _remembering:
-            _last_sums = None
-
-
-def layer_kernel_sums(w: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`kernel_sums` of ``grouped_view(w, layout)`` (read only); inside
-    :func:`remembering_kernel_sums`, the last one remembered while ``w`` lives: the
-    statistics take those of a layer without a folded BN, and the gains, walking the
-    graph backwards, start with the same head layer (two float64 copies of its weights:
-    ResNet-50's head took 0.1 s each time, mostly the first touch of new memory). Passes
-    replace parameter arrays and never write into them (:meth:`cle_core.Graph.checkpoint`
-    relies on it too), so within a run a live array's sums stay what they were."""
-    global _last_sums
-    last = _last_sums
-    if last is not None and last[0]() is w and last[1] == layout:
-        return last[2]
-    sums = kernel_sums(grouped_view(w, layout))
-    for a in sums:
-        a.flags.writeable = False
-    if _remembering and isinstance(w, np.ndarray):
-        _last_sums = (weakref.ref(w, _forget_sums), layout, sums)
-    return sums
-
-
-def _forget_sums(ref: weakref.ref) -> None:
-    """The remembered sums go with their weight."""
-    global _last_sums
-    if _last_sums is not None and _last_sums[0] is ref:
-        _last_sums = None
+    def __call__(self, w: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+        if self._sums is None or w is not self._weight or layout != self._layout:
+            sums = kernel_sums(grouped_view(w, layout))
+            for a in sums:
+                a.flags.writeable = False
+            self._weight, self._layout, self._sums = w, layout, sums
+        return self._sums
 
 
 def _check_finite(name: str, *arrays: np.ndarray | None) -> None:

@@ -43,9 +43,9 @@ import numpy as np
 
 from ._ir import SCALABLE_ACTIVATIONS, Graph, Node, Value
 from ._layout import rotary_partners
+from ._math import LastKernelSums, grouped_view, tap_coverage
 from ._math import _phi_cdf as _cdf
 from ._math import _phi_pdf as _phi
-from ._math import grouped_view, layer_kernel_sums, tap_coverage
 
 INPUT_CORRELATION = 0.95
 """The correlation of neighbouring pixels assumed at a graph input for
@@ -250,6 +250,7 @@ def estimate(
     *,
     transpose_taps: bool = False,
     correlated: bool = False,
+    kernel_sums: LastKernelSums | None = None,
 ) -> tuple[dict[str, ChannelStats], dict[str | tuple[str, int], Derivative]]:
     """Statistics of every value of ``graph`` (after BN folding) and the derivative
     statistics of every activation node (by node name) and of a product of two
@@ -268,8 +269,12 @@ def estimate(
     ``correlated``: the propagated moments take neighbouring positions as correlated
     and count zero padding in a convolution's mean (see the module's docstring), the
     bias correction's means; graphs whose layers have BN statistics are estimated
-    from them either way."""
+    from them either way.
+
+    ``kernel_sums``: the layers' kernel sums, shared with :func:`cle_core._gains.propagate`
+    by a caller that runs both."""
     measured = dict(measured or {})
+    sums = kernel_sums or LastKernelSums()
     stats: dict[str, ChannelStats] = {}
     normal: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # value -> (mean, sd) if ~normal
     deriv: dict[str | tuple[str, int], Derivative] = {}
@@ -286,7 +291,7 @@ def estimate(
     for node in graph.nodes:
         if corr is not None:
             _pass_correlation(node, corr, stats)
-        _estimate_node(node, stats, normal, deriv, transpose_taps, corr, sizes)
+        _estimate_node(node, stats, normal, deriv, sums, transpose_taps, corr, sizes)
         for v in node.outputs:
             _take_measured(v, measured, stats, normal)
     return stats, deriv
@@ -330,7 +335,7 @@ def _pass_correlation(node: Node, corr: dict[str, np.ndarray], stats) -> None:
 
 
 def _estimate_node(
-    node: Node, stats, normal, deriv, transpose_taps: bool = False, corr=None, sizes=None
+    node: Node, stats, normal, deriv, sums, transpose_taps: bool = False, corr=None, sizes=None
 ) -> None:
     ins = [stats.get(v.name) for v in node.inputs]
     out = node.outputs[0] if node.outputs else None
@@ -338,7 +343,7 @@ def _estimate_node(
     if out is None:
         return
     if node.is_layer:
-        m, sd = _layer_output(node, ins[0], transpose_taps, corr, sizes)
+        m, sd = _layer_output(node, ins[0], sums, transpose_taps, corr, sizes)
         if m is not None:
             normal[out.name] = (m, sd)
             stats[out.name] = ChannelStats.of(m, m * m + sd * sd)
@@ -498,10 +503,11 @@ def _estimate_node(
 
 
 def _layer_output(
-    node: Node, x: ChannelStats | None, transpose_taps: bool = False, corr=None, sizes=None
+    node: Node, x: ChannelStats | None, sums, transpose_taps: bool = False, corr=None, sizes=None
 ):
     """Mean and standard deviation of a layer's output channels: from its folded BN's
-    statistics where it has them, else propagated from its input (``corr``: the
+    statistics where it has them, else propagated from its input (``sums``: a
+    :class:`LastKernelSums`; ``corr``: the
     neighbouring-position correlations by value, given for ``correlated=True``, and
     the output's set; ``sizes``: :func:`spatial_sizes`, for the padding's coverage)."""
     bn = node.attrs.get("bn_stats")
@@ -523,7 +529,7 @@ def _layer_output(
     share = 1.0
     if transpose_taps and node.op == "conv_transpose":
         share = 1.0 / float(np.prod(node.attrs.get("stride", (1,))))
-    ksum, ksq = layer_kernel_sums(w, node.layout)
+    ksum, ksq = sums(w, node.layout)
     mean = share * np.einsum("goi,gi->go", ksum, x.mean.reshape(g, ig))
     var = share * np.einsum("goi,gi->go", ksq, x.var.reshape(g, ig))
     if corr is not None:

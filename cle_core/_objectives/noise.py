@@ -36,6 +36,7 @@ import numpy as np
 from .. import _noise
 from .._estimate import Estimate
 from .._gains import propagate
+from .._math import LastKernelSums
 from .._regions import gather_terms, tie
 from .._report import NOISE_TOLERANCE, NoiseEstimate, SkipRecord
 from .._stats import counts_known, positions
@@ -205,7 +206,8 @@ def problem_estimate(problem: ScaleProblem) -> Estimate:
     statistics, or the measured ones ``problem`` carries); :class:`NoiseUnavailable` where
     no graph output can be followed."""
     graph = problem.graph
-    stats, derivatives = estimate_stats(graph, problem.statistics)
+    sums = LastKernelSums()  # the head layer's, taken by both walks
+    stats, derivatives = estimate_stats(graph, problem.statistics, kernel_sums=sums)
     counts = positions(graph)
     observed = observed_outputs(graph, stats)
     if not observed:
@@ -218,7 +220,7 @@ def problem_estimate(problem: ScaleProblem) -> Estimate:
         for v in observed
         if v.name in stats
     }
-    gains = propagate(graph, counts, derivatives, power, outputs=observed)
+    gains = propagate(graph, counts, derivatives, power, outputs=observed, kernel_sums=sums)
     if problem.options.deployment.weights_only:
         gains = replace(gains, floor=0.0)  # no activation grid to guard (see FLOOR)
     return Estimate(graph, problem.regions, problem.options.deployment, stats, gains, counts)

@@ -163,40 +163,68 @@ def test_the_activation_balance_is_taken_once_per_region_and_search(monkeypatch)
     assert sorted(taken) == list(range(len(report.regions)))
 
 
-def test_a_layers_kernel_sums_are_remembered_while_its_weight_lives():
-    import gc
-
+def test_a_layers_kernel_sums_are_remembered_for_the_same_weight_only():
     from cle_core import Layout, _math
 
     rng = np.random.default_rng(3)
     layout = Layout(groups=2)
     w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
     plain = _math.kernel_sums(_math.grouped_view(w, layout))
-    with _math.remembering_kernel_sums():  # as inside one equalize run
-        got = _math.layer_kernel_sums(w, layout)
-        for a, b in zip(got, plain, strict=True):
-            np.testing.assert_array_equal(a, b)
-            assert not a.flags.writeable
-        assert _math.layer_kernel_sums(w, layout) is got  # the same weight: not taken again
-        # Another layout, or another array with the same values (a pass replaced the
-        # weight), is taken anew.
-        assert _math.layer_kernel_sums(w, Layout()) is not got
-        replaced = w * 2
-        again = _math.layer_kernel_sums(replaced, layout)
-        np.testing.assert_array_equal(again[0], 2 * plain[0])
-        np.testing.assert_array_equal(again[1], 4 * plain[1])
-        # The remembered sums go with their weight.
-        del replaced
-        gc.collect()
-        assert _math._last_sums is None
-        _math.layer_kernel_sums(w, layout)
-    # Leaving the run forgets, and outside one nothing is remembered: a caller may
-    # write into its own array between runs.
-    assert _math._last_sums is None
-    w *= 3
-    # (3 w rounds in float32: equal to 3x the sums up to that rounding, not 1x)
-    np.testing.assert_allclose(_math.layer_kernel_sums(w, layout)[0], 3 * plain[0], rtol=1e-6)
-    assert _math._last_sums is None
+    sums = _math.LastKernelSums()  # as in one estimate's set-up
+    got = sums(w, layout)
+    for a, b in zip(got, plain, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert not a.flags.writeable
+    assert sums(w, layout) is got  # the same weight: not taken again
+    # Another layout, or another array with the same values (a pass replaced the
+    # weight), is taken anew.
+    assert sums(w, Layout()) is not got
+    replaced = w * 2
+    again = sums(replaced, layout)
+    np.testing.assert_array_equal(again[0], 2 * plain[0])
+    np.testing.assert_array_equal(again[1], 4 * plain[1])
+    # Only the last layer's sums are kept: the first weight is taken again.
+    assert sums(w, layout) is not got
+
+
+def test_the_head_layers_kernel_sums_are_taken_once_per_estimate(monkeypatch):
+    """The statistics (forward) end with the head layer, which has no batch norm; the
+    gains (backward) start with it: its sums are taken once for both."""
+    from cle_core import _math
+    from cle_core._gains import propagate
+    from cle_core._objectives import ScaleProblem
+    from cle_core._objectives.noise import observed_outputs, problem_estimate
+    from cle_core._stats import estimate, positions
+    from tests.helpers.strategies import Builder
+
+    b = Builder(np.random.default_rng(5), False)
+    b.g.add_input("x", 3)
+    h = b.act(b.bn(b.conv("x", 3, 8, 3, pad=1), 8), "relu", 8)
+    b.g.set_outputs([b.conv(h, 8, 4, 1)])
+    head = b.g.nodes[-1]
+    b.g.validate()  # the channels, as equalize infers them
+    from cle_core import EqualizeOptions
+    from cle_core._fold import fold_batch_norms
+    from cle_core._regions import find_regions
+
+    fold_batch_norms(b.g, {})
+    taken = []
+    plain = _math.kernel_sums
+
+    def counted(v):
+        taken.append(v.shape)
+        return plain(v)
+
+    monkeypatch.setattr(_math, "kernel_sums", counted)
+    head_shape = _math.grouped_view(np.asarray(head.weight), head.layout).shape
+    problem = ScaleProblem(b.g, find_regions(b.g, {})[0], EqualizeOptions())
+    problem_estimate(problem)
+    assert taken.count(head_shape) == 1
+    # Both walks take it: run apart, each takes its own.
+    taken.clear()
+    stats, derivatives = estimate(b.g)
+    propagate(b.g, positions(b.g), derivatives, outputs=observed_outputs(b.g, stats))
+    assert taken.count(head_shape) == 2
 
 
 def test_equalize_sees_a_weight_changed_in_place_between_runs():
