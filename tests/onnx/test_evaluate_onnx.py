@@ -121,7 +121,9 @@ def _numpy_cnn(model, x):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_weights_only_replaces_each_weight_by_its_grid_values(per_channel, symmetric):
     model = _cnn()
+    before = model.SerializeToString()
     got = _inits(weights_quantized(model, 8, per_channel, symmetric))
+    assert model.SerializeToString() == before  # a copy is rounded, not the caller's model
     for name, w in _inits(model).items():
         if name in _AXES:
             # quantize_static's grid: per channel always symmetric, whatever it is told.
