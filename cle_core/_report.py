@@ -426,8 +426,12 @@ def _summary(report: Report, verbose: bool) -> str:
         + (f" of {len(report.regions)} found" if scaled < len(report.regions) else "")
         + (f" ({', '.join(f'{n} {k}' for k, n in kinds)})" if kinds else ""),
         f"objective:          {objective}",
-        f"deployment:         {report.options.deployment.describe()}",
     ]
+    # What the search as a whole decided (no region scaled, a fallback), said where the
+    # figures are: among the per-candidate reasons it is one of many kinds, often hidden.
+    search = f"{report.options.objective} objective"
+    lines += [f"{'':20}{s.reason}" for s in report.skipped if s.candidate == search]
+    lines.append(f"deployment:         {report.options.deployment.describe()}")
     if report.verification is not None:
         lines.append(
             f"verified:           {report.verification.summary().removeprefix('verified ')}"

@@ -72,3 +72,20 @@ def test_regions_left_at_scale_1_are_found_not_equalized():
     assert f"regions equalized:  {n} (" in report.summary()
     ones = tuple(replace(r, scales=np.ones_like(r.scales)) for r in report.regions)
     assert f"regions equalized:  0 of {n} found (" in replace(report, regions=ones).summary()
+
+
+def test_what_the_search_decided_is_said_under_the_objective():
+    """A reason about the whole search (nothing scaled under the gain floor) is printed
+    under the objective line, not left among the per-candidate kinds past the top 3."""
+    report = _report()
+    ones = tuple(replace(r, scales=np.ones_like(r.scales)) for r in report.regions)
+    why = "the estimated gain (0.30 dB) is below 1 dB: no region was scaled"
+    others = [SkipRecord("scale", f"c{i}", f"reason {i % 5}") for i in range(20)]
+    told = replace(
+        report, regions=ones, skipped=[*others, SkipRecord("scale", "noise objective", why)]
+    )
+    lines = told.summary().splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("objective:"))
+    assert lines[at + 1].strip() == why
+    # a reason about one candidate stays where it was
+    assert not any(x.strip() == "reason 1" for x in lines[: at + 2])
