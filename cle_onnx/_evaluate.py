@@ -82,7 +82,7 @@ def _one_line(exc: Exception) -> str:
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
-def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, name: str, optimized: bool = True) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     opts.inter_op_num_threads = 1
@@ -93,7 +93,9 @@ def _session(model: onnx.ModelProto, name: str) -> ort.InferenceSession:
     # float rounding far below any figure measured here.
     quantized = any(n.op_type in _QDQ for n in model.graph.node)
     opts.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if not optimized
+        else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if quantized
         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
@@ -135,16 +137,22 @@ def _batches(model: onnx.ModelProto, fed: dict, batch: int) -> Iterator[tuple[di
 
 
 def run(
-    model: onnx.ModelProto, inputs=None, batch: int = 16, name: str = "the model"
+    model: onnx.ModelProto,
+    inputs=None,
+    batch: int = 16,
+    name: str = "the model",
+    optimized: bool = True,
 ) -> np.ndarray:
     """The model's first output on ``inputs``, run in batches with onnxruntime (CPU).
 
     ``inputs``: a dict from input name to an array with the batch in axis 0, or one
     array for a single-input model (None: :func:`default_inputs`). ``name`` names the
     model in the :class:`CLEError` raised when onnxruntime cannot run it or its output
-    has no batch axis."""
+    has no batch axis. ``optimized=False`` runs it with onnxruntime's graph
+    optimizations off: the arithmetic as the graph writes it (for measurements on
+    graphs no deployment has, such as a QDQ graph with float weights)."""
     fed = feeds(model, default_inputs(model) if inputs is None else inputs)
-    session = _session(model, name)
+    session = _session(model, name, optimized)
     first = session.get_outputs()[0].name
     parts = []
     axes = batch_axes(model)

@@ -175,6 +175,16 @@ def test_static_quantization_is_onnxruntimes_qdq_with_minmax_ranges(per_channel)
     assert weight_scales and weight_scales[0].size == (4 if per_channel else 1)
 
 
+def test_a_model_run_unoptimized_computes_the_same_outputs():
+    """``optimized=False`` turns onnxruntime's graph rewrites off, not the arithmetic: a
+    float model and its QDQ form give the same outputs (to float rounding) either way."""
+    model = _cnn()
+    x = _x(8)
+    np.testing.assert_allclose(run(model, x, optimized=False), run(model, x), rtol=1e-4, atol=1e-5)
+    q = static_quantized(prepared(model), x)
+    np.testing.assert_allclose(run(q, x, optimized=False), run(q, x), rtol=1e-4, atol=1e-4)
+
+
 def test_evaluate_reports_each_variant_against_fp32():
     model = _cnn()
     x = _x(20)
