@@ -163,13 +163,9 @@ def grids_alone(model: onnx.ModelProto, images, calib, dep: Deployment) -> tuple
     # A grid turned off passes its tensor on; where onnxruntime let it do a merged Relu's
     # or Clip's job (that node is gone, the grid clips), the node is put back.
     was = {o: n for n in model.graph.node for o in n.output}
-    have = {t.name for t in q.graph.initializer}
-    q.graph.initializer.extend(
-        t
-        for t in model.graph.initializer
-        if t.name not in have
-        and t.name in {i for n in model.graph.node if n.op_type == "Clip" for i in n.input[1:]}
-    )
+    bounds = {i for n in model.graph.node if n.op_type == "Clip" for i in n.input[1:]}
+    bounds -= {t.name for t in q.graph.initializer}
+    q.graph.initializer.extend(t for t in model.graph.initializer if t.name in bounds)
 
     def off(tensor: str, out: str) -> onnx.NodeProto:
         src = was.get(tensor)
