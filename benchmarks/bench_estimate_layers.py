@@ -64,7 +64,14 @@ from cle_core._objectives.noise import problem_estimate  # noqa: E402
 from cle_core._stats import positions  # noqa: E402
 from cle_core.quality import weights_on_grid  # noqa: E402
 from cle_onnx._calibrate import data_inputs  # noqa: E402
-from cle_onnx._evaluate import prepared, rounded_weights, run, static_quantized, weight_axis  # noqa: E402
+from cle_onnx._evaluate import (  # noqa: E402
+    prepared,
+    rounded_weights,
+    run,
+    static_quantized,
+    weight_axis,
+    weights_quantized,
+)
 
 DEPLOYMENTS = {
     "W8": Deployment(activation_bits=None),
@@ -127,10 +134,15 @@ def grid_name(point) -> tuple[str, str]:
     return point.value.name.split("::")[0], point.kind
 
 
-def grids_alone(model: onnx.ModelProto, images, calib, dep: Deployment) -> tuple[dict, float]:
+def grids_alone(
+    model: onnx.ModelProto, images, calib, dep: Deployment, only=None, per_image: bool = False
+) -> tuple[dict, float]:
     """Per activation grid ``quantize_static`` puts in ``model`` (calibrated on
     ``calib``, MinMax, ``dep``'s activation grid): the output's error power over its
-    power on ``images`` with that grid alone, weights in float; and with every grid."""
+    power on ``images`` with that grid alone, weights in float; and with every grid.
+    ``only``: the names of the grids to measure alone (default: all); ``per_image``:
+    each figure per image (the error power of each image over the mean power), their
+    mean being the figure."""
     model = prepared(model)
     reference = run(model, images).astype(np.float64)
     power = float(np.mean(reference**2))
@@ -197,11 +209,13 @@ def grids_alone(model: onnx.ModelProto, images, calib, dep: Deployment) -> tuple
         # 25.3). On fully quantized graphs the levels agree (Lite0 W8A8 6.97 / 16.55 /
         # 17.27 dB none / ours / ours per channel, basic level and none).
         out = run(variant, images, optimized=False).astype(np.float64)
-        return float(np.mean((out - reference) ** 2)) / power
+        each = ((out - reference) ** 2).reshape(len(out), -1).mean(axis=1) / power
+        return each if per_image else float(each.mean())
 
     # the rounded tensor's name, or the output's where the quantizer renamed the tensor
     names = [t if not t.endswith("_QuantizeLinear_Input") else shown for t, shown, _, _ in pairs]
-    return {n: error({k}) for k, n in enumerate(names)}, error(set(range(len(pairs))))
+    wanted = [(k, n) for k, n in enumerate(names) if only is None or n in only]
+    return {n: error({k}) for k, n in wanted}, error(set(range(len(pairs))))
 
 
 def grids_matched(grids: dict, measured: dict) -> tuple[dict, dict]:
@@ -345,6 +359,56 @@ def report(
     )
 
 
+def by_image(label: str, model, sizes, images, calib, dep: Deployment) -> None:
+    """Where the activation grids' error is, image by image: for no scaling and ours,
+    per sample image of :func:`cle_core._quality.natural_images` (its 6 crops, which must
+    be ``images``), the SQNR of every grid at once (weights in float), its share of the
+    error over all images, and the share of it that the graph input's grid alone makes
+    (a grid no scale changes)."""
+    from cle_core._quality import NATURAL_IMAGE_NAMES
+
+    first = data_inputs(model)[0].name
+    rows, whole = {}, {}
+    for key, base in (("none", None), ("ours", "noise")):
+        out, _ = equalized(model, sizes, dep, base)
+        alone, together = grids_alone(out, images, calib, dep, only={first}, per_image=True)
+        rows[key] = (together, alone.get(first, np.zeros_like(together)))
+        # the whole deployment, for comparison: fully quantized on all images and on the
+        # first 24 (the four photos), weights alone, and calibrated on the images measured
+        ready = prepared(out)
+        reference = run(ready, images).astype(np.float64)
+
+        def sqnr(q, upto=None, reference=reference):
+            return db(
+                float(np.sum(reference[:upto] ** 2))
+                / float(np.sum((run(q, images).astype(np.float64)[:upto] - reference[:upto]) ** 2))
+            )
+
+        full = static_quantized(ready, calib, deployment=dep)
+        w8 = weights_quantized(ready, dep.weight_bits, dep.per_channel, dep.weight_symmetric)
+        inside = static_quantized(ready, images, deployment=dep)
+        whole[key] = (sqnr(full), sqnr(full, 24), sqnr(w8), sqnr(inside))
+    print(
+        f"{label} {'':<15} every grid at once (dB), share of the error, input grid's part"
+        " of it: none | ours"
+    )
+    for i, name in enumerate(NATURAL_IMAGE_NAMES):
+        crops = slice(6 * i, 6 * i + 6)
+        cells = []
+        for together, inputs in rows.values():
+            share = together[crops].sum() / together.sum()
+            part = inputs[crops].sum() / together[crops].sum()
+            cells.append(f"{db(1.0 / together[crops].mean()):6.2f} {share:6.3f} {part:6.2f}")
+        print(f"  {name:<20}" + "   |".join(cells))
+    for key, (together, inputs) in rows.items():
+        full, photos, w8, inside = whole[key]
+        print(
+            f"  {key}: every grid at once {db(1.0 / together.mean()):.2f} dB, the input grid "
+            f"alone {db(1.0 / inputs.mean()):.2f} dB; W8A8 {full:.2f} (first 24 images "
+            f"{photos:.2f}, calibrated on the images measured {inside:.2f}), W8 {w8:.2f}"
+        )
+
+
 def networks(args):
     """``(label, ONNX model, input sizes, images, calibration images)`` per network."""
     for name in args.networks:
@@ -387,11 +451,22 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--deployments", nargs="*", default=list(DEPLOYMENTS))
     ap.add_argument("--layers", action="store_true", help="print every layer")
+    ap.add_argument(
+        "--by-image",
+        action="store_true",
+        help="instead: W8A8's activation grids per sample image (lite0 networks, all 120 images)",
+    )
     args = ap.parse_args()
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     if RECORDED.name not in objective_names():
         register_objective(RECORDED)
+    if args.by_image:
+        args.images = 120
     for label, model, sizes, images, calib in networks(args):
+        if args.by_image:
+            if label.startswith("lite0"):
+                by_image(label, model, sizes, images, calib, DEPLOYMENTS["W8A8"])
+            continue
         for dep_label in args.deployments:
             dep = DEPLOYMENTS[dep_label]
             est, meas = {}, {}
