@@ -34,8 +34,12 @@ folded by the exporter, so without statistics, or kept), ``trained_cnn``
 (``bench_other_networks.py``'s, seed 0), and every ``.onnx`` file of ``--folder`` (the
 PyPI models of ``bench_pypi_models.py``: its input sizes and images).
 
+``--by-image`` instead measures Lite0's W8A8 activation grids on all 120 images and prints
+them per sample image, with the graph input's grid alone (see :func:`by_image`).
+
 Run: ``python benchmarks/bench_estimate_layers.py [--networks lite0 trained_cnn]
-[--folder DIR] [--images N] [--deployments W8 W8A8 ...] [--layers]``.
+[--folder DIR] [--images N] [--deployments W8 W8A8 ...] [--layers]``, or
+``--by-image --networks lite0_bn``.
 """
 
 from __future__ import annotations
@@ -364,7 +368,8 @@ def by_image(label: str, model, sizes, images, calib, dep: Deployment) -> None:
     per sample image of :func:`cle_core._quality.natural_images` (its 6 crops, which must
     be ``images``), the SQNR of every grid at once (weights in float), its share of the
     error over all images, and the share of it that the graph input's grid alone makes
-    (a grid no scale changes)."""
+    (a grid no scale changes); then, for comparison, the whole deployment's SQNR (on all
+    images, on the first 24, calibrated on the images measured) and W8's."""
     from cle_core._quality import NATURAL_IMAGE_NAMES
 
     first = data_inputs(model)[0].name
