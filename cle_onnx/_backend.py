@@ -278,7 +278,9 @@ class OnnxBackend(FileBackend):
         onnxruntime's ``quantize_static`` (see :mod:`cle_onnx._evaluate`), figures
         against the original in FP32. The original is quantized with its batch norms
         folded (by this backend, as a deployment would fold them), so that folding is
-        not counted as a loss or as a gain of equalization; the row says so."""
+        not counted as a loss or as a gain of equalization; the row says so. Where
+        activations are quantized, a note gives the SQNR with only the model's inputs
+        rounded (:func:`cle_onnx._evaluate.input_grid_only`), which no scaling changes."""
         from . import _evaluate  # onnxruntime, loaded only to run models
 
         loaded = [_evaluate.evaluable(_io.load(p, external_data=True)) for p in paths]
@@ -294,10 +296,19 @@ class OnnxBackend(FileBackend):
             # One run of the inputs and the FP32 reference serves every row.
             models = [folded, *loaded[1:]]
             names = [str(p) for p in (paths[0], *paths)]
-            figures = _evaluate.evaluate_all(loaded[0], models, inputs, **quantization, names=names)
+            figures = _evaluate.evaluate_all(
+                loaded[0], models, inputs, **quantization, names=names, input_grid=True
+            )
             rows = list(zip([label, "equalized"], figures, strict=False))
         except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
             raise CLEError(str(exc)) from None
+        floor = figures[0].get("input_grid_sqnr")
+        if floor is not None:
+            # What no equalization can lower: the rounding of the model's own inputs.
+            notes.append(
+                f"the input's own grid alone: {floor:.2f} dB (the inputs rounded as deployed, "
+                "all else float; the same at any equalization)"
+            )
         # Top-1 agreement means something for scores over several classes: (N, C), C > 1
         # (a detector's single probability column would always agree).
         dims = loaded[0].graph.output[0].type.tensor_type.shape.dim

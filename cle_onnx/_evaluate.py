@@ -361,6 +361,58 @@ def static_quantized(
         return onnx.load(str(dst))
 
 
+def input_grid_only(model: onnx.ModelProto, quantized: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``model`` (float, as :func:`prepared` left it) with only the grids that its QDQ
+    form ``quantized`` (:func:`static_quantized`) puts on the graph's inputs: each input
+    rounded exactly as the deployed model rounds it, every weight and every other
+    activation in float. None when ``quantized`` rounds no graph input.
+
+    Equalization cannot change this rounding: it happens before the first layer, and
+    an equalized model computes the same function, so its error reaches the output the
+    same way at any scales. Its SQNR is a floor under the deployment's noise that no
+    scaling lowers (on Lite0's 120 sample images 18.8 dB W8A8, see docs/benchmarks.rst)."""
+    names = {vi.name for vi in model.graph.input}
+    params = {t.name: t for t in quantized.graph.initializer}
+    made = {o: n for n in quantized.graph.node for o in n.output}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    front, renamed = [], {}
+    for dq in quantized.graph.node:
+        q = made.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in names:
+            continue
+        name = q.input[0]
+        if name in renamed:  # one grid per input
+            continue
+        rounded = f"{name}__cle_input_grid"
+        nodes = []
+        for node, src, dst in ((q, name, f"{rounded}_q"), (dq, f"{rounded}_q", rounded)):
+            args = [src]
+            for arg in node.input[1:]:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(params[arg])
+                tensor.name = f"{rounded}_{node.op_type}_{arg}"
+                out.graph.initializer.append(tensor)
+                args.append(tensor.name)
+            clone = onnx.helper.make_node(node.op_type, args, [dst], name=dst, domain=node.domain)
+            clone.attribute.extend(node.attribute)
+            nodes.append(clone)
+        front += nodes
+        renamed[name] = rounded
+    if not renamed:
+        return None
+    for node in out.graph.node:
+        for i, arg in enumerate(node.input):
+            node.input[i] = renamed.get(arg, arg)
+    for vi in out.graph.output:  # an input that is also an output stays as it was given
+        if vi.name in renamed:
+            return None
+    kept = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(front + kept)
+    return out
+
+
 def _check_bits(bits: int) -> None:
     if bits not in _TYPES:
         raise CLEError(
@@ -450,11 +502,15 @@ def evaluate_all(
     deployment: Deployment | None = None,
     calibration=None,
     progress: Callable[[int, str], None] | None = None,
+    input_grid: bool = False,
 ) -> list[dict[str, float]]:
     """:func:`evaluate` for each of ``candidates`` (None: ``fp32_model`` itself), with
     the inputs and the FP32 reference computed once. ``names``: of ``fp32_model`` and
     of each candidate, for the errors (default "the FP32 model", "candidate 1" ...).
-    ``progress(i, name)`` is called before candidate ``i`` is measured.
+    ``progress(i, name)`` is called before candidate ``i`` is measured. With
+    ``input_grid`` and activations quantized, each result also has ``input_grid_sqnr``
+    and ``input_grid_top1``: the candidate with only its inputs rounded as the deployed
+    model rounds them (:func:`input_grid_only`; absent where no input is rounded).
 
     Raises :class:`CLEError` for a candidate that does not take the FP32 model's inputs
     or give its output's shape, inputs that do not fit (:func:`feeds`), a first output
@@ -506,6 +562,9 @@ def evaluate_all(
                 deployment=dep,
             )
             outputs[f"w{bits}a{bits}"] = run(quantized, inputs, batch, f"{name} (W{bits}A{bits})")
+            floor = input_grid_only(ready, quantized) if input_grid else None
+            if floor is not None:
+                outputs["input_grid"] = run(floor, inputs, batch, f"{name} (input grid)")
         results.append(compare_outputs(reference, outputs))
     return results
 

@@ -14,6 +14,8 @@ from cle_core import CLEError  # noqa: E402
 from cle_core._quality import deployed_weights, sqnr_db  # noqa: E402
 from cle_onnx._evaluate import (  # noqa: E402
     evaluate,
+    evaluate_all,
+    input_grid_only,
     prepared,
     run,
     static_quantized,
@@ -173,6 +175,41 @@ def test_static_quantization_is_onnxruntimes_qdq_with_minmax_ranges(per_channel)
         if t.name.endswith("_scale") and "w1" in t.name
     ]
     assert weight_scales and weight_scales[0].size == (4 if per_channel else 1)
+
+
+def test_the_input_grid_alone_rounds_only_the_inputs_as_the_deployed_model_does():
+    model = _cnn()
+    x = _x(12)
+    ready = prepared(model)
+    before = ready.SerializeToString()
+    q = static_quantized(ready, x)
+    floor = input_grid_only(ready, q)
+    assert ready.SerializeToString() == before  # a copy is rounded, not the caller's
+    ops = [n.op_type for n in floor.graph.node]
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == 1
+    # the deployed model's own grid for x (uint8, MinMax with 0 inside), nothing else
+    q_node = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    scale, zero = (float(_inits(q)[a]) for a in q_node.input[1:3])
+    rounded = (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+    got, want = run(floor, x), run(model, rounded.astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(got, run(model, x), rtol=1e-3, atol=1e-3)  # it does round
+
+
+def test_the_input_grid_alone_is_what_no_equalization_changes():
+    """Only with activations rounded, and the same figure for the model and an
+    equalized copy whose weight figure differs."""
+    model = _cnn()
+    x = _x(16)
+    eq, report = cle_onnx.equalize_model(model, objective="balance", high_bias=False)
+    assert report.regions and any(np.any(r.scales != 1) for r in report.regions)
+    res = evaluate_all(model, [None, eq], x, input_grid=True)
+    assert all(math.isfinite(r["input_grid_sqnr"]) for r in res)
+    assert res[1]["input_grid_sqnr"] == pytest.approx(res[0]["input_grid_sqnr"], abs=1e-3)
+    assert abs(res[1]["w8_sqnr"] - res[0]["w8_sqnr"]) > 1.0
+    assert "input_grid_sqnr" not in evaluate_all(model, [None], x)[0]  # asked for only
+    weights_only = evaluate_all(model, [None], x, activations=False, input_grid=True)
+    assert "input_grid_sqnr" not in weights_only[0]
 
 
 def test_a_model_run_unoptimized_computes_the_same_outputs():
@@ -343,6 +380,9 @@ def test_cle_evaluate_quantizes_the_weights_of_a_float16_model(tmp_path, capsys)
         row = out[2].split()
         fp32, w8 = float(row[1]), float(row[2])
         assert w8 < fp32 - 20, row
+        # the floor no equalization lowers, where activations are rounded
+        floor = [line for line in out if line.startswith("the input's own grid alone: ")]
+        assert len(floor) == (0 if extra else 1), out
 
 
 def test_what_cannot_be_measured_is_one_clear_error(monkeypatch):
