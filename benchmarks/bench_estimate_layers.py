@@ -139,18 +139,26 @@ def grid_name(point) -> tuple[str, str]:
 
 
 def grids_alone(
-    model: onnx.ModelProto, images, calib, dep: Deployment, only=None, per_image: bool = False
+    model: onnx.ModelProto,
+    images,
+    calib,
+    dep: Deployment,
+    only=None,
+    per_image: bool = False,
+    quantized: onnx.ModelProto | None = None,
 ) -> tuple[dict, float]:
     """Per activation grid ``quantize_static`` puts in ``model`` (calibrated on
     ``calib``, MinMax, ``dep``'s activation grid): the output's error power over its
     power on ``images`` with that grid alone, weights in float; and with every grid.
     ``only``: the names of the grids to measure alone (default: all); ``per_image``:
     each figure per image (the error power of each image over the mean power), their
-    mean being the figure."""
+    mean being the figure. ``quantized``: ``static_quantized(prepared(model), calib,
+    deployment=dep)`` where the caller has it (not changed)."""
     model = prepared(model)
     reference = run(model, images).astype(np.float64)
     power = float(np.mean(reference**2))
-    q = static_quantized(model, calib, deployment=dep)
+    q = onnx.ModelProto()
+    q.CopyFrom(quantized or static_quantized(model, calib, deployment=dep))
     floats = {t.name: t for t in model.graph.initializer}
     have = {t.name for t in q.graph.initializer}
     kept = []
@@ -376,11 +384,14 @@ def by_image(label: str, model, sizes, images, calib, dep: Deployment) -> None:
     rows, whole = {}, {}
     for key, base in (("none", None), ("ours", "noise")):
         out, _ = equalized(model, sizes, dep, base)
-        alone, together = grids_alone(out, images, calib, dep, only={first}, per_image=True)
+        ready = prepared(out)
+        full = static_quantized(ready, calib, deployment=dep)
+        alone, together = grids_alone(
+            out, images, calib, dep, only={first}, per_image=True, quantized=full
+        )
         rows[key] = (together, alone.get(first, np.zeros_like(together)))
         # the whole deployment, for comparison: fully quantized on all images and on the
         # first 24 (the four photos), weights alone, and calibrated on the images measured
-        ready = prepared(out)
         reference = run(ready, images).astype(np.float64)
 
         def sqnr(q, upto=None, reference=reference):
@@ -389,7 +400,6 @@ def by_image(label: str, model, sizes, images, calib, dep: Deployment) -> None:
                 / float(np.sum((run(q, images).astype(np.float64)[:upto] - reference[:upto]) ** 2))
             )
 
-        full = static_quantized(ready, calib, deployment=dep)
         w8 = weights_quantized(ready, dep.weight_bits, dep.per_channel, dep.weight_symmetric)
         inside = static_quantized(ready, images, deployment=dep)
         whole[key] = (sqnr(full), sqnr(full, 24), sqnr(w8), sqnr(inside))

@@ -56,11 +56,11 @@ import cle_core._estimate as _estimate  # noqa: E402
 import cle_core._gains as _gains  # noqa: E402
 import cle_core._stats as _stats  # noqa: E402
 import cle_torch  # noqa: E402
-from cle_core import Deployment, ScaleOutcome, register_objective  # noqa: E402
+from cle_core import Deployment, register_objective  # noqa: E402
 from cle_core._correct import correct_biases  # noqa: E402
-from cle_core._objectives import get_objective  # noqa: E402
 from cle_core._objectives.noise import problem_estimate  # noqa: E402
 from cle_core._scale import apply_scales  # noqa: E402
+from cle_core.quality import weights_on_grid  # noqa: E402
 
 
 class OffsetPredicted(bdr.Jittered):
@@ -128,29 +128,24 @@ def offset_choice(args) -> None:
             )
 
 
-class Fixed:
-    """No scaling or another objective's scales, with the estimate's weight terms kept."""
+class Fixed(bdr.Jittered):
+    """:class:`bench_draws.Jittered` undrawn (no scaling, or another objective's scales),
+    keeping the estimate's weight terms at the scales it returns."""
 
     name = "fixed-for-bench"
     description = "no scaling or another objective's scales"
-    base: str | None = None
     weight_terms: list = []
 
     def choose(self, problem):
-        if self.base is None:
-            out = ScaleOutcome({r.id: np.ones(r.size) for r in problem.regions}, 0, True, 0.0)
-        else:
-            out = get_objective(self.base).choose(problem)
+        out = super().choose(problem)
         scales = [out.scales[r.id] for r in problem.regions]
         self.weight_terms = problem_estimate(problem).weight_values(scales)
         return out
 
 
 def on_grid(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 per output channel, as onnxruntime rounds a Conv / Gemm weight."""
-    top = w.abs().reshape(w.shape[0], -1).max(1).values.reshape(-1, *([1] * (w.dim() - 1)))
-    step = top / 127.0
-    return torch.round(w / step).clamp(-127, 127) * step
+    """Symmetric int8 per output channel, onnxruntime's grid bit for bit."""
+    return torch.from_numpy(weights_on_grid(w.numpy(), 8, True, axis=0)).to(w.dtype)
 
 
 def layers_add(args) -> None:
