@@ -56,7 +56,9 @@ def test_one_score_per_example_has_no_top1_column(tmp_path, capsys):
 
 def test_evaluate_original_and_equalized(files, capsys):
     src, dst, npy = files
+    given = {p: p.read_bytes() for p in (src, dst, npy)}
     assert main(["evaluate", str(src), str(dst), "--inputs", str(npy)]) == 0
+    assert {p: p.read_bytes() for p in given} == given  # it reads, never writes them
     out = capsys.readouterr().out
     header, rows = table(out)
     # The original is quantized with its batch norms folded, as a deployment would, and
