@@ -21,7 +21,8 @@ crops for calibration), a small CNN trained here on crops of the sample images (
 seeds), and the test suite's architectures with random weights and batch-norm statistics
 measured on random inputs (3 seeds; see ``bench_other_networks.py``).
 
-Run: ``python benchmarks/bench_deployments.py [--networks NAME ...] [--seeds N]``.
+Run: ``python benchmarks/bench_deployments.py [--networks NAME ...] [--seeds N]
+[--tolerance T] [--max-sweeps N]`` (the last two: the noise objective's stopping rule).
 """
 
 from __future__ import annotations
@@ -125,8 +126,11 @@ def main() -> None:
     ap.add_argument("--networks", nargs="+", default=["lite0", "trained_cnn", *other.RANDOM])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tolerance", type=float, help="the noise objective's stopping tolerance")
+    ap.add_argument("--max-sweeps", type=int, help="the noise objective's most sweeps")
     args = ap.parse_args()
     noise_options = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    if args.max_sweeps is not None:
+        noise_options["max_sweeps"] = args.max_sweeps
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     _noise_v1.register()

@@ -27,7 +27,7 @@ from ._report import (
     Report,
     SkipRecord,
 )
-from ._scale import apply_scales, triple_names
+from ._scale import apply_scales, drawn_scales, triple_names
 from ._stats import ChannelStats
 
 logger = logging.getLogger("cle_core")
@@ -254,6 +254,7 @@ def scale_pass(
 
     problem = ScaleProblem(graph, regions, options, statistics, on_sweep)
     outcome = get_objective(options.objective).choose(problem)
+    outcome.scales = drawn_scales(regions, outcome.scales, options.scale_draw)
     for r in regions:
         if r.frozen is not None:
             # whatever an objective (a plugin's too) chose: any other scale there is

@@ -10,6 +10,30 @@ from ._ir import Node
 from ._math import scale_affine, scale_bounds, scale_layer
 from ._regions import Place, Region, take
 
+DRAW_SPREAD = 0.02
+"""The spread of a scale draw (:attr:`EqualizeOptions.scale_draw`): each log-scale moves
+by ``DRAW_SPREAD * z``. Small enough that the noise estimate hardly moves (within 0.1 dB
+on the test networks, 0.55 dB on EfficientNet-Lite0's weights-only scales:
+``benchmarks/bench_draws.py``), large enough to redraw how every channel's weights fall
+on their grid (a 2 % move of a weight that spans a hundred grid steps moves it by two)."""
+
+
+def drawn_scales(regions: list[Region], scales: dict[int, np.ndarray], draw: int):
+    """``scales`` (by region id) times ``exp(DRAW_SPREAD * z)`` per channel, ``z``
+    standard normal drawn with seed ``draw``, region by region in ``regions``' order (the
+    same graph and seed give the same draw); ``draw`` 0 returns ``scales`` as they are.
+    Any positive scales are an exact equalization; channels a region must keep at 1 or
+    tie are set afterwards, as for any objective's scales."""
+    if draw == 0:
+        return scales
+    rng = np.random.default_rng(draw)
+    out = dict(scales)
+    for r in regions:
+        out[r.id] = np.asarray(scales[r.id], np.float64) * np.exp(
+            DRAW_SPREAD * rng.normal(size=r.size)
+        )
+    return out
+
 
 class _Links:
     """Which region (and where in it) each layer reads from and writes to."""

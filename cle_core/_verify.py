@@ -11,7 +11,7 @@ module holds what they share.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -65,23 +65,76 @@ def verdict(
 ) -> tuple[Report, bool]:
     """The report with its :class:`Verification`, and whether the equalized model is
     kept (it is unless the original measured better; a warning says so)."""
-    keep = bool(equalized_db >= original_db or np.isnan(original_db))
+    report, kept = pick(report, deployment, measured, original_db, [equalized_db])
+    return report, kept is not None
+
+
+def pick(
+    report: Report,
+    deployment: Deployment,
+    measured: int,
+    original_db: float,
+    drawn_db: Sequence[float],
+) -> tuple[Report, int | None]:
+    """:func:`verdict` over several exact equalizations: ``drawn_db[k]`` is the figure of
+    the model equalized with ``scale_draw=k`` (0: the objective's own scales). Returns
+    the report with its :class:`Verification` and the draw kept, the best measured
+    (the lowest draw among equals), or None where the original measured better than
+    every draw (a warning says so)."""
+    figures = np.array([v if np.isfinite(v) else -np.inf for v in drawn_db], np.float64)
+    best = int(np.argmax(figures))
+    keep = bool(figures[best] >= original_db or np.isnan(original_db))
     v = Verification(
         deployment.describe(),
         measured,
         float(original_db),
-        float(equalized_db),
+        float(drawn_db[0]),
         "equalized" if keep else "original",
+        drawn=tuple(float(x) for x in drawn_db[1:]),
+        draw=best if keep else 0,
     )
     if not keep:
         logger.warning(
             "verify: the original (batch norms folded) measures %.2f dB, the equalized "
             "model %.2f dB (%s): kept the original",
             original_db,
-            equalized_db,
+            figures[best],
             deployment.describe(),
         )
-    return replace(report, verification=v), keep
+    return replace(report, verification=v), (best if keep else None)
+
+
+def best_draw(
+    equalized: Callable[[int], tuple[Any, Report]], measure: Callable[[Any], float], draws: int
+) -> tuple[list[float], Any, Report]:
+    """Equalize (``equalized(k)``: the model and report of ``scale_draw=k``) and
+    measure draws ``0 .. draws`` one at a time, holding only the best so far. Returns
+    every figure (for :func:`pick`), and the best model and its report (the first of
+    equals, as :func:`pick` takes it)."""
+    figures: list[float] = []
+    best: tuple[float, Any, Report] | None = None
+    for k in range(draws + 1):
+        model, report = equalized(k)
+        figures.append(float(measure(model)))
+        value = figures[-1] if np.isfinite(figures[-1]) else -np.inf
+        if best is None or value > best[0]:
+            best = (value, model, report)
+        del model
+    assert best is not None
+    return figures, best[1], best[2]
+
+
+def check_draws(draws: Any, verify: bool, options: EqualizeOptions) -> int:
+    """``draws`` as the number of redrawn equalizations ``verify`` measures besides the
+    objective's own scales; :class:`CLEError` unless it is an integer >= 0, given with
+    ``verify`` and without a ``scale_draw`` of its own."""
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 0:
+        raise CLEError(f"draws must be an integer >= 0, not {draws!r}")
+    if draws and not verify:
+        raise CLEError("draws needs verify=True: the redrawn equalizations are measured to choose")
+    if draws and options.scale_draw:
+        raise CLEError("give scale_draw= or draws=, not both")
+    return int(draws)
 
 
 def folded_only(options: EqualizeOptions) -> EqualizeOptions:

@@ -33,8 +33,9 @@ Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
 legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
 :func:`verdict`, :func:`folded_only` (``verify=``: measure the original and the
-result, keep the better), :func:`check_calibration` (options that need calibration
-inputs, refused without them).
+result, keep the better), :func:`best_draw`, :func:`pick` and :func:`check_draws` (``verify``
+with ``draws``: several exact equalizations measured, the best kept),
+:func:`check_calibration` (options that need calibration inputs, refused without them).
 
 Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
 line), :func:`write_plots`, :func:`warn` (one ``cle: warning:`` line on stderr).
@@ -69,7 +70,15 @@ from ._quality import (
     non_finite_name,
 )
 from ._stats import ChannelStats, StatsAccumulator, measured_layout
-from ._verify import folded_only, quality_key, split_inputs, verdict
+from ._verify import (
+    best_draw,
+    check_draws,
+    folded_only,
+    pick,
+    quality_key,
+    split_inputs,
+    verdict,
+)
 
 __all__ = [
     "LAYOUT_OPS",
@@ -78,8 +87,10 @@ __all__ = [
     "Progress",
     "StatsAccumulator",
     "UsageError",
+    "best_draw",
     "broadcast_shape",
     "check_calibration",
+    "check_draws",
     "check_finite",
     "check_output_path",
     "check_real_dtype",
@@ -97,6 +108,7 @@ __all__ = [
     "load_inputs",
     "measured_layout",
     "non_finite_name",
+    "pick",
     "quality_key",
     "reshape_axes",
     "rotary_table_misfit",

@@ -21,13 +21,15 @@ from cle_core import (
     equalize,
 )
 from cle_core.toolkit import (
+    best_draw,
     check_calibration,
+    check_draws,
     check_output_path,
     folded_only,
     measured_layout,
+    pick,
     quality_key,
     split_inputs,
-    verdict,
 )
 
 from . import _check, _inputs, _io
@@ -299,7 +301,8 @@ class OnnxBackend(FileBackend):
             figures = _evaluate.evaluate_all(
                 loaded[0], models, inputs, **quantization, names=names, input_grid=True
             )
-            rows = list(zip([label, "equalized"], figures, strict=False))
+            labels = [label, "equalized", *(f"candidate {i}" for i in range(2, len(paths)))]
+            rows = list(zip(labels, figures, strict=True))
         except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
             raise CLEError(str(exc)) from None
         floor = figures[0].get("input_grid_sqnr")
@@ -348,6 +351,7 @@ def equalize_model(
     base_dir: str | os.PathLike | None = None,
     calibration: Any = None,
     verify: bool = False,
+    draws: int = 0,
     input_shapes: dict[str, Any] | None = None,
     **options: Any,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -377,13 +381,19 @@ def equalize_model(
     folded, and the equalized model with the deployment the scales were chosen for
     (onnxruntime's ``quantize_static``, calibrated on half of the inputs, measured on the
     other half) and returns the better of the two; ``report.verification`` has both
-    figures (a warning says when the original was kept).
+    figures (a warning says when the original was kept). ``draws=N`` with ``verify``
+    also measures ``N`` redrawn equalizations (``scale_draw`` 1 to ``N``: each
+    channel's scale times ``exp(0.02 z)``, all exact) and keeps the best measured of
+    all: one quantized figure is one draw of the rounding, and the draws spread by
+    several dB (``docs/core.rst``, "Verify"). It costs ``N`` more equalizations and
+    quantizations; at most three models are held besides yours.
 
     Raises :class:`cle_core.CLEError` subclasses on bad input (:class:`ModelFileError`
     for files and external data); the model is then unchanged.
     """
     cle_options, rest = EqualizeOptions.from_kwargs(**options)
     _no_options(rest)
+    draws = check_draws(draws, verify, cle_options)
     if verify and calibration is None:
         raise CLEError("verify needs calibration inputs (calibration=) to measure on")
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -403,29 +413,42 @@ def equalize_model(
             owned=owned,
             **sizes,
         )
-    new, report = OnnxBackend().run(model, cle_options, calibration, base_dir=base_dir, **sizes)
+
+    def equalized(k: int):
+        drawn = replace(cle_options, scale_draw=k)
+        return OnnxBackend().run(model, drawn, calibration, base_dir=base_dir, **sizes)
+
     folded, _ = OnnxBackend().run(model, folded_only(cle_options), base_dir=base_dir, **sizes)
-    return _verified(model, folded, new, report, cle_options, calibration, inplace)
+    return _verified(model, folded, equalized, draws, cle_options, calibration, inplace)
 
 
-def _verified(model, folded, new, report, options, calibration, inplace: bool):
-    """The better of ``folded`` and ``new`` in the options' deployment (see
-    :func:`equalize_model`), with the report's verification."""
-    from ._evaluate import evaluate_all  # onnxruntime, loaded only to run models
+def _verified(model, folded, equalized, draws: int, options, calibration, inplace: bool):
+    """The best of ``folded`` and ``equalized(k)`` for ``k`` in ``0 .. draws`` in the
+    options' deployment (see :func:`equalize_model`), with the report's verification.
+    One candidate is held at a time besides the best so far."""
+    from ._evaluate import evaluate_all, run  # onnxruntime, loaded only to run models
 
     deployment = options.deployment
     calibrate_on, measure_on, count = split_inputs(calibration)
-    figures = evaluate_all(
-        model,
-        [folded, new],
-        measure_on,
-        names=["the model", "the original (batch norms folded)", "the equalized model"],
-        deployment=deployment,
-        calibration=calibrate_on,
-    )
     key = quality_key(deployment)
-    report, keep = verdict(report, deployment, count, figures[0][key], figures[1][key])
-    chosen = new if keep else folded
+    reference = run(model, measure_on, name="the model")  # one FP32 run serves every model
+
+    def measure(candidate, name: str = "the equalized model") -> float:
+        (figures,) = evaluate_all(
+            model,
+            [candidate],
+            measure_on,
+            reference=reference,
+            names=["the model", name],
+            deployment=deployment,
+            calibration=calibrate_on,
+        )
+        return figures[key]
+
+    original_db = measure(folded, "the original (batch norms folded)")
+    figures, best, report = best_draw(equalized, measure, draws)
+    report, kept = pick(report, deployment, count, original_db, figures)
+    chosen = folded if kept is None else best
     if inplace:
         model.CopyFrom(chosen)
         chosen = model

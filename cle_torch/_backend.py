@@ -19,7 +19,14 @@ from cle_core import (
     Translated,
     equalize,
 )
-from cle_core.toolkit import folded_only, quality_key, split_inputs, verdict
+from cle_core.toolkit import (
+    best_draw,
+    check_draws,
+    folded_only,
+    pick,
+    quality_key,
+    split_inputs,
+)
 
 from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
@@ -102,6 +109,7 @@ def equalize_model(
     allow_graph_module: bool = True,
     calibration: Any = None,
     verify: bool = False,
+    draws: int = 0,
     **options: Any,
 ) -> tuple[nn.Module, Report]:
     """Cross-layer equalization of a PyTorch model: fold batch norms, scale, absorb high
@@ -150,6 +158,9 @@ def equalize_model(
             inputs, measured on the other half) and return the better one;
             ``report.verification`` has both figures. ``model`` is then never modified:
             both are computed on copies.
+        draws: with ``verify``, also measure this many redrawn equalizations
+            (``scale_draw`` 1, 2 ...: each channel's scale times ``exp(0.02 z)``, all
+            exact) and return the best measured of all (``docs/core.rst``, "Verify").
         **options: :class:`cle_core.EqualizeOptions` fields (``max_sweeps``,
             ``per_channel``, ``deployment``, ``high_bias`` ...).
 
@@ -169,25 +180,31 @@ def equalize_model(
         allow_training_mode=allow_training_mode,
         allow_graph_module=allow_graph_module,
     )
+    draws = check_draws(draws, verify, cle_options)
     if not verify:
         return TorchBackend().run(model, cle_options, calibration, **backend_options)
     if calibration is None:
         raise CLEError("verify needs calibration inputs (calibration=) to measure on")
     calibrate_on, measure_on, count = split_inputs(calibration)
-    new, report = TorchBackend().run(
-        copy.deepcopy(model), cle_options, calibration, **backend_options
-    )
+    deployment = cle_options.deployment
+    key = quality_key(deployment)
+
+    def measure(candidate: nn.Module) -> float:
+        return evaluate_torch(
+            model, candidate, measure_on, deployment=deployment, calibration=calibrate_on
+        )[key]
+
+    def equalized(k: int):
+        drawn = replace(cle_options, scale_draw=k)
+        return TorchBackend().run(copy.deepcopy(model), drawn, calibration, **backend_options)
+
     folded, _ = TorchBackend().run(
         copy.deepcopy(model), folded_only(cle_options), **backend_options
     )
-    deployment = cle_options.deployment
-    key = quality_key(deployment)
-    original_db, equalized_db = (
-        evaluate_torch(model, m, measure_on, deployment=deployment, calibration=calibrate_on)[key]
-        for m in (folded, new)
-    )
-    report, keep = verdict(report, deployment, count, original_db, equalized_db)
-    return (new if keep else folded), report
+    original_db = measure(folded)
+    figures, best, report = best_draw(equalized, measure, draws)
+    report, kept = pick(report, deployment, count, original_db, figures)
+    return (folded if kept is None else best), report
 
 
 def fold_all_batch_norms(

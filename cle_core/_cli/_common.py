@@ -165,6 +165,15 @@ def add_cle_options(p: argparse.ArgumentParser) -> None:
         help="most sweeps over all regions (default: %(default)s)",
     )
     g.add_argument(
+        "--scale-draw",
+        type=int,
+        default=EqualizeOptions.scale_draw,
+        metavar="K",
+        help="each channel's scale times exp(0.02 z), z drawn with seed K: another exact "
+        "equalization with other rounding errors (0, the default: the objective's own "
+        "scales; equalize --verify --draws N measures several and keeps the best)",
+    )
+    g.add_argument(
         "--tolerance",
         type=float,
         default=None,
@@ -233,6 +242,7 @@ def cle_options(args) -> EqualizeOptions:
             activation_weight=args.activation_weight,
             bias_correction=args.bias_correction,
             quantizer=args.quantizer,
+            scale_draw=args.scale_draw,
             **{**deployment_fields(args), "activation_bits": activation_bits},
         )
     except CLEError as exc:  # a bad value of a flag: name the flag, not the field
@@ -249,6 +259,7 @@ _FLAGS = {
     "activation_bits": "--activation-bits",
     "per_channel": "--per-channel",
     "max_sweeps": "--max-sweeps",
+    "scale_draw": "--scale-draw",
     "tolerance": "--tolerance",
     "activation_weight": "--activation-weight",
     "high_bias_through_padding": "--high-bias-through-padding",

@@ -11,8 +11,8 @@ from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
 from .._files import check_output_path, temp_folder, write_atomic
 from .._objectives import objective_trait
 from .._quality import describe_arrays
-from .._report import Report
-from .._verify import folded_only, quality_key, split_inputs, verdict
+from .._report import EqualizeOptions, Report
+from .._verify import folded_only, pick, quality_key, split_inputs
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -101,6 +101,16 @@ def add_parser(sub) -> None:
         "calibrated on half of the inputs, measured on the other half), print both and "
         "keep the better (a warning if that is the original)",
     )
+    eq.add_argument(
+        "--draws",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --verify: also measure N redrawn equalizations (--scale-draw 1 to N, "
+        "each exact) and keep the best of all; one quantized figure is one draw of the "
+        "rounding, and draws spread by several dB (costs N more equalizations and "
+        "quantizations; the N + 2 models are held in memory while measured)",
+    )
     add_cle_options(eq)
     eq.set_defaults(run=run)
 
@@ -147,6 +157,12 @@ def run(args) -> int:
         raise UsageError("--verify needs --calibration: the inputs to measure on")
     if args.verify and args.in_place:
         raise UsageError("--verify compares with the input file, which --in-place overwrites")
+    if args.draws < 0:
+        raise UsageError(f"--draws must be >= 0, not {args.draws}")
+    if args.draws and not args.verify:
+        raise UsageError("--draws needs --verify: the redrawn equalizations are measured")
+    if args.draws and options.scale_draw:
+        raise UsageError("give --scale-draw or --draws, not both")
     feeds = None
     if args.check:
         given = None
@@ -169,7 +185,9 @@ def run(args) -> int:
             **sizes,
         )
     if args.verify:
-        report = _verify(backend, src, dst, options, calibration, report)
+        report, options = _verify(
+            backend, src, dst, options, calibration, report, args.draws, sizes
+        )
     if args.report:
         write_atomic(args.report, report.to_json(indent=1))
     plots = _plots(report, args.plot) if args.plot else []
@@ -231,19 +249,43 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _verify(backend, src: Path, dst: Path, options, calibration, report: Report) -> Report:
-    """Measure the original (batch norms folded) and ``dst`` in the deployment; where the
-    original measures better, ``dst`` becomes the folded original (atomically again)."""
+def _verify(
+    backend, src: Path, dst: Path, options, calibration, report: Report, draws: int, sizes
+) -> tuple[Report, EqualizeOptions]:
+    """Measure the original (batch norms folded), ``dst`` and ``draws`` redrawn
+    equalizations in the deployment; ``dst`` becomes the best measured (atomically
+    again: the folded original, or the equalization of the draw kept). Returns the
+    report of what ``dst`` holds and the options that made it."""
     deployment = options.deployment
     calibrate_on, measure_on, count = split_inputs(calibration)
-    rows, _, _ = backend.evaluate_files(
-        [src, dst], measure_on, deployment=deployment, calibration=calibrate_on
-    )
     key = quality_key(deployment)
-    report, keep = verdict(report, deployment, count, rows[0][1][key], rows[1][1][key])
-    if not keep:
+
+    def equalized(k: int, path: Path) -> Report:
+        drawn = replace(options, scale_draw=k)
+        return backend.equalize_file(src, path, drawn, calibration=calibration, **sizes)[0]
+
+    with temp_folder("draws") as tmp:
+        paths = [src, dst]
+        for k in range(1, draws + 1):
+            paths.append(tmp / f"draw{k}{src.suffix}")
+            equalized(k, paths[-1])
+        rows, _, _ = backend.evaluate_files(
+            paths, measure_on, deployment=deployment, calibration=calibrate_on
+        )
+        figures = [r[1][key] for r in rows[1 : len(paths)]]
+        for path in paths[len(figures) + 1 :]:  # a backend that measures two at a time
+            more, _, _ = backend.evaluate_files(
+                [src, path], measure_on, deployment=deployment, calibration=calibrate_on
+            )
+            figures.append(more[1][1][key])
+    verified, kept = pick(report, deployment, count, rows[0][1][key], figures)
+    if kept is None:
         backend.equalize_file(src, dst, folded_only(options))
-    return report
+        return verified, options
+    if kept:
+        options = replace(options, scale_draw=kept)
+        report = equalized(kept, dst)  # the same as the draw measured: a deterministic run
+    return replace(report, verification=verified.verification), options
 
 
 def _threshold(given: float | None, dtype: str) -> float:

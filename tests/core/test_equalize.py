@@ -482,3 +482,35 @@ def test_a_gate_read_by_the_region_is_not_scaled():
     report = equalize(b.g).report
     assert report.regions == ()
     assert any("is read by sq" in s.reason for s in report.skipped)
+
+
+@pytest.mark.parametrize("objective", ["noise", "balance"])
+def test_a_scale_draw_is_another_exact_equalization(objective):
+    """``scale_draw=k``: the objective's scales times ``exp(0.02 z)`` per channel, ``z``
+    drawn with seed ``k``: exact, the same for the same seed, another for another, and
+    0 is the objective's own; the summary says so."""
+
+    def scales(draw):
+        g = mobilenet_like()
+        before = run(g)
+        result = equalize(g, EqualizeOptions(objective=objective, scale_draw=draw))
+        assert_same_function(g, before)
+        return result.report, np.concatenate([r.scales for r in result.report.regions])
+
+    own_report, own = scales(0)
+    first_report, first = scales(1)
+    _, again = scales(1)
+    _, other = scales(2)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    ratio = np.log(first / own)
+    assert 0.005 < np.std(ratio) < 0.05  # the draw's spread, 0.02
+    assert np.all(np.abs(ratio) < 0.15)  # 7.5 of its standard deviations
+    assert "scales redrawn (scale_draw=1)" in first_report.summary()
+    assert "redrawn" not in own_report.summary()
+    assert json.loads(first_report.to_json())["options"]["scale_draw"] == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_a_scale_draw_is_a_natural_number(bad):
+    with pytest.raises(CLEError, match="scale_draw"):
+        EqualizeOptions(scale_draw=bad)

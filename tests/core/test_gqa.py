@@ -311,3 +311,18 @@ def test_selected_channels_are_the_channels_the_map_names(case):
     key = list(index) if isinstance(index, tuple) else index
     out = channel_index(shape, axes)[(slice(None),) * axis + (key,)]
     assert np.array_equal(kept[channel_index(out.shape, out_axes)], out)
+
+
+def test_a_scale_draw_keeps_q_and_k_at_one():
+    """Channels a region must keep at 1 stay there under a redrawn equalization; the
+    others are drawn, each its own way, and the function is the same."""
+    g = _packed_block(3, c=16, h=4, cut="last")
+    x = feed_tokens(g)
+    before = run_graph(g, x)
+    result = equalize(g, EqualizeOptions(objective="balance", scale_draw=7))
+    got = next(r for r in result.report.regions if r.kind == "attention").scales
+    assert np.all(got[:32] == 1.0)  # q and k
+    assert len(np.unique(got[32:])) == 16  # v: drawn
+    after = run_graph(g, x)
+    for k, ref in before.items():
+        assert np.max(np.abs(after[k] - ref)) <= 1e-9 * np.max(np.abs(ref))

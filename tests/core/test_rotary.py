@@ -183,3 +183,21 @@ def test_a_rotary_off_the_channels_has_none():
     g = b.build([y])
     assert g.values[y].channels is None
     assert "does not hold its channels" in g.values[y].producer.attrs["layout_why"]
+
+
+@given(st.integers(1, 10_000))
+@settings(max_examples=8, deadline=None)
+def test_a_scale_draw_keeps_the_rotated_pairs_tied_and_stays_exact(draw):
+    """A redrawn equalization (``scale_draw``) multiplies every channel by its own
+    ``exp(0.02 z)``; the pairs a rotary rotates together still share one scale, and
+    the function is the same."""
+    g = _block(3, h=4, kv=2, d=4, how="interleave")
+    x = feed_tokens(g)
+    before = run_graph(g, x)
+    result = equalize(g, EqualizeOptions(objective="balance", scale_draw=draw))
+    (qk,) = [r for r in result.report.regions if r.kind == "qk"]
+    assert np.array_equal(qk.scales, qk.scales[_pairs(8, 4, False)])
+    assert len(np.unique(qk.scales)) == 4  # drawn: no two pairs alike
+    after = run_graph(g, x)
+    for name, ref in before.items():
+        assert np.max(np.abs(after[name] - ref)) <= 1e-9 * np.max(np.abs(ref))

@@ -3,6 +3,10 @@ calibration inputs; the better one is kept (issue 18)."""
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -85,3 +89,73 @@ def test_cle_equalize_verify(tmp_path, capsys):
     assert "Min" in {n.op_type for n in onnx.load(dst).graph.node}
     assert main(["equalize", str(src), "-o", str(dst), "--verify"]) == 2
     assert "--verify needs --calibration" in capsys.readouterr().err
+
+
+def test_verify_with_draws_keeps_the_best_measured_equalization():
+    """``draws=3``: the objective's own scales and three redrawn ones, each measured as
+    ``verify`` measures; the model kept is the draw that measured best, the same bytes
+    as equalizing with that ``scale_draw`` alone, and the caller's proto is untouched."""
+    from cle_onnx._evaluate import evaluate_all
+
+    model = om.relu6_chain(13)
+    before = model.SerializeToString()
+    data = _data()
+    eq, report = cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
+    assert model.SerializeToString() == before
+    v = report.verification
+    assert len(v.drawn) == 3 and v.kept == "equalized"
+    figures = [v.equalized_db, *v.drawn]
+    assert figures[v.draw] == max(figures) > v.original_db
+    assert len(set(figures)) == 4  # four roundings, four figures
+    alone, alone_report = cle_onnx.equalize_model(model, calibration=data, scale_draw=v.draw)
+    assert eq.SerializeToString() == alone.SerializeToString()
+    assert report.options.scale_draw == alone_report.options.scale_draw == v.draw
+    # each figure is what verify's split measures for that draw
+    drawn = [cle_onnx.equalize_model(model, calibration=data, scale_draw=k)[0] for k in range(4)]
+    again = evaluate_all(model, drawn, data[8:], calibration=data[:8])
+    np.testing.assert_allclose([r["w8a8_sqnr"] for r in again], figures, rtol=1e-9)
+
+
+def test_draws_need_verify():
+    with pytest.raises(CLEError, match="draws needs verify"):
+        cle_onnx.equalize_model(om.relu6_chain(13), calibration=_data(), draws=2)
+    with pytest.raises(CLEError, match="draws must be"):
+        cle_onnx.equalize_model(om.relu6_chain(13), calibration=_data(), verify=True, draws=-2)
+
+
+def test_cle_equalize_verify_draws(tmp_path, capsys):
+    """``--verify --draws 3`` writes the draw that measured best (the same bytes as
+    ``--scale-draw K``), reports every figure, leaves the input as it was and no
+    temporary file behind."""
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(om.relu6_chain(13), src)
+    data = tmp_path / "calib.npy"
+    np.save(data, _data())
+    before = src.read_bytes()
+    leftovers = set(Path(tempfile.gettempdir()).glob("cle-draws-*"))
+    report = tmp_path / "r.json"
+    argv = ["equalize", str(src), "--calibration", str(data), "--verify"]
+    assert main([*argv, "-o", str(dst), "--draws", "3", "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert src.read_bytes() == before
+    assert set(Path(tempfile.gettempdir()).glob("cle-draws-*")) == leftovers
+    saved = json.loads(report.read_text())
+    v = saved["verification"]
+    assert len(v["drawn"]) == 3 and v["kept"] == "equalized"
+    assert saved["options"]["scale_draw"] == v["draw"]
+    assert "3 redrawn" in out
+    same = tmp_path / "same.onnx"
+    assert (
+        main(
+            [*argv[:2], "-o", str(same), "--calibration", str(data), "--scale-draw", str(v["draw"])]
+        )
+        == 0
+    )
+    assert same.read_bytes() == dst.read_bytes()
+    capsys.readouterr()
+    assert main([*argv[:2], "-o", str(dst), "--draws", "2"]) == 2
+    assert "--draws needs --verify" in capsys.readouterr().err
+    assert main([*argv, "-o", str(dst), "--draws", "2", "--scale-draw", "1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main([*argv[:2], "-o", str(dst), "--scale-draw", "-1"]) == 2
+    assert "--scale-draw" in capsys.readouterr().err

@@ -448,3 +448,37 @@ def test_verify_measures_both_and_never_touches_the_model():
     assert (v.kept == "equalized") == (v.equalized_db >= v.original_db)
     with pytest.raises(CLEError, match="calibration"):
         cle_torch.equalize_model(model, dummy_input=x[:1], verify=True)
+
+
+def test_verify_with_draws_returns_the_best_measured_draw():
+    """``verify=True, draws=2``: the objective's scales and two redrawn ones measured
+    (evaluate_torch), the best returned, equal to equalizing with that ``scale_draw``
+    alone; the model is never touched."""
+    from cle_torch import evaluate_torch
+    from tests.helpers import torch_models as tm
+
+    model, shape = tm.ARCHITECTURES["mobilenet_v2"]()
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, *shape[1:])
+    new, report = cle_torch.equalize_model(
+        model, dummy_input=x[:1], calibration=x, verify=True, draws=2
+    )
+    assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
+    v = report.verification
+    figures = [v.equalized_db, *v.drawn]
+    assert len(figures) == 3 and len(set(figures)) == 3
+    if v.kept == "equalized":
+        assert figures[v.draw] == max(figures) and report.options.scale_draw == v.draw
+        alone, _ = cle_torch.equalize_model(
+            copy.deepcopy(model), dummy_input=x[:1], calibration=x, scale_draw=v.draw
+        )
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(new.state_dict().values(), alone.state_dict().values(), strict=True)
+        )
+    else:
+        assert max(figures) < v.original_db
+    got = evaluate_torch(model, new, x[8:], calibration=x[:8])["w8a8_sqnr"]
+    assert got == pytest.approx(max(v.original_db, *figures), rel=1e-9)
+    with pytest.raises(CLEError, match="draws needs verify"):
+        cle_torch.equalize_model(model, dummy_input=x[:1], calibration=x, draws=2)

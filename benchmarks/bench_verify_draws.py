@@ -1,0 +1,166 @@
+"""``verify`` with ``draws``: exact equalizations measured on calibration inputs, the
+best kept, then measured on inputs it never saw.
+
+One quantized figure is one draw of the rounding (``bench_draws.py``): the same
+network's scales times ``exp(0.02 z)`` per channel are another exact equalization that
+measures up to 12.6 dB apart. ``cle_onnx.equalize_model(..., verify=True, draws=N)``
+(``cle equalize --verify --draws N``) measures the objective's own scales and ``N``
+redrawn ones with onnxruntime's ``quantize_static`` on the calibration inputs (half
+calibrate the grids, half measure) and keeps the best, or the original (batch norms
+folded) where it measured better. This benchmark runs that path as a user does, on ONNX
+files, and measures what it returns on the evaluation inputs (calibrated on all the
+calibration inputs, as ``bench_deployments.py``). Columns, output SQNR in dB:
+
+- ``none``: batch norms folded, no scaling;
+- ``default``: the defaults (data-free, no verify);
+- ``calib``: ``calibration=`` the calibration inputs (the noise objective's statistics
+  measured on them), no verify;
+- ``verify``: ``verify=True`` with them (the original or ``calib`` kept);
+- ``draws``: ``verify=True, draws=N`` and the draw it kept (``-``: the original);
+- ``best``: the best of ``calib`` and its ``N`` draws on the evaluation inputs (what a
+  perfect choice would give; ``--best`` only, it costs ``N`` more quantizations).
+
+Networks: the pretrained EfficientNet-Lite0 in both exports (BNs kept, and folded by
+the exporter; the 120 natural images measured, 40 other crops of the same 20 source
+images calibrating, so the draw is chosen on crops 10 of whose sources are among the
+measured images: ``--by-source`` measures on the 60 images of the sources the choice
+did not see), and ``bench_deployments.py``'s trained CNN and random networks (3 seeds).
+
+Run: ``python benchmarks/bench_verify_draws.py [--networks lite0 trained_cnn resnet ...]
+[--draws 8] [--deployments W8A8 W8 ...] [--best] [--by-source]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
+import bench_deployments as bd  # noqa: E402
+import bench_other_networks as other  # noqa: E402
+
+import cle_onnx  # noqa: E402
+from cle_torch._examples import export_onnx  # noqa: E402
+
+
+def onnx_cases(name: str, seeds: int, tmp: Path):
+    """``(label, ONNX model, eval inputs, calibration inputs)``."""
+    import onnx
+
+    for label, model, x, calib in bd.cases(name, seeds):
+        if name == "lite0":
+            for keep, tag in ((True, "lite0 (BNs)"), (False, "lite0 (folded)")):
+                path = tmp / f"lite0_{keep}.onnx"
+                export_onnx(model, path, keep_batchnorm=keep)
+                yield tag, onnx.load(str(path)), x.numpy(), np.asarray(calib)
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            proto = other.exported(model, x)
+        yield label, proto, x.numpy(), np.asarray(calib)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--networks", nargs="+", default=["lite0", "trained_cnn", *other.RANDOM])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--draws", type=int, default=8)
+    ap.add_argument("--deployments", nargs="+", default=list(bd.DEPLOYMENTS))
+    ap.add_argument("--best", action="store_true", help="also the best draw on the eval inputs")
+    ap.add_argument(
+        "--by-source",
+        action="store_true",
+        help="Lite0: also measure on the 60 images of the sources the choice did not see",
+    )
+    args = ap.parse_args()
+    logging.getLogger("cle_core").setLevel(logging.ERROR)
+    logging.getLogger("cle_onnx").setLevel(logging.ERROR)
+    import tempfile
+
+    gains: dict[str, list[tuple[float, float]]] = {d: [] for d in args.deployments}
+    print(
+        f"{'network':<17}{'deploy':<9}{'none':>7}{'default':>8}{'calib':>7}{'verify':>8}"
+        f"{'draws':>8}"
+        f"{'kept':>6}{'-def':>7}{'-ver':>7}" + (f"{'best':>8}" if args.best else "") + "   s"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.networks:
+            for label, proto, x, calib in onnx_cases(name, args.seeds, Path(tmp)):
+                for dep_name in args.deployments:
+                    dep = bd.DEPLOYMENTS[dep_name]
+                    kind = "W8" if dep.weights_only else "W8A8"
+                    key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
+                    default, _ = cle_onnx.equalize_model(proto, deployment=dep)
+                    calibrated, _ = cle_onnx.equalize_model(
+                        proto, deployment=dep, calibration=calib
+                    )
+                    verified, _ = cle_onnx.equalize_model(
+                        proto, deployment=dep, calibration=calib, verify=True
+                    )
+                    t0 = time.perf_counter()
+                    drawn, report = cle_onnx.equalize_model(
+                        proto, deployment=dep, calibration=calib, verify=True, draws=args.draws
+                    )
+                    seconds = time.perf_counter() - t0
+                    v = report.verification
+                    kept = str(v.draw) if v.kept == "equalized" else "-"
+                    cands = [None, default, calibrated, verified, drawn]
+                    if args.best:
+                        cands += [
+                            cle_onnx.equalize_model(
+                                proto, deployment=dep, calibration=calib, scale_draw=k
+                            )[0]
+                            for k in range(1, args.draws + 1)
+                        ]
+                    figures = [
+                        r[key]
+                        for r in cle_onnx.evaluate_all(
+                            proto, cands, x, deployment=dep, calibration=calib
+                        )
+                    ]
+                    none, dflt, cal, ver, drw = figures[:5]
+                    gains[dep_name].append((drw - dflt, drw - ver))
+                    best = f"{max([cal, *figures[5:]]):8.2f}" if args.best else ""
+                    print(
+                        f"{label:<17}{dep_name:<9}{none:7.2f}{dflt:8.2f}{cal:7.2f}{ver:8.2f}"
+                        f"{drw:8.2f}"
+                        f"{kept:>6}{drw - dflt:+7.2f}{drw - ver:+7.2f}{best}   {seconds:.0f}",
+                        flush=True,
+                    )
+                    if args.by_source and label.startswith("lite0"):
+                        # the choice measured crops of sources 10-19: sources 0-9 are
+                        # images 0-59 (six per source)
+                        unseen = [
+                            r[key]
+                            for r in cle_onnx.evaluate_all(
+                                proto, cands[1:5], x[:60], deployment=dep, calibration=calib
+                            )
+                        ]
+                        print(
+                            f"{'':17}{'':9}on the 60 images of unseen sources: default "
+                            f"{unseen[0]:.2f}, calib {unseen[1]:.2f}, verify {unseen[2]:.2f}, "
+                            f"draws {unseen[3]:.2f}"
+                            f" ({kind})",
+                            flush=True,
+                        )
+    print(f"means over the cases ({args.draws} draws): draws - default, draws - verify, worst")
+    for dep_name, g in gains.items():
+        if g:
+            a, b = [x[0] for x in g], [x[1] for x in g]
+            print(
+                f"  {dep_name:<8}{len(g):3d} cases  {statistics.mean(a):+.2f} "
+                f"(worst {min(a):+.2f}, best {max(a):+.2f})   {statistics.mean(b):+.2f} "
+                f"(worst {min(b):+.2f})"
+            )
+
+
+if __name__ == "__main__":
+    main()
