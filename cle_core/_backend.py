@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
@@ -60,6 +61,7 @@ class Backend(ABC):
     """
 
     name: str = "backend"
+    _reused: dict | None = None  # see statistics_reused
 
     @abstractmethod
     def to_ir(self, model: Any, **options: Any) -> Graph | Translated:
@@ -75,6 +77,29 @@ class Backend(ABC):
         """Per-channel statistics of the IR values, measured by running ``model`` on
         ``calibration`` (see :class:`cle_core._stats.ChannelStats`)."""
         raise UnsupportedModelError(f"the {self.name} backend takes no calibration data")
+
+    @contextmanager
+    def statistics_reused(self) -> Iterator[None]:
+        """A block in which every :meth:`run` is on the same model with the same
+        calibration inputs (the same object): their statistics are measured at the first
+        run and reused by the others. ``verify`` with ``draws`` equalizes one model once
+        per draw, and measuring the statistics is most of a calibrated run's time."""
+        previous, self._reused = self._reused, {}
+        try:
+            yield
+        finally:
+            self._reused = previous
+
+    def measured_statistics(self, calibration: Any, measure: Callable[[], dict]) -> dict:
+        """``measure()``, or within :meth:`statistics_reused` what it gave for these
+        calibration inputs."""
+        if self._reused is None:
+            return measure()
+        key = id(calibration)
+        if key not in self._reused:
+            # the inputs are held with their statistics: their id is not reused meanwhile
+            self._reused[key] = (calibration, measure())
+        return self._reused[key][1]
 
     def run(
         self,
@@ -96,7 +121,9 @@ class Backend(ABC):
             extra = {"state": translated.state}
         stats = None
         if calibration is not None:
-            stats = self.calibration_stats(translated, model, calibration)
+            stats = self.measured_statistics(
+                calibration, lambda: self.calibration_stats(translated, model, calibration)
+            )
         result = equalize(translated.graph, options, progress, stats)
         new = self.apply(model, result, **extra, **backend_options)
         if options.bias_correction_form == "empirical":

@@ -181,12 +181,15 @@ class OnnxBackend(FileBackend):
         # moves the weight bytes out of an owned proto.
         stats = None
         if calibration is not None:
-            stats = self.calibration_stats(
-                None,
-                model,
+            stats = self.measured_statistics(
                 calibration,
-                backend_options.get("base_dir"),
-                backend_options.get("input_shapes"),
+                lambda: self.calibration_stats(
+                    None,
+                    model,
+                    calibration,
+                    backend_options.get("base_dir"),
+                    backend_options.get("input_shapes"),
+                ),
             )
         check_calibration(options, calibration)
         empirical = options.bias_correction_form == "empirical"
@@ -414,12 +417,15 @@ def equalize_model(
             **sizes,
         )
 
+    backend = OnnxBackend()
+
     def equalized(k: int):
         drawn = replace(cle_options, scale_draw=k)
-        return OnnxBackend().run(model, drawn, calibration, base_dir=base_dir, **sizes)
+        return backend.run(model, drawn, calibration, base_dir=base_dir, **sizes)
 
-    folded, _ = OnnxBackend().run(model, folded_only(cle_options), base_dir=base_dir, **sizes)
-    return _verified(model, folded, equalized, draws, cle_options, calibration, inplace)
+    folded, _ = backend.run(model, folded_only(cle_options), base_dir=base_dir, **sizes)
+    with backend.statistics_reused():  # one model, one set of inputs, a run per draw
+        return _verified(model, folded, equalized, draws, cle_options, calibration, inplace)
 
 
 def _verified(model, folded, equalized, draws: int, options, calibration, inplace: bool):

@@ -194,15 +194,16 @@ def equalize_model(
             model, candidate, measure_on, deployment=deployment, calibration=calibrate_on
         )[key]
 
+    backend = TorchBackend()
+
     def equalized(k: int):
         drawn = replace(cle_options, scale_draw=k)
-        return TorchBackend().run(copy.deepcopy(model), drawn, calibration, **backend_options)
+        return backend.run(copy.deepcopy(model), drawn, calibration, **backend_options)
 
-    folded, _ = TorchBackend().run(
-        copy.deepcopy(model), folded_only(cle_options), **backend_options
-    )
+    folded, _ = backend.run(copy.deepcopy(model), folded_only(cle_options), **backend_options)
     original_db = measure(folded)
-    figures, best, report = best_draw(equalized, measure, draws)
+    with backend.statistics_reused():  # copies of one model, one set of inputs
+        figures, best, report = best_draw(equalized, measure, draws)
     report, kept = pick(report, deployment, count, original_db, figures)
     return (folded if kept is None else best), report
 

@@ -264,7 +264,7 @@ def _verify(
         drawn = replace(options, scale_draw=k)
         return backend.equalize_file(src, path, drawn, calibration=calibration, **sizes)[0]
 
-    with temp_folder("draws") as tmp:
+    with temp_folder("draws") as tmp, backend.statistics_reused():  # one file, one set of inputs
         paths = [src, dst]
         for k in range(1, draws + 1):
             paths.append(tmp / f"draw{k}{src.suffix}")

@@ -159,3 +159,25 @@ def test_cle_equalize_verify_draws(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     assert main([*argv[:2], "-o", str(dst), "--scale-draw", "-1"]) == 2
     assert "--scale-draw" in capsys.readouterr().err
+
+
+def test_draws_measure_the_calibration_statistics_once(monkeypatch):
+    """Every draw equalizes the same model with the same inputs: their statistics are
+    measured once (most of a calibrated run's time), and outside ``verify`` again at
+    every call."""
+    from cle_onnx._backend import OnnxBackend
+
+    calls = []
+    measure = OnnxBackend.calibration_stats
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxBackend, "calibration_stats", counted)
+    model, data = om.relu6_chain(13), _data()
+    cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
+    assert len(calls) == 1
+    cle_onnx.equalize_model(model, calibration=data)
+    cle_onnx.equalize_model(model, calibration=data)
+    assert len(calls) == 3
