@@ -305,7 +305,7 @@ class OnnxBackend(FileBackend):
                 loaded[0], models, inputs, **quantization, names=names, input_grid=True
             )
             labels = [label, "equalized", *(f"candidate {i}" for i in range(2, len(paths)))]
-            rows = list(zip(labels, figures, strict=True))
+            rows = list(zip(labels[: len(paths)], figures, strict=True))
         except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
             raise CLEError(str(exc)) from None
         floor = figures[0].get("input_grid_sqnr")
