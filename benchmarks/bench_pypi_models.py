@@ -16,7 +16,11 @@ as ``input_shapes``, as ``--input-shape`` does), on the sample images at the mod
 input size (120 images, 40 other crops calibrating; 24 and 8 for inputs
 larger than 400 x 400). Output SQNR of the first output in dB against the FP32 model.
 
-Run: ``python benchmarks/bench_pypi_models.py FOLDER``.
+``--verify-draws N`` prints instead, per model and deployment, no scaling, the defaults,
+``verify=True`` and ``verify=True, draws=N`` with the 40 crops as calibration inputs (the
+draw kept; see ``bench_verify_draws.py``), measured as above.
+
+Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N]``.
 """
 
 from __future__ import annotations
@@ -59,23 +63,18 @@ def input_size(model: onnx.ModelProto, name: str) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
+    ap.add_argument("--verify-draws", type=int, metavar="N")
     args = ap.parse_args()
     logging.getLogger("cle_core").setLevel(logging.ERROR)
+    if args.verify_draws is not None:
+        verify_draws(args.folder, args.verify_draws)
+        return
     worst = {d: [np.inf, np.inf] for d in DEPLOYMENTS}
     print(
         f"{'model':<40}{'deploy':<9}{'none':>7}{'balance':>8}{'noise':>7}{'-none':>7}"
         f"{'-bal':>7}   regions  est none -> noise   s"
     )
-    for path in sorted(args.folder.glob("*.onnx")):
-        model = onnx.load(str(path))
-        hw = input_size(model, path.stem)
-        large = hw[0] * hw[1] > 400 * 400
-        images = np.ascontiguousarray(natural_images(hw)[: 24 if large else None])
-        calib = np.ascontiguousarray(calibration_images(hw)[: 8 if large else None])
-        # the size the images have, for the shapes the model computes from its input's
-        # (as --input-shape gives it: PP-OCRv4's transformer neck is found only so)
-        first = data_inputs(model)[0].name
-        sizes = {first: (1, 3, *hw)}
+    for path, model, images, calib, sizes in models(args.folder):
         balance, _ = cle_onnx.equalize_model(model, objective="balance", input_shapes=sizes)
         for label, dep in DEPLOYMENTS.items():
             t0 = time.perf_counter()
@@ -99,6 +98,50 @@ def main() -> None:
     print("worst margins of noise (vs none, vs balance):")
     for label, (a, b) in worst.items():
         print(f"  {label:<9}{a:+7.2f}{b:+7.2f}")
+
+
+def models(folder: Path):
+    """``(path, model, eval images, calibration images, input_shapes)`` per ONNX file."""
+    for path in sorted(folder.glob("*.onnx")):
+        model = onnx.load(str(path))
+        hw = input_size(model, path.stem)
+        large = hw[0] * hw[1] > 400 * 400
+        images = np.ascontiguousarray(natural_images(hw)[: 24 if large else None])
+        calib = np.ascontiguousarray(calibration_images(hw)[: 8 if large else None])
+        # the size the images have, for the shapes the model computes from its input's
+        # (as --input-shape gives it: PP-OCRv4's transformer neck is found only so)
+        first = data_inputs(model)[0].name
+        yield path, model, images, calib, {first: (1, 3, *hw)}
+
+
+def verify_draws(folder: Path, draws: int) -> None:
+    print(f"{'model':<40}{'deploy':<9}{'none':>7}{'default':>8}{'verify':>8}{'draws':>7}  kept")
+    for path, model, images, calib, sizes in models(folder):
+        for label, dep in DEPLOYMENTS.items():
+            key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
+            opts = {"deployment": dep, "input_shapes": sizes}
+            default, _ = cle_onnx.equalize_model(model, **opts)
+            verified, _ = cle_onnx.equalize_model(model, calibration=calib, verify=True, **opts)
+            drawn, report = cle_onnx.equalize_model(
+                model, calibration=calib, verify=True, draws=draws, **opts
+            )
+            v = report.verification
+            row = [
+                r[key]
+                for r in cle_onnx.evaluate_all(
+                    model,
+                    [None, default, verified, drawn],
+                    images,
+                    deployment=dep,
+                    calibration=calib,
+                )
+            ]
+            kept = str(v.draw) if v.kept == "equalized" else "-"
+            print(
+                f"{path.stem[:39]:<40}{label:<9}{row[0]:7.2f}{row[1]:8.2f}{row[2]:8.2f}"
+                f"{row[3]:7.2f}  {kept}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
