@@ -17,7 +17,10 @@ Loads the model exactly as its packages ship it and prints:
   high-bias absorption. Targets of the defaults: W8 >= 17 dB with top-1 >= 0.90, W8A8 >=
   13 dB with top-1 >= 0.85.
 
-Run: ``python benchmarks/bench_torch.py``.
+``--sweeps N [N ...]`` prints instead, for each most number of sweeps (``max_sweeps``),
+the median time of both networks' ``equalize_model`` and the estimated gain it reaches.
+
+Run: ``python benchmarks/bench_torch.py [--sweeps 1 2 3 4 200]``.
 """
 
 from __future__ import annotations
@@ -60,12 +63,34 @@ def median_time(model, shape, repeat: int, **options) -> tuple[float, float, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--sweeps", type=int, nargs="+", help="time these max_sweeps only")
     args = ap.parse_args()
     # The write-back warns that it returns a GraphModule (one ReLU6 module per block is
     # called twice with different bounds); expected here, not news at every run.
     logging.getLogger("cle_torch").setLevel(logging.ERROR)
 
     model = efficientnet_lite0()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
+    from tests.helpers.torch_models import resnet50
+
+    big, big_shape = resnet50()
+    if args.sweeps:
+        for label, net, shape in (
+            ("EfficientNet-Lite0", model, SHAPE),
+            ("ResNet-50", big, big_shape),
+        ):
+            for sweeps in args.sweeps:
+                median, _, cpu, (_, report) = median_time(
+                    net, shape, args.repeat, max_sweeps=sweeps
+                )
+                noise = report.noise
+                print(
+                    f"{label:<20} max_sweeps {sweeps:4d}: {report.sweeps} sweeps, median "
+                    f"{median:.3f} s (CPU {cpu:.3f} s), estimated gain "
+                    f"{noise.sqnr_after - noise.sqnr_before:.2f} dB",
+                    flush=True,
+                )
+        return
     median, fastest, cpu, (equalized, report) = median_time(model, SHAPE, args.repeat)
 
     # Where the time goes: capture (trace + translate), the core, the write-back.
@@ -81,10 +106,6 @@ def main() -> None:
         parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
     capture_s, core_s, write_s = (statistics.median(p) for p in zip(*parts, strict=True))
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests package
-    from tests.helpers.torch_models import resnet50
-
-    big, big_shape = resnet50()
     r50_median, r50_fastest, r50_cpu, (_, r50_report) = median_time(big, big_shape, args.repeat)
     r50_balance, _, _, _ = median_time(big, big_shape, args.repeat, objective="balance")
     lite_balance, _, _, _ = median_time(model, SHAPE, args.repeat, objective="balance")
