@@ -44,6 +44,7 @@ import cle_torch  # noqa: E402
 from cle_core import Deployment, ScaleOutcome, objective_names, register_objective  # noqa: E402
 from cle_core._objectives import get_objective  # noqa: E402
 from cle_core._objectives.noise import problem_estimate  # noqa: E402
+from cle_core._scale import drawn_scales  # noqa: E402
 from cle_onnx._evaluate import prepared, run, static_quantized, weights_quantized  # noqa: E402
 
 
@@ -62,9 +63,8 @@ class Jittered:
             out = ScaleOutcome({r.id: np.ones(r.size) for r in problem.regions}, 0, True, 0.0)
         else:
             out = get_objective(self.base).choose(problem)
-        rng = np.random.default_rng(self.seed)
-        for r in problem.regions:  # graph order: the same draw for the same seed
-            out.scales[r.id] = out.scales[r.id] * np.exp(self.eps * rng.normal(size=r.size))
+        # the library's draw (scale_draw), at this spread
+        out.scales = drawn_scales(problem.regions, out.scales, self.seed, self.eps)
         total = problem_estimate(problem).total([out.scales[r.id] for r in problem.regions])
         self.estimated = -10.0 * np.log10(total)
         return out

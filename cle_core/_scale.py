@@ -18,10 +18,12 @@ on the test networks, 0.55 dB on EfficientNet-Lite0's weights-only scales:
 on their grid (a 2 % move of a weight that spans a hundred grid steps moves it by two)."""
 
 
-def drawn_scales(regions: list[Region], scales: dict[int, np.ndarray], draw: int):
-    """``scales`` (by region id) times ``exp(DRAW_SPREAD * z)`` per channel, ``z``
-    standard normal drawn with seed ``draw``, region by region in ``regions``' order (the
-    same graph and seed give the same draw); ``draw`` 0 returns ``scales`` as they are.
+def drawn_scales(
+    regions: list[Region], scales: dict[int, np.ndarray], draw: int, spread: float = DRAW_SPREAD
+):
+    """``scales`` (by region id) times ``exp(spread * z)`` per channel, ``z`` standard
+    normal drawn with seed ``draw``, region by region in ``regions``' order (the same
+    graph and seed give the same draw); ``draw`` 0 returns ``scales`` as they are.
     Any positive scales are an exact equalization; channels a region must keep at 1 or
     tie are set afterwards, as for any objective's scales."""
     if draw == 0:
@@ -29,9 +31,7 @@ def drawn_scales(regions: list[Region], scales: dict[int, np.ndarray], draw: int
     rng = np.random.default_rng(draw)
     out = dict(scales)
     for r in regions:
-        out[r.id] = np.asarray(scales[r.id], np.float64) * np.exp(
-            DRAW_SPREAD * rng.normal(size=r.size)
-        )
+        out[r.id] = np.asarray(scales[r.id], np.float64) * np.exp(spread * rng.normal(size=r.size))
     return out
 
 

@@ -298,12 +298,31 @@ class OnnxBackend(FileBackend):
                 "them (FP32 dB: against the unfolded original)"
             )
         try:
-            # One run of the inputs and the FP32 reference serves every row.
-            models = [folded, *loaded[1:]]
+            # One run of the inputs and the FP32 reference serves every row; the input
+            # grid's floor is the same at any equalization: taken with the original only.
             names = [str(p) for p in (paths[0], *paths)]
-            figures = _evaluate.evaluate_all(
-                loaded[0], models, inputs, **quantization, names=names, input_grid=True
-            )
+            if inputs is None:
+                inputs = _evaluate.default_inputs(loaded[0])
+            reference = _evaluate.run(loaded[0], inputs, name=names[0])
+            figures = [
+                *_evaluate.evaluate_all(
+                    loaded[0],
+                    [folded],
+                    inputs,
+                    reference=reference,
+                    names=names[:2],
+                    input_grid=True,
+                    **quantization,
+                ),
+                *_evaluate.evaluate_all(
+                    loaded[0],
+                    loaded[1:],
+                    inputs,
+                    reference=reference,
+                    names=[names[0], *names[2:]],
+                    **quantization,
+                ),
+            ]
             labels = [label, "equalized", *(f"candidate {i}" for i in range(2, len(paths)))]
             rows = list(zip(labels[: len(paths)], figures, strict=True))
         except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from .._backend import get_backend_for_file
 from .._check import OutputCheck, Probe, figure_passes, fmt_sqnr
+from .._errors import CLEError
 from .._files import check_output_path, temp_folder, write_atomic
 from .._objectives import objective_trait
 from .._quality import describe_arrays
 from .._report import EqualizeOptions, Report
-from .._verify import folded_only, pick, quality_key, split_inputs
+from .._verify import check_draws, folded_only, pick, quality_key, split_inputs
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -23,6 +24,7 @@ from ._common import (
     add_size_options,
     add_verbose_flag,
     cle_options,
+    flag_names,
     input_spec,
     parse_dims,
     parse_shapes,
@@ -157,12 +159,10 @@ def run(args) -> int:
         raise UsageError("--verify needs --calibration: the inputs to measure on")
     if args.verify and args.in_place:
         raise UsageError("--verify compares with the input file, which --in-place overwrites")
-    if args.draws < 0:
-        raise UsageError(f"--draws must be >= 0, not {args.draws}")
-    if args.draws and not args.verify:
-        raise UsageError("--draws needs --verify: the redrawn equalizations are measured")
-    if args.draws and options.scale_draw:
-        raise UsageError("give --scale-draw or --draws, not both")
+    try:
+        check_draws(args.draws, args.verify, options)
+    except CLEError as exc:  # the library's rules, in the flags' words
+        raise UsageError(flag_names(str(exc), _DRAW_FLAGS)) from None
     feeds = None
     if args.check:
         given = None
@@ -247,6 +247,15 @@ def run(args) -> int:
             )
             return EXIT_CHECK_FAILED
     return EXIT_OK
+
+
+# check_draws' Python spellings, as the flags spell them
+_DRAW_FLAGS = {
+    "verify=True": "--verify",
+    "scale_draw=": "--scale-draw",
+    "draws=": "--draws",
+    "draws": "--draws",
+}
 
 
 def _verify(
