@@ -153,12 +153,18 @@ def test_cle_equalize_verify_draws(tmp_path, capsys):
     )
     assert same.read_bytes() == dst.read_bytes()
     capsys.readouterr()
+    written = dst.read_bytes()  # refused flags write nothing and leave every file as it was
+    assert main([*argv[:2], "-o", str(tmp_path / "new.onnx"), "--draws", "2"]) == 2
+    assert not (tmp_path / "new.onnx").exists()
     assert main([*argv[:2], "-o", str(dst), "--draws", "2"]) == 2
     assert "--draws needs --verify" in capsys.readouterr().err
     assert main([*argv, "-o", str(dst), "--draws", "2", "--scale-draw", "1"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main([*argv[:2], "-o", str(dst), "--scale-draw", "-1"]) == 2
     assert "--scale-draw" in capsys.readouterr().err
+    assert main([*argv, "-o", str(dst), "--draws", "-1"]) == 2
+    assert "--draws must be an integer >= 0" in capsys.readouterr().err
+    assert dst.read_bytes() == written and src.read_bytes() == before
 
 
 def test_draws_measure_the_calibration_statistics_once(monkeypatch):
