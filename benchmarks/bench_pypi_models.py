@@ -18,9 +18,13 @@ larger than 400 x 400). Output SQNR of the first output in dB against the FP32 m
 
 ``--verify-draws N`` prints instead, per model and deployment, no scaling, the defaults,
 ``verify=True`` and ``verify=True, draws=N`` with the 40 crops as calibration inputs (the
-draw kept; see ``bench_verify_draws.py``), measured as above.
+draw kept; see ``bench_verify_draws.py``), measured as above. With ``--best``, also the
+best of the objective's scales and the ``N`` draws on the evaluation images, the figures
+the choice was made on beside the evaluation figures of the same candidates, and what
+``pick(..., margin=)`` keeps for each margin of ``--margins`` (as ``bench_verify_draws.py
+--best``).
 
-Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N]``.
+Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best]]``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench_verify_draws as vd  # noqa: E402
+
 import cle_onnx  # noqa: E402
 from cle_core import Deployment  # noqa: E402
 from cle_core._quality import calibration_images, natural_images  # noqa: E402
@@ -64,10 +71,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--verify-draws", type=int, metavar="N")
+    ap.add_argument("--best", action="store_true", help="with --verify-draws: every draw")
+    ap.add_argument("--margins", type=float, nargs="+", default=list(vd.MARGINS))
     args = ap.parse_args()
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     if args.verify_draws is not None:
-        verify_draws(args.folder, args.verify_draws)
+        verify_draws(args.folder, args.verify_draws, args.best, args.margins)
         return
     worst = {d: [np.inf, np.inf] for d in DEPLOYMENTS}
     print(
@@ -114,8 +123,12 @@ def models(folder: Path):
         yield path, model, images, calib, {first: (1, 3, *hw)}
 
 
-def verify_draws(folder: Path, draws: int) -> None:
-    print(f"{'model':<40}{'deploy':<9}{'none':>7}{'default':>8}{'verify':>8}{'draws':>7}  kept")
+def verify_draws(folder: Path, draws: int, best: bool, margins) -> None:
+    print(
+        f"{'model':<40}{'deploy':<9}{'none':>7}{'default':>8}{'verify':>8}{'draws':>7}  kept"
+        + ("    best" if best else "")
+    )
+    by_margin: dict[str, list] = {d: [] for d in DEPLOYMENTS}
     for path, model, images, calib, sizes in models(folder):
         for label, dep in DEPLOYMENTS.items():
             key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
@@ -126,22 +139,31 @@ def verify_draws(folder: Path, draws: int) -> None:
                 model, calibration=calib, verify=True, draws=draws, **opts
             )
             v = report.verification
+            cands = [None, default, verified, drawn]
+            if best:
+                cands += [
+                    cle_onnx.equalize_model(model, calibration=calib, scale_draw=k, **opts)[0]
+                    for k in range(draws + 1)
+                ]
             row = [
                 r[key]
                 for r in cle_onnx.evaluate_all(
-                    model,
-                    [None, default, verified, drawn],
-                    images,
-                    deployment=dep,
-                    calibration=calib,
+                    model, cands, images, deployment=dep, calibration=calib
                 )
             ]
             kept = str(v.draw) if v.kept == "equalized" else "-"
             print(
                 f"{path.stem[:39]:<40}{label:<9}{row[0]:7.2f}{row[1]:8.2f}{row[2]:8.2f}"
-                f"{row[3]:7.2f}  {kept}",
+                f"{row[3]:7.2f}  {kept:>4}" + (f"{max(row[4:]):8.2f}" if best else ""),
                 flush=True,
             )
+            if best:
+                split = [v.original_db, v.equalized_db, *v.drawn]
+                line, chosen = vd.margin_rows(report, dep, split, [row[0], *row[4:]], margins)
+                by_margin[label].append((chosen, row[2]))
+                print(f"{'':40}{line}", flush=True)
+    if best:
+        vd.margin_summary(by_margin, margins)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ calibration inputs, as ``bench_deployments.py``). Columns, output SQNR in dB:
 - ``best``: the best of ``calib`` and its ``N`` draws on the evaluation inputs (what a
   perfect choice would give; ``--best`` only, it costs ``N`` more quantizations).
 
+With ``--best``, a second line per row gives the figures the choice was made on (``split``:
+the original, then draws ``0 .. N``, measured on the calibration inputs' second half) and
+the same candidates on the evaluation inputs (``eval``), and the summary gives, for each
+margin of ``--margins``, what ``cle_core``'s ``pick(..., margin=)`` keeps with that margin,
+measured on the evaluation inputs, against ``verify`` alone.
+
 Networks: the pretrained EfficientNet-Lite0 in both exports (BNs kept, and folded by
 the exporter; the 120 natural images measured, 40 other crops of the same 20 source
 images calibrating, so the draw is chosen on crops 10 of whose sources are among the
@@ -27,7 +33,7 @@ measured images: ``--by-source`` measures on the 60 images of the sources the ch
 did not see), and ``bench_deployments.py``'s trained CNN and random networks (3 seeds).
 
 Run: ``python benchmarks/bench_verify_draws.py [--networks lite0 trained_cnn resnet ...]
-[--draws 8] [--deployments W8A8 W8 ...] [--best] [--by-source]``.
+[--draws 8] [--deployments W8A8 W8 ...] [--best [--margins 0 0.5 ...]] [--by-source]``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import bench_deployments as bd  # noqa: E402
 import bench_other_networks as other  # noqa: E402
 
 import cle_onnx  # noqa: E402
+from cle_core.toolkit import pick  # noqa: E402
 from cle_torch._examples import export_onnx  # noqa: E402
 
 
@@ -68,6 +75,39 @@ def onnx_cases(name: str, seeds: int, tmp: Path):
         yield label, proto, x.numpy(), np.asarray(calib)
 
 
+MARGINS = (0.0, 0.25, 0.5, 1.0)
+
+
+def margin_rows(report, dep, split: list[float], evals: list[float], margins) -> str:
+    """The ``split`` / ``eval`` line of one row, and, per margin, the evaluation figure
+    of what ``pick`` keeps (``split`` and ``evals``: the original, then draws ``0 .. N``)."""
+    v = report.verification
+    chosen = []
+    for margin in margins:
+        _, kept = pick(report, dep, v.inputs, split[0], split[1:], margin=margin)
+        chosen.append(evals[0] if kept is None else evals[1 + kept])
+    line = "split " + " ".join(f"{x:.2f}" for x in split)
+    line += " | eval " + " ".join(f"{x:.2f}" for x in evals)
+    return line, chosen
+
+
+def margin_summary(by_margin: dict[str, list[tuple[list[float], float]]], margins) -> None:
+    """Per deployment and margin: the mean and worst of (kept with the margin - verify
+    alone), and how many rows lost more than 0.1 dB."""
+    print("pick's margin: what it keeps minus verify alone, mean (worst; rows below -0.1 dB)")
+    for dep_name, rows in by_margin.items():
+        if not rows:
+            continue
+        cells = []
+        for i, margin in enumerate(margins):
+            d = [chosen[i] - ver for chosen, ver in rows]
+            cells.append(
+                f"{margin:g} dB: {statistics.mean(d):+.2f} ({min(d):+.2f}; "
+                f"{sum(x < -0.1 for x in d)})"
+            )
+        print(f"  {dep_name:<8}{len(rows):3d} rows  " + "   ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--networks", nargs="+", default=["lite0", "trained_cnn", *other.RANDOM])
@@ -75,6 +115,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--deployments", nargs="+", default=list(bd.DEPLOYMENTS))
     ap.add_argument("--best", action="store_true", help="also the best draw on the eval inputs")
+    ap.add_argument("--margins", type=float, nargs="+", default=list(MARGINS))
     ap.add_argument(
         "--by-source",
         action="store_true",
@@ -86,6 +127,7 @@ def main() -> None:
     import tempfile
 
     gains: dict[str, list[tuple[float, float]]] = {d: [] for d in args.deployments}
+    by_margin: dict[str, list] = {d: [] for d in args.deployments}
     print(
         f"{'network':<17}{'deploy':<9}{'none':>7}{'default':>8}{'calib':>7}{'verify':>8}"
         f"{'draws':>8}"
@@ -135,6 +177,13 @@ def main() -> None:
                         f"{kept:>6}{drw - dflt:+7.2f}{drw - ver:+7.2f}{best}   {seconds:.0f}",
                         flush=True,
                     )
+                    if args.best:
+                        split = [v.original_db, v.equalized_db, *v.drawn]
+                        line, chosen = margin_rows(
+                            report, dep, split, [none, cal, *figures[5:]], args.margins
+                        )
+                        by_margin[dep_name].append((chosen, ver))
+                        print(f"{'':17}{line}", flush=True)
                     if args.by_source and label.startswith("lite0"):
                         # the choice measured crops of sources 10-19: sources 0-9 are
                         # images 0-59 (six per source)
@@ -160,6 +209,8 @@ def main() -> None:
                 f"(worst {min(a):+.2f}, best {max(a):+.2f})   {statistics.mean(b):+.2f} "
                 f"(worst {min(b):+.2f})"
             )
+    if args.best:
+        margin_summary(by_margin, args.margins)
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ class Verification:
     """``verify``: the deployment measured on calibration inputs, the original (batch
     norms folded) against the equalized model, and which of the two was kept. With
     ``draws``, also the figures of the redrawn equalizations (``scale_draw`` 1, 2 ...)
-    and the draw kept (0: the objective's own scales)."""
+    and the draw kept (0: the objective's own scales), and the margin a redrawn one
+    needed above what ``verify`` alone keeps."""
 
     deployment: str
     inputs: int  # the inputs the figures are measured on (the rest calibrated the grids)
@@ -309,6 +310,7 @@ class Verification:
     kept: Literal["equalized", "original"]
     drawn: tuple[float, ...] = ()
     draw: int = 0
+    margin: float = 0.0
 
     def summary(self) -> str:
         text = (
@@ -317,6 +319,8 @@ class Verification:
         )
         if self.drawn:
             text += f", {len(self.drawn)} redrawn {min(self.drawn):.2f} to {max(self.drawn):.2f} dB"
+            if self.margin:
+                text += f" (one is kept if over {self.margin:g} dB better)"
         if self.kept == "equalized" and self.draw:
             figure = self.drawn[self.draw - 1]
             return f"{text}; kept draw {self.draw} ({figure:.2f} dB)"

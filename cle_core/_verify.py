@@ -69,21 +69,36 @@ def verdict(
     return report, kept is not None
 
 
+DRAW_MARGIN_DB = 0.0
+"""A redrawn equalization replaces what ``verify`` alone keeps (the objective's own
+scales, or the original) only when it measures more than this above it."""
+
+
 def pick(
     report: Report,
     deployment: Deployment,
     measured: int,
     original_db: float,
     drawn_db: Sequence[float],
+    margin: float | None = None,
 ) -> tuple[Report, int | None]:
     """:func:`verdict` over several exact equalizations: ``drawn_db[k]`` is the figure of
-    the model equalized with ``scale_draw=k`` (0: the objective's own scales). Returns
-    the report with its :class:`Verification` and the draw kept, the best measured
-    (the lowest draw among equals), or None where the original measured better than
-    every draw (a warning says so)."""
+    the model equalized with ``scale_draw=k`` (0: the objective's own scales). What
+    ``verify`` alone keeps (the objective's scales, or the original where it measured
+    better) is kept unless a redrawn equalization measures more than ``margin`` dB above
+    it (``margin``: :data:`DRAW_MARGIN_DB` if None); the best of those then (the lowest
+    draw among equals). NaN measures worst. Returns the report with its
+    :class:`Verification` and the draw kept, or None for the original (a warning says
+    so)."""
+    margin = DRAW_MARGIN_DB if margin is None else margin
     figures = np.array([v if np.isfinite(v) else -np.inf for v in drawn_db], np.float64)
-    best = int(np.argmax(figures))
-    keep = bool(figures[best] >= original_db or np.isnan(original_db))
+    original = original_db if np.isfinite(original_db) else -np.inf
+    keep = bool(figures[0] >= original)
+    draw = 0
+    if len(figures) > 1:
+        best = 1 + int(np.argmax(figures[1:]))
+        if figures[best] > max(figures[0], original) + margin:
+            draw, keep = best, True
     v = Verification(
         deployment.describe(),
         measured,
@@ -91,17 +106,25 @@ def pick(
         float(drawn_db[0]),
         "equalized" if keep else "original",
         drawn=tuple(float(x) for x in drawn_db[1:]),
-        draw=best if keep else 0,
+        draw=draw,
+        margin=float(margin) if len(figures) > 1 else 0.0,
     )
     if not keep:
+        redrawn = ""
+        if len(figures) > 1:
+            top = figures[1:].max()
+            redrawn = f", the best of {len(figures) - 1} redrawn {top:.2f} dB"
+            if top > original:
+                redrawn += f" (less than the {margin:g} dB margin a redrawn one needs above it)"
         logger.warning(
             "verify: the original (batch norms folded) measures %.2f dB, the equalized "
-            "model %.2f dB (%s): kept the original",
+            "model %.2f dB%s (%s): kept the original",
             original_db,
-            figures[best],
+            figures[0],
+            redrawn,
             deployment.describe(),
         )
-    return replace(report, verification=v), (best if keep else None)
+    return replace(report, verification=v), (draw if keep else None)
 
 
 def best_draw(
@@ -122,6 +145,21 @@ def best_draw(
         del model
     assert best is not None
     return figures, best[1], best[2]
+
+
+def kept_draw(
+    equalized: Callable[[int], tuple[Any, Report]],
+    figures: Sequence[float],
+    kept: int,
+    held: tuple[Any, Report],
+) -> tuple[Any, Report]:
+    """The model and report of draw ``kept``: ``held``, :func:`best_draw`'s (the first
+    best figure), or, where :func:`pick`'s margin kept another, that draw equalized
+    again (deterministic: the model measured)."""
+    values = [v if np.isfinite(v) else -np.inf for v in figures]
+    if kept == int(np.argmax(values)):
+        return held
+    return equalized(kept)
 
 
 def check_draws(draws: Any, verify: bool, options: EqualizeOptions) -> int:

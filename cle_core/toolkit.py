@@ -33,8 +33,9 @@ Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
 legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
 :func:`verdict`, :func:`folded_only` (``verify=``: measure the original and the
-result, keep the better), :func:`best_draw`, :func:`pick` and :func:`check_draws` (``verify``
-with ``draws``: several exact equalizations measured, the best kept),
+result, keep the better), :func:`best_draw`, :func:`pick`, :func:`kept_draw` and
+:func:`check_draws` (``verify`` with ``draws``: several exact equalizations measured,
+the best kept),
 :func:`check_calibration` (options that need calibration inputs, refused without them).
 
 Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
@@ -74,6 +75,7 @@ from ._verify import (
     best_draw,
     check_draws,
     folded_only,
+    kept_draw,
     pick,
     quality_key,
     split_inputs,
@@ -103,6 +105,7 @@ __all__ = [
     "folded_only",
     "folder_of",
     "is_float_dtype",
+    "kept_draw",
     "load_array",
     "load_arrays",
     "load_inputs",

@@ -26,6 +26,7 @@ from cle_core.toolkit import (
     check_draws,
     check_output_path,
     folded_only,
+    kept_draw,
     measured_layout,
     pick,
     quality_key,
@@ -472,8 +473,12 @@ def _verified(model, folded, equalized, draws: int, options, calibration, inplac
 
     original_db = measure(folded, "the original (batch norms folded)")
     figures, best, report = best_draw(equalized, measure, draws)
-    report, kept = pick(report, deployment, count, original_db, figures)
-    chosen = folded if kept is None else best
+    verified, kept = pick(report, deployment, count, original_db, figures)
+    if kept is None:
+        chosen, report = folded, verified
+    else:
+        chosen, report = kept_draw(equalized, figures, kept, (best, report))
+        report = replace(report, verification=verified.verification)
     if inplace:
         model.CopyFrom(chosen)
         chosen = model

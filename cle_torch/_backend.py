@@ -23,6 +23,7 @@ from cle_core.toolkit import (
     best_draw,
     check_draws,
     folded_only,
+    kept_draw,
     pick,
     quality_key,
     split_inputs,
@@ -204,8 +205,11 @@ def equalize_model(
     original_db = measure(folded)
     with backend.statistics_reused():  # copies of one model, one set of inputs
         figures, best, report = best_draw(equalized, measure, draws)
-    report, kept = pick(report, deployment, count, original_db, figures)
-    return (folded if kept is None else best), report
+        verified, kept = pick(report, deployment, count, original_db, figures)
+        if kept is None:
+            return folded, verified
+        chosen, report = kept_draw(equalized, figures, kept, (best, report))
+    return chosen, replace(report, verification=verified.verification)
 
 
 def fold_all_batch_norms(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cle_core import CLEError, Deployment, EqualizeOptions, equalize
-from cle_core.toolkit import best_draw, check_draws, pick, verdict
+from cle_core.toolkit import best_draw, check_draws, kept_draw, pick, verdict
 from tests.helpers.strategies import build_graph
 
 
@@ -29,7 +29,8 @@ def test_pick_keeps_the_original_when_it_measures_best(caplog):
         report, kept = pick(_report(), Deployment(), 8, 20.0, [12.0, 15.0])
     assert kept is None and report.verification.kept == "original"
     assert report.verification.draw == 0
-    assert "kept the original" in caplog.text and "15.00 dB" in caplog.text
+    assert "kept the original" in caplog.text and "redrawn 15.00 dB" in caplog.text
+    assert "margin" not in caplog.text  # no redrawn one measured above the original
 
 
 def test_pick_takes_the_objectives_own_scales_among_equals_and_verdict_is_one_draw():
@@ -37,6 +38,52 @@ def test_pick_takes_the_objectives_own_scales_among_equals_and_verdict_is_one_dr
     assert kept == 0 and "kept the equalized" in report.verification.summary()
     report, keep = verdict(_report(), Deployment(), 8, 10.0, 9.0)
     assert keep is False and report.verification.drawn == ()
+
+
+def test_a_margin_keeps_what_verify_alone_keeps_unless_a_draw_beats_it_by_more():
+    # the objective's scales measure 12, the original 10: a draw needs over 12.5
+    for drawn, expected in (([12.0, 12.4, 12.5], 0), ([12.0, 12.4, 12.6], 2)):
+        report, kept = pick(_report(), Deployment(), 8, 10.0, drawn, margin=0.5)
+        assert kept == expected and report.verification.draw == expected
+        assert report.verification.margin == 0.5
+        assert "one is kept if over 0.5 dB better" in report.verification.summary()
+    # the original measures best: a draw needs over 10.5 to replace it
+    report, kept = pick(_report(), Deployment(), 8, 10.0, [9.0, 10.4], margin=0.5)
+    assert kept is None and report.verification.kept == "original"
+    report, kept = pick(_report(), Deployment(), 8, 10.0, [9.0, 10.6], margin=0.5)
+    assert kept == 1
+    # NaN measures worst, whatever the margin
+    report, kept = pick(_report(), Deployment(), 8, float("nan"), [float("nan"), 3.0], margin=5)
+    assert kept == 1
+
+
+def test_the_warning_says_a_redrawn_one_measured_better_within_the_margin(caplog):
+    with caplog.at_level("WARNING", logger="cle_core"):
+        pick(_report(), Deployment(), 8, 10.0, [9.0, 10.4], margin=0.5)
+    assert "the best of 1 redrawn 10.40 dB" in caplog.text
+    assert "less than the 0.5 dB margin" in caplog.text and "kept the original" in caplog.text
+
+
+def test_the_default_margin_is_read_when_pick_runs(monkeypatch):
+    import cle_core._verify as verify
+
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 1.0)
+    assert pick(_report(), Deployment(), 8, 10.0, [12.0, 12.9])[1] == 0
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 0.5)
+    assert pick(_report(), Deployment(), 8, 10.0, [12.0, 12.9])[1] == 1
+
+
+def test_kept_draw_reequalizes_a_draw_best_draw_did_not_hold():
+    made = []
+
+    def equalized(k):
+        made.append(k)
+        return f"model {k}", f"report {k}"
+
+    held = ("model 2", "report 2")
+    assert kept_draw(equalized, [3.0, 4.0, 5.0], 2, held) == held and made == []
+    assert kept_draw(equalized, [3.0, float("nan"), 5.0], 0, held) == ("model 0", "report 0")
+    assert made == [0]
 
 
 def test_best_draw_holds_the_best_and_measures_each():

@@ -116,6 +116,25 @@ def test_verify_with_draws_keeps_the_best_measured_equalization():
     np.testing.assert_allclose([r["w8a8_sqnr"] for r in again], figures, rtol=1e-9)
 
 
+def test_with_a_margin_no_draw_clears_the_model_is_what_verify_alone_keeps(monkeypatch):
+    """A draw that measured best but not by the margin is not kept: the model returned is
+    verify alone's (draw 0 equalized again, best_draw having held the best), the same
+    bytes, and the report says which draw and margin."""
+    import cle_core._verify as verify
+
+    model, data = om.relu6_chain(13), _data()
+    _, free = cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
+    figures = [free.verification.equalized_db, *free.verification.drawn]
+    assert max(figures[1:]) > figures[0]  # a redrawn one measured best: best_draw held it
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 1e3)
+    eq, report = cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
+    alone, alone_report = cle_onnx.equalize_model(model, calibration=data, verify=True)
+    assert eq.SerializeToString() == alone.SerializeToString()
+    v = report.verification
+    assert v.draw == 0 and v.margin == 1e3 and [v.equalized_db, *v.drawn] == figures
+    assert v.kept == alone_report.verification.kept and report.options.scale_draw == 0
+
+
 def test_draws_need_verify():
     with pytest.raises(CLEError, match="draws needs verify"):
         cle_onnx.equalize_model(om.relu6_chain(13), calibration=_data(), draws=2)

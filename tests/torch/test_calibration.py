@@ -482,3 +482,28 @@ def test_verify_with_draws_returns_the_best_measured_draw():
     assert got == pytest.approx(max(v.original_db, *figures), rel=1e-9)
     with pytest.raises(CLEError, match="draws needs verify"):
         cle_torch.equalize_model(model, dummy_input=x[:1], calibration=x, draws=2)
+
+
+def test_verify_with_draws_and_a_margin_returns_what_verify_alone_returns(monkeypatch):
+    """With a margin no draw clears, the model returned is verify alone's (draw 0
+    equalized again where best_draw held another), weight for weight."""
+    import cle_core._verify as verify
+    from tests.helpers import torch_models as tm
+
+    model, shape = tm.ARCHITECTURES["resnet"]()
+    x = torch.randn(16, *shape[1:], generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 1e3)
+    new, report = cle_torch.equalize_model(
+        model, dummy_input=x[:1], calibration=x, verify=True, draws=2
+    )
+    alone, alone_report = cle_torch.equalize_model(
+        model, dummy_input=x[:1], calibration=x, verify=True
+    )
+    v = report.verification
+    assert max(v.drawn) > v.equalized_db  # best_draw held a redrawn one
+    assert v.draw == 0 and v.margin == 1e3
+    assert report.verification.kept == alone_report.verification.kept
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(new.state_dict().values(), alone.state_dict().values(), strict=True)
+    )
