@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         TrainingModeError,
         UntraceableModelError,
     )
-    from ._quantsim import evaluate_torch
+    from ._quantsim import evaluate_torch, reference_outputs
 
 _WHERE = {
     "TorchBackend": "._backend",
@@ -35,6 +35,7 @@ _WHERE = {
     "TrainingModeError": "._modules",
     "UntraceableModelError": "._modules",
     "evaluate_torch": "._quantsim",
+    "reference_outputs": "._quantsim",
     "export_onnx": "._examples",
 }
 
@@ -48,6 +49,7 @@ __all__ = [
     "evaluate_torch",
     "export_onnx",
     "fold_all_batch_norms",
+    "reference_outputs",
 ]
 
 

@@ -33,7 +33,7 @@ from ._apply import apply, make_plan, write_in_place
 from ._calibrate import calibration_stats
 from ._capture import Capture
 from ._modules import NotInPlaceError
-from ._quantsim import evaluate_torch
+from ._quantsim import evaluate_torch, reference_outputs
 from ._translate import capture
 
 _BACKEND_OPTIONS = ("leaf_modules", "allow_training_mode", "allow_graph_module")
@@ -190,9 +190,16 @@ def equalize_model(
     deployment = cle_options.deployment
     key = quality_key(deployment)
 
+    reference = reference_outputs(model, measure_on)  # one FP32 run serves every candidate
+
     def measure(candidate: nn.Module) -> float:
         return evaluate_torch(
-            model, candidate, measure_on, deployment=deployment, calibration=calibrate_on
+            model,
+            candidate,
+            measure_on,
+            deployment=deployment,
+            calibration=calibrate_on,
+            reference=reference,
         )[key]
 
     backend = TorchBackend()

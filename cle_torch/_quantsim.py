@@ -104,6 +104,19 @@ def _run(model: nn.Module, inputs: torch.Tensor, batch: int) -> np.ndarray:
     return np.concatenate(parts, axis=0)
 
 
+def reference_outputs(model: nn.Module, inputs, batch: int = 16) -> np.ndarray:
+    """``model``'s first output on ``inputs`` as :func:`evaluate_torch` computes its
+    reference (a float32 copy in eval mode, in batches of ``batch``)."""
+    return _run(_prepared_copy(model), _float_tensor(inputs), batch)
+
+
+def _float_tensor(inputs) -> torch.Tensor:
+    """An array or tensor as a detached float32 tensor (a NumPy array copied: torch
+    warns on read-only ones)."""
+    x = torch.as_tensor(np.array(inputs) if isinstance(inputs, np.ndarray) else inputs)
+    return x.detach().float()
+
+
 def _with_pre_hooks(model: nn.Module, make_hook: Callable[[str], Callable]) -> list:
     return [module.register_forward_pre_hook(make_hook(name)) for name, module in _layers(model)]
 
@@ -163,6 +176,7 @@ def evaluate_torch(
     *,
     deployment: Deployment | None = None,
     calibration: np.ndarray | torch.Tensor | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Measure what simulated quantization does to the logits, against the FP32 model.
 
@@ -176,6 +190,9 @@ def evaluate_torch(
     ``calibration`` (default: ``inputs``) on the weight-quantized copy. Everything runs on float32
     deep copies in eval mode under ``torch.no_grad()``, in batches of ``batch``; the
     models passed in are not modified. ``inputs`` default to ``natural_images(224)``.
+    ``reference``: ``fp32_model``'s first output on ``inputs``, from
+    :func:`reference_outputs`, so that measuring several candidates against one model
+    runs it once (as ``verify`` does).
 
     Returns, for ``bits = N``, the first output compared with the FP32 ``fp32_model``'s:
 
@@ -189,10 +206,10 @@ def evaluate_torch(
         raise ValueError(f"batch must be positive, got {batch}")
     if inputs is None:
         inputs = natural_images(224)
-    x = torch.as_tensor(np.array(inputs) if isinstance(inputs, np.ndarray) else inputs)
-    x = x.detach().float()
+    x = _float_tensor(inputs)
 
-    reference = _run(_prepared_copy(fp32_model), x, batch)
+    if reference is None:
+        reference = reference_outputs(fp32_model, x, batch)
     source = fp32_model if candidate_model is None else candidate_model
     outputs = {
         "fp32": reference if candidate_model is None else _run(_prepared_copy(source), x, batch)
@@ -202,11 +219,7 @@ def evaluate_torch(
     outputs[f"w{bits}"] = _run(wq, x, batch)
     if activations:
         a_bits = dep.activation_bits
-        calib = None
-        if calibration is not None:
-            calib = torch.as_tensor(
-                np.array(calibration) if isinstance(calibration, np.ndarray) else calibration
-            ).float()
+        calib = None if calibration is None else _float_tensor(calibration)
         outputs[f"w{bits}a{bits}"] = _activation_quantized_run(
             wq, x, a_bits, dep.activation_symmetric, batch, calib
         )

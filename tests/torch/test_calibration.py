@@ -507,3 +507,33 @@ def test_verify_with_draws_and_a_margin_returns_what_verify_alone_returns(monkey
         torch.equal(a, b)
         for a, b in zip(new.state_dict().values(), alone.state_dict().values(), strict=True)
     )
+
+
+def test_verify_runs_the_fp32_model_once_for_every_candidate(monkeypatch):
+    """verify measures the original and each draw against one FP32 reference run
+    (``evaluate_torch(..., reference=)``), with the figures a fresh run gives."""
+    from cle_torch import _backend, _quantsim, evaluate_torch
+    from tests.helpers import torch_models as tm
+
+    model, shape = tm.ARCHITECTURES["resnet"]()
+    x = torch.randn(16, *shape[1:], generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = _quantsim.reference_outputs
+
+    def counted(tag):
+        return lambda *a, **k: calls.append(tag) or real(*a, **k)
+
+    monkeypatch.setattr(_quantsim, "reference_outputs", counted("evaluate_torch"))
+    monkeypatch.setattr(_backend, "reference_outputs", counted("verify"))
+    new, report = cle_torch.equalize_model(
+        model, dummy_input=x[:1], calibration=x, verify=True, draws=2
+    )
+    assert calls == ["verify"]
+    monkeypatch.undo()
+    fresh = evaluate_torch(model, new, x[8:], calibration=x[:8])
+    given = evaluate_torch(model, new, x[8:], calibration=x[:8], reference=real(model, x[8:]))
+    assert given == fresh
+    v = report.verification
+    assert fresh["w8a8_sqnr"] == pytest.approx(
+        max(v.original_db, v.equalized_db, *v.drawn), rel=1e-9
+    )
