@@ -189,8 +189,7 @@ def equalize_model(
     calibrate_on, measure_on, count = split_inputs(calibration)
     deployment = cle_options.deployment
     key = quality_key(deployment)
-
-    reference = reference_outputs(model, measure_on)  # one FP32 run serves every candidate
+    reference = None  # the FP32 model's outputs: one run serves every candidate
 
     def measure(candidate: nn.Module) -> float:
         return evaluate_torch(
@@ -209,6 +208,7 @@ def equalize_model(
         return backend.run(copy.deepcopy(model), drawn, calibration, **backend_options)
 
     folded, _ = backend.run(copy.deepcopy(model), folded_only(cle_options), **backend_options)
+    reference = reference_outputs(model, measure_on)  # once the model is known to translate
     original_db = measure(folded)
     with backend.statistics_reused():  # copies of one model, one set of inputs
         figures, best, report = best_draw(equalized, measure, draws)
