@@ -27,14 +27,17 @@ MIN_SPLIT = 8
 """With fewer inputs, the same inputs calibrate and measure."""
 
 
-def split_inputs(inputs: Any) -> tuple[Any, Any, int]:
+def split_inputs(inputs: Any, deployment: Deployment | None = None) -> tuple[Any, Any, int]:
     """``(calibrate on, measure on, number measured on)``: the first half of ``inputs``
     (an array or tensor ``(N, ...)``, or a mapping of them by input name) and the
-    second half; all of them twice below :data:`MIN_SPLIT`."""
+    second half; all of them twice below :data:`MIN_SPLIT`, or where ``deployment`` is
+    weights-only (no activation grid to calibrate: every input measures, and a figure
+    on more inputs is less a draw of them)."""
+    whole = deployment is not None and deployment.weights_only
     if isinstance(inputs, Mapping):
         arrays = dict(inputs)
         n = min(len(a) for a in arrays.values()) if arrays else 0
-        if n < MIN_SPLIT:
+        if n < MIN_SPLIT or whole:
             return arrays, arrays, n
         half = n // 2
         return (
@@ -48,7 +51,7 @@ def split_inputs(inputs: Any) -> tuple[Any, Any, int]:
             f"dict of them by input name; got {type(inputs).__name__}"
         )
     n = int(inputs.shape[0])
-    if n < MIN_SPLIT:
+    if n < MIN_SPLIT or whole:
         return inputs, inputs, n
     half = n // 2
     return inputs[:half], inputs[half:], n - half

@@ -455,7 +455,7 @@ def _verified(model, folded, equalized, draws: int, options, calibration, inplac
     from ._evaluate import evaluate_all, run  # onnxruntime, loaded only to run models
 
     deployment = options.deployment
-    calibrate_on, measure_on, count = split_inputs(calibration)
+    calibrate_on, measure_on, count = split_inputs(calibration, deployment)
     key = quality_key(deployment)
     reference = run(model, measure_on, name="the model")  # one FP32 run serves every model
 

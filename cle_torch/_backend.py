@@ -186,8 +186,8 @@ def equalize_model(
         return TorchBackend().run(model, cle_options, calibration, **backend_options)
     if calibration is None:
         raise CLEError("verify needs calibration inputs (calibration=) to measure on")
-    calibrate_on, measure_on, count = split_inputs(calibration)
     deployment = cle_options.deployment
+    calibrate_on, measure_on, count = split_inputs(calibration, deployment)
     key = quality_key(deployment)
     reference = None  # the FP32 model's outputs: one run serves every candidate
 

@@ -266,7 +266,7 @@ def _verify(
     again: the folded original, or the equalization of the draw kept). Returns the
     report of what ``dst`` holds and the options that made it."""
     deployment = options.deployment
-    calibrate_on, measure_on, count = split_inputs(calibration)
+    calibrate_on, measure_on, count = split_inputs(calibration, deployment)
     key = quality_key(deployment)
 
     def equalized(k: int, path: Path) -> Report:

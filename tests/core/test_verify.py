@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cle_core import CLEError, Deployment, EqualizeOptions, equalize
-from cle_core.toolkit import best_draw, check_draws, kept_draw, pick, verdict
+from cle_core.toolkit import best_draw, check_draws, kept_draw, pick, split_inputs, verdict
 from tests.helpers.strategies import build_graph
 
 
@@ -111,3 +111,13 @@ def test_draws_need_verify_and_no_scale_draw():
         check_draws(3, False, EqualizeOptions())
     with pytest.raises(CLEError, match="not both"):
         check_draws(3, True, EqualizeOptions(scale_draw=2))
+
+
+def test_split_inputs_halves_for_activation_grids_and_measures_on_all_weights_only():
+    x = np.arange(20.0)[:, None]
+    calib, measure, n = split_inputs(x, Deployment())
+    assert n == 10 and calib[-1, 0] == 9.0 and measure[0, 0] == 10.0
+    calib, measure, n = split_inputs({"x": x}, Deployment(activation_bits=None))
+    assert n == 20 and measure["x"] is x and calib["x"] is x
+    calib, measure, n = split_inputs(x[:6], Deployment())  # too few to split
+    assert n == 6 and calib is measure

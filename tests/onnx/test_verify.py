@@ -135,6 +135,22 @@ def test_with_a_margin_no_draw_clears_the_model_is_what_verify_alone_keeps(monke
     assert v.kept == alone_report.verification.kept and report.options.scale_draw == 0
 
 
+def test_weights_only_verify_measures_on_every_calibration_input():
+    """No activation grid to calibrate: the figures are those of all 16 inputs."""
+    from cle_core import Deployment
+    from cle_onnx._evaluate import evaluate_all
+
+    model, data, dep = om.relu6_chain(13), _data(), Deployment(activation_bits=None)
+    eq, report = cle_onnx.equalize_model(model, calibration=data, verify=True, deployment=dep)
+    v = report.verification
+    assert v.inputs == 16
+    folded, _ = cle_onnx.equalize_model(model, scale=False, high_bias=False, deployment=dep)
+    original, equalized = evaluate_all(model, [folded, eq], data, deployment=dep)
+    assert (original["w8_sqnr"], equalized["w8_sqnr"]) == pytest.approx(
+        (v.original_db, max(v.original_db, v.equalized_db)), rel=1e-9
+    )
+
+
 def test_draws_need_verify():
     with pytest.raises(CLEError, match="draws needs verify"):
         cle_onnx.equalize_model(om.relu6_chain(13), calibration=_data(), draws=2)
