@@ -24,7 +24,8 @@ the choice was made on beside the evaluation figures of the same candidates, and
 ``pick(..., margin=)`` keeps for each margin of ``--margins`` (as ``bench_verify_draws.py
 --best``).
 
-Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best]]``.
+Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best]
+[--deployments W8 W8/ch ...]]``.
 """
 
 from __future__ import annotations
@@ -73,10 +74,12 @@ def main() -> None:
     ap.add_argument("--verify-draws", type=int, metavar="N")
     ap.add_argument("--best", action="store_true", help="with --verify-draws: every draw")
     ap.add_argument("--margins", type=float, nargs="+", default=list(vd.MARGINS))
+    ap.add_argument("--deployments", nargs="+", default=list(DEPLOYMENTS), choices=DEPLOYMENTS)
     args = ap.parse_args()
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     if args.verify_draws is not None:
-        verify_draws(args.folder, args.verify_draws, args.best, args.margins)
+        deployments = {d: DEPLOYMENTS[d] for d in args.deployments}
+        verify_draws(args.folder, args.verify_draws, args.best, args.margins, deployments)
         return
     worst = {d: [np.inf, np.inf] for d in DEPLOYMENTS}
     print(
@@ -123,14 +126,14 @@ def models(folder: Path):
         yield path, model, images, calib, {first: (1, 3, *hw)}
 
 
-def verify_draws(folder: Path, draws: int, best: bool, margins) -> None:
+def verify_draws(folder: Path, draws: int, best: bool, margins, deployments) -> None:
     print(
         f"{'model':<40}{'deploy':<9}{'none':>7}{'default':>8}{'verify':>8}{'draws':>7}  kept"
         + ("    best" if best else "")
     )
-    by_margin: dict[str, list] = {d: [] for d in DEPLOYMENTS}
+    by_margin: dict[str, list] = {d: [] for d in deployments}
     for path, model, images, calib, sizes in models(folder):
-        for label, dep in DEPLOYMENTS.items():
+        for label, dep in deployments.items():
             key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
             opts = {"deployment": dep, "input_shapes": sizes}
             default, _ = cle_onnx.equalize_model(model, **opts)
