@@ -91,15 +91,23 @@ def test_cle_equalize_verify(tmp_path, capsys):
     assert "--verify needs --calibration" in capsys.readouterr().err
 
 
-def test_verify_with_draws_keeps_the_best_measured_equalization():
+def test_verify_with_draws_keeps_the_best_measured_equalization(monkeypatch):
     """``draws=3``: the objective's own scales and three redrawn ones, each measured as
-    ``verify`` measures; the model kept is the draw that measured best, the same bytes
-    as equalizing with that ``scale_draw`` alone, and the caller's proto is untouched."""
+    ``verify`` measures; with no margin the model kept is the draw that measured best,
+    the same bytes as equalizing with that ``scale_draw`` alone, and the caller's proto
+    is untouched; with the default margin, the objective's own scales (the best draw
+    measures 0.03 dB above them)."""
+    import cle_core._verify as verify
     from cle_onnx._evaluate import evaluate_all
 
     model = om.relu6_chain(13)
-    before = model.SerializeToString()
     data = _data()
+    _, report = cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
+    v = report.verification
+    assert v.draw == 0 and v.margin == verify.DRAW_MARGIN_DB == 0.5
+    assert 0 < max(v.drawn) - v.equalized_db <= 0.5 and v.equalized_db > v.original_db
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 0.0)
+    before = model.SerializeToString()
     eq, report = cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
     assert model.SerializeToString() == before
     v = report.verification
@@ -158,10 +166,13 @@ def test_draws_need_verify():
         cle_onnx.equalize_model(om.relu6_chain(13), calibration=_data(), verify=True, draws=-2)
 
 
-def test_cle_equalize_verify_draws(tmp_path, capsys):
-    """``--verify --draws 3`` writes the draw that measured best (the same bytes as
-    ``--scale-draw K``), reports every figure, leaves the input as it was and no
-    temporary file behind."""
+def test_cle_equalize_verify_draws(tmp_path, capsys, monkeypatch):
+    """``--verify --draws 3`` writes the draw that measured best (with no margin: a
+    redrawn one here; the same bytes as ``--scale-draw K``), reports every figure,
+    leaves the input as it was and no temporary file behind."""
+    import cle_core._verify as verify
+
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 0.0)
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(om.relu6_chain(13), src)
     data = tmp_path / "calib.npy"
@@ -176,9 +187,9 @@ def test_cle_equalize_verify_draws(tmp_path, capsys):
     assert set(Path(tempfile.gettempdir()).glob("cle-draws-*")) == leftovers
     saved = json.loads(report.read_text())
     v = saved["verification"]
-    assert len(v["drawn"]) == 3 and v["kept"] == "equalized"
-    assert saved["options"]["scale_draw"] == v["draw"]
-    assert "3 redrawn" in out
+    assert len(v["drawn"]) == 3 and v["kept"] == "equalized" and v["draw"] > 0
+    assert saved["options"]["scale_draw"] == v["draw"] and v["margin"] == 0
+    assert "3 redrawn" in out and "kept draw" in out
     same = tmp_path / "same.onnx"
     assert (
         main(
