@@ -77,9 +77,9 @@ def verdict(
 # little above what verify alone keeps is as likely worse on other inputs. Over Lite0's
 # two exports and 27 other networks in four deployments (116 rows), measured on other
 # inputs: margin 0 gained 1.51 dB on average over verify alone, 9 rows lost more than
-# 0.1 dB, the worst 1.43; 0.5 dB gained 1.53, 4 rows lost, the worst 0.84; 1 dB gained
-# 1.46 (Lite0's rows are the same at 0 and 0.5). On three PyPI OCR models measured on
-# photos: -0.03 and -0.05 dB on average over 12 rows (benchmarks/results/).
+# 0.1 dB, the worst 1.42; 0.5 dB gained 1.53, 4 rows lost, the worst 0.83; 1 dB gained
+# 1.46 (Lite0's rows are the same at 0 and 0.5). Weights-only rows were then measured on
+# half the inputs, as the others; see docs/benchmarks.rst for them measured on all.
 DRAW_MARGIN_DB = 0.5
 """A redrawn equalization replaces what ``verify`` alone keeps (the objective's own
 scales, or the original) only when it measures more than this above it (dB)."""
