@@ -210,6 +210,8 @@ def evaluate_torch(
 
     if reference is None:
         reference = reference_outputs(fp32_model, x, batch)
+    elif len(reference) != len(x):
+        raise ValueError(f"reference has {len(reference)} outputs for {len(x)} inputs")
     source = fp32_model if candidate_model is None else candidate_model
     outputs = {
         "fp32": reference if candidate_model is None else _run(_prepared_copy(source), x, batch)

@@ -533,6 +533,8 @@ def test_verify_runs_the_fp32_model_once_for_every_candidate(monkeypatch):
     fresh = evaluate_torch(model, new, x[8:], calibration=x[:8])
     given = evaluate_torch(model, new, x[8:], calibration=x[:8], reference=real(model, x[8:]))
     assert given == fresh
+    with pytest.raises(ValueError, match="reference has 8 outputs for 7 inputs"):
+        evaluate_torch(model, new, x[9:], reference=real(model, x[8:]))
     v = report.verification
     assert fresh["w8a8_sqnr"] == pytest.approx(
         max(v.original_db, v.equalized_db, *v.drawn), rel=1e-9
