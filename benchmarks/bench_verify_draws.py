@@ -24,7 +24,11 @@ With ``--best``, a second line per row gives the figures the choice was made on 
 the original, then draws ``0 .. N``, measured on the calibration inputs' second half) and
 the same candidates on the evaluation inputs (``eval``), and the summary gives, for each
 margin of ``--margins``, what ``cle_core``'s ``pick(..., margin=)`` keeps with that margin,
-measured on the evaluation inputs, against ``verify`` alone.
+measured on the evaluation inputs, against ``verify`` alone. ``--swap`` (with ``--best``)
+also measures every candidate the other way round (the first half of the calibration
+inputs measuring, the second calibrating) and prints what ``pick`` would keep on the
+mean of the two figures: a choice read on all the inputs, at twice the quantizations
+(not what the library does).
 
 Networks: the pretrained EfficientNet-Lite0 in both exports (BNs kept, and folded by
 the exporter; the 120 natural images measured, 40 other crops of the same 20 source
@@ -33,7 +37,8 @@ measured images: ``--by-source`` measures on the 60 images of the sources the ch
 did not see), and ``bench_deployments.py``'s trained CNN and random networks (3 seeds).
 
 Run: ``python benchmarks/bench_verify_draws.py [--networks lite0 trained_cnn resnet ...]
-[--draws 8] [--deployments W8A8 W8 ...] [--best [--margins 0 0.5 ...]] [--by-source]``.
+[--draws 8] [--deployments W8A8 W8 ...] [--best [--margins 0 0.5 ...] [--swap]]
+[--by-source]``.
 """
 
 from __future__ import annotations
@@ -91,6 +96,29 @@ def margin_rows(report, dep, split: list[float], evals: list[float], margins) ->
     return line, chosen
 
 
+def swapped(proto, dep, calib, drawn: list, split: list[float]) -> list[float]:
+    """``split``'s figures (the original, then draws ``0 .. N``) averaged with the same
+    candidates measured the other way round: the first half of the calibration inputs
+    measuring, the second calibrating (weights-only: the same inputs, so unchanged)."""
+    from cle_core.toolkit import split_inputs
+
+    if dep.weights_only:
+        return split
+    first, second, _ = split_inputs(calib, dep)
+    # the original as verify measures it (cle_core.toolkit.folded_only's options)
+    folded, _ = cle_onnx.equalize_model(
+        proto, deployment=dep, scale=False, high_bias=False, bias_correction=False
+    )
+    key = "w8a8_sqnr"
+    other = [
+        r[key]
+        for r in cle_onnx.evaluate_all(
+            proto, [folded, *drawn], first, deployment=dep, calibration=second
+        )
+    ]
+    return [(a + b) / 2 for a, b in zip(split, other, strict=True)]
+
+
 def margin_summary(by_margin: dict[str, list[tuple[list[float], float]]], margins) -> None:
     """Per deployment and margin: the mean and worst of (kept with the margin - verify
     alone), and how many rows lost more than 0.1 dB."""
@@ -117,6 +145,11 @@ def main() -> None:
     ap.add_argument("--best", action="store_true", help="also the best draw on the eval inputs")
     ap.add_argument("--margins", type=float, nargs="+", default=list(MARGINS))
     ap.add_argument(
+        "--swap",
+        action="store_true",
+        help="with --best: also choose on both halves (each calibrating, the other measuring)",
+    )
+    ap.add_argument(
         "--by-source",
         action="store_true",
         help="Lite0: also measure on the 60 images of the sources the choice did not see",
@@ -128,6 +161,7 @@ def main() -> None:
 
     gains: dict[str, list[tuple[float, float]]] = {d: [] for d in args.deployments}
     by_margin: dict[str, list] = {d: [] for d in args.deployments}
+    by_swap: dict[str, list] = {d: [] for d in args.deployments}
     print(
         f"{'network':<17}{'deploy':<9}{'none':>7}{'default':>8}{'calib':>7}{'verify':>8}"
         f"{'draws':>8}"
@@ -184,6 +218,13 @@ def main() -> None:
                         )
                         by_margin[dep_name].append((chosen, ver))
                         print(f"{'':17}{line}", flush=True)
+                        if args.swap:
+                            both = swapped(proto, dep, calib, [calibrated, *cands[5:]], split)
+                            line, chosen = margin_rows(
+                                report, dep, both, [none, cal, *figures[5:]], args.margins
+                            )
+                            by_swap[dep_name].append((chosen, ver))
+                            print(f"{'':17}both halves: {line}", flush=True)
                     if args.by_source and label.startswith("lite0"):
                         # the choice measured crops of sources 10-19: sources 0-9 are
                         # images 0-59 (six per source)
@@ -211,6 +252,9 @@ def main() -> None:
             )
     if args.best:
         margin_summary(by_margin, args.margins)
+    if args.swap:
+        print("chosen on both halves (the mean of the two figures in dB):")
+        margin_summary(by_swap, args.margins)
 
 
 if __name__ == "__main__":
