@@ -173,6 +173,27 @@ def kept_draw(
     return equalized(kept)
 
 
+def keep_best(
+    folded: Any,
+    original_db: float,
+    equalized: Callable[[int], tuple[Any, Report]],
+    measure: Callable[[Any], float],
+    draws: int,
+    deployment: Deployment,
+    measured: int,
+) -> tuple[Any, Report]:
+    """``verify`` with ``draws`` once the original is measured: :func:`best_draw` over
+    draws ``0 .. draws``, :func:`pick` among them and ``folded`` (the original, batch
+    norms folded, measuring ``original_db``), and the model kept, with its report and
+    the :class:`Verification` (``measured``: the inputs the figures are measured on)."""
+    figures, best, report = best_draw(equalized, measure, draws)
+    verified, kept = pick(report, deployment, measured, original_db, figures)
+    if kept is None:
+        return folded, verified
+    chosen, report = kept_draw(equalized, figures, kept, (best, report))
+    return chosen, replace(report, verification=verified.verification)
+
+
 def check_draws(draws: Any, verify: bool, options: EqualizeOptions) -> int:
     """``draws`` as the number of redrawn equalizations ``verify`` measures besides the
     objective's own scales; :class:`CLEError` unless it is an integer >= 0, given with

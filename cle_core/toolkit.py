@@ -33,9 +33,9 @@ Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
 legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
 :func:`verdict`, :func:`folded_only` (``verify=``: measure the original and the
-result, keep the better), :func:`best_draw`, :func:`pick`, :func:`kept_draw` and
-:func:`check_draws` (``verify`` with ``draws``: several exact equalizations measured,
-the best kept),
+result, keep the better), :func:`best_draw`, :func:`pick`, :func:`kept_draw`,
+:func:`keep_best` (the three in sequence) and :func:`check_draws` (``verify`` with
+``draws``: several exact equalizations measured, the best kept),
 :func:`check_calibration` (options that need calibration inputs, refused without them).
 
 Commands (``cle_add_commands``): :class:`Progress`, :class:`UsageError` (exit 2 with one
@@ -75,6 +75,7 @@ from ._verify import (
     best_draw,
     check_draws,
     folded_only,
+    keep_best,
     kept_draw,
     pick,
     quality_key,
@@ -105,6 +106,7 @@ __all__ = [
     "folded_only",
     "folder_of",
     "is_float_dtype",
+    "keep_best",
     "kept_draw",
     "load_array",
     "load_arrays",

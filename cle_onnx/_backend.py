@@ -21,14 +21,12 @@ from cle_core import (
     equalize,
 )
 from cle_core.toolkit import (
-    best_draw,
     check_calibration,
     check_draws,
     check_output_path,
     folded_only,
-    kept_draw,
+    keep_best,
     measured_layout,
-    pick,
     quality_key,
     split_inputs,
 )
@@ -472,13 +470,7 @@ def _verified(model, folded, equalized, draws: int, options, calibration, inplac
         return figures[key]
 
     original_db = measure(folded, "the original (batch norms folded)")
-    figures, best, report = best_draw(equalized, measure, draws)
-    verified, kept = pick(report, deployment, count, original_db, figures)
-    if kept is None:
-        chosen, report = folded, verified
-    else:
-        chosen, report = kept_draw(equalized, figures, kept, (best, report))
-        report = replace(report, verification=verified.verification)
+    chosen, report = keep_best(folded, original_db, equalized, measure, draws, deployment, count)
     if inplace:
         model.CopyFrom(chosen)
         chosen = model

@@ -20,11 +20,9 @@ from cle_core import (
     equalize,
 )
 from cle_core.toolkit import (
-    best_draw,
     check_draws,
     folded_only,
-    kept_draw,
-    pick,
+    keep_best,
     quality_key,
     split_inputs,
 )
@@ -189,7 +187,15 @@ def equalize_model(
     deployment = cle_options.deployment
     calibrate_on, measure_on, count = split_inputs(calibration, deployment)
     key = quality_key(deployment)
-    reference = None  # the FP32 model's outputs: one run serves every candidate
+    backend = TorchBackend()
+
+    def equalized(k: int):
+        drawn = replace(cle_options, scale_draw=k)
+        return backend.run(copy.deepcopy(model), drawn, calibration, **backend_options)
+
+    folded, _ = backend.run(copy.deepcopy(model), folded_only(cle_options), **backend_options)
+    # once the model is known to translate; one FP32 run serves every candidate
+    reference = reference_outputs(model, measure_on)
 
     def measure(candidate: nn.Module) -> float:
         return evaluate_torch(
@@ -201,22 +207,9 @@ def equalize_model(
             reference=reference,
         )[key]
 
-    backend = TorchBackend()
-
-    def equalized(k: int):
-        drawn = replace(cle_options, scale_draw=k)
-        return backend.run(copy.deepcopy(model), drawn, calibration, **backend_options)
-
-    folded, _ = backend.run(copy.deepcopy(model), folded_only(cle_options), **backend_options)
-    reference = reference_outputs(model, measure_on)  # once the model is known to translate
     original_db = measure(folded)
     with backend.statistics_reused():  # copies of one model, one set of inputs
-        figures, best, report = best_draw(equalized, measure, draws)
-        verified, kept = pick(report, deployment, count, original_db, figures)
-        if kept is None:
-            return folded, verified
-        chosen, report = kept_draw(equalized, figures, kept, (best, report))
-    return chosen, replace(report, verification=verified.verification)
+        return keep_best(folded, original_db, equalized, measure, draws, deployment, count)
 
 
 def fold_all_batch_norms(

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from cle_core import CLEError, Deployment, EqualizeOptions, equalize
-from cle_core.toolkit import best_draw, check_draws, kept_draw, pick, split_inputs, verdict
+from cle_core.toolkit import (
+    best_draw,
+    check_draws,
+    keep_best,
+    kept_draw,
+    pick,
+    split_inputs,
+    verdict,
+)
 from tests.helpers.strategies import build_graph
 
 
@@ -84,6 +92,15 @@ def test_kept_draw_reequalizes_a_draw_best_draw_did_not_hold():
     assert kept_draw(equalized, [3.0, 4.0, 5.0], 2, held) == held and made == []
     assert kept_draw(equalized, [3.0, float("nan"), 5.0], 0, held) == ("model 0", "report 0")
     assert made == [0]
+
+
+def test_keep_best_returns_the_original_or_the_draw_kept_with_its_report():
+    models = {k: (f"model {k}", _report()) for k in range(3)}
+    measured = {"model 0": 12.0, "model 1": 12.4, "model 2": 14.0}
+    model, report = keep_best("folded", 10.0, models.get, measured.get, 2, Deployment(), 8)
+    assert model == "model 2" and report.verification.draw == 2
+    model, report = keep_best("folded", 15.0, models.get, measured.get, 2, Deployment(), 8)
+    assert model == "folded" and report.verification.kept == "original"
 
 
 def test_best_draw_holds_the_best_and_measures_each():

@@ -131,6 +131,7 @@ def test_with_a_margin_no_draw_clears_the_model_is_what_verify_alone_keeps(monke
     import cle_core._verify as verify
 
     model, data = om.relu6_chain(13), _data()
+    before = model.SerializeToString()
     _, free = cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
     figures = [free.verification.equalized_db, *free.verification.drawn]
     assert max(figures[1:]) > figures[0]  # a redrawn one measured best: best_draw held it
@@ -141,6 +142,7 @@ def test_with_a_margin_no_draw_clears_the_model_is_what_verify_alone_keeps(monke
     v = report.verification
     assert v.draw == 0 and v.margin == 1e3 and [v.equalized_db, *v.drawn] == figures
     assert v.kept == alone_report.verification.kept and report.options.scale_draw == 0
+    assert model.SerializeToString() == before
 
 
 def test_weights_only_verify_measures_on_every_calibration_input():

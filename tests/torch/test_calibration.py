@@ -492,6 +492,7 @@ def test_verify_with_draws_and_a_margin_returns_what_verify_alone_returns(monkey
 
     model, shape = tm.ARCHITECTURES["resnet"]()
     x = torch.randn(16, *shape[1:], generator=torch.Generator().manual_seed(0))
+    snap = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 1e3)
     new, report = cle_torch.equalize_model(
         model, dummy_input=x[:1], calibration=x, verify=True, draws=2
@@ -503,6 +504,7 @@ def test_verify_with_draws_and_a_margin_returns_what_verify_alone_returns(monkey
     assert max(v.drawn) > v.equalized_db  # best_draw held a redrawn one
     assert v.draw == 0 and v.margin == 1e3
     assert report.verification.kept == alone_report.verification.kept
+    assert all(torch.equal(snap[k], v) for k, v in model.state_dict().items())
     assert all(
         torch.equal(a, b)
         for a, b in zip(new.state_dict().values(), alone.state_dict().values(), strict=True)
