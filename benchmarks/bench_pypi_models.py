@@ -22,9 +22,10 @@ draw kept; see ``bench_verify_draws.py``), measured as above. With ``--best``, a
 best of the objective's scales and the ``N`` draws on the evaluation images, the figures
 the choice was made on beside the evaluation figures of the same candidates, and what
 ``pick(..., margin=)`` keeps for each margin of ``--margins`` (as ``bench_verify_draws.py
---best``).
+--best``); ``--swap`` also chooses on both halves of the calibration inputs, each
+calibrating while the other measures (as ``bench_verify_draws.py --swap``).
 
-Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best]
+Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best [--swap]]
 [--deployments W8 W8/ch ...]]``.
 """
 
@@ -73,13 +74,20 @@ def main() -> None:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--verify-draws", type=int, metavar="N")
     ap.add_argument("--best", action="store_true", help="with --verify-draws: every draw")
+    ap.add_argument(
+        "--swap",
+        action="store_true",
+        help="with --best: also choose on both halves (each calibrating, the other measuring)",
+    )
     ap.add_argument("--margins", type=float, nargs="+", default=list(vd.MARGINS))
     ap.add_argument("--deployments", nargs="+", default=list(DEPLOYMENTS), choices=DEPLOYMENTS)
     args = ap.parse_args()
     logging.getLogger("cle_core").setLevel(logging.ERROR)
     if args.verify_draws is not None:
         deployments = {d: DEPLOYMENTS[d] for d in args.deployments}
-        verify_draws(args.folder, args.verify_draws, args.best, args.margins, deployments)
+        verify_draws(
+            args.folder, args.verify_draws, args.best, args.margins, deployments, args.swap
+        )
         return
     worst = {d: [np.inf, np.inf] for d in DEPLOYMENTS}
     print(
@@ -126,12 +134,15 @@ def models(folder: Path):
         yield path, model, images, calib, {first: (1, 3, *hw)}
 
 
-def verify_draws(folder: Path, draws: int, best: bool, margins, deployments) -> None:
+def verify_draws(
+    folder: Path, draws: int, best: bool, margins, deployments, swap: bool = False
+) -> None:
     print(
         f"{'model':<40}{'deploy':<9}{'none':>7}{'default':>8}{'verify':>8}{'draws':>7}  kept"
         + ("    best" if best else "")
     )
     by_margin: dict[str, list] = {d: [] for d in deployments}
+    by_swap: dict[str, list] = {d: [] for d in deployments}
     for path, model, images, calib, sizes in models(folder):
         for label, dep in deployments.items():
             key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
@@ -165,8 +176,17 @@ def verify_draws(folder: Path, draws: int, best: bool, margins, deployments) -> 
                 line, chosen = vd.margin_rows(report, dep, split, [row[0], *row[4:]], margins)
                 by_margin[label].append((chosen, row[2]))
                 print(f"{'':40}{line}", flush=True)
+                if swap:
+                    # draw 0 is the objective's scales: cands[4] (cands[3] is the kept one)
+                    both = vd.swapped(model, dep, calib, cands[4:], split, input_shapes=sizes)
+                    line, chosen = vd.margin_rows(report, dep, both, [row[0], *row[4:]], margins)
+                    by_swap[label].append((chosen, row[2]))
+                    print(f"{'':40}both halves: {line}", flush=True)
     if best:
         vd.margin_summary(by_margin, margins)
+    if swap:
+        print("chosen on both halves (the mean of the two figures in dB):")
+        vd.margin_summary(by_swap, margins)
 
 
 if __name__ == "__main__":

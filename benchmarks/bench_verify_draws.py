@@ -96,10 +96,11 @@ def margin_rows(report, dep, split: list[float], evals: list[float], margins) ->
     return line, chosen
 
 
-def swapped(proto, dep, calib, drawn: list, split: list[float]) -> list[float]:
+def swapped(proto, dep, calib, drawn: list, split: list[float], **options) -> list[float]:
     """``split``'s figures (the original, then draws ``0 .. N``) averaged with the same
     candidates measured the other way round: the first half of the calibration inputs
-    measuring, the second calibrating (weights-only: the same inputs, so unchanged)."""
+    measuring, the second calibrating (weights-only: the same inputs, so unchanged).
+    ``options``: more options of ``equalize_model`` (``input_shapes``)."""
     from cle_core.toolkit import split_inputs
 
     if dep.weights_only:
@@ -107,7 +108,7 @@ def swapped(proto, dep, calib, drawn: list, split: list[float]) -> list[float]:
     first, second, _ = split_inputs(calib, dep)
     # the original as verify measures it (cle_core.toolkit.folded_only's options)
     folded, _ = cle_onnx.equalize_model(
-        proto, deployment=dep, scale=False, high_bias=False, bias_correction=False
+        proto, deployment=dep, scale=False, high_bias=False, bias_correction=False, **options
     )
     key = "w8a8_sqnr"
     other = [
