@@ -31,7 +31,8 @@ move channels between axes).
 
 Weights and deployments: :func:`fit_dtype` (an array back in a parameter's dtype, refused
 where it overflows), :func:`deployment_of` (a :class:`~cle_core.Deployment` from the
-legacy keyword arguments), and :func:`split_inputs`, :func:`quality_key`,
+legacy keyword arguments), and :func:`split_inputs`, :func:`measure_pairs` and :func:`mean_db`
+(both halves, each calibrating while the other measures), :func:`quality_key`,
 :func:`verdict`, :func:`folded_only` (``verify=``: measure the original and the
 result, keep the better), :func:`best_draw`, :func:`pick`, :func:`kept_draw`,
 :func:`keep_best` (the three in sequence) and :func:`check_draws` (``verify`` with
@@ -77,6 +78,8 @@ from ._verify import (
     folded_only,
     keep_best,
     kept_draw,
+    mean_db,
+    measure_pairs,
     pick,
     quality_key,
     split_inputs,
@@ -111,6 +114,8 @@ __all__ = [
     "load_array",
     "load_arrays",
     "load_inputs",
+    "mean_db",
+    "measure_pairs",
     "measured_layout",
     "non_finite_name",
     "pick",

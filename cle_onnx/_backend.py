@@ -26,9 +26,10 @@ from cle_core.toolkit import (
     check_output_path,
     folded_only,
     keep_best,
+    mean_db,
+    measure_pairs,
     measured_layout,
     quality_key,
-    split_inputs,
 )
 
 from . import _check, _inputs, _io
@@ -400,14 +401,15 @@ def equalize_model(
 
     ``verify=True`` (needs ``calibration``) quantizes the original, its batch norms
     folded, and the equalized model with the deployment the scales were chosen for
-    (onnxruntime's ``quantize_static``, calibrated on half of the inputs, measured on the
-    other half) and returns the better of the two; ``report.verification`` has both
-    figures (a warning says when the original was kept). ``draws=N`` with ``verify``
-    also measures ``N`` redrawn equalizations (``scale_draw`` 1 to ``N``: each
-    channel's scale times ``exp(0.02 z)``, all exact) and keeps the best measured of
-    all: one quantized figure is one draw of the rounding, and the draws spread by
-    several dB (``docs/core.rst``, "Verify"). It costs ``N`` more equalizations and
-    quantizations; at most three models are held besides yours.
+    (onnxruntime's ``quantize_static``; each half of the inputs calibrating while the
+    other is measured, the mean of the two figures) and returns the better of the two;
+    ``report.verification`` has both figures (a warning says when the original was
+    kept). ``draws=N`` with ``verify`` also measures ``N`` redrawn equalizations
+    (``scale_draw`` 1 to ``N``: each channel's scale times ``exp(0.02 z)``, all exact)
+    and keeps the best measured of all: one quantized figure is one draw of the
+    rounding, and the draws spread by several dB (``docs/core.rst``, "Verify"). It
+    costs ``N`` more equalizations and twice as many quantizations (one per half); at
+    most three models are held besides yours.
 
     Raises :class:`cle_core.CLEError` subclasses on bad input (:class:`ModelFileError`
     for files and external data); the model is then unchanged.
@@ -453,21 +455,25 @@ def _verified(model, folded, equalized, draws: int, options, calibration, inplac
     from ._evaluate import evaluate_all, run  # onnxruntime, loaded only to run models
 
     deployment = options.deployment
-    calibrate_on, measure_on, count = split_inputs(calibration, deployment)
+    pairs, count = measure_pairs(calibration, deployment)
     key = quality_key(deployment)
-    reference = run(model, measure_on, name="the model")  # one FP32 run serves every model
+    # one FP32 run per half measured serves every model
+    references = [run(model, measure_on, name="the model") for _, measure_on in pairs]
 
     def measure(candidate, name: str = "the equalized model") -> float:
-        (figures,) = evaluate_all(
-            model,
-            [candidate],
-            measure_on,
-            reference=reference,
-            names=["the model", name],
-            deployment=deployment,
-            calibration=calibrate_on,
-        )
-        return figures[key]
+        figures = [
+            evaluate_all(
+                model,
+                [candidate],
+                measure_on,
+                reference=reference,
+                names=["the model", name],
+                deployment=deployment,
+                calibration=calibrate_on,
+            )[0][key]
+            for (calibrate_on, measure_on), reference in zip(pairs, references, strict=True)
+        ]
+        return mean_db(figures)
 
     original_db = measure(folded, "the original (batch norms folded)")
     chosen, report = keep_best(folded, original_db, equalized, measure, draws, deployment, count)

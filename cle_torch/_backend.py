@@ -23,8 +23,9 @@ from cle_core.toolkit import (
     check_draws,
     folded_only,
     keep_best,
+    mean_db,
+    measure_pairs,
     quality_key,
-    split_inputs,
 )
 
 from ._apply import apply, make_plan, write_in_place
@@ -153,8 +154,9 @@ def equalize_model(
             first index) are refused.
         verify: with ``calibration`` (one tensor or array ``(N, ...)``), quantize the
             original (batch norms folded) and the equalized model with the deployment the
-            scales were chosen for (:func:`evaluate_torch`, calibrated on half of the
-            inputs, measured on the other half) and return the better one;
+            scales were chosen for (:func:`evaluate_torch`; each half of the inputs
+            calibrating while the other is measured, the mean of the two figures) and
+            return the better one;
             ``report.verification`` has both figures. ``model`` is then never modified:
             both are computed on copies.
         draws: with ``verify``, also measure this many redrawn equalizations
@@ -185,7 +187,7 @@ def equalize_model(
     if calibration is None:
         raise CLEError("verify needs calibration inputs (calibration=) to measure on")
     deployment = cle_options.deployment
-    calibrate_on, measure_on, count = split_inputs(calibration, deployment)
+    pairs, count = measure_pairs(calibration, deployment)
     key = quality_key(deployment)
     backend = TorchBackend()
 
@@ -194,18 +196,22 @@ def equalize_model(
         return backend.run(copy.deepcopy(model), drawn, calibration, **backend_options)
 
     folded, _ = backend.run(copy.deepcopy(model), folded_only(cle_options), **backend_options)
-    # once the model is known to translate; one FP32 run serves every candidate
-    reference = reference_outputs(model, measure_on)
+    # once the model is known to translate; one FP32 run per half serves every candidate
+    references = [reference_outputs(model, measure_on) for _, measure_on in pairs]
 
     def measure(candidate: nn.Module) -> float:
-        return evaluate_torch(
-            model,
-            candidate,
-            measure_on,
-            deployment=deployment,
-            calibration=calibrate_on,
-            reference=reference,
-        )[key]
+        figures = [
+            evaluate_torch(
+                model,
+                candidate,
+                measure_on,
+                deployment=deployment,
+                calibration=calibrate_on,
+                reference=reference,
+            )[key]
+            for (calibrate_on, measure_on), reference in zip(pairs, references, strict=True)
+        ]
+        return mean_db(figures)
 
     original_db = measure(folded)
     with backend.statistics_reused():  # copies of one model, one set of inputs

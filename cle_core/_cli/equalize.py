@@ -13,7 +13,7 @@ from .._files import check_output_path, temp_folder, write_atomic
 from .._objectives import objective_trait
 from .._quality import describe_arrays
 from .._report import EqualizeOptions, Report
-from .._verify import check_draws, folded_only, pick, quality_key, split_inputs
+from .._verify import check_draws, folded_only, mean_db, measure_pairs, pick, quality_key
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -100,8 +100,8 @@ def add_parser(sub) -> None:
         action="store_true",
         help="with --calibration: quantize the original (batch norms folded) and the "
         "result as the deployment flags say (ONNX: onnxruntime's quantize_static, "
-        "calibrated on half of the inputs, measured on the other half), print both and "
-        "keep the better (a warning if that is the original)",
+        "each half of the inputs calibrating while the other is measured, the mean of the "
+        "two), print both and keep the better (a warning if that is the original)",
     )
     eq.add_argument(
         "--draws",
@@ -110,8 +110,9 @@ def add_parser(sub) -> None:
         metavar="N",
         help="with --verify: also measure N redrawn equalizations (--scale-draw 1 to N, "
         "each exact) and keep the best of all; one quantized figure is one draw of the "
-        "rounding, and draws spread by several dB (costs N more equalizations and "
-        "quantizations; the N + 2 models are held in memory while measured)",
+        "rounding, and draws spread by several dB (costs N more equalizations and N more "
+        "quantizations per half measured; the N + 2 models are held in memory while "
+        "measured)",
     )
     add_cle_options(eq)
     eq.set_defaults(run=run)
@@ -266,28 +267,34 @@ def _verify(
     again: the folded original, or the equalization of the draw kept). Returns the
     report of what ``dst`` holds and the options that made it."""
     deployment = options.deployment
-    calibrate_on, measure_on, count = split_inputs(calibration, deployment)
+    pairs, count = measure_pairs(calibration, deployment)
     key = quality_key(deployment)
 
     def equalized(k: int, path: Path) -> Report:
         drawn = replace(options, scale_draw=k)
         return backend.equalize_file(src, path, drawn, calibration=calibration, **sizes)[0]
 
+    def measured(paths: list[Path], calibrate_on, measure_on) -> list[float]:
+        """The figures of ``paths`` (the original first) calibrated and measured so."""
+        rows, _, _ = backend.evaluate_files(
+            paths, measure_on, deployment=deployment, calibration=calibrate_on
+        )
+        figures = [r[1][key] for r in rows[: len(paths)]]
+        for path in paths[len(figures) :]:  # a backend that measures two at a time
+            more, _, _ = backend.evaluate_files(
+                [src, path], measure_on, deployment=deployment, calibration=calibrate_on
+            )
+            figures.append(more[1][1][key])
+        return figures
+
     with temp_folder("draws") as tmp, backend.statistics_reused():  # one file, one set of inputs
         paths = [src, dst]
         for k in range(1, draws + 1):
             paths.append(tmp / f"draw{k}{src.suffix}")
             equalized(k, paths[-1])
-        rows, _, _ = backend.evaluate_files(
-            paths, measure_on, deployment=deployment, calibration=calibrate_on
-        )
-        figures = [r[1][key] for r in rows[1 : len(paths)]]
-        for path in paths[len(figures) + 1 :]:  # a backend that measures two at a time
-            more, _, _ = backend.evaluate_files(
-                [src, path], measure_on, deployment=deployment, calibration=calibrate_on
-            )
-            figures.append(more[1][1][key])
-    verified, kept = pick(report, deployment, count, rows[0][1][key], figures)
+        both = [measured(paths, calibrate_on, measure_on) for calibrate_on, measure_on in pairs]
+    original, *figures = (mean_db(column) for column in zip(*both, strict=True))
+    verified, kept = pick(report, deployment, count, original, figures)
     if kept is None:
         backend.equalize_file(src, dst, folded_only(options))
         return verified, options

@@ -12,6 +12,8 @@ from cle_core.toolkit import (
     check_draws,
     keep_best,
     kept_draw,
+    mean_db,
+    measure_pairs,
     pick,
     split_inputs,
     verdict,
@@ -138,3 +140,19 @@ def test_split_inputs_halves_for_activation_grids_and_measures_on_all_weights_on
     assert n == 20 and measure["x"] is x and calib["x"] is x
     calib, measure, n = split_inputs(x[:6], Deployment())  # too few to split
     assert n == 6 and calib is measure
+
+
+def test_measure_pairs_measure_every_input_once_on_grids_that_did_not_see_it():
+    x = np.arange(20.0)[:, None]
+    pairs, n = measure_pairs(x, Deployment())
+    assert n == 20 and len(pairs) == 2
+    (c1, m1), (c2, m2) = pairs
+    assert c1[-1, 0] == 9.0 and m1[0, 0] == 10.0 and c2 is m1 and m2 is c1
+    pairs, n = measure_pairs({"x": x[:15]}, Deployment())  # an odd count: 7 and 8
+    assert n == 15 and len(pairs[0][0]["x"]) == 7 and pairs[1][0] is pairs[0][1]
+    for weights_only in (x, x[:6]):  # no split: one pair, every input once
+        pairs, n = measure_pairs(weights_only, Deployment(activation_bits=None))
+        assert n == len(weights_only) and pairs == [(weights_only, weights_only)]
+    pairs, n = measure_pairs(x[:6], Deployment())  # too few to split
+    assert n == 6 and len(pairs) == 1
+    assert mean_db([10.0, 13.0]) == 11.5 and np.isnan(mean_db([10.0, float("nan")]))

@@ -49,7 +49,8 @@ def test_verify_keeps_the_equalized_model_when_it_measures_better():
     eq, report = cle_onnx.equalize_model(model, calibration=_data(), verify=True)
     assert model.SerializeToString() == before
     v = report.verification
-    assert v.kept == "equalized" and v.equalized_db > v.original_db and v.inputs == 8
+    # each half calibrates while the other measures: all 16 are measured
+    assert v.kept == "equalized" and v.equalized_db > v.original_db and v.inputs == 16
     assert "Min" in {n.op_type for n in eq.graph.node}
     assert "verified" in report.summary()
 
@@ -118,10 +119,13 @@ def test_verify_with_draws_keeps_the_best_measured_equalization(monkeypatch):
     alone, alone_report = cle_onnx.equalize_model(model, calibration=data, scale_draw=v.draw)
     assert eq.SerializeToString() == alone.SerializeToString()
     assert report.options.scale_draw == alone_report.options.scale_draw == v.draw
-    # each figure is what verify's split measures for that draw
+    # each figure is the mean of what each half measures, the other calibrating
     drawn = [cle_onnx.equalize_model(model, calibration=data, scale_draw=k)[0] for k in range(4)]
-    again = evaluate_all(model, drawn, data[8:], calibration=data[:8])
-    np.testing.assert_allclose([r["w8a8_sqnr"] for r in again], figures, rtol=1e-9)
+    one = evaluate_all(model, drawn, data[8:], calibration=data[:8])
+    other = evaluate_all(model, drawn, data[:8], calibration=data[8:])
+    both = [(a["w8a8_sqnr"] + b["w8a8_sqnr"]) / 2 for a, b in zip(one, other, strict=True)]
+    np.testing.assert_allclose(both, figures, rtol=1e-9)
+    assert all(a["w8a8_sqnr"] != b["w8a8_sqnr"] for a, b in zip(one, other, strict=True))
 
 
 def test_with_a_margin_no_draw_clears_the_model_is_what_verify_alone_keeps(monkeypatch):
@@ -191,6 +195,12 @@ def test_cle_equalize_verify_draws(tmp_path, capsys, monkeypatch):
     v = saved["verification"]
     assert len(v["drawn"]) == 3 and v["kept"] == "equalized" and v["draw"] > 0
     assert saved["options"]["scale_draw"] == v["draw"] and v["margin"] == 0
+    # measured as the API measures: both halves, each calibrating while the other measures
+    _, api = cle_onnx.equalize_model(onnx.load(src), calibration=_data(), verify=True, draws=3)
+    figures = [v["original_db"], v["equalized_db"], *v["drawn"]]
+    a = api.verification
+    assert v["inputs"] == a.inputs == 16
+    assert figures == pytest.approx([a.original_db, a.equalized_db, *a.drawn], rel=1e-9)
     assert "3 redrawn" in out and "kept draw" in out
     same = tmp_path / "same.onnx"
     assert (
