@@ -22,10 +22,12 @@ draw kept; see ``bench_verify_draws.py``), measured as above. With ``--best``, a
 best of the objective's scales and the ``N`` draws on the evaluation images, the figures
 the choice was made on beside the evaluation figures of the same candidates, and what
 ``pick(..., margin=)`` keeps for each margin of ``--margins`` (as ``bench_verify_draws.py
---best``); ``--swap`` also chooses on both halves of the calibration inputs, each
-calibrating while the other measures (as ``bench_verify_draws.py --swap``).
+--best``); ``--one-half`` also chooses on one half of the calibration inputs measured,
+the other calibrating, as ``verify`` did before it measured both ways round (as
+``bench_verify_draws.py --one-half``; the output ``results/pypi_verify_draws_swap*``
+came from the earlier ``--swap``, the same two choices).
 
-Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best [--swap]]
+Run: ``python benchmarks/bench_pypi_models.py FOLDER [--verify-draws N [--best [--one-half]]
 [--deployments W8 W8/ch ...]]``.
 """
 
@@ -75,9 +77,10 @@ def main() -> None:
     ap.add_argument("--verify-draws", type=int, metavar="N")
     ap.add_argument("--best", action="store_true", help="with --verify-draws: every draw")
     ap.add_argument(
-        "--swap",
+        "--one-half",
         action="store_true",
-        help="with --best: also choose on both halves (each calibrating, the other measuring)",
+        help="with --best: also choose on one half measured (as verify did before it "
+        "measured both ways round)",
     )
     ap.add_argument("--margins", type=float, nargs="+", default=list(vd.MARGINS))
     ap.add_argument("--deployments", nargs="+", default=list(DEPLOYMENTS), choices=DEPLOYMENTS)
@@ -86,7 +89,7 @@ def main() -> None:
     if args.verify_draws is not None:
         deployments = {d: DEPLOYMENTS[d] for d in args.deployments}
         verify_draws(
-            args.folder, args.verify_draws, args.best, args.margins, deployments, args.swap
+            args.folder, args.verify_draws, args.best, args.margins, deployments, args.one_half
         )
         return
     worst = {d: [np.inf, np.inf] for d in DEPLOYMENTS}
@@ -135,14 +138,14 @@ def models(folder: Path):
 
 
 def verify_draws(
-    folder: Path, draws: int, best: bool, margins, deployments, swap: bool = False
+    folder: Path, draws: int, best: bool, margins, deployments, one_half: bool = False
 ) -> None:
     print(
         f"{'model':<40}{'deploy':<9}{'none':>7}{'default':>8}{'verify':>8}{'draws':>7}  kept"
         + ("    best" if best else "")
     )
     by_margin: dict[str, list] = {d: [] for d in deployments}
-    by_swap: dict[str, list] = {d: [] for d in deployments}
+    by_half: dict[str, list] = {d: [] for d in deployments}
     for path, model, images, calib, sizes in models(folder):
         for label, dep in deployments.items():
             key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
@@ -176,17 +179,17 @@ def verify_draws(
                 line, chosen = vd.margin_rows(report, dep, split, [row[0], *row[4:]], margins)
                 by_margin[label].append((chosen, row[2]))
                 print(f"{'':40}{line}", flush=True)
-                if swap:
+                if one_half:
                     # draw 0 is the objective's scales: cands[4] (cands[3] is the kept one)
-                    both = vd.swapped(model, dep, calib, cands[4:], split, input_shapes=sizes)
-                    line, chosen = vd.margin_rows(report, dep, both, [row[0], *row[4:]], margins)
-                    by_swap[label].append((chosen, row[2]))
-                    print(f"{'':40}both halves: {line}", flush=True)
+                    half = vd.one_half(model, dep, calib, cands[4:], split, input_shapes=sizes)
+                    line, chosen = vd.margin_rows(report, dep, half, [row[0], *row[4:]], margins)
+                    by_half[label].append((chosen, row[2]))
+                    print(f"{'':40}one half: {line}", flush=True)
     if best:
         vd.margin_summary(by_margin, margins)
-    if swap:
-        print("chosen on both halves (the mean of the two figures in dB):")
-        vd.margin_summary(by_swap, margins)
+    if one_half:
+        print("chosen on one half (the first calibrating, the second measured):")
+        vd.margin_summary(by_half, margins)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ One quantized figure is one draw of the rounding (``bench_draws.py``): the same
 network's scales times ``exp(0.02 z)`` per channel are another exact equalization that
 measures up to 12.6 dB apart. ``cle_onnx.equalize_model(..., verify=True, draws=N)``
 (``cle equalize --verify --draws N``) measures the objective's own scales and ``N``
-redrawn ones with onnxruntime's ``quantize_static`` on the calibration inputs (half
-calibrate the grids, half measure) and keeps the best, or the original (batch norms
+redrawn ones with onnxruntime's ``quantize_static`` on the calibration inputs (each
+half calibrating the grids while the other is measured, the mean of the two) and keeps
+the best, or the original (batch norms
 folded) where it measured better. This benchmark runs that path as a user does, on ONNX
 files, and measures what it returns on the evaluation inputs (calibrated on all the
 calibration inputs, as ``bench_deployments.py``). Columns, output SQNR in dB:
@@ -21,14 +22,15 @@ calibration inputs, as ``bench_deployments.py``). Columns, output SQNR in dB:
   perfect choice would give; ``--best`` only, it costs ``N`` more quantizations).
 
 With ``--best``, a second line per row gives the figures the choice was made on (``split``:
-the original, then draws ``0 .. N``, measured on the calibration inputs' second half) and
-the same candidates on the evaluation inputs (``eval``), and the summary gives, for each
-margin of ``--margins``, what ``cle_core``'s ``pick(..., margin=)`` keeps with that margin,
-measured on the evaluation inputs, against ``verify`` alone. ``--swap`` (with ``--best``)
-also measures every candidate the other way round (the first half of the calibration
-inputs measuring, the second calibrating) and prints what ``pick`` would keep on the
-mean of the two figures: a choice read on all the inputs, at twice the quantizations
-(not what the library does).
+the original, then draws ``0 .. N``, as ``verify`` measures them on the calibration
+inputs) and the same candidates on the evaluation inputs (``eval``), and the summary
+gives, for each margin of ``--margins``, what ``cle_core``'s ``pick(..., margin=)``
+keeps with that margin, measured on the evaluation inputs, against ``verify`` alone.
+``--one-half`` (with ``--best``) also measures every candidate one way only (the first
+half of the calibration inputs calibrating, the second measuring), as ``verify`` did
+before it measured both ways round, and prints what ``pick`` would keep on those
+figures. (The outputs ``results/*swap*`` came from the earlier ``--swap``, which added
+the other way round to a one-half ``verify``: the same two choices.)
 
 Networks: the pretrained EfficientNet-Lite0 in both exports (BNs kept, and folded by
 the exporter; the 120 natural images measured, 40 other crops of the same 20 source
@@ -37,7 +39,7 @@ measured images: ``--by-source`` measures on the 60 images of the sources the ch
 did not see), and ``bench_deployments.py``'s trained CNN and random networks (3 seeds).
 
 Run: ``python benchmarks/bench_verify_draws.py [--networks lite0 trained_cnn resnet ...]
-[--draws 8] [--deployments W8A8 W8 ...] [--best [--margins 0 0.5 ...] [--swap]]
+[--draws 8] [--deployments W8A8 W8 ...] [--best [--margins 0 0.5 ...] [--one-half]]
 [--by-source]``.
 """
 
@@ -96,11 +98,12 @@ def margin_rows(report, dep, split: list[float], evals: list[float], margins) ->
     return line, chosen
 
 
-def swapped(proto, dep, calib, drawn: list, split: list[float], **options) -> list[float]:
-    """``split``'s figures (the original, then draws ``0 .. N``) averaged with the same
-    candidates measured the other way round: the first half of the calibration inputs
-    measuring, the second calibrating (weights-only: the same inputs, so unchanged).
-    ``options``: more options of ``equalize_model`` (``input_shapes``)."""
+def one_half(proto, dep, calib, drawn: list, split: list[float], **options) -> list[float]:
+    """The figures of the original (batch norms folded) and ``drawn`` (draws ``0 .. N``)
+    measured one way only, the first half of the calibration inputs calibrating and the
+    second measuring, as ``verify`` did before it measured both ways round
+    (weights-only: ``split``, measured on all the inputs either way). ``options``: more
+    options of ``equalize_model`` (``input_shapes``)."""
     from cle_core.toolkit import split_inputs
 
     if dep.weights_only:
@@ -110,14 +113,12 @@ def swapped(proto, dep, calib, drawn: list, split: list[float], **options) -> li
     folded, _ = cle_onnx.equalize_model(
         proto, deployment=dep, scale=False, high_bias=False, bias_correction=False, **options
     )
-    key = "w8a8_sqnr"
-    other = [
-        r[key]
+    return [
+        r["w8a8_sqnr"]
         for r in cle_onnx.evaluate_all(
-            proto, [folded, *drawn], first, deployment=dep, calibration=second
+            proto, [folded, *drawn], second, deployment=dep, calibration=first
         )
     ]
-    return [(a + b) / 2 for a, b in zip(split, other, strict=True)]
 
 
 def margin_summary(by_margin: dict[str, list[tuple[list[float], float]]], margins) -> None:
@@ -146,9 +147,10 @@ def main() -> None:
     ap.add_argument("--best", action="store_true", help="also the best draw on the eval inputs")
     ap.add_argument("--margins", type=float, nargs="+", default=list(MARGINS))
     ap.add_argument(
-        "--swap",
+        "--one-half",
         action="store_true",
-        help="with --best: also choose on both halves (each calibrating, the other measuring)",
+        help="with --best: also choose on one half measured (as verify did before it "
+        "measured both ways round)",
     )
     ap.add_argument(
         "--by-source",
@@ -162,7 +164,7 @@ def main() -> None:
 
     gains: dict[str, list[tuple[float, float]]] = {d: [] for d in args.deployments}
     by_margin: dict[str, list] = {d: [] for d in args.deployments}
-    by_swap: dict[str, list] = {d: [] for d in args.deployments}
+    by_half: dict[str, list] = {d: [] for d in args.deployments}
     print(
         f"{'network':<17}{'deploy':<9}{'none':>7}{'default':>8}{'calib':>7}{'verify':>8}"
         f"{'draws':>8}"
@@ -219,13 +221,13 @@ def main() -> None:
                         )
                         by_margin[dep_name].append((chosen, ver))
                         print(f"{'':17}{line}", flush=True)
-                        if args.swap:
-                            both = swapped(proto, dep, calib, [calibrated, *cands[5:]], split)
+                        if args.one_half:
+                            half = one_half(proto, dep, calib, [calibrated, *cands[5:]], split)
                             line, chosen = margin_rows(
-                                report, dep, both, [none, cal, *figures[5:]], args.margins
+                                report, dep, half, [none, cal, *figures[5:]], args.margins
                             )
-                            by_swap[dep_name].append((chosen, ver))
-                            print(f"{'':17}both halves: {line}", flush=True)
+                            by_half[dep_name].append((chosen, ver))
+                            print(f"{'':17}one half: {line}", flush=True)
                     if args.by_source and label.startswith("lite0"):
                         # the choice measured crops of sources 10-19: sources 0-9 are
                         # images 0-59 (six per source)
@@ -253,9 +255,9 @@ def main() -> None:
             )
     if args.best:
         margin_summary(by_margin, args.margins)
-    if args.swap:
-        print("chosen on both halves (the mean of the two figures in dB):")
-        margin_summary(by_swap, args.margins)
+    if args.one_half:
+        print("chosen on one half (the first calibrating, the second measured):")
+        margin_summary(by_half, args.margins)
 
 
 if __name__ == "__main__":
