@@ -37,10 +37,12 @@ the exporter; the 120 natural images measured, 40 other crops of the same 20 sou
 images calibrating, so the draw is chosen on crops 10 of whose sources are among the
 measured images: ``--by-source`` measures on the 60 images of the sources the choice
 did not see), and ``bench_deployments.py``'s trained CNN and random networks (3 seeds).
+``--bias-correction`` adds ``bias_correction=True`` to every equalization (the columns
+then compare corrected models; ``none`` stays the uncorrected original).
 
 Run: ``python benchmarks/bench_verify_draws.py [--networks lite0 trained_cnn resnet ...]
 [--draws 8] [--deployments W8A8 W8 ...] [--best [--margins 0 0.5 ...] [--one-half]]
-[--by-source]``.
+[--by-source] [--bias-correction]``.
 """
 
 from __future__ import annotations
@@ -153,6 +155,12 @@ def main() -> None:
         "measured both ways round)",
     )
     ap.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="every equalization also corrects the biases (bias_correction=True: it "
+        "changes the FP32 function by design; the input means measured where calibrated)",
+    )
+    ap.add_argument(
         "--by-source",
         action="store_true",
         help="Lite0: also measure on the 60 images of the sources the choice did not see",
@@ -177,16 +185,15 @@ def main() -> None:
                     dep = bd.DEPLOYMENTS[dep_name]
                     kind = "W8" if dep.weights_only else "W8A8"
                     key = "w8_sqnr" if dep.weights_only else "w8a8_sqnr"
-                    default, _ = cle_onnx.equalize_model(proto, deployment=dep)
-                    calibrated, _ = cle_onnx.equalize_model(
-                        proto, deployment=dep, calibration=calib
-                    )
+                    opts = {"deployment": dep, "bias_correction": args.bias_correction}
+                    default, _ = cle_onnx.equalize_model(proto, **opts)
+                    calibrated, _ = cle_onnx.equalize_model(proto, calibration=calib, **opts)
                     verified, _ = cle_onnx.equalize_model(
-                        proto, deployment=dep, calibration=calib, verify=True
+                        proto, calibration=calib, verify=True, **opts
                     )
                     t0 = time.perf_counter()
                     drawn, report = cle_onnx.equalize_model(
-                        proto, deployment=dep, calibration=calib, verify=True, draws=args.draws
+                        proto, calibration=calib, verify=True, draws=args.draws, **opts
                     )
                     seconds = time.perf_counter() - t0
                     v = report.verification
@@ -194,9 +201,9 @@ def main() -> None:
                     cands = [None, default, calibrated, verified, drawn]
                     if args.best:
                         cands += [
-                            cle_onnx.equalize_model(
-                                proto, deployment=dep, calibration=calib, scale_draw=k
-                            )[0]
+                            cle_onnx.equalize_model(proto, calibration=calib, scale_draw=k, **opts)[
+                                0
+                            ]
                             for k in range(1, args.draws + 1)
                         ]
                     figures = [
