@@ -68,8 +68,9 @@ def measure_pairs(
     or a weights-only deployment: every input measures, once).
 
     Why both ways: one half's figure is a draw of those inputs. Choosing among 9
-    exact equalizations on the mean of both (``bench_verify_draws.py --swap``, 27
-    networks, measured on other inputs) gained 1.57 dB W8A8 over verify alone with no
+    exact equalizations on the mean of both (``bench_verify_draws.py``,
+    ``benchmarks/results/verify_draws_swap_2026-12-06.txt``: 27 networks, measured on
+    other inputs) gained 1.57 dB W8A8 over verify alone with no
     row losing, against 1.38 dB and a worst row of -0.83 on one half."""
     first, second, count = split_inputs(inputs, deployment)
     if first is second:

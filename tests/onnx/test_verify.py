@@ -74,6 +74,22 @@ def test_verify_needs_calibration_and_one_array():
         cle_onnx.equalize_model(om.relu6_chain(13), verify=True)
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((16, 3, 9, 8), np.float32), "input takes"),  # found while measuring a half
+        (np.full((16, 3, 8, 8), np.nan, np.float32), "NaN"),
+        ([1, 2], "one array"),
+    ],
+)
+def test_a_failed_verify_leaves_the_model_byte_identical_even_in_place(bad, match):
+    model = om.relu6_chain(13)
+    before = model.SerializeToString()
+    with pytest.raises(CLEError, match=match):
+        cle_onnx.equalize_model(model, calibration=bad, verify=True, draws=2, inplace=True)
+    assert model.SerializeToString() == before
+
+
 def test_cle_equalize_verify(tmp_path, capsys):
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(om.relu6_chain(13), src)
