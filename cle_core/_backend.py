@@ -16,12 +16,14 @@ import pluggy
 
 from . import hookspecs
 from ._check import OutputCheck
+from ._deployment import Deployment
 from ._equalize import equalize
 from ._errors import CLEError, UnsupportedModelError
 from ._files import check_output_path, write_atomic
 from ._ir import Graph
 from ._quality import load_array, load_arrays
 from ._report import EqualizeOptions, EqualizeResult, Report
+from ._verify import quality_key
 
 ENTRY_POINT_GROUP = "cle.backends"
 """Entry-point group where every backend, the built-in ones included, registers its
@@ -83,7 +85,11 @@ class Backend(ABC):
         """A block in which every :meth:`run` is on the same model with the same
         calibration inputs (the same object): their statistics are measured at the first
         run and reused by the others. ``verify`` with ``draws`` equalizes one model once
-        per draw, and measuring the statistics is most of a calibrated run's time."""
+        per draw, and measuring the statistics is most of a calibrated run's time. A block
+        within another shares the outer one's statistics."""
+        if self._reused is not None:
+            yield
+            return
         previous, self._reused = self._reused, {}
         try:
             yield
@@ -247,6 +253,28 @@ class FileBackend(Backend):
         with figures as :func:`cle_core.quality.quality_table` reads them, whether the
         model is a classifier (top-1 columns), and lines printed under the table."""
         raise UnsupportedModelError(f"the {self.name} backend has no quantized evaluation")
+
+    def measure_files(
+        self, paths: list[Path], calibrate_on: Any, measure_on: Any, deployment: Deployment
+    ) -> list[float]:
+        """``--verify``: the deployment's figure (:func:`cle_core.toolkit.quality_key`)
+        of each of ``paths`` against ``paths[0]`` in FP32, quantized with its grids
+        calibrated on ``calibrate_on`` and measured on ``measure_on``; ``paths[0]`` (the
+        original) with its batch norms folded. This default reads the figures from
+        :meth:`evaluate_files` (two files at a time where it measures no more); a
+        backend may measure the one figure alone, faster."""
+        key = quality_key(deployment)
+
+        def rows(files: list[Path]) -> list:
+            found, _, _ = self.evaluate_files(
+                files, measure_on, deployment=deployment, calibration=calibrate_on
+            )
+            return found
+
+        figures = [figures[key] for _, figures in rows(paths)[: len(paths)]]
+        for path in paths[len(figures) :]:
+            figures.append(rows([paths[0], path])[1][1][key])
+        return figures
 
 
 BUILTIN_DISTRIBUTION = "crosslayer-eq"

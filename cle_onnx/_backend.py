@@ -340,6 +340,29 @@ class OnnxBackend(FileBackend):
         classifier = len(dims) == 2 and dims[1].dim_value != 1
         return rows, classifier, notes
 
+    def measure_files(self, paths, calibrate_on, measure_on, deployment):
+        """``--verify``'s figures (see :meth:`cle_core.FileBackend.measure_files`): the
+        deployment's figure alone, one FP32 run of the original serving every file."""
+        from . import _evaluate  # onnxruntime, loaded only to run models
+
+        loaded = [_evaluate.evaluable(_io.load(p, external_data=True)) for p in paths]
+        folded, _ = self.run(loaded[0], EqualizeOptions(scale=False, high_bias=False))
+        names = [str(p) for p in paths]
+        try:
+            figures = _evaluate.evaluate_all(
+                loaded[0],
+                [folded, *loaded[1:]],
+                measure_on,
+                names=[names[0], *names],
+                deployment=deployment,
+                calibration=calibrate_on,
+                deployed_only=True,
+            )
+        except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
+            raise CLEError(str(exc)) from None
+        key = quality_key(deployment)
+        return [f[key] for f in figures]
+
 
 def input_sizes(model: onnx.ModelProto, dims=None, shapes=None) -> dict | None:
     """The sizes of each data input (None where not given) from ``dims`` (``--dim``, by
@@ -470,6 +493,7 @@ def _verified(model, folded, equalized, draws: int, options, calibration, inplac
                 names=["the model", name],
                 deployment=deployment,
                 calibration=calibrate_on,
+                deployed_only=True,
             )[0][key]
             for (calibrate_on, measure_on), reference in zip(pairs, references, strict=True)
         ]

@@ -501,6 +501,7 @@ def evaluate_all(
     calibration=None,
     progress: Callable[[int, str], None] | None = None,
     input_grid: bool = False,
+    deployed_only: bool = False,
 ) -> list[dict[str, float]]:
     """:func:`evaluate` for each of ``candidates`` (None: ``fp32_model`` itself), with
     the inputs and the FP32 reference computed once. ``names``: of ``fp32_model`` and
@@ -508,7 +509,11 @@ def evaluate_all(
     ``progress(i, name)`` is called before candidate ``i`` is measured. With
     ``input_grid`` and activations quantized, each result also has ``input_grid_sqnr``
     and ``input_grid_top1``: the candidate with only its inputs rounded as the deployed
-    model rounds them (:func:`input_grid_only`; absent where no input is rounded).
+    model rounds them (:func:`input_grid_only`; absent where no input is rounded). With
+    ``deployed_only`` each result has the deployment's own figure alone (``wNaN_*``, or
+    ``wN_*`` for weights only): the candidates are not run in FP32, nor with their
+    weights alone where activations are quantized (``verify`` reads that one figure;
+    the other runs were a third to a half of its time).
 
     Raises :class:`CLEError` for a candidate that does not take the FP32 model's inputs
     or give its output's shape, inputs that do not fit (:func:`feeds`), a first output
@@ -542,15 +547,14 @@ def evaluate_all(
         if progress is not None:
             progress(i, name)
         model, name = (fp32_model, fp32_name) if candidate is None else (candidate, name)
-        outputs = {"fp32": reference if candidate is None else run(model, inputs, batch, name)}
-        if outputs["fp32"].shape != reference.shape:
-            raise CLEError(
-                f"{name} does not fit {fp32_name}: its output has shape "
-                f"{outputs['fp32'].shape} on the inputs, not {reference.shape}"
-            )
+        outputs = {}
+        if not deployed_only:
+            outputs["fp32"] = reference if candidate is None else run(model, inputs, batch, name)
+            _check_fits(outputs["fp32"], reference, name, fp32_name)
         ready = prepared(model)
-        weights = weights_quantized(ready, bits, dep.per_channel, dep.weight_symmetric)
-        outputs[f"w{bits}"] = run(weights, inputs, batch, f"{name} (W{bits})")
+        if not (deployed_only and activations):
+            weights = weights_quantized(ready, bits, dep.per_channel, dep.weight_symmetric)
+            outputs[f"w{bits}"] = run(weights, inputs, batch, f"{name} (W{bits})")
         if activations:
             quantized = static_quantized(
                 ready,
@@ -563,8 +567,19 @@ def evaluate_all(
             floor = input_grid_only(ready, quantized) if input_grid else None
             if floor is not None:
                 outputs["input_grid"] = run(floor, inputs, batch, f"{name} (input grid)")
+        if deployed_only:  # (otherwise checked on its FP32 output, before quantizing)
+            _check_fits(next(iter(outputs.values())), reference, name, fp32_name)
         results.append(compare_outputs(reference, outputs))
     return results
+
+
+def _check_fits(output: np.ndarray, reference: np.ndarray, name: str, fp32_name: str) -> None:
+    """Refuse a candidate whose output does not have the FP32 model's shape."""
+    if output.shape != reference.shape:
+        raise CLEError(
+            f"{name} does not fit {fp32_name}: its output has shape "
+            f"{output.shape} on the inputs, not {reference.shape}"
+        )
 
 
 def _check_batched_output(model: onnx.ModelProto, name: str) -> None:

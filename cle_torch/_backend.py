@@ -208,6 +208,7 @@ def equalize_model(
                 deployment=deployment,
                 calibration=calibrate_on,
                 reference=reference,
+                deployed_only=True,
             )[key]
             for (calibrate_on, measure_on), reference in zip(pairs, references, strict=True)
         ]

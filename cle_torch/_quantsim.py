@@ -177,6 +177,7 @@ def evaluate_torch(
     deployment: Deployment | None = None,
     calibration: np.ndarray | torch.Tensor | None = None,
     reference: np.ndarray | None = None,
+    deployed_only: bool = False,
 ) -> dict[str, float]:
     """Measure what simulated quantization does to the logits, against the FP32 model.
 
@@ -192,7 +193,9 @@ def evaluate_torch(
     models passed in are not modified. ``inputs`` default to ``natural_images(224)``.
     ``reference``: ``fp32_model``'s first output on ``inputs``, from
     :func:`reference_outputs`, so that measuring several candidates against one model
-    runs it once (as ``verify`` does).
+    runs it once (as ``verify`` does). ``deployed_only``: the deployment's own figure
+    alone (``wNaN_*``, or ``wN_*`` for weights only); the candidate is not run in FP32,
+    nor with its weights alone where activations are quantized (``verify`` reads that one).
 
     Returns, for ``bits = N``, the first output compared with the FP32 ``fp32_model``'s:
 
@@ -213,12 +216,15 @@ def evaluate_torch(
     elif len(reference) != len(x):
         raise ValueError(f"reference has {len(reference)} outputs for {len(x)} inputs")
     source = fp32_model if candidate_model is None else candidate_model
-    outputs = {
-        "fp32": reference if candidate_model is None else _run(_prepared_copy(source), x, batch)
-    }
+    outputs = {}
+    if not deployed_only:
+        outputs["fp32"] = (
+            reference if candidate_model is None else _run(_prepared_copy(source), x, batch)
+        )
     wq = _prepared_copy(source)
     _quantize_weights(wq, bits, per_channel, dep.weight_symmetric)
-    outputs[f"w{bits}"] = _run(wq, x, batch)
+    if not (deployed_only and activations):
+        outputs[f"w{bits}"] = _run(wq, x, batch)
     if activations:
         a_bits = dep.activation_bits
         calib = None if calibration is None else _float_tensor(calibration)

@@ -418,3 +418,30 @@ def test_what_cannot_be_measured_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(ev, "quantize_static", calibrator_fails)
     with pytest.raises(CLEError, match="the FP32 model: onnxruntime's quantize_static failed"):
         evaluate(model, inputs=x)
+
+
+@pytest.mark.parametrize("activations", [True, False])
+def test_deployed_only_gives_the_deployments_figure_alone(activations):
+    """``deployed_only``: only the deployment's figure, equal to the full evaluation's,
+    and a candidate whose output does not fit is still refused."""
+    from cle_core import Deployment
+
+    model, x = _cnn(), _x(12)
+    eq, _ = cle_onnx.equalize_model(model, objective="balance", high_bias=False)
+    dep = Deployment(activation_bits=8 if activations else None)
+    key = "w8a8" if activations else "w8"
+    full = evaluate_all(model, [None, eq], x, deployment=dep, calibration=x[:6])
+    alone = evaluate_all(
+        model, [None, eq], x, deployment=dep, calibration=x[:6], deployed_only=True
+    )
+    for f, a in zip(full, alone, strict=True):
+        assert set(a) == {f"{key}_sqnr", f"{key}_top1"}
+        assert a == {k: f[k] for k in a}
+    assert alone[0] != alone[1]
+    # declared (N, c) but computing (N, 8): found when it runs
+    wider = _cnn()
+    wider.graph.node[-1].output[0] = "y0"
+    wider.graph.node.append(helper.make_node("Concat", ["y0", "y0"], ["y"], axis=1))
+    wider.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "c"
+    with pytest.raises(CLEError, match=r"does not fit the FP32 model: its output has shape"):
+        evaluate_all(model, [wider], x, deployment=dep, calibration=x[:6], deployed_only=True)

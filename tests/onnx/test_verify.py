@@ -261,3 +261,48 @@ def test_draws_measure_the_calibration_statistics_once(monkeypatch):
     cle_onnx.equalize_model(model, calibration=data)
     cle_onnx.equalize_model(model, calibration=data)
     assert len(calls) == 3
+
+
+def test_cli_verify_measures_the_calibration_statistics_once(tmp_path, monkeypatch):
+    """``cle equalize --verify --draws`` measures the statistics once for its first run,
+    every draw and the draw it keeps (it measured them twice, or three times when a
+    draw was kept)."""
+    import cle_core._verify as verify
+    from cle_onnx._backend import OnnxBackend
+
+    monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 0.0)  # a draw is kept: rewritten
+    calls = []
+    measure = OnnxBackend.calibration_stats
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxBackend, "calibration_stats", counted)
+    src, dst, data = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npy"
+    onnx.save(om.relu6_chain(13), src)
+    np.save(data, _data())
+    argv = ["equalize", str(src), "-o", str(dst), "--calibration", str(data), "--verify"]
+    assert main([*argv, "--draws", "2", "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["verification"]["draw"] > 0
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_measure_files_gives_what_evaluate_files_gives(tmp_path, weights_only):
+    """The ONNX backend's ``measure_files`` (the deployment's figure alone, what
+    ``--verify`` reads) gives the figures that the default, read from ``cle
+    evaluate``'s ``evaluate_files``, gives: the same quantization, fewer runs."""
+    from cle_core import Deployment, FileBackend
+    from cle_onnx._backend import OnnxBackend
+
+    deployment = Deployment(activation_bits=None if weights_only else 8)
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(om.relu6_chain(13), src)
+    cle_onnx.equalize_file(src, dst)
+    data = _data()
+    backend = OnnxBackend()
+    args = ([src, dst], data[:8], data[8:], deployment)
+    fast = backend.measure_files(*args)
+    assert fast == FileBackend.measure_files(backend, *args)
+    assert len(fast) == 2 and fast[0] != fast[1]

@@ -216,3 +216,21 @@ def _export_params():
     import inspect
 
     return inspect.signature(torch.onnx.export).parameters
+
+
+@pytest.mark.parametrize("activations", [True, False])
+def test_deployed_only_gives_the_deployments_figure_alone(activations):
+    """``deployed_only`` (what ``verify`` reads): the deployment's figure alone, equal
+    to the full evaluation's."""
+    model = _cnn()
+    candidate = copy.deepcopy(model)
+    with torch.no_grad():
+        candidate[-1].weight.mul_(1.01)
+    key = "w8a8" if activations else "w8"
+    x = _x()
+    full = evaluate_torch(model, candidate, x, activations=activations, calibration=x[:12])
+    alone = evaluate_torch(
+        model, candidate, x, activations=activations, calibration=x[:12], deployed_only=True
+    )
+    assert set(alone) == {f"{key}_sqnr", f"{key}_top1"}
+    assert alone == {k: full[k] for k in alone}
