@@ -10,7 +10,10 @@ that knows more. Two things make the copy know more:
   make the output's rank and sizes, and so every later value's, known.
 
 The copy holds no weight bytes (a float initializer becomes an input of its type and
-shape) and is used for the shapes only; the model itself is never changed."""
+shape) and is used for the shapes only; the model itself is never changed. It is what
+onnx infers on in every case: onnx serializes the model it is given and parses its
+result back, weights and all (on a 531 MB VGG-11 export, 1.8 s and about 1 GB).
+Only the shapes and types come back (see :func:`infer`)."""
 
 from __future__ import annotations
 
@@ -41,19 +44,32 @@ def infer(
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
     known: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
-    """``model`` with the shapes onnx infers (data propagation on, else off, else none);
-    with ``input_shapes`` (sizes by input name, None where not given) or ``known``
-    (folded integer values by name), a light copy that has them."""
-    if input_shapes or known:
-        model = _light_copy(model, input_shapes or {}, known or {})
+    """The shapes and types of ``model``'s values as onnx infers them (data propagation
+    on, else off, else none), on a light copy with ``input_shapes`` (sizes by input
+    name, None where not given) and ``known`` (folded integer values by name): a model
+    whose inputs, outputs, value infos and initializers carry them, the initializers
+    without their data (each weight is back under its own name and type)."""
+    light = _light_copy(model, input_shapes or {}, known or {})
+    inferred = light
     # Data propagation knows the shapes that exporters compute with Shape / Slice /
     # Concat (a Reshape's target); where it fails, the plain inference still runs.
     for data_prop in (True, False):
         try:
-            return shape_inference.infer_shapes(model, strict_mode=False, data_prop=data_prop)
+            inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=data_prop)
+            break
         except Exception:
             continue
-    return model
+    # The weights made inputs of the copy are initializers again (their type and shape,
+    # no data), so that the copy reads as the model: its inputs are the model's.
+    given = {vi.name for vi in model.graph.input}
+    weights = {t.name: t for t in model.graph.initializer if t.name not in given}
+    inputs = [vi for vi in inferred.graph.input if vi.name not in weights]
+    moved = [weights[vi.name] for vi in inferred.graph.input if vi.name in weights]
+    del inferred.graph.input[:]
+    inferred.graph.input.extend(inputs)
+    for t in moved:
+        inferred.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return inferred
 
 
 def _light_copy(model, input_shapes, known) -> onnx.ModelProto:
