@@ -136,12 +136,13 @@ def propagate(
         if node.is_layer:
             w = np.asarray(node.weight)
             groups, og, ig, _ = grouped_view(w, node.layout).shape
-            ksum, ksq = sums(w, node.layout)
+            jin, gin = np.empty((j.shape[0], groups, ig)), np.empty((groups, ig))
             # einsum, not a BLAS product: multithreaded OpenBLAS was 1-6x slower than
             # einsum on a loaded 2-core machine (4x faster on one thread).
-            jin = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum).reshape(j.shape[0], -1)
-            gin = np.einsum("go,goi->gi", g.reshape(groups, og), ksq).reshape(-1)
-            add(x.name, jin, gin)
+            for cols, ksum, ksq in sums.slices(w, node.layout, axis=2):
+                jin[:, :, cols] = np.einsum("rgo,goi->rgi", j.reshape(-1, groups, og), ksum)
+                gin[:, cols] = np.einsum("go,goi->gi", g.reshape(groups, og), ksq)
+            add(x.name, jin.reshape(j.shape[0], -1), gin.reshape(-1))
         elif op == "mul" and (node.name, 0) in derivatives:
             # x * gate: noise on each input passes times the other
             for slot, v in enumerate(node.inputs):

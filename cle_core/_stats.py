@@ -529,12 +529,15 @@ def _layer_output(
     share = 1.0
     if transpose_taps and node.op == "conv_transpose":
         share = 1.0 / float(np.prod(node.attrs.get("stride", (1,))))
-    ksum, ksq = sums(w, node.layout)
-    mean = share * np.einsum("goi,gi->go", ksum, x.mean.reshape(g, ig))
-    var = share * np.einsum("goi,gi->go", ksq, x.var.reshape(g, ig))
+    mean, var = np.empty((g, og)), np.empty((g, og))
+    for rows, ksum, ksq in sums.slices(w, node.layout, axis=1):
+        mean[:, rows] = np.einsum("goi,gi->go", ksum, x.mean.reshape(g, ig))
+        var[:, rows] = np.einsum("goi,gi->go", ksq, x.var.reshape(g, ig))
+    mean, var = share * mean, share * var
     if corr is not None:
         rho = corr.get(node.inputs[0].name)
         rho = np.zeros(g * ig) if rho is None else np.repeat(rho, rep)
+        ksq = sums(w, node.layout)[1]  # whole: the bias correction's estimate only
         mean, var, out_rho = _correlated_moments(node, v, x, rho, sizes, mean, var, ksq)
         corr[node.outputs[0].name] = out_rho
     bias = 0.0 if node.bias is None else np.asarray(node.bias, np.float64)

@@ -253,3 +253,64 @@ def test_equalize_sees_a_weight_changed_in_place_between_runs():
     changed = before(shared)[0]
     assert changed != start
     assert changed == before(shared.copy())[0]
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((12, 40), None),  # a Linear
+        ((6, 3, 3, 3), {"groups": 2}),  # a grouped conv
+        ((8, 3, 2, 2), {"out_axis": 1, "in_axis": 0}),  # a ConvTranspose: (in, out, ...)
+    ],
+)
+@pytest.mark.parametrize("axis", [1, 2])
+def test_a_large_layers_kernel_sums_come_in_slices_of_the_same_values(
+    monkeypatch, shape, layout, axis
+):
+    """Over :data:`SLICED_SUMS` weights a layer's sums come a slice at a time (its
+    float64 copies taken whole cost mostly fresh memory); the slices cover the axis and
+    hold the whole sums' values. At or under it, one slice: the remembered whole."""
+    from cle_core import Layout, _math
+
+    layout = Layout(**(layout or {}))
+    w = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    whole = _math.kernel_sums(_math.grouped_view(w, layout))
+    sums = _math.LastKernelSums()
+    (part, ksum, ksq), *rest = sums.slices(w, layout, axis)
+    assert not rest and part == slice(None) and ksum is sums(w, layout)[0]
+    monkeypatch.setattr(_math, "SLICED_SUMS", 8)
+    parts = list(_math.LastKernelSums().slices(w, layout, axis))
+    assert len(parts) > 1
+    covered = []
+    for part, ksum, ksq in parts:
+        index = (slice(None),) * axis + (part,)
+        np.testing.assert_array_equal(ksum, whole[0][index])
+        np.testing.assert_array_equal(ksq, whole[1][index])
+        covered += range(whole[0].shape[axis])[part]
+    assert covered == list(range(whole[0].shape[axis]))
+
+
+def test_an_estimate_with_its_sums_in_slices_is_the_whole_ones(monkeypatch):
+    """The statistics and gains summed slice by slice (layers over SLICED_SUMS weights)
+    are the whole computation's up to the last bits of a product's sum."""
+    from cle_core import _math
+
+    g = build_graph(3, [("chain", "relu6"), ("triple", "relu6"), ("residual", "relu6")], 6, True)
+    fold_batch_norms(g, shared_param_owners(g))
+
+    def walk():
+        stats, derivatives = estimate(g)
+        return stats, propagate(g, positions(g), derivatives)
+
+    stats, gains = walk()
+    monkeypatch.setattr(_math, "SLICED_SUMS", 16)
+    sliced_stats, sliced_gains = walk()
+    assert stats.keys() == sliced_stats.keys()
+    for name, s in stats.items():
+        np.testing.assert_allclose(sliced_stats[name].mean, s.mean, rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(sliced_stats[name].meansq, s.meansq, rtol=1e-12)
+    for field in ("uniform", "fluctuating"):
+        whole, sliced = getattr(gains, field), getattr(sliced_gains, field)
+        assert whole.keys() == sliced.keys()
+        for name, v in whole.items():
+            np.testing.assert_allclose(sliced[name], v, rtol=1e-12, atol=1e-300)
