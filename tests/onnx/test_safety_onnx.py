@@ -248,6 +248,34 @@ def test_in_place_with_external_data_switches_data_files(tmp_path, capsys):
         assert_same_function(model, str(src))
 
 
+def test_an_output_replaced_is_parsed_only_where_a_data_file_of_its_name_exists(
+    tmp_path, monkeypatch
+):
+    """Replacing an output, the saver learns which data files the old one reads only
+    where a file with a name it gives data files is beside it (the only ones it may
+    take or delete): a large inline output is not parsed again for nothing. Its stale
+    data file is still removed when the new output is inline."""
+    from cle_onnx import _io
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(om.depthwise_triple(), src)
+    loads = []
+    plain = onnx.load
+
+    def counted(path, *args, **kwargs):
+        loads.append(os.path.basename(str(path)))
+        return plain(path, *args, **kwargs)
+
+    monkeypatch.setattr(_io.onnx, "load", counted)
+    assert main(["equalize", str(src), "-o", str(dst), "--quiet"]) == 0
+    assert main(["equalize", str(src), "-o", str(dst), "--quiet"]) == 0  # replaces it
+    assert "out.onnx" not in loads
+    om.save_external(om.depthwise_triple(), dst, "out.onnx.data")  # an output with data
+    assert main(["equalize", str(src), "-o", str(dst), "--quiet"]) == 0
+    assert "out.onnx" in loads
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx"]  # its data: stale, gone
+
+
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
 def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys, how):
     secret = tmp_path / "secret.bin"
