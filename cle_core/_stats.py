@@ -782,6 +782,18 @@ class StatsAccumulator:
 
     def __init__(self) -> None:
         self._acc: dict[str, list] = {}
+        self._scratch = np.empty(0)  # float64, reused by every tensor (see add)
+
+    def _float64(self, x: np.ndarray) -> np.ndarray:
+        """A float64 copy of C-contiguous ``x`` in the accumulator's scratch memory: the
+        values and layout ``x.astype(np.float64)`` gives, without fresh memory per batch
+        (its first touch cost more than the sums: a batch of Lite0's widest activation
+        is 77 MB in float64)."""
+        if self._scratch.size < x.size:
+            self._scratch = np.empty(x.size)
+        out = self._scratch[: x.size].reshape(x.shape)
+        np.copyto(out, x)
+        return out
 
     def add(
         self,
@@ -800,7 +812,13 @@ class StatsAccumulator:
         x = np.asarray(x)
         if x.dtype.kind != "f" or x.ndim < 2 or x.size == 0:
             return
-        x = x.astype(np.float64, copy=False)
+        plain = (
+            x.flags.c_contiguous
+            and channel_outer is None
+            and (channel_axes is None or tuple(channel_axes) == (1,))
+        )
+        # the common layout: a copy in scratch memory, squared in place below
+        x = self._float64(x) if plain else x.astype(np.float64, copy=False)
         if channel_outer is not None:
             x, channel_axes = _split_outer(x, channel_axes, channel_outer, channels)
             if x is None:
@@ -812,7 +830,10 @@ class StatsAccumulator:
             x = np.transpose(x, [rest[0], *channel_axes, *rest[1:]])
             x = x.reshape(x.shape[0], -1, *x.shape[1 + len(channel_axes) :])
         axes = (0,) + tuple(range(2, x.ndim))
-        parts = [x.sum(axes), (x * x).sum(axes), x.min(axes), x.max(axes), (x != 0).sum(axes)]
+        total, lo, hi, nonzero = x.sum(axes), x.min(axes), x.max(axes), (x != 0).sum(axes)
+        # x * x, in the scratch copy itself when x is one (the same values, the same order)
+        squares = np.multiply(x, x, out=x if plain else None).sum(axes)
+        parts = [total, squares, lo, hi, nonzero]
         n = x.size // x.shape[1]
         a = self._acc.get(name)
         if a is None:

@@ -289,6 +289,49 @@ def test_accumulator_matches_numpy():
     np.testing.assert_allclose(s.hi, x.max(axis=(0, 2, 3)))
 
 
+def _plain_parts(x, axes):
+    """What StatsAccumulator.add summed before it kept a scratch copy (reference)."""
+    x = x.astype(np.float64, copy=False)
+    return [x.sum(axes), (x * x).sum(axes), x.min(axes), x.max(axes), (x != 0).sum(axes)]
+
+
+def test_accumulator_sums_in_its_scratch_copy_are_the_plain_ones_bit_for_bit():
+    """Tensors of several sizes and types through one accumulator (its scratch memory
+    reused and grown): every statistic is what a fresh float64 copy gives, bit for bit,
+    and the caller's arrays (float64 ones too, which need no conversion) are unchanged."""
+    rng = np.random.default_rng(2)
+    tensors = {
+        "a": [rng.normal(size=(8, 6, 7, 7)).astype(np.float32) for _ in range(3)],
+        "b": [rng.normal(size=(2, 5, 3)) for _ in range(2)],  # float64
+        "c": [(rng.normal(size=(16, 4)) * (rng.random((16, 4)) < 0.5)).astype(np.float16)],
+        "d": [np.asfortranarray(rng.normal(size=(3, 4, 5)))],  # not C-contiguous
+    }
+    acc = StatsAccumulator()
+    for name, batches in tensors.items():
+        for b in batches:
+            before = b.copy()
+            acc.add(name, b)
+            np.testing.assert_array_equal(b, before)
+    stats = acc.result()
+    for name, batches in tensors.items():
+        axes = (0,) + tuple(range(2, batches[0].ndim))
+        parts = [_plain_parts(b, axes) for b in batches]
+        n = sum(b.size // b.shape[1] for b in batches)
+        total, squares = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        lo = np.minimum.reduce([p[2] for p in parts])
+        hi = np.maximum.reduce([p[3] for p in parts])
+        nonzero = sum(p[4] for p in parts)
+        s = stats[name]
+        for got, want in (
+            (s.mean, total / n),
+            (s.meansq, squares / n),
+            (s.lo, lo),
+            (s.hi, hi),
+            (s.nonzero, np.asarray(nonzero, np.float64) / n),
+        ):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_positions_follow_strides_pads_and_pools():
     g = Graph()
     x = g.add_input("x", 3)
