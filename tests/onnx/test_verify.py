@@ -241,10 +241,8 @@ def test_cle_equalize_verify_draws(tmp_path, capsys, monkeypatch):
     assert dst.read_bytes() == written and src.read_bytes() == before
 
 
-def test_draws_measure_the_calibration_statistics_once(monkeypatch):
-    """Every draw equalizes the same model with the same inputs: their statistics are
-    measured once (most of a calibrated run's time), and outside ``verify`` again at
-    every call."""
+def _count_statistics(monkeypatch) -> list:
+    """A list that grows by one at each measurement of calibration statistics."""
     from cle_onnx._backend import OnnxBackend
 
     calls = []
@@ -255,6 +253,14 @@ def test_draws_measure_the_calibration_statistics_once(monkeypatch):
         return measure(self, *args, **kwargs)
 
     monkeypatch.setattr(OnnxBackend, "calibration_stats", counted)
+    return calls
+
+
+def test_draws_measure_the_calibration_statistics_once(monkeypatch):
+    """Every draw equalizes the same model with the same inputs: their statistics are
+    measured once (most of a calibrated run's time), and outside ``verify`` again at
+    every call."""
+    calls = _count_statistics(monkeypatch)
     model, data = om.relu6_chain(13), _data()
     cle_onnx.equalize_model(model, calibration=data, verify=True, draws=3)
     assert len(calls) == 1
@@ -268,17 +274,9 @@ def test_cli_verify_measures_the_calibration_statistics_once(tmp_path, monkeypat
     every draw and the draw it keeps (it measured them twice, or three times when a
     draw was kept)."""
     import cle_core._verify as verify
-    from cle_onnx._backend import OnnxBackend
 
     monkeypatch.setattr(verify, "DRAW_MARGIN_DB", 0.0)  # a draw is kept: rewritten
-    calls = []
-    measure = OnnxBackend.calibration_stats
-
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return measure(self, *args, **kwargs)
-
-    monkeypatch.setattr(OnnxBackend, "calibration_stats", counted)
+    calls = _count_statistics(monkeypatch)
     src, dst, data = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / "calib.npy"
     onnx.save(om.relu6_chain(13), src)
     np.save(data, _data())
