@@ -271,7 +271,7 @@ class FileBackend(Backend):
             )
             return found
 
-        figures = [figures[key] for _, figures in rows(paths)[: len(paths)]]
+        figures = [row[key] for _, row in rows(paths)[: len(paths)]]
         for path in paths[len(figures) :]:
             figures.append(rows([paths[0], path])[1][1][key])
         return figures

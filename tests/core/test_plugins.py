@@ -716,3 +716,21 @@ def test_an_objective_a_plugin_registers_is_a_choice_of_the_command_line(install
 
     args = build_parser().parse_args(["inspect", "m.onnx", "--objective", "ones-from-plugin"])
     assert args.objective == "ones-from-plugin"
+
+
+def test_measure_files_reads_a_backend_that_evaluates_two_files_at_a_time():
+    """``--verify`` calls ``measure_files``; its default reads ``evaluate_files``, which
+    a backend may answer for the original and one file only: the others are asked for
+    one at a time beside the original."""
+    from cle_core import Deployment
+
+    class TwoAtATime(ToyBackend):
+        def evaluate_files(self, paths, inputs, **quantization):
+            assert quantization["calibration"] == "calib" and inputs == "measure"
+            score = {"m.toy": 1.0, "a.toy": 2.0, "b.toy": 3.0, "c.toy": 4.0}
+            rows = [(p.name, {"w8a8_sqnr": score[p.name]}) for p in paths[:2]]
+            return rows, False, []
+
+    paths = [Path(n) for n in ("m.toy", "a.toy", "b.toy", "c.toy")]
+    got = TwoAtATime().measure_files(paths, "calib", "measure", Deployment())
+    assert got == [1.0, 2.0, 3.0, 4.0]
