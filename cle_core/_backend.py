@@ -23,7 +23,7 @@ from ._files import check_output_path, write_atomic
 from ._ir import Graph
 from ._quality import load_array, load_arrays
 from ._report import EqualizeOptions, EqualizeResult, Report
-from ._verify import quality_key
+from ._verify import mean_db, quality_key
 
 ENTRY_POINT_GROUP = "cle.backends"
 """Entry-point group where every backend, the built-in ones included, registers its
@@ -85,11 +85,7 @@ class Backend(ABC):
         """A block in which every :meth:`run` is on the same model with the same
         calibration inputs (the same object): their statistics are measured at the first
         run and reused by the others. ``verify`` with ``draws`` equalizes one model once
-        per draw, and measuring the statistics is most of a calibrated run's time. A block
-        within another shares the outer one's statistics."""
-        if self._reused is not None:
-            yield
-            return
+        per draw, and measuring the statistics is most of a calibrated run's time."""
         previous, self._reused = self._reused, {}
         try:
             yield
@@ -255,26 +251,31 @@ class FileBackend(Backend):
         raise UnsupportedModelError(f"the {self.name} backend has no quantized evaluation")
 
     def measure_files(
-        self, paths: list[Path], calibrate_on: Any, measure_on: Any, deployment: Deployment
+        self, paths: list[Path], pairs: list[tuple[Any, Any]], deployment: Deployment
     ) -> list[float]:
         """``--verify``: the deployment's figure (:func:`cle_core.toolkit.quality_key`)
-        of each of ``paths`` against ``paths[0]`` in FP32, quantized with its grids
-        calibrated on ``calibrate_on`` and measured on ``measure_on``; ``paths[0]`` (the
-        original) with its batch norms folded. This default reads the figures from
-        :meth:`evaluate_files` (two files at a time where it measures no more); a
-        backend may measure the one figure alone, faster."""
+        of each of ``paths`` against ``paths[0]`` in FP32, ``paths[0]`` (the original)
+        with its batch norms folded: for each ``(calibrate_on, measure_on)`` of
+        ``pairs`` (:func:`cle_core.toolkit.measure_pairs`) quantized with its grids
+        calibrated on the one and measured on the other, the mean of those in dB. This
+        default reads the figures from :meth:`evaluate_files` (two files at a time where
+        it measures no more); a backend may measure the one figure alone, faster."""
         key = quality_key(deployment)
 
-        def rows(files: list[Path]) -> list:
-            found, _, _ = self.evaluate_files(
-                files, measure_on, deployment=deployment, calibration=calibrate_on
-            )
-            return found
+        def measured(calibrate_on: Any, measure_on: Any) -> list[float]:
+            def rows(files: list[Path]) -> list:
+                found, _, _ = self.evaluate_files(
+                    files, measure_on, deployment=deployment, calibration=calibrate_on
+                )
+                return found
 
-        figures = [row[key] for _, row in rows(paths)[: len(paths)]]
-        for path in paths[len(figures) :]:
-            figures.append(rows([paths[0], path])[1][1][key])
-        return figures
+            figures = [row[key] for _, row in rows(paths)[: len(paths)]]
+            for path in paths[len(figures) :]:
+                figures.append(rows([paths[0], path])[1][1][key])
+            return figures
+
+        columns = zip(*(measured(*pair) for pair in pairs), strict=True)
+        return [mean_db(column) for column in columns]
 
 
 BUILTIN_DISTRIBUTION = "crosslayer-eq"

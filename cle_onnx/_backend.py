@@ -340,28 +340,35 @@ class OnnxBackend(FileBackend):
         classifier = len(dims) == 2 and dims[1].dim_value != 1
         return rows, classifier, notes
 
-    def measure_files(self, paths, calibrate_on, measure_on, deployment):
+    def measure_files(self, paths, pairs, deployment):
         """``--verify``'s figures (see :meth:`cle_core.FileBackend.measure_files`): the
-        deployment's figure alone, one FP32 run of the original serving every file."""
+        deployment's figure alone, the files read and the original folded once, one FP32
+        run of the original per half serving every file."""
         from . import _evaluate  # onnxruntime, loaded only to run models
 
         loaded = [_evaluate.evaluable(_io.load(p, external_data=True)) for p in paths]
         folded, _ = self.run(loaded[0], EqualizeOptions(scale=False, high_bias=False))
-        names = [str(p) for p in paths]
+        names = [str(paths[0]), *map(str, paths)]
+        key = quality_key(deployment)
         try:
-            figures = _evaluate.evaluate_all(
-                loaded[0],
-                [folded, *loaded[1:]],
-                measure_on,
-                names=[names[0], *names],
-                deployment=deployment,
-                calibration=calibrate_on,
-                deployed_only=True,
-            )
+            halves = [
+                [
+                    f[key]
+                    for f in _evaluate.evaluate_all(
+                        loaded[0],
+                        [folded, *loaded[1:]],
+                        measure_on,
+                        names=names,
+                        deployment=deployment,
+                        calibration=calibrate_on,
+                        deployed_only=True,
+                    )
+                ]
+                for calibrate_on, measure_on in pairs
+            ]
         except (ImportError, ValueError) as exc:  # a missing package; inputs that don't fit
             raise CLEError(str(exc)) from None
-        key = quality_key(deployment)
-        return [f[key] for f in figures]
+        return [mean_db(column) for column in zip(*halves, strict=True)]
 
 
 def input_sizes(model: onnx.ModelProto, dims=None, shapes=None) -> dict | None:

@@ -13,7 +13,7 @@ from .._files import check_output_path, temp_folder, write_atomic
 from .._objectives import objective_trait
 from .._quality import describe_arrays
 from .._report import EqualizeOptions, Report
-from .._verify import check_draws, folded_only, mean_db, measure_pairs, pick
+from .._verify import check_draws, folded_only, measure_pairs, pick
 from ._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -276,16 +276,12 @@ def _verify(
         drawn = replace(options, scale_draw=k)
         return backend.equalize_file(src, path, drawn, calibration=calibration, **sizes)[0]
 
-    with temp_folder("draws") as tmp, backend.statistics_reused():  # (the caller's, in the CLI)
+    with temp_folder("draws") as tmp:  # (within the caller's statistics_reused block)
         paths = [src, dst]
         for k in range(1, draws + 1):
             paths.append(tmp / f"draw{k}{src.suffix}")
             equalized(k, paths[-1])
-        both = [
-            backend.measure_files(paths, calibrate_on, measure_on, deployment)
-            for calibrate_on, measure_on in pairs
-        ]
-    original, *figures = (mean_db(column) for column in zip(*both, strict=True))
+        original, *figures = backend.measure_files(paths, pairs, deployment)
     verified, kept = pick(report, deployment, count, original, figures)
     if kept is None:
         backend.equalize_file(src, dst, folded_only(options))

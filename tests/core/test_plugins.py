@@ -732,5 +732,5 @@ def test_measure_files_reads_a_backend_that_evaluates_two_files_at_a_time():
             return rows, False, []
 
     paths = [Path(n) for n in ("m.toy", "a.toy", "b.toy", "c.toy")]
-    got = TwoAtATime().measure_files(paths, "calib", "measure", Deployment())
+    got = TwoAtATime().measure_files(paths, [("calib", "measure")], Deployment())
     assert got == [1.0, 2.0, 3.0, 4.0]

@@ -300,7 +300,7 @@ def test_measure_files_gives_what_evaluate_files_gives(tmp_path, weights_only):
     cle_onnx.equalize_file(src, dst)
     data = _data()
     backend = OnnxBackend()
-    args = ([src, dst], data[:8], data[8:], deployment)
+    args = ([src, dst], [(data[:8], data[8:])], deployment)
     fast = backend.measure_files(*args)
     assert fast == FileBackend.measure_files(backend, *args)
     assert len(fast) == 2 and fast[0] != fast[1]
