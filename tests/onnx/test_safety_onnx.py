@@ -259,6 +259,7 @@ def test_an_output_replaced_is_parsed_only_where_a_data_file_of_its_name_exists(
 
     src, dst = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(om.depthwise_triple(), src)
+    before = src.read_bytes()
     loads = []
     plain = onnx.load
 
@@ -274,6 +275,7 @@ def test_an_output_replaced_is_parsed_only_where_a_data_file_of_its_name_exists(
     assert main(["equalize", str(src), "-o", str(dst), "--quiet"]) == 0
     assert "out.onnx" in loads
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "out.onnx"]  # its data: stale, gone
+    assert src.read_bytes() == before
 
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
